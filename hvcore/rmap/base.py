@@ -51,6 +51,13 @@ class Rmap(ABC):
     def release(self, mfn: int) -> None:
         """Forget frame ``mfn`` (its rmap is empty)."""
 
+    def domain_created(self, domid: int, npages: int) -> None:
+        """A domain with gfns 0..npages-1 exists from now on (policies that
+        index per domain size their arrays here)."""
+
+    def domain_destroyed(self, domid: int) -> None:
+        """The domain is gone; none of its pairs is in any rmap any more."""
+
     # -- batch forms (policies override with vectorised versions) ---------
     def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
         for m, d, g in zip(mfns.tolist(), domids.tolist(), gfns.tolist()):
