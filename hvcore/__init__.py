@@ -1,0 +1,12 @@
+"""hvcore: the emulated hypervisor's memory-sharing core.
+
+- :mod:`hvcore.pool`: machine frames in POSIX shared memory, frame table, free list;
+- :mod:`hvcore.p2m`: per-domain p2m tables in shared memory (seqlock readers);
+- :mod:`hvcore.rmap`: reverse maps of shared frames, three policies;
+- :mod:`hvcore.core`: the sharing operations, teardown, audit;
+- :mod:`hvcore.server`: the hypervisor process around the core.
+"""
+from .core import Domain, Hypervisor
+from .errors import HVError
+
+__all__ = ["Hypervisor", "Domain", "HVError"]

@@ -1,0 +1,762 @@
+"""The memory-sharing core: domains, p2m, shared frames and their rmaps.
+
+This is the hypervisor's state machine, with no I/O: the hypervisor process
+(``hvcore.server``) calls it one request at a time, which is what makes it a
+model of one hypervisor CPU. Semantics follow Xen's ``XENMEM_sharing_op``
+(see SEMANTICS.md):
+
+- A private page (``ram_rw``) is *nominated*: its frame moves to ``dom_cow``,
+  gets a fresh handle (a version) and an rmap ``{(d, gfn)}``.
+- *share* merges a client frame into a source frame: every (d, gfn) of the
+  client's rmap moves to the source, p2m entries are repointed and the
+  client frame is freed. Contents are never compared; the handles prove that
+  neither page changed since it was nominated.
+- *unshare* (a CoW fault) gives the writer a private copy, or, for the last
+  gfn of a frame, the frame itself.
+- A dying domain's shared entries are dropped by :meth:`relinquish`, a
+  preemptible loop with a saved cursor (the seed's first fix).
+
+Counters, as Xen reports them:
+
+- ``nr_shared_mfns``: frames currently shared (owned by ``dom_cow``);
+- ``nr_saved_mfns``: gfns backed by shared frames minus shared frames, i.e.
+  the frames sharing saves;
+- per domain ``shr_pages`` (gfns backed by shared frames) and ``tot_pages``
+  (private frames it owns).
+
+Every operation has a batch form (``*_many``) that does the same as the
+element-wise loop with numpy over the whole batch: these are the hot paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import p2m as p2m_mod
+from .errors import (C_HANDLE_INVALID, E2BIG, EBUSY, EINVAL, ENOMEM, ESRCH,
+                     S_HANDLE_INVALID, HVError)
+from .p2m import HOLE, INVALID_MFN, RAM_RW, RAM_SHARED, P2M
+from .pool import DOMID_COW, DOMID_FIRST_RESERVED, PAGE_SIZE, FramePool
+from .rmap import DEFAULT_POLICY, make_rmap
+
+#: Teardown preemption, as in Xen's relinquish loop: each shared gfn costs
+#: 0x10, any other gfn 1; every RELINQUISH_BUDGET units the loop checks
+#: whether other work is pending (every 512 shared or 8192 other gfns).
+RELINQUISH_SHARED_COST = 0x10
+RELINQUISH_OTHER_COST = 1
+RELINQUISH_BUDGET = 0x2000
+#: Private frames freed per step in the last teardown phase.
+RELEASE_CHUNK = 8192
+
+STATES = ("running", "paused", "crashed", "dying")
+
+
+@dataclass(eq=False)
+class Domain:
+    domid: int
+    name: str
+    npages: int
+    p2m: P2M
+    state: str = "running"
+    tot_pages: int = 0          # private frames owned
+    shr_pages: int = 0          # gfns backed by shared frames
+    #: teardown cursor: next gfn to relinquish (Xen's next_shared_gfn_to_relinquish)
+    relinquish_cursor: int = 0
+    relinquished: int = 0       # shared entries dropped so far by teardown
+    teardown_phase: str = ""    # "", "shared", "private"
+    info: dict = field(default_factory=dict)   # runtime extras (guest pid, counters)
+
+    @property
+    def dying(self) -> bool:
+        return self.state == "dying"
+
+
+class Hypervisor:
+    """All frames, domains and rmaps of one emulated host."""
+
+    def __init__(self, nframes: int, rmap: str = DEFAULT_POLICY, **rmap_options):
+        self.pool = FramePool(nframes)
+        self.token = self.pool.token
+        self.rmap_policy = rmap
+        self.rmap = make_rmap(rmap, nframes, **rmap_options)
+        self.domains: dict[int, Domain] = {}
+        self._next_domid = 1
+        # Xen: the handle counter starts at 1 and is pre-incremented, so the
+        # first handle given out is 2.
+        self._handle_counter = 1
+        self.nr_shared_mfns = 0
+        self.nr_saved_mfns = 0
+
+    # ------------------------------------------------------------------
+    # domains
+    def create_domain(self, pages: int, content=None, name: str | None = None,
+                      paused: bool = False, holes=None) -> Domain:
+        """A new domain of ``pages`` gfns, private pages filled from ``content``.
+
+        ``content``: None (zero pages), an array ``(pages, 4096)`` uint8, or
+        ``callable(start_gfn, count) -> array (count, 4096)`` called in chunks.
+        ``holes``: gfns left unpopulated (their content is ignored).
+        """
+        if pages <= 0:
+            raise HVError(EINVAL, "a domain needs at least one page")
+        domid = self._next_domid
+        if domid >= DOMID_FIRST_RESERVED:
+            raise HVError(ENOMEM, "no domid left")
+        populated = np.ones(pages, dtype=bool)
+        if holes is not None:
+            holes = np.asarray(holes, dtype=np.int64)
+            if len(holes) and (holes.min() < 0 or holes.max() >= pages):
+                raise HVError(EINVAL, "a hole outside the domain")
+            populated[holes] = False
+        gfns = np.nonzero(populated)[0]
+        mfns = self.pool.alloc_many(len(gfns), owner=domid)
+        try:
+            p2m = P2M(self.token, domid, pages)
+        except BaseException:
+            self.pool.free_many(mfns)
+            raise
+        full = np.full(pages, INVALID_MFN, dtype=np.int64)
+        full[gfns] = mfns
+        try:
+            self._fill(full, content)
+        except BaseException:
+            p2m.close()
+            self.pool.free_many(mfns)
+            raise
+        self._next_domid += 1
+        p2m.mfn[gfns] = mfns
+        p2m.type[gfns] = RAM_RW
+        d = Domain(domid, name or f"dom{domid}", pages, p2m,
+                   state="paused" if paused else "running", tot_pages=len(gfns))
+        self.domains[domid] = d
+        self.rmap.domain_created(domid, pages)
+        return d
+
+    def _fill(self, mfns: np.ndarray, content) -> None:
+        """Fill frames ``mfns`` (one per gfn, -1 for holes) from ``content``."""
+        data = self.pool.data
+        step = 4096
+        for start in range(0, len(mfns), step):
+            chunk = mfns[start:start + step]
+            keep = chunk >= 0
+            if content is None:
+                data[chunk[keep]] = 0
+                continue
+            if callable(content):
+                pages = content(start, len(chunk))
+            else:
+                pages = content[start:start + len(chunk)]
+            pages = np.asarray(pages, dtype=np.uint8)
+            if pages.shape != (len(chunk), PAGE_SIZE):
+                raise HVError(EINVAL, f"content for gfns {start}.. must have shape "
+                                      f"({len(chunk)}, {PAGE_SIZE}), not {pages.shape}")
+            data[chunk[keep]] = pages[keep]
+
+    def domain(self, domid: int) -> Domain:
+        try:
+            return self.domains[domid]
+        except (KeyError, TypeError):
+            raise HVError(ESRCH, f"no domain {domid}") from None
+
+    def _gfn(self, d: Domain, gfn: int) -> int:
+        if not 0 <= gfn < d.npages:
+            raise HVError(EINVAL, f"gfn {gfn} outside domain {d.domid}'s {d.npages} pages")
+        return gfn
+
+    def _gfns(self, d: Domain, gfns) -> np.ndarray:
+        gfns = np.asarray(gfns, dtype=np.int64).ravel()
+        if len(gfns) and (gfns.min() < 0 or gfns.max() >= d.npages):
+            raise HVError(EINVAL, f"gfn outside domain {d.domid}'s {d.npages} pages")
+        return gfns
+
+    def _next_handles(self, k: int) -> np.ndarray:
+        first = self._handle_counter + 1
+        self._handle_counter += k
+        return np.arange(first, first + k, dtype=np.uint64)
+
+    # ------------------------------------------------------------------
+    # nominate
+    def nominate(self, domid: int, gfn: int) -> int:
+        """Make private page ``gfn`` of ``domid`` sharable; return its handle."""
+        d = self.domain(domid)
+        if d.dying:
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        gfn = self._gfn(d, gfn)
+        t = d.p2m.type[gfn]
+        m = int(d.p2m.mfn[gfn])
+        if t == RAM_SHARED:
+            return int(self.pool.handle[m])
+        if t != RAM_RW:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is not populated RAM")
+        if self.pool.extra_refs[m]:
+            raise HVError(E2BIG, f"gfn {gfn} of domain {domid} has extra references")
+        h = int(self._next_handles(1)[0])
+        pool = self.pool
+        pool.owner[m] = DOMID_COW
+        pool.handle[m] = h
+        # The type count is always raised before the pair enters the rmap.
+        pool.type_count[m] = 1
+        self.rmap.add(m, domid, gfn)
+        with d.p2m.changing():
+            d.p2m.type[gfn] = RAM_SHARED
+        self.nr_shared_mfns += 1
+        d.tot_pages -= 1
+        d.shr_pages += 1
+        return h
+
+    def nominate_many(self, domid: int, gfns) -> tuple[np.ndarray, np.ndarray]:
+        """Nominate every gfn; returns (handles, codes), code 0 on success.
+
+        Same result as nominating one by one in order: a gfn listed twice
+        gets the same handle both times.
+        """
+        d = self.domain(domid)
+        gfns = np.asarray(gfns, dtype=np.int64).ravel()
+        codes, fresh = self._classify(d, gfns)
+        self._make_shared(d, gfns[fresh], self._next_handles(int(fresh.sum())))
+        return self._handles(d, gfns, codes), codes
+
+    def _classify(self, d: Domain, gfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nominate's verdict per gfn without changing anything: the error
+        codes, and which gfns a nominate in list order would make shared
+        (first occurrences of sharable private pages)."""
+        codes = np.zeros(len(gfns), dtype=np.int64)
+        fresh = np.zeros(len(gfns), dtype=bool)
+        if d.dying:
+            codes[:] = EBUSY
+            return codes, fresh
+        inside = (gfns >= 0) & (gfns < d.npages)
+        codes[~inside] = EINVAL
+        idx = np.nonzero(inside)[0]
+        t = d.p2m.type[gfns[idx]]
+        m = d.p2m.mfn[gfns[idx]]
+        codes[idx[t == HOLE]] = EINVAL
+        rw = t == RAM_RW
+        busy = rw & (self.pool.extra_refs[np.where(rw, m, 0)] != 0)
+        codes[idx[busy]] = E2BIG
+        cand = idx[rw & ~busy]
+        fresh[cand[np.unique(gfns[cand], return_index=True)[1]]] = True
+        return codes, fresh
+
+    def _make_shared(self, d: Domain, gfns: np.ndarray, handles: np.ndarray) -> None:
+        """Turn distinct sharable private gfns into shared frames."""
+        k = len(gfns)
+        if k == 0:
+            return
+        pool = self.pool
+        mfns = d.p2m.mfn[gfns]
+        pool.owner[mfns] = DOMID_COW
+        pool.handle[mfns] = handles
+        pool.type_count[mfns] = 1           # raised before the rmap add
+        self.rmap.add_many(mfns, np.full(k, d.domid, dtype=np.int64), gfns)
+        with d.p2m.changing():
+            d.p2m.type[gfns] = RAM_SHARED
+        self.nr_shared_mfns += k
+        d.tot_pages -= k
+        d.shr_pages += k
+
+    def _handles(self, d: Domain, gfns: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        handles = np.zeros(len(gfns), dtype=np.uint64)
+        ok = codes == 0
+        handles[ok] = self.pool.handle[d.p2m.mfn[gfns[ok]]]
+        return handles
+
+    # ------------------------------------------------------------------
+    # share / add_to_physmap
+    def _shared_frame(self, d: Domain, gfn: int, handle: int, code: int) -> int:
+        if not 0 <= gfn < d.npages or d.p2m.type[gfn] != RAM_SHARED:
+            raise HVError(code, f"gfn {gfn} of domain {d.domid} is not shared")
+        m = int(d.p2m.mfn[gfn])
+        if int(self.pool.handle[m]) != handle:
+            raise HVError(code, f"stale handle {handle} for gfn {gfn} of domain {d.domid}")
+        return m
+
+    def share(self, sd: int, sgfn: int, sh: int, cd: int, cgfn: int, ch: int) -> None:
+        """Merge the client's frame into the source's; the source survives."""
+        s_dom = self.domain(sd)
+        c_dom = self.domain(cd)
+        smfn = self._shared_frame(s_dom, sgfn, sh, S_HANDLE_INVALID)
+        cmfn = self._shared_frame(c_dom, cgfn, ch, C_HANDLE_INVALID)
+        if smfn == cmfn:
+            return
+        k = int(self.pool.type_count[cmfn])
+        # Type count first, then the rmap: the source's count covers the
+        # moved pairs before they appear in its rmap.
+        self.pool.type_count[smfn] += k
+        ds, gs = self.rmap.move_all(cmfn, smfn)
+        self._repoint(ds, gs, smfn)
+        self.pool.free_many(np.array([cmfn], dtype=np.int64))
+        self.nr_shared_mfns -= 1
+        self.nr_saved_mfns += 1
+
+    def _repoint(self, domids: np.ndarray, gfns: np.ndarray, mfns) -> None:
+        """Point (domid, gfn) pairs at shared frame(s) ``mfns``."""
+        mfns = np.broadcast_to(np.asarray(mfns, dtype=np.int64), gfns.shape)
+        for domid in np.unique(domids).tolist():
+            sel = domids == domid
+            p2m = self.domains[domid].p2m
+            with p2m.changing():
+                p2m.mfn[gfns[sel]] = mfns[sel]
+
+    def share_many(self, sd: int, sgfns, shs, cd: int, cgfns, chs) -> np.ndarray:
+        """Share many (sgfn, cgfn) pairs; returns a code per pair (0 = shared).
+
+        Pairs whose client frame has a single reference and whose frames no
+        other pair of the batch frees (the common case of a dedup pass) are
+        done together with numpy; any other pair is done on its own, in
+        order. The result is the element-wise loop's.
+        """
+        s_dom, c_dom = self.domain(sd), self.domain(cd)
+        sg = np.asarray(sgfns, dtype=np.int64).ravel()
+        cg = np.asarray(cgfns, dtype=np.int64).ravel()
+        sh = np.asarray(shs, dtype=np.uint64).ravel()
+        ch = np.asarray(chs, dtype=np.uint64).ravel()
+        n = len(sg)
+        if not (len(cg) == len(sh) == len(ch) == n):
+            raise HVError(EINVAL, "share_many needs equal-length arrays")
+        codes = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return codes
+        sm, s_ok = self._frames_of(s_dom, sg, sh)
+        cm, c_ok = self._frames_of(c_dom, cg, ch)
+        codes[~s_ok] = S_HANDLE_INVALID
+        codes[s_ok & ~c_ok] = C_HANDLE_INVALID
+        valid = s_ok & c_ok
+        # A pair is "simple" if its client frame has one reference, appears
+        # nowhere else in the batch, and its source frame is no pair's
+        # client: such pairs commute with every other pair of the batch.
+        frames, occurrences = np.unique(np.concatenate([cm[valid], sm[valid]]),
+                                        return_counts=True)
+        occ_c = occurrences[np.searchsorted(frames, cm).clip(0, len(frames) - 1)]
+        src_is_client = np.isin(sm, cm[valid])
+        simple = (valid & (sm != cm) & (self.pool.type_count[cm] == 1)
+                  & (occ_c == 1) & ~src_is_client)
+        self._share_simple(sm[simple], cm[simple], cd, cg[simple])
+        for i in np.nonzero(~simple)[0].tolist():
+            try:
+                self.share(sd, int(sg[i]), int(sh[i]), cd, int(cg[i]), int(ch[i]))
+                codes[i] = 0
+            except HVError as e:
+                codes[i] = e.code
+        return codes
+
+    def _frames_of(self, d: Domain, gfns: np.ndarray, handles: np.ndarray):
+        """Frames of shared gfns and whether each (gfn, handle) is valid."""
+        inside = (gfns >= 0) & (gfns < d.npages)
+        g = np.where(inside, gfns, 0)
+        m = np.where(inside, d.p2m.mfn[g], 0)
+        ok = inside & (d.p2m.type[g] == RAM_SHARED)
+        ok &= self.pool.handle[np.where(ok, m, 0)] == handles
+        return m, ok
+
+    def _share_simple(self, sm: np.ndarray, cm: np.ndarray, cd: int, cg: np.ndarray) -> None:
+        k = len(sm)
+        if k == 0:
+            return
+        domids = np.full(k, cd, dtype=np.int64)
+        np.add.at(self.pool.type_count, sm, 1)          # count before rmap
+        self.rmap.remove_many(cm, domids, cg)
+        for m in cm.tolist():
+            self.rmap.release(m)
+        self.rmap.add_many(sm, domids, cg)
+        self._repoint(domids, cg, sm)
+        self.pool.free_many(cm)
+        self.nr_shared_mfns -= k
+        self.nr_saved_mfns += k
+
+    def add_to_physmap(self, sd: int, sgfn: int, sh: int, cd: int, cgfn: int) -> None:
+        """Map shared frame (sd, sgfn) into hole ``cgfn`` of ``cd``."""
+        s_dom, c_dom = self.domain(sd), self.domain(cd)
+        smfn = self._shared_frame(s_dom, sgfn, sh, S_HANDLE_INVALID)
+        if c_dom.dying:
+            raise HVError(EBUSY, f"domain {cd} is dying")
+        if not 0 <= cgfn < c_dom.npages or c_dom.p2m.type[cgfn] != HOLE:
+            raise HVError(C_HANDLE_INVALID, f"gfn {cgfn} of domain {cd} is not a hole")
+        self.pool.type_count[smfn] += 1                  # count before rmap
+        self.rmap.add(smfn, cd, cgfn)
+        with c_dom.p2m.changing():
+            c_dom.p2m.mfn[cgfn] = smfn
+            c_dom.p2m.type[cgfn] = RAM_SHARED
+        c_dom.shr_pages += 1
+        self.nr_saved_mfns += 1
+
+    def range_share(self, sd: int, cd: int, first_gfn: int, last_gfn: int) -> int:
+        """Nominate and share gfns first..last of both domains (inclusive).
+
+        Xen's loop, per gfn: nominate in the source, then (if that worked)
+        in the client, then share; pages that cannot be nominated are
+        skipped. Returns the number of gfns that ended up sharing a frame.
+        When every page of the range is still private in both domains (the
+        usual first pass over two clones) the pairs are independent and the
+        whole range is done with numpy, handles numbered as the loop would.
+        """
+        s_dom, c_dom = self.domain(sd), self.domain(cd)
+        if first_gfn < 0 or first_gfn > last_gfn:
+            raise HVError(EINVAL, "empty or negative gfn range")
+        last = min(last_gfn, s_dom.npages - 1, c_dom.npages - 1)
+        gfns = np.arange(first_gfn, last + 1, dtype=np.int64)
+        if len(gfns) == 0:
+            return 0
+        s_codes, s_fresh = self._classify(s_dom, gfns)
+        c_codes, c_fresh = self._classify(c_dom, gfns)
+        s_ok = s_codes == 0
+        c_ok = c_codes == 0
+        if sd == cd or (s_ok & ~s_fresh).any() or (s_ok & c_ok & ~c_fresh).any():
+            return self._range_share_loop(sd, cd, gfns)
+        c_fresh &= s_ok
+        # handles in the loop's order: source then client, gfn by gfn
+        taken = s_fresh.astype(np.int64) + c_fresh
+        before = np.cumsum(taken) - taken
+        base = self._handle_counter + 1
+        self._handle_counter += int(taken.sum())
+        s_h = (base + before).astype(np.uint64)
+        c_h = s_h + s_fresh.astype(np.uint64)
+        self._make_shared(s_dom, gfns[s_fresh], s_h[s_fresh])
+        self._make_shared(c_dom, gfns[c_fresh], c_h[c_fresh])
+        pair = s_ok & c_ok
+        g = gfns[pair]
+        codes = self.share_many(sd, g, s_h[pair], cd, g, c_h[pair])
+        return int((codes == 0).sum())
+
+    def _range_share_loop(self, sd: int, cd: int, gfns: np.ndarray) -> int:
+        shared = 0
+        for g in gfns.tolist():
+            try:
+                sh = self.nominate(sd, g)
+                ch = self.nominate(cd, g)
+                self.share(sd, g, sh, cd, g, ch)
+                shared += 1
+            except HVError as e:
+                if e.code == ENOMEM:
+                    raise
+        return shared
+
+    # ------------------------------------------------------------------
+    # unshare (CoW) and guest writes
+    def unshare(self, domid: int, gfn: int) -> bool:
+        """Break sharing of ``gfn`` for ``domid``; True if a copy was made."""
+        d = self.domain(domid)
+        gfn = self._gfn(d, gfn)
+        if d.p2m.type[gfn] != RAM_SHARED:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is not shared")
+        return self.unshare_many(domid, np.array([gfn], dtype=np.int64)) == 1
+
+    def unshare_many(self, domid: int, gfns) -> int:
+        """Unshare distinct shared gfns of one domain; returns copies made.
+
+        All or nothing: if the copies need more frames than are free, ENOMEM
+        is raised and nothing changed. The last gfn of a frame takes the
+        frame itself (no copy).
+        """
+        d = self.domain(domid)
+        gfns = np.unique(self._gfns(d, gfns))
+        if len(gfns) == 0:
+            return 0
+        if (d.p2m.type[gfns] != RAM_SHARED).any():
+            raise HVError(EINVAL, f"unshare of a gfn that is not shared in domain {domid}")
+        pool = self.pool
+        ms = d.p2m.mfn[gfns]
+        frames, inverse, counts = np.unique(ms, return_inverse=True, return_counts=True)
+        # Frames all of whose gfns are in this batch: their last gfn (the
+        # last of the batch) keeps the frame.
+        whole = counts == pool.type_count[frames]
+        last_pos = len(gfns) - 1 - np.unique(inverse[::-1], return_index=True)[1]
+        keeps = np.zeros(len(gfns), dtype=bool)
+        keeps[last_pos[whole]] = True
+        copy = ~keeps
+        ncopy = int(copy.sum())
+        new = pool.alloc_many(ncopy, owner=domid)       # may raise ENOMEM: nothing done yet
+        with d.p2m.changing():
+            pool.data[new] = pool.data[ms[copy]]
+            self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
+            pool.type_count[frames] -= counts
+            kept = frames[whole]
+            for m in kept.tolist():
+                self.rmap.release(m)
+            pool.owner[kept] = domid
+            pool.handle[kept] = 0
+            d.p2m.mfn[gfns[copy]] = new
+            d.p2m.type[gfns] = RAM_RW
+        self.nr_shared_mfns -= len(kept)
+        self.nr_saved_mfns -= ncopy
+        d.shr_pages -= len(gfns)
+        d.tot_pages += len(gfns)
+        return ncopy
+
+    def write(self, domid: int, gfn: int, offset: int, data: bytes) -> bool:
+        """A guest write; True if it was a CoW fault (the page was shared)."""
+        d = self.domain(domid)
+        gfn = self._gfn(d, gfn)
+        if not (0 <= offset and offset + len(data) <= PAGE_SIZE):
+            raise HVError(EINVAL, "write crosses the page boundary")
+        if d.dying:
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        t = d.p2m.type[gfn]
+        if t == HOLE:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
+        faulted = t == RAM_SHARED
+        with d.p2m.changing():
+            if faulted:
+                self.unshare_many(domid, np.array([gfn], dtype=np.int64))
+            m = int(d.p2m.mfn[gfn])
+            self.pool.data[m, offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        return bool(faulted)
+
+    def write_pages(self, domid: int, gfns, pages) -> int:
+        """Write whole pages; returns the number of CoW faults taken.
+
+        A gfn listed twice gets its last page. ENOMEM leaves everything as it was.
+        """
+        d = self.domain(domid)
+        gfns = self._gfns(d, gfns)
+        pages = np.asarray(pages, dtype=np.uint8).reshape(len(gfns), PAGE_SIZE)
+        if d.dying:
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        # keep the last occurrence of each gfn
+        rev_u, rev_i = np.unique(gfns[::-1], return_index=True)
+        pick = len(gfns) - 1 - rev_i
+        gfns, pages = gfns[pick], pages[pick]
+        t = d.p2m.type[gfns]
+        if (t == HOLE).any():
+            raise HVError(EINVAL, f"write to a hole of domain {domid}")
+        shared = gfns[t == RAM_SHARED]
+        with d.p2m.changing():
+            if len(shared):
+                self.unshare_many(domid, shared)
+            self.pool.data[d.p2m.mfn[gfns]] = pages
+        return len(shared)
+
+    def read(self, domid: int, gfn: int) -> bytes:
+        d = self.domain(domid)
+        gfn = self._gfn(d, gfn)
+        if d.p2m.type[gfn] == HOLE:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
+        return self.pool.data[int(d.p2m.mfn[gfn])].tobytes()
+
+    # ------------------------------------------------------------------
+    # foreign mappings (extra references)
+    def map_foreign(self, domid: int, gfn: int) -> None:
+        """Take an extra reference on a private page (as a foreign mapping
+        would); such a page cannot be nominated (E2BIG)."""
+        d = self.domain(domid)
+        gfn = self._gfn(d, gfn)
+        if d.p2m.type[gfn] == HOLE:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
+        self.pool.extra_refs[int(d.p2m.mfn[gfn])] += 1
+
+    def unmap_foreign(self, domid: int, gfn: int) -> None:
+        d = self.domain(domid)
+        m = int(d.p2m.mfn[self._gfn(d, gfn)])
+        if m < 0 or self.pool.extra_refs[m] == 0:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} has no foreign mapping")
+        self.pool.extra_refs[m] -= 1
+
+    # ------------------------------------------------------------------
+    # teardown
+    def drop_shared(self, domid: int, gfns: np.ndarray) -> int:
+        """Drop shared gfns of a dying domain from their frames' rmaps and
+        clear them from its p2m. A frame whose last pair goes is freed. Never
+        allocates, cannot fail. Returns the number of frames freed."""
+        d = self.domains[domid]
+        if len(gfns) == 0:
+            return 0
+        pool = self.pool
+        ms = d.p2m.mfn[gfns]
+        frames, counts = np.unique(ms, return_counts=True)
+        self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
+        pool.type_count[frames] -= counts
+        freed = frames[pool.type_count[frames] == 0]
+        for m in freed.tolist():
+            self.rmap.release(m)
+        with d.p2m.changing():
+            d.p2m.mfn[gfns] = INVALID_MFN
+            d.p2m.type[gfns] = HOLE
+        pool.free_many(freed)
+        self.nr_shared_mfns -= len(freed)
+        self.nr_saved_mfns -= len(gfns) - len(freed)
+        d.shr_pages -= len(gfns)
+        d.relinquished += len(gfns)
+        return len(freed)
+
+    def kill(self, domid: int) -> Domain:
+        """Mark a domain dying: from now on nominate on it fails with EBUSY,
+        so no sharing can appear behind the teardown cursor."""
+        d = self.domain(domid)
+        if not d.dying:
+            d.state = "dying"
+            d.teardown_phase = "shared"
+            d.relinquish_cursor = 0
+        return d
+
+    def relinquish(self, domid: int, should_yield: Callable[[], bool] = lambda: False) -> bool:
+        """One preemptible teardown step of a dying domain.
+
+        Walks the p2m from the saved cursor in chunks of RELINQUISH_BUDGET
+        work units (0x10 per shared gfn, 1 per other), dropping each chunk's
+        shared entries at once; after each chunk it asks ``should_yield()``
+        and, if so, saves the cursor and returns False ("restart"). Then the
+        private frames are freed, RELEASE_CHUNK per check, and the domain is
+        gone: returns True. With ``should_yield`` never true this is the
+        monolithic teardown.
+        """
+        d = self.domain(domid)
+        if not d.dying:
+            raise HVError(EINVAL, f"domain {domid} is not dying")
+        typ = d.p2m.type
+        while d.teardown_phase == "shared":
+            start = d.relinquish_cursor
+            if start >= d.npages:
+                d.teardown_phase = "private"
+                d.relinquish_cursor = 0
+                break
+            window = typ[start:start + RELINQUISH_BUDGET]
+            cost = np.where(window == RAM_SHARED, RELINQUISH_SHARED_COST, RELINQUISH_OTHER_COST)
+            n = int(np.searchsorted(np.cumsum(cost), RELINQUISH_BUDGET, side="right"))
+            n = max(n, 1)
+            shared = np.nonzero(window[:n] == RAM_SHARED)[0] + start
+            self.drop_shared(domid, shared)
+            d.relinquish_cursor = start + n
+            if should_yield():
+                return False
+        while d.teardown_phase == "private":
+            start = d.relinquish_cursor
+            if start >= d.npages:
+                self._forget(d)
+                return True
+            sl = slice(start, start + RELEASE_CHUNK)
+            private = np.nonzero(typ[sl] == RAM_RW)[0] + start
+            mfns = d.p2m.mfn[private]
+            with d.p2m.changing():
+                d.p2m.mfn[private] = INVALID_MFN
+                typ[private] = HOLE
+            self.pool.extra_refs[mfns] = 0
+            self.pool.free_many(mfns)
+            d.tot_pages -= len(private)
+            d.relinquish_cursor = min(start + RELEASE_CHUNK, d.npages)
+            if should_yield():
+                return False
+        return True
+
+    def _forget(self, d: Domain) -> None:
+        # Every entry is a hole now: nothing of d is left in any rmap.
+        assert d.shr_pages == 0 and d.tot_pages == 0
+        self.rmap.domain_destroyed(d.domid)
+        d.p2m.close()
+        d.teardown_phase = "gone"
+        del self.domains[d.domid]
+
+    def destroy_domain(self, domid: int) -> int:
+        """Kill and tear down at once; returns shared entries relinquished."""
+        d = self.kill(domid)
+        self.relinquish(domid)
+        return d.relinquished
+
+    # ------------------------------------------------------------------
+    # audit and statistics
+    def audit(self) -> int:
+        """Check every invariant of SEMANTICS.md; return the error count."""
+        return len(self.audit_report())
+
+    def audit_report(self) -> list[str]:
+        """The audit's findings, one sentence each (empty when all hold)."""
+        errs: list[str] = []
+        pool, rmap = self.pool, self.rmap
+        shared = np.nonzero(pool.owner == DOMID_COW)[0]
+        if len(shared) != self.nr_shared_mfns:
+            errs.append(f"{len(shared)} frames owned by dom_cow, nr_shared_mfns says {self.nr_shared_mfns}")
+        walked_m, walked_d, walked_g = [], [], []
+        for m in shared.tolist():
+            n = rmap.count(m)
+            if n == 0:
+                errs.append(f"shared frame {m} has an empty rmap")
+            if n != pool.type_count[m]:
+                errs.append(f"frame {m}: rmap has {n} entries, type count is {pool.type_count[m]}")
+            if pool.handle[m] == 0:
+                errs.append(f"shared frame {m} has no handle")
+            walked = list(rmap.entries(m))
+            if len(walked) != n:
+                errs.append(f"frame {m}: rmap walk gave {len(walked)} entries, count is {n}")
+            if walked:
+                pairs = np.array(walked, dtype=np.int64)
+                walked_m.append(np.full(len(pairs), m, dtype=np.int64))
+                walked_d.append(pairs[:, 0])
+                walked_g.append(pairs[:, 1])
+        empty = [np.empty(0, np.int64)]
+        all_m = np.concatenate(walked_m + empty)
+        all_d = np.concatenate(walked_d + empty)
+        all_g = np.concatenate(walked_g + empty)
+        entries = len(all_m)
+        seen: dict[int, np.ndarray] = {}
+        for domid in np.unique(all_d).tolist():
+            sel = all_d == domid
+            gfns, ms = all_g[sel], all_m[sel]
+            d = self.domains.get(domid)
+            if d is None:
+                errs.append(f"rmaps name domain {domid}, which does not exist")
+                continue
+            bad = (gfns < 0) | (gfns >= d.npages)
+            if bad.any():
+                errs.append(f"rmaps name {int(bad.sum())} gfns outside domain {domid}")
+                gfns, ms = gfns[~bad], ms[~bad]
+            wrong = (d.p2m.mfn[gfns] != ms) | (d.p2m.type[gfns] != RAM_SHARED)
+            if wrong.any():
+                errs.append(f"domain {domid} gfn {int(gfns[wrong][0])} is in the rmap of frame "
+                            f"{int(ms[wrong][0])} but not mapped ram_shared to it "
+                            f"({int(wrong.sum())} such)")
+            seen[domid] = np.unique(gfns)
+            if len(seen[domid]) != len(gfns):
+                errs.append(f"domain {domid}: a gfn is in rmaps more than once")
+        total_shr = 0
+        for d in self.domains.values():
+            typ, mfn = d.p2m.type, d.p2m.mfn
+            sh = np.nonzero(typ == RAM_SHARED)[0]
+            total_shr += len(sh)
+            if len(sh) != d.shr_pages:
+                errs.append(f"domain {d.domid}: {len(sh)} shared p2m entries, shr_pages says {d.shr_pages}")
+            if len(sh) and (pool.owner[mfn[sh]] != DOMID_COW).any():
+                errs.append(f"domain {d.domid}: a ram_shared entry points at a frame dom_cow does not own")
+            got = seen.get(d.domid, empty[0])
+            if len(got) != len(sh):
+                errs.append(f"domain {d.domid}: {len(sh)} shared entries but {len(got)} in rmaps")
+            rw = np.nonzero(typ == RAM_RW)[0]
+            if len(rw) != d.tot_pages:
+                errs.append(f"domain {d.domid}: {len(rw)} private entries, tot_pages says {d.tot_pages}")
+            if len(rw) and (pool.owner[mfn[rw]] != d.domid).any():
+                errs.append(f"domain {d.domid}: a ram_rw entry points at a frame it does not own")
+        if entries != total_shr:
+            errs.append(f"rmaps hold {entries} entries, p2ms {total_shr} shared entries")
+        if self.nr_saved_mfns != entries - self.nr_shared_mfns:
+            errs.append(f"nr_saved_mfns is {self.nr_saved_mfns}, gfns backed by shared frames "
+                        f"minus shared frames is {entries - self.nr_shared_mfns}")
+        owned = int((pool.owner >= 0).sum())
+        if owned != pool.nframes - pool.nfree:
+            errs.append(f"{owned} frames owned but {pool.nframes - pool.nfree} off the free list")
+        private = sum(d.tot_pages for d in self.domains.values())
+        if owned - len(shared) != private:
+            errs.append(f"{owned - len(shared)} frames owned by domains, their p2ms map {private}")
+        return errs
+
+    def stats(self) -> dict:
+        return {
+            "frames_total": self.pool.nframes,
+            "frames_free": self.pool.nfree,
+            "nr_shared_mfns": self.nr_shared_mfns,
+            "nr_saved_mfns": self.nr_saved_mfns,
+            "rmap": self.rmap_policy,
+            "domains": len(self.domains),
+        }
+
+    def close(self) -> None:
+        """Free every segment (the p2ms and the pool)."""
+        for d in list(self.domains.values()):
+            d.p2m.close()
+        self.domains.clear()
+        self.pool.close()
+
+    def __enter__(self) -> "Hypervisor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

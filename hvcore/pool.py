@@ -1,0 +1,107 @@
+"""The frame pool: machine frames in one POSIX shared-memory segment, and the
+frame table that says who owns each frame.
+
+Frame ``m`` is bytes ``[m*4096, (m+1)*4096)`` of the segment, seen as row
+``m`` of ``data`` (a numpy ``(nframes, 4096)`` uint8 view). The frame table is
+four numpy arrays indexed by mfn:
+
+- ``owner``: a domid, ``DOMID_COW`` for a shared frame, ``OWNER_FREE``;
+- ``type_count``: for a shared frame, the number of gfns mapping it (it always
+  equals the size of the frame's rmap: the audit checks it);
+- ``handle``: the sharing handle (version) of a shared frame, else 0;
+- ``extra_refs``: references held by someone other than the owner's p2m (a
+  foreign mapping); a page with extra references cannot be nominated.
+
+The free list is a stack of mfns in a numpy array: single and batch
+allocation and release are O(1) and O(k) with no Python per-frame loop.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from . import shm
+from .errors import ENOMEM, HVError
+
+PAGE_SIZE = 4096
+OWNER_FREE = -1
+#: Xen's pseudo-domain that owns every shared frame
+DOMID_COW = 0x7FF3
+#: domids at or above this are reserved (Xen's DOMID_FIRST_RESERVED)
+DOMID_FIRST_RESERVED = 0x7FF0
+
+
+class FramePool:
+    """``nframes`` frames in shared memory, their frame table and free list."""
+
+    def __init__(self, nframes: int, token: str | None = None):
+        if nframes <= 0:
+            raise ValueError("a frame pool needs at least one frame")
+        self.nframes = nframes
+        self.token = token or shm.new_token()
+        self.name = f"/{shm.PREFIX}{self.token}-pool"
+        self._mm = shm.create(self.name, nframes * PAGE_SIZE)
+        # Unlink the segment even if the owner forgets to close the pool.
+        self._finalizer = weakref.finalize(self, _release, self._mm, self.name)
+        self.data = np.frombuffer(self._mm, dtype=np.uint8).reshape(nframes, PAGE_SIZE)
+        self.owner = np.full(nframes, OWNER_FREE, dtype=np.int32)
+        self.type_count = np.zeros(nframes, dtype=np.int64)
+        self.handle = np.zeros(nframes, dtype=np.uint64)
+        self.extra_refs = np.zeros(nframes, dtype=np.int32)
+        # Free stack: the top is the end; lowest mfns are handed out first.
+        self._free = np.arange(nframes - 1, -1, -1, dtype=np.int64)
+        self._nfree = nframes
+
+    @property
+    def nfree(self) -> int:
+        return self._nfree
+
+    def alloc(self, owner: int) -> int:
+        """Take one free frame for ``owner``; ENOMEM if none is left."""
+        if self._nfree == 0:
+            raise HVError(ENOMEM, "no free frame")
+        self._nfree -= 1
+        m = int(self._free[self._nfree])
+        self.owner[m] = owner
+        return m
+
+    def alloc_many(self, k: int, owner: int) -> np.ndarray:
+        """Take ``k`` free frames for ``owner`` (all or none)."""
+        if k > self._nfree:
+            raise HVError(ENOMEM, f"{k} frames asked, {self._nfree} free")
+        top = self._nfree
+        self._nfree = top - k
+        mfns = self._free[self._nfree:top][::-1].copy()
+        self.owner[mfns] = owner
+        return mfns
+
+    def free(self, mfn: int) -> None:
+        self.free_many(np.array([mfn], dtype=np.int64))
+
+    def free_many(self, mfns: np.ndarray) -> None:
+        """Return frames to the free list; their frame-table entries are reset."""
+        k = len(mfns)
+        if k == 0:
+            return
+        # A frame is on the free list at most once.
+        assert (self.owner[mfns] != OWNER_FREE).all(), "double free of a frame"
+        self.owner[mfns] = OWNER_FREE
+        self.handle[mfns] = 0
+        self.type_count[mfns] = 0
+        self._free[self._nfree:self._nfree + k] = mfns
+        self._nfree += k
+
+    def close(self) -> None:
+        """Unmap and unlink the segment (idempotent)."""
+        self.data = None
+        self._finalizer()
+
+
+def _release(mm, name: str) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        # numpy views still export the buffer; unlinking is what matters.
+        pass
+    shm.unlink(name)
