@@ -324,6 +324,8 @@ class Hypervisor:
         codes[~s_ok] = S_HANDLE_INVALID
         codes[s_ok & ~c_ok] = C_HANDLE_INVALID
         valid = s_ok & c_ok
+        if not valid.any():
+            return codes
         # A pair is "simple" if its client frame has one reference, appears
         # nowhere else in the batch, and its source frame is no pair's
         # client: such pairs commute with every other pair of the batch.
@@ -635,6 +637,9 @@ class Hypervisor:
             self.pool.free_many(mfns)
             d.tot_pages -= len(private)
             d.relinquish_cursor = min(start + RELEASE_CHUNK, d.npages)
+            if d.relinquish_cursor >= d.npages:
+                self._forget(d)
+                return True
             if should_yield():
                 return False
         return True

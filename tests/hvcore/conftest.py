@@ -1,0 +1,13 @@
+import pytest
+
+from hvcore import Hypervisor
+from hvcore.rmap import POLICIES
+
+
+@pytest.fixture(params=POLICIES)
+def hv(request):
+    """A small in-process core on each rmap policy; closed after the test."""
+    h = Hypervisor(256, rmap=request.param)
+    yield h
+    assert h.audit_report() == []
+    h.close()

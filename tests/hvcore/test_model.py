@@ -1,0 +1,318 @@
+"""The core against a plain reference model, on every rmap policy.
+
+The model knows nothing of frames: per domain a dict gfn -> bytes, and the
+sharing groups as sets of (domid, gfn) with their handle. Hypothesis drives
+random sequences of create / nominate / share / add_to_physmap / range_share
+/ unshare / write / destroy; after every step the audit finds nothing, every
+gfn reads what the model says, and the counters equal the model's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
+                                 rule)
+
+from hvcore import Hypervisor, HVError
+from hvcore.errors import (C_HANDLE_INVALID, EBUSY, EINVAL, ENOMEM,
+                           S_HANDLE_INVALID)
+from hvcore.rmap import POLICIES
+
+PAGES = 6
+FRAMES = 48
+
+
+class Model:
+    """Domains as dicts of page contents; sharing as groups of pairs."""
+
+    def __init__(self):
+        self.pages: dict[int, dict[int, bytes]] = {}   # domid -> gfn -> content
+        self.group_of: dict[tuple[int, int], int] = {}  # (d, gfn) -> group id
+        self.groups: dict[int, set] = {}
+        self.handle: dict[int, int] = {}                # group -> handle
+        self.counter = 1
+        self.next_group = 0
+
+    def nominate(self, d, g):
+        if g not in self.pages[d]:
+            raise HVError(EINVAL)
+        if (d, g) in self.group_of:
+            return self.handle[self.group_of[(d, g)]]
+        self.counter += 1
+        gid = self.next_group
+        self.next_group += 1
+        self.groups[gid] = {(d, g)}
+        self.group_of[(d, g)] = gid
+        self.handle[gid] = self.counter
+        return self.counter
+
+    def _group(self, d, g, h, code):
+        gid = self.group_of.get((d, g))
+        if gid is None or self.handle[gid] != h:
+            raise HVError(code)
+        return gid
+
+    def share(self, sd, sg, sh, cd, cg, ch):
+        s = self._group(sd, sg, sh, S_HANDLE_INVALID)
+        c = self._group(cd, cg, ch, C_HANDLE_INVALID)
+        if s == c:
+            return
+        content = self.pages[sd][sg]
+        for pair in self.groups.pop(c):
+            self.groups[s].add(pair)
+            self.group_of[pair] = s
+            self.pages[pair[0]][pair[1]] = content
+        del self.handle[c]
+
+    def add_to_physmap(self, sd, sg, sh, cd, cg):
+        s = self._group(sd, sg, sh, S_HANDLE_INVALID)
+        if not 0 <= cg < PAGES or cg in self.pages[cd]:
+            raise HVError(C_HANDLE_INVALID)
+        self.groups[s].add((cd, cg))
+        self.group_of[(cd, cg)] = s
+        self.pages[cd][cg] = self.pages[sd][sg]
+
+    def unshare(self, d, g):
+        gid = self.group_of.pop((d, g))
+        self.groups[gid].discard((d, g))
+        if not self.groups[gid]:
+            del self.groups[gid]
+            del self.handle[gid]
+
+    def write(self, d, g, off, data):
+        if (d, g) in self.group_of:
+            self.unshare(d, g)
+        old = self.pages[d][g]
+        self.pages[d][g] = old[:off] + data + old[off + len(data):]
+
+    def destroy(self, d):
+        for g in list(self.pages[d]):
+            if (d, g) in self.group_of:
+                self.unshare(d, g)
+        del self.pages[d]
+
+    def frames_used(self):
+        private = sum(1 for d, pg in self.pages.items() for g in pg if (d, g) not in self.group_of)
+        return private + len(self.groups)
+
+
+def page(byte: int) -> bytes:
+    return bytes([byte]) * 4096
+
+
+def pages_array(values) -> np.ndarray:
+    return np.repeat(np.asarray(values, dtype=np.uint8)[:, None], 4096, axis=1)
+
+
+class CoreMachine(RuleBasedStateMachine):
+    policy = "buckets"
+
+    def __init__(self):
+        super().__init__()
+        self.hv = Hypervisor(FRAMES, rmap=self.policy)
+        self.m = Model()
+
+    def teardown(self):
+        self.hv.close()
+
+    def _live(self):
+        return sorted(self.m.pages)
+
+    # -- rules ---------------------------------------------------------
+    @rule(fill=st.lists(st.integers(0, 3), min_size=PAGES, max_size=PAGES),
+          holes=st.sets(st.integers(0, PAGES - 1), max_size=2))
+    def create(self, fill, holes):
+        content = pages_array(fill)
+        need = PAGES - len(holes)
+        if need > self.hv.pool.nfree:
+            with pytest.raises(HVError) as e:
+                self.hv.create_domain(PAGES, content=content, holes=sorted(holes))
+            assert e.value.code == ENOMEM
+            return
+        d = self.hv.create_domain(PAGES, content=content, holes=sorted(holes))
+        self.m.pages[d.domid] = {g: page(b) for g, b in enumerate(fill) if g not in holes}
+
+    def _expect(self, fn_real, fn_model):
+        try:
+            want = fn_model()
+        except HVError as e:
+            with pytest.raises(HVError) as got:
+                fn_real()
+            assert got.value.code == e.code, (got.value, e)
+            return None
+        got = fn_real()
+        return want, got
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), g=st.integers(-1, PAGES))
+    def nominate(self, data, g):
+        d = data.draw(st.sampled_from(self._live()))
+        if not 0 <= g < PAGES:
+            with pytest.raises(HVError) as e:
+                self.hv.nominate(d, g)
+            assert e.value.code == EINVAL
+            return
+        r = self._expect(lambda: self.hv.nominate(d, g), lambda: self.m.nominate(d, g))
+        if r:
+            assert r[0] == r[1]
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), stale_s=st.booleans(), stale_c=st.booleans())
+    def share(self, data, stale_s, stale_c):
+        sd = data.draw(st.sampled_from(self._live()))
+        cd = data.draw(st.sampled_from(self._live()))
+        sg = data.draw(st.integers(0, PAGES - 1))
+        cg = data.draw(st.integers(0, PAGES - 1))
+        sh = self._handle_guess(sd, sg, stale_s)
+        ch = self._handle_guess(cd, cg, stale_c)
+        self._expect(lambda: self.hv.share(sd, sg, sh, cd, cg, ch),
+                     lambda: self.m.share(sd, sg, sh, cd, cg, ch))
+
+    def _handle_guess(self, d, g, stale):
+        gid = self.m.group_of.get((d, g))
+        if gid is None or stale:
+            return self.m.counter + 7 if not stale or gid is None else self.m.handle[gid] - 1
+        return self.m.handle[gid]
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data())
+    def add_to_physmap(self, data):
+        sd = data.draw(st.sampled_from(self._live()))
+        cd = data.draw(st.sampled_from(self._live()))
+        sg = data.draw(st.integers(0, PAGES - 1))
+        cg = data.draw(st.integers(0, PAGES - 1))
+        sh = self._handle_guess(sd, sg, False)
+        self._expect(lambda: self.hv.add_to_physmap(sd, sg, sh, cd, cg),
+                     lambda: self.m.add_to_physmap(sd, sg, sh, cd, cg))
+
+    @precondition(lambda self: len(self.m.pages) >= 1)
+    @rule(data=st.data(), first=st.integers(0, PAGES - 1), span=st.integers(0, PAGES))
+    def range_share(self, data, first, span):
+        sd = data.draw(st.sampled_from(self._live()))
+        cd = data.draw(st.sampled_from(self._live()))
+        last = first + span
+        want = 0
+        for g in range(first, min(last, PAGES - 1) + 1):
+            try:
+                sh = self.m.nominate(sd, g)
+                ch = self.m.nominate(cd, g)
+                self.m.share(sd, g, sh, cd, g, ch)
+                want += 1
+            except HVError:
+                pass
+        assert self.hv.range_share(sd, cd, first, last) == want
+
+    @precondition(lambda self: self.m.group_of)
+    @rule(data=st.data())
+    def unshare(self, data):
+        d, g = data.draw(st.sampled_from(sorted(self.m.group_of)))
+        private = self.m.frames_used()
+        last = len(self.m.groups[self.m.group_of[(d, g)]]) == 1
+        if not last and self.hv.pool.nfree == 0:
+            with pytest.raises(HVError) as e:
+                self.hv.unshare(d, g)
+            assert e.value.code == ENOMEM
+            return
+        copied = self.hv.unshare(d, g)
+        assert copied == (not last)
+        self.m.unshare(d, g)
+        assert self.m.frames_used() == private + (0 if last else 1)
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), off=st.integers(0, 4090), val=st.binary(min_size=1, max_size=6))
+    def write(self, data, off, val):
+        d = data.draw(st.sampled_from(self._live()))
+        g = data.draw(st.integers(0, PAGES - 1))
+        if g not in self.m.pages[d]:
+            with pytest.raises(HVError) as e:
+                self.hv.write(d, g, off, val)
+            assert e.value.code == EINVAL
+            return
+        shared = (d, g) in self.m.group_of
+        last = shared and len(self.m.groups[self.m.group_of[(d, g)]]) == 1
+        if shared and not last and self.hv.pool.nfree == 0:
+            with pytest.raises(HVError) as e:
+                self.hv.write(d, g, off, val)
+            assert e.value.code == ENOMEM
+            return
+        assert self.hv.write(d, g, off, val) == shared
+        self.m.write(d, g, off, val)
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), n=st.integers(1, PAGES))
+    def write_pages(self, data, n):
+        d = data.draw(st.sampled_from(self._live()))
+        gfns = data.draw(st.lists(st.sampled_from(sorted(self.m.pages[d]) or [0]),
+                                  min_size=1, max_size=n)) if self.m.pages[d] else []
+        if not gfns:
+            return
+        vals = data.draw(st.lists(st.integers(0, 255), min_size=len(gfns), max_size=len(gfns)))
+        need = 0
+        distinct = sorted(set(gfns))
+        left = {}
+        for g in distinct:
+            gid = self.m.group_of.get((d, g))
+            if gid is not None:
+                left.setdefault(gid, len(self.m.groups[gid]))
+                left[gid] -= 1
+                need += 1 if left[gid] > 0 else 0
+        if need > self.hv.pool.nfree:
+            with pytest.raises(HVError) as e:
+                self.hv.write_pages(d, gfns, pages_array(vals))
+            assert e.value.code == ENOMEM
+            return
+        faults = self.hv.write_pages(d, np.array(gfns), pages_array(vals))
+        assert faults == sum(1 for g in distinct if (d, g) in self.m.group_of)
+        for g, v in zip(gfns, vals):
+            self.m.write(d, g, 0, page(v))
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), steps=st.booleans())
+    def destroy(self, data, steps):
+        d = data.draw(st.sampled_from(self._live()))
+        shared = sum(1 for (dd, _g) in self.m.group_of if dd == d)
+        if steps:
+            # preemptible: yield after every chunk, resume until done
+            self.hv.kill(d)
+            with pytest.raises(HVError) as e:
+                self.hv.nominate(d, 0)
+            assert e.value.code == EBUSY
+            while not self.hv.relinquish(d, should_yield=lambda: True):
+                assert self.hv.audit() == 0
+            assert d not in self.hv.domains
+        else:
+            assert self.hv.destroy_domain(d) == shared
+        self.m.destroy(d)
+
+    # -- invariants ----------------------------------------------------
+    @invariant()
+    def audit_clean(self):
+        assert self.hv.audit_report() == []
+
+    @invariant()
+    def contents_match(self):
+        for d, pages in self.m.pages.items():
+            for g, want in pages.items():
+                assert self.hv.read(d, g) == want, (d, g)
+
+    @invariant()
+    def counters_match(self):
+        entries = sum(len(s) for s in self.m.groups.values())
+        assert self.hv.nr_shared_mfns == len(self.m.groups)
+        assert self.hv.nr_saved_mfns == entries - len(self.m.groups)
+        assert self.hv.pool.nframes - self.hv.pool.nfree == self.m.frames_used()
+        for d in self.m.pages:
+            assert self.hv.domains[d].shr_pages == sum(1 for (dd, _g) in self.m.group_of if dd == d)
+
+
+def _machine(policy: str):
+    cls = type(f"CoreMachine_{policy}", (CoreMachine,), {"policy": policy})
+    cls.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
+    return cls
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_core_matches_model(policy):
+    _machine(policy).TestCase().runTest()
