@@ -9,7 +9,7 @@ import time
 
 from .common import machine_info
 
-BENCHES = ("rmap", "cow", "teardown", "dedup", "density")
+BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "ksm", "pipe")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,187 @@
+"""The raw pipe round trip of two Python processes: hvshare's cost floor.
+
+An hvshare guest asks the hypervisor process for a copy-on-write break (or
+any other service) with a small message over a pipe and waits for the
+answer, so no request can be cheaper than one message there and back
+between two Python processes.  This module measures exactly that floor,
+with nothing else in the loop, so hvshare's benchmarks can report their
+latencies as multiples of it.
+
+Design:
+
+* The echo child is a fresh interpreter (``subprocess`` with ``pass_fds``),
+  not a fork: nothing of the parent (threads, numpy's pools, pytest) comes
+  along, and the child's loop is a few lines of plain ``os.read``/
+  ``os.write``.  It reads exactly ``size`` bytes, writes them back, and
+  exits on EOF.
+* Placement matters more than anything else: on one core a round trip is
+  two context switches; across cores it is two cross-CPU wake-ups, which
+  can cost tens of microseconds when the other core sleeps in an idle
+  state.  ``same`` pins both processes to one core and ``cross`` to two
+  different cores, with ``os.sched_setaffinity``; the parent's original
+  affinity is put back afterwards.
+* Each round trip is timed alone with ``time.perf_counter_ns``; a warm-up
+  (10 %) is dropped; the result is p50/p99/mean in microseconds.
+* The child is always reaped: its pipe ends are closed (EOF), then it is
+  waited for, killed if it lingers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
+PAGE_SIZE = 4096         # a request carrying one page of payload
+PLACEMENTS = ("same", "cross")
+
+_ECHO = """
+import os, sys
+r, w, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+os.write(w, b"r")                    # ready: imports done, loop starts
+while True:
+    buf = os.read(r, size)
+    if not buf:
+        break
+    while len(buf) < size:
+        more = os.read(r, size - len(buf))
+        if not more:
+            sys.exit(0)
+        buf += more
+    os.write(w, buf)
+"""
+
+
+def _cpus(placement: str) -> tuple[int, int] | str:
+    """(parent cpu, child cpu) for a placement, or a reason it is impossible."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if placement == "same":
+        return allowed[0], allowed[0]
+    if placement == "cross":
+        if len(allowed) < 2:
+            return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
+        return allowed[0], allowed[1]
+    raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = os.read(fd, n)
+    while len(buf) < n:
+        more = os.read(fd, n - len(buf))
+        if not more:
+            raise EOFError("echo child closed the pipe")
+        buf += more
+    return buf
+
+
+def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000,
+                warmup: int | None = None) -> np.ndarray:
+    """Time ``n`` round trips of ``size``-byte messages: int64 ns each.
+
+    Raises ``ValueError`` for an impossible placement (see :func:`measure`
+    for the non-raising form).
+    """
+    cpus = _cpus(placement)
+    if isinstance(cpus, str):
+        raise ValueError(cpus)
+    if not 1 <= size <= 65536:
+        raise ValueError("size must be 1..65536 bytes (one pipe buffer)")
+    warmup = max(100, n // 10) if warmup is None else warmup
+    parent_cpu, child_cpu = cpus
+    old_affinity = os.sched_getaffinity(0)
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    child = None
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _ECHO, str(to_child_r), str(from_child_w), str(size)],
+            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, close_fds=True)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        to_child_r = from_child_w = -1
+        os.sched_setaffinity(child.pid, {child_cpu})
+        os.sched_setaffinity(0, {parent_cpu})
+        if _read_exact(from_child_r, 1) != b"r":
+            raise RuntimeError("echo child did not start")
+        msg = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        clock, write, read = time.perf_counter_ns, os.write, os.read
+        lat = [0] * n
+        for i in range(warmup + n):
+            t0 = clock()
+            write(to_child_w, msg)
+            got = read(from_child_r, size)
+            if len(got) < size:
+                got += _read_exact(from_child_r, size - len(got))
+            t1 = clock()
+            if i >= warmup:
+                lat[i - warmup] = t1 - t0
+        if got != msg:
+            raise RuntimeError("echo child returned different bytes")
+        return np.array(lat, dtype=np.int64)
+    finally:
+        os.sched_setaffinity(0, old_affinity)
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            if fd >= 0:
+                os.close(fd)
+        if child is not None:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def measure(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000) -> dict:
+    """Round-trip statistics: ``{"size", "placement", "n", "cpus",
+    "p50_us", "p99_us", "mean_us"}``, or ``{"size", "placement",
+    "skipped": reason}`` where the placement is impossible."""
+    cpus = _cpus(placement)
+    if isinstance(cpus, str):
+        return {"size": size, "placement": placement, "skipped": cpus}
+    lat = round_trips(size, placement, n) / 1e3
+    p50, p99 = np.percentile(lat, [50, 99])
+    return {"size": size, "placement": placement, "n": n, "cpus": list(cpus),
+            "p50_us": float(p50), "p99_us": float(p99), "mean_us": float(lat.mean())}
+
+
+def run(quick: bool = False) -> dict:
+    """Every (size, placement) pair as a ``perf`` benchmark result."""
+    n = 2_000 if quick else 20_000
+    return {"results": [measure(size, placement, n)
+                        for size in (REQUEST_SIZE, PAGE_SIZE) for placement in PLACEMENTS]}
+
+
+def report(result: dict) -> str:
+    from .common import table
+    rows = []
+    for r in result["results"]:
+        if "skipped" in r:
+            rows.append([r["size"], r["placement"], "-", "-", "-", r["skipped"]])
+        else:
+            rows.append([r["size"], r["placement"], f"{r['p50_us']:.2f}", f"{r['p99_us']:.2f}",
+                         f"{r['mean_us']:.2f}", f"cpus {r['cpus'][0]}/{r['cpus'][1]}, n={r['n']:,}"])
+    return "Pipe round trip, two Python processes (us)\n" + table(
+        ["bytes", "placement", "p50", "p99", "mean", "detail"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python -m perf.pipe", description="Raw pipe round trip of two Python processes.")
+    p.add_argument("--quick", action="store_true", help="2,000 round trips instead of 20,000")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    a = p.parse_args(argv)
+    result = run(quick=a.quick)
+    print(report(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Smoke tests of the measured peers (``perf.ksm``, ``perf.pipe``).
+
+They check behaviour, not speed: knobs come back, KSM really merges and
+unmerges, the pipe echo returns sane numbers and leaves no process behind.
+KSM tests skip with ``ksm_available()``'s reason where KSM cannot be driven.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    import perf  # noqa: F401
+except ImportError:  # run as plain `pytest` without the project on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from perf import ksm, pipe  # noqa: E402
+
+KSM_REASON = ksm.ksm_available()
+needs_ksm = pytest.mark.skipif(KSM_REASON is not None, reason=KSM_REASON or "")
+N = 2000
+
+
+def _knobs() -> dict[str, str]:
+    return {k: ksm.read_knob(k) for k in ksm.writable_knobs()}
+
+
+# -- pure helpers (no KSM needed)
+
+def test_clone_content_is_deterministic_and_mixed():
+    a = ksm.clone_content(3000, seed=1)
+    assert a.shape == (3000, 4096) and a.dtype == np.uint8
+    assert np.array_equal(a, ksm.clone_content(3000, seed=1))
+    b = ksm.clone_content(3000, seed=2)
+    assert not np.array_equal(a, b)
+    # both clones draw from the same image: many pages of one appear in the other
+    rows_a = {r.tobytes() for r in a}
+    assert sum(r.tobytes() in rows_a for r in b if r.any()) > 1000
+    assert (~a.any(axis=1)).sum() > 200                      # zero pages
+    groups = ksm.duplicate_groups(a)
+    assert (groups == 1).sum() > 500 and groups.max() > 100  # private pages, and duplicates
+
+
+def test_expected_counts_follow_max_page_sharing():
+    assert ksm.expected_counts([N], 4096) == (1, N - 1)
+    assert ksm.expected_counts([N], 256) == (8, N - 8)       # 7 full KSM pages + one of 208
+    assert ksm.expected_counts([257], 256) == (1, 255)       # the leftover page has no partner
+    assert ksm.expected_counts([1, 1, 2], 256) == (1, 1)
+
+
+def test_measures_skip_with_reason_when_ksm_unusable(monkeypatch):
+    monkeypatch.setattr(ksm, "ksm_available", lambda: "KSM absent: test")
+    for res in (ksm.measure_merge(10), ksm.measure_cow_break(10), ksm.measure_cow_batched(10),
+                ksm.measure_munmap(10)):
+        assert res["skipped"] == "KSM absent: test"
+    assert "skipped" in ksm.run(quick=True)
+    with pytest.raises(ksm.KsmUnavailable, match="KSM absent"):
+        with ksm.ksm_session():
+            pass
+
+
+# -- KSM sessions
+
+@needs_ksm
+def test_session_restores_every_knob():
+    before = _knobs()
+    with ksm.ksm_session(pages_to_scan=1234, sleep_millisecs=7, max_page_sharing=512) as s:
+        s.set(use_zero_pages=1 - int(before["use_zero_pages"]), run=1)
+        assert ksm.read_knob("pages_to_scan") == "1234"
+        assert ksm.read_knob("max_page_sharing") == "512"
+        assert ksm.read_knob("run") == "1"
+    assert _knobs() == before
+
+
+@needs_ksm
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_session_restores_knobs_after_exception(exc):
+    before = _knobs()
+    with pytest.raises(exc):
+        with ksm.ksm_session(max_page_sharing=300, pages_to_scan=777) as s:
+            s.set(run=1, sleep_millisecs=3)
+            with ksm.merge(200):              # KSM pages exist when the restore runs
+                raise exc("boom")
+    assert _knobs() == before
+
+
+# -- merging and copy-on-write
+
+@needs_ksm
+def test_merge_identical_pages_into_one_ksm_page():
+    before = _knobs()
+    with ksm.ksm_session(max_page_sharing=4 * N):
+        with ksm.merge(N, "identical", seed=3) as r:
+            assert r.complete, r.summary()
+            assert r.pages_shared == 1
+            assert abs(r.pages_sharing - (N - 1)) <= N // 100
+            assert r.merge_seconds > 0
+            assert r.ksm_mask().all()
+    assert _knobs() == before                    # ksmd stopped again, run as it was
+
+
+@needs_ksm
+def test_merge_respects_max_page_sharing_and_zero_pages():
+    with ksm.ksm_session():
+        mps = int(ksm.read_knob("max_page_sharing"))
+        with ksm.merge(N, "zero") as r:         # zero pages merge like others (use_zero_pages=0)
+            assert (r.pages_shared, r.pages_sharing) == ksm.expected_counts([N], mps)
+            assert not r.array.any()
+
+
+@needs_ksm
+def test_cow_break_changes_content_and_counters_drop():
+    with ksm.ksm_session(max_page_sharing=4 * N):
+        with ksm.merge(N, "identical", seed=5) as r:
+            before = r.array.copy()
+            broken = np.arange(0, N, 2)
+            kept = np.arange(1, N, 2)
+            lat = r.cow_break(broken)
+            assert lat.shape == (len(broken),) and (lat > 0).all()
+            off = broken % 4096
+            assert np.array_equal(r.array[broken, off], before[broken, off] ^ 0xFF)
+            assert np.array_equal(r.array[kept], before[kept])          # the others did not see it
+            mask = r.ksm_mask()
+            assert not mask[broken].any() and mask[kept].all()
+            c = r.rescan()
+            assert c == {"pages_shared": 1, "pages_sharing": len(kept) - 1}, c
+            assert r.cow_break_batched(kept) > 0
+            assert not r.ksm_mask().any()
+            assert r.write_floor(kept).min() > 0
+        assert r.close() == r.munmap_seconds > 0
+
+
+# -- pipe
+
+def test_pipe_round_trip_is_sane():
+    import psutil
+    res = pipe.measure(pipe.REQUEST_SIZE, "same", n=500)
+    assert 0 < res["p50_us"] <= res["p99_us"] < 100_000
+    big = pipe.measure(pipe.PAGE_SIZE, "cross", n=300)
+    if "skipped" not in big:
+        assert 0 < big["p50_us"] <= big["p99_us"] < 100_000
+    assert not psutil.Process().children(recursive=True)
