@@ -300,27 +300,31 @@ class Hypervisor:
             with p2m.changing():
                 p2m.mfn[gfns[sel]] = mfns[sel]
 
-    def share_many(self, sd: int, sgfns, shs, cd: int, cgfns, chs) -> np.ndarray:
-        """Share many (sgfn, cgfn) pairs; returns a code per pair (0 = shared).
+    def share_many(self, sd, sgfns, shs, cd, cgfns, chs) -> np.ndarray:
+        """Share many (sd, sgfn) <- (cd, cgfn) pairs; a code per pair (0 = done).
 
-        Pairs whose client frame has a single reference and whose frames no
-        other pair of the batch frees (the common case of a dedup pass) are
-        done together with numpy; any other pair is done on its own, in
-        order. The result is the element-wise loop's.
+        ``sd`` and ``cd`` are a domid each or one per pair. Pairs whose
+        client frame has a single reference and whose frames no other pair
+        of the batch frees (the common case of a dedup pass) are done
+        together with numpy; any other pair is done on its own, in order.
+        The result is the element-wise loop's.
         """
-        s_dom, c_dom = self.domain(sd), self.domain(cd)
         sg = np.asarray(sgfns, dtype=np.int64).ravel()
+        n = len(sg)
+        sds = np.broadcast_to(np.asarray(sd, dtype=np.int64), (n,))
+        cds = np.broadcast_to(np.asarray(cd, dtype=np.int64), (n,))
         cg = np.asarray(cgfns, dtype=np.int64).ravel()
         sh = np.asarray(shs, dtype=np.uint64).ravel()
         ch = np.asarray(chs, dtype=np.uint64).ravel()
-        n = len(sg)
         if not (len(cg) == len(sh) == len(ch) == n):
-            raise HVError(EINVAL, "share_many needs equal-length arrays")
+            raise HVError(EINVAL, "share_many needs one source, client and handle per pair")
+        for domid in np.unique(np.concatenate([sds, cds])).tolist():
+            self.domain(domid)
         codes = np.zeros(n, dtype=np.int64)
         if n == 0:
             return codes
-        sm, s_ok = self._frames_of(s_dom, sg, sh)
-        cm, c_ok = self._frames_of(c_dom, cg, ch)
+        sm, s_ok = self._frames_of(sds, sg, sh)
+        cm, c_ok = self._frames_of(cds, cg, ch)
         codes[~s_ok] = S_HANDLE_INVALID
         codes[s_ok & ~c_ok] = C_HANDLE_INVALID
         valid = s_ok & c_ok
@@ -335,35 +339,41 @@ class Hypervisor:
         src_is_client = np.isin(sm, cm[valid])
         simple = (valid & (sm != cm) & (self.pool.type_count[cm] == 1)
                   & (occ_c == 1) & ~src_is_client)
-        self._share_simple(sm[simple], cm[simple], cd, cg[simple])
+        self._share_simple(sm[simple], cm[simple], cds[simple], cg[simple])
         for i in np.nonzero(~simple)[0].tolist():
             try:
-                self.share(sd, int(sg[i]), int(sh[i]), cd, int(cg[i]), int(ch[i]))
+                self.share(int(sds[i]), int(sg[i]), int(sh[i]), int(cds[i]), int(cg[i]), int(ch[i]))
                 codes[i] = 0
             except HVError as e:
                 codes[i] = e.code
         return codes
 
-    def _frames_of(self, d: Domain, gfns: np.ndarray, handles: np.ndarray):
-        """Frames of shared gfns and whether each (gfn, handle) is valid."""
-        inside = (gfns >= 0) & (gfns < d.npages)
-        g = np.where(inside, gfns, 0)
-        m = np.where(inside, d.p2m.mfn[g], 0)
-        ok = inside & (d.p2m.type[g] == RAM_SHARED)
+    def _frames_of(self, domids: np.ndarray, gfns: np.ndarray, handles: np.ndarray):
+        """Frames of (domid, gfn) pairs and whether each is shared with that handle."""
+        m = np.zeros(len(gfns), dtype=np.int64)
+        ok = np.zeros(len(gfns), dtype=bool)
+        for domid in np.unique(domids).tolist():
+            sel = np.nonzero(domids == domid)[0]
+            d = self.domains[domid]
+            g = gfns[sel]
+            inside = (g >= 0) & (g < d.npages)
+            g = np.where(inside, g, 0)
+            m[sel] = np.where(inside, d.p2m.mfn[g], 0)
+            ok[sel] = inside & (d.p2m.type[g] == RAM_SHARED)
         ok &= self.pool.handle[np.where(ok, m, 0)] == handles
         return m, ok
 
-    def _share_simple(self, sm: np.ndarray, cm: np.ndarray, cd: int, cg: np.ndarray) -> None:
+    def _share_simple(self, sm: np.ndarray, cm: np.ndarray, cds: np.ndarray,
+                      cg: np.ndarray) -> None:
         k = len(sm)
         if k == 0:
             return
-        domids = np.full(k, cd, dtype=np.int64)
         np.add.at(self.pool.type_count, sm, 1)          # count before rmap
-        self.rmap.remove_many(cm, domids, cg)
+        self.rmap.remove_many(cm, cds, cg)
         for m in cm.tolist():
             self.rmap.release(m)
-        self.rmap.add_many(sm, domids, cg)
-        self._repoint(domids, cg, sm)
+        self.rmap.add_many(sm, cds, cg)
+        self._repoint(cds, cg, sm)
         self.pool.free_many(cm)
         self.nr_shared_mfns -= k
         self.nr_saved_mfns += k
