@@ -29,6 +29,7 @@ element-wise loop with numpy over the whole batch: these are the hot paths.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +50,8 @@ RELINQUISH_OTHER_COST = 1
 RELINQUISH_BUDGET = 0x2000
 #: Private frames freed per step in the last teardown phase.
 RELEASE_CHUNK = 8192
+#: Largest chunk an adaptive teardown (``chunk_seconds``) may take at once.
+MAX_CHUNK_UNITS = 1 << 22
 
 STATES = ("running", "paused", "crashed", "dying")
 
@@ -602,34 +605,48 @@ class Hypervisor:
             d.relinquish_cursor = 0
         return d
 
-    def relinquish(self, domid: int, should_yield: Callable[[], bool] = lambda: False) -> bool:
+    def relinquish(self, domid: int, should_yield: Callable[[], bool] = lambda: False,
+                   chunk_seconds: float | None = None) -> bool:
         """One preemptible teardown step of a dying domain.
 
-        Walks the p2m from the saved cursor in chunks of RELINQUISH_BUDGET
-        work units (0x10 per shared gfn, 1 per other), dropping each chunk's
-        shared entries at once; after each chunk it asks ``should_yield()``
-        and, if so, saves the cursor and returns False ("restart"). Then the
-        private frames are freed, RELEASE_CHUNK per check, and the domain is
-        gone: returns True. With ``should_yield`` never true this is the
+        Walks the p2m from the saved cursor in chunks of work units (0x10
+        per shared gfn, 1 per other), dropping each chunk's shared entries
+        at once; after each chunk it asks ``should_yield()`` and, if so,
+        saves the cursor and returns False ("restart"). Then the private
+        frames are freed, RELEASE_CHUNK per check, and the domain is gone:
+        returns True. With ``should_yield`` never true this is the
         monolithic teardown.
+
+        Chunks are Xen's RELINQUISH_BUDGET (0x2000 units: 512 shared gfns)
+        unless ``chunk_seconds`` is given: then each chunk is sized from the
+        last one's duration to take about that long, so a fast rmap does
+        much per check and a slow one (a long list) still yields in time.
         """
         d = self.domain(domid)
         if not d.dying:
             raise HVError(EINVAL, f"domain {domid} is not dying")
         typ = d.p2m.type
+        # An adaptive teardown starts small (16 shared gfns) and grows fast.
+        units = (d.info.get("chunk_units", 16 * RELINQUISH_SHARED_COST) if chunk_seconds
+                 else RELINQUISH_BUDGET)
         while d.teardown_phase == "shared":
             start = d.relinquish_cursor
             if start >= d.npages:
                 d.teardown_phase = "private"
                 d.relinquish_cursor = 0
                 break
-            window = typ[start:start + RELINQUISH_BUDGET]
+            window = typ[start:start + units]
             cost = np.where(window == RAM_SHARED, RELINQUISH_SHARED_COST, RELINQUISH_OTHER_COST)
-            n = int(np.searchsorted(np.cumsum(cost), RELINQUISH_BUDGET, side="right"))
-            n = max(n, 1)
+            n = max(int(np.searchsorted(np.cumsum(cost), units, side="right")), 1)
             shared = np.nonzero(window[:n] == RAM_SHARED)[0] + start
+            t0 = time.perf_counter()
             self.drop_shared(domid, shared)
             d.relinquish_cursor = start + n
+            if chunk_seconds:
+                took = max(time.perf_counter() - t0, 1e-6)
+                units = int(units * min(4.0, max(0.25, chunk_seconds / took)))
+                units = min(max(units, RELINQUISH_SHARED_COST), MAX_CHUNK_UNITS)
+                d.info["chunk_units"] = units
             if should_yield():
                 return False
         while d.teardown_phase == "private":
