@@ -85,6 +85,7 @@ class Hypervisor:
         self.rmap_policy = rmap
         self.rmap = make_rmap(rmap, nframes, **rmap_options)
         self.domains: dict[int, Domain] = {}
+        self._mark = np.zeros(nframes, dtype=np.int64)   # scratch of share_many
         self._next_domid = 1
         # Xen: the handle counter starts at 1 and is pre-incremented, so the
         # first handle given out is 2.
@@ -240,7 +241,10 @@ class Hypervisor:
         busy = rw & (self.pool.extra_refs[np.where(rw, m, 0)] != 0)
         codes[idx[busy]] = E2BIG
         cand = idx[rw & ~busy]
-        fresh[cand[np.unique(gfns[cand], return_index=True)[1]]] = True
+        gc = gfns[cand]
+        if len(gc) > 1 and not (gc[1:] > gc[:-1]).all():     # duplicates possible
+            cand = cand[np.unique(gc, return_index=True)[1]]
+        fresh[cand] = True
         return codes, fresh
 
     def _make_shared(self, d: Domain, gfns: np.ndarray, handles: np.ndarray) -> None:
@@ -297,6 +301,11 @@ class Hypervisor:
     def _repoint(self, domids: np.ndarray, gfns: np.ndarray, mfns) -> None:
         """Point (domid, gfn) pairs at shared frame(s) ``mfns``."""
         mfns = np.broadcast_to(np.asarray(mfns, dtype=np.int64), gfns.shape)
+        if len(domids) and (domids == domids[0]).all():
+            p2m = self.domains[int(domids[0])].p2m
+            with p2m.changing():
+                p2m.mfn[gfns] = mfns
+            return
         for domid in np.unique(domids).tolist():
             sel = domids == domid
             p2m = self.domains[domid].p2m
@@ -314,15 +323,12 @@ class Hypervisor:
         """
         sg = np.asarray(sgfns, dtype=np.int64).ravel()
         n = len(sg)
-        sds = np.broadcast_to(np.asarray(sd, dtype=np.int64), (n,))
-        cds = np.broadcast_to(np.asarray(cd, dtype=np.int64), (n,))
+        sds, cds = self._domids(sd, n), self._domids(cd, n)
         cg = np.asarray(cgfns, dtype=np.int64).ravel()
         sh = np.asarray(shs, dtype=np.uint64).ravel()
         ch = np.asarray(chs, dtype=np.uint64).ravel()
         if not (len(cg) == len(sh) == len(ch) == n):
             raise HVError(EINVAL, "share_many needs one source, client and handle per pair")
-        for domid in np.unique(np.concatenate([sds, cds])).tolist():
-            self.domain(domid)
         codes = np.zeros(n, dtype=np.int64)
         if n == 0:
             return codes
@@ -336,12 +342,17 @@ class Hypervisor:
         # A pair is "simple" if its client frame has one reference, appears
         # nowhere else in the batch, and its source frame is no pair's
         # client: such pairs commute with every other pair of the batch.
-        frames, occurrences = np.unique(np.concatenate([cm[valid], sm[valid]]),
-                                        return_counts=True)
-        occ_c = occurrences[np.searchsorted(frames, cm).clip(0, len(frames) - 1)]
-        src_is_client = np.isin(sm, cm[valid])
+        # Counted in a scratch array: low 16 bits appearances, high bits
+        # appearances as a client.
+        mark = self._mark
+        cv, sv = cm[valid], sm[valid]
+        np.add.at(mark, cv, 1 + (1 << 16))
+        np.add.at(mark, sv, 1)
+        appear_c, mark_s = mark[cm], mark[sm]
+        mark[cv] = 0
+        mark[sv] = 0
         simple = (valid & (sm != cm) & (self.pool.type_count[cm] == 1)
-                  & (occ_c == 1) & ~src_is_client)
+                  & ((appear_c & 0xFFFF) == 1) & ((mark_s >> 16) == 0))
         self._share_simple(sm[simple], cm[simple], cds[simple], cg[simple])
         for i in np.nonzero(~simple)[0].tolist():
             try:
@@ -351,12 +362,25 @@ class Hypervisor:
                 codes[i] = e.code
         return codes
 
+    def _domids(self, domid, n: int) -> np.ndarray:
+        """One domid per pair, each checked to exist (ESRCH otherwise)."""
+        if np.ndim(domid) == 0:
+            self.domain(int(domid))
+            return np.full(n, int(domid), dtype=np.int64)
+        domids = np.asarray(domid, dtype=np.int64).ravel()
+        if len(domids) != n:
+            raise HVError(EINVAL, "share_many needs one source, client and handle per pair")
+        for x in np.unique(domids).tolist():
+            self.domain(x)
+        return domids
+
     def _frames_of(self, domids: np.ndarray, gfns: np.ndarray, handles: np.ndarray):
         """Frames of (domid, gfn) pairs and whether each is shared with that handle."""
         m = np.zeros(len(gfns), dtype=np.int64)
         ok = np.zeros(len(gfns), dtype=bool)
-        for domid in np.unique(domids).tolist():
-            sel = np.nonzero(domids == domid)[0]
+        single = (domids == domids[0]).all()
+        for domid in ([int(domids[0])] if single else np.unique(domids).tolist()):
+            sel = slice(None) if single else np.nonzero(domids == domid)[0]
             d = self.domains[domid]
             g = gfns[sel]
             inside = (g >= 0) & (g < d.npages)
@@ -373,8 +397,7 @@ class Hypervisor:
             return
         np.add.at(self.pool.type_count, sm, 1)          # count before rmap
         self.rmap.remove_many(cm, cds, cg)
-        for m in cm.tolist():
-            self.rmap.release(m)
+        self.rmap.release_many(cm)
         self.rmap.add_many(sm, cds, cg)
         self._repoint(cds, cg, sm)
         self.pool.free_many(cm)
@@ -488,8 +511,7 @@ class Hypervisor:
             self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
             pool.type_count[frames] -= counts
             kept = frames[whole]
-            for m in kept.tolist():
-                self.rmap.release(m)
+            self.rmap.release_many(kept)
             pool.owner[kept] = domid
             pool.handle[kept] = 0
             d.p2m.mfn[gfns[copy]] = new
@@ -583,8 +605,7 @@ class Hypervisor:
         self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
         pool.type_count[frames] -= counts
         freed = frames[pool.type_count[frames] == 0]
-        for m in freed.tolist():
-            self.rmap.release(m)
+        self.rmap.release_many(freed)
         with d.p2m.changing():
             d.p2m.mfn[gfns] = INVALID_MFN
             d.p2m.type[gfns] = HOLE

@@ -51,6 +51,11 @@ class Rmap(ABC):
     def release(self, mfn: int) -> None:
         """Forget frame ``mfn`` (its rmap is empty)."""
 
+    def release_many(self, mfns: np.ndarray) -> None:
+        """``release`` of every frame in ``mfns``."""
+        for m in mfns.tolist():
+            self.release(m)
+
     def domain_created(self, domid: int, npages: int) -> None:
         """A domain with gfns 0..npages-1 exists from now on (policies that
         index per domain size their arrays here)."""
