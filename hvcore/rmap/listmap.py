@@ -15,7 +15,7 @@ Frames with no state yet behave as empty lists; ``release`` drops the state.
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .base import Rmap
 
@@ -52,7 +52,9 @@ class ListRmap(Rmap):
 
     name = "list"
 
-    def __init__(self, nframes: int):
+    def __init__(self, nframes: int, table_alloc: Callable[[], bool] | None = None):
+        # table_alloc is accepted so every policy takes the same factory
+        # arguments; a list never allocates a table.
         super().__init__(nframes)
         self._frames: dict[int, _Frame] = {}
         self._entries = 0  # total nodes over all frames, for nbytes()

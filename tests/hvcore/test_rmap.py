@@ -1,0 +1,597 @@
+"""Reverse-map policies: the shared contract, a model-based state machine,
+the buckets conversions (256/64, hysteresis, walks, refused tables) and the
+index's vectorised batch forms at 100,000 entries."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from hvcore.rmap import POLICIES, make_rmap
+from hvcore.rmap.buckets import RMAP_HEAVY_SHARED_PAGE, RMAP_LIGHT_SHARED_PAGE
+
+NPAGES = 4096
+
+
+def make(policy: str, nframes: int = 8, ndom: int = 4, npages: int = NPAGES, **kw):
+    r = make_rmap(policy, nframes, **kw)
+    for d in range(ndom):
+        r.domain_created(d, npages)
+    return r
+
+
+def check(r) -> None:
+    """Structural self-check where the policy has one (all three do)."""
+    r.check()
+
+
+def walk(r, mfn: int) -> list:
+    return list(r.entries(mfn))
+
+
+def fill(r, mfn: int, pairs) -> None:
+    for d, g in pairs:
+        r.add(mfn, d, g)
+
+
+def arr(*cols):
+    return [np.asarray(c, dtype=np.int64) for c in cols]
+
+
+# -- the contract, for every policy -------------------------------------------
+@pytest.mark.parametrize("policy", POLICIES)
+def test_add_contains_count_remove(policy):
+    r = make(policy)
+    assert r.count(0) == 0 and walk(r, 0) == []
+    fill(r, 0, [(1, 10), (2, 10), (1, 11)])
+    r.add(3, 1, 12)
+    assert r.count(0) == 3 and r.count(3) == 1
+    assert r.contains(0, 1, 10) and r.contains(0, 2, 10) and r.contains(0, 1, 11)
+    assert not r.contains(0, 1, 12)  # in frame 3, not 0
+    assert not r.contains(0, 3, 10) and not r.contains(5, 1, 10)
+    assert sorted(walk(r, 0)) == [(1, 10), (1, 11), (2, 10)]
+    r.remove(0, 2, 10)
+    assert r.count(0) == 2 and not r.contains(0, 2, 10)
+    assert sorted(walk(r, 0)) == [(1, 10), (1, 11)]
+    check(r)
+    assert r.nbytes() > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_remove_absent_raises_keyerror(policy):
+    r = make(policy)
+    fill(r, 0, [(1, 10), (1, 11)])
+    r.add(1, 2, 5)
+    with pytest.raises(KeyError):
+        r.remove(0, 1, 12)           # never added
+    with pytest.raises(KeyError):
+        r.remove(0, 2, 5)            # lives in another frame
+    with pytest.raises(KeyError):
+        r.remove(4, 1, 10)           # frame with no rmap at all
+    r.remove(0, 1, 10)
+    with pytest.raises(KeyError):
+        r.remove(0, 1, 10)           # already removed
+    assert r.count(0) == 1 and r.count(1) == 1
+    check(r)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("keep_every", [0, 2, 3])
+def test_walk_tolerates_removing_current(policy, keep_every):
+    # 300 entries: past the buckets' 256 threshold, so its hash walk is covered.
+    r = make(policy)
+    pairs = [(i % 4, i) for i in range(300)]
+    fill(r, 0, pairs)
+    fill(r, 1, [(0, 1000), (1, 1000)])
+    seen, kept = [], set()
+    for i, (d, g) in enumerate(r.entries(0)):
+        seen.append((d, g))
+        if keep_every and i % keep_every == 0:
+            kept.add((d, g))
+        else:
+            r.remove(0, d, g)
+    assert sorted(seen) == sorted(pairs)  # each entry exactly once
+    assert set(walk(r, 0)) == kept and r.count(0) == len(kept)
+    assert set(walk(r, 1)) == {(0, 1000), (1, 1000)}
+    check(r)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_move_all(policy):
+    r = make(policy)
+    src = [(i % 3, i) for i in range(300)]
+    fill(r, 2, src)
+    fill(r, 5, [(3, i) for i in range(10)])
+    ds, gs = r.move_all(2, 5)
+    assert sorted(zip(ds.tolist(), gs.tolist())) == sorted(src)
+    assert r.count(2) == 0 and walk(r, 2) == []
+    assert r.count(5) == 310
+    assert set(walk(r, 5)) == set(src) | {(3, i) for i in range(10)}
+    assert all(r.contains(5, d, g) and not r.contains(2, d, g) for d, g in src)
+    check(r)
+    # src is reusable afterwards
+    r.add(2, 3, 100)
+    assert walk(r, 2) == [(3, 100)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_release(policy):
+    r = make(policy)
+    fill(r, 0, [(0, 1), (1, 1)])
+    for d, g in walk(r, 0):
+        r.remove(0, d, g)
+    r.release(0)
+    assert r.count(0) == 0 and walk(r, 0) == []
+    r.add(0, 2, 2)
+    assert walk(r, 0) == [(2, 2)]
+    check(r)
+    # Releasing a frame that still has entries forgets them.
+    fill(r, 1, [(0, 5), (0, 6)])
+    r.release(1)
+    assert r.count(1) == 0 and not r.contains(1, 0, 5)
+    r.add(3, 0, 5)
+    assert r.contains(3, 0, 5)
+    check(r)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_batch_forms(policy):
+    r = make(policy)
+    m = [0] * 200 + [1] * 100 + [2] * 5
+    d = [i % 4 for i in range(305)]
+    g = list(range(305))
+    r.add_many(*arr(m, d, g))
+    assert (r.count(0), r.count(1), r.count(2)) == (200, 100, 5)
+    assert set(walk(r, 1)) == {(d[i], g[i]) for i in range(200, 300)}
+    sel = list(range(0, 305, 2))
+    r.remove_many(*arr([m[i] for i in sel], [d[i] for i in sel], [g[i] for i in sel]))
+    assert (r.count(0), r.count(1), r.count(2)) == (100, 50, 2)
+    assert set(walk(r, 0)) == {(d[i], g[i]) for i in range(1, 200, 2)}
+    r.add_many(*arr([], [], []))
+    r.remove_many(*arr([], [], []))
+    check(r)
+
+
+# -- model-based state machine --------------------------------------------------
+NFRAMES, NDOM, MPAGES = 4, 3, 1200
+ALL_PAIRS = [(d, g) for d in range(NDOM) for g in range(MPAGES)]
+
+
+class RmapMachine(RuleBasedStateMachine):
+    """Drives one policy and a model dict[mfn] -> set[(domid, gfn)] side by side."""
+
+    policy = "list"
+
+    def __init__(self):
+        super().__init__()
+        self.r = make(self.policy, NFRAMES, NDOM, MPAGES)
+        self.model = {m: set() for m in range(NFRAMES)}
+        self.where: dict[tuple[int, int], int] = {}
+        self.hashed = [False] * NFRAMES  # expected buckets representation
+
+    # helpers
+    def _free_pairs(self, rng, n):
+        free = [p for p in ALL_PAIRS if p not in self.where]
+        return rng.sample(free, min(n, len(free)))
+
+    def _added(self, mfn, pairs):
+        for p in pairs:
+            self.model[mfn].add(p)
+            self.where[p] = mfn
+
+    def _removed(self, mfn, pairs):
+        for p in pairs:
+            self.model[mfn].remove(p)
+            del self.where[p]
+
+    def _after_add(self, frames):
+        # Some add found the count at >= 256 iff the frame now holds >= 257.
+        for m in frames:
+            if len(self.model[m]) > RMAP_HEAVY_SHARED_PAGE:
+                self.hashed[m] = True
+
+    def _after_remove(self, frames):
+        for m in frames:
+            if len(self.model[m]) <= RMAP_LIGHT_SHARED_PAGE:
+                self.hashed[m] = False
+
+    def _busy_frame(self, rng):
+        # Half the time the heaviest frame, so the walks and batch removes
+        # often take a hash table down through 64.
+        busy = [m for m in range(NFRAMES) if self.model[m]]
+        if not busy:
+            return rng.randrange(NFRAMES)
+        return max(busy, key=lambda m: len(self.model[m])) if rng.random() < 0.5 else rng.choice(busy)
+
+    def _expected_repr(self, m):
+        if self.policy == "buckets":
+            return "hash" if self.hashed[m] else "list"
+        return self.policy
+
+    # rules
+    @rule(mfn=st.integers(0, NFRAMES - 1), seed=st.integers(0, 2**32 - 1))
+    def add(self, mfn, seed):
+        for d, g in self._free_pairs(random.Random(seed), 1):
+            self.r.add(mfn, d, g)
+            self._added(mfn, [(d, g)])
+        self._after_add([mfn])
+
+    @rule(seed=st.integers(0, 2**32 - 1), n=st.sampled_from([2, 9, 40, 130, 300]),
+          spread=st.booleans())
+    def add_many(self, seed, n, spread):
+        rng = random.Random(seed)
+        pairs = self._free_pairs(rng, n)
+        one = rng.randrange(NFRAMES)
+        frames = [rng.randrange(NFRAMES) if spread else one for _ in pairs]
+        self.r.add_many(*arr(frames, [p[0] for p in pairs], [p[1] for p in pairs]))
+        for m, p in zip(frames, pairs):
+            self._added(m, [p])
+        self._after_add(set(frames))
+
+    @rule(mfn=st.integers(0, NFRAMES - 1), seed=st.integers(0, 2**32 - 1))
+    def remove(self, mfn, seed):
+        if not self.model[mfn]:
+            return
+        p = random.Random(seed).choice(sorted(self.model[mfn]))
+        self.r.remove(mfn, *p)
+        self._removed(mfn, [p])
+        self._after_remove([mfn])
+
+    @rule(seed=st.integers(0, 2**32 - 1), frac=st.sampled_from([0.05, 0.5, 0.8, 0.95, 1.0]),
+          spread=st.booleans())
+    def remove_many(self, seed, frac, spread):
+        rng = random.Random(seed)
+        mfn = self._busy_frame(rng)
+        pool = sorted(self.where.items()) if spread else [(p, mfn) for p in sorted(self.model[mfn])]
+        chosen = rng.sample(pool, int(len(pool) * frac))
+        self.r.remove_many(*arr([m for _, m in chosen], [p[0] for p, _ in chosen],
+                                [p[1] for p, _ in chosen]))
+        for p, m in chosen:
+            self._removed(m, [p])
+        self._after_remove({m for _, m in chosen})
+
+    @rule(mfn=st.integers(0, NFRAMES - 1), seed=st.integers(0, 2**32 - 1))
+    def remove_absent(self, mfn, seed):
+        rng = random.Random(seed)
+        p = rng.choice(ALL_PAIRS)
+        if p in self.model[mfn]:
+            return
+        before = self.r.count(mfn)
+        with pytest.raises(KeyError):
+            self.r.remove(mfn, *p)
+        assert self.r.count(mfn) == before
+
+    @rule(seed=st.integers(0, 2**32 - 1))
+    def contains(self, seed):
+        rng = random.Random(seed)
+        for _ in range(20):
+            p, m = rng.choice(ALL_PAIRS), rng.randrange(NFRAMES)
+            assert self.r.contains(m, *p) == (self.where.get(p) == m)
+
+    @rule(src=st.integers(0, NFRAMES - 1), dst=st.integers(0, NFRAMES - 1))
+    def move_all(self, src, dst):
+        if src == dst:
+            return
+        moved = set(self.model[src])
+        ds, gs = self.r.move_all(src, dst)
+        assert set(zip(ds.tolist(), gs.tolist())) == moved and len(ds) == len(moved)
+        self._removed(src, moved)
+        self._added(dst, moved)
+        self.hashed[src] = False  # the default walk releases src
+        self._after_add([dst])
+
+    @rule(seed=st.integers(0, 2**32 - 1), p_remove=st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+    def walk_and_remove(self, seed, p_remove):
+        rng = random.Random(seed)
+        mfn = self._busy_frame(rng)
+        rep = self.r.representation(mfn)
+        seen = []
+        for d, g in self.r.entries(mfn):
+            seen.append((d, g))
+            if rng.random() < p_remove:
+                self.r.remove(mfn, d, g)  # convert=True, but the walk pins the form
+                self._removed(mfn, [(d, g)])
+            assert self.r.representation(mfn) == rep
+        assert len(seen) == len(set(seen)) and set(seen) >= self.model[mfn]
+        assert self.r.representation(mfn) == rep  # skipped, not deferred
+
+    @rule(mfn=st.integers(0, NFRAMES - 1))
+    def release_if_empty(self, mfn):
+        if not self.model[mfn]:
+            self.r.release(mfn)
+            self.hashed[mfn] = False
+
+    @invariant()
+    def matches_model(self):
+        for m in range(NFRAMES):
+            got = walk(self.r, m)
+            assert len(got) == len(set(got)) == self.r.count(m) == len(self.model[m])
+            assert set(got) == self.model[m]
+            assert self.r.representation(m) == self._expected_repr(m)
+        check(self.r)
+
+
+_machine_settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+def _machine_test(policy):
+    cls = type(f"RmapMachine_{policy}", (RmapMachine,), {"policy": policy})
+    return _machine_settings(cls).TestCase
+
+
+TestListMachine = _machine_test("list")
+TestBucketsMachine = _machine_test("buckets")
+TestIndexMachine = _machine_test("index")
+
+
+# -- buckets: the 2012 series' conversions ----------------------------------------
+def test_bucket_thresholds():
+    assert (RMAP_HEAVY_SHARED_PAGE, RMAP_LIGHT_SHARED_PAGE) == (256, 64)
+
+
+def _heavy(r, mfn=0, n=257):
+    pairs = [(i % 4, i) for i in range(n)]
+    fill(r, mfn, pairs)
+    return pairs
+
+
+def test_buckets_converts_on_the_257th_add():
+    r = make("buckets")
+    for i in range(256):
+        r.add(0, i % 4, i)
+        assert r.representation(0) == "list"
+    assert r.count(0) == 256
+    r.add(0, 0, 5000)  # the add that finds the count at 256
+    assert r.representation(0) == "hash" and r.count(0) == 257
+    assert r.contains(0, 0, 5000) and r.contains(0, 3, 255)
+    check(r)
+
+
+def test_buckets_converts_back_at_64_not_65():
+    r = make("buckets")
+    pairs = _heavy(r)
+    for d, g in pairs[: 257 - 65]:
+        r.remove(0, d, g)
+        assert r.representation(0) == "hash"
+    assert r.count(0) == 65 and r.representation(0) == "hash"
+    r.remove(0, *pairs[257 - 65])
+    assert r.count(0) == 64 and r.representation(0) == "list"
+    assert set(walk(r, 0)) == set(pairs[257 - 64:])
+    check(r)
+
+
+def test_buckets_hysteresis():
+    r = make("buckets")
+    present, spare = _heavy(r), []
+
+    def to(n):  # remove or re-add single entries until the count is n
+        while r.count(0) > n:
+            spare.append(present.pop())
+            r.remove(0, *spare[-1])
+        while r.count(0) < n:
+            present.append(spare.pop())
+            r.add(0, *present[-1])
+
+    to(107)
+    assert r.representation(0) == "hash"    # 257 -> 107: above 64, stays
+    to(256)
+    assert r.representation(0) == "hash"    # and back up: still a hash
+    to(65)
+    assert r.representation(0) == "hash"
+    to(64)
+    assert r.representation(0) == "list"
+    for n in range(65, 257):                # 64 -> 256 as a list, never converting
+        to(n)
+        assert r.representation(0) == "list"
+    to(65)
+    assert r.representation(0) == "list"
+    to(257)
+    assert r.representation(0) == "hash"
+    assert set(walk(r, 0)) == set(present)
+    check(r)
+
+
+def test_buckets_remove_without_convert_keeps_hash():
+    r = make("buckets")
+    pairs = _heavy(r)
+    for d, g in pairs[:250]:
+        r.remove(0, d, g, convert=False)
+    assert r.count(0) == 7 and r.representation(0) == "hash"
+    r.remove(0, *pairs[250])
+    assert r.representation(0) == "list"
+    check(r)
+
+
+def test_buckets_no_conversion_during_a_walk():
+    r = make("buckets")
+    pairs = _heavy(r, n=300)
+    it = r.entries(0)
+    for n, (d, g) in enumerate(it, 1):
+        r.remove(0, d, g)  # convert=True: would convert at 64, but the walk pins it
+        assert r.representation(0) == "hash", n
+    assert r.count(0) == 0 and r.representation(0) == "hash"  # skipped, not deferred
+    r.add(0, *pairs[0])
+    assert r.representation(0) == "hash"
+    r.remove(0, *pairs[0])  # no walk now: converts
+    assert r.representation(0) == "list"
+    check(r)
+
+
+def test_buckets_walk_pins_adds_too_and_ends_with_the_walk():
+    r = make("buckets")
+    pairs = _heavy(r, n=256)
+    it = r.entries(0)
+    next(it)
+    r.add(0, 0, 5000)           # finds 256, but the walk pins the list
+    r.add(1, 0, 5001)           # other frames are not pinned (and light anyway)
+    assert r.representation(0) == "list" and r.count(0) == 257
+    it.close()                  # walk over
+    r.add(0, 0, 5002)
+    assert r.representation(0) == "hash" and r.count(0) == 258
+    # A walk left by ``break`` ends too: the next remove may convert.
+    for d, g in pairs[:193]:
+        r.remove(0, d, g)
+    assert r.count(0) == 65 and r.representation(0) == "hash"
+    for _ in r.entries(0):
+        break
+    r.remove(0, *pairs[193])
+    assert r.count(0) == 64 and r.representation(0) == "list"
+    check(r)
+
+
+def test_buckets_refused_table_stays_list():
+    calls = []
+    allow = [False]
+
+    def table_alloc():
+        calls.append(1)
+        return allow[0]
+
+    r = make("buckets", table_alloc=table_alloc)
+    pairs = _heavy(r, n=300)
+    assert r.representation(0) == "list" and r.count(0) == 300
+    assert len(calls) == 300 - 256  # asked at every add that found >= 256
+    assert all(r.contains(0, d, g) for d, g in pairs)
+    assert sorted(walk(r, 0)) == sorted(pairs)
+    for d, g in pairs[:10]:
+        r.remove(0, d, g)
+    assert r.count(0) == 290 and not r.contains(0, *pairs[0])
+    r.add(1, 0, 9999)  # light frames never ask
+    assert len(calls) == 44
+    allow[0] = True
+    r.add(0, 0, 5000)
+    assert r.representation(0) == "hash" and len(calls) == 45
+    assert set(walk(r, 0)) == set(pairs[10:]) | {(0, 5000)}
+    check(r)
+
+
+# -- index: O(1) structure, vectorised batches -----------------------------------
+def _big_frame(n=150_000):
+    r = make_rmap("index", 4)
+    r.domain_created(1, n)
+    r.domain_created(2, n)
+    d = np.where(np.arange(n) % 3 == 0, 2, 1)
+    g = np.arange(n)
+    r.add_many(np.zeros(n, np.int64), d, g)
+    r.add_many(np.ones(100, np.int64), np.full(100, 3), np.arange(100))  # lazily indexed domain
+    return r, d, g
+
+
+@pytest.mark.parametrize("pick", ["random", "run", "all"])
+def test_index_batch_remove_100k(pick):
+    n = 150_000
+    r, d, g = _big_frame(n)
+    rng = np.random.default_rng(7)
+    sel = {"random": rng.choice(n, 100_000, replace=False),
+           "run": np.arange(20_000, 120_000),        # one run of 100,000 in list order
+           "all": rng.permutation(n)}[pick]
+    r.remove_many(np.zeros(sel.shape[0], np.int64), d[sel], g[sel])
+    keep = np.ones(n, bool)
+    keep[sel] = False
+    expect = set(zip(d[keep].tolist(), g[keep].tolist()))
+    got = walk(r, 0)
+    assert r.count(0) == len(expect) == len(got) and set(got) == expect
+    assert r.count(1) == 100
+    assert not r.contains(0, int(d[sel[0]]), int(g[sel[0]]))
+    r.check()
+    # The freed nodes are reused before the arena grows again.
+    before = r.nbytes()
+    r.add_many(np.full(sel.shape[0], 2, np.int64), d[sel], g[sel])
+    assert r.nbytes() <= before + 8 * sel.shape[0] // 10 and r.count(2) == sel.shape[0]
+    r.check()
+
+
+def test_index_batch_remove_across_frames():
+    r = make_rmap("index", 64)
+    r.domain_created(0, 120_000)
+    rng = np.random.default_rng(3)
+    m = rng.integers(0, 64, 120_000)
+    g = rng.permutation(120_000)
+    r.add_many(m, np.zeros_like(g), g)
+    sel = rng.choice(120_000, 100_000, replace=False)
+    r.remove_many(m[sel], np.zeros(sel.shape[0], np.int64), g[sel])
+    keep = np.ones(120_000, bool)
+    keep[sel] = False
+    for f in range(64):
+        assert set(walk(r, f)) == {(0, x) for x in g[keep & (m == f)].tolist()}
+    r.check()
+
+
+def test_index_move_all_long_and_short():
+    r = make_rmap("index", 8)
+    r.domain_created(0, 300_000)
+    r.add_many(np.zeros(200_000, np.int64), np.zeros(200_000, np.int64), np.arange(200_000))
+    r.add_many(np.ones(5, np.int64), np.zeros(5, np.int64), np.arange(200_000, 200_005))
+    ds, gs = r.move_all(0, 1)              # scans the arena
+    assert np.array_equal(np.sort(gs), np.arange(200_000)) and (ds == 0).all()
+    ds, gs = r.move_all(1, 2)              # now 200,005 entries
+    assert r.count(2) == 200_005 and r.count(0) == r.count(1) == 0
+    r.add(3, 0, 250_000)
+    ds, gs = r.move_all(3, 2)              # short list: walked
+    assert gs.tolist() == [250_000] and r.count(2) == 200_006
+    r.check()
+
+
+def test_index_extreme_keys_and_domain_lifecycle():
+    r = make_rmap("index", 4)
+    top_d, top_g = 0x7FFF, 2**31 - 1
+    r.add(0, top_d, top_g)                 # no domain_created: the sparse index
+    r.add(0, top_d, 7)                     # lazily grown dense index
+    assert r.contains(0, top_d, top_g) and r.contains(0, top_d, 7)
+    assert sorted(walk(r, 0)) == [(top_d, 7), (top_d, top_g)]
+    many = np.array([top_g - i for i in range(1, 20)], np.int64)
+    r.add_many(np.ones(19, np.int64), np.full(19, top_d), many)
+    assert r.count(1) == 19 and r.contains(1, top_d, top_g - 5)
+    r.remove_many(np.ones(10, np.int64), np.full(10, top_d), many[:10])
+    assert r.count(1) == 9 and not r.contains(1, top_d, int(many[0]))
+    r.check()
+    with pytest.raises(ValueError):
+        r.add(0, 0x8000, 1)
+    with pytest.raises(ValueError):
+        r.add(0, 1, 2**31)
+    with pytest.raises(ValueError):
+        r.add(4, 1, 1)
+    with pytest.raises(ValueError):
+        r.add(2, top_d, 7)                 # already in frame 0: one frame per gfn
+    with pytest.raises(KeyError):
+        r.remove(0, 5, -1)
+    # A destroyed domain's index is freed; any leftovers leave the rmaps.
+    r.domain_created(5, 100_000)
+    r.add_many(np.full(50, 2, np.int64), np.full(50, 5), np.arange(50))
+    before = r.nbytes()
+    r.remove_many(np.full(40, 2, np.int64), np.full(40, 5), np.arange(40))
+    r.domain_destroyed(5)
+    assert r.nbytes() <= before - 4 * 100_000 and r.count(2) == 0
+    r.check()
+
+
+def test_index_batches_are_all_or_nothing():
+    r = make_rmap("index", 4)
+    r.domain_created(0, 1000)
+    r.add_many(np.zeros(100, np.int64), np.zeros(100, np.int64), np.arange(100))
+    with pytest.raises(KeyError):           # last pair absent
+        r.remove_many(np.zeros(50, np.int64), np.zeros(50, np.int64), np.arange(51)[1:] + 50)
+    with pytest.raises(KeyError):           # a pair twice
+        r.remove_many(np.zeros(20, np.int64), np.zeros(20, np.int64), np.arange(20) % 10)
+    with pytest.raises(ValueError):         # a pair already present
+        r.add_many(np.ones(20, np.int64), np.zeros(20, np.int64), np.arange(90, 110))
+    with pytest.raises(ValueError):         # a pair twice
+        r.add_many(np.ones(20, np.int64), np.zeros(20, np.int64), 200 + np.arange(20) % 10)
+    assert r.count(0) == 100 and r.count(1) == 0
+    assert set(walk(r, 0)) == {(0, g) for g in range(100)}
+    r.check()
+
+
+def test_index_at_most_32_bytes_per_entry_at_262144():
+    n = 262_144
+    r = make_rmap("index", 4)
+    r.domain_created(0, n // 2)
+    r.domain_created(1, n // 2)
+    r.add_many(np.zeros(n, np.int64), np.arange(n) % 2, np.arange(n) // 2)
+    assert r.count(0) == n
+    assert r.nbytes() / n <= 32
