@@ -1,9 +1,10 @@
 """The frame pool and the p2m segments: real POSIX shared memory."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,65 +53,77 @@ def test_alloc_free_single_and_batch():
         pool.close()
 
 
-def _try_write(name, q):
-    mm, _ = shm.attach_readonly(name)
-    view = np.frombuffer(mm, dtype=np.uint8)
-    try:
-        view[0] = 1
-        q.put("wrote")
-    except ValueError as e:                       # numpy refuses a read-only buffer
-        q.put(f"refused: {e}")
+def _run(code: str, *args: str, timeout: float = 60) -> str:
+    """Run ``code`` in a fresh Python process (a guest-like reader)."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                         text=True, timeout=timeout, check=True)
+    return out.stdout.strip()
+
+
+_TRY_WRITE = """
+import sys, numpy as np
+from hvcore import shm
+mm, _ = shm.attach_readonly(sys.argv[1])
+view = np.frombuffer(mm, dtype=np.uint8)
+try:
+    view[0] = 1
+    print("wrote")
+except ValueError as e:
+    print("refused")
+"""
 
 
 def test_guest_mapping_is_read_only():
     with Hypervisor(8) as hv:
         hv.create_domain(2)
-        q = mp.get_context("spawn").Queue()
-        p = mp.get_context("spawn").Process(target=_try_write, args=(hv.pool.name, q))
-        p.start()
-        p.join(30)
-        assert q.get(timeout=5).startswith("refused")
+        assert _run(_TRY_WRITE, hv.pool.name) == "refused"
 
 
-def _reader(pool_name, p2m_name, rounds, q):
-    mm, _ = shm.attach_readonly(pool_name)
-    data = np.frombuffer(mm, dtype=np.uint8).reshape(-1, 4096)
-    view = P2MView(p2m_name)
-    torn = 0
-    for _ in range(rounds):
-        page = np.frombuffer(view.read_page(data, 0), dtype=np.uint8)
-        if not (page == page[0]).all():
-            torn += 1
-    q.put(torn)
+_READER = """
+import sys, numpy as np
+from hvcore import shm
+from hvcore.p2m import P2MView
+mm, _ = shm.attach_readonly(sys.argv[1])
+data = np.frombuffer(mm, dtype=np.uint8).reshape(-1, 4096)
+view = P2MView(sys.argv[2])
+print("ready", flush=True)
+torn = 0
+for _ in range(int(sys.argv[3])):
+    page = np.frombuffer(view.read_page(data, 0), dtype=np.uint8)
+    torn += not (page == page[0]).all()
+print(torn)
+"""
 
 
 def test_seqlock_reader_never_sees_a_torn_page():
     """A reader in another process copies gfn 0 while the hypervisor keeps
-    rewriting it in two halves; every page it returns is uniform."""
+    rewriting it in two halves and moving it between private and shared
+    frames; every page it returns is uniform."""
     with Hypervisor(64) as hv:
         d = hv.create_domain(1)
         other = hv.create_domain(1)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        p = ctx.Process(target=_reader, args=(hv.pool.name, d.p2m.name, 3000, q))
-        p.start()
-        v = 0
-        while p.is_alive():
-            v = (v + 1) % 251
-            with d.p2m.changing():
-                m = int(d.p2m.mfn[0])
-                hv.pool.data[m, :2048] = v
-                hv.pool.data[m, 2048:] = v
-            # and move the page between private and shared frames
-            h = hv.nominate(d.domid, 0)
-            ho = hv.nominate(other.domid, 0)
-            if v % 2:
-                hv.share(d.domid, 0, h, other.domid, 0, ho)
-            hv.unshare(d.domid, 0)
-            if other.p2m.type[0] == 2:
-                hv.unshare(other.domid, 0)
-        p.join(10)
-        assert q.get(timeout=5) == 0
+        p = subprocess.Popen([sys.executable, "-c", _READER, hv.pool.name, d.p2m.name, "3000"],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "ready"
+            v = 0
+            while p.poll() is None:
+                v = (v + 1) % 251
+                with d.p2m.changing():
+                    m = int(d.p2m.mfn[0])
+                    hv.pool.data[m, :2048] = v
+                    hv.pool.data[m, 2048:] = v
+                h = hv.nominate(d.domid, 0)
+                ho = hv.nominate(other.domid, 0)
+                if v % 2:
+                    hv.share(d.domid, 0, h, other.domid, 0, ho)
+                hv.unshare(d.domid, 0)
+                if other.p2m.type[0] == 2:
+                    hv.unshare(other.domid, 0)
+            assert int(p.stdout.read().strip()) == 0
+        finally:
+            p.kill()
+            p.wait()
         assert hv.audit() == 0
 
 

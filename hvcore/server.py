@@ -1,0 +1,886 @@
+"""The hypervisor process: one thread, one event loop.
+
+It models one hypervisor CPU: a ``selectors`` loop over
+
+- the **control socket** (Unix, mode 0600), where toolstack clients send
+  framed JSON requests (:mod:`hvcore.protocol`);
+- one **pipe pair per guest**: the guest's writes and CoW faults come in as
+  binary messages and are answered on the second pipe. The pipe identifies
+  the domain, so a guest can only ever touch its own gfns;
+
+and runs every request or guest message to completion before looking at the
+next, so that while it runs one step nothing else is served. Each step is
+timed: the longest is ``max_pause_ms`` in ``hvctl info``, and a log2
+histogram of all of them shows the shape of the freeze-ups.
+
+Files: for a control socket ``DIR/NAME.sock`` the hypervisor keeps a private
+state directory ``DIR/NAME.d`` (mode 0700) holding ``hypervisor.pid`` (locked
+with ``flock`` for the hypervisor's whole life: a start that cannot take the
+lock knows another hypervisor is alive), ``hypervisor.log`` (the detached
+hypervisor's stderr) and each guest's control channel ``guest-<domid>.sock``.
+A start that takes the lock of a dead hypervisor removes its leftovers: the
+old socket, guest sockets, and every hvshare shared-memory segment whose
+owner pid is dead.
+
+Guests are real processes (``python -m guests.runtime``), spawned at create
+with their two pipe ends (``pass_fds``) after the domain's memory is filled.
+The create request is answered once the guest has mapped its memory and said
+hello. A guest that exits (EOF on its pipe, then its exit status is
+collected) leaves its domain ``crashed`` with its memory kept until destroy;
+a CoW fault that finds no free frame crashes the domain, as Xen does when no
+paging helper listens on the sharing ring.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from . import protocol as P
+from . import shm
+from .errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
+
+DEFAULT_FRAMES = 65536
+TEARDOWN_MODES = ("preemptible", "monolithic")
+#: how long a new guest may take to map its memory and say hello
+GUEST_START_TIMEOUT = 30.0
+_TICK = 0.1
+_SOCK_MAX = 107                      # sun_path limit, less the NUL
+_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+# ----------------------------------------------------------------------
+# paths
+
+
+def state_dir_for(socket_path: str) -> str:
+    """The hypervisor's private directory next to its control socket."""
+    base = socket_path[:-5] if socket_path.endswith(".sock") else socket_path
+    return base + ".d"
+
+
+def guest_socket_path(state_dir: str, domid: int) -> str:
+    return os.path.join(state_dir, f"guest-{domid}.sock")
+
+
+def child_env() -> dict:
+    """Environment for our child processes: the project importable as is."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def cleanup_leftovers(socket_path: str) -> dict:
+    """Remove what a dead hypervisor left: its control socket, guest
+    sockets, and the segments of every dead hvshare owner. The caller must
+    know that no hypervisor serves ``socket_path`` (it holds the lock)."""
+    removed = {"sockets": 0, "segments": 0}
+    state = state_dir_for(socket_path)
+    paths = [socket_path]
+    if os.path.isdir(state):
+        paths += [os.path.join(state, n) for n in os.listdir(state) if n.endswith(".sock")]
+    for p in paths:
+        try:
+            os.unlink(p)
+            removed["sockets"] += 1
+        except FileNotFoundError:
+            pass
+    removed["segments"] = len(shm.unlink_stale())
+    return removed
+
+
+class StartError(Exception):
+    """The hypervisor cannot start (one sentence for the user)."""
+
+
+# ----------------------------------------------------------------------
+# timing
+
+
+class PauseMeter:
+    """Longest uninterrupted step, and how long all steps took (log2 buckets).
+
+    Bucket ``i`` counts steps of ``[2**(i-1), 2**i)`` microseconds (bucket 0:
+    under 1 us).
+    """
+
+    def __init__(self):
+        self.buckets = [0] * 48
+        self.max_s = 0.0
+        self.max_what = ""
+        self.steps = 0
+
+    def record(self, seconds: float, what: str) -> None:
+        self.steps += 1
+        us = int(seconds * 1e6)
+        self.buckets[min(us.bit_length(), len(self.buckets) - 1)] += 1
+        if seconds > self.max_s:
+            self.max_s, self.max_what = seconds, what
+
+    def histogram(self) -> list[dict]:
+        """Non-empty buckets as ``{"lt_us": upper bound, "count": n}``."""
+        return [{"lt_us": 1 << i, "count": c} for i, c in enumerate(self.buckets) if c]
+
+
+# ----------------------------------------------------------------------
+# endpoints
+
+
+class _Endpoint:
+    """A non-blocking descriptor with an output queue, registered in the loop."""
+
+    def __init__(self, server: "Server", fd: int):
+        self.server = server
+        self.fd = fd
+        self.out = bytearray()
+        self.closed = False
+
+    def _send(self, mv) -> int:                 # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def queue(self, parts) -> None:
+        if self.closed:
+            return
+        if not self.out:
+            # Fast path: most answers fit in one write.
+            data = b"".join(parts)
+            try:
+                n = self._send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except (BrokenPipeError, ConnectionResetError):
+                self.server.lost(self)
+                return
+            if n == len(data):
+                return
+            self.out += memoryview(data)[n:]
+        else:
+            for p in parts:
+                self.out += p
+        self.server.want_write(self, True)
+
+    def flush(self) -> None:
+        try:
+            while self.out:
+                n = self._send(memoryview(self.out)[:1 << 20])
+                del self.out[:n]
+        except (BlockingIOError, InterruptedError):
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.lost(self)
+            return
+        self.server.want_write(self, False)
+
+
+class _Client(_Endpoint):
+    """One toolstack connection on the control socket."""
+
+    def __init__(self, server, sock: socket.socket):
+        super().__init__(server, sock.fileno())
+        self.sock = sock
+        self.reader = P.frame_reader(sock)
+        self.waiting = False            # a deferred answer (create) is pending
+        self.backlog: list = []
+
+    def _send(self, mv) -> int:
+        return self.sock.send(mv)
+
+    def reply(self, obj: dict, payload=b"") -> None:
+        self.queue(P.frame(obj, payload))
+
+
+class _Guest(_Endpoint):
+    """The hypervisor's side of one guest: its process and its two pipes."""
+
+    def __init__(self, server, domid: int, proc: subprocess.Popen, rfd: int, wfd: int,
+                 sock_path: str, config: dict):
+        super().__init__(server, rfd)
+        self.domid = domid
+        self.proc = proc
+        self.wfd = wfd
+        self.reader = P.pipe_reader(rfd, to_hv=True)
+        self.sock_path = sock_path
+        self.config = config
+        self.ready = False
+        self.started = time.monotonic()
+        self.creator: _Client | None = None
+        self.exit: str | None = None
+        self.counters = {"writes": 0, "pages_written": 0, "cow_faults": 0}
+        self.reported: dict = {}
+
+    def _send(self, mv) -> int:
+        return os.write(self.wfd, mv)
+
+    def send(self, mtype: int, seq: int = 0, *body) -> None:
+        self.queue(P.pipe_message(mtype, seq, *body))
+
+    def notify(self, mtype: int) -> None:
+        """An asynchronous message, and SIGUSR1 so the guest reads it now
+        (a guest only watches its pipe while it waits for an answer)."""
+        self.send(mtype)
+        if self.ready and not self.closed and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+
+# ----------------------------------------------------------------------
+# the server
+
+
+class Server:
+    """The hypervisor process's state: the core, the loop and its endpoints."""
+
+    def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
+                 teardown: str = "preemptible"):
+        self.socket_path = os.path.abspath(socket_path)
+        self.state_dir = state_dir_for(self.socket_path)
+        self.frames, self.rmap, self.teardown = frames, rmap, teardown
+        self.hv = None
+        self.sel = selectors.DefaultSelector()
+        self.meter = PauseMeter()
+        self.clients: set[_Client] = set()
+        self.guests: dict[int, _Guest] = {}
+        self.zombies: list[_Guest] = []
+        self.cow_faults = 0
+        self.running = False
+        self.started = time.time()
+        self.requests = 0
+        self.instances = 0
+        self._lsock: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._next_tick = 0.0
+
+    # -- start and stop ------------------------------------------------
+    def open(self) -> dict:
+        """Take the state directory's lock, clear a dead predecessor's
+        leftovers, build the core and listen. Raises StartError."""
+        from .core import Hypervisor
+        from .rmap import POLICIES
+        if self.rmap not in POLICIES:
+            raise StartError(f"unknown rmap policy {self.rmap!r} (choose from {', '.join(POLICIES)})")
+        if self.teardown not in TEARDOWN_MODES:
+            raise StartError(f"unknown teardown mode {self.teardown!r} (choose from {', '.join(TEARDOWN_MODES)})")
+        if self.frames < 1:
+            raise StartError("the pool needs at least one frame")
+        try:
+            free = shutil.disk_usage(shm.SHM_DIR).free
+        except OSError:
+            free = None
+        if free is not None and self.frames * 4096 > free:
+            # tmpfs would accept the size and fail later, with SIGBUS on a write
+            raise StartError(f"a pool of {self.frames} frames needs {self.frames * 4096 / 2**30:.1f} GiB "
+                             f"but {shm.SHM_DIR} has {free / 2**30:.1f} GiB free")
+        if len(guest_socket_path(self.state_dir, 0x7FEF).encode()) > _SOCK_MAX:
+            raise StartError(f"socket path {self.socket_path} is too long for a Unix socket "
+                             f"(keep it under about {_SOCK_MAX - 20} characters)")
+        try:
+            os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.state_dir, 0o700)
+            self._lock_fd = os.open(os.path.join(self.state_dir, "hypervisor.pid"),
+                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StartError(f"cannot prepare {self.state_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StartError(f"a hypervisor (pid {other}) is already running on {self.socket_path}") from None
+        cleaned = cleanup_leftovers(self.socket_path)
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            self.hv = Hypervisor(self.frames, rmap=self.rmap)
+        except (OSError, ValueError, MemoryError) as e:
+            self._release_files()
+            raise StartError(f"cannot create a pool of {self.frames} frames: {e}") from None
+        self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self._lsock.bind(self.socket_path)
+        except OSError as e:
+            self.hv.close()
+            self._release_files()
+            raise StartError(f"cannot listen on {self.socket_path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+        self._lsock.listen(64)
+        self._lsock.setblocking(False)
+        self.sel.register(self._lsock, selectors.EVENT_READ, self._accept)
+        self.running = True
+        return cleaned
+
+    def run(self) -> None:
+        """Serve until a stop request or a terminating signal."""
+        # A signal wakes the loop through this pipe (its handler only flags).
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(wake_r, selectors.EVENT_READ, lambda mask: os.read(wake_r, 512))
+        old_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            while self.running:
+                for key, mask in self.sel.select(_TICK):
+                    key.data(mask)
+                    if not self.running:
+                        break
+                if self.running and time.monotonic() >= self._next_tick:
+                    self._tick()
+        finally:
+            signal.set_wakeup_fd(old_wake)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.close()
+            self.sel.close()
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.running = False
+
+    def close(self) -> dict:
+        """Stop every guest, free every segment, remove our files (idempotent)."""
+        if self._closed:
+            return {"guests": 0, "segments": 0}
+        self._closed = True
+        self.running = False
+        for c in list(self.clients):
+            self._drop_client(c)
+        procs = []
+        for g in list(self.guests.values()) + self.zombies:
+            self._detach_guest(g)
+            if g.proc.poll() is None:
+                g.proc.kill()
+            procs.append(g.proc)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not wait
+                pass
+        n_segments = 0
+        if self.hv is not None:
+            n_segments = 1 + len(self.hv.domains)
+            self.hv.close()
+        if self._lsock is not None:
+            self.sel.unregister(self._lsock)
+            self._lsock.close()
+        self._release_files()
+        return {"guests": len(procs), "segments": n_segments}
+
+    def _release_files(self) -> None:
+        for p in [self.socket_path]:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        if os.path.isdir(self.state_dir):
+            for n in os.listdir(self.state_dir):
+                try:
+                    os.unlink(os.path.join(self.state_dir, n))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self.state_dir)
+            except OSError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)     # drops the flock
+            self._lock_fd = None
+
+    # -- loop plumbing ---------------------------------------------------
+    def want_write(self, ep: _Endpoint, on: bool) -> None:
+        if isinstance(ep, _Client):
+            ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+            self.sel.modify(ep.sock, ev, self._client_event(ep))
+        elif on and not getattr(ep, "_wregistered", False):
+            self.sel.register(ep.wfd, selectors.EVENT_WRITE, lambda mask, g=ep: g.flush())
+            ep._wregistered = True
+        elif not on and getattr(ep, "_wregistered", False):
+            self.sel.unregister(ep.wfd)
+            ep._wregistered = False
+
+    def lost(self, ep: _Endpoint) -> None:
+        """A peer went away while we wrote to it."""
+        if isinstance(ep, _Client):
+            self._drop_client(ep)
+        else:
+            self._guest_gone(ep)
+
+    def _client_event(self, c: _Client):
+        def on_event(mask, c=c):
+            if mask & selectors.EVENT_WRITE:
+                c.flush()
+            if mask & selectors.EVENT_READ and not c.closed:
+                self._client_readable(c)
+        return on_event
+
+    def _accept(self, mask) -> None:
+        while True:
+            try:
+                sock, _ = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            c = _Client(self, sock)
+            self.clients.add(c)
+            self.sel.register(sock, selectors.EVENT_READ, self._client_event(c))
+
+    def _drop_client(self, c: _Client) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        self.clients.discard(c)
+        self.sel.unregister(c.sock)
+        c.sock.close()
+
+    def _client_readable(self, c: _Client) -> None:
+        try:
+            msgs, eof = c.reader.pump(limit=16)
+        except P.ProtocolError as e:
+            c.reply(P.error(f"bad control frame: {e}"))
+            self._drop_client(c)
+            return
+        c.backlog += msgs
+        self._serve_backlog(c)
+        if eof:
+            # A pending create goes on; its answer has nobody to go to.
+            self._drop_client(c)
+
+    def _serve_backlog(self, c: _Client) -> None:
+        while c.backlog and not c.waiting and not c.closed and self.running:
+            (jlen, _), body = c.backlog.pop(0)
+            t0 = time.perf_counter()
+            op = "?"
+            try:
+                obj, payload = P.parse_frame(jlen, body)
+                op = str(obj.get("op"))
+                self._request(c, obj, payload)
+            except P.ProtocolError as e:
+                c.reply(P.error(str(e)))
+            finally:
+                self.meter.record(time.perf_counter() - t0, op)
+
+    # -- control requests ----------------------------------------------
+    def _request(self, c: _Client, obj: dict, payload) -> None:
+        op, args = P.check_request(obj, P.CONTROL_OPS)
+        self.requests += 1
+        try:
+            result = getattr(self, "_op_" + op)(c, payload=payload, **args)
+        except HVError as e:
+            c.reply(P.error(_sentence(e), e.code, e.name))
+            return
+        except Exception as e:          # a bug must not take every guest down
+            traceback.print_exc()
+            c.reply(P.error(f"internal error in {op}: {e!r}", errno.EIO, "EIO"))
+            return
+        if result is None:          # answered later (create) or already (stop)
+            return
+        obj, data = result if isinstance(result, tuple) else (result, b"")
+        c.reply(P.ok(**obj), data)
+
+    def _op_ping(self, c, payload):
+        return {"pid": os.getpid()}
+
+    def _op_info(self, c, payload):
+        st = self.hv.stats()
+        st.update(teardown=self.teardown, max_pause_ms=round(self.meter.max_s * 1e3, 3),
+                  max_pause_op=self.meter.max_what, pause_histogram=self.meter.histogram(),
+                  steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
+                  socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
+                  pool=self.hv.pool.name,
+                  cow_faults=self.cow_faults)
+        return st
+
+    def _op_list(self, c, payload):
+        return {"domains": [self._describe(d) for d in self.hv.domains.values()]}
+
+    def _describe(self, d) -> dict:
+        g = self.guests.get(d.domid)
+        out = {"domid": d.domid, "name": d.name, "state": d.state, "pages": d.npages,
+               "tot_pages": d.tot_pages, "shr_pages": d.shr_pages,
+               "pid": g.proc.pid if g else None, "p2m": d.p2m.name}
+        if g is not None:
+            out.update(workload=g.config["workload"], seed=g.config["seed"],
+                       guest_socket=g.sock_path if g.exit is None else None,
+                       exit=g.exit, **g.counters,
+                       fault_p50_us=g.reported.get("fault_p50_us"),
+                       fault_p99_us=g.reported.get("fault_p99_us"))
+        return out
+
+    def _op_audit(self, c, payload):
+        report = self.hv.audit_report()
+        return {"errors": len(report), "report": report[:20]}
+
+    def _op_stop(self, c, payload):
+        # Keep the asking connection out of the clean-up: it gets the answer.
+        self.clients.discard(c)
+        self.sel.unregister(c.sock)
+        c.closed = True
+        summary = self.close()
+        try:
+            c.sock.setblocking(True)
+            P.send_frame(c.sock, P.ok(stopped=True, **summary))
+        except OSError:
+            pass
+        c.sock.close()
+        return None
+
+    def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch):
+        from guests import workloads
+        if workload not in workloads.NAMES:
+            raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(workloads.NAMES)})")
+        instance = self.instances + 1
+        content = workloads.content_for(workload, seed, instance, pages)
+        try:
+            d = self.hv.create_domain(pages, content=content, name=name, paused=paused)
+        except HVError as e:
+            raise HVError(e.code, f"cannot create a domain of {pages} pages: {_sentence(e)}") from None
+        self.instances = instance
+        try:
+            g = self._spawn_guest(d, dict(workload=workload, seed=seed, instance=instance,
+                                          paused=paused, rate=rate, batch=batch, name=d.name))
+        except OSError as e:
+            self.hv.destroy_domain(d.domid)
+            raise HVError(EINVAL, f"cannot start the guest process: {e.strerror}") from None
+        g.creator = c
+        c.waiting = True
+        return None
+
+    def _op_destroy(self, c, payload, domid):
+        d = self.hv.domain(domid)
+        self._stop_guest(domid)
+        t0 = time.perf_counter()
+        entries = self.hv.destroy_domain(d.domid)
+        dt = time.perf_counter() - t0
+        return {"domid": domid, "seconds": round(dt, 6), "entries": int(entries),
+                "continuations": 0, "max_pause_ms": round(dt * 1e3, 3)}
+
+    def _op_pause(self, c, payload, domid):
+        return self._set_paused(domid, True)
+
+    def _op_unpause(self, c, payload, domid):
+        return self._set_paused(domid, False)
+
+    def _set_paused(self, domid: int, paused: bool) -> dict:
+        d = self.hv.domain(domid)
+        if d.state not in ("running", "paused"):
+            raise HVError(EINVAL, f"domain {domid} is {d.state}")
+        d.state = "paused" if paused else "running"
+        g = self.guests.get(domid)
+        if g is not None:
+            g.notify(P.H_PAUSE if paused else P.H_UNPAUSE)
+        return {"domid": domid, "state": d.state}
+
+    def _op_nominate(self, c, payload, domid, gfn):
+        return {"handle": self.hv.nominate(domid, gfn)}
+
+    def _op_share(self, c, payload, sd, sgfn, sh, cd, cgfn, ch):
+        self.hv.share(sd, sgfn, sh, cd, cgfn, ch)
+        return {}
+
+    def _op_add_to_physmap(self, c, payload, sd, sgfn, sh, cd, cgfn):
+        self.hv.add_to_physmap(sd, sgfn, sh, cd, cgfn)
+        return {}
+
+    def _op_range_share(self, c, payload, sd, cd, first, last):
+        return {"shared": self.hv.range_share(sd, cd, first, last)}
+
+    def _op_unshare(self, c, payload, domid, gfn):
+        return {"copied": bool(self.hv.unshare(domid, gfn))}
+
+    def _op_read(self, c, payload, domid, gfn):
+        return {}, self.hv.read(domid, gfn)
+
+    def _op_nominate_many(self, c, payload, domid, count):
+        gfns = _array(payload, count, [np.int64])[0]
+        handles, codes = self.hv.nominate_many(domid, gfns)
+        return {"count": count}, np.concatenate([handles.astype("<u8").view(np.uint8),
+                                                  codes.astype("<i8").view(np.uint8)]).tobytes()
+
+    def _op_share_many(self, c, payload, sd, cd, count):
+        if (sd is None) != (cd is None):
+            raise HVError(EINVAL, "share_many needs both sd and cd, or a domain per pair for both")
+        if sd is None:
+            sd, sg, sh, cd, cg, ch = _array(payload, count, [np.int64, np.int64, np.uint64,
+                                                             np.int64, np.int64, np.uint64])
+        else:
+            sg, sh, cg, ch = _array(payload, count, [np.int64, np.uint64, np.int64, np.uint64])
+        codes = self.hv.share_many(sd, sg, sh, cd, cg, ch)
+        return {"count": count, "shared": int((codes == 0).sum())}, codes.astype("<i8").tobytes()
+
+    # -- guests --------------------------------------------------------
+    def _spawn_guest(self, d, config: dict) -> _Guest:
+        g2h_r, g2h_w = os.pipe()
+        h2g_r, h2g_w = os.pipe()
+        for fd in (g2h_r, h2g_r):
+            P.set_pipe_size(fd)
+        sock_path = guest_socket_path(self.state_dir, d.domid)
+        config.update(domid=d.domid, pool=self.hv.pool.name, p2m=d.p2m.name, rfd=h2g_r,
+                      wfd=g2h_w, socket=sock_path, hv_pid=os.getpid())
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "guests.runtime", json.dumps(config)],
+                                    pass_fds=(h2g_r, g2h_w), stdin=subprocess.DEVNULL,
+                                    env=child_env(), cwd="/")
+        finally:
+            # Only the guest keeps its ends: our copies would hide its death.
+            os.close(g2h_w)
+            os.close(h2g_r)
+            if "proc" not in locals():
+                os.close(g2h_r)
+                os.close(h2g_w)
+        os.set_blocking(g2h_r, False)
+        os.set_blocking(h2g_w, False)
+        g = _Guest(self, d.domid, proc, g2h_r, h2g_w, sock_path, config)
+        self.guests[d.domid] = g
+        self.sel.register(g2h_r, selectors.EVENT_READ, lambda mask, g=g: self._guest_readable(g))
+        return g
+
+    def _guest_readable(self, g: _Guest) -> None:
+        try:
+            msgs, eof = g.reader.pump(limit=32)
+        except P.ProtocolError as e:
+            self._crash(g, f"protocol violation: {e}")
+            return
+        for (mtype, seq, _), body in msgs:
+            t0 = time.perf_counter()
+            try:
+                self._guest_message(g, mtype, seq, body)
+            except P.ProtocolError as e:
+                self._crash(g, f"protocol violation: {e}")
+                return
+            except Exception as e:      # a bug: crash this domain, not the host
+                traceback.print_exc()
+                self._crash(g, f"internal error: {e!r}")
+                return
+            finally:
+                self.meter.record(time.perf_counter() - t0, f"guest {g.domid}")
+            if g.closed:
+                return
+        if eof:
+            self._guest_gone(g)
+
+    def _guest_message(self, g: _Guest, mtype: int, seq: int, body) -> None:
+        if mtype == P.G_WRITE or mtype == P.G_WRITE_PAGES:
+            d = self.hv.domains[g.domid]
+            status = value = 0
+            try:
+                if d.state == "paused":
+                    raise HVError(EBUSY, f"domain {g.domid} is paused")
+                if mtype == P.G_WRITE:
+                    gfn, offset, data = P.decode_write(body)
+                    value = int(self.hv.write(g.domid, gfn, offset, data.tobytes()))
+                    g.counters["pages_written"] += 1
+                else:
+                    gfns, pages = P.decode_write_pages(body)
+                    value = int(self.hv.write_pages(g.domid, gfns, pages))
+                    g.counters["pages_written"] += len(gfns)
+                g.counters["writes"] += 1
+                g.counters["cow_faults"] += value
+                self.cow_faults += value
+            except HVError as e:
+                if e.code == ENOMEM:
+                    # No paging helper listens on the sharing ring: Xen crashes the domain.
+                    self._crash(g, "out of memory on a CoW fault")
+                    return
+                status = e.code
+            g.send(P.H_REPLY, seq, P.REPLY.pack(status, value))
+        elif mtype == P.G_STATS:
+            g.reported = P.decode_stats(body)
+        elif mtype == P.G_HELLO:
+            if len(body) != P.HELLO.size:
+                raise P.ProtocolError("bad hello message")
+            g.ready = True
+            self._answer_creator(g, None)
+
+    def _answer_creator(self, g: _Guest, failure: str | None) -> None:
+        c, g.creator = g.creator, None
+        if c is None:
+            return
+        c.waiting = False
+        if failure is None:
+            c.reply(P.ok(domid=g.domid, pid=g.proc.pid, name=self.hv.domains[g.domid].name,
+                         guest_socket=g.sock_path))
+        else:
+            c.reply(P.error(failure, EINVAL, "EINVAL"))
+        self._serve_backlog(c)
+
+    def _detach_guest(self, g: _Guest) -> None:
+        """Close our pipe ends and forget the descriptors (idempotent)."""
+        if g.closed:
+            return
+        g.closed = True
+        self.sel.unregister(g.fd)
+        if getattr(g, "_wregistered", False):
+            self.sel.unregister(g.wfd)
+        os.close(g.fd)
+        os.close(g.wfd)
+        try:
+            os.unlink(g.sock_path)
+        except FileNotFoundError:
+            pass
+
+    def _guest_gone(self, g: _Guest) -> None:
+        """The guest's pipe hit EOF: its process is exiting or gone."""
+        if g.closed:
+            return
+        self._detach_guest(g)
+        d = self.hv.domains.get(g.domid)
+        if d is not None and d.state in ("running", "paused"):
+            d.state = "crashed"
+        g.exit = g.exit or "exited"
+        self._reap(g)
+        if g.creator is not None:
+            self.hv.destroy_domain(g.domid)
+            self.guests.pop(g.domid, None)
+            self._answer_creator(g, f"the guest process of domain {g.domid} {g.exit} while starting")
+
+    def _reap(self, g: _Guest) -> None:
+        rc = g.proc.poll()
+        if rc is None:
+            if g not in self.zombies:
+                self.zombies.append(g)
+            return
+        if g in self.zombies:
+            self.zombies.remove(g)
+        if g.exit in (None, "exited"):
+            g.exit = _describe_exit(rc)
+
+    def _crash(self, g: _Guest, why: str) -> None:
+        """Crash a domain: its guest is killed, its memory kept until destroy."""
+        d = self.hv.domains.get(g.domid)
+        if d is not None and d.state in ("running", "paused"):
+            d.state = "crashed"
+        g.exit = why
+        if g.proc.poll() is None:
+            g.proc.kill()
+        self._guest_gone(g)
+        print(f"hvshare: domain {g.domid} crashed: {why}", file=sys.stderr, flush=True)
+
+    def _stop_guest(self, domid: int) -> None:
+        g = self.guests.pop(domid, None)
+        if g is None:
+            return
+        if g.proc.poll() is None:
+            g.proc.kill()
+        self._detach_guest(g)
+        if g.creator is not None:
+            self._answer_creator(g, f"domain {domid} was destroyed while its guest started")
+        self._reap(g)
+
+    def _tick(self) -> None:
+        """Housekeeping, every _TICK seconds: reap guests, time out starts."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        self._next_tick = now + _TICK
+        for g in list(self.zombies):
+            self._reap(g)
+        for g in list(self.guests.values()):
+            if g.closed:
+                continue
+            if g.proc.poll() is not None:
+                # Dead without us seeing EOF yet: the pipe will say so too.
+                self._guest_readable(g)
+            elif not g.ready and now - g.started > GUEST_START_TIMEOUT:
+                self._crash(g, f"did not start within {GUEST_START_TIMEOUT:g} s")
+        self.meter.record(time.perf_counter() - t0, "tick")
+
+
+def _array(payload, count: int, dtypes) -> list[np.ndarray]:
+    """Split a request payload into ``count``-long little-endian arrays."""
+    want = 8 * count * len(dtypes)
+    if len(payload) != want:
+        raise P.ProtocolError(f"payload of {len(payload)} bytes, expected {want}")
+    return [np.frombuffer(payload, dtype=np.dtype(t).newbyteorder("<"), count=count, offset=8 * count * i)
+            for i, t in enumerate(dtypes)]
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+def _sentence(e: HVError) -> str:
+    msg = str(e)
+    prefix = f"{e.name}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    if e.code == ESRCH and msg.startswith("no domain "):
+        msg = "no domain with id " + msg[len("no domain "):]
+    return msg or e.name
+
+
+# ----------------------------------------------------------------------
+# entry points
+
+
+def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
+          teardown: str = "preemptible", ready_fd: int | None = None, announce=None) -> int:
+    """Run a hypervisor on ``socket_path`` until it is stopped.
+
+    ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
+    or why it could not start -- ``error SENTENCE`` -- and is closed: the
+    launcher waits on it. ``announce(server, cleaned)`` is called once
+    serving (the foreground start prints there).
+    """
+    srv = Server(socket_path, frames, rmap, teardown)
+    try:
+        cleaned = srv.open()
+    except StartError as e:
+        _notify(ready_fd, f"error {e}")
+        if ready_fd is None:
+            print(f"hvshare: {e}", file=sys.stderr)
+        return 1
+    _notify(ready_fd, f"ready {os.getpid()} {json.dumps(cleaned)}")
+    if announce is not None:
+        announce(srv, cleaned)
+    srv.run()
+    return 0
+
+
+def _notify(fd: int | None, line: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hvcore.server``: what ``hvctl start`` runs (in a new session)."""
+    p = argparse.ArgumentParser(prog="python -m hvcore.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--socket", required=True)
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    p.add_argument("--rmap", default="buckets")
+    p.add_argument("--teardown", default="preemptible")
+    p.add_argument("--ready-fd", type=int)
+    a = p.parse_args(argv)
+    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

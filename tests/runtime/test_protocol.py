@@ -1,0 +1,109 @@
+"""The wire formats on their own: framing, reassembly, validation."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from hvcore import protocol as P
+
+
+def _pipe():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
+
+def test_pipe_messages_reassemble_from_any_split():
+    r, w = _pipe()
+    try:
+        reader = P.pipe_reader(r, to_hv=True)
+        gfns = np.array([5, 1, 9], dtype=np.int64)
+        pages = np.arange(3 * 4096, dtype=np.uint64).astype(np.uint8).reshape(3, 4096)
+        stream = b"".join(bytes(p) for p in
+                          P.pipe_message(P.G_WRITE, 7, P.WRITE.pack(3, 10), b"abc")
+                          + P.pipe_message(P.G_WRITE_PAGES, 8, *P.encode_write_pages(gfns, pages))
+                          + P.pipe_message(P.G_STATS, 0, P.encode_stats({"writes": 2, "cow_faults": 1})))
+        got = []
+        for i in range(0, len(stream), 1000):          # arbitrary chunking
+            os.write(w, stream[i:i + 1000])
+            msgs, eof = reader.pump()
+            got += msgs
+            assert not eof
+        assert [(t, s) for (t, s, _), _ in got] == [(P.G_WRITE, 7), (P.G_WRITE_PAGES, 8), (P.G_STATS, 0)]
+        assert P.decode_write(got[0][1])[:2] == (3, 10) and bytes(P.decode_write(got[0][1])[2]) == b"abc"
+        g, pg = P.decode_write_pages(got[1][1])
+        assert (g == gfns).all() and (pg == pages).all()
+        st = P.decode_stats(got[2][1])
+        assert st["writes"] == 2 and st["cow_faults"] == 1 and st["fault_p50_us"] is None
+        os.close(w)
+        w = None
+        assert reader.pump() == ([], True)
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+
+
+def test_large_batch_crosses_a_pipe():
+    r, w = _pipe()
+    try:
+        reader = P.pipe_reader(r, to_hv=True)
+        k = 300                                        # 1.2 MiB: bigger than the pipe
+        parts = P.pipe_message(P.G_WRITE_PAGES, 1, *P.encode_write_pages(np.arange(k), np.ones((k, 4096), np.uint8)))
+        data = b"".join(bytes(p) for p in parts)
+        got, off = [], 0
+        while not got:
+            try:
+                off += os.write(w, data[off:off + 65536])
+            except BlockingIOError:
+                pass
+            got += reader.pump()[0]
+        assert off == len(data)
+        gfns, pages = P.decode_write_pages(got[0][1])
+        assert len(gfns) == k and pages.sum() == k * 4096
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_bad_pipe_messages_are_refused():
+    with pytest.raises(P.ProtocolError, match="unknown"):
+        P.check_to_hv(99, 0)
+    with pytest.raises(P.ProtocolError, match="limit"):
+        P.check_to_hv(P.G_WRITE_PAGES, 1 << 30)
+    with pytest.raises(P.ProtocolError, match="expected"):
+        P.check_to_guest(P.H_REPLY, 3)
+    with pytest.raises(P.ProtocolError, match="does not fit"):
+        P.decode_write(P.WRITE.pack(0, 4000) + b"x" * 200)
+    with pytest.raises(P.ProtocolError, match="needs"):
+        P.decode_write_pages(P.WRITE_PAGES.pack(2) + bytes(8))
+    with pytest.raises(P.ProtocolError, match="allowed"):
+        P.decode_write_pages(P.WRITE_PAGES.pack(0))
+
+
+def test_frames_and_schemas():
+    a, b = socket.socketpair()
+    with a, b:
+        P.send_frame(a, {"op": "read", "gfn": 3}, b"\x00" * 10)
+        obj, payload = P.recv_frame(b)
+        assert obj == {"op": "read", "gfn": 3} and payload == bytes(10)
+        a.close()
+        assert P.recv_frame(b) is None
+    op, args = P.check_request({"op": "create", "pages": 4}, P.CONTROL_OPS)
+    assert op == "create" and args["workload"] == "zero" and args["paused"] is False
+    for bad, match in (({"op": "create", "pages": True}, "integer"),
+                       ({"op": "create", "pages": 4, "paused": 1}, "true or false"),
+                       ({"op": "create", "pages": 4, "name": "x" * 100}, "longer"),
+                       ({"op": "create", "pages": 4, "rate": "fast"}, "number"),
+                       ({"op": "share", "sd": 1}, "needs"),
+                       ({"op": 5}, "unknown operation"),
+                       ({"op": "verify", "first": 0, "count": 0}, None)):
+        with pytest.raises(P.ProtocolError, match=match):
+            P.check_request(bad, P.GUEST_OPS if bad["op"] == "verify" else P.CONTROL_OPS)
+    with pytest.raises(P.ProtocolError):
+        P.check_frame_header(1 << 30, 0)
+    with pytest.raises(P.ProtocolError, match="JSON object"):
+        P.parse_frame(2, b"[]")
