@@ -479,7 +479,37 @@ class Hypervisor:
         gfn = self._gfn(d, gfn)
         if d.p2m.type[gfn] != RAM_SHARED:
             raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is not shared")
-        return self.unshare_many(domid, np.array([gfn], dtype=np.int64)) == 1
+        return self._unshare_one(d, gfn)
+
+    def _unshare_one(self, d: Domain, gfn: int) -> bool:
+        """The CoW fault of one shared gfn: scalar code, no numpy batch
+        machinery, since a guest fault is the latency-critical path."""
+        pool = self.pool
+        m = int(d.p2m.mfn[gfn])
+        if pool.type_count[m] == 1:
+            # Last gfn: no copy, the frame becomes private to d again.
+            self.rmap.remove(m, d.domid, gfn)
+            self.rmap.release(m)
+            pool.type_count[m] = 0
+            pool.owner[m] = d.domid
+            pool.handle[m] = 0
+            with d.p2m.changing():
+                d.p2m.type[gfn] = RAM_RW
+            self.nr_shared_mfns -= 1
+            copied = False
+        else:
+            new = pool.alloc(d.domid)               # ENOMEM before any change
+            with d.p2m.changing():
+                pool.data[new] = pool.data[m]
+                self.rmap.remove(m, d.domid, gfn)
+                pool.type_count[m] -= 1
+                d.p2m.mfn[gfn] = new
+                d.p2m.type[gfn] = RAM_RW
+            self.nr_saved_mfns -= 1
+            copied = True
+        d.shr_pages -= 1
+        d.tot_pages += 1
+        return copied
 
     def unshare_many(self, domid: int, gfns) -> int:
         """Unshare distinct shared gfns of one domain; returns copies made.
@@ -536,7 +566,7 @@ class Hypervisor:
         faulted = t == RAM_SHARED
         with d.p2m.changing():
             if faulted:
-                self.unshare_many(domid, np.array([gfn], dtype=np.int64))
+                self._unshare_one(d, gfn)
             m = int(d.p2m.mfn[gfn])
             self.pool.data[m, offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
         return bool(faulted)
