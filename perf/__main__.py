@@ -1,41 +1,58 @@
-"""Command line of the benchmark suite (see ``perf/__init__.py``)."""
+"""Command line of the benchmark suite (see ``perf/__init__.py``).
+
+    python -m perf <bench> [--quick] [--json PATH]     one benchmark
+    python -m perf all [--quick] [--json PATH] [--plots DIR] [--markdown] [--from PATH]
+    python -m perf compare A.json B.json [--changed] [--threshold F]
+    python -m perf plots RUN.json DIR
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
 import sys
 import time
 
-from .common import machine_info
-
 BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "ksm", "pipe")
+#: commands that are not benchmarks: name -> module with main(argv)
+COMMANDS = {"all": "perf.suite", "compare": "perf.compare", "plots": "perf.plots"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__)
-    p.add_argument("bench", help="benchmark to run: " + ", ".join(BENCHES))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="python -m perf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", help="benchmark to run: " + ", ".join(BENCHES)
+                   + "; or one of: " + ", ".join(COMMANDS) + " (each has its own --help)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     a = p.parse_args(argv)
-    try:
-        mod = importlib.import_module(f"perf.{a.bench}")
-    except ModuleNotFoundError:
-        print(f"python -m perf: no benchmark named {a.bench!r} (have: {', '.join(BENCHES)})", file=sys.stderr)
+    from .suite import load_bench, stamp, write_json
+    mod = load_bench(a.bench) if a.bench.isidentifier() else f"no benchmark named {a.bench!r}"
+    if isinstance(mod, str) or not callable(getattr(mod, "report", None)):
+        why = mod if isinstance(mod, str) else f"perf/{a.bench}.py has no report(result)"
+        print(f"python -m perf: {why} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
+              file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     result = mod.run(quick=a.quick)
-    result.setdefault("bench", a.bench)
-    result.setdefault("quick", a.quick)
-    result["machine"] = machine_info()
-    result["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    stamp(result, a.bench, a.quick, time.perf_counter() - t0)
     print(mod.report(result))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, a.json)
         print(f"wrote {a.json}")
     return 0
 
 
+def _main() -> int:
+    try:
+        return main()
+    except BrokenPipeError:          # `python -m perf ... | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

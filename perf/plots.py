@@ -1,0 +1,549 @@
+"""Plots of the benchmark results: one PNG per question.
+
+``python -m perf all --plots DIR`` (or ``--from RUN.json --plots DIR`` to
+redraw an earlier run). matplotlib is an optional dependency (the ``perf``
+extra): it is imported only here, only when a plot is drawn, and its
+absence is one clear sentence rather than a traceback.
+
+Every plot function takes a bench's JSON dict and a path, draws what the
+dict carries and raises :class:`Skip` with the reason when it carries
+nothing to draw: the benches evolve separately from these plots, so a
+missing key must cost a plot (or a panel), never the run. Figures are drawn
+through ``matplotlib.figure.Figure`` directly (no pyplot), so no GUI
+backend or global state is involved.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+from .suite import (SEED_BUCKETS_SECONDS, SEED_LIST_SECONDS, benches_of, cases, dig, find_dicts,
+                    merge_rates, num)
+
+POLICY_STYLE = {"list": ("tab:red", "o"), "buckets": ("tab:blue", "s"), "index": ("tab:green", "^")}
+MODE_LINE = {"preemptible": "-", "preempt": "-", "monolithic": "--"}
+
+
+class MatplotlibMissing(RuntimeError):
+    """matplotlib cannot be imported; ``str(exc)`` says how to get it."""
+
+
+class Skip(Exception):
+    """Nothing to draw for this plot; ``str(exc)`` is why."""
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size=(8, 5)):
+    try:
+        import matplotlib  # noqa: F401  (the package itself: the clear test of "installed")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise MatplotlibMissing(
+            f"matplotlib is not installed ({e}); install it with "
+            "pip install 'hvshare[perf]' (or pip install 'matplotlib>=3.7')") from None
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _compact(v: float, _pos=None) -> str:
+    """Tick labels people read at a glance: 600, 2k, 1.5M, 0.02."""
+    if v == 0:
+        return "0"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:g}{suffix}"
+    return f"{v:g}"
+
+
+def _log(a, axis: str = "y", base: float = 10) -> None:
+    """A log axis with plain tick labels (also on the minor ticks when the
+    data span at most two decades, else the axis would have no label)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    getattr(a, f"set_{axis}scale")("log", base=base)
+    ax = a.yaxis if axis == "y" else a.xaxis
+    ax.set_major_formatter(FuncFormatter(_compact))
+    lo, hi = sorted(a.get_ylim() if axis == "y" else a.get_xlim())   # limits of the log axis
+    if base == 10 and hi / max(lo, 1e-300) < 100:
+        ax.set_minor_locator(LogLocator(base, subs=(2, 5)))
+        ax.set_minor_formatter(FuncFormatter(_compact))
+    else:
+        ax.set_minor_formatter(NullFormatter())
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path, dpi=110)
+
+
+def _subtitle(result: dict) -> str:
+    m = result.get("machine") or {}
+    bits = [f"{m['cores']} cores" if m.get("cores") else None,
+            f"Linux {m['kernel']}" if m.get("kernel") else None,
+            f"Python {m['python']}" if m.get("python") else None,
+            "quick run" if result.get("quick") else None]
+    return ", ".join(b for b in bits if b)
+
+
+def _title(fig, title: str, result: dict, note: str = "") -> None:
+    sub = _subtitle(result)
+    fig.suptitle(title + (f"\n{sub}" if sub else "") + (f"\n{note}" if note else ""), fontsize=11)
+
+
+# ---------------------------------------------------------------------------
+# rmap
+
+def plot_rmap(result: dict, path: str) -> str:
+    """Per-entry add/lookup/delete cost against sharing degree per policy
+    (log-log: a slope of 1 is O(D), flat is O(1)), and bytes per entry."""
+    rows = [c for c in cases(result) if num(c.get("degree")) and c.get("policy")]
+    if not rows:
+        raise Skip("no per-degree rows (results[].policy/degree)")
+    from matplotlib.ticker import NullLocator
+    fig, ax = _figure(2, 2, (10, 7.5))
+    panels = [("add_ns", "add"), ("lookup_ns", "lookup"), ("delete_ns", "delete"),
+              ("bytes_per_entry", "memory")]
+    drawn = 0
+    for a, (field, name) in zip(ax.flat, panels):
+        for policy in sorted({r["policy"] for r in rows}, key=lambda p: list(POLICY_STYLE).index(p)
+                             if p in POLICY_STYLE else 9):
+            pts = sorted((num(r["degree"]), num(r.get(field))) for r in rows if r["policy"] == policy)
+            pts = [(x, y) for x, y in pts if y is not None and y > 0]
+            if not pts:
+                continue
+            color, marker = POLICY_STYLE.get(policy, (None, "x"))
+            a.plot(*zip(*pts), marker=marker, color=color, label=policy)
+            drawn += 1
+        _log(a, "x", 2)
+        _log(a, "y")
+        degrees = sorted({num(r["degree"]) for r in rows})
+        a.set_xticks(degrees, [f"{int(d):,}" for d in degrees], fontsize=8)
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xlabel("sharing degree (entries in one frame's rmap)")
+        if field == "bytes_per_entry":
+            a.set_ylabel("bytes per entry (tracemalloc)")
+            a.set_title("memory per entry")
+            a.axhline(32, color="gray", ls=":", lw=1)
+            a.annotate("goal: index <= 32 B", (0.02, 32), xycoords=("axes fraction", "data"),
+                       va="bottom", fontsize=8, color="gray")
+        else:
+            a.set_ylabel(f"ns per {name} (median)")
+            a.set_title(f"{name}: cost per entry")
+        if a.lines:
+            a.legend(fontsize=8)
+        a.grid(True, which="both", alpha=0.3)
+    if not drawn:
+        raise Skip("rows carry none of add_ns/lookup_ns/delete_ns/bytes_per_entry")
+    # O(D) guide on the delete panel, through the list's first point
+    lst = sorted((num(r["degree"]), num(r.get("delete_ns"))) for r in rows if r["policy"] == "list"
+                 and num(r.get("delete_ns")))
+    if len(lst) >= 2:
+        (x0, y0), x1 = lst[0], lst[-1][0]
+        ax[1, 0].plot([x0, x1], [y0, y0 * x1 / x0], color="gray", ls=":", lw=1, label="O(D) guide")
+        ax[1, 0].legend(fontsize=8)
+    _title(fig, "Reverse map: cost per entry against sharing degree", result)
+    _save(fig, path)
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# teardown
+
+def _ksm_munmap_points(result: dict) -> tuple[list, list]:
+    """(merged, private) munmap points (pages, seconds) of Linux KSM found
+    anywhere in the result (the shape of ``perf.ksm.measure_munmap``)."""
+    merged, private = [], []
+    for d in find_dicts(result, "n_pages", "seconds", "baseline_seconds"):
+        n, s, b = num(d.get("n_pages")), num(d.get("seconds")), num(d.get("baseline_seconds"))
+        if n and s:
+            merged.append((n, s))
+        if n and b:
+            private.append((n, b))
+    return sorted(set(merged)), sorted(set(private))
+
+
+def _teardown_rows(result: dict) -> list[dict]:
+    """The teardown cases with ``entries`` set (the bench may call it ``n``)."""
+    return [dict(c, entries=c.get("entries", c.get("n"))) for c in cases(result)]
+
+
+def plot_teardown_time(result: dict, path: str) -> str:
+    """Teardown time against the number of shared entries per policy and
+    mode, with Linux KSM's munmap of as many pages merged into one KSM page."""
+    rows = [c for c in _teardown_rows(result) if num(c.get("entries")) and num(c.get("seconds"))]
+    if not rows:
+        raise Skip("no cases with entries and seconds")
+    fig, ax = _figure(1, 1, (10.5, 5.5))
+    a = ax[0, 0]
+    series: dict[tuple, list] = {}
+    for c in rows:
+        series.setdefault((c.get("rmap", "?"), c.get("mode", "")), []).append(
+            (num(c["entries"]), num(c["seconds"])))
+    for (policy, mode), pts in sorted(series.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        pts = sorted(pts)
+        color, marker = POLICY_STYLE.get(policy, (None, "x"))
+        a.plot(*zip(*pts), marker=marker, color=color, ls=MODE_LINE.get(mode, "-."), ms=8,
+               markerfacecolor="none" if mode == "monolithic" else color,     # hollow: monolithic
+               label=f"{policy}, {mode}" if mode else str(policy))
+    merged, private = _ksm_munmap_points(result)
+    if merged:
+        a.plot(*zip(*merged), marker="D", color="black", label="Linux KSM munmap (one KSM page)")
+    if private:
+        a.plot(*zip(*private), marker=".", color="gray", ls=":", label="Linux munmap, private pages")
+    notes = []
+    if max(n for c in rows for n in [num(c["entries"])]) >= 50_000:
+        a.scatter([100_000, 100_000], [SEED_LIST_SECONDS, SEED_BUCKETS_SECONDS], marker="*", s=120,
+                  color="orange", zorder=5, label="seed (Xen 2012): list > 7 min, hash < 2 s")
+    else:   # the seed's 100,000 would squeeze this run's points into a corner
+        notes.append("the seed's case (100,000 entries) is not in this run")
+    _log(a, "x")
+    _log(a, "y")
+    a.set_xlabel("shared entries torn down (gfns of the dying domain on one frame)")
+    a.set_ylabel("teardown time (s)")
+    a.grid(True, which="both", alpha=0.3)
+    a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))    # outside: no point hidden
+    if not merged:
+        notes.append("Linux KSM munmap not in the JSON")
+    note = "; ".join(notes)
+    _title(fig, "Teardown time against shared entries", result, note)
+    _save(fig, path)
+    return note
+
+
+def _steps(c: dict) -> tuple[list[float], list[float] | None]:
+    d = c.get("steps_ms")
+    starts = c.get("steps_start_ms", c.get("steps_t_ms"))
+    if not isinstance(d, list) or not d:
+        return [], None
+    durs = [num(x) or 0.0 for x in d]
+    if isinstance(starts, list) and len(starts) == len(durs):
+        return durs, [num(x) or 0.0 for x in starts]
+    return durs, None
+
+
+def plot_teardown_steps(result: dict, path: str) -> str:
+    """The hypervisor's step durations during a preemptible and a monolithic
+    teardown: the freeze made visible. Needs ``steps_ms`` per case (and
+    ``steps_start_ms`` for a true timeline); without them the longest pause
+    and the guests' fault p99 per case are drawn instead, and the note says so."""
+    rows = _teardown_rows(result)
+    with_steps = [c for c in rows if _steps(c)[0]]
+    if with_steps:
+        picked = []
+        for mode in ("preemptible", "monolithic"):
+            mine = [c for c in with_steps if c.get("mode") == mode]
+            if mine:
+                prefer = [c for c in mine if c.get("rmap") == "buckets"] or mine
+                picked.append(max(prefer, key=lambda c: num(c.get("entries")) or 0))
+        picked = picked or with_steps[:2]
+        fig, ax = _figure(len(picked), 1, (9, 2.8 * len(picked) + 1))
+        note = ""
+        top = max(max(_steps(c)[0]) for c in picked)
+        for a, c in zip(ax[:, 0], picked):
+            durs, starts = _steps(c)
+            if starts is None:   # back to back: the time the hypervisor was busy
+                starts = [sum(durs[:i]) for i in range(len(durs))]
+                note = ("steps_start_ms not in the JSON: steps drawn back to back "
+                        "(hypervisor busy time, gaps between steps left out)")
+                a.set_xlabel("hypervisor busy time since the teardown started (ms)")
+            else:
+                a.set_xlabel("time since the teardown started (ms)")
+            a.bar(starts, durs, width=[max(d, 1e-3) for d in durs], align="edge", edgecolor="none",
+                  color="tab:red" if c.get("mode") == "monolithic" else "tab:blue")
+            a.set_ylabel("step duration (ms)")
+            a.set_ylim(0, top * 1.1)
+            a.set_xlim(left=0)
+            a.set_title(f"{c.get('rmap', '?')}, {c.get('mode', '?')}, {_n(c.get('entries'))} entries: "
+                        f"{len(durs):,} step{'s' if len(durs) != 1 else ''}, longest {max(durs):.3g} ms")
+            a.grid(True, alpha=0.3)
+        if len(picked) > 1:       # same scales: the freeze is the difference in shape
+            ax[0, 0].sharex(ax[1, 0])
+            ax[0, 0].sharey(ax[1, 0])
+        _title(fig, "Hypervisor step durations during a teardown", result, note)
+        _save(fig, path)
+        return note
+    # No per-step data: draw what is there.
+    pause = [c for c in rows if num(c.get("max_pause_ms")) is not None]
+    if not pause:
+        raise Skip("no steps_ms and no max_pause_ms in the teardown cases")
+    top = {}
+    for c in pause:
+        key = (c.get("rmap", "?"), c.get("mode", "?"))
+        if key not in top or (num(c.get("entries")) or 0) > (num(top[key].get("entries")) or 0):
+            top[key] = c
+    keys = sorted(top, key=lambda k: (str(k[0]), str(k[1])))
+    faults = [k for k in keys if num(top[k].get("fault_p99_us")) is not None]
+    fig, ax = _figure(1, 2 if faults else 1, (11 if faults else 7, 5))
+    a = ax[0, 0]
+    labels = [f"{p}\n{m}\n{_n(top[(p, m)].get('entries'))}" for p, m in keys]
+    p99 = [num(top[k].get("p99_step_ms")) for k in keys]
+    w = 0.4 if any(v is not None for v in p99) else 0.8
+    a.bar([i - (w / 2 if w < 0.8 else 0) for i in range(len(keys))], [num(top[k]["max_pause_ms"]) for k in keys],
+          w, color=["tab:red" if k[1] == "monolithic" else "tab:blue" for k in keys], label="longest step")
+    if w < 0.8:
+        a.bar([i + w / 2 for i in range(len(keys))], [v or 0 for v in p99], w, color="tab:gray",
+              label="p99 step")
+        a.legend(fontsize=8)
+    a.set_xticks(range(len(keys)), labels, fontsize=8)
+    _log(a, "y")
+    a.set_ylabel("hypervisor step (ms)")
+    a.set_title("teardown steps: longest and p99 (largest N per case)")
+    a.grid(True, axis="y", which="both", alpha=0.3)
+    if faults:
+        b = ax[0, 1]
+        x = range(len(faults))
+        b.bar([i - 0.2 for i in x], [num(top[k]["fault_p99_us"]) for k in faults], 0.4,
+              label="during the teardown", color="tab:orange")
+        idle = [num(top[k].get("idle_fault_p99_us")) or 0 for k in faults]
+        if any(idle):
+            b.bar([i + 0.2 for i in x], idle, 0.4, label="idle hypervisor", color="tab:gray")
+        b.set_xticks(list(x), [f"{p}\n{m}" for p, m in faults], fontsize=8)
+        _log(b, "y")
+        b.set_ylabel("guest CoW fault p99 (us)")
+        b.set_title("a guest's CoW faults meanwhile")
+        b.legend(fontsize=8)
+        b.grid(True, axis="y", which="both", alpha=0.3)
+    note = "per-step durations (steps_ms) not in the JSON: longest pause per case instead"
+    _title(fig, "Teardown freeze: preemptible against monolithic", result, note)
+    _save(fig, path)
+    return note
+
+
+def _n(x: Any) -> str:
+    v = num(x)
+    return f"{int(v):,}" if v is not None else "?"
+
+
+# ---------------------------------------------------------------------------
+# CoW fault latency
+
+_PCT = re.compile(r"^p(\d+(?:\.\d+)?)_(us|ns)$")
+_SAMPLES = ("samples_us", "lat_us", "latencies_us", "samples_ns", "lat_ns", "latencies_ns")
+
+
+def _latency_series(d: Any) -> tuple[list[float], list[tuple[float, float]]]:
+    """(samples in us, [(percentile, us)]) of one latency dict."""
+    if not isinstance(d, dict) or "skipped" in d:
+        return [], []
+    samples: list[float] = []
+    for k in _SAMPLES:
+        v = d.get(k)
+        if isinstance(v, list) and v:
+            scale = 1e-3 if k.endswith("_ns") else 1.0
+            samples = [x * scale for x in (num(y) for y in v) if x is not None]
+            break
+    pcts = []
+    for k, v in d.items():
+        m = _PCT.match(k)
+        if m and num(v) is not None:
+            pcts.append((float(m.group(1)), num(v) * (1e-3 if m.group(2) == "ns" else 1.0)))
+    return samples, sorted(pcts)
+
+
+def plot_cow_latency(result: dict, path: str) -> str:
+    """CDF of the CoW fault round trip (same core, other core), the raw
+    pipe round trip under it, and Linux KSM's CoW break. From latency
+    samples when the JSON has them, else from its percentiles."""
+    r = dig(result, "results") or {}
+    series = [
+        ("hvshare CoW fault, same core", dig(r, "hvshare", "faults", "same"), "tab:blue", "-"),
+        ("hvshare CoW fault, other core", dig(r, "hvshare", "faults", "cross"), "tab:cyan", "-"),
+        ("raw pipe round trip, same core", dig(r, "pipe", "same"), "tab:gray", ":"),
+        ("raw pipe round trip, other core", dig(r, "pipe", "cross"), "silver", ":"),
+        ("Linux KSM CoW break", dig(r, "ksm_cow"), "black", "--"),
+    ]
+    fig, ax = _figure(1, 1, (8.5, 5.5))
+    a = ax[0, 0]
+    only_pcts = with_samples = False
+    drawn = 0
+    for label, d, color, ls in series:
+        samples, pcts = _latency_series(d)
+        if samples:
+            xs = sorted(samples)
+            n = len(xs)
+            a.plot(xs, [(i + 1) / n for i in range(n)], color=color, ls=ls, drawstyle="steps-post",
+                   label=f"{label} (n={n:,})")
+            drawn += 1
+            with_samples = True
+        elif pcts:
+            only_pcts = True
+            a.plot([v for _, v in pcts], [p / 100 for p, _ in pcts], color=color, ls=ls, marker="o",
+                   label=label + " (" + ", ".join(f"p{p:g}" for p, _ in pcts) + ")")
+            drawn += 1
+    if not drawn:
+        raise Skip("no latency samples or percentiles in the cow result")
+    _log(a, "x")
+    a.set_xlabel("round trip / fault latency (us)")
+    a.set_ylabel("fraction of faults at most this long")
+    a.set_ylim(0, 1.02)
+    a.grid(True, which="both", alpha=0.3)
+    a.legend(fontsize=8, loc="lower right")
+    note = ("" if not only_pcts else "percentiles only (no latency samples in the JSON)" if not with_samples
+            else "percentiles only where the JSON has no latency samples")
+    _title(fig, "Copy-on-write fault latency, CDF", result, note)
+    _save(fig, path)
+    return note
+
+
+# ---------------------------------------------------------------------------
+# dedup
+
+def plot_dedup(result: dict, path: str) -> str:
+    """Merge rate of hvshare's dedup scanner against Linux KSM's ksmd per
+    page content (as ratios when the rates are not in the JSON), and the
+    scanner's rate against its batch size when the bench swept it."""
+    from matplotlib.ticker import FuncFormatter
+    contents = ("identical", "clone")
+    rates = {c: merge_rates(result, c) for c in contents}
+    sweep = [s for s in (dig(result, "sweep") or []) if isinstance(s, dict)
+             and num(s.get("batch_pages")) and num(s.get("pages_per_second"))]
+    fig, ax = _figure(1, 2 if sweep else 1, (12 if sweep else 7, 5))
+    a = ax[0, 0]
+    if any(hv is not None or k is not None for hv, k, _ in rates.values()):
+        x = list(range(len(contents)))
+        series = [("hvshare dedup, rmap buckets", 0, "tab:blue"), ("hvshare dedup, rmap index", 2, "tab:green"),
+                  ("Linux KSM (ksmd, full speed)", 1, "black")]
+        series = [s for s in series if any(rates[c][s[1]] is not None for c in contents)]
+        w = 0.8 / len(series)
+        for i, (label, j, color) in enumerate(series):
+            a.bar([xi - 0.4 + w * (i + 0.5) for xi in x], [rates[c][j] or 0 for c in contents], w,
+                  label=label, color=color)
+        a.set_xticks(x, [f"{c} pages" for c in contents])
+        a.set_ylabel("pages merged per second")
+        a.yaxis.set_major_formatter(FuncFormatter(_compact))
+        a.set_title("merge rate, nothing shared -> fully merged")
+        note = ""
+    else:
+        keys = [("identical pages", "merge_rate_over_ksm"), ("clone pages", "merge_rate_over_ksm_clone")]
+        vals = [(lbl, num(dig(result, "ratios", k))) for lbl, k in keys]
+        vals = [(lbl, v) for lbl, v in vals if v is not None]
+        if not vals:
+            raise Skip("no merge rates and no merge_rate_over_ksm ratios in the dedup result")
+        a.bar(range(len(vals)), [v for _, v in vals], color="tab:blue")
+        a.set_xticks(range(len(vals)), [lbl for lbl, _ in vals])
+        a.axhline(1, color="black", ls="--", lw=1, label="Linux KSM (= 1)")
+        a.set_ylabel("merge rate, hvshare / Linux KSM")
+        note = "rates not in the JSON: ratios only"
+    a.legend(fontsize=9)
+    a.grid(True, axis="y", alpha=0.3)
+    if sweep:
+        b = ax[0, 1]
+        for content in sorted({s.get("content", "?") for s in sweep}):
+            pts = sorted((num(s["batch_pages"]), num(s["pages_per_second"])) for s in sweep
+                         if s.get("content", "?") == content)
+            b.plot(*zip(*pts), marker="o", label=f"{content} pages")
+        b.set_xlabel("pages per nominate/share request (batch_pages)")
+        b.set_ylabel("pages merged per second")
+        b.yaxis.set_major_formatter(FuncFormatter(_compact))
+        b.set_ylim(bottom=0)
+        b.set_title("hvshare: merge rate against batch size")
+        b.legend(fontsize=9)
+        b.grid(True, alpha=0.3)
+    _title(fig, "Dedup merge rate: hvshare against Linux KSM", result, note)
+    _save(fig, path)
+    return note
+
+
+# ---------------------------------------------------------------------------
+# density
+
+def plot_density(result: dict, path: str) -> str:
+    """Clone guests that fit in one pool without and with dedup, next to
+    what the content predicts."""
+    r = dig(result, "results") or {}
+    bars = [(label, num(dig(r, key, "guests")), num(dig(r, key, "predicted")))
+            for key, label in (("without", "without dedup"), ("with", "dedup after each boot"))]
+    bars = [b for b in bars if b[1] is not None]
+    if not bars:
+        raise Skip("no results.with/without guests in the density result")
+    fig, ax = _figure(1, 1, (7, 5))
+    a = ax[0, 0]
+    x = range(len(bars))
+    a.bar(x, [g for _, g, _ in bars], 0.6, color=["tab:gray", "tab:blue"][:len(bars)], label="guests created")
+    for i, (_, g, _) in enumerate(bars):
+        a.annotate(f"{int(g)}", (i, g), ha="center", va="bottom", fontsize=10)
+    for k, (i, p) in enumerate((i, p) for i, (_, _, p) in enumerate(bars) if p is not None):
+        a.hlines(p, i - 0.4, i + 0.4, colors="black", linestyles="--", zorder=3,
+                 label="predicted by the content" if k == 0 else None)
+    a.set_ylim(0, max(max(g, p or 0) for _, g, p in bars) * 1.25)
+    a.set_xticks(list(x), [b[0] for b in bars])
+    a.set_ylabel("clone guests that fit in the pool")
+    frames, pages = num(result.get("frames")), num(result.get("pages"))
+    if frames and pages:
+        a.set_title(f"pool of {int(frames):,} frames, guests of {int(pages):,} pages")
+    a.legend(fontsize=9)
+    a.grid(True, axis="y", alpha=0.3)
+    _title(fig, "Guest density with and without dedup", result)
+    _save(fig, path)
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# all of them
+
+#: (bench, file name, function)
+PLOTS: list[tuple[str, str, Callable[[dict, str], str]]] = [
+    ("rmap", "rmap_cost.png", plot_rmap),
+    ("teardown", "teardown_time.png", plot_teardown_time),
+    ("teardown", "teardown_steps.png", plot_teardown_steps),
+    ("cow", "cow_latency.png", plot_cow_latency),
+    ("dedup", "dedup_merge.png", plot_dedup),
+    ("density", "density.png", plot_density),
+]
+
+
+def write_all(doc: dict, out_dir: str) -> list[tuple[str, str | None, str]]:
+    """Draw every plot whose bench is in ``doc`` (a combined or a single
+    bench JSON). Returns ``(file name, path, note)`` per plot; a plot that
+    could not be drawn has path None and the reason as note.
+    Raises :class:`MatplotlibMissing` before anything is written."""
+    _figure()          # fail early and once if matplotlib is missing
+    benches = benches_of(doc)
+    os.makedirs(out_dir, exist_ok=True)
+    out = []
+    for bench, name, fn in PLOTS:
+        result = benches.get(bench)
+        if not isinstance(result, dict):
+            continue
+        path = os.path.join(out_dir, name)
+        if "skipped" in result and "results" not in result:
+            out.append((name, None, f"{bench} did not run: {result['skipped']}"))
+            continue
+        try:
+            out.append((name, path, fn(result, path)))
+        except Skip as e:
+            out.append((name, None, str(e)))
+        except MatplotlibMissing:
+            raise
+        except Exception as e:   # one bad plot must not cost the others
+            out.append((name, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+    p = argparse.ArgumentParser(prog="python -m perf plots",
+                                description="Draw the plots of a JSON written by 'python -m perf all' or one bench.")
+    p.add_argument("json", help="result JSON")
+    p.add_argument("out_dir", help="directory for the PNG files")
+    a = p.parse_args(argv)
+    with open(a.json) as f:
+        doc = json.load(f)
+    try:
+        written = write_all(doc, a.out_dir)
+    except MatplotlibMissing as e:
+        print(f"plots: {e}", file=sys.stderr)
+        return 1
+    if not written:
+        print("plots: nothing to draw (no rmap, cow, teardown or dedup result in the JSON)")
+    print(report(written))
+    return 0
+
+
+def report(written: list[tuple[str, str | None, str]]) -> str:
+    """One line per plot: where it went, or why it was not drawn."""
+    return "\n".join(f"plot {path}" + (f"  (note: {note})" if note else "") if path
+                     else f"plot {name}: not drawn, {note}" for name, path, note in written)
