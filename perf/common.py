@@ -1,9 +1,12 @@
 """Shared helpers of the benchmarks: machine description, medians, tables."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import statistics
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -56,3 +59,21 @@ def _fmt(v: object) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """Turn SIGTERM into SystemExit for the block (main thread only), so a
+    benchmark that is killed still stops the hypervisors it started: their
+    sessions' ``finally`` clauses run instead of leaving them behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+    old = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -21,9 +21,10 @@ seqlock) and from it:
   domain, one entry per frame, represented by one (domid, gfn) that maps it.
 
 Everything it talks to the hypervisor about goes through a :class:`Backend`:
-:class:`InProcessBackend` calls a :class:`hvcore.Hypervisor` directly (tests,
-benchmarks); the control-socket backend of ``hvctl dedup`` has the same
-methods.
+:class:`InProcessBackend` calls a :class:`hvcore.Hypervisor` directly (unit
+tests); :class:`SocketBackend` sends the same calls as requests on a
+hypervisor process's control socket (``hvctl dedup``, the demo, runtime
+tests and benchmarks), one request per call.
 
 A pass, phase by phase
 ----------------------
@@ -59,27 +60,43 @@ A pass, phase by phase
    most references (share moves the client's rmap entries, so the biggest
    rmap is never the one moved); the others are its members.
    Candidates in no group are ``pages_unshared``.
-5. **Merge** (:meth:`Scanner.execute`), ``batch_pages`` members at a time:
+5. **Merge** (:meth:`Scanner.execute`), in rounds of ``round_pages``
+   members; each request to the hypervisor carries at most ``batch_pages``
+   pairs (share) or ``NOMINATE_FACTOR * batch_pages`` gfns (nominate):
 
-   a. *nominate* every member and source of the batch, one ``nominate_many``
-      per domain involved (nominating a shared page returns its handle);
+   a. *nominate* every member and source of the round, per domain
+      (``nominate_many`` takes one domain; nominating a shared page
+      returns its handle);
    b. re-read those p2m entries: a page no longer ``ram_shared`` was written
       since nominate (CoW) and its handle is already stale: skipped;
    c. **verify** byte equality of each member with its source, on the
-      frames, vectorised (8-byte words, ``all()`` per row). Hash equality is
-      never trusted. Members that differ (a hash collision, or a write
-      between hashing and nominate) are regrouped by exact content
+      frames: one C-level copy and compare per page (``bytes ==``), pairs
+      visited by source so a source with many members is read once. Hash
+      equality is never trusted. Members that differ (a hash collision, or
+      a write between hashing and nominate) are regrouped by exact content
       (``np.unique`` over the page bytes) and merged with their true twins
-      of the same batch;
-   d. *share* every verified pair in **one** ``share_many`` request.
+      of the same round;
+   d. *share* the verified pairs, ``share_many`` requests of pairs with the
+      same (source domain, client domain) where possible (the core's
+      ``share_many`` has per-domain fixed costs).
+
+   Rounds exist because a request to a hypervisor process costs far more
+   than its work: on these machines a round trip is 0.15-0.3 ms and the
+   core's fixed cost of a ``share_many`` 0.1-0.3 ms, against a few
+   microseconds per pair. Doing the scanner's own work (snapshot, verify)
+   once per round rather than once per request, and filling every request
+   to its limit whatever domains a round spans, halved the time of a pass
+   over four clone guests of 12,000 pages (batches of 128: 1.42-1.53 s
+   before, 0.73 s after).
 
 Why no page can be merged with different content: the bytes are compared
 after nominate made both pages read-only, and each handle is the version
-under which they were compared. A guest write after nominate unshares the
-page (a CoW fault), which retires the handle, so the share of that pair fails
-(``S``/``C_HANDLE_INVALID``) and the page is simply skipped (``skipped``,
-counted volatile). Reading the frames without the seqlock is therefore safe:
-a torn read can only produce a failed compare or a stale-handle share.
+under which they were compared, however long the round takes. A guest
+write after nominate unshares the page (a CoW fault), which retires the
+handle, so the share of that pair fails (``S``/``C_HANDLE_INVALID``) and
+the page is simply skipped (``skipped``, counted volatile). Reading the
+frames without the seqlock is therefore safe: a torn read can only produce
+a failed compare or a stale-handle share.
 
 Nominate has a cost the toolstack accepts, as Xen's does: a member whose
 verification finds no twin stays nominated (a shared frame with one gfn) --
@@ -87,26 +104,43 @@ harmless, and its next write is a cheap last-gfn unshare with no copy.
 
 Batches and pauses
 ------------------
-The hypervisor is one CPU: while it serves one request nothing else runs,
-so one ``share_many`` must stay short. ``batch_pages`` (default
-:data:`BATCH_PAGES` = 64) was chosen by timing the in-process core's
-``share_many`` of independent pairs on the default ``buckets`` rmap, median
-of 21: 1 pair 0.38 ms (the request's fixed cost), 64 pairs 0.55 ms,
-128 pairs 0.71 ms, 256 pairs 1.14 ms, 512 pairs 1.94 ms. 64 keeps a
-request near half a millisecond; a bigger batch merges faster but pauses
-longer (:class:`PassResult` reports ``max_request_ms``). Whole passes from
-nothing shared to fully merged, one domain of 50,000 pages, median of 5,
-with Linux KSM (``perf.ksm.measure_merge``) in the same run:
+The hypervisor is one CPU: while it serves one request nothing else runs
+(no guest's fault, no other request), so every request the scanner sends
+must stay short: the goal is under 1 ms. The hypervisor times each of its
+steps per kind of request (``info``'s ``pause_by_op``), and each pass
+reports the steps of its own window (``PassResult.hv_steps``; ``hvctl
+dedup`` prints the longest). ``batch_pages`` (default :data:`BATCH_PAGES`
+= 64 pairs per share, 128 gfns per nominate) was chosen from
+``python -m perf dedup``'s sweep: 50,000 pages through a hypervisor
+process, ``buckets`` rmap, clone mix over four guests and identical pages
+in one, on this 2-core machine while other jobs loaded it (mean of the
+hypervisor's step per request; share of requests at 1 ms or more; the
+pass's merge rate):
 
-=================  =========  =========  =========  ===========
-content            64         128        256        KSM
-=================  =========  =========  =========  ===========
-identical          1.22 s     0.78 s     0.68 s     0.37 s
-clone mix          0.80 s     0.66 s     0.52 s     1.68 s
-=================  =========  =========  =========  ===========
+=====  ===========================  ===========================  =========
+batch  clone: nominate / share      identical: nominate / share  pages/s
+=====  ===========================  ===========================  =========
+32     0.72 / 0.79 ms (6% / 9%)     0.69 / 0.80 ms (4% / 1%)     18-24 k
+64     0.92 / 0.81 ms (8% / 6%)     1.09 / 1.01 ms (14% / 17%)   29-43 k
+128    1.58 / 1.53 ms (46% / 53%)   1.67 / 1.41 ms (64% / 60%)   37-40 k
+256    2.83 / 2.24 ms (96% / 100%)  2.21 / 1.70 ms (89% / 94%)   54 k
+=====  ===========================  ===========================  =========
 
-About four fifths of a pass is the core serving nominate_many and
-share_many; hashing 50,000 pages takes 0.05-0.07 s.
+A request's fixed cost dominates small batches (in the core alone, a
+``share_many`` of one pair takes 0.12 ms, of 64 pairs 0.35 ms; the server's
+framing and answer add 0.1 ms), so 32 is barely shorter than 64 and merges
+half as fast, while 128 puts half the requests over 1 ms. On a quieter run
+64 gave 0.4-0.7 ms per request. The longest steps, 13-30 ms at every batch
+size, are the hypervisor process descheduled by the host, not its work.
+
+Where a pass's time goes (same runs): the hypervisor serving nominate and
+share, 55-65 %; hashing, 3-8 %; the rest, 25-40 %, is the scanner's work
+between requests and the round trips themselves (0.15-0.3 ms each on this
+machine). Next to Linux KSM merging the same bytes at full speed, the
+merge rate is 0.3-0.75x KSM's on identical pages and 0.3-1.1x on the clone
+mix, from run to run (both sides vary 2-4x with the machine's load); with
+the ``index`` rmap the hypervisor's time drops by 40-50 % on identical
+pages. ``python -m perf dedup`` measures it side by side.
 
 Watch mode
 ----------
@@ -116,21 +150,28 @@ domid order, like KSM's ``pages_to_scan`` per ``sleep_millisecs``), so the
 scan never runs faster than the rate limit; each wrap of the cursor is a
 full scan. A window's candidates are also grouped with private pages of
 earlier windows whose remembered checksums match (KSM's unstable tree);
-those are re-hashed before they are used.
+those are re-hashed before they are used. A stop request is honoured
+between merge rounds; ``hvctl dedup --watch`` sets it on SIGINT/SIGTERM,
+and ends when the backend raises (the hypervisor is gone).
 
 Tunables
 --------
-- ``batch_pages`` (:class:`Scanner` argument, default :data:`BATCH_PAGES`
-  = 64): members per merge batch = pairs per ``share_many`` request.
+- ``batch_pages`` (:class:`Scanner` argument, ``hvctl dedup --batch``,
+  default :data:`BATCH_PAGES` = 64): most pairs per ``share_many``
+  request; sets how long one request holds the hypervisor (above).
+- :data:`NOMINATE_FACTOR` (module constant, 2): a ``nominate_many``
+  request carries up to ``NOMINATE_FACTOR * batch_pages`` gfns.
+- ``round_pages`` (:class:`Scanner` argument, default :data:`ROUND_PAGES`
+  = 4096): members nominated, verified and shared together; bounds the
+  scanner's temporaries and how long a nominated page waits for its share.
 - ``skip_volatile`` (:class:`Scanner` argument, default True): skip pages
   whose checksum changed since their last scan.
 - ``interval`` and ``pages_per_second`` (:meth:`Scanner.watch` arguments,
-  defaults :data:`WATCH_INTERVAL` = 0.1 s and
-  :data:`WATCH_PAGES_PER_SECOND` = 200,000): watch mode's tick and rate
-  limit.
+  ``hvctl dedup --watch --interval/--rate``, defaults
+  :data:`WATCH_INTERVAL` = 0.1 s and :data:`WATCH_PAGES_PER_SECOND` =
+  200,000): watch mode's tick and rate limit.
 - :data:`CHUNK_PAGES` (module constant, 1024): pages per vectorised chunk
-  when testing for zero pages and comparing frames (bounds temporaries to
-  4 MiB).
+  of the zero test (bounds temporaries to 4 MiB).
 
 Counters (:attr:`Scanner.counters`, KSM's names where they exist)
 -----------------------------------------------------------------
@@ -145,6 +186,10 @@ Counters (:attr:`Scanner.counters`, KSM's names where they exist)
 - ``full_scans``: passes that covered every gfn of the scanned domains;
 - ``pages_scanned``, ``pages_merged``, ``pages_skipped``, ``passes``:
   running totals over the scanner's life.
+
+Each :class:`PassResult` also carries, from a backend that has ``steps()``
+(:class:`SocketBackend`), ``hv_steps``: the hypervisor's own timing of the
+steps it ran during the pass (:func:`step_delta`).
 """
 from __future__ import annotations
 
@@ -166,14 +211,24 @@ from hvcore.pool import PAGE_SIZE
 if TYPE_CHECKING:
     from hvcore import Hypervisor
 
-__all__ = ["Backend", "InProcessBackend", "Scanner", "Plan", "Batch", "PassResult",
-           "page_hashes", "zero_pages", "BATCH_PAGES", "CHUNK_PAGES",
-           "WATCH_INTERVAL", "WATCH_PAGES_PER_SECOND", "ZERO_SUM"]
+__all__ = ["Backend", "InProcessBackend", "SocketBackend", "Scanner", "Plan", "Batch", "PassResult",
+           "step_delta", "page_hashes", "zero_pages", "BATCH_PAGES", "NOMINATE_FACTOR",
+           "ROUND_PAGES", "CHUNK_PAGES", "WATCH_INTERVAL", "WATCH_PAGES_PER_SECOND", "ZERO_SUM",
+           "SCANNER_OPS"]
 
-#: Members (client pages) per merge batch, i.e. pairs per share_many
-#: request: 64 keeps one request near 0.5 ms on the core (module docstring).
+#: Most pairs per share_many request (and, times NOMINATE_FACTOR, gfns per
+#: nominate_many): 64 keeps the hypervisor's step per request under 1 ms
+#: (about 1 ms on a loaded machine), 128 does not (module docstring).
 BATCH_PAGES = 64
-#: Pages per vectorised chunk (zero test, frame compare): 4 MiB temporaries.
+#: A nominate_many request carries up to this many times ``batch_pages``
+#: gfns: per page, nominate costs the hypervisor about half what share
+#: does (module docstring), so both kinds of request take about as long.
+NOMINATE_FACTOR = 2
+#: Members (client pages) per merge round: nominated, verified and shared
+#: together, so the scanner's own work is done once per round and every
+#: request is filled to its limit whatever domains the round spans.
+ROUND_PAGES = 4096
+#: Pages per vectorised chunk of the zero test: 4 MiB temporaries.
 CHUNK_PAGES = 1024
 #: Watch mode: seconds between ticks (KSM's sleep_millisecs is 20 ms).
 WATCH_INTERVAL = 0.1
@@ -224,6 +279,9 @@ class Backend(Protocol):
 
     # Optional: ``max_pause_ms() -> float``, the hypervisor's longest
     # non-preemptible step so far; reported in PassResult when present.
+    # Optional: ``steps() -> dict``, the hypervisor's step accounting
+    # (SocketBackend.steps); read before and after a pass, the difference
+    # (step_delta) is PassResult.hv_steps.
 
 
 class InProcessBackend:
@@ -262,6 +320,144 @@ class InProcessBackend:
 
     def nr_saved_mfns(self) -> int:
         return int(self.hv.nr_saved_mfns)
+
+
+class SocketBackend:
+    """A :class:`Backend` over a hypervisor's control socket (``hvctl dedup``).
+
+    Each method is one request (``share_many`` carries a domain per pair, so
+    a batch is one request whatever domains it spans):
+
+    - :meth:`pool_name`, :meth:`nr_saved_mfns`, :meth:`max_pause_ms`,
+      :meth:`steps`: ``info``;
+    - :meth:`domains`: ``list``, keeping ``running`` domains;
+    - :meth:`nominate_many`: ``nominate_many``; a refused request (the domain
+      is gone or dying) becomes that code (ESRCH, EBUSY) for every page;
+    - :meth:`share_many`: ``share_many``; the hypervisor refuses a whole
+      request naming a domain that no longer exists (ESRCH), so the pairs of
+      live domains are sent again and the others get ESRCH.
+
+    A hypervisor that stops answering raises :class:`tools.api.NoHypervisor`,
+    which ends a pass (and watch mode): it is not a per-page failure. From
+    then on every method raises it too: the scanner maps *this*
+    hypervisor's pool, and a new hypervisor on the same socket has other
+    frames behind the same numbers.
+
+    ``socket`` is a path (None: the default socket) or an open
+    :class:`tools.api.HypervisorClient`, which stays the caller's to close.
+    """
+
+    def __init__(self, socket=None):
+        from .api import HypervisorClient
+        self._own = not isinstance(socket, HypervisorClient)
+        self.client = HypervisorClient(socket) if self._own else socket
+        self.gone: str | None = None        # why the hypervisor is gone, once it is
+
+    def _request(self, fn, *args):
+        from .api import NoHypervisor
+        if self.gone:
+            raise NoHypervisor(self.gone)
+        try:
+            return fn(*args)
+        except NoHypervisor as e:
+            self.gone = str(e)
+            raise
+
+    def pool_name(self) -> str:
+        return self._request(self.client.info)["pool"]
+
+    def domains(self) -> list[tuple[int, str, int]]:
+        return [(d["domid"], d["p2m"], d["pages"]) for d in self._request(self.client.list)
+                if d["state"] == "running"]
+
+    def nominate_many(self, domid, gfns):
+        from .api import HVCtlError, NoHypervisor
+        gfns = np.asarray(gfns, dtype=np.int64)
+        try:
+            return self._request(self.client.nominate_many, int(domid), gfns)
+        except NoHypervisor:
+            raise
+        except HVCtlError as e:       # the domain is gone: every page fails
+            return (np.zeros(len(gfns), dtype=np.uint64),
+                    np.full(len(gfns), e.code, dtype=np.int64))
+
+    def share_many(self, sds, sgfns, shs, cds, cgfns, chs):
+        from .api import HVCtlError, NoHypervisor
+        sds = np.asarray(sds, dtype=np.int64)
+        cds = np.asarray(cds, dtype=np.int64)
+        arrays = [np.asarray(a) for a in (sgfns, shs, cgfns, chs)]
+        codes = np.full(len(sds), ESRCH, dtype=np.int64)
+        ok = np.ones(len(sds), dtype=bool)
+        for _ in range(3):            # a domain may vanish between two tries
+            if not ok.any():
+                return codes
+            try:
+                codes[ok] = self._request(self.client.share_many, sds[ok],
+                                          *(a[ok] for a in arrays[:2]), cds[ok],
+                                          *(a[ok] for a in arrays[2:]))
+                return codes
+            except NoHypervisor:
+                raise
+            except HVCtlError as e:
+                if e.code != ESRCH:
+                    raise
+            alive = np.array([d["domid"] for d in self._request(self.client.list)], dtype=np.int64)
+            ok &= np.isin(sds, alive) & np.isin(cds, alive)
+        codes[ok] = ESRCH
+        return codes
+
+    def nr_saved_mfns(self) -> int:
+        return int(self._request(self.client.info)["nr_saved_mfns"])
+
+    def max_pause_ms(self) -> float:
+        return float(self._request(self.client.info)["max_pause_ms"])
+
+    def steps(self) -> dict:
+        """The hypervisor's step accounting now (see :func:`step_delta`)."""
+        i = self._request(self.client.info)
+        return {"max_pause_ms": i["max_pause_ms"], "histogram": i.get("pause_histogram", []),
+                "by_op": i.get("pause_by_op", {})}
+
+    def close(self) -> None:
+        """Close the connection if this backend opened it."""
+        if self._own:
+            self.client.close()
+
+
+#: The requests a pass makes, whose hypervisor-side steps it reports.
+SCANNER_OPS = ("nominate_many", "share_many")
+
+
+def step_delta(before: dict, after: dict) -> dict:
+    """The hypervisor's steps between two :meth:`SocketBackend.steps` readings.
+
+    Per scanner request kind (:data:`SCANNER_OPS`) and for ``all`` steps
+    (guests' writes and faults, every request): ``count``; ``over_1ms``,
+    steps of 1.024 ms or more; ``max_lt_ms``, a bound the longest step of
+    the window stayed under (log2 histogram buckets). Per request kind also
+    ``mean_ms``, and ``max_ms`` when the kind's longest step ever happened
+    in the window (else None: only the bound is known).
+    """
+    def hist(h):
+        return {b["lt_us"]: b["count"] for b in h}
+
+    def window(h0, h1):
+        d = {k: v - h0.get(k, 0) for k, v in h1.items() if v - h0.get(k, 0)}
+        return {"count": sum(d.values()), "over_1ms": sum(v for k, v in d.items() if k >= 2048),
+                "max_lt_ms": max(d) / 1e3 if d else 0.0}
+
+    out = {"all": window(hist(before["histogram"]), hist(after["histogram"]))}
+    for op in SCANNER_OPS:
+        b0 = before["by_op"].get(op, {"count": 0, "total_ms": 0.0, "max_ms": 0.0, "histogram": []})
+        b1 = after["by_op"].get(op)
+        if b1 is None:
+            continue
+        w = window(hist(b0.get("histogram", [])), hist(b1.get("histogram", [])))
+        n = b1["count"] - b0["count"]
+        w["mean_ms"] = round((b1["total_ms"] - b0["total_ms"]) / n, 3) if n else 0.0
+        w["max_ms"] = b1["max_ms"] if b1["max_ms"] > b0["max_ms"] else None
+        out[op] = w
+    return out
 
 
 # ----------------------------------------------------------------------
@@ -320,12 +516,24 @@ def _checksums(words: np.ndarray, frames: memoryview, mfns: np.ndarray) -> tuple
     return sums, zero
 
 
-def _rows_equal(words: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = CHUNK_PAGES) -> np.ndarray:
-    """Byte equality of frames ``a[i]`` and ``b[i]``, vectorised per chunk."""
+def _rows_equal(frames: memoryview, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Byte equality of frames ``a[i]`` and ``b[i]``; ``frames`` is the pool.
+
+    One C-level copy and compare per page (``bytes ==`` is a memcmp), pairs
+    visited by source so that a source shared by many members (every zero
+    page of a pass) is copied once. Measured on 50,000 pairs: 0.07 s with
+    one source, 0.15 s with all sources distinct, against 0.45 s for
+    gathering both sides into numpy rows and comparing them.
+    """
+    order = np.argsort(b, kind="stable")
+    res = []
+    last, src = -1, b""
+    for x, y in zip(a[order].tolist(), b[order].tolist()):
+        if y != last:
+            last, src = y, frames[y << 12:(y + 1) << 12].tobytes()
+        res.append(frames[x << 12:(x + 1) << 12].tobytes() == src)
     out = np.empty(len(a), dtype=bool)
-    for start in range(0, len(a), chunk):
-        sa, sb = a[start:start + chunk], b[start:start + chunk]
-        out[start:start + chunk] = (words[sa] == words[sb]).all(axis=1)
+    out[order] = res
     return out
 
 
@@ -376,7 +584,8 @@ class _Domain:
 
 @dataclass
 class Batch:
-    """One merge batch: pair ``i`` merges client ``(cd[i], cg[i])`` into
+    """One merge round (up to ``round_pages`` members, sent in requests of
+    up to ``batch_pages``): pair ``i`` merges client ``(cd[i], cg[i])`` into
     source ``(sd[i], sg[i])``; ``group[i]`` is the pair's hash group."""
     sd: np.ndarray
     sg: np.ndarray
@@ -400,6 +609,7 @@ class Plan:
     started: float              # perf_counter() at the start of the pass
     nr_saved_before: int
     phase_seconds: dict = field(default_factory=dict)
+    steps_before: dict | None = None    # backend.steps() when the pass began
 
 
 @dataclass
@@ -416,7 +626,8 @@ class PassResult:
     mismatched: int             # members whose bytes differed from their source
                                 # at verification (hash collision or late write)
     unmatched: int              # candidates with no identical page
-    batches: int                # merge batches (one share_many each)
+    batches: int                # merge rounds executed (each nominates, verifies
+                                # and shares up to round_pages members)
     requests: int               # backend requests (nominate_many + share_many)
     max_request_ms: float       # longest backend request, seen from the scanner
     seconds: float              # the whole pass
@@ -426,6 +637,8 @@ class PassResult:
     phase_seconds: dict = field(default_factory=dict)   # snapshot, hash, group, merge
     counters: dict = field(default_factory=dict)        # Scanner.counters after
     max_pause_ms: float | None = None                   # from the backend, if it knows
+    hv_steps: dict | None = None        # the hypervisor's steps during the pass
+                                        # (step_delta), if the backend knows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -447,11 +660,12 @@ class Scanner:
                 "full_scans", "pages_scanned", "pages_merged", "pages_skipped", "passes")
 
     def __init__(self, backend: Backend, *, batch_pages: int = BATCH_PAGES,
-                 skip_volatile: bool = True):
+                 round_pages: int = ROUND_PAGES, skip_volatile: bool = True):
         if batch_pages < 1:
             raise ValueError("batch_pages must be at least 1")
         self.backend = backend
         self.batch_pages = int(batch_pages)
+        self.round_pages = max(int(round_pages), self.batch_pages)
         self.skip_volatile = skip_volatile
         self.after_nominate: Callable[[Batch], None] | None = None
         self.before_share: Callable[[Batch], None] | None = None
@@ -465,6 +679,7 @@ class Scanner:
         self._fknown = np.zeros(nframes, dtype=bool)
         self._doms: dict[int, _Domain] = {}
         self._cursor: tuple[int, int] | None = None     # watch mode: (domid, gfn)
+        self._stop: threading.Event | None = None       # watch mode's stop event
         self._requests = 0
         self._max_request = 0.0
 
@@ -515,6 +730,8 @@ class Scanner:
         scan.
         """
         t0 = time.perf_counter()
+        steps = getattr(self.backend, "steps", None)
+        steps_before = steps() if callable(steps) else None
         saved_before = int(self.backend.nr_saved_mfns())
         doms = self._refresh()
         full = windows is None
@@ -603,14 +820,15 @@ class Scanner:
 
         batches = []
         md, mg, sd_, sg_, mgid = e_d[member], e_g[member], e_d[src], e_g[src], gid[member]
-        for s in range(0, len(mg), self.batch_pages):
-            e = s + self.batch_pages
+        for s in range(0, len(mg), self.round_pages):
+            e = s + self.round_pages
             batches.append(Batch(sd_[s:e], sg_[s:e], md[s:e], mg[s:e], mgid[s:e]))
         t3 = time.perf_counter()
         return Plan(batches, full, scanned=len(cg), zero=int(zero.sum()),
                     volatile=int(volatile.sum()), unmatched=int(unmatched_win.sum()),
                     started=t0, nr_saved_before=saved_before,
-                    phase_seconds={"snapshot": t1 - t0, "hash": t2 - t1, "group": t3 - t2})
+                    phase_seconds={"snapshot": t1 - t0, "hash": t2 - t1, "group": t3 - t2},
+                    steps_before=steps_before)
 
     def _partners(self, windows, keys):
         """Private pages outside the windows, unmatched at their last scan,
@@ -650,11 +868,14 @@ class Scanner:
 
     # -- phase 5: merge ---------------------------------------------------
     def execute(self, plan: Plan) -> PassResult:
-        """Nominate, verify and share every batch of ``plan``."""
+        """Nominate, verify and share every round of ``plan``."""
         t0 = time.perf_counter()
         self._requests, self._max_request = 0, 0.0
-        merged = skipped = mismatched = unmatched = 0
+        merged = skipped = mismatched = unmatched = rounds = 0
         for batch in plan.batches:
+            if self._stop is not None and self._stop.is_set():
+                break                   # watch mode stopping: the rest waits
+            rounds += 1
             m, s, x, u = self._merge_batch(batch)
             merged += m
             skipped += s
@@ -664,21 +885,28 @@ class Scanner:
         saved = int(self.backend.nr_saved_mfns())
         c = self.counters
         c["passes"] += 1
-        c["full_scans"] += int(plan.full)
+        full = plan.full and rounds == len(plan.batches)
+        c["full_scans"] += int(full)
         c["pages_scanned"] += plan.scanned
         c["pages_merged"] += merged
         c["pages_skipped"] += skipped
         self._gauges()
-        pause = getattr(self.backend, "max_pause_ms", None)
+        steps = getattr(self.backend, "steps", None)
+        hv_steps, pause_ms = None, None
+        if callable(steps) and plan.steps_before is not None:
+            after = steps()
+            hv_steps, pause_ms = step_delta(plan.steps_before, after), after["max_pause_ms"]
+        elif callable(getattr(self.backend, "max_pause_ms", None)):
+            pause_ms = self.backend.max_pause_ms()
         return PassResult(
             scanned=plan.scanned, zero=plan.zero, merged=merged, volatile=plan.volatile,
             skipped=skipped, mismatched=mismatched, unmatched=plan.unmatched + unmatched,
-            batches=len(plan.batches), requests=self._requests,
+            batches=rounds, requests=self._requests,
             max_request_ms=round(self._max_request * 1e3, 3),
             seconds=time.perf_counter() - plan.started, nr_saved_mfns=saved,
-            saved_delta=saved - plan.nr_saved_before, full_scan=plan.full,
+            saved_delta=saved - plan.nr_saved_before, full_scan=full,
             phase_seconds={**plan.phase_seconds, "merge": t1 - t0},
-            counters=dict(c), max_pause_ms=pause() if callable(pause) else None)
+            counters=dict(c), max_pause_ms=pause_ms, hv_steps=hv_steps)
 
     def scan_pass(self, domids: Iterable[int] | None = None) -> PassResult:
         """One full pass over ``domids`` (default: every running domain)."""
@@ -687,7 +915,10 @@ class Scanner:
     def _merge_batch(self, b: Batch) -> tuple[int, int, int, int]:
         """(merged, skipped, mismatched, unmatched) of one batch."""
         k = len(b)
-        # a. nominate every distinct page of the batch, one request per domain
+        step = self.batch_pages
+        # a. nominate every distinct page of the round: per domain, at most
+        #    NOMINATE_FACTOR * batch_pages gfns per request
+        nstep = NOMINATE_FACTOR * step
         all_d = np.concatenate([b.sd, b.cd])
         all_g = np.concatenate([b.sg, b.cg])
         pages, inv = np.unique(all_d << 40 | all_g, return_inverse=True)
@@ -697,8 +928,10 @@ class Scanner:
         typ = np.zeros(len(pages), dtype=np.uint8)
         mfn = np.zeros(len(pages), dtype=np.int64)
         for domid in np.unique(p_d).tolist():
-            sel = np.nonzero(p_d == domid)[0]
-            handle[sel], code[sel] = self._call(self.backend.nominate_many, domid, p_g[sel])
+            whole = np.nonzero(p_d == domid)[0]
+            for lo in range(0, len(whole), nstep):
+                sel = whole[lo:lo + nstep]
+                handle[sel], code[sel] = self._call(self.backend.nominate_many, domid, p_g[sel])
         if self.after_nominate:
             self.after_nominate(b)
         # b. where each page is now; a page not ram_shared lost its handle
@@ -718,21 +951,27 @@ class Scanner:
         cmp = valid & (s_m != c_m)
         eq = np.zeros(k, dtype=bool)
         idx = np.nonzero(cmp)[0]
-        eq[idx] = _rows_equal(self._words, c_m[idx], s_m[idx])
+        eq[idx] = _rows_equal(self._frames, c_m[idx], s_m[idx])
         bad = cmp & ~eq
         # a shared source that failed its compare: forget its cached hash
         self._fknown[s_m[bad]] = False
         extra_s, extra_c, lonely = self._regroup(np.nonzero(bad)[0], c_i, c_m, b.group)
         ps = np.concatenate([s_i[eq], extra_s])
         pc = np.concatenate([c_i[eq], extra_c])
-        # d. share the verified pairs, one request
+        # d. share the verified pairs, at most batch_pages per request, pairs
+        #    of one (source domain, client domain) together: the core's
+        #    share_many pays a fixed cost per domain a request names
+        order = np.lexsort((p_d[pc], p_d[ps]))
+        ps, pc = ps[order], pc[order]
         merged = failed = 0
         written = (code == 0) & (typ != RAM_SHARED)     # CoW-faulted since nominate
         if len(ps):
             if self.before_share:
                 self.before_share(b)
-            codes = self._call(self.backend.share_many, p_d[ps], p_g[ps], handle[ps],
-                               p_d[pc], p_g[pc], handle[pc])
+            codes = np.concatenate([
+                self._call(self.backend.share_many, p_d[s_], p_g[s_], handle[s_],
+                           p_d[c_], p_g[c_], handle[c_])
+                for s_, c_ in ((ps[lo:lo + step], pc[lo:lo + step]) for lo in range(0, len(ps), step))])
             merged = int((codes == 0).sum())
             failed = len(codes) - merged
             # the side whose handle went stale was written
@@ -777,10 +1016,13 @@ class Scanner:
                              pages_unshared=unshared, pages_volatile=volatile)
 
     # -- watch mode -------------------------------------------------------
-    def _next_windows(self, budget: int) -> tuple[dict[int, tuple[int, int]], bool]:
+    def _next_windows(self, budget: int, domids: set[int] | None = None
+                      ) -> tuple[dict[int, tuple[int, int]], bool]:
         """The next ``budget`` gfns from the cursor, over the running domains
-        in domid order; True if they reach the end (a full scan is done)."""
-        doms = sorted((int(d), int(n)) for d, _, n in self.backend.domains())
+        (those of ``domids`` only, if given) in domid order; True if they
+        reach the end (a full scan is done)."""
+        doms = sorted((int(d), int(n)) for d, _, n in self.backend.domains()
+                      if domids is None or int(d) in domids)
         domid, gfn = self._cursor or (-1, 0)
         windows = {}
         for d, n in doms:
@@ -806,37 +1048,46 @@ class Scanner:
     def watch(self, interval: float = WATCH_INTERVAL,
               pages_per_second: float = WATCH_PAGES_PER_SECOND,
               stop_event: threading.Event | None = None,
-              on_pass: Callable[[PassResult], None] | None = None) -> dict:
+              on_pass: Callable[[PassResult], None] | None = None,
+              domids: Iterable[int] | None = None) -> dict:
         """Scan continuously until ``stop_event`` is set (ksmd).
 
         Each tick scans the next ``pages_per_second * interval`` gfns (a
-        cursor over the running domains) and then sleeps for the rest of the
-        interval, so the rate limit holds however fast a tick is; a tick
-        that overruns is followed at once by the next. ``on_pass`` gets each
-        tick's :class:`PassResult` (``full_scan`` is True on the tick that
+        cursor over the running domains, or over ``domids`` only) and then
+        sleeps for the rest of the interval, so the rate limit holds however
+        fast a tick is; a tick that overruns is followed at once by the
+        next. A stop request is honoured between merge rounds, so stopping
+        never waits for a whole tick. ``on_pass`` gets each tick's
+        :class:`PassResult` (``full_scan`` is True on the tick that
         completes a full scan). Returns totals: ticks, scanned, merged,
-        full_scans, seconds.
+        full_scans, seconds. Exceptions of the backend (a hypervisor gone)
+        end the watch and propagate.
         """
         stop = stop_event or threading.Event()
+        only = None if domids is None else {int(d) for d in domids}
         budget = max(1, int(pages_per_second * interval))
         totals = {"ticks": 0, "scanned": 0, "merged": 0, "full_scans": 0, "seconds": 0.0}
         t_start = time.monotonic()
-        while not stop.is_set():
-            t0 = time.monotonic()
-            if self._cursor is None:
-                self._fknown[:] = False     # a new full scan re-hashes shared frames
-            windows, wrapped = self._next_windows(budget)
-            plan = self.plan(windows=windows)
-            plan.full = wrapped
-            res = self.execute(plan)
-            totals["ticks"] += 1
-            totals["scanned"] += res.scanned
-            totals["merged"] += res.merged
-            totals["full_scans"] += int(wrapped)
-            if on_pass:
-                on_pass(res)
-            stop.wait(max(0.0, interval - (time.monotonic() - t0)))
-        totals["seconds"] = time.monotonic() - t_start
+        self._stop = stop
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                if self._cursor is None:
+                    self._fknown[:] = False     # a new full scan re-hashes shared frames
+                windows, wrapped = self._next_windows(budget, only)
+                plan = self.plan(windows=windows)
+                plan.full = wrapped
+                res = self.execute(plan)
+                totals["ticks"] += 1
+                totals["scanned"] += res.scanned
+                totals["merged"] += res.merged
+                totals["full_scans"] += int(res.full_scan)
+                if on_pass:
+                    on_pass(res)
+                stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+        finally:
+            self._stop = None
+            totals["seconds"] = time.monotonic() - t_start
         return totals
 
     # -- clean-up ----------------------------------------------------------

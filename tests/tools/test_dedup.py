@@ -141,11 +141,27 @@ def test_identical_pages_in_one_domain_merge_across_batches(hv):
     n = 500
     mem = np.repeat(page(7)[None], n, axis=0)
     d = hv.create_domain(n, content=mem).domid
-    with Scanner(InProcessBackend(hv), batch_pages=7) as sc:
+    sizes = {"nominate": [], "share": []}
+
+    class Recording(InProcessBackend):
+        def nominate_many(self, domid, gfns):
+            sizes["nominate"].append(len(gfns))
+            return super().nominate_many(domid, gfns)
+
+        def share_many(self, sds, *rest):
+            sizes["share"].append(len(sds))
+            return super().share_many(sds, *rest)
+
+    with Scanner(Recording(hv), batch_pages=7, round_pages=50) as sc:
         res = sc.scan_pass()
     assert hv.nr_saved_mfns == n - 1 and hv.nr_shared_mfns == 1
-    assert res.batches == -(-(n - 1) // 7)
-    assert res.requests == 2 * res.batches          # one nominate and one share each
+    assert res.batches == -(-(n - 1) // 50)         # rounds
+    # no share carries more than batch_pages pairs, no nominate more than
+    # NOMINATE_FACTOR times as many gfns
+    assert max(sizes["share"]) == 7
+    assert max(sizes["nominate"]) == dedup.NOMINATE_FACTOR * 7
+    assert sum(sizes["share"]) == n - 1
+    assert res.requests == len(sizes["nominate"]) + len(sizes["share"])
     check(hv, {d: mem})
 
 
