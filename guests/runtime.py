@@ -113,6 +113,21 @@ class _Link:
             self.lock.release()
         return True
 
+    def raw(self, data: bytes, reply: bool) -> tuple[int, int, int] | None:
+        """Send bytes verbatim on the pipe (a test of the hypervisor's
+        defences); with ``reply``, wait for the next H_REPLY: (seq, status, value)."""
+        with self.lock:
+            try:
+                P.write_all(self.wfd, [data])
+            except OSError:
+                raise HypervisorGone() from None
+            while reply:
+                (t, s, _), b = self._next()
+                if t == P.H_REPLY:
+                    return (s, *P.REPLY.unpack(b))
+                self.guest.on_async(t)
+        return None
+
     def _next(self):
         # The descriptor stays blocking: a read waits for the answer itself
         # (one system call, no poll first).
@@ -397,6 +412,13 @@ class _Channel:
 
     def _op_write_mapping(self, payload, gfn):
         return self.guest.write_mapping(gfn)
+
+    def _op_pipe_send(self, payload, reply):
+        got = self.guest.link.raw(bytes(payload), reply)
+        if got is None:
+            return {"sent": len(payload)}
+        seq, status, value = got
+        return {"sent": len(payload), "seq": seq, "status": status, "value": value}
 
     def _op_raw_write(self, payload, gfn):
         self.guest.raw_write(gfn)

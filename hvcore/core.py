@@ -105,6 +105,9 @@ class Hypervisor:
         """
         if pages <= 0:
             raise HVError(EINVAL, "a domain needs at least one page")
+        if holes is None and pages > self.pool.nfree:
+            # before any array is sized by an untrusted page count
+            raise HVError(ENOMEM, f"{pages} frames asked, {self.pool.nfree} free")
         domid = self._next_domid
         if domid >= DOMID_FIRST_RESERVED:
             raise HVError(ENOMEM, "no domid left")
@@ -677,8 +680,9 @@ class Hypervisor:
         if not d.dying:
             raise HVError(EINVAL, f"domain {domid} is not dying")
         typ = d.p2m.type
-        # An adaptive teardown starts small (16 shared gfns) and grows fast.
-        units = (d.info.get("chunk_units", 16 * RELINQUISH_SHARED_COST) if chunk_seconds
+        # An adaptive teardown starts with one shared gfn (on a long list
+        # rmap one removal can take a millisecond) and grows up to 4x a chunk.
+        units = (d.info.get("chunk_units", RELINQUISH_SHARED_COST) if chunk_seconds
                  else RELINQUISH_BUDGET)
         while d.teardown_phase == "shared":
             start = d.relinquish_cursor
@@ -686,11 +690,13 @@ class Hypervisor:
                 d.teardown_phase = "private"
                 d.relinquish_cursor = 0
                 break
+            # The whole chunk is timed, scan included: over a long run of
+            # holes and private gfns the scan is all the work there is.
+            t0 = time.perf_counter()
             window = typ[start:start + units]
             cost = np.where(window == RAM_SHARED, RELINQUISH_SHARED_COST, RELINQUISH_OTHER_COST)
             n = max(int(np.searchsorted(np.cumsum(cost), units, side="right")), 1)
             shared = np.nonzero(window[:n] == RAM_SHARED)[0] + start
-            t0 = time.perf_counter()
             self.drop_shared(domid, shared)
             d.relinquish_cursor = start + n
             if chunk_seconds:

@@ -208,6 +208,8 @@ def parse_frame(jlen: int, body) -> tuple[dict, memoryview]:
         obj = json.loads(bytes(mv[:jlen]))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("control frame is not valid JSON") from None
+    except RecursionError:      # "[[[[...": json.loads recurses per level
+        raise ProtocolError("control frame nests JSON too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control frame is not a JSON object")
     return obj, mv[jlen:]
@@ -420,6 +422,10 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     "create": {"pages": Int(1, 1 << 31), "workload": Str("zero"), "seed": Int(0, (1 << 32) - 1, 0),
                "name": Str(None), "paused": Bool(False), "rate": Num(0.0, 1e6, 200.0),
                "batch": Int(1, MAX_BATCH_PAGES, 1)},
+    # one preemptible teardown step (the kill controller repeats it while
+    # "done" is false): done, state (dying/destroyed), phase, cursor, npages,
+    # entries, entries_total, resumed, steps, continuations, step_ms,
+    # max_pause_ms, max_pause_cpu_ms, hv_seconds, seconds
     "destroy": {"domid": DOMID},
     "pause": {"domid": DOMID},
     "unpause": {"domid": DOMID},
@@ -434,6 +440,9 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     # payload: [int64 sds], int64 sgfns, uint64 shs, [int64 cds], int64 cgfns,
     # uint64 chs -> int64 codes; sds/cds travel only when sd/cd are not given
     "share_many": {"sd": Int(0, 0x7FEF, None), "cd": Int(0, 0x7FEF, None), "count": Int(0, 1 << 24)},
+    # subscribe to the sharing event ring: the answer, the retained events
+    # after `since` (none if not given), then one frame per new event
+    "events": {"since": Int(0, (1 << 63) - 1, None)},
 }
 
 #: Operations of a guest's control channel.
@@ -449,6 +458,9 @@ GUEST_OPS: dict[str, dict[str, _Arg]] = {
                "seconds": Num(0.0, 3600.0, 0.0)},
     "write_mapping": {"gfn": GFN},
     "raw_write": {"gfn": GFN},
+    # tests: the payload goes verbatim onto the guest's pipe to the hypervisor
+    # (anything a guest could send); with reply, the next H_REPLY comes back
+    "pipe_send": {"reply": Bool(False)},
     # benchmarks: the guest times its own writes (answer payload: int64 ns each)
     "time_writes": {"first": GFN, "count": Int(1, 1 << 20), "size": Int(1, PAGE_SIZE, 1)},
     "time_write_pages": {"first": GFN, "count": Int(1, 1 << 24), "batch": Int(1, MAX_BATCH_PAGES, 1024)},

@@ -26,9 +26,12 @@ Guests are real processes (``python -m guests.runtime``), spawned at create
 with their two pipe ends (``pass_fds``) after the domain's memory is filled.
 The create request is answered once the guest has mapped its memory and said
 hello. A guest that exits (EOF on its pipe, then its exit status is
-collected) leaves its domain ``crashed`` with its memory kept until destroy;
-a CoW fault that finds no free frame crashes the domain, as Xen does when no
-paging helper listens on the sharing ring.
+collected) leaves its domain ``crashed`` with its memory kept until destroy.
+A CoW fault that finds no free frame does not fail the write: the domain
+pauses, its write is parked (the guest simply waits for the answer) and an
+``enomem`` event goes onto the sharing event ring (:mod:`hvcore.events`,
+``hvctl events``); after every step that freed frames the parked writes are
+retried, and the domain runs again once its writes are done.
 """
 from __future__ import annotations
 
@@ -52,9 +55,21 @@ import numpy as np
 from . import protocol as P
 from . import shm
 from .errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
+from .events import EventRing, Parked, ParkedWrite
 
 DEFAULT_FRAMES = 65536
 TEARDOWN_MODES = ("preemptible", "monolithic")
+#: A preemptible destroy step yields before a chunk that would end past this
+#: budget (judged by the last chunk, or by the target if that was shorter),
+#: or as soon as other work is pending, so that one step stays under 1 ms
+#: with the request's own parsing and answer.
+TEARDOWN_STEP_BUDGET = 0.0007
+#: Relinquish chunks are sized to take about this long: a fault that
+#: arrives mid-step waits at most one chunk before the step yields to it.
+#: Not much less: a batch rmap call has a fixed cost of some 0.1-0.2 ms.
+TEARDOWN_CHUNK_SECONDS = 0.0003
+#: bytes an event subscriber may fall behind before it is dropped
+EVENTS_MAX_QUEUE = 1 << 20
 #: how long a new guest may take to map its memory and say hello
 GUEST_START_TIMEOUT = 30.0
 _TICK = 0.1
@@ -114,7 +129,9 @@ class PauseMeter:
     """Longest uninterrupted step, and how long all steps took (log2 buckets).
 
     Bucket ``i`` counts steps of ``[2**(i-1), 2**i)`` microseconds (bucket 0:
-    under 1 us).
+    under 1 us). Steps are also summed per kind (the control op's name,
+    ``guest`` or ``tick``): how long one kind of request holds the CPU is
+    what a batch size is chosen by (``info``'s ``pause_by_op``).
     """
 
     def __init__(self):
@@ -122,6 +139,7 @@ class PauseMeter:
         self.max_s = 0.0
         self.max_what = ""
         self.steps = 0
+        self.by_kind: dict[str, list] = {}     # kind -> [count, total s, max s, buckets]
 
     def record(self, seconds: float, what: str) -> None:
         self.steps += 1
@@ -129,6 +147,21 @@ class PauseMeter:
         self.buckets[min(us.bit_length(), len(self.buckets) - 1)] += 1
         if seconds > self.max_s:
             self.max_s, self.max_what = seconds, what
+        k = self.by_kind.get(what.split(" ", 1)[0])
+        if k is None:
+            k = self.by_kind[what.split(" ", 1)[0]] = [0, 0.0, 0.0, [0] * len(self.buckets)]
+        k[0] += 1
+        k[1] += seconds
+        if seconds > k[2]:
+            k[2] = seconds
+        k[3][min(us.bit_length(), len(self.buckets) - 1)] += 1
+
+    def by_op(self) -> dict:
+        """Per kind of step: ``count``, ``total_ms``, ``max_ms`` and its own
+        ``histogram`` (as :meth:`histogram`)."""
+        return {k: {"count": c, "total_ms": round(t * 1e3, 3), "max_ms": round(m * 1e3, 3),
+                    "histogram": [{"lt_us": 1 << i, "count": n} for i, n in enumerate(b) if n]}
+                for k, (c, t, m, b) in self.by_kind.items()}
 
     def histogram(self) -> list[dict]:
         """Non-empty buckets as ``{"lt_us": upper bound, "count": n}``."""
@@ -173,6 +206,8 @@ class _Endpoint:
         self.server.want_write(self, True)
 
     def flush(self) -> None:
+        if self.closed:
+            return          # dropped by an earlier event of the same select() batch
         try:
             while self.out:
                 n = self._send(memoryview(self.out)[:1 << 20])
@@ -220,6 +255,7 @@ class _Guest(_Endpoint):
         self.exit: str | None = None
         self.counters = {"writes": 0, "pages_written": 0, "cow_faults": 0}
         self.reported: dict = {}
+        self.kill_pending = False       # stopped by destroy; SIGKILL at the next tick
 
     def _send(self, mv) -> int:
         return os.write(self.wfd, mv)
@@ -256,7 +292,20 @@ class Server:
         self.clients: set[_Client] = set()
         self.guests: dict[int, _Guest] = {}
         self.zombies: list[_Guest] = []
+        #: final teardown record of every domain destroy finished (domids
+        #: are never reused, so a second destroy can say "already destroyed")
+        self.destroyed: dict[int, dict] = {}
+        #: a teardown step just yielded to other ready work (see _other_work)
+        self._preempted = False
+        #: clients whose next requests wait until that work has been served
+        self._deferred: list[_Client] = []
         self.cow_faults = 0
+        #: the sharing event ring, and the CoW writes waiting for a frame
+        self.ring = EventRing()
+        self.parked: dict[int, Parked] = {}
+        self._parked_free = 0          # fewest free frames seen since a retry failed
+        self._parked_mark: tuple = ()  # (free, shared, saved) when the last retry failed
+        self.enomem_waits = 0
         self.running = False
         self.started = time.time()
         self.requests = 0
@@ -338,10 +387,16 @@ class Server:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while self.running:
-                for key, mask in self.sel.select(_TICK):
+                deferred, self._deferred = self._deferred, []
+                for key, mask in self.sel.select(0 if deferred else _TICK):
                     key.data(mask)
+                    if self.parked:
+                        self._retry_parked()
                     if not self.running:
                         break
+                # after the work a teardown step yielded to: its next request
+                for c in deferred:
+                    self._serve_backlog(c)
                 if self.running and time.monotonic() >= self._next_tick:
                     self._tick()
         finally:
@@ -469,6 +524,7 @@ class Server:
             (jlen, _), body = c.backlog.pop(0)
             t0 = time.perf_counter()
             op = "?"
+            self._preempted = False
             try:
                 obj, payload = P.parse_frame(jlen, body)
                 op = str(obj.get("op"))
@@ -477,6 +533,14 @@ class Server:
                 c.reply(P.error(str(e)))
             finally:
                 self.meter.record(time.perf_counter() - t0, op)
+            if self._preempted:
+                # A teardown step yielded because others wait: they go first,
+                # then this client's queued requests (the kill controller
+                # keeps its next destroy queued).
+                self._preempted = False
+                if c.backlog:
+                    self._deferred.append(c)
+                break
 
     # -- control requests ----------------------------------------------
     def _request(self, c: _Client, obj: dict, payload) -> None:
@@ -486,6 +550,9 @@ class Server:
             result = getattr(self, "_op_" + op)(c, payload=payload, **args)
         except HVError as e:
             c.reply(P.error(_sentence(e), e.code, e.name))
+            return
+        except P.ProtocolError as e:    # a payload that does not match its arguments
+            c.reply(P.error(f"{op}: {e}"))
             return
         except Exception as e:          # a bug must not take every guest down
             traceback.print_exc()
@@ -505,8 +572,10 @@ class Server:
                   max_pause_op=self.meter.max_what, pause_histogram=self.meter.histogram(),
                   steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
-                  pool=self.hv.pool.name,
+                  pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
                   cow_faults=self.cow_faults)
+        st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),
+                  events_posted=self.ring.posted, event_subscribers=self.ring.live())
         return st
 
     def _op_list(self, c, payload):
@@ -517,6 +586,12 @@ class Server:
         out = {"domid": d.domid, "name": d.name, "state": d.state, "pages": d.npages,
                "tot_pages": d.tot_pages, "shr_pages": d.shr_pages,
                "pid": g.proc.pid if g else None, "p2m": d.p2m.name}
+        if d.dying:
+            # where an interrupted teardown stands: 'hvctl destroy' resumes here
+            out.update(phase=d.teardown_phase, cursor=d.relinquish_cursor,
+                       relinquished=d.relinquished)
+        if d.domid in self.parked:
+            out.update(self._describe_parked(d.domid))
         if g is not None:
             out.update(workload=g.config["workload"], seed=g.config["seed"],
                        guest_socket=g.sock_path if g.exit is None else None,
@@ -547,6 +622,10 @@ class Server:
         from guests import workloads
         if workload not in workloads.NAMES:
             raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(workloads.NAMES)})")
+        if pages > self.hv.pool.nfree:
+            # refused before anything is sized by ``pages`` (up to 2**31)
+            raise HVError(ENOMEM, f"cannot create a domain of {pages} pages: "
+                                  f"{pages} frames asked, {self.hv.pool.nfree} free")
         instance = self.instances + 1
         content = workloads.content_for(workload, seed, instance, pages)
         try:
@@ -565,13 +644,77 @@ class Server:
         return None
 
     def _op_destroy(self, c, payload, domid):
+        """One step of a domain's teardown (Xen's preemptible domain_kill).
+
+        The first step stops the guest and marks the domain dying (nominate
+        on it fails with EBUSY from then on); every step relinquishes from
+        the saved cursor. Preemptible mode stops as soon as other work is
+        pending or the step's budget is spent and answers ``done: false``
+        ("restart"): the kill controller asks again. Monolithic mode does
+        the whole teardown in this one step. Each answer carries the
+        progress and the teardown's totals so far.
+        """
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        d = self.hv.domains.get(domid)
+        if d is None and domid in self.destroyed:
+            raise HVError(ESRCH, f"domain {domid} is already destroyed")
         d = self.hv.domain(domid)
-        self._stop_guest(domid)
-        t0 = time.perf_counter()
-        entries = self.hv.destroy_domain(d.domid)
-        dt = time.perf_counter() - t0
-        return {"domid": domid, "seconds": round(dt, 6), "entries": int(entries),
-                "continuations": 0, "max_pause_ms": round(dt * 1e3, 3)}
+        resumed = d.dying
+        if not resumed:
+            self._stop_guest(domid)
+            self.hv.kill(domid)
+        td = d.info.setdefault("teardown", {
+            "started": time.monotonic(), "entries_total": d.shr_pages,
+            "steps": 0, "continuations": 0, "max_step_s": 0.0, "max_step_cpu_s": 0.0, "busy_s": 0.0})
+        if self.teardown == "monolithic":
+            done = self.hv.relinquish(domid)
+        else:
+            done = self.hv.relinquish(domid, self._other_work(c, t0),
+                                      chunk_seconds=TEARDOWN_CHUNK_SECONDS)
+        step = time.perf_counter() - t0
+        td["steps"] += 1
+        td["continuations"] += not done
+        td["busy_s"] += step
+        td["max_step_s"] = max(td["max_step_s"], step)
+        # CPU time too: on a busy machine a step's wall time includes the
+        # time other processes held our CPU, which is not the step's work
+        td["max_step_cpu_s"] = max(td["max_step_cpu_s"], time.thread_time() - cpu0)
+        out = {"domid": domid, "done": done, "state": "destroyed" if done else "dying",
+               "phase": "gone" if done else d.teardown_phase, "cursor": d.relinquish_cursor,
+               "npages": d.npages, "entries": d.relinquished, "entries_total": td["entries_total"],
+               "resumed": resumed, "steps": td["steps"], "continuations": td["continuations"],
+               "step_ms": round(step * 1e3, 3), "max_pause_ms": round(td["max_step_s"] * 1e3, 3),
+               "max_pause_cpu_ms": round(td["max_step_cpu_s"] * 1e3, 3),
+               "hv_seconds": round(td["busy_s"], 6),
+               "seconds": round(time.monotonic() - td["started"], 6)}
+        if done:
+            self.destroyed[domid] = out
+        return out
+
+    def _other_work(self, c: _Client, t0: float):
+        """The preemptible teardown's ``should_yield``: true when another
+        chunk as long as the last one would end past the step's budget, or
+        anything but the asking connection is ready (a guest's fault,
+        another request, a new connection, a signal).
+
+        Asked after every chunk, so it must be cheap: a clock read and a
+        zero-timeout poll of the selector.
+        """
+        deadline = t0 + TEARDOWN_STEP_BUDGET
+        clock, select, mine = time.perf_counter, self.sel.select, c.sock
+        last = [t0]
+
+        def should_yield() -> bool:
+            now = clock()
+            chunk, last[0] = now - last[0], now
+            # chunks grow up to 4x from one to the next: expect the target
+            if now + max(chunk, TEARDOWN_CHUNK_SECONDS) >= deadline:
+                return True
+            if any(key.fileobj is not mine for key, _ in select(0)):
+                self._preempted = True
+                return True
+            return False
+        return should_yield
 
     def _op_pause(self, c, payload, domid):
         return self._set_paused(domid, True)
@@ -581,6 +724,8 @@ class Server:
 
     def _set_paused(self, domid: int, paused: bool) -> dict:
         d = self.hv.domain(domid)
+        if domid in self.parked and d.state == "paused":
+            return self._set_paused_parked(domid, paused)
         if d.state not in ("running", "paused"):
             raise HVError(EINVAL, f"domain {domid} is {d.state}")
         d.state = "paused" if paused else "running"
@@ -654,6 +799,10 @@ class Server:
         return g
 
     def _guest_readable(self, g: _Guest) -> None:
+        if g.closed:
+            # Destroyed by an earlier event of the same select() batch: its
+            # descriptor is closed (and its number may already be reused).
+            return
         try:
             msgs, eof = g.reader.pump(limit=32)
         except P.ProtocolError as e:
@@ -679,26 +828,21 @@ class Server:
 
     def _guest_message(self, g: _Guest, mtype: int, seq: int, body) -> None:
         if mtype == P.G_WRITE or mtype == P.G_WRITE_PAGES:
+            if g.domid in self.parked:
+                # waiting for memory: later writes queue behind, in order
+                self._park(g, mtype, seq, body)
+                return
             d = self.hv.domains[g.domid]
             status = value = 0
             try:
                 if d.state == "paused":
                     raise HVError(EBUSY, f"domain {g.domid} is paused")
-                if mtype == P.G_WRITE:
-                    gfn, offset, data = P.decode_write(body)
-                    value = int(self.hv.write(g.domid, gfn, offset, data.tobytes()))
-                    g.counters["pages_written"] += 1
-                else:
-                    gfns, pages = P.decode_write_pages(body)
-                    value = int(self.hv.write_pages(g.domid, gfns, pages))
-                    g.counters["pages_written"] += len(gfns)
-                g.counters["writes"] += 1
-                g.counters["cow_faults"] += value
-                self.cow_faults += value
+                value = self._apply_write(g, mtype, body)
             except HVError as e:
                 if e.code == ENOMEM:
-                    # No paging helper listens on the sharing ring: Xen crashes the domain.
-                    self._crash(g, "out of memory on a CoW fault")
+                    # The vCPU pauses and the sharing ring says why; the
+                    # write is answered once frames are free again.
+                    self._park(g, mtype, seq, body)
                     return
                 status = e.code
             g.send(P.H_REPLY, seq, P.REPLY.pack(status, value))
@@ -709,6 +853,174 @@ class Server:
                 raise P.ProtocolError("bad hello message")
             g.ready = True
             self._answer_creator(g, None)
+
+    # -- memory pressure: the sharing event ring ------------------------
+    def _apply_write(self, g: _Guest, mtype: int, body) -> int:
+        """Apply one guest write message; the CoW faults it took.
+        Raises HVError (ENOMEM: nothing changed) or ProtocolError."""
+        if mtype == P.G_WRITE:
+            gfn, offset, data = P.decode_write(body)
+            value = int(self.hv.write(g.domid, gfn, offset, data.tobytes()))
+            g.counters["pages_written"] += 1
+        else:
+            gfns, pages = P.decode_write_pages(body)
+            value = int(self.hv.write_pages(g.domid, gfns, pages))
+            g.counters["pages_written"] += len(gfns)
+        g.counters["writes"] += 1
+        g.counters["cow_faults"] += value
+        self.cow_faults += value
+        return value
+
+    def _park(self, g: _Guest, mtype: int, seq: int, body) -> None:
+        """Keep a write that found no free frame: pause the domain (its
+        guest already waits for the answer) and post ``enomem`` on the ring."""
+        if mtype == P.G_WRITE:
+            gfn, _, _ = P.decode_write(body)            # refuses garbage before keeping it
+            pages, needed = 1, 1
+        else:
+            gfns, _ = P.decode_write_pages(body)
+            gfn, pages = int(gfns[0]), len(gfns)
+            needed = self._frames_needed(g.domid, gfns)
+        p = self.parked.get(g.domid)
+        first = p is None
+        if first:
+            p = self.parked[g.domid] = Parked()
+        p.writes.append(ParkedWrite(mtype, seq, body, int(gfn), pages))
+        if not first:
+            return
+        d = self.hv.domains[g.domid]
+        d.state = "paused"
+        g.notify(P.H_PAUSE)
+        self.enomem_waits += 1
+        free = self.hv.pool.nfree
+        self._parked_free = free if len(self.parked) == 1 else min(self._parked_free, free)
+        self._parked_mark = self._sharing_mark()
+        self.ring.post("enomem", domid=g.domid, gfn=int(gfn), pages=pages, needed=needed,
+                       frames_free=free, frames_total=self.hv.pool.nframes)
+
+    def _frames_needed(self, domid: int, gfns) -> int:
+        """Frames a batched write must allocate: one per shared gfn, less
+        the frames whose every sharer is in the batch (the last takes it)."""
+        from .p2m import RAM_SHARED
+        d = self.hv.domains.get(domid)
+        try:
+            gfns = np.unique(np.asarray(gfns, dtype=np.int64))
+            gfns = gfns[(gfns >= 0) & (gfns < d.npages)]
+            shared = gfns[d.p2m.type[gfns] == RAM_SHARED]
+            frames, counts = np.unique(d.p2m.mfn[shared], return_counts=True)
+            return int(len(shared) - (counts == self.hv.pool.type_count[frames]).sum())
+        except (AttributeError, IndexError, ValueError):
+            return 0
+
+    def _sharing_mark(self) -> tuple:
+        hv = self.hv
+        return (hv.pool.nfree, hv.nr_shared_mfns, hv.nr_saved_mfns)
+
+    def _retry_parked(self, changed_only: bool = False) -> None:
+        """Give parked writes another go, oldest domain first.
+
+        Called after every step, so it must be cheap when nothing can have
+        changed: it retries only when more frames are free than at the last
+        failure. The housekeeping tick (``changed_only``) also retries when
+        the sharing counters moved, which catches a parked gfn that became
+        the last sharer of its frame (unshared elsewhere: no copy needed).
+        """
+        free = self.hv.pool.nfree
+        if changed_only:
+            if self._sharing_mark() == self._parked_mark:
+                return
+        elif free <= self._parked_free:
+            self._parked_free = free
+            return
+        t0 = time.perf_counter()
+        for domid in list(self.parked):
+            self._resume_parked(domid)
+        self._parked_free = self.hv.pool.nfree
+        self._parked_mark = self._sharing_mark()
+        self.meter.record(time.perf_counter() - t0, "resume")
+
+    def _resume_parked(self, domid: int) -> bool:
+        """Apply a domain's parked writes in order; True once none is left.
+        The last answer goes after the unpause, so the guest runs on at once."""
+        p = self.parked.get(domid)
+        if p is None:
+            return True
+        g = self.guests.get(domid)
+        d = self.hv.domains.get(domid)
+        if g is None or g.closed or d is None or d.dying:
+            self._cancel_parked(domid, "the domain is gone")
+            return True
+        first = p.writes[0] if p.writes else None
+        while p.writes:
+            w = p.writes[0]
+            status = value = 0
+            try:
+                value = self._apply_write(g, w.mtype, w.body)
+            except HVError as e:
+                if e.code == ENOMEM:
+                    return False
+                status = e.code
+            except P.ProtocolError as e:             # checked when parked: not expected
+                self._crash(g, f"protocol violation: {e}")
+                return True
+            p.writes.popleft()
+            if not p.writes:
+                del self.parked[domid]
+                d.state = "paused" if p.hold else "running"
+                if not p.hold:
+                    g.notify(P.H_UNPAUSE)
+                self.ring.post("resumed", domid=domid, gfn=first.gfn if first else None,
+                               waited_ms=round((time.monotonic() - p.since) * 1e3, 3),
+                               state=d.state, frames_free=self.hv.pool.nfree)
+            g.send(P.H_REPLY, w.seq, P.REPLY.pack(status, value))
+        return True
+
+    def _cancel_parked(self, domid: int, why: str) -> None:
+        """The domain of parked writes is destroyed or crashed: its writes
+        die with it (nobody waits for them any more)."""
+        p = self.parked.pop(domid, None)
+        if p is not None:
+            self.ring.post("cancelled", domid=domid, writes=len(p.writes), reason=why,
+                           waited_ms=round((time.monotonic() - p.since) * 1e3, 3))
+
+    def _set_paused_parked(self, domid: int, paused: bool) -> dict:
+        """pause/unpause of a domain that waits for memory: pause makes it
+        stay paused once its write is done; unpause retries now and says
+        so if there is still no frame."""
+        p = self.parked[domid]
+        p.hold = paused
+        if not paused and not self._resume_parked(domid):
+            raise HVError(ENOMEM, f"domain {domid} waits for free memory for a copy-on-write "
+                                  f"fault; it resumes by itself once frames are freed")
+        return {"domid": domid, "state": self.hv.domains[domid].state}
+
+    def _describe_parked(self, domid: int) -> dict:
+        p = self.parked.get(domid)
+        if p is None:
+            return {}
+        return {"waiting_for_memory": True, "parked_writes": len(p.writes),
+                "waiting_ms": round((time.monotonic() - p.since) * 1e3, 3)}
+
+    def _op_events(self, c, payload, since):
+        """Subscribe this connection to the sharing event ring: an answer,
+        the retained events after ``since`` (none if not given), then every
+        new event as its own frame, until either side closes. Pushing only
+        queues bytes, so a slow subscriber never holds the loop; one that
+        falls :data:`EVENTS_MAX_QUEUE` bytes behind is dropped."""
+        c.reply(P.ok(subscribed=True, seq=self.ring.seq, parked=sorted(self.parked)))
+
+        def push(ev, c=c) -> bool:
+            if c.closed:
+                return False
+            if len(c.out) > EVENTS_MAX_QUEUE:
+                self._drop_client(c)
+                return False
+            c.reply(ev)
+            return not c.closed
+        for ev in (self.ring.since(since) if since is not None else ()):
+            push(ev)
+        self.ring.subscribe(push, lambda c=c: not c.closed)
+        return None
 
     def _answer_creator(self, g: _Guest, failure: str | None) -> None:
         c, g.creator = g.creator, None
@@ -727,6 +1039,8 @@ class Server:
         if g.closed:
             return
         g.closed = True
+        if g.domid in self.parked:
+            self._cancel_parked(g.domid, g.exit or "the guest exited")
         self.sel.unregister(g.fd)
         if getattr(g, "_wregistered", False):
             self.sel.unregister(g.wfd)
@@ -775,11 +1089,24 @@ class Server:
         print(f"hvshare: domain {g.domid} crashed: {why}", file=sys.stderr, flush=True)
 
     def _stop_guest(self, domid: int) -> None:
+        """Stop a domain's guest now and forget its pipes (destroy).
+
+        SIGSTOP stops it at once: from here on it neither reads nor writes.
+        Its SIGKILL waits for the next housekeeping tick, because a SIGKILL
+        wakes the guest to die and a busy scheduler may run that exit in
+        the middle of our step (milliseconds of wall time, where the stop
+        costs some 50 us).
+        """
         g = self.guests.pop(domid, None)
         if g is None:
             return
+        self._cancel_parked(domid, "destroyed")
         if g.proc.poll() is None:
-            g.proc.kill()
+            try:
+                os.kill(g.proc.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+            g.kill_pending = True
         self._detach_guest(g)
         if g.creator is not None:
             self._answer_creator(g, f"domain {domid} was destroyed while its guest started")
@@ -791,6 +1118,10 @@ class Server:
         now = time.monotonic()
         self._next_tick = now + _TICK
         for g in list(self.zombies):
+            if g.kill_pending:
+                g.kill_pending = False          # stopped by destroy: now it dies
+                if g.proc.poll() is None:
+                    g.proc.kill()
             self._reap(g)
         for g in list(self.guests.values()):
             if g.closed:
@@ -801,6 +1132,8 @@ class Server:
             elif not g.ready and now - g.started > GUEST_START_TIMEOUT:
                 self._crash(g, f"did not start within {GUEST_START_TIMEOUT:g} s")
         self.meter.record(time.perf_counter() - t0, "tick")
+        if self.parked:
+            self._retry_parked(changed_only=True)
 
 
 def _array(payload, count: int, dtypes) -> list[np.ndarray]:

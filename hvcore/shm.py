@@ -70,13 +70,18 @@ def owner_pid(name: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped) owns nothing."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def unlink_stale() -> list[str]:

@@ -42,8 +42,8 @@ from hvcore import protocol as P
 from hvcore import shm
 from hvcore.server import DEFAULT_FRAMES, TEARDOWN_MODES, child_env, state_dir_for
 
-__all__ = ["HVCtlError", "NoHypervisor", "GuestGone", "HypervisorClient", "GuestClient", "HVSession",
-           "hvshare_session", "start_hypervisor", "default_socket_path", "DEFAULT_FRAMES",
+__all__ = ["HVCtlError", "NoHypervisor", "GuestGone", "HypervisorClient", "GuestClient", "EventStream",
+           "HVSession", "hvshare_session", "start_hypervisor", "default_socket_path", "DEFAULT_FRAMES",
            "TEARDOWN_MODES"]
 
 PAGE_SIZE = P.PAGE_SIZE
@@ -183,7 +183,16 @@ class HypervisorClient:
         args = {k: v for k, v in dict(rate=rate, batch=batch, name=name).items() if v is not None}
         return self.call("create", pages=pages, workload=workload, seed=seed, paused=paused, **args)
 
-    def destroy(self, domid: int) -> dict:
+    def destroy(self, domid: int, progress=None) -> dict:
+        """Destroy a domain to the end with the kill controller
+        (:func:`tools.killctl.destroy`): domid, seconds, entries,
+        continuations, max_pause_ms. ``progress(answer)`` sees every step."""
+        from .killctl import destroy
+        return destroy(self, domid, progress=progress)
+
+    def destroy_step(self, domid: int) -> dict:
+        """One destroy request: one teardown step and its progress
+        (``done`` false means "restart": ask again)."""
         return self.call("destroy", domid=domid)
 
     def pause(self, domid: int) -> dict:
@@ -241,6 +250,14 @@ class HypervisorClient:
         payload = b"".join(a.tobytes() for a in arrays)
         _, data = self.request("share_many", payload, count=len(arrays[0]), **args)
         return np.frombuffer(data, "<i8").astype(np.int64)
+
+    # -- the sharing event ring -------------------------------------------
+    def events(self, since: int | None = 0, timeout: float | None = None) -> "EventStream":
+        """Subscribe to the sharing event ring on a connection of its own:
+        an :class:`EventStream` of the retained events after ``since``
+        (None: only new ones), then every new event (``enomem``,
+        ``resumed``, ``cancelled``)."""
+        return EventStream(self.socket_path, since, timeout)
 
     # -- guests ----------------------------------------------------------
     def guest(self, domid: int) -> "GuestClient":
@@ -320,6 +337,12 @@ class GuestClient:
         """Try to store through the read-only mapping from Python (refused)."""
         return self.call("write_mapping", gfn=gfn)
 
+    def pipe_send(self, data: bytes, reply: bool = False) -> dict:
+        """Have the guest put ``data`` verbatim on its pipe to the hypervisor
+        (testing what a hostile guest can send); with ``reply`` the answer's
+        ``seq``, ``status`` and ``value`` come back."""
+        return self.request("pipe_send", bytes(data), reply=reply)[0]
+
     def raw_write(self, gfn: int) -> None:
         """Store through the mapping with ctypes: the guest dies of SIGSEGV."""
         try:
@@ -327,6 +350,82 @@ class GuestClient:
         except GuestGone:
             return                      # the connection died with the guest
         raise HVCtlError(f"the guest of domain {self.domid} survived a write to its read-only mapping")
+
+
+class EventStream:
+    """A subscription to the hypervisor's sharing event ring.
+
+    Iterating yields one event dict at a time, blocking until the next
+    (``timeout``: raise :class:`HVCtlError` ETIMEDOUT when none came in time),
+    and ends when the hypervisor closes the connection (it stopped).
+    ``subscribed`` is the first answer: ``seq`` (the ring's last sequence
+    number) and ``parked`` (domids waiting for memory right now).
+    """
+
+    def __init__(self, socket_path: str, since: int | None = 0, timeout: float | None = None):
+        self.socket_path, self.timeout = socket_path, timeout
+        self.sock = _Channel(socket_path, timeout, "hypervisor")._connect()
+        try:
+            P.send_frame(self.sock, {"op": "events", "since": since})
+            first = self._recv()
+        except BaseException:
+            self.close()
+            raise
+        if first is None:
+            self.close()
+            raise NoHypervisor(f"the hypervisor on {socket_path} closed the connection during events")
+        if not first.get("ok"):
+            self.close()
+            raise HVCtlError(first.get("error", "events refused"), first.get("code", 22),
+                             first.get("code_name", "EINVAL"))
+        self.subscribed = first
+
+    def _recv(self) -> dict | None:
+        try:
+            got = P.recv_frame(self.sock)
+        except socket.timeout:
+            raise HVCtlError(f"no event within {self.timeout:g} s", 110, "ETIMEDOUT") from None
+        except (ConnectionError, OSError, P.ProtocolError):
+            return None
+        return None if got is None else got[0]
+
+    def next(self, timeout: float | None = None) -> dict | None:
+        """The next event (None once the hypervisor closed the stream)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+        return self._recv()
+
+    def wait_for(self, pred, timeout: float = 10.0) -> dict:
+        """Skip events until ``pred(event)`` is true; that event."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise HVCtlError(f"no matching event within {timeout:g} s", 110, "ETIMEDOUT")
+            ev = self.next(left)
+            if ev is None:
+                raise NoHypervisor(f"the hypervisor on {self.socket_path} closed the event stream")
+            if pred(ev):
+                return ev
+
+    def __iter__(self):
+        while True:
+            ev = self._recv()
+            if ev is None:
+                return
+            yield ev
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # ----------------------------------------------------------------------

@@ -3,10 +3,11 @@
 1. start a hypervisor on a private socket (sized for the guests);
 2. boot ``guests`` clones of one image and one writer (a clone whose guest
    writes random pages), all created in parallel;
-3. share: ``range_share`` every clone and the writer with the first clone
-   over the gfn ranges the image and zero extents cover (a content-based
-   scanner, ``hvctl dedup``, is the general way);
-4. let the writer run: its writes to shared pages are CoW faults;
+3. let the writer run, and share: one pass of the content-based dedup
+   scanner (``hvctl dedup``) over every running domain, the writer's
+   included: image and zero pages end up on shared frames, private pages
+   stay private, and a page the writer writes during the pass is skipped;
+4. the writer goes on: its writes to shared pages are CoW faults;
 5. destroy one clone while the writer keeps faulting (teardown under load);
 6. audit, stop, and check that no process, segment or socket is left.
 """
@@ -17,10 +18,9 @@ import os
 import time
 from typing import Callable
 
-from guests import workloads
 from hvcore import shm
 
-from . import api
+from . import api, dedup
 
 
 def run_demo(guests: int = 4, pages: int = 4096, seed: int = 1, seconds: float = 1.0,
@@ -42,21 +42,21 @@ def run_demo(guests: int = 4, pages: int = 4096, seed: int = 1, seconds: float =
         clones, writer = doms[:-1], doms[-1]
         say(f"booted {guests} clones and a writer of {pages} pages each from image {seed}")
 
-        runs = workloads.shareable_runs(seed, pages)
+        hv.unpause(writer)            # the scanner sees running domains only
         t0 = time.perf_counter()
-        merged = 0
-        for d in clones[1:] + [writer]:
-            for first, last in runs:
-                merged += hv.range_share(clones[0], d, first, last)
+        with dedup.Scanner(dedup.SocketBackend(hv)) as sc:
+            scan = sc.scan_pass()
         share_s = time.perf_counter() - t0
+        merged = scan.merged
         shared_info = hv.info()
-        say(f"range_share merged {merged} pages in {share_s:.3f} s: "
+        steps = (scan.hv_steps or {}).get("all", {})
+        say(f"dedup scanned {scan.scanned} pages and merged {merged} in {share_s:.3f} s: "
             f"{shared_info['nr_saved_mfns']} frames saved")
 
-        hv.unpause(writer)
         time.sleep(seconds / 2)
         victim = clones[-1] if len(clones) > 1 else clones[0]
-        teardown = hv.destroy(victim)          # under load: the writer keeps faulting
+        # under load: the writer keeps faulting between the teardown's steps
+        teardown = hv.destroy(victim)
         say(f"destroyed domain {victim} under load in {teardown['seconds']:.4f} s "
             f"({teardown['entries']} shared entries)")
         time.sleep(seconds / 2)
@@ -79,7 +79,9 @@ def run_demo(guests: int = 4, pages: int = 4096, seed: int = 1, seconds: float =
         "pages": pages,
         "seed": seed,
         "merged": merged,
+        "scanned": scan.scanned,
         "share_seconds": round(share_s, 4),
+        "dedup_longest_step_lt_ms": steps.get("max_lt_ms"),
         "nr_saved_mfns_end": info["nr_saved_mfns"],
         "pages_written": wstats["pages_written"],
         "fault_p50_us": wstats["fault_p50_us"],
@@ -111,12 +113,13 @@ def report(r: dict) -> str:
              else f"LEFT BEHIND: {left['processes']} processes, {left['segments']} segments")
     return "\n".join([
         f"hvshare demo: {r['guests']} clones + 1 writer, {r['pages']} pages each, image {r['seed']}",
-        f"  sharing    range_share merged {r['merged']} pages in {r['share_seconds']:.3f} s: "
-        f"{r['nr_saved_mfns']} frames saved ({mib:.1f} MiB)",
+        f"  sharing    dedup scanned {r['scanned']} pages, merged {r['merged']} in "
+        f"{r['share_seconds']:.3f} s: {r['nr_saved_mfns']} frames saved ({mib:.1f} MiB)",
         f"  CoW        the writer wrote {r['pages_written']} pages: {r['cow_faults']} CoW faults, "
         f"fault round trip {lat}",
         f"  teardown   domain {t['domid']} destroyed under load in {t['seconds'] * 1e3:.2f} ms: "
-        f"{t['entries']} shared entries, {t['continuations']} continuations",
+        f"{t['entries']} shared entries, {t['continuations']} continuations, longest step "
+        f"{t['max_pause_ms']} ms",
         f"  hypervisor longest pause {r['max_pause_ms']} ms ({r['max_pause_op']})",
         f"  audit      {r['audit_errors']} errors",
         f"  clean-up   hypervisor stopped, {clean} ({r['seconds']:.1f} s in all)",

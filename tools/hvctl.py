@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 from . import api
 
@@ -28,6 +31,8 @@ $XDG_RUNTIME_DIR/hvshare/hvshare.sock, else /tmp/hvshare-UID/hvshare.sock.
 Examples:
   hvctl start --frames 65536
   hvctl create --pages 4096 --workload clone --seed 1
+  hvctl create --pages 4096 --workload clone --seed 1
+  hvctl dedup           # share their identical pages (--watch: keep doing so)
   hvctl list
   hvctl info --json
   hvctl stop
@@ -67,6 +72,19 @@ def _rate(text: str) -> float:
     if not 0 <= v <= 1e6:
         raise argparse.ArgumentTypeError(f"must be a number of pages per second (0 to 1e6), not {text!r}")
     return v
+
+
+def _positive(what: str, hi: float):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = -1.0
+        if not 0 < v <= hi:
+            raise argparse.ArgumentTypeError(f"must be a number above 0 and at most {hi:g}, not {text!r}")
+        return v
+    parse.__name__ = what
+    return parse
 
 
 def _common() -> argparse.ArgumentParser:
@@ -138,15 +156,65 @@ def build_parser() -> argparse.ArgumentParser:
         "(max_pause_ms) with a log2 histogram of step lengths.")
     cmd("audit", "check every sharing invariant",
         "Run the hypervisor's audit; print its error count. Exit status 1 when it is not 0.")
-    for name, what in (("destroy", "destroy a domain: stop its guest and free its memory"),
-                       ("pause", "pause a domain's guest (its workload stops writing)"),
+    d = cmd("destroy", "destroy a domain: stop its guest and free its memory",
+            "The kill controller: stop the domain's guest, mark the domain dying, and call\n"
+            "the hypervisor's preemptible teardown again while it answers \"restart\" (each\n"
+            "call relinquishes shared entries from a saved cursor and yields to waiting\n"
+            "guests and requests). A progress bar shows on a terminal. Reports seconds,\n"
+            "shared entries relinquished, continuations and the hypervisor's longest\n"
+            "teardown step (max_pause_ms).\n\n"
+            "Interrupted, it leaves the domain dying with its cursor ('hvctl list' shows\n"
+            "it); running it again finishes the teardown.")
+    d.add_argument("domid", type=_count("domid"), help="the domain's id (see 'hvctl list')")
+    for name, what in (("pause", "pause a domain's guest (its workload stops writing)"),
                        ("unpause", "let a paused domain's guest run")):
         d = cmd(name, what, what[0].upper() + what[1:] + ".")
         d.add_argument("domid", type=_count("domid"), help="the domain's id (see 'hvctl list')")
+    from . import dedup
+    x = cmd("dedup", "share pages with identical content: one pass, or a daemon with --watch",
+            "The content-based dedup scanner. Xen shares only the pages the toolstack names\n"
+            "and never looks at contents; this finds them. It maps the frame pool and each\n"
+            "running domain's p2m read-only, hashes private pages (zero pages are found\n"
+            "without hashing), groups equal hashes, nominates the candidates, compares their\n"
+            "bytes once nominate has made them read-only, and shares the identical ones. A\n"
+            "page written meanwhile is skipped: its handle went stale with the write.\n\n"
+            "One pass by default; it reports pages scanned, pages merged, frames saved,\n"
+            "seconds, and the hypervisor's longest step while it ran.\n\n"
+            "--watch runs like Linux's ksmd: every --interval seconds it scans the next\n"
+            "rate x interval gfns (a cursor over the running domains; each wrap is a full\n"
+            "scan), skips pages that changed since their last scan, and prints one line per\n"
+            "pass (one JSON object per line with --json). It stops on Ctrl-C or SIGTERM,\n"
+            "and when the hypervisor goes away (exit status 1).")
+    x.add_argument("domids", metavar="DOMID", nargs="*", type=_count("domid"),
+                   help="scan these running domains only (default: all); pages already shared "
+                        "by any domain are merge targets either way")
+    x.add_argument("--watch", action="store_true", help="keep scanning, like ksmd, until stopped")
+    x.add_argument("--rate", type=_positive("rate", 1e8), metavar="PAGES_PER_SECOND",
+                   help=f"--watch: gfns scanned per second at most (default "
+                        f"{dedup.WATCH_PAGES_PER_SECOND:,}; ksmd's default is 5,000)")
+    x.add_argument("--interval", type=_positive("interval", 3600), metavar="SECONDS",
+                   help=f"--watch: seconds between passes (default {dedup.WATCH_INTERVAL:g}; "
+                        f"ksmd's is 0.02)")
+    x.add_argument("--batch", type=_count("batch"), default=dedup.BATCH_PAGES, metavar="PAGES",
+                   help=f"most page pairs per share request, {dedup.NOMINATE_FACTOR}x as many pages "
+                        f"per nominate request (default {dedup.BATCH_PAGES}: keeps the hypervisor's "
+                        f"step per request under about 1 ms; bigger merges faster and holds the "
+                        f"hypervisor longer)")
+    e = cmd("events", "stream the sharing event ring: one JSON object per line",
+            "Subscribe to the hypervisor's sharing event ring and print each event as one\n"
+            "JSON object per line, until Ctrl-C or the hypervisor's end (exit status 1).\n\n"
+            "A guest write that needs a frame for a copy-on-write fault when none is free is\n"
+            "not lost: its domain pauses and an 'enomem' event (domid, gfn, pages, needed,\n"
+            "frames_free) is posted. Free memory (destroy a domain, run 'hvctl dedup') and\n"
+            "the write lands by itself, the domain runs again and a 'resumed' event follows\n"
+            "(waited_ms). A domain destroyed or crashed while waiting posts 'cancelled'.\n"
+            "The ring keeps the last 1024 events; they are printed first unless --new.")
+    e.add_argument("--new", action="store_true", help="only events posted from now on")
+    e.add_argument("--count", type=_count("count"), metavar="N", help="exit after N events")
     m = cmd("demo", "run the whole story on a private hypervisor",
             "Start a private hypervisor, boot clone guests from one image, share their\n"
-            "common pages with range_share, let a writer guest take CoW faults, destroy one\n"
-            "domain under load, audit, clean up, and report.")
+            "common pages with the dedup scanner, let a writer guest take CoW faults, destroy\n"
+            "one domain under load, audit, clean up, and report.")
     m.add_argument("--guests", type=_count("guests"), default=4, help="clone guests (default 4)")
     m.add_argument("--pages", type=_count("pages"), default=4096, help="pages per guest (default 4096)")
     m.add_argument("--seed", type=_count("seed", 0), default=1, help="the common image (default 1)")
@@ -221,6 +289,10 @@ def cmd_list(a) -> object:
     for d in doms:
         lat = "-" if d.get("fault_p50_us") is None else f"{d['fault_p50_us']:.0f}/{d['fault_p99_us']:.0f}"
         state = d["state"] + (f" ({d['exit']})" if d["state"] == "crashed" and d.get("exit") else "")
+        if d["state"] == "dying":
+            state += f" (gfn {d['cursor']}/{d['pages']}, {d['phase']})"
+        if d.get("waiting_for_memory"):
+            state += f" (waiting for memory {d['waiting_ms'] / 1e3:.1f} s)"
         rows.append((d["domid"], d["name"], state, d["pages"], d["shr_pages"], d["pid"] or "-",
                      d.get("workload", "-"), d.get("pages_written", 0), d.get("cow_faults", 0), lat))
     return doms, _table(rows) if doms else "no domains"
@@ -255,9 +327,15 @@ def cmd_audit(a) -> object:
 
 
 def cmd_destroy(a) -> object:
-    r = _client(a).destroy(a.domid)
-    return r, (f"domain {r['domid']} destroyed in {r['seconds']:.3f} s: {r['entries']} shared entries "
-               f"relinquished, {r['continuations']} continuations, longest pause {r['max_pause_ms']} ms")
+    from . import killctl
+    # No reply timeout: a monolithic teardown of a long list rmap is one
+    # request that may take minutes (that freeze is what it demonstrates).
+    with api.HypervisorClient(a.socket, timeout=None) as c:
+        r = killctl.destroy(c, a.domid, progress=None if a.json else killctl.terminal_progress())
+    resumed = " (resumed a teardown left dying)" if r["resumed"] else ""
+    return r, (f"domain {r['domid']} destroyed in {r['seconds']:.3f} s{resumed}: {r['entries']} shared "
+               f"entries relinquished, {r['continuations']} continuations, longest pause "
+               f"{r['max_pause_ms']} ms")
 
 
 def cmd_pause(a) -> object:
@@ -268,6 +346,114 @@ def cmd_pause(a) -> object:
 def cmd_unpause(a) -> object:
     r = _client(a).unpause(a.domid)
     return r, f"domain {r['domid']} running"
+
+
+def cmd_dedup(a) -> object:
+    from . import dedup
+    if not a.watch and (a.rate is not None or a.interval is not None):
+        opt = "--rate" if a.rate is not None else "--interval"
+        print(f"hvctl dedup: {opt} only applies with --watch (see 'hvctl dedup --help').",
+              file=sys.stderr)
+        return None, None, 2         # a command-line mistake, like argparse's
+    with api.HypervisorClient(a.socket) as c:
+        states = {d["domid"]: d["state"] for d in c.list()}
+        for x in a.domids:
+            if x not in states:
+                raise api.HVCtlError(f"no domain with id {x}", 3, "ESRCH")
+            if states[x] != "running":
+                raise api.HVCtlError(f"domain {x} is {states[x]}; only running domains are scanned")
+        backend = dedup.SocketBackend(c)
+        with dedup.Scanner(backend, batch_pages=a.batch) as sc:
+            if a.watch:
+                return _dedup_watch(a, sc)
+            r = sc.scan_pass(a.domids or None)
+    out = _pass_json(r)
+    steps = (r.hv_steps or {}).get("all", {})
+    ops = ", ".join(f"{r.hv_steps[op]['count']} {op}" for op in dedup.SCANNER_OPS
+                    if op in (r.hv_steps or {}))
+    text = (f"dedup: scanned {r.scanned:,} pages ({r.zero:,} zero) in {r.seconds:.3f} s: merged "
+            f"{r.merged:,}, frames saved {r.saved_delta:+,} (now {r.nr_saved_mfns:,}, "
+            f"{r.nr_saved_mfns * 4 / 1024:.1f} MiB)")
+    if steps:
+        text += (f"\n  hypervisor: {ops or 'no'} requests; longest step < {steps['max_lt_ms']:g} ms "
+                 f"({steps['over_1ms']} of {steps['count']} steps over 1 ms)")
+    return out, text
+
+
+def _pass_json(r) -> dict:
+    """One pass as JSON: the contract keys, the KSM-like counters at the top
+    level, and the rest of the pass's record."""
+    out = r.to_dict()
+    out.update(r.counters)
+    return out
+
+
+def _pass_line(r) -> str:
+    steps = (r.hv_steps or {}).get("all")
+    line = (f"{time.strftime('%H:%M:%S')} scanned {r.scanned:,} merged {r.merged:,} in "
+            f"{r.seconds:.3f} s; saved {r.nr_saved_mfns:,} frames; shared {r.counters['pages_shared']:,} "
+            f"sharing {r.counters['pages_sharing']:,} unshared {r.counters['pages_unshared']:,} "
+            f"volatile {r.counters['pages_volatile']:,}; full scans {r.counters['full_scans']}")
+    if steps and steps["count"]:
+        line += f"; longest step < {steps['max_lt_ms']:g} ms"
+    return line
+
+
+def _dedup_watch(a, sc) -> object:
+    """ksmd: passes until SIGINT/SIGTERM (status 0) or the hypervisor goes
+    away (status 1); one line (or JSON object) per pass, then a summary."""
+    from . import dedup
+    stop = threading.Event()
+    caught = []
+
+    def on_signal(signum, frame):
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+
+    def on_pass(r):
+        print(json.dumps(_pass_json(r)) if a.json else _pass_line(r), flush=True)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    gone = None
+    totals = {}
+    try:
+        totals = sc.watch(a.interval or dedup.WATCH_INTERVAL, a.rate or dedup.WATCH_PAGES_PER_SECOND,
+                          stop_event=stop, on_pass=on_pass, domids=a.domids or None)
+    except api.NoHypervisor as e:
+        gone = str(e).rstrip(".")
+        totals = {k: sc.counters[k] for k in ("passes", "pages_scanned", "pages_merged", "full_scans")}
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    reason = f"{caught[0]}" if caught else "hypervisor gone"
+    summary = {"stopped": reason, **totals}
+    if a.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"dedup --watch stopped ({reason}): " + ", ".join(f"{k} {v:,}" if isinstance(v, int)
+                                                                else f"{k} {v:.1f}"
+                                                                for k, v in totals.items()), flush=True)
+    if gone:
+        print(f"hvctl dedup: {gone}; stopping.", file=sys.stderr)
+        return None, None, 1
+    return None
+
+
+def cmd_events(a) -> object:
+    """Print events as they come; Ctrl-C is the normal way out."""
+    n = 0
+    try:
+        with api.HypervisorClient(a.socket).events(since=None if a.new else 0) as stream:
+            for ev in stream:
+                print(json.dumps(ev), flush=True)
+                n += 1
+                if a.count and n >= a.count:
+                    return None
+    except (KeyboardInterrupt, BrokenPipeError):
+        return None
+    path = os.path.abspath(a.socket or api.default_socket_path())
+    print(f"hvctl events: the hypervisor on {path} stopped.", file=sys.stderr)
+    return None, None, 1
 
 
 def cmd_demo(a) -> object:
@@ -285,7 +471,7 @@ def _table(rows) -> str:
 
 COMMANDS = {"start": cmd_start, "stop": cmd_stop, "create": cmd_create, "list": cmd_list,
             "info": cmd_info, "audit": cmd_audit, "destroy": cmd_destroy, "pause": cmd_pause,
-            "unpause": cmd_unpause, "demo": cmd_demo}
+            "unpause": cmd_unpause, "dedup": cmd_dedup, "events": cmd_events, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hvctl {a.command}: {msg}.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"hvctl {a.command}: interrupted.", file=sys.stderr)
+        more = (f"; domain {a.domid} may be left dying: run 'hvctl destroy {a.domid}' again to finish"
+                if a.command == "destroy" else "")
+        print(f"hvctl {a.command}: interrupted{more}.", file=sys.stderr)
         return 130
     except OSError as e:                # a path we cannot create or reach
         where = f"cannot use {e.filename}: " if e.filename else ""
@@ -310,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         return 0
     obj, text, *status = result
-    print(json.dumps(obj, indent=None if a.command == "list" else 2) if a.json else text)
+    if text is not None:            # None: the command printed its own output
+        print(json.dumps(obj, indent=None if a.command == "list" else 2) if a.json else text)
     return status[0] if status else 0
 
 

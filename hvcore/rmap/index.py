@@ -10,7 +10,10 @@ Layout (numpy arrays, so the memory is flat and the batch forms vectorise):
 - arena, one int32 row per node: next, prev (links, -1 = none), frame
   (-1 = free), gfn - a node's row sits in one cache line, so a remove
   touches few lines - plus ``_dom`` (int16: domids are below 0x8000):
-  18 bytes per node. ``_nxt``, ``_prv``, ``_frm``, ``_gfn`` are column views;
+  18 bytes per node. ``_nxt``, ``_prv``, ``_frm``, ``_gfn`` are column views.
+  One row past the last node is the *sentinel*: index -1 reaches it, so
+  vectorised code may read the frame of "node -1" (always -1) or write a
+  link into it without masking the -1s out first;
 - per frame: ``_head`` and ``_count`` (int32);
 - per domain: ``_dense[domid]``, the node of each gfn (int32, -1 = none),
   4 bytes per guest page, made by ``domain_created`` (or lazily, up to
@@ -21,17 +24,28 @@ Layout (numpy arrays, so the memory is flat and the batch forms vectorise):
   arena with no live node left is freed (or, if small, just emptied).
 
 Single-entry operations are plain Python on memoryviews of these arrays.
-The batch forms are vectorised: ``add_many`` chains the new nodes per frame
-and splices each chain in front of the old head; ``remove_many`` relinks
-around each run of removed nodes, finding the surviving neighbours by
-pointer jumping (log of the run length rounds); ``move_all`` splices the
-whole list in O(1) and retags its nodes in one vectorised store.
+The batch forms are vectorised, and cost a fixed number of numpy calls plus
+O(k) work for k entries - never O(arena) or O(frames), so a teardown that
+removes a huge frame chunk by chunk pays per chunk, not per frame size:
+- ``add_many`` takes the common batch (one domain, covered by its dense
+  index) through ~20 numpy calls; it writes each node's whole row at once
+  and links the new nodes in front of their frames' old heads, with fast
+  cases for one frame and for distinct frames;
+- ``remove_many`` marks the batch's nodes in their frame column (``-2 -
+  position``: "being removed"), finds each one's surviving neighbours -
+  isolated nodes at once, runs that are contiguous in the batch (a teardown
+  removes gfns in order, which a list holds in order) in one step, anything
+  else by pointer jumping - and relinks around every run;
+- ``move_all`` splices the whole list in O(1) and retags its nodes in one
+  vectorised store.
 
 Invariants:
 - node ``n`` is live iff ``_frm[n] >= 0``; live nodes of frame ``m`` form
   one list from ``_head[m]`` (``_prv`` of the head is -1, ``_prv[_nxt[n]]
   == n``) of length ``_count[m]``; nodes in ``[0, _top)`` that are not live
-  are exactly ``_free[:_nfree]``; ``[_top, cap)`` holds no node;
+  are exactly ``_free[:_nfree]``; ``[_top, _cap)`` holds no node;
+- the sentinel row ``_cap`` has frame -1 (its links are scratch); outside a
+  ``remove_many`` no frame column holds a value below -1;
 - a (domid, gfn) is in at most one frame's rmap (a gfn maps one frame), and
   its index slot holds its node; the slot lives in the domain's array iff the
   array covers the gfn, else in ``_sparse``.
@@ -44,10 +58,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .arena import MAX_DOMID, MAX_GFN
 from .base import Rmap
 
-MAX_DOMID = 0x7FFF          # domids fit int16
-MAX_GFN = 2**31 - 1         # gfns fit int32
 _GROWTH = 1.5               # arena growth factor: modest, to keep bytes/entry low
 _MIN_ARENA = 64
 _KEEP_ARENA = 4096          # an emptied arena up to this size is kept, not freed
@@ -56,9 +69,42 @@ _SMALL_BATCH = 8            # below this a batch is a plain loop (less overhead)
 _WALK_RATIO = 128           # collect a frame by walking if count * this < arena
 NXT, PRV, FRM, GFN = 0, 1, 2, 3  # columns of an arena row
 
+__all__ = ["IndexRmap", "MAX_DOMID", "MAX_GFN"]
+
 
 def _ints(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.int64).ravel()
+    a = np.asarray(a, dtype=np.int64)
+    return a if a.ndim == 1 else a.ravel()
+
+
+def _new_arena(cap: int) -> np.ndarray:
+    """Rows for ``cap`` nodes plus the sentinel row (all -1)."""
+    a = np.empty((cap + 1, 4), np.int32)
+    a[cap] = -1
+    return a
+
+
+# The batch forms run a fixed series of numpy calls, and at 64 entries the
+# calls' fixed costs are the whole bill. numpy's reductions (any, min, ...)
+# and ufuncs with a Python-int operand cost ~1 us more per call than
+# count_nonzero, argmin/argmax and 0-d array operands, hence these.
+def _any(b: np.ndarray) -> bool:
+    return np.count_nonzero(b) > 0
+
+
+def _min(a: np.ndarray) -> int:
+    return int(a[a.argmin()])
+
+
+def _max(a: np.ndarray) -> int:
+    return int(a[a.argmax()])
+
+
+_NONE = np.array(-1, np.int32)      # "no node" / "free"
+_ZERO = np.array(0, np.int32)
+_MARK0 = np.array(-2, np.int64)     # batch position p of a node being removed: frame -2 - p
+_B32 = np.array(32, np.int64)
+_LOW32 = np.array(2**32 - 1, np.int64)
 
 
 class IndexRmap(Rmap):
@@ -78,27 +124,26 @@ class IndexRmap(Rmap):
         self._dense: dict[int, np.ndarray] = {}
         self._vdense: dict[int, memoryview] = {}
         self._sparse: dict[tuple[int, int], int] = {}
-        self._arena = np.empty((0, 4), np.int32)
+        self._ones = np.ones(0, np.int32)  # per-entry count steps (np.add.at / subtract.at)
+        self._arena = _new_arena(0)
         self._reset_arena()
 
     # -- arena --------------------------------------------------------------
     def _reset_arena(self) -> None:
         """Empty the arena (no node is live). A big arena gives its memory
         back; a small one is kept, so a frame going 0 <-> 1 does not churn."""
-        if 0 < self._arena.shape[0] <= _KEEP_ARENA:
-            self._nfree = self._top = self._live = 0
+        self._nfree = self._top = self._live = 0
+        if 0 < self._arena.shape[0] - 1 <= _KEEP_ARENA:
             return
-        self._arena = np.empty((0, 4), np.int32)
-        self._dom = np.empty(0, np.int16)
+        self._arena = _new_arena(0)
+        self._dom = np.zeros(1, np.int16)
         self._set_free(np.empty(0, np.int32))
-        self._nfree = 0
-        self._top = 0
-        self._live = 0
         self._views()
 
     def _views(self) -> None:
         # Column views for the vectorised code, flat memoryviews for the rest.
         a = self._arena
+        self._cap = a.shape[0] - 1
         self._nxt, self._prv, self._frm, self._gfn = a[:, NXT], a[:, PRV], a[:, FRM], a[:, GFN]
         self._va = memoryview(a.reshape(-1))
         self._vdom = memoryview(self._dom)
@@ -108,10 +153,10 @@ class IndexRmap(Rmap):
         self._vfree = memoryview(arr)
 
     def _grow(self, need: int) -> None:
-        cap = max(need, int(self._arena.shape[0] * _GROWTH), _MIN_ARENA)
-        arena = np.empty((cap, 4), np.int32)
+        cap = max(need, int(self._cap * _GROWTH), _MIN_ARENA)
+        arena = _new_arena(cap)
         arena[: self._top] = self._arena[: self._top]
-        dom = np.empty(cap, np.int16)
+        dom = np.zeros(cap + 1, np.int16)
         dom[: self._top] = self._dom[: self._top]
         self._arena, self._dom = arena, dom
         self._views()
@@ -120,21 +165,27 @@ class IndexRmap(Rmap):
         if self._nfree:
             self._nfree -= 1
             return self._vfree[self._nfree]
-        if self._top == self._arena.shape[0]:
+        if self._top == self._cap:
             self._grow(self._top + 1)
         self._top += 1
         return self._top - 1
 
-    def _alloc(self, k: int) -> np.ndarray:
+    def _alloc(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nodes, recycled ones first: (int32 for storing, int64 for indexing)."""
         take = min(k, self._nfree)
-        reused = self._free[self._nfree - take: self._nfree].astype(np.int64)
-        self._nfree -= take
+        nf = self._nfree - take
+        # A view of the stack: used up before anything is pushed on it again.
+        reused = self._free[nf: self._nfree]
+        self._nfree = nf
+        if take == k:
+            return reused, reused.astype(np.int64)
         rest = k - take
-        if self._top + rest > self._arena.shape[0]:
+        if self._top + rest > self._cap:
             self._grow(self._top + rest)
-        fresh = np.arange(self._top, self._top + rest, dtype=np.int64)
+        fresh = np.arange(self._top, self._top + rest, dtype=np.int32)
         self._top += rest
-        return np.concatenate([reused, fresh]) if take else fresh
+        nodes = np.concatenate([reused, fresh]) if take else fresh
+        return nodes, nodes.astype(np.int64)
 
     def _reserve_free(self, k: int) -> None:
         if self._nfree + k > self._free.shape[0]:
@@ -154,17 +205,23 @@ class IndexRmap(Rmap):
         self._vfree[self._nfree] = n
         self._nfree += 1
 
-    def _release_nodes(self, nodes: np.ndarray) -> None:
+    def _free_nodes(self, nodes: np.ndarray, nodes32: np.ndarray) -> None:
         """Return unlinked nodes to the free stack (their keys already cleared)."""
         k = nodes.shape[0]
-        self._frm[nodes] = -1
+        self._frm[nodes] = _NONE
         self._live -= k
         if self._live == 0:
             self._reset_arena()
             return
         self._reserve_free(k)
-        self._free[self._nfree: self._nfree + k] = nodes
+        self._free[self._nfree: self._nfree + k] = nodes32
         self._nfree += k
+
+    def _ones_k(self, k: int) -> np.ndarray:
+        # np.subtract.at takes its fast path only for same-dtype operands.
+        if self._ones.shape[0] < k:
+            self._ones = np.ones(max(k, 2 * self._ones.shape[0], 64), np.int32)
+        return self._ones[:k]
 
     # -- (domid, gfn) -> node index -----------------------------------------
     def _find(self, domid: int, gfn: int) -> int:
@@ -204,38 +261,48 @@ class IndexRmap(Rmap):
         else:
             self._sparse.pop((domid, gfn), None)
 
+    def _one_index(self, d: np.ndarray, nonneg: np.ndarray) -> np.ndarray | None:
+        """The dense index of the batch's one domain, or None if the batch
+        needs the general path (several domains, a negative key, no index).
+        Batches nearly always come from one domain. The caller still finds
+        gfns past the index by the IndexError of looking them up."""
+        arr = self._dense.get(int(d[0]))
+        if arr is None or _min(nonneg) < 0 or _any(d != d[:1]):
+            return None
+        return arr
+
     @staticmethod
-    def _groups(domids: np.ndarray):
-        """Yield (domid, positions or None for all) for each distinct domid."""
+    def _groups(domids: np.ndarray) -> list:
+        """[(domid, positions or None for all)] for each distinct domid
+        (domids already range-checked)."""
         if domids.shape[0] == 0:
-            return
-        d0 = domids[0]
-        if (domids == d0).all():
-            yield int(d0), None
-            return
+            return []
+        if not _any(domids != domids[:1]):
+            return [(int(domids[0]), None)]
         # Batches span few domains: a bincount and one mask per domain beat a sort.
-        present = np.flatnonzero(np.bincount(domids))
+        present = np.bincount(domids).nonzero()[0]
         if present.shape[0] <= 8:
-            for d in present.tolist():
-                yield d, np.flatnonzero(domids == d)
-            return
+            return [(d, (domids == d).nonzero()[0]) for d in present.tolist()]
         order = np.argsort(domids, kind="stable")
         sd = domids[order]
         cuts = np.flatnonzero(sd[1:] != sd[:-1]) + 1
         starts = np.concatenate([[0], cuts])
         ends = np.concatenate([cuts, [sd.shape[0]]])
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            yield int(sd[a]), order[a:b]
+        return [(int(sd[a]), order[a:b]) for a, b in zip(starts.tolist(), ends.tolist())]
 
     def _lookup_many(self, domids: np.ndarray, gfns: np.ndarray, groups=None) -> np.ndarray:
-        """Node of each pair, -1 where absent (gfns already range-checked)."""
-        out = np.full(domids.shape[0], -1, np.int64)
+        """Node of each pair, -1 where absent (keys already range-checked)."""
+        out = np.empty(domids.shape[0], np.int64)
         for d, idx in groups if groups is not None else self._groups(domids):
             g = gfns if idx is None else gfns[idx]
             arr = self._dense.get(d)
-            if arr is not None and int(g.max()) < arr.shape[0]:
-                vals = arr[g]  # the common case: the domain's index covers all
-            else:
+            vals = None
+            if arr is not None:
+                try:
+                    vals = arr[g]  # the common case: the domain's index covers all
+                except IndexError:
+                    pass
+            if vals is None:
                 vals = np.full(g.shape[0], -1, np.int64)
                 cov = g < (arr.shape[0] if arr is not None else 0)
                 if arr is not None:
@@ -257,13 +324,16 @@ class IndexRmap(Rmap):
             g = gfns if idx is None else gfns[idx]
             v = nodes if clear or idx is None else nodes[idx]
             arr = self._dense.get(d)
+            if arr is not None:
+                try:
+                    arr[g] = v  # the common case: the domain's index covers all
+                    continue
+                except IndexError:
+                    pass
             if not clear:
                 small = g[g < _DENSE_LIMIT]
-                if small.shape[0] and (arr is None or int(small.max()) >= arr.shape[0]):
-                    arr = self._grow_dense(d, int(small.max()) + 1)
-            if arr is not None and int(g.max()) < arr.shape[0]:
-                arr[g] = v
-                continue
+                if small.shape[0] and (arr is None or _max(small) >= arr.shape[0]):
+                    arr = self._grow_dense(d, _max(small) + 1)
             cov = g < (arr.shape[0] if arr is not None else 0)
             if arr is not None:
                 arr[g[cov]] = v if clear else v[cov]
@@ -277,8 +347,8 @@ class IndexRmap(Rmap):
         self._store_many(domids, gfns, -1, groups)
 
     def _in_range(self, m: np.ndarray, d: np.ndarray, g: np.ndarray) -> bool:
-        return bool(((m >= 0) & (m < self.nframes) & (d >= 0) & (d <= MAX_DOMID)
-                     & (g >= 0) & (g <= MAX_GFN)).all())
+        return (_min(m | d | g) >= 0 and _max(m) < self.nframes and _max(d) <= MAX_DOMID
+                and _max(g) <= MAX_GFN)
 
     # -- domains ------------------------------------------------------------
     def domain_created(self, domid: int, npages: int) -> None:
@@ -367,7 +437,7 @@ class IndexRmap(Rmap):
             self._clear_many(self._dom[nodes].astype(np.int64), self._gfn[nodes].astype(np.int64))
             self._head[mfn] = -1
             self._count[mfn] = 0
-            self._release_nodes(nodes)
+            self._free_nodes(nodes, nodes.astype(np.int32))
 
     # -- batch forms ----------------------------------------------------------
     def _frame_nodes(self, mfn: int) -> np.ndarray:
@@ -392,60 +462,138 @@ class IndexRmap(Rmap):
             for mm, dd, gg in zip(m.tolist(), d.tolist(), g.tolist()):
                 self.add(mm, dd, gg)  # add() checks presence before changing anything
             return
-        if not self._in_range(m, d, g):
-            raise ValueError("add_many: rmap key out of range")
-        groups = list(self._groups(d))
-        if (self._lookup_many(d, g, groups) >= 0).any():
+        # -- check every pair before changing anything --
+        arr = self._one_index(d, m | g)
+        if arr is not None:
+            try:
+                cur = arr[g]              # IndexError: a gfn past the index
+                old = self._head[m]       # IndexError: a frame out of range
+            except IndexError:
+                arr = None
+        if arr is None:
+            if not self._in_range(m, d, g):
+                raise ValueError("add_many: rmap key out of range")
+            groups = self._groups(d)
+            cur = self._lookup_many(d, g, groups)
+            old = self._head[m]
+            key = np.sort((d << 31) | g)
+            if _any(key[1:] == key[:-1]):
+                raise ValueError("add_many: a pair appears twice")
+        if _max(cur) >= 0:
             raise ValueError("add_many: a pair is already in an rmap")
-        nodes = self._alloc(k)
-        self._store_many(d, g, nodes, groups)
-        if (self._lookup_many(d, g, groups) != nodes).any():
-            # A pair appears twice in the batch: a later write hid an earlier one.
-            self._clear_many(d, g, groups)
-            self._live += k  # _release_nodes counts them down again
-            self._release_nodes(nodes)
-            raise ValueError("add_many: a pair appears twice")
-        self._dom[nodes] = d
-        self._gfn[nodes] = g
-        self._frm[nodes] = m
-        # Chain the new nodes per frame, last added first (what k head
-        # insertions give), then splice each chain in front of the old head.
-        mr, nr = m[::-1], nodes[::-1]
-        if not (m == m[0]).all():
-            order = np.argsort(mr, kind="stable")
-            mr, nr = mr[order], nr[order]
-        starts = np.flatnonzero(np.concatenate([[True], mr[1:] != mr[:-1]]))
-        ends = np.concatenate([starts[1:] - 1, [k - 1]])
-        frames = mr[starts]
-        old = self._head[frames].astype(np.int64)
-        nxt = np.empty(k, np.int64)
-        nxt[:-1] = nr[1:]
-        nxt[ends] = old
-        prv = np.empty(k, np.int64)
-        prv[1:] = nr[:-1]
-        prv[starts] = -1
-        self._nxt[nr] = nxt
-        self._prv[nr] = prv
-        had = old >= 0
-        self._prv[old[had]] = nr[ends[had]]
-        self._head[frames] = nr[starts]
-        self._count[frames] += (ends - starts + 1).astype(np.int32)
+        nodes32, nodes = self._alloc(k)
+        if arr is None:
+            self._store_many(d, g, nodes32, groups)
+        else:
+            arr[g] = nodes32
+            if _any(arr[g] != nodes32):
+                # A pair appears twice in the batch: a later write hid an earlier one.
+                arr[g] = _NONE
+                self._live += k  # _free_nodes counts them down again
+                self._free_nodes(nodes, nodes32)
+                raise ValueError("add_many: a pair appears twice")
+        # -- link: as k head insertions in batch order would --
+        self._dom[nodes] = d[:1] if arr is not None else d
+        self._gfn[nodes] = g.astype(np.int32)
+        self._link_new(m, nodes32, nodes, old)
         self._live += k
 
-    @staticmethod
-    def _surviving(nodes: np.ndarray, link: np.ndarray, gone: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """For each node, the first node along ``link`` that stays (-1: none).
+    def _link_new(self, m: np.ndarray, nodes32: np.ndarray, nodes: np.ndarray,
+                  old: np.ndarray) -> None:
+        """Link new nodes (keys set) in front of their frames' old heads
+        ``old``; within a frame a later entry goes in front of an earlier one."""
+        k = m.shape[0]
+        nxt, prv, head = self._nxt, self._prv, self._head
+        m0 = int(m[0])
+        if m0 == int(m[-1]) and not _any(m != m[:1]):
+            # One frame: a chain from the last entry to the first, which
+            # goes in front of the old head.
+            h, first, last = int(old[0]), int(nodes32[0]), int(nodes32[-1])
+            self._frm[nodes] = m0
+            nxt[nodes[1:]] = nodes32[:-1]
+            prv[nodes[:-1]] = nodes32[1:]
+            va = self._va
+            va[(first << 2) + NXT] = h
+            va[(last << 2) + PRV] = -1
+            if h >= 0:
+                va[(h << 2) + PRV] = first
+            self._vhead[m0] = last
+            self._vcount[m0] += k
+            return
+        self._frm[nodes] = m.astype(np.int32)
+        head[m] = nodes32
+        if not _any(head[m] != nodes32):
+            # Distinct frames (no write hid another): one new node per frame.
+            nxt[nodes] = old
+            prv[nodes] = _NONE
+            prv[old] = nodes32        # old head -1: lands on the sentinel row
+            self._count[m] += self._ones_k(k)
+            return
+        # Mixed: group by frame, batch order kept within a group (the sort
+        # keys are unique, so any sort is stable here). In a group entry j
+        # goes in front of entry j - 1, the group's first in front of the
+        # old head; the group's last becomes the head.
+        order = np.sort((m << _B32) | np.arange(k)) & _LOW32
+        ms, ns, nodes, os = m[order], nodes32[order], nodes[order], old[order]
+        edge = np.empty(k + 1, bool)             # edge[j]: a group starts at j
+        edge[0] = edge[k] = True
+        np.not_equal(ms[1:], ms[:-1], out=edge[1:k])
+        first, last = edge[:k], edge[1:]
+        shifted = np.empty(k, np.int32)
+        shifted[0], shifted[1:] = -1, ns[:-1]
+        nxt[nodes] = np.where(first, os, shifted)
+        shifted[-1], shifted[:-1] = -1, ns[1:]
+        prv[nodes] = np.where(last, _NONE, shifted)
+        prv[os[first]] = ns[first]                # old head -1: the sentinel row
+        head[ms[last]] = ns[last]
+        np.add.at(self._count, m, self._ones_k(k))
 
-        Pointer jumping: each round every still-pending node takes its
-        target's target, so a run of L removed nodes needs log2(L) rounds.
-        ``gone[-1]`` is a False sentinel, so -1 targets stop by themselves.
-        """
-        t = link[nodes].astype(np.int64)
-        act = np.flatnonzero(gone[t])
+    def _surviving(self, nodes: np.ndarray, link: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each node being removed (frame marked ``-2 - position``), the
+        first node along ``link`` that stays (-1: none), int32 and int64."""
+        frm = self._frm
+        t32 = link[nodes]
+        t = t32.astype(np.int64)
+        f = frm[t]                               # the sentinel answers for -1
+        if _min(f) >= -1:
+            return t32, t                        # no neighbour leaves: done
+        k = t.shape[0]
+        idx = np.arange(k)
+        pos = _MARK0 - f                         # batch position of the target
+        # A run contiguous in the batch, either way round, in one step: jump
+        # to the target of the run's far end.
+        back = pos[1:] == idx[:-1]               # entry i+1's target is entry i
+        if _any(back):
+            far = idx.copy()
+            far[1:][back] = 0
+            np.maximum.accumulate(far, out=far)
+            t = t[far]
+            pos = _MARK0 - frm[t]
+        ahead = pos[:-1] == idx[1:]              # entry i's target is entry i+1
+        if _any(ahead):
+            far = idx.copy()
+            far[:-1][ahead] = k
+            t = t[np.minimum.accumulate(far[::-1])[::-1]]
+        # Anything else by pointer jumping: a target that is itself leaving
+        # is replaced by its own target, so a run of L needs log2(L) rounds.
+        act = (frm[t] < _NONE).nonzero()[0]
         while act.shape[0]:
-            t[act] = t[pos[t[act]]]
-            act = act[gone[t[act]]]
-        return t
+            t[act] = t[_MARK0 - frm[t[act]]]
+            act = act[frm[t[act]] < _NONE]
+        return t.astype(np.int32), t
+
+    def _unlink(self, nodes: np.ndarray, m: np.ndarray) -> None:
+        """Take nodes marked ``-2 - position`` (``m``: their frames) out of
+        their lists: every run of them is bridged from its surviving
+        predecessor to its surviving successor."""
+        succ32, succ = self._surviving(nodes, self._nxt)
+        pred32, pred = self._surviving(nodes, self._prv)
+        # Every node of a run writes the same pair; a -1 lands on the sentinel.
+        self._nxt[pred] = succ32
+        self._prv[succ] = pred32
+        front = pred32 == _NONE                   # the run began at the head
+        if _any(front):
+            self._head[m[front]] = succ32[front]
 
     def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
         m, d, g = _ints(mfns), _ints(domids), _ints(gfns)
@@ -462,53 +610,61 @@ class IndexRmap(Rmap):
             for p in pairs:
                 self.remove(*p)
             return
-        if not self._in_range(m, d, g):
-            raise KeyError("remove_many: rmap key out of range")
-        groups = list(self._groups(d))
-        nodes = self._lookup_many(d, g, groups)
-        bad = nodes < 0
-        if not bad.any():
-            bad = self._frm[nodes] != m
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise KeyError((int(m[i]), int(d[i]), int(g[i])))
-        pos = np.empty(self._top, np.int32)  # node -> position in the batch
-        pos[nodes] = np.arange(k, dtype=np.int32)
-        if (pos[nodes] != np.arange(k)).any():
+        # -- check every pair before changing anything --
+        arr = self._one_index(d, m | g)
+        if arr is not None:
+            try:
+                nodes32 = arr[g]          # IndexError: a gfn past the index
+            except IndexError:
+                arr = None
+        if arr is None:
+            if not self._in_range(m, d, g):
+                raise KeyError("remove_many: rmap key out of range")
+            groups = self._groups(d)
+            nodes32 = self._lookup_many(d, g, groups).astype(np.int32)
+        nodes = nodes32.astype(np.int64)
+        # Mark the batch: node of entry p gets frame -2 - p. Then every entry
+        # must have found a node of its frame (an absent pair finds -1: the
+        # sentinel, frame -1), and must still see its own mark (a pair
+        # given twice shows as a mark hidden by a later one).
+        frm = self._frm
+        before = frm[nodes]
+        mark = _MARK0 - np.arange(k, dtype=np.int32)
+        frm[nodes] = mark
+        wrong = before != m
+        if _any(wrong | (frm[nodes] != mark)):
+            frm[nodes] = before
+            if _any(wrong):
+                i = int(wrong.argmax())
+                raise KeyError((int(m[i]), int(d[i]), int(g[i])))
             raise KeyError("remove_many: a pair appears twice")
-        # Frames losing every entry need no relinking.
-        if (m == m[0]).all():
-            frames, inv, cnts = m[:1], np.zeros(k, np.int64), np.array([k])
-        elif self.nframes <= 8 * k:
-            per = np.bincount(m, minlength=self.nframes)
-            frames = np.flatnonzero(per)
-            cnts, inv = per[frames], None
+        # -- unlink (frames losing every entry need no relinking) --
+        m0 = int(m[0])
+        if m0 == int(m[-1]) and not _any(m != m[:1]):
+            left = self._vcount[m0] - k
+            self._vcount[m0] = left
+            if left == 0:
+                self._vhead[m0] = -1
+            else:
+                self._unlink(nodes, m)
         else:
-            frames, inv, cnts = np.unique(m, return_inverse=True, return_counts=True)
-        whole = self._count[frames] == cnts
-        self._head[frames[whole]] = -1
-        self._count[frames] -= cnts.astype(np.int32)
-        if inv is None:
-            flag = np.zeros(self.nframes, bool)
-            flag[frames[~whole]] = True
-            part = flag[m]
+            count = self._count
+            np.subtract.at(count, m, self._ones_k(k))
+            whole = count[m] == _ZERO
+            if not _any(whole):
+                self._unlink(nodes, m)
+            else:
+                self._head[m[whole]] = _NONE
+                part = ~whole
+                if _any(part):
+                    rest = nodes[part]
+                    frm[rest] = _MARK0 - np.arange(rest.shape[0], dtype=np.int32)
+                    self._unlink(rest, m[part])
+        if arr is not None:
+            arr[g] = _NONE
         else:
-            part = ~whole[inv]
-        if part.any():
-            pn = nodes[part]
-            gone = np.zeros(self._top + 1, bool)  # last slot: sentinel for -1
-            gone[pn] = True
-            pos[pn] = np.arange(pn.shape[0], dtype=np.int32)
-            succ = self._surviving(pn, self._nxt, gone, pos)
-            pred = self._surviving(pn, self._prv, gone, pos)
-            # Every node of a run writes the same (pred, succ): order is moot.
-            has = pred >= 0
-            self._nxt[pred[has]] = succ[has]
-            self._head[m[part][~has]] = succ[~has]
-            has = succ >= 0
-            self._prv[succ[has]] = pred[has]
-        self._clear_many(d, g, groups)
-        self._release_nodes(nodes)
+            self._clear_many(d, g, groups)
+        self._free_nodes(nodes, nodes32)
 
     def move_all(self, src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
         """Splice src's whole list in front of dst's: O(1) relinking, plus
@@ -532,15 +688,18 @@ class IndexRmap(Rmap):
 
     # -- introspection --------------------------------------------------------
     def nbytes(self) -> int:
-        arrays = [self._head, self._count, self._nxt, self._prv, self._dom, self._gfn,
-                  self._frm, self._free, *self._dense.values()]
+        arrays = [self._head, self._count, self._arena, self._dom, self._free, self._ones,
+                  *self._dense.values()]
         sparse = sys.getsizeof(self._sparse) + 100 * len(self._sparse) if self._sparse else 0
         return sum(a.nbytes for a in arrays) + sparse
 
     def check(self) -> None:
         """Verify every invariant of the module docstring (for tests)."""
         top = self._top
+        assert (self._arena[self._cap, FRM] == -1 and self._arena.shape[0] == self._cap + 1
+                and self._dom.shape[0] == self._cap + 1 and top <= self._cap), "sentinel row"
         frm, nxt, prv = self._frm[:top], self._nxt[:top], self._prv[:top]
+        assert (frm >= -1).all(), "a node still marked as being removed"
         live = np.flatnonzero(frm >= 0)
         assert live.shape[0] == self._live, "live count out of step"
         free = np.sort(self._free[: self._nfree])

@@ -1,49 +1,43 @@
 """The ``list`` policy: Xen's reverse map before the 2012 series.
 
-Each shared frame keeps a doubly linked list of ``gfn_info``-like nodes, one
-per (domid, gfn) pointing at it. New entries go to the head; finding an entry
-is a linear scan from the head. So ``contains`` and ``remove`` cost O(n) at
-sharing degree n, and removing every entry of an n-entry rmap one by one
-(what domain teardown does) costs O(n^2). That slowness is deliberate: this
-policy is the baseline the benchmarks measure the other two against.
+Each shared frame keeps a doubly linked list of ``gfn_info`` nodes, one per
+(domid, gfn) pointing at it. New entries go to the head; finding an entry
+is a linear scan from the head, node by node. So ``contains`` and
+``remove`` cost O(n) at sharing degree n, and removing every entry of an
+n-entry rmap one by one (what domain teardown does) costs O(n^2). That
+slowness is deliberate: this policy is the baseline the benchmarks measure
+the other two against.
+
+The nodes are C-like structs in a ``NodeArena`` (see ``arena.py``) shared
+by all frames, so a visit costs the same whatever the allocation order;
+a frame keeps only its head node and its count.
 
 Invariants (per frame, kept by ``add``/``remove``):
-- ``head.prev is None``; for every node ``n.next.prev is n``;
+- ``prv[head] == -1``; for every node ``n`` with ``nxt[n] >= 0``,
+  ``prv[nxt[n]] == n``;
 - ``count`` equals the number of nodes reachable from ``head``.
-Frames with no state yet behave as empty lists; ``release`` drops the state.
+Frames with no state yet behave as empty lists; ``release`` drops the state
+and frees the frame's nodes.
 """
 from __future__ import annotations
 
 import sys
 from typing import Callable, Iterator
 
+from .arena import NodeArena
 from .base import Rmap
 
 
-class _Node:
-    """One (domid, gfn) of a frame's rmap (Xen's ``gfn_info_t``)."""
-
-    __slots__ = ("domid", "gfn", "prev", "next")
-
-    def __init__(self, domid: int, gfn: int, nxt: "_Node | None"):
-        self.domid = domid
-        self.gfn = gfn
-        self.prev: _Node | None = None
-        self.next = nxt
-
-
 class _Frame:
-    """Per-frame list head and entry count."""
+    """Per-frame list head (a node number, -1 = empty) and entry count."""
 
     __slots__ = ("head", "count")
 
     def __init__(self) -> None:
-        self.head: _Node | None = None
+        self.head = -1
         self.count = 0
 
 
-# Approximate object sizes for nbytes() (CPython, including the GC header).
-_NODE_BYTES = sys.getsizeof(_Node(0, 0, None))
 _FRAME_BYTES = sys.getsizeof(_Frame())
 
 
@@ -57,45 +51,30 @@ class ListRmap(Rmap):
         # arguments; a list never allocates a table.
         super().__init__(nframes)
         self._frames: dict[int, _Frame] = {}
-        self._entries = 0  # total nodes over all frames, for nbytes()
+        self._arena = NodeArena()
 
     def add(self, mfn: int, domid: int, gfn: int) -> None:
         f = self._frames.get(mfn)
+        n = self._arena.push(f.head if f is not None else -1, domid, gfn)
         if f is None:
             f = self._frames[mfn] = _Frame()
-        node = _Node(domid, gfn, f.head)
-        if f.head is not None:
-            f.head.prev = node
-        f.head = node
+        f.head = n
         f.count += 1
-        self._entries += 1
-
-    def _find(self, f: _Frame | None, domid: int, gfn: int) -> _Node | None:
-        # Linear scan from the head: O(count), as in Xen.
-        n = f.head if f is not None else None
-        while n is not None:
-            if n.gfn == gfn and n.domid == domid:
-                return n
-            n = n.next
-        return None
 
     def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
         f = self._frames.get(mfn)
-        n = self._find(f, domid, gfn)
-        if n is None:
+        a = self._arena
+        n = a.find(f.head, domid, gfn) if f is not None else -1  # O(count)
+        if n < 0:
             raise KeyError((mfn, domid, gfn))
-        if n.prev is None:
-            f.head = n.next
-        else:
-            n.prev.next = n.next
-        if n.next is not None:
-            n.next.prev = n.prev
-        n.prev = n.next = None
+        x = a.drop(n)
+        if x != -2:
+            f.head = x
         f.count -= 1
-        self._entries -= 1
 
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
-        return self._find(self._frames.get(mfn), domid, gfn) is not None
+        f = self._frames.get(mfn)
+        return f is not None and self._arena.find(f.head, domid, gfn) >= 0
 
     def count(self, mfn: int) -> int:
         f = self._frames.get(mfn)
@@ -103,30 +82,30 @@ class ListRmap(Rmap):
 
     def entries(self, mfn: int) -> Iterator[tuple[int, int]]:
         f = self._frames.get(mfn)
-        n = f.head if f is not None else None
-        while n is not None:
-            # Take the successor before yielding: the caller may remove n.
-            nxt = n.next
-            yield n.domid, n.gfn
-            n = nxt
+        if f is not None:
+            yield from self._arena.chain(f.head)
 
     def release(self, mfn: int) -> None:
         f = self._frames.pop(mfn, None)
-        if f is not None:
-            self._entries -= f.count
+        if f is not None and f.count:
+            # Normally empty; free whatever is left.
+            a = self._arena
+            for n in a.nodes(f.head):
+                a.release(n)
 
     def nbytes(self) -> int:
-        return (self._entries * _NODE_BYTES + len(self._frames) * _FRAME_BYTES
+        return (self._arena.nbytes() + len(self._frames) * _FRAME_BYTES
                 + sys.getsizeof(self._frames))
 
     def check(self) -> None:
         """Verify the list invariants of every frame (for tests)."""
-        total = 0
+        a, chained = self._arena, set()
         for mfn, f in self._frames.items():
-            n, prev, seen = f.head, None, 0
-            while n is not None:
-                assert n.prev is prev, f"frame {mfn}: broken prev link"
-                prev, n, seen = n, n.next, seen + 1
+            n, prev, seen = f.head, -1, 0
+            while n >= 0:
+                assert a.prv[n] == prev, f"frame {mfn}: broken prev link"
+                assert n not in chained, f"frame {mfn}: node {n} in two places"
+                chained.add(n)
+                prev, n, seen = n, a.nxt[n], seen + 1
             assert seen == f.count, f"frame {mfn}: count {f.count} != {seen} nodes"
-            total += seen
-        assert total == self._entries, "entry total out of step"
+        a.check(chained)

@@ -283,3 +283,21 @@ def test_teardown_chunks_are_512_shared_gfns(hv):
         cursors.append(big.relinquish_cursor)
     assert cursors[:3] == [512, 1024, 1200]
     hv.destroy_domain(z.domid)
+
+
+def test_adaptive_teardown_starts_with_one_shared_gfn_and_grows_at_most_4x(hv):
+    d = hv.create_domain(200)
+    h, codes = hv.nominate_many(d.domid, np.arange(200))
+    assert (codes == 0).all()
+    hv.kill(d.domid)
+    # a generous time target: every chunk is far under it, so each grows 4x
+    assert hv.relinquish(d.domid, should_yield=lambda: True, chunk_seconds=1.0) is False
+    assert d.relinquish_cursor == 1 and d.relinquished == 1
+    hv.relinquish(d.domid, should_yield=lambda: True, chunk_seconds=1.0)
+    assert d.relinquish_cursor == 1 + 4
+    hv.relinquish(d.domid, should_yield=lambda: True, chunk_seconds=1.0)
+    assert d.relinquish_cursor == 1 + 4 + 16
+    while not hv.relinquish(d.domid, should_yield=lambda: True, chunk_seconds=1.0):
+        assert hv.audit() == 0
+    assert d.domid not in hv.domains and d.relinquished == 200
+    assert hv.pool.nfree == hv.pool.nframes

@@ -1,6 +1,8 @@
 """Reverse-map policies: the shared contract, a model-based state machine,
-the buckets conversions (256/64, hysteresis, walks, refused tables) and the
-index's vectorised batch forms at 100,000 entries."""
+the node arena of list and buckets, the buckets conversions (256/64,
+hysteresis, walks, refused tables) and the index's vectorised batch forms
+(exact list order against the element-wise loop, teardown chunks, 100,000
+entries, scratch memory independent of the frame's size)."""
 from __future__ import annotations
 
 import random
@@ -153,6 +155,22 @@ def test_batch_forms(policy):
     assert set(walk(r, 0)) == {(d[i], g[i]) for i in range(1, 200, 2)}
     r.add_many(*arr([], [], []))
     r.remove_many(*arr([], [], []))
+    check(r)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_keys_out_of_range_are_refused(policy):
+    # Every policy stores a domid in 15 bits and a gfn in 31.
+    r = make(policy)
+    fill(r, 1, [(i % 4, i) for i in range(256)])    # the next add converts (buckets)
+    for d, g in [(0x8000, 1), (-1, 1), (1, 2**31), (1, -1)]:
+        for mfn in (0, 1):
+            with pytest.raises(ValueError):
+                r.add(mfn, d, g)
+    assert r.count(0) == 0 and r.count(1) == 256    # refused: nothing changed
+    assert r.representation(1) == ("list" if policy == "buckets" else policy)
+    r.add(0, 0x7FFF, 2**31 - 1)
+    assert walk(r, 0) == [(0x7FFF, 2**31 - 1)] and r.count(0) == 1
     check(r)
 
 
@@ -327,6 +345,46 @@ def _machine_test(policy):
 TestListMachine = _machine_test("list")
 TestBucketsMachine = _machine_test("buckets")
 TestIndexMachine = _machine_test("index")
+
+
+# -- list and buckets: the node arena ----------------------------------------------
+@pytest.mark.parametrize("policy", ["list", "buckets"])
+def test_arena_recycles_slots_and_shrinks_when_empty(policy):
+    from hvcore.rmap.arena import _KEEP
+    r = make(policy, nframes=8, ndom=4, npages=20_000)
+    pairs = [(i % 4, i) for i in range(20_000)]
+    for i, (d, g) in enumerate(pairs):
+        r.add(i % 3, d, g)           # frame 0 and 1 go hash, all share one arena
+    a = r._arena
+    assert a.live == a.top == 20_000 and len(a.nxt) >= 20_000
+    full = r.nbytes()
+    for i, (d, g) in enumerate(pairs[:500]):
+        r.remove(i % 3, d, g)
+    check(r)
+    for i, (d, g) in enumerate(pairs[:500]):
+        r.add(i % 3, d, g)           # freed slots are handed out again
+    assert a.top == 20_000 and a.live == 20_000 and not a.free
+    check(r)
+    for i, (d, g) in enumerate(pairs):
+        r.remove(i % 3, d, g)
+    assert a.live == a.top == 0 and len(a.nxt) <= _KEEP
+    assert r.nbytes() < full - 10 * 20_000  # the arrays' memory went back
+    r.add(5, 1, 7)
+    assert walk(r, 5) == [(1, 7)]
+    check(r)
+
+
+@pytest.mark.parametrize("policy", ["list", "buckets"])
+def test_walk_survives_arena_growth(policy):
+    # The arena grows in place, so a walk started before an add elsewhere
+    # that regrows it carries on over the same arrays.
+    r = make(policy)
+    fill(r, 0, [(1, g) for g in range(40)])
+    it = r.entries(0)
+    first = [next(it) for _ in range(5)]
+    fill(r, 1, [(2, g) for g in range(5000)])
+    assert first + list(it) == walk(r, 0) and len(walk(r, 0)) == 40
+    check(r)
 
 
 # -- buckets: the 2012 series' conversions ----------------------------------------
@@ -595,3 +653,143 @@ def test_index_at_most_32_bytes_per_entry_at_262144():
     r.add_many(np.zeros(n, np.int64), np.arange(n) % 2, np.arange(n) // 2)
     assert r.count(0) == n
     assert r.nbytes() / n <= 32
+
+
+def _ref_order_ops(seed: int, nframes: int = 12, ndom: int = 3, npages: int = 3000, steps: int = 60):
+    """Random add_many / remove_many batches of every shape the index
+    vectorises: one frame, distinct frames, a few interleaved frames, one
+    or several domains; removals of whole frames, runs in list order or
+    against it, and random picks. Yields (op, mfns, domids, gfns)."""
+    rng = random.Random(seed)
+    present: dict[tuple[int, int], int] = {}
+    order: dict[int, list] = {m: [] for m in range(nframes)}   # list order, head first
+    free = [(d, g) for d in range(ndom) for g in range(npages)]
+    rng.shuffle(free)
+    for _ in range(steps):
+        if rng.random() < 0.55 and len(free) > 600:
+            k = rng.choice([8, 9, 30, 64, 200, 513])
+            if rng.random() < 0.4:                   # one domain, gfns in order
+                d = free[-1][0]
+                pairs = sorted(p for p in free if p[0] == d)[:k]
+                k = len(pairs)
+                taken = set(pairs)
+                free[:] = [p for p in free if p not in taken]
+            else:
+                pairs = [free.pop() for _ in range(k)]
+            shape = rng.choice(["one", "distinct", "few"])
+            if shape == "one":
+                ms = [rng.randrange(nframes)] * k
+            elif shape == "distinct" and k <= nframes:
+                ms = rng.sample(range(nframes), k)
+            else:
+                ms = [rng.randrange(min(nframes, 3 if shape == "few" else nframes)) for _ in pairs]
+            for m, p in zip(ms, pairs):
+                present[p] = m
+                order[m].insert(0, p)
+            yield "add", ms, [p[0] for p in pairs], [p[1] for p in pairs]
+        elif present:
+            busy = [m for m in order if order[m]]
+            m = rng.choice(busy)
+            how = rng.choice(["whole", "whole-rev", "run", "run-rev", "random", "spread"])
+            lst = order[m]
+            if how.startswith("whole"):
+                pick = [(m, p) for p in lst]
+            elif how.startswith("run"):
+                a = rng.randrange(len(lst))
+                pick = [(m, p) for p in lst[a:a + rng.choice([8, 40, 300, 1000])]]
+            elif how == "random":
+                pick = [(m, p) for p in rng.sample(lst, max(1, len(lst) // 2))]
+            else:
+                items = [(f, p) for p, f in present.items()]
+                pick = rng.sample(items, max(1, len(items) // 3))
+            if how.endswith("rev"):
+                pick.reverse()
+            for f, p in pick:
+                del present[p]
+                order[f].remove(p)
+                free.append(p)
+            yield "remove", [f for f, _ in pick], [p[0] for _, p in pick], [p[1] for _, p in pick]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_batches_match_the_elementwise_loop_exactly(seed):
+    # The list policy runs the batch forms as element-wise loops: the index
+    # must leave every frame's list in exactly the same order.
+    nframes, ndom, npages = 12, 3, 3000
+    ref, r = make("list", nframes, ndom, npages), make("index", nframes, ndom, npages)
+    for op, ms, ds, gs in _ref_order_ops(seed, nframes, ndom, npages):
+        for x in (ref, r):
+            getattr(x, op + "_many")(*arr(ms, ds, gs))
+        for m in range(nframes):
+            assert walk(r, m) == walk(ref, m) and r.count(m) == ref.count(m), (op, m)
+        r.check()
+
+
+@pytest.mark.parametrize("direction", [1, -1])
+def test_index_teardown_chunks(direction):
+    # A dying domain's gfns leave one heavily shared frame in chunks, in gfn
+    # order: runs that are contiguous in the batch, either way round.
+    n, k = 100_000, 512
+    r = make_rmap("index", 4)
+    r.domain_created(0, 1)
+    r.domain_created(1, n)
+    r.add(0, 0, 0)
+    r.add_many(np.zeros(n, np.int64), np.ones(n, np.int64), np.arange(n))
+    gfns = np.arange(n)[::direction]
+    gone = 117 * k + 100
+    for s in range(0, gone, k):
+        g = gfns[s:min(s + k, gone)]
+        r.remove_many(np.zeros(g.shape[0], np.int64), np.ones(g.shape[0], np.int64), g)
+    left = np.sort(gfns[gone:])[::-1].tolist()         # head insertion: newest first
+    assert walk(r, 0) == [(1, x) for x in left] + [(0, 0)]
+    r.check()
+
+
+def test_index_remove_many_scratch_does_not_grow_with_the_frame():
+    # A teardown chunk of 512 entries from a 1,000,000-entry frame allocates
+    # O(512) scratch, not O(arena) (the arena here is ~18 MB).
+    import tracemalloc
+    n = 1_000_000
+    r = make_rmap("index", 4)
+    r.domain_created(1, n)
+    r.add_many(np.zeros(n, np.int64), np.ones(n, np.int64), np.arange(n))
+    m, d = np.zeros(512, np.int64), np.ones(512, np.int64)
+    r.remove_many(m, d, np.arange(512))            # warm up (free stack grows once)
+    tracemalloc.start()
+    try:
+        for s in range(512, 512 * 9, 512):
+            r.remove_many(m, d, np.arange(s, s + 512))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000, peak
+    assert r.count(0) == n - 512 * 9
+    r.check()
+
+
+def test_index_general_path_all_or_nothing():
+    # Batches over several domains, or past a domain's index, take the
+    # general path: the same checks, before anything changes.
+    r = make_rmap("index", 6)
+    r.domain_created(0, 100)
+    r.domain_created(1, 100)
+    m, d, g = arr([0] * 40, [i % 2 for i in range(40)], [i // 2 for i in range(40)])
+    r.add_many(m, d, g)
+    before = {f: walk(r, f) for f in range(6)}
+    with pytest.raises(ValueError):             # a pair twice, two domains
+        r.add_many(*arr([1] * 10, [0, 1] * 5, [50, 50, 51, 51, 52, 52, 53, 53, 50, 54]))
+    with pytest.raises(ValueError):             # one already present
+        r.add_many(*arr([1] * 10, [0, 1] * 5, [60, 60, 61, 61, 62, 62, 63, 63, 64, 19]))
+    with pytest.raises(KeyError):               # one absent (past the index, lazily indexed)
+        r.remove_many(*arr([0] * 10, [0, 1] * 5, [0, 0, 1, 1, 2, 2, 3, 3, 4, 5000]))
+    with pytest.raises(KeyError):               # one in another frame
+        r.remove_many(*arr([0] * 9 + [2], [0, 1] * 5, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]))
+    with pytest.raises(KeyError):               # a pair twice
+        r.remove_many(*arr([0] * 10, [0, 1] * 5, [0, 0, 1, 1, 2, 2, 3, 3, 4, 0]))
+    assert {f: walk(r, f) for f in range(6)} == before
+    r.check()
+    r.add_many(*arr([1] * 10, [0, 1] * 5, [70, 70, 71, 71, 72, 72, 73, 73, 5000, 5001]))
+    r.remove_many(*arr([0] * 10 + [1] * 10, [0, 1] * 10,
+                       [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 70, 70, 71, 71, 72, 72, 73, 73, 5000, 5001]))
+    assert r.count(0) == 30 and r.count(1) == 0
+    r.check()

@@ -131,7 +131,8 @@ def test_mapping_is_read_only_and_raw_write_kills_only_that_guest(hvs):
     with pytest.raises(api.HVCtlError, match="crashed"):
         hvs.unpause(victim)
     r = hvs.destroy(victim)
-    assert r["domid"] == victim and r["continuations"] == 0
+    # (a preemptible teardown may restart if the other guest reports meanwhile)
+    assert r["domid"] == victim and r["entries"] == dom["shr_pages"]
     assert victim not in {d["domid"] for d in hvs.list()}
 
 

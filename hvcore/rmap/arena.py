@@ -1,0 +1,189 @@
+"""The node arena of the ``list`` and ``buckets`` policies: Xen's
+``gfn_info`` structs, stored the way C stores them.
+
+In Xen an rmap node is a small C struct (gfn, domain, list links); walking a
+chain costs about the same per node whichever order the nodes were
+allocated in, because every visit is a couple of loads from flat memory. A
+Python object per node does not behave like that: the object and its gfn
+(another int object) sit wherever the allocator put them, so a chain whose
+consecutive nodes were allocated far apart - a hash bucket, whose nodes
+arrive 256 adds apart - costs several times more per node than a list
+walked in allocation order. That would make the benchmarks measure
+CPython's object layout instead of the algorithms.
+
+So the nodes of all frames of a policy live in one arena of parallel flat
+arrays (``array.array``, C integers without per-element objects), indexed by
+node number:
+
+- ``nxt``, ``prv`` (int32): the chain links, -1 = none (Xen's ``list_head``);
+- ``gfn`` (int32) and ``dom`` (uint16): the pair (Xen's ``gfn``, ``domain``).
+
+14 bytes per node. A walk reads ``gfn[n]`` (and ``dom[n]`` when the gfn
+matches) and ``nxt[n]``: two loads from two flat arrays, whatever ``n`` is.
+The walks (``find``, ``chain``) bind the arrays to locals, so a visit costs
+the same Python work in every chain of both policies.
+
+Slots are recycled through a LIFO free stack (a freed node is the next one
+handed out, like a C allocator's free list). The arena grows by doubling,
+copying in place (the array objects stay the same, so a walk holding them
+stays valid); once no node is live it shrinks back to ``_KEEP`` slots.
+
+Invariants:
+- every slot in ``[0, top)`` is either live (in exactly one chain of the
+  owning policy) or on the free stack, never both; ``[top, cap)`` holds no
+  node; ``live == top - len(free)``;
+- the four arrays always have the same length ``cap``;
+- the arena only allocates, frees and walks: which chain a node is in, and
+  the chain heads, belong to the policy.
+"""
+from __future__ import annotations
+
+from array import array
+from typing import Iterator
+
+MAX_DOMID = 0x7FFF          # domids fit 15 bits (Xen's guests are below 0x7FF0)
+MAX_GFN = 2**31 - 1         # gfns fit int32
+_MIN_CAP = 64
+_KEEP = 4096                # an emptied arena keeps this many slots
+
+
+def _zeros(code: str, n: int) -> array:
+    return array(code, bytes(n * array(code).itemsize))
+
+
+def check_key(domid: int, gfn: int) -> None:
+    """Refuse a pair the arrays cannot hold (ValueError)."""
+    if not (0 <= domid <= MAX_DOMID and 0 <= gfn <= MAX_GFN):
+        raise ValueError(f"rmap key out of range: domid {domid}, gfn {gfn}")
+
+
+class NodeArena:
+    """Parallel flat arrays of rmap nodes, with a free stack of slots."""
+
+    __slots__ = ("nxt", "prv", "dom", "gfn", "free", "top", "live")
+
+    def __init__(self) -> None:
+        self.nxt = _zeros("i", 0)
+        self.prv = _zeros("i", 0)
+        self.dom = _zeros("H", 0)
+        self.gfn = _zeros("i", 0)
+        self.free = _zeros("i", 0)   # recycled slots, the next one last
+        self.top = 0                 # slots [0, top) have been handed out
+        self.live = 0
+
+    def _resize(self, cap: int) -> None:
+        """Make every array ``cap`` slots long, in place (realloc + copy)."""
+        for a in (self.nxt, self.prv, self.dom, self.gfn):
+            k = len(a)
+            if cap > k:
+                a.frombytes(bytes((cap - k) * a.itemsize))
+            else:
+                del a[cap:]
+
+    # -- allocation ---------------------------------------------------------
+    def push(self, head: int, domid: int, gfn: int) -> int:
+        """A new node for (domid, gfn) in front of chain ``head``; returns it
+        (the caller stores it as the chain's new head)."""
+        if not (0 <= domid <= MAX_DOMID and 0 <= gfn <= MAX_GFN):
+            check_key(domid, gfn)
+        free = self.free
+        if free:
+            n = free.pop()
+        else:
+            n = self.top
+            if n == len(self.nxt):
+                self._resize(max(_MIN_CAP, 2 * n))
+            self.top = n + 1
+        self.live += 1
+        self.dom[n] = domid
+        self.gfn[n] = gfn
+        self.nxt[n] = head
+        self.prv[n] = -1
+        if head >= 0:
+            self.prv[head] = n
+        return n
+
+    def link(self, head: int, n: int) -> None:
+        """Put node ``n`` in front of chain ``head`` (n becomes the head)."""
+        self.nxt[n] = head
+        self.prv[n] = -1
+        if head >= 0:
+            self.prv[head] = n
+
+    def drop(self, n: int) -> int:
+        """Unlink node ``n`` from its chain and free it. Returns -2 if ``n``
+        was not the head, else its successor (the chain's new head)."""
+        nxt, prv = self.nxt, self.prv
+        p, x = prv[n], nxt[n]
+        if x >= 0:
+            prv[x] = p
+        self.live -= 1
+        if self.live:
+            self.free.append(n)
+        else:
+            self.clear()             # (then p and x are -1)
+        if p >= 0:
+            nxt[p] = x
+            return -2
+        return x
+
+    def release(self, n: int) -> None:
+        """Free a node whose chain is being dropped whole (no unlinking)."""
+        self.live -= 1
+        if self.live:
+            self.free.append(n)
+        else:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget every node; a big arena gives its memory back."""
+        self.top = self.live = 0
+        del self.free[:]
+        if len(self.nxt) > _KEEP:
+            self._resize(_KEEP)
+
+    # -- walks ----------------------------------------------------------------
+    def find(self, n: int, domid: int, gfn: int) -> int:
+        """The node of (domid, gfn) in chain ``n``, or -1: Xen's linear scan
+        from the head, one node at a time."""
+        nxt, gf, dm = self.nxt, self.gfn, self.dom
+        while n >= 0:
+            if gf[n] == gfn and dm[n] == domid:
+                return n
+            n = nxt[n]
+        return -1
+
+    def chain(self, n: int) -> Iterator[tuple[int, int]]:
+        """(domid, gfn) of each node of chain ``n``, head first. The caller
+        may release the node it was just given: its successor is read first."""
+        nxt, gf, dm = self.nxt, self.gfn, self.dom
+        while n >= 0:
+            x = nxt[n]
+            yield dm[n], gf[n]
+            n = x
+
+    def nodes(self, n: int) -> list[int]:
+        """Node numbers of chain ``n``, head first."""
+        nxt, out = self.nxt, []
+        while n >= 0:
+            out.append(n)
+            n = nxt[n]
+        return out
+
+    # -- introspection --------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of the arrays (capacity, not just live nodes)."""
+        return sum(a.buffer_info()[1] * a.itemsize
+                   for a in (self.nxt, self.prv, self.dom, self.gfn, self.free))
+
+    def check(self, chained: set[int]) -> None:
+        """Verify the arena invariants; ``chained`` is the set of nodes the
+        policy found in its chains (they must be exactly the live ones)."""
+        cap = len(self.nxt)
+        assert len(self.prv) == len(self.dom) == len(self.gfn) == cap, "arrays out of step"
+        assert 0 <= self.top <= cap, "top beyond capacity"
+        free = set(self.free.tolist())
+        assert len(free) == len(self.free), "slot freed twice"
+        assert all(0 <= n < self.top for n in free | chained), "node beyond top"
+        assert not free & chained, "a chained node is on the free stack"
+        assert self.live == len(chained) == self.top - len(free), "live count out of step"

@@ -1,0 +1,180 @@
+"""Soak: ``python -m perf soak [--quick] [--json PATH]``.
+
+N writer guests (32; 8 with ``--quick``) write batches of pages for D
+seconds (60; 10 with ``--quick``), each from its own thread through its
+guest's pipe, while the dedup scanner runs pass after pass and, half-way,
+a domain whose pages all share one frame is torn down by the kill
+controller. Page contents depend only on (gfn, version) with a few
+versions, so the scanner keeps merging pages the writers wrote alike
+across guests, and the writers keep taking CoW faults on them.
+
+At the end every guest reads each of its pages from its own mapping and
+compares it with what its writer last wrote there: a write that was
+answered but did not land is a **lost write** (there must be none). Also
+reported: faults per second, writes, dedup passes and merges, the teardown
+(seconds, entries, its longest step) and the hypervisor's longest step over
+the whole soak (``max_pause_ms``), and the audit.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+
+import numpy as np
+
+from .common import table
+
+PAGE = 4096
+VERSIONS = 4                 # few versions: writers often write pages alike
+BATCH = 8                    # pages per write message
+
+
+def _page(gfn: int, version: int) -> bytes:
+    return struct.pack("<QQ", gfn, version) * (PAGE // 16)
+
+
+class _Writer(threading.Thread):
+    """One guest's writer: random batches of distinct gfns, random versions;
+    remembers the last version written to each gfn."""
+
+    def __init__(self, hv, domid: int, pages: int, seed: int, stop: threading.Event):
+        super().__init__(daemon=True, name=f"writer-{domid}")
+        self.hv, self.domid, self.pages, self.stop = hv, domid, pages, stop
+        self.rng = np.random.default_rng(seed)
+        self.last = np.full(pages, -1, dtype=np.int64)      # -1: never written (image content)
+        self.writes = self.pages_written = self.faults = 0
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with self.hv.guest(self.domid) as g:
+                while not self.stop.is_set():
+                    gfns = self.rng.choice(self.pages, BATCH, replace=False)
+                    vers = self.rng.integers(0, VERSIONS, BATCH)
+                    data = np.frombuffer(b"".join(_page(int(x), int(v)) for x, v in zip(gfns, vers)),
+                                         np.uint8).reshape(BATCH, PAGE)
+                    self.faults += g.write_pages(gfns, data)
+                    self.last[gfns] = vers              # answered: it must be there
+                    self.writes += 1
+                    self.pages_written += BATCH
+        except Exception as e:          # reported, and counted against the soak
+            self.error = e
+
+    def verify(self, image: np.ndarray) -> tuple[int, int]:
+        """(pages checked, pages that do not read what was last written)."""
+        with self.hv.guest(self.domid) as g:
+            got = g.read_pages(np.arange(self.pages))
+        lost = 0
+        for gfn in range(self.pages):
+            v = int(self.last[gfn])
+            want = image[gfn].tobytes() if v < 0 else _page(gfn, v)
+            lost += got[gfn].tobytes() != want
+        return self.pages, lost
+
+
+def _dedup_loop(socket_path: str, stop: threading.Event, out: dict) -> None:
+    try:
+        from tools.api import HypervisorClient
+        from tools.dedup import Scanner, SocketBackend
+    except ImportError:                 # pragma: no cover - the scanner ships with hvshare
+        out["skipped"] = "no dedup scanner"
+        return
+    with HypervisorClient(socket_path) as c, Scanner(SocketBackend(c)) as sc:
+        while not stop.is_set():
+            r = sc.scan_pass()
+            out["passes"] = out.get("passes", 0) + 1
+            out["merged"] = out.get("merged", 0) + r.merged
+
+
+def run(quick: bool = False) -> dict:
+    from tools.api import hvshare_session
+    nguests, seconds, pages = (8, 10.0, 256) if quick else (32, 60.0, 512)
+    victim_pages = 8192 if quick else 32768
+    frames = nguests * pages * 2 + victim_pages + 4096
+    with hvshare_session(frames=frames, rmap="buckets") as hv:
+        doms = [hv.create(pages, "clone", seed=5) for _ in range(nguests)]
+        with hv.guest(doms[0]) as g:
+            image = g.read_pages(np.arange(pages)).copy()       # what every clone starts with
+        victim = hv.create(victim_pages, "zero")
+        dd: dict = {}
+        stop_dedup = threading.Event()
+        _dedup_loop_once(hv.socket_path)                       # start from shared clones
+        start = hv.info()
+        stop = threading.Event()
+        writers = [_Writer(hv, d, pages, seed=i, stop=stop) for i, d in enumerate(doms)]
+        dedup = threading.Thread(target=_dedup_loop, args=(hv.socket_path, stop_dedup, dd), daemon=True)
+        t0 = time.monotonic()
+        for w in writers:
+            w.start()
+        dedup.start()
+        time.sleep(seconds / 2)
+        td: dict = {}
+        killer = threading.Thread(target=lambda: td.update(_destroy(hv.socket_path, victim)), daemon=True)
+        killer.start()                                         # under load, beside the writers
+        time.sleep(max(0.0, t0 + seconds - time.monotonic()))
+        stop.set()
+        for w in writers:
+            w.join(30)
+        duration = time.monotonic() - t0
+        killer.join(600)
+        teardown = td
+        stop_dedup.set()
+        dedup.join(60)
+        end = hv.info()
+        checked = lost = 0
+        for w in writers:
+            c, n = w.verify(image)
+            checked += c
+            lost += n
+        audit = hv.audit()
+        kinds = {k: v["max_ms"] for k, v in end["pause_by_op"].items() if k != "create"}
+    faults = end["cow_faults"] - start["cow_faults"]
+    return {
+        "guests": nguests, "pages_per_guest": pages, "seconds": round(duration, 3),
+        "writes": sum(w.writes for w in writers), "pages_written": sum(w.pages_written for w in writers),
+        "faults": faults, "faults_per_s": round(faults / duration, 1),
+        "dedup_passes": dd.get("passes", 0), "dedup_merged": dd.get("merged", 0),
+        "dedup_skipped": dd.get("skipped"),
+        "teardown": {k: teardown.get(k) for k in ("seconds", "entries", "continuations", "max_pause_ms")},
+        "max_pause_ms": max(kinds.values()) if kinds else None,
+        "max_pause_op": max(kinds, key=kinds.get) if kinds else None,
+        "checked_pages": checked, "lost_writes": lost, "audit_errors": audit,
+        "writer_errors": [f"{type(w.error).__name__}: {w.error}" for w in writers if w.error],
+        "load": os.getloadavg()[0],
+    }
+
+
+def _destroy(socket_path: str, domid: int) -> dict:
+    from tools.api import HypervisorClient
+    with HypervisorClient(socket_path, timeout=None) as c:
+        r = c.destroy(domid)
+    r["finished_at"] = time.monotonic()
+    return r
+
+
+def _dedup_loop_once(socket_path: str) -> None:
+    from tools.api import HypervisorClient
+    from tools.dedup import Scanner, SocketBackend
+    with HypervisorClient(socket_path) as c, Scanner(SocketBackend(c)) as sc:
+        sc.scan_pass()
+
+
+def report(result: dict) -> str:
+    r = result
+    td = r["teardown"]
+    rows = [[r["guests"], r["seconds"], r["faults"], r["faults_per_s"], r["writes"], r["dedup_passes"],
+             r["dedup_merged"], r["max_pause_ms"], r["lost_writes"], r["audit_errors"]]]
+    lines = [f"Soak: {r['guests']} writer guests of {r['pages_per_guest']} pages, a dedup pass after "
+             f"another, a teardown half-way",
+             table(["guests", "seconds", "faults", "faults/s", "writes", "passes", "merged",
+                    "max step ms", "lost", "audit"], rows),
+             f"teardown under load: {td['entries']:,} shared entries in {td['seconds']:.3f} s, "
+             f"{td['continuations']} continuations, longest step {td['max_pause_ms']} ms",
+             f"longest hypervisor step: {r['max_pause_ms']} ms ({r['max_pause_op']}); "
+             f"{r['checked_pages']:,} pages verified, {r['lost_writes']} lost writes",
+             f"load average at the end: {r['load']:.1f}"]
+    if r["writer_errors"]:
+        lines.append("writer errors: " + "; ".join(r["writer_errors"]))
+    return "\n".join(lines)

@@ -1,0 +1,393 @@
+"""Domain teardown: ``python -m perf teardown [--quick] [--json PATH]``.
+
+The seed's case, on a real hypervisor process: one ``zero`` domain whose N
+gfns all point at ONE shared frame, a second domain sharing that frame too
+(so the frame outlives the teardown and its rmap keeps a few entries), and a
+writer guest that keeps taking CoW faults while the heavy domain is
+destroyed by the kill controller (:mod:`tools.killctl`). For each N, each
+rmap policy and each teardown mode:
+
+- **seconds**: the kill controller's wall time, first request to "gone";
+- **continuations**: how often the teardown answered "restart";
+- **max_pause_ms**: the hypervisor's longest teardown step in wall time,
+  with ``max_pause_cpu_ms`` (the same in CPU time: what is left once other
+  processes' turns on the CPU are taken out) and ``p99_step_ms`` beside it;
+  the hypervisor has a core to itself (``sched_setaffinity``), the writer's
+  guest and this process (controller, writer driver) the other, so our own
+  processes never preempt a step -- other users of the machine still may;
+- **fault_p99_us** during the teardown against **idle_fault_p99_us**: the
+  writer's pages are shared (pairwise with a twin), so each write is a CoW
+  fault; the guest times each round trip itself (``time_writes``, a few
+  writes per request at a steady rate), before the teardown (idle) and
+  while it runs. A fault is counted in the teardown when it started inside
+  the controller's window.
+
+Peer, in the same run: Linux munmap of N pages all merged into ONE KSM page
+(:func:`perf.ksm.measure_munmap`), the kernel doing the same job.
+
+Each case runs ``repeats`` times on one hypervisor (3 in the full run, 1 at
+1,000,000 and for ``list`` at 100,000, 1 in ``--quick``); medians are shown,
+and fault percentiles over the faults of all repeats together.
+
+Goals (the seed's and hvshare's), checked and printed met / not met:
+at N = 100,000 ``list`` is minutes-class and ``buckets`` at least 200x
+faster (the seed: over 7 minutes -> under 2 seconds), ``index`` within 3x of
+Linux's munmap; preemptible: the longest step at most 1 ms at every N and
+the writer's fault p99 during teardown at most 2x its idle p99; monolithic:
+the longest step is the whole teardown. The step and fault goals are
+judged apart for ``list``: one removal from a list of N entries scans it,
+which at N = 10,000 already takes a millisecond or more, so no chunking can
+bring its steps under 1 ms (the seed's point).
+
+``list`` at 100,000 takes many minutes: it runs once, preemptible only, and
+not in ``--quick`` (N = 10,000 only, ``list`` preemptible only: well under
+a minute).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+
+from .common import table
+
+POLICIES = ("list", "buckets", "index")
+MODES = ("preemptible", "monolithic")
+#: share_many pairs per request
+BATCH = 50_000
+#: the writer: pages shared with its twin, faults per second, writes per request
+WRITER_PAGES = 20_000
+WRITER_RATE = 2000.0
+WRITER_BATCH = 4
+IDLE_FAULTS = 1000
+
+
+def _cases(quick: bool) -> list[tuple[int, str, str]]:
+    """(N, rmap, mode) in the order they run: side by side per N."""
+    if quick:                       # list monolithic would double the run's time
+        return [(10_000, r, m) for r in POLICIES for m in MODES if (r, m) != ("list", "monolithic")]
+    out = [(n, r, m) for n in (10_000, 100_000) for r in POLICIES for m in MODES
+           if not (n == 100_000 and r == "list")]
+    out += [(1_000_000, "index", m) for m in MODES]
+    out.append((100_000, "list", "preemptible"))          # minutes: last, once
+    return out
+
+
+# ----------------------------------------------------------------------
+# the writer
+
+
+class _Writer(threading.Thread):
+    """CoW faults at a steady rate from the guest's own timer: each request
+    asks the guest to write ``batch`` shared pages and time every write."""
+
+    def __init__(self, guest, first: int, end: int, rate: float, batch: int):
+        super().__init__(daemon=True)
+        self.guest, self.gfn, self.end = guest, first, end
+        self.interval = batch / rate
+        self.batch = batch
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, np.ndarray]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        due = time.monotonic()
+        try:
+            while not self.stop.is_set() and self.gfn < self.end:
+                k = min(self.batch, self.end - self.gfn)
+                t0 = time.monotonic()
+                self.samples.append((t0, self.guest.time_writes(self.gfn, k)))
+                self.gfn += k
+                due += self.interval
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self.stop.wait(delay)
+                elif delay < -0.5:
+                    due = time.monotonic()           # frozen for long: do not burst
+        except BaseException as e:                   # reported by the caller
+            self.error = e
+
+    def latencies_us(self, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
+        """Faults that started in [start, end], in microseconds."""
+        out = []
+        for t0, lat in self.samples:
+            began = t0 + (np.cumsum(lat) - lat) / 1e9
+            out.append(lat[(began >= start) & (began <= end)])
+        return np.concatenate(out + [np.empty(0, np.int64)]) / 1e3
+
+
+def _pct(us: np.ndarray, q: float):
+    return round(float(np.percentile(us, q)), 1) if len(us) else None
+
+
+# ----------------------------------------------------------------------
+# one case
+
+
+def _heavy(hv, n: int, also: int = 4) -> tuple[int, int]:
+    """A zero domain with all n gfns on one frame, and a domain sharing it."""
+    d = hv.create(n, "zero")
+    other = hv.create(also, "zero")
+    g = np.arange(n, dtype=np.int64)
+    h, codes = hv.nominate_many(d, g)
+    assert (codes == 0).all()
+    for lo in range(1, n, BATCH):
+        hi = min(lo + BATCH, n)
+        ok = hv.share_many(d, np.zeros(hi - lo, np.int64), np.full(hi - lo, h[0], np.uint64),
+                           d, g[lo:hi], h[lo:hi])
+        assert (ok == 0).all()
+    og = np.arange(also, dtype=np.int64)
+    oh, _ = hv.nominate_many(other, og)
+    assert (hv.share_many(d, np.zeros(also, np.int64), np.full(also, h[0], np.uint64), other, og, oh) == 0).all()
+    return d, other
+
+
+def _pin(hv_pid: int, guest_pid: int, allowed: set) -> list | None:
+    """The hypervisor on one core, the writer's guest and this process (the
+    kill controller and the writer's driver) on another: our own processes
+    then never preempt a teardown step. None with fewer than 2 cores."""
+    cpus = sorted(allowed)
+    if len(cpus) < 2:
+        return None
+    os.sched_setaffinity(hv_pid, {cpus[0]})
+    os.sched_setaffinity(guest_pid, {cpus[1]})
+    os.sched_setaffinity(0, {cpus[1]})
+    return cpus[:2]
+
+
+def measure(n: int, rmap: str, mode: str, repeats: int = 1, writer_pages: int = WRITER_PAGES,
+            idle_faults: int = IDLE_FAULTS) -> dict:
+    """Build the case on a fresh hypervisor and tear the heavy domain down
+    under the writer's faults, ``repeats`` times (a fresh heavy domain and
+    fresh writer pages each time; medians reported); check at the end that
+    every frame came back."""
+    mine = os.sched_getaffinity(0)
+    try:
+        return _measure(n, rmap, mode, repeats, writer_pages, idle_faults)
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
+    from tools import killctl
+    from tools.api import GuestClient, HypervisorClient, hvshare_session
+    frames = n + 3 * writer_pages + 4096
+    per = writer_pages // repeats                    # writer gfns each repeat may fault
+    out: dict = {"rmap": rmap, "mode": mode, "n": n, "repeats": repeats}
+    runs = []
+    pooled_during: list[np.ndarray] = []
+    pooled_idle: list[np.ndarray] = []
+    mine = os.sched_getaffinity(0)
+    with hvshare_session(frames=frames, rmap=rmap, teardown=mode) as hv:
+        writer = hv.create(writer_pages, "zero")
+        twin = hv.create(writer_pages, "zero")
+        assert hv.range_share(twin, writer, 0, writer_pages - 1) == writer_pages
+        entry = next(x for x in hv.list() if x["domid"] == writer)
+        out["cpus"] = _pin(hv.pid, entry["pid"], mine)
+        with GuestClient(entry["guest_socket"], writer, entry["pid"], timeout=None) as g, \
+                HypervisorClient(hv.socket_path, timeout=None) as ctl:
+            for k in range(repeats):
+                t0 = time.perf_counter()
+                victim, other = _heavy(hv, n)
+                build = time.perf_counter() - t0
+                first = k * per
+                idle = _Writer(g, first, first + idle_faults, WRITER_RATE, WRITER_BATCH)
+                idle.run()                               # in this thread: nothing else runs
+                if idle.error:
+                    raise idle.error
+                w = _Writer(g, first + idle_faults, first + per, WRITER_RATE, WRITER_BATCH)
+                w.start()
+                time.sleep(0.05)                         # the writer is under way
+                steps: list[float] = []
+                t_start = time.monotonic()
+                r = killctl.destroy(ctl, victim, progress=lambda a: steps.append(a["step_ms"]))
+                t_end = time.monotonic()
+                w.stop.set()
+                w.join()
+                if w.error:
+                    raise w.error
+                assert r["entries"] == n, r
+                during, idle_us = w.latencies_us(t_start, t_end), idle.latencies_us()
+                pooled_during.append(during)
+                pooled_idle.append(idle_us)
+                runs.append(dict(seconds=r["seconds"], continuations=r["continuations"],
+                                 max_pause_ms=r["max_pause_ms"], max_pause_cpu_ms=r["max_pause_cpu_ms"],
+                                 steps=r["steps"],
+                                 p99_step_ms=float(np.percentile(steps, 99)), hv_seconds=r["hv_seconds"],
+                                 fault_p50_us=_pct(during, 50), fault_p99_us=_pct(during, 99),
+                                 faults_during=len(during), idle_fault_p50_us=_pct(idle_us, 50),
+                                 idle_fault_p99_us=_pct(idle_us, 99), build_seconds=build))
+                ctl.destroy(other)
+        audit = hv.audit()
+        for d in (writer, twin):
+            hv.destroy(d)
+        info = hv.info()
+    out["entries"] = n
+    for key in runs[0]:
+        vals = [x[key] for x in runs if x[key] is not None]
+        out[key] = statistics.median(vals) if vals else None
+    # fault latencies: percentiles of all repeats' faults together (more samples)
+    during, idle_us = np.concatenate(pooled_during), np.concatenate(pooled_idle)
+    out.update(fault_p50_us=_pct(during, 50), fault_p99_us=_pct(during, 99), faults_during=len(during),
+               idle_fault_p50_us=_pct(idle_us, 50), idle_fault_p99_us=_pct(idle_us, 99))
+    out["all"] = {key: [x[key] for x in runs] for key in ("seconds", "max_pause_ms", "fault_p99_us",
+                                                           "idle_fault_p99_us")}
+    out["audit_errors"] = audit
+    out["frames_back"] = info["frames_free"] == info["frames_total"] and info["nr_shared_mfns"] == 0
+    return out
+
+
+# ----------------------------------------------------------------------
+# runner protocol
+
+
+def run(quick: bool = False) -> dict:
+    from . import ksm
+    results = []
+    load = [os.getloadavg()[0]]
+    for n, rmap, mode in _cases(quick):
+        t0 = time.perf_counter()
+        repeats = 1 if quick or n >= 1_000_000 or (rmap == "list" and n >= 100_000) else 3
+        results.append(measure(n, rmap, mode, repeats=repeats,
+                               writer_pages=4000 if quick else WRITER_PAGES * repeats,
+                               idle_faults=500 if quick else IDLE_FAULTS))
+        print(f"  {rmap:8} {mode:12} N={n:>9,}: {results[-1]['seconds']:.3f} s "
+              f"({time.perf_counter() - t0:.1f} s with the set-up, {repeats} repeat(s))", flush=True)
+        load.append(os.getloadavg()[0])
+    sizes = sorted({r["n"] for r in results})
+    peers = {}
+    for n in sizes:
+        peers[str(n)] = ksm.measure_munmap(n, repeats=1 if quick or n >= 1_000_000 else 3)
+        m = peers[str(n)]
+        print(f"  Linux munmap N={n:>9,}: " + (m["skipped"] if "skipped" in m else f"{m['seconds']:.4f} s"),
+              flush=True)
+    return {"results": results, "munmap": peers, "ratios": _ratios(results, peers),
+            "goals": _goals(results, peers), "quick": quick,
+            "loadavg_1min": {"min": min(load), "max": max(load)},
+            "writer": {"pages_per_repeat": (4000 if quick else WRITER_PAGES), "rate": WRITER_RATE,
+                       "batch": WRITER_BATCH, "idle_faults": 500 if quick else IDLE_FAULTS}}
+
+
+def _find(results, rmap, mode, n):
+    return next((r for r in results if (r["rmap"], r["mode"], r["n"]) == (rmap, mode, n)), None)
+
+
+def _ratios(results, peers) -> dict:
+    out: dict = {}
+    both = [n for n in sorted({r["n"] for r in results})
+            if _find(results, "list", "preemptible", n) and _find(results, "buckets", "preemptible", n)]
+    if both:
+        n = both[-1]
+        out["list_over_buckets"] = (_find(results, "list", "preemptible", n)["seconds"]
+                                    / _find(results, "buckets", "preemptible", n)["seconds"])
+        out["list_over_buckets_n"] = n
+        lm, bm = _find(results, "list", "monolithic", n), _find(results, "buckets", "monolithic", n)
+        if lm and bm:
+            out["list_over_buckets_monolithic"] = lm["seconds"] / bm["seconds"]
+    ksm_ok = [n for n in sorted({r["n"] for r in results})
+              if _find(results, "index", "preemptible", n) and "seconds" in peers.get(str(n), {})]
+    if ksm_ok:
+        n = ksm_ok[-1]
+        munmap = peers[str(n)]["seconds"]
+        out["index_over_ksm"] = _find(results, "index", "preemptible", n)["seconds"] / munmap
+        out["index_over_ksm_n"] = n
+        mono = _find(results, "index", "monolithic", n)
+        if mono:
+            out["index_over_ksm_monolithic"] = mono["seconds"] / munmap
+    return out
+
+
+def _goals(results, peers) -> list[dict]:
+    """Every goal with its verdict; ``met`` None when it could not be measured."""
+    goals = []
+
+    def goal(what, met, detail):
+        goals.append({"goal": what, "met": met, "detail": detail})
+
+    lst = _find(results, "list", "preemptible", 100_000)
+    bkt = _find(results, "buckets", "preemptible", 100_000)
+    idx = _find(results, "index", "preemptible", 100_000)
+    mun = peers.get("100000", {})
+    goal("list at N=100,000 is minutes-class (>= 60 s)", None if not lst else lst["seconds"] >= 60,
+         f"{lst['seconds']:.1f} s" if lst else "not run (--quick)")
+    goal("buckets >= 200x faster than list at N=100,000",
+         None if not (lst and bkt) else lst["seconds"] / bkt["seconds"] >= 200,
+         f"{lst['seconds'] / bkt['seconds']:.0f}x ({lst['seconds']:.1f} s / {bkt['seconds']:.2f} s)"
+         if lst and bkt else "not run (--quick)")
+    if idx and "seconds" in mun:
+        mono = _find(results, "index", "monolithic", 100_000)
+        goal("index within 3x of Linux munmap at N=100,000 (preemptible)",
+             idx["seconds"] <= 3 * mun["seconds"],
+             f"{idx['seconds'] / mun['seconds']:.1f}x ({idx['seconds'] * 1e3:.1f} ms / "
+             f"{mun['seconds'] * 1e3:.1f} ms); monolithic "
+             + (f"{mono['seconds'] / mun['seconds']:.1f}x" if mono else "-"))
+    else:
+        goal("index within 3x of Linux munmap at N=100,000", None,
+             mun.get("skipped", "not run (--quick)") if idx or mun else "not run (--quick)")
+    for which in (("buckets", "index"), ("list",)):
+        pre = [r for r in results if r["mode"] == "preemptible" and r["rmap"] in which]
+        if not pre:
+            continue
+        names = "/".join(which)
+        bad = [r for r in pre if r["max_pause_ms"] > 1.0]
+        goal(f"preemptible {names}: longest step <= 1 ms at every N", not bad,
+             "all met (" + ", ".join(f"{r['rmap']} N={r['n']:,} {r['max_pause_ms']:.2f} ms" for r in pre) + ")"
+             if not bad else "; ".join(f"{r['rmap']} N={r['n']:,}: {r['max_pause_ms']:.2f} ms (cpu "
+                                       f"{r['max_pause_cpu_ms']:.2f} ms, p99 step {r['p99_step_ms']:.2f} ms)"
+                                       for r in bad))
+        slow = [r for r in pre if r["fault_p99_us"] is None or r["idle_fault_p99_us"] is None
+                or r["fault_p99_us"] > 2 * r["idle_fault_p99_us"]]
+        goal(f"preemptible {names}: writer fault p99 during teardown <= 2x idle p99", not slow,
+             "all met" if not slow else "; ".join(
+                 f"{r['rmap']} N={r['n']:,}: {r['fault_p99_us']} vs {r['idle_fault_p99_us']} us" for r in slow))
+    mono = [r for r in results if r["mode"] == "monolithic"]
+    off = [r for r in mono if r["continuations"] or r["max_pause_ms"] < 0.95 * r["hv_seconds"] * 1e3]
+    goal("monolithic: the longest step is the whole teardown", not off,
+         "all met" if not off else "; ".join(f"{r['rmap']} N={r['n']:,}" for r in off))
+    leaks = [r for r in results if not r["frames_back"] or r["audit_errors"]]
+    goal("every frame back and audit 0 after every case", not leaks,
+         "all met" if not leaks else "; ".join(f"{r['rmap']} {r['mode']} N={r['n']:,}" for r in leaks))
+    return goals
+
+
+def report(result: dict) -> str:
+    rows = []
+    for r in sorted(result["results"], key=lambda r: (r["n"], POLICIES.index(r["rmap"]), r["mode"])):
+        rows.append([f"{r['n']:,}", r["rmap"], r["mode"], r["seconds"], r["continuations"],
+                     r["max_pause_ms"], r["max_pause_cpu_ms"], r["p99_step_ms"], _us(r["fault_p99_us"]),
+                     _us(r["idle_fault_p99_us"]), r["faults_during"], r["repeats"]])
+    lines = ["Domain teardown: N gfns on one shared frame, a writer faulting meanwhile "
+             "(medians of the repeats; faults: all repeats' together)",
+             table(["N", "rmap", "mode", "seconds", "restarts", "max step ms", "(cpu ms)", "p99 step ms",
+                    "fault p99 us", "idle p99 us", "faults", "rep"], rows), ""]
+    rows = []
+    for n, m in sorted(result["munmap"].items(), key=lambda kv: int(kv[0])):
+        rows.append([f"{int(n):,}", "skipped: " + m["skipped"] if "skipped" in m else m["seconds"],
+                     "-" if "skipped" in m else m["baseline_seconds"]])
+    lines += ["Linux munmap of N pages merged into one KSM page (private pages beside it)",
+              table(["N", "seconds", "private s"], rows), ""]
+    ra = result["ratios"]
+    parts = []
+    if "list_over_buckets" in ra:
+        parts.append(f"list/buckets at N={ra['list_over_buckets_n']:,} {ra['list_over_buckets']:.0f}x")
+    if "index_over_ksm" in ra:
+        parts.append(f"index/munmap at N={ra['index_over_ksm_n']:,} {ra['index_over_ksm']:.1f}x preemptible"
+                     + (f", {ra['index_over_ksm_monolithic']:.1f}x monolithic"
+                        if "index_over_ksm_monolithic" in ra else ""))
+    lines.append("Ratios: " + ("; ".join(parts) or "none"))
+    la = result.get("loadavg_1min")
+    if la:
+        lines.append(f"Machine load (1-min average) during the run: {la['min']:.1f} .. {la['max']:.1f} "
+                     f"on {os.cpu_count()} cores")
+    lines.append("Goals:")
+    for g in result["goals"]:
+        verdict = "not measured" if g["met"] is None else ("met" if g["met"] else "NOT MET")
+        lines.append(f"  [{verdict}] {g['goal']}: {g['detail']}")
+    return "\n".join(lines)
+
+
+def _us(v):
+    return "-" if v is None else v

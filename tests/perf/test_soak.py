@@ -1,0 +1,24 @@
+"""``python -m perf soak``: the report reads a result right (a synthetic one:
+the soak itself runs for a minute and belongs to ``perf``, not the tests)."""
+from __future__ import annotations
+
+from perf import soak
+
+
+def test_report_shows_the_figures_and_writer_errors():
+    r = {"guests": 8, "pages_per_guest": 256, "seconds": 10.0, "writes": 3000, "pages_written": 24000,
+         "faults": 10000, "faults_per_s": 1000.0, "dedup_passes": 20, "dedup_merged": 4000,
+         "dedup_skipped": None, "teardown": {"seconds": 3.5, "entries": 8192, "continuations": 270,
+                                             "max_pause_ms": 25.0},
+         "max_pause_ms": 40.8, "max_pause_op": "nominate_many", "checked_pages": 2048,
+         "lost_writes": 0, "audit_errors": 0, "writer_errors": [], "load": 6.8}
+    text = soak.report(r)
+    assert "8 writer guests" in text and "8,192 shared entries" in text
+    assert "2,048 pages verified, 0 lost writes" in text and "writer errors" not in text
+    r["writer_errors"] = ["GuestGone: gone"]
+    assert "writer errors: GuestGone: gone" in soak.report(r)
+
+
+def test_pages_depend_only_on_gfn_and_version():
+    assert soak._page(3, 1) == soak._page(3, 1) != soak._page(3, 2) != soak._page(4, 2)
+    assert len(soak._page(0, 0)) == soak.PAGE
