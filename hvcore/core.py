@@ -345,17 +345,17 @@ class Hypervisor:
         # A pair is "simple" if its client frame has one reference, appears
         # nowhere else in the batch, and its source frame is no pair's
         # client: such pairs commute with every other pair of the batch.
-        # Counted in a scratch array: low 16 bits appearances, high bits
+        # Counted in a scratch array: low 32 bits appearances, high bits
         # appearances as a client.
         mark = self._mark
         cv, sv = cm[valid], sm[valid]
-        np.add.at(mark, cv, 1 + (1 << 16))
+        np.add.at(mark, cv, 1 + (1 << 32))
         np.add.at(mark, sv, 1)
         appear_c, mark_s = mark[cm], mark[sm]
         mark[cv] = 0
         mark[sv] = 0
         simple = (valid & (sm != cm) & (self.pool.type_count[cm] == 1)
-                  & ((appear_c & 0xFFFF) == 1) & ((mark_s >> 16) == 0))
+                  & ((appear_c & 0xFFFFFFFF) == 1) & ((mark_s >> 32) == 0))
         self._share_simple(sm[simple], cm[simple], cds[simple], cg[simple])
         for i in np.nonzero(~simple)[0].tolist():
             try:
