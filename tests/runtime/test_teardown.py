@@ -25,13 +25,7 @@ DESTROY_KEYS = {"domid", "seconds", "entries", "continuations", "max_pause_ms"}
 BATCH = 50_000
 
 
-def _wait(pred, timeout=10.0, step=0.01):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
+from waiting import wait_until as _wait  # noqa: E402
 
 
 def heavy_domain(hv, n: int, also: int = 4) -> tuple[int, int]:
