@@ -99,7 +99,8 @@ class P2MView:
     def seq(self) -> int:
         return int(self._hdr[0])
 
-    def _stable_seq(self) -> int:
+    def stable_seq(self) -> int:
+        """The change counter once it is even (no change in progress)."""
         spins = 0
         while True:
             s = int(self._hdr[0])
@@ -116,7 +117,7 @@ class P2MView:
         if not 0 <= gfn < self.npages:
             raise HVError(EINVAL, f"gfn {gfn} outside the domain's {self.npages} pages")
         while True:
-            s = self._stable_seq()
+            s = self.stable_seq()
             if self.type[gfn] == HOLE:
                 raise HVError(EINVAL, f"gfn {gfn} is a hole")
             data = pool_data[self.mfn[gfn]].tobytes()
@@ -129,7 +130,7 @@ class P2MView:
         if len(gfns) and (gfns.min() < 0 or gfns.max() >= self.npages):
             raise HVError(EINVAL, "gfn outside the domain")
         while True:
-            s = self._stable_seq()
+            s = self.stable_seq()
             if (self.type[gfns] == HOLE).any():
                 raise HVError(EINVAL, "a gfn is a hole")
             data = pool_data[self.mfn[gfns]]

@@ -69,7 +69,7 @@ def owner_pid(name: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (dead, not yet reaped) owns nothing."""
     try:
         os.kill(pid, 0)
@@ -89,6 +89,6 @@ def unlink_stale() -> list[str]:
     removed = []
     for name in list_segments():
         pid = owner_pid(name)
-        if pid is not None and pid != os.getpid() and not _alive(pid) and unlink(name):
+        if pid is not None and pid != os.getpid() and not pid_alive(pid) and unlink(name):
             removed.append(name)
     return removed

@@ -131,14 +131,10 @@ class _Channel:
             self.sock = None
 
 
-class HypervisorClient:
-    """A connection to a hypervisor's control socket."""
+class _Requester:
+    """Requests over one :class:`_Channel` (``self._ch``): what the
+    hypervisor and guest clients share."""
 
-    def __init__(self, socket_path: str | None = None, timeout: float | None = 120.0):
-        self.socket_path = os.path.abspath(socket_path or default_socket_path())
-        self._ch = _Channel(self.socket_path, timeout, "hypervisor")
-
-    # -- raw requests ----------------------------------------------------
     def request(self, op: str, payload=b"", **args) -> tuple[dict, bytes]:
         """Send ``op`` with ``args`` (and a binary payload); (answer, payload)."""
         return self._ch.request({"op": op, **args}, payload)
@@ -154,6 +150,15 @@ class HypervisorClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class HypervisorClient(_Requester):
+    """A connection to a hypervisor's control socket."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 120.0):
+        self.socket_path = os.path.abspath(socket_path or default_socket_path())
+        self._ch = _Channel(self.socket_path, timeout, "hypervisor")
+
 
     # -- hvctl operations ------------------------------------------------
     def ping(self) -> int:
@@ -268,7 +273,7 @@ class HypervisorClient:
         return GuestClient(d["guest_socket"], domid=domid, pid=d["pid"])
 
 
-class GuestClient:
+class GuestClient(_Requester):
     """A connection to one guest's control channel."""
 
     def __init__(self, path: str, domid: int | None = None, pid: int | None = None,
@@ -276,20 +281,6 @@ class GuestClient:
         self.path, self.domid, self.pid = path, domid, pid
         self._ch = _Channel(path, timeout, f"guest of domain {domid}", GuestGone)
 
-    def request(self, op: str, payload=b"", **args) -> tuple[dict, bytes]:
-        return self._ch.request({"op": op, **args}, payload)
-
-    def call(self, op: str, **args) -> dict:
-        return self.request(op, **args)[0]
-
-    def close(self) -> None:
-        self._ch.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def write(self, gfn: int, data: bytes, offset: int = 0) -> bool:
         """Write through the hypervisor; True if it was a CoW fault."""

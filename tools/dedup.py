@@ -540,23 +540,11 @@ def _rows_equal(frames: memoryview, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------
 # snapshots
 
-def _stable_seq(view: P2MView) -> int:
-    spins = 0
-    while True:
-        s = view.seq
-        if not s & 1:
-            return s
-        spins += 1
-        if spins > 64:
-            time.sleep(0.0001)        # the writer was preempted: let it run
-        else:
-            os.sched_yield()
-
 
 def _snapshot(view: P2MView, gfns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(type, mfn) of every gfn (or of ``gfns``), one consistent view."""
     while True:
-        s = _stable_seq(view)
+        s = view.stable_seq()
         if gfns is None:
             typ, mfn = view.type.copy(), view.mfn.copy()
         else:

@@ -67,7 +67,7 @@ def run_demo(guests: int = 4, pages: int = 4096, seed: int = 1, seconds: float =
         guest_pids = hv.guest_pids() | {m["pid"] for m in made}
         hv_pid = hv.pid
     leftovers = {
-        "processes": sum(1 for p in guest_pids | {hv_pid} if _alive(p)),
+        "processes": sum(1 for p in guest_pids | {hv_pid} if shm.pid_alive(p)),
         "segments": sum(1 for n in shm.list_segments() if shm.owner_pid(n) == hv_pid),
     }
     return {
@@ -92,15 +92,6 @@ def run_demo(guests: int = 4, pages: int = 4096, seed: int = 1, seconds: float =
         "seconds": round(time.perf_counter() - t_start, 3),
     }
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def report(r: dict) -> str:

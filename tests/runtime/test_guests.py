@@ -16,13 +16,7 @@ from tools import api
 PAGE = 4096
 
 
-def _wait(pred, timeout=5.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
+from waiting import wait_until as _wait  # noqa: E402
 
 
 def _pair(hvs, pages=128, seed=5):

@@ -16,13 +16,7 @@ from hvcore.server import state_dir_for
 from tools import api
 
 
-def _wait(pred, timeout=5.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
+from waiting import wait_until as _wait  # noqa: E402
 
 
 def test_killed_guest_leaves_a_crashed_domain(hvs):
