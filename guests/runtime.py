@@ -49,6 +49,13 @@ from hvcore.shm import attach_readonly
 from . import workloads
 
 _PR_SET_PDEATHSIG = 1
+_clock = time.perf_counter
+_PIPE_HDR = P.PIPE_HDR
+_REPLY_MSG = P.REPLY_MSG
+_WRITE_MSG = P.WRITE_MSG
+_WRITE_SIZE = P.WRITE.size
+_H_REPLY = P.H_REPLY
+_REPLY_SIZE = P.REPLY.size
 
 
 class HypervisorGone(Exception):
@@ -83,23 +90,55 @@ class _Link:
 
     def call(self, mtype: int, *body) -> tuple[int, int]:
         with self.lock:
-            self.seq = (self.seq + 1) & 0xFFFF
-            seq = self.seq
-            try:
-                if len(body) <= 2 and sum(len(b) for b in body) <= 8192:
-                    # small request: one buffer, one write (atomic up to PIPE_BUF)
-                    msg = b"".join(body)
-                    P.write_all(self.wfd, [P.PIPE_HDR.pack(mtype, seq, len(msg)) + msg])
-                else:
+            seq = self.seq = (self.seq + 1) & 0xFFFF
+            if len(body) <= 2 and sum(len(b) for b in body) <= 8192:
+                # small request: one buffer, one write (atomic up to PIPE_BUF)
+                msg = b"".join(body)
+                self._write(_PIPE_HDR.pack(mtype, seq, len(msg)) + msg)
+            else:
+                try:
                     P.write_all(self.wfd, P.pipe_message(mtype, seq, *body))
+                except OSError:
+                    raise HypervisorGone() from None
+            return self._answer(seq)
+
+    def call_write(self, gfn: int, offset: int, data) -> tuple[int, int]:
+        """``call`` of one ``G_WRITE`` (the CoW fault path): header and body
+        packed by one struct, one write."""
+        with self.lock:
+            seq = self.seq = (self.seq + 1) & 0xFFFF
+            self._write(_WRITE_MSG.pack(P.G_WRITE, seq, _WRITE_SIZE + len(data), gfn, offset) + data)
+            return self._answer(seq)
+
+    def _write(self, msg: bytes) -> None:
+        try:
+            n = os.write(self.wfd, msg)
+            if n != len(msg):               # a signal cut a large one short
+                P.write_all(self.wfd, [memoryview(msg)[n:]])
+        except OSError:
+            raise HypervisorGone() from None
+
+    def _answer(self, seq: int) -> tuple[int, int]:
+        """Wait for the H_REPLY of ``seq`` (lock held), handling the
+        asynchronous messages met on the way."""
+        if not self.inbox and not self.reader.partial:
+            # The usual answer: one read of exactly one H_REPLY.
+            try:
+                data = os.read(self.rfd, 4096)
             except OSError:
-                raise HypervisorGone() from None
-            while True:
-                msg = self._next()
-                (t, s, _), b = msg
-                if t == P.H_REPLY and s == seq:
-                    return P.REPLY.unpack(b)
-                self.guest.on_async(t)
+                data = b""
+            if len(data) == _REPLY_MSG.size:
+                t, s, n, status, value = _REPLY_MSG.unpack(data)
+                if t == _H_REPLY and s == seq and n == _REPLY_SIZE:
+                    return status, value
+            if not data:
+                raise HypervisorGone()
+            self.inbox += self.reader.feed(data)
+        while True:
+            (t, s, _), b = self._next()
+            if t == P.H_REPLY and s == seq:
+                return P.REPLY.unpack(b)
+            self.guest.on_async(t)
 
     def send(self, mtype: int, *body, block: bool = True) -> bool:
         """Send a message that has no answer; False if the lock was busy."""
@@ -188,11 +227,22 @@ class Guest:
     # -- writes (through the hypervisor) ---------------------------------
     def write(self, gfn: int, offset: int, data: bytes) -> bool:
         """Write ``data`` at ``offset`` of ``gfn``; True if it was a CoW fault."""
-        self._check_gfns(gfn, gfn)
-        t0 = time.perf_counter()
-        status, value = self.link.call(P.G_WRITE, P.WRITE.pack(gfn, offset), data)
-        self._account(status, value, 1, time.perf_counter() - t0)
-        return bool(value)
+        if not 0 <= gfn < self.npages:
+            self._check_gfns(gfn, gfn)
+        t0 = _clock()
+        status, value = self.link.call_write(gfn, offset, data)
+        dt = _clock() - t0
+        if status:
+            self._account(status, value, 1, dt)
+        c = self.counters
+        c["writes"] += 1
+        c["pages_written"] += 1
+        self.write_lat.add(dt)
+        if value:
+            c["cow_faults"] += 1
+            self.fault_lat.add(dt)
+            return True
+        return False
 
     def write_pages(self, gfns: np.ndarray, pages: np.ndarray) -> int:
         """Write whole pages in one message; returns the CoW faults taken."""
@@ -201,6 +251,18 @@ class Guest:
         parts = P.encode_write_pages(gfns, pages)
         t0 = time.perf_counter()
         status, value = self.link.call(P.G_WRITE_PAGES, *parts)
+        self._account(status, value, len(gfns), time.perf_counter() - t0)
+        return value
+
+    def write_many(self, gfns, offsets, lengths, data) -> int:
+        """Many small writes in one message (write ``i``: the next
+        ``lengths[i]`` bytes of ``data`` at ``offsets[i]`` of ``gfns[i]``);
+        returns the CoW faults taken."""
+        if len(gfns):
+            self._check_gfns(int(np.min(gfns)), int(np.max(gfns)))
+        parts = P.encode_write_many(gfns, offsets, lengths, data)
+        t0 = time.perf_counter()
+        status, value = self.link.call(P.G_WRITE_MANY, *parts)
         self._account(status, value, len(gfns), time.perf_counter() - t0)
         return value
 
@@ -354,6 +416,19 @@ class _Channel:
         pages = np.frombuffer(payload, dtype=np.uint8, offset=8 * count).reshape(count, P.PAGE_SIZE)
         return {"cow_faults": self.guest.write_pages(gfns, pages)}
 
+    def _op_write_many(self, payload, count):
+        head = 16 * count
+        if len(payload) < head:
+            raise P.ProtocolError(f"write_many of {count} writes needs at least {head} payload bytes")
+        gfns = self._gfns(payload, count)
+        offsets = np.frombuffer(payload, dtype="<u4", count=count, offset=8 * count)
+        lengths = np.frombuffer(payload, dtype="<u4", count=count, offset=12 * count)
+        try:
+            parts = P.encode_write_many(gfns, offsets, lengths, memoryview(payload)[head:])
+        except ValueError as e:
+            raise P.ProtocolError(str(e)) from None
+        return {"cow_faults": self.guest.write_many(gfns, offsets, lengths, parts[-1])}
+
     def _op_read(self, payload, gfn):
         return {}, self.guest.read(gfn)
 
@@ -386,13 +461,15 @@ class _Channel:
         g = self.guest
         g._check_gfns(first, first + count - 1)
         data = bytes(size)
-        lat = np.empty(count, dtype=np.int64)
+        lat = []
+        add = lat.append
+        write = g.write
         clock = time.perf_counter_ns
-        for i in range(count):
+        for gfn in range(first, first + count):
             t0 = clock()
-            g.write(first + i, 0, data)
-            lat[i] = clock() - t0
-        return {"count": count}, lat.astype("<i8").tobytes()
+            write(gfn, 0, data)
+            add(clock() - t0)
+        return {"count": count}, np.array(lat, dtype="<i8").tobytes()
 
     def _op_time_write_pages(self, payload, first, count, batch):
         """Write whole pages first..first+count-1, ``batch`` per message; the
@@ -406,6 +483,27 @@ class _Channel:
         for lo in range(first, first + count, batch):
             k = min(batch, first + count - lo)
             faults += g.write_pages(np.arange(lo, lo + k, dtype=np.int64), pages[:k])
+            messages += 1
+        return {"seconds": time.perf_counter() - t0, "pages": count, "messages": messages,
+                "cow_faults": faults}
+
+    def _op_time_write_many(self, payload, first, count, batch, size, offset):
+        """Write ``size`` bytes at ``offset`` of each page first..first+count-1,
+        ``batch`` writes per message; the guest-side time of the whole run."""
+        g = self.guest
+        g._check_gfns(first, first + count - 1)
+        if offset + size > P.PAGE_SIZE:
+            raise P.ProtocolError(f"a write of {size} bytes at offset {offset} does not fit in one page")
+        k = min(batch, count)
+        offsets = np.full(k, offset, dtype="<u4")
+        lengths = np.full(k, size, dtype="<u4")
+        data = np.ones(k * size, dtype=np.uint8)
+        faults = messages = 0
+        t0 = time.perf_counter()
+        for lo in range(first, first + count, batch):
+            k = min(batch, first + count - lo)
+            faults += g.write_many(np.arange(lo, lo + k, dtype=np.int64), offsets[:k], lengths[:k],
+                                   data[:k * size])
             messages += 1
         return {"seconds": time.perf_counter() - t0, "pages": count, "messages": messages,
                 "cow_faults": faults}

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+# np.unique(return_inverse=...) imports numpy.ma on first use: tens of
+# milliseconds inside the first batched unshare. Pay it at start instead.
+import numpy.ma  # noqa: F401  (imported for its side effect)
 
 from . import p2m as p2m_mod
 from .errors import (C_HANDLE_INVALID, E2BIG, EBUSY, EINVAL, ENOMEM, ESRCH,
@@ -52,6 +55,10 @@ RELINQUISH_BUDGET = 0x2000
 RELEASE_CHUNK = 8192
 #: Largest chunk an adaptive teardown (``chunk_seconds``) may take at once.
 MAX_CHUNK_UNITS = 1 << 22
+#: gfns per batch of a teardown that nothing preempts (bounds its scratch).
+RELINQUISH_SLAB = 1 << 18
+#: a teardown chunk of at most this many shared gfns is dropped entry by entry
+SMALL_DROP = 8
 
 STATES = ("running", "paused", "crashed", "dying")
 
@@ -303,17 +310,18 @@ class Hypervisor:
 
     def _repoint(self, domids: np.ndarray, gfns: np.ndarray, mfns) -> None:
         """Point (domid, gfn) pairs at shared frame(s) ``mfns``."""
-        mfns = np.broadcast_to(np.asarray(mfns, dtype=np.int64), gfns.shape)
-        if len(domids) and (domids == domids[0]).all():
-            p2m = self.domains[int(domids[0])].p2m
+        mfns = np.asarray(mfns, dtype=np.int64)     # one frame, or one per pair
+        doms = set(domids.tolist())
+        if len(doms) == 1:
+            p2m = self.domains[doms.pop()].p2m
             with p2m.changing():
                 p2m.mfn[gfns] = mfns
             return
-        for domid in np.unique(domids).tolist():
+        for domid in sorted(doms):
             sel = domids == domid
             p2m = self.domains[domid].p2m
             with p2m.changing():
-                p2m.mfn[gfns[sel]] = mfns[sel]
+                p2m.mfn[gfns[sel]] = mfns[sel] if mfns.ndim else mfns
 
     def share_many(self, sd, sgfns, shs, cd, cgfns, chs) -> np.ndarray:
         """Share many (sd, sgfn) <- (cd, cgfn) pairs; a code per pair (0 = done).
@@ -373,7 +381,7 @@ class Hypervisor:
         domids = np.asarray(domid, dtype=np.int64).ravel()
         if len(domids) != n:
             raise HVError(EINVAL, "share_many needs one source, client and handle per pair")
-        for x in np.unique(domids).tolist():
+        for x in sorted(set(domids.tolist())):
             self.domain(x)
         return domids
 
@@ -399,9 +407,7 @@ class Hypervisor:
         if k == 0:
             return
         np.add.at(self.pool.type_count, sm, 1)          # count before rmap
-        self.rmap.remove_many(cm, cds, cg)
-        self.rmap.release_many(cm)
-        self.rmap.add_many(sm, cds, cg)
+        self.rmap.move_singles(cm, sm, cds, cg)
         self._repoint(cds, cg, sm)
         self.pool.free_many(cm)
         self.nr_shared_mfns -= k
@@ -482,44 +488,94 @@ class Hypervisor:
         gfn = self._gfn(d, gfn)
         if d.p2m.type[gfn] != RAM_SHARED:
             raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is not shared")
-        return self._unshare_one(d, gfn)
+        m = d.p2m.mfn.item(gfn)
+        return self._unshare_one(d, gfn) != m
 
-    def _unshare_one(self, d: Domain, gfn: int) -> bool:
-        """The CoW fault of one shared gfn: scalar code, no numpy batch
-        machinery, since a guest fault is the latency-critical path."""
+    def _unshare_one(self, d: Domain, gfn: int, copy: bool = True) -> int:
+        """The CoW fault of one shared gfn; returns the frame that backs it
+        now (its old frame if it was the last gfn: no copy). Scalar code with
+        Python ints, no numpy batch machinery: a guest fault is the
+        latency-critical path. ``copy=False`` leaves a new frame's bytes
+        as they are, for a caller that overwrites the whole page."""
         pool = self.pool
-        m = int(d.p2m.mfn[gfn])
-        if pool.type_count[m] == 1:
+        p2m = d.p2m
+        domid = d.domid
+        m = p2m.mfn.item(gfn)
+        count = pool.type_count.item(m)
+        if count == 1:
             # Last gfn: no copy, the frame becomes private to d again.
-            self.rmap.remove(m, d.domid, gfn)
-            self.rmap.release(m)
-            pool.type_count[m] = 0
-            pool.owner[m] = d.domid
-            pool.handle[m] = 0
-            with d.p2m.changing():
-                d.p2m.type[gfn] = RAM_RW
+            p2m._begin()
+            try:
+                self.rmap.remove(m, domid, gfn)
+                self.rmap.release(m)
+                pool.type_count[m] = 0
+                pool.owner[m] = domid
+                pool.handle[m] = 0
+                p2m.type[gfn] = RAM_RW
+            finally:
+                p2m._end()
             self.nr_shared_mfns -= 1
-            copied = False
+            new = m
         else:
-            new = pool.alloc(d.domid)               # ENOMEM before any change
-            with d.p2m.changing():
-                pool.data[new] = pool.data[m]
-                self.rmap.remove(m, d.domid, gfn)
-                pool.type_count[m] -= 1
-                d.p2m.mfn[gfn] = new
-                d.p2m.type[gfn] = RAM_RW
+            new = pool.alloc(domid)                 # ENOMEM before any change
+            p2m._begin()
+            try:
+                if copy:
+                    b = self._bytes()
+                    b[new * PAGE_SIZE:(new + 1) * PAGE_SIZE] = b[m * PAGE_SIZE:(m + 1) * PAGE_SIZE]
+                self.rmap.remove(m, domid, gfn)
+                pool.type_count[m] = count - 1
+                p2m.mfn[gfn] = new
+                p2m.type[gfn] = RAM_RW
+            finally:
+                p2m._end()
             self.nr_saved_mfns -= 1
-            copied = True
         d.shr_pages -= 1
         d.tot_pages += 1
-        return copied
+        return new
 
-    def unshare_many(self, domid: int, gfns) -> int:
+    def _bytes(self) -> memoryview:
+        """The pool as one flat writable memoryview: slicing it costs a
+        fraction of numpy's fancy indexing for a few bytes (dropped by
+        :meth:`close` so the segment can be unmapped)."""
+        mv = self.__dict__.get("_pool_bytes")
+        if mv is None:
+            mv = self._pool_bytes = memoryview(self.pool.data.reshape(-1))
+        return mv
+
+    def _copy_frames(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Copy frames ``src`` into frames ``dst`` through a small reused
+        buffer: a gather of the whole batch would be one temporary of up to
+        16 MiB (freshly mapped, so page-faulted) per call."""
+        data = self.pool.data
+        k = len(dst)
+        if k > 1 and abs(int(dst[-1]) - int(dst[0])) == k - 1:
+            step = np.diff(dst)
+            if (step == step[0]).all():
+                # a run of consecutive frames (the free list hands those out):
+                # gather straight into it, one pass
+                if step[0] < 0:
+                    dst, src = dst[::-1], src[::-1]
+                lo = int(dst[0])
+                np.take(data, src, axis=0, out=data[lo:lo + k], mode="clip")
+                return
+        buf = self.__dict__.get("_copy_buf")
+        if buf is None:
+            buf = self._copy_buf = np.empty((64, PAGE_SIZE), dtype=np.uint8)
+        step = len(buf)
+        for i in range(0, len(src), step):
+            k = min(step, len(src) - i)
+            np.take(data, src[i:i + k], axis=0, out=buf[:k], mode="clip")
+            data[dst[i:i + k]] = buf[:k]
+
+    def unshare_many(self, domid: int, gfns, copy: bool = True) -> int:
         """Unshare distinct shared gfns of one domain; returns copies made.
 
         All or nothing: if the copies need more frames than are free, ENOMEM
         is raised and nothing changed. The last gfn of a frame takes the
-        frame itself (no copy).
+        frame itself (no copy). ``copy=False`` skips copying the old
+        contents into the new frames, for a caller that overwrites every
+        one of those pages whole.
         """
         d = self.domain(domid)
         gfns = np.unique(self._gfns(d, gfns))
@@ -527,27 +583,38 @@ class Hypervisor:
             return 0
         if (d.p2m.type[gfns] != RAM_SHARED).any():
             raise HVError(EINVAL, f"unshare of a gfn that is not shared in domain {domid}")
+        return self._unshare_many(d, gfns, copy)
+
+    def _unshare_many(self, d: Domain, gfns: np.ndarray, copy: bool = True) -> int:
+        """:meth:`unshare_many` of distinct, shared gfns (checked by the caller)."""
+        domid = d.domid
         pool = self.pool
         ms = d.p2m.mfn[gfns]
         frames, inverse, counts = np.unique(ms, return_inverse=True, return_counts=True)
         # Frames all of whose gfns are in this batch: their last gfn (the
         # last of the batch) keeps the frame.
         whole = counts == pool.type_count[frames]
-        last_pos = len(gfns) - 1 - np.unique(inverse[::-1], return_index=True)[1]
-        keeps = np.zeros(len(gfns), dtype=bool)
-        keeps[last_pos[whole]] = True
-        copy = ~keeps
-        ncopy = int(copy.sum())
+        if whole.any():
+            last_pos = len(gfns) - 1 - np.unique(inverse[::-1], return_index=True)[1]
+            keeps = np.zeros(len(gfns), dtype=bool)
+            keeps[last_pos[whole]] = True
+            cp = ~keeps
+            ncopy = int(cp.sum())
+        else:
+            cp = slice(None)
+            ncopy = len(gfns)
         new = pool.alloc_many(ncopy, owner=domid)       # may raise ENOMEM: nothing done yet
         with d.p2m.changing():
-            pool.data[new] = pool.data[ms[copy]]
+            if copy and ncopy:
+                self._copy_frames(new, ms[cp])
             self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
             pool.type_count[frames] -= counts
             kept = frames[whole]
-            self.rmap.release_many(kept)
-            pool.owner[kept] = domid
-            pool.handle[kept] = 0
-            d.p2m.mfn[gfns[copy]] = new
+            if len(kept):
+                self.rmap.release_many(kept)
+                pool.owner[kept] = domid
+                pool.handle[kept] = 0
+            d.p2m.mfn[gfns[cp]] = new
             d.p2m.type[gfns] = RAM_RW
         self.nr_shared_mfns -= len(kept)
         self.nr_saved_mfns -= ncopy
@@ -555,29 +622,44 @@ class Hypervisor:
         d.tot_pages += len(gfns)
         return ncopy
 
-    def write(self, domid: int, gfn: int, offset: int, data: bytes) -> bool:
-        """A guest write; True if it was a CoW fault (the page was shared)."""
-        d = self.domain(domid)
-        gfn = self._gfn(d, gfn)
-        if not (0 <= offset and offset + len(data) <= PAGE_SIZE):
+    def write(self, domid: int, gfn: int, offset: int, data) -> bool:
+        """A guest write of bytes-like ``data`` at ``offset`` of ``gfn``;
+        True if it was a CoW fault (the page was shared)."""
+        try:
+            d = self.domains[domid]
+        except (KeyError, TypeError):
+            raise HVError(ESRCH, f"no domain {domid}") from None
+        if not 0 <= gfn < d.npages:
+            raise HVError(EINVAL, f"gfn {gfn} outside domain {domid}'s {d.npages} pages")
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        if offset < 0 or offset + n > PAGE_SIZE:
             raise HVError(EINVAL, "write crosses the page boundary")
-        if d.dying:
+        if d.state == "dying":
             raise HVError(EBUSY, f"domain {domid} is dying")
-        t = d.p2m.type[gfn]
+        p2m = d.p2m
+        t = p2m.type.item(gfn)
         if t == HOLE:
             raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
-        faulted = t == RAM_SHARED
-        with d.p2m.changing():
-            if faulted:
-                self._unshare_one(d, gfn)
-            m = int(d.p2m.mfn[gfn])
-            self.pool.data[m, offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        return bool(faulted)
+        p2m._begin()
+        try:
+            if t == RAM_SHARED:
+                m = self._unshare_one(d, gfn, copy=n < PAGE_SIZE)
+            else:
+                m = p2m.mfn.item(gfn)
+            at = m * PAGE_SIZE + offset
+            self._bytes()[at:at + n] = data
+        finally:
+            p2m._end()
+        return t == RAM_SHARED
 
     def write_pages(self, domid: int, gfns, pages) -> int:
         """Write whole pages; returns the number of CoW faults taken.
 
-        A gfn listed twice gets its last page. ENOMEM leaves everything as it was.
+        A gfn listed twice gets its last page. ENOMEM leaves everything as it
+        was. The new frames of CoW faults are not filled with the old
+        contents first: every byte of them is overwritten.
         """
         d = self.domain(domid)
         gfns = self._gfns(d, gfns)
@@ -586,16 +668,62 @@ class Hypervisor:
             raise HVError(EBUSY, f"domain {domid} is dying")
         # keep the last occurrence of each gfn
         rev_u, rev_i = np.unique(gfns[::-1], return_index=True)
-        pick = len(gfns) - 1 - rev_i
-        gfns, pages = gfns[pick], pages[pick]
+        if len(rev_u) < len(gfns):
+            pick = len(gfns) - 1 - rev_i
+            gfns, pages = rev_u, pages[pick]
         t = d.p2m.type[gfns]
         if (t == HOLE).any():
             raise HVError(EINVAL, f"write to a hole of domain {domid}")
         shared = gfns[t == RAM_SHARED]
         with d.p2m.changing():
             if len(shared):
-                self.unshare_many(domid, shared)
+                self._unshare_many(d, shared, copy=False)
             self.pool.data[d.p2m.mfn[gfns]] = pages
+        return len(shared)
+
+    def write_many(self, domid: int, gfns, offsets, lengths, data) -> int:
+        """Many small writes in one call: write ``i`` puts the next
+        ``lengths[i]`` bytes of ``data`` at ``offsets[i]`` of ``gfns[i]``,
+        in order (a later write to the same bytes wins). Returns the CoW
+        faults taken (shared gfns written). Vectorised: one batched unshare,
+        then one scatter of every byte. ENOMEM leaves everything as it was.
+        """
+        d = self.domain(domid)
+        gfns = self._gfns(d, gfns)
+        k = len(gfns)
+        offsets = np.asarray(offsets, dtype=np.int64).ravel()
+        lengths = np.asarray(lengths, dtype=np.int64).ravel()
+        data = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        if len(offsets) != k or len(lengths) != k:
+            raise HVError(EINVAL, f"{k} gfns need as many offsets and lengths")
+        if k and ((offsets < 0).any() or (lengths < 0).any() or (offsets + lengths > PAGE_SIZE).any()):
+            raise HVError(EINVAL, "a write crosses the page boundary")
+        total = int(lengths.sum())
+        if total != len(data):
+            raise HVError(EINVAL, f"the writes take {total} bytes, {len(data)} given")
+        if d.dying:
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        if k == 0:
+            return 0
+        ug = np.unique(gfns)
+        t = d.p2m.type[ug]
+        if (t == HOLE).any():
+            raise HVError(EINVAL, f"write to a hole of domain {domid}")
+        shared = ug[t == RAM_SHARED]
+        with d.p2m.changing():
+            if len(shared):
+                self._unshare_many(d, shared)
+            starts = d.p2m.mfn[gfns] * PAGE_SIZE + offsets
+            if total == k:                  # one byte each: the common case
+                pos = starts
+            else:
+                ends = np.cumsum(lengths)
+                pos = np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
+            if len(ug) < k:
+                # a gfn written twice: the last write of each byte wins
+                pos, last = np.unique(pos[::-1], return_index=True)
+                data = data[::-1][last]
+            self.pool.data.reshape(-1)[pos] = data
         return len(shared)
 
     def read(self, domid: int, gfn: int) -> bytes:
@@ -630,23 +758,60 @@ class Hypervisor:
         clear them from its p2m. A frame whose last pair goes is freed. Never
         allocates, cannot fail. Returns the number of frames freed."""
         d = self.domains[domid]
-        if len(gfns) == 0:
+        k = len(gfns)
+        if k == 0:
             return 0
         pool = self.pool
         ms = d.p2m.mfn[gfns]
-        frames, counts = np.unique(ms, return_counts=True)
-        self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
-        pool.type_count[frames] -= counts
-        freed = frames[pool.type_count[frames] == 0]
-        self.rmap.release_many(freed)
+        if k <= SMALL_DROP:
+            return self._drop_few(d, gfns, ms)
+        m0 = ms[0]
+        if ms[-1] == m0 and not np.count_nonzero(ms != m0):
+            # One frame (a teardown chunk of a heavily shared frame): no sort.
+            self.rmap.remove_many(ms, np.full(k, domid, dtype=np.int64), gfns)
+            left = int(pool.type_count[m0]) - k
+            pool.type_count[m0] = left
+            freed = ms[:1] if left == 0 else ms[:0]
+        else:
+            frames, counts = np.unique(ms, return_counts=True)
+            self.rmap.remove_many(ms, np.full(k, domid, dtype=np.int64), gfns)
+            pool.type_count[frames] -= counts
+            freed = frames[pool.type_count[frames] == 0]
+        if len(freed):
+            self.rmap.release_many(freed)
         with d.p2m.changing():
             d.p2m.mfn[gfns] = INVALID_MFN
             d.p2m.type[gfns] = HOLE
-        pool.free_many(freed)
+        if len(freed):
+            pool.free_many(freed)
         self.nr_shared_mfns -= len(freed)
-        self.nr_saved_mfns -= len(gfns) - len(freed)
-        d.shr_pages -= len(gfns)
-        d.relinquished += len(gfns)
+        self.nr_saved_mfns -= k - len(freed)
+        d.shr_pages -= k
+        d.relinquished += k
+        return len(freed)
+
+    def _drop_few(self, d: Domain, gfns: np.ndarray, ms: np.ndarray) -> int:
+        """drop_shared of a few gfns (a preemptible teardown's chunk on a
+        list or bucket rmap, whose removals take ~10-100 us each): entry by
+        entry, as the batch rmap call would, without the batch's fixed cost."""
+        remove, tc, domid = self.rmap.remove, self.pool.type_count, d.domid
+        mlist = ms.tolist()
+        for m, g in zip(mlist, gfns.tolist()):
+            remove(m, domid, g)
+            tc[m] -= 1
+        freed = [m for m in set(mlist) if tc[m] == 0]
+        for m in freed:
+            self.rmap.release(m)
+        with d.p2m.changing():
+            d.p2m.mfn[gfns] = INVALID_MFN
+            d.p2m.type[gfns] = HOLE
+        if freed:
+            self.pool.free_many(np.array(freed, dtype=np.int64))
+        k = len(mlist)
+        self.nr_shared_mfns -= len(freed)
+        self.nr_saved_mfns -= k - len(freed)
+        d.shr_pages -= k
+        d.relinquished += k
         return len(freed)
 
     def kill(self, domid: int) -> Domain:
@@ -659,7 +824,22 @@ class Hypervisor:
             d.relinquish_cursor = 0
         return d
 
-    def relinquish(self, domid: int, should_yield: Callable[[], bool] = lambda: False,
+    @staticmethod
+    def _chunk(typ: np.ndarray, start: int, units: int) -> tuple[int, np.ndarray]:
+        """Xen's loop over ``units`` work units from gfn ``start``: how many
+        gfns it covers (at least one) and the shared ones among them."""
+        q = units // RELINQUISH_SHARED_COST
+        if q and units % RELINQUISH_SHARED_COST == 0:
+            # The common window is all shared: q gfns spend the units exactly.
+            w = typ[start:start + q]
+            if np.count_nonzero(w == RAM_SHARED) == len(w):
+                return len(w), np.arange(start, start + len(w))
+        window = typ[start:start + units]
+        cost = np.where(window == RAM_SHARED, RELINQUISH_SHARED_COST, RELINQUISH_OTHER_COST)
+        n = max(int(np.searchsorted(np.cumsum(cost), units, side="right")), 1)
+        return n, np.flatnonzero(window[:n] == RAM_SHARED) + start
+
+    def relinquish(self, domid: int, should_yield: Callable[[], bool] | None = None,
                    chunk_seconds: float | None = None) -> bool:
         """One preemptible teardown step of a dying domain.
 
@@ -668,20 +848,26 @@ class Hypervisor:
         at once; after each chunk it asks ``should_yield()`` and, if so,
         saves the cursor and returns False ("restart"). Then the private
         frames are freed, RELEASE_CHUNK per check, and the domain is gone:
-        returns True. With ``should_yield`` never true this is the
-        monolithic teardown.
+        returns True.
 
         Chunks are Xen's RELINQUISH_BUDGET (0x2000 units: 512 shared gfns)
         unless ``chunk_seconds`` is given: then each chunk is sized from the
         last one's duration to take about that long, so a fast rmap does
         much per check and a slow one (a long list) still yields in time.
+
+        Without ``should_yield`` this is the monolithic teardown: no check
+        can answer yes, so the chunks make no difference to the outcome and
+        the rest of the teardown runs in batches of RELINQUISH_SLAB gfns.
         """
         d = self.domain(domid)
         if not d.dying:
             raise HVError(EINVAL, f"domain {domid} is not dying")
         typ = d.p2m.type
+        if should_yield is None:
+            return self._relinquish_all(d)
         # An adaptive teardown starts with one shared gfn (on a long list
-        # rmap one removal can take a millisecond) and grows up to 4x a chunk.
+        # rmap one removal can take a millisecond) and grows up to 4x a
+        # chunk; its units stay a multiple of 0x10.
         units = (d.info.get("chunk_units", RELINQUISH_SHARED_COST) if chunk_seconds
                  else RELINQUISH_BUDGET)
         while d.teardown_phase == "shared":
@@ -693,40 +879,58 @@ class Hypervisor:
             # The whole chunk is timed, scan included: over a long run of
             # holes and private gfns the scan is all the work there is.
             t0 = time.perf_counter()
-            window = typ[start:start + units]
-            cost = np.where(window == RAM_SHARED, RELINQUISH_SHARED_COST, RELINQUISH_OTHER_COST)
-            n = max(int(np.searchsorted(np.cumsum(cost), units, side="right")), 1)
-            shared = np.nonzero(window[:n] == RAM_SHARED)[0] + start
+            n, shared = self._chunk(typ, start, units)
             self.drop_shared(domid, shared)
             d.relinquish_cursor = start + n
             if chunk_seconds:
                 took = max(time.perf_counter() - t0, 1e-6)
                 units = int(units * min(4.0, max(0.25, chunk_seconds / took)))
-                units = min(max(units, RELINQUISH_SHARED_COST), MAX_CHUNK_UNITS)
+                units = min(max(units & -RELINQUISH_SHARED_COST, RELINQUISH_SHARED_COST),
+                            MAX_CHUNK_UNITS)
                 d.info["chunk_units"] = units
             if should_yield():
                 return False
         while d.teardown_phase == "private":
-            start = d.relinquish_cursor
-            if start >= d.npages:
-                self._forget(d)
-                return True
-            sl = slice(start, start + RELEASE_CHUNK)
-            private = np.nonzero(typ[sl] == RAM_RW)[0] + start
-            mfns = d.p2m.mfn[private]
-            with d.p2m.changing():
-                d.p2m.mfn[private] = INVALID_MFN
-                typ[private] = HOLE
-            self.pool.extra_refs[mfns] = 0
-            self.pool.free_many(mfns)
-            d.tot_pages -= len(private)
-            d.relinquish_cursor = min(start + RELEASE_CHUNK, d.npages)
-            if d.relinquish_cursor >= d.npages:
-                self._forget(d)
+            if self._release_private(d, RELEASE_CHUNK):
                 return True
             if should_yield():
                 return False
         return True
+
+    def _relinquish_all(self, d: Domain) -> bool:
+        """The rest of a teardown with no preemption check."""
+        if d.teardown_phase == "shared":
+            start = d.relinquish_cursor
+            shared = np.flatnonzero(d.p2m.type[start:] == RAM_SHARED) + start
+            for lo in range(0, len(shared), RELINQUISH_SLAB):
+                self.drop_shared(d.domid, shared[lo:lo + RELINQUISH_SLAB])
+            d.teardown_phase = "private"
+            d.relinquish_cursor = 0
+        while not self._release_private(d, RELINQUISH_SLAB):
+            pass
+        return True
+
+    def _release_private(self, d: Domain, chunk: int) -> bool:
+        """Free the private frames of the next ``chunk`` gfns from the
+        cursor; True (and the domain forgotten) once the p2m is done."""
+        start = d.relinquish_cursor
+        if start < d.npages:
+            typ = d.p2m.type
+            sl = slice(start, start + chunk)
+            private = np.flatnonzero(typ[sl] == RAM_RW) + start
+            if len(private):
+                mfns = d.p2m.mfn[private]
+                with d.p2m.changing():
+                    d.p2m.mfn[private] = INVALID_MFN
+                    typ[private] = HOLE
+                self.pool.extra_refs[mfns] = 0
+                self.pool.free_many(mfns)
+                d.tot_pages -= len(private)
+            d.relinquish_cursor = min(start + chunk, d.npages)
+        if d.relinquish_cursor >= d.npages:
+            self._forget(d)
+            return True
+        return False
 
     def _forget(self, d: Domain) -> None:
         # Every entry is a hole now: nothing of d is left in any rmap.
@@ -839,6 +1043,7 @@ class Hypervisor:
 
     def close(self) -> None:
         """Free every segment (the p2ms and the pool)."""
+        self.__dict__.pop("_pool_bytes", None)
         for d in list(self.domains.values()):
             d.p2m.close()
         self.domains.clear()

@@ -12,6 +12,10 @@ identifies the domain, so no message names a domid. Guest -> hypervisor:
 - ``G_WRITE_PAGES`` ``<I4x`` count, then ``int64[count]`` gfns, then
   ``count * 4096`` bytes of pages: one message, one batched core call.
 - ``G_STATS``  the guest's own counters (:data:`STATS`), no answer.
+- ``G_WRITE_MANY`` ``<I4x`` count, then ``int64[count]`` gfns,
+  ``uint32[count]`` offsets, ``uint32[count]`` lengths, then the bytes of
+  every write in order: many small writes (a CoW fault each, if shared) in
+  one message, one batched core call.
 
 Hypervisor -> guest: ``H_REPLY`` (``<iq`` status, value; ``seq`` is the
 request's), and the bodiless ``H_PAUSE``, ``H_UNPAUSE``, ``H_SHUTDOWN``.
@@ -50,20 +54,25 @@ MAX_BATCH_PAGES = 4096
 # guest pipes
 
 PIPE_HDR = struct.Struct("<HHI")        # type, seq, body length
-G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS = 1, 2, 3, 4
+G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS, G_WRITE_MANY = 1, 2, 3, 4, 5
 H_REPLY, H_PAUSE, H_UNPAUSE, H_SHUTDOWN = 0x81, 0x82, 0x83, 0x84
 
 HELLO = struct.Struct("<I")
 WRITE = struct.Struct("<QI")
 WRITE_PAGES = struct.Struct("<I4x")
 REPLY = struct.Struct("<iq")
+WRITE_MANY = struct.Struct("<I4x")
+#: header and body of a G_WRITE in one struct (the hypervisor's fast path)
+WRITE_MSG = struct.Struct("<HHIQI")
+#: header and body of an H_REPLY in one struct
+REPLY_MSG = struct.Struct("<HHIiq")
 #: writes, pages written, CoW faults, fault p50 us, fault p99 us, write p50 us
 STATS = struct.Struct("<QQQddd")
 STATS_FIELDS = ("writes", "pages_written", "cow_faults", "fault_p50_us", "fault_p99_us",
                 "write_p50_us")
 
 MAX_GUEST_BODY = WRITE_PAGES.size + MAX_BATCH_PAGES * (8 + PAGE_SIZE)
-_BODIES_TO_HV = {G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS}
+_BODIES_TO_HV = {G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS, G_WRITE_MANY}
 _BODIES_TO_GUEST = {H_REPLY: REPLY.size, H_PAUSE: 0, H_UNPAUSE: 0, H_SHUTDOWN: 0}
 
 
@@ -121,6 +130,54 @@ def decode_write_pages(body):
     pages = np.frombuffer(body, dtype=np.uint8, count=count * PAGE_SIZE,
                           offset=off + 8 * count).reshape(count, PAGE_SIZE)
     return gfns, pages
+
+
+def decode_write_many(body):
+    """``G_WRITE_MANY`` body -> (gfns int64[k], offsets uint32[k], lengths
+    uint32[k], data uint8[sum(lengths)]) as views of ``body``."""
+    import numpy as np
+    if len(body) < WRITE_MANY.size:
+        raise ProtocolError("write_many message too short")
+    (count,) = WRITE_MANY.unpack_from(body)
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise ProtocolError(f"write_many of {count} writes (allowed 1..{MAX_BATCH_PAGES})")
+    off = WRITE_MANY.size
+    head = off + 16 * count
+    if len(body) < head:
+        raise ProtocolError(f"write_many of {count} writes needs at least {head} bytes, got {len(body)}")
+    gfns = np.frombuffer(body, dtype="<i8", count=count, offset=off)
+    offsets = np.frombuffer(body, dtype="<u4", count=count, offset=off + 8 * count)
+    lengths = np.frombuffer(body, dtype="<u4", count=count, offset=off + 12 * count)
+    if not lengths.all() or (offsets.astype(np.int64) + lengths > PAGE_SIZE).any():
+        raise ProtocolError("a write of write_many is empty or does not fit in one page")
+    total = int(lengths.sum(dtype=np.int64))
+    if len(body) != head + total:
+        raise ProtocolError(f"write_many of {total} bytes needs {head + total} bytes, got {len(body)}")
+    data = np.frombuffer(body, dtype=np.uint8, count=total, offset=head)
+    return gfns, offsets, lengths, data
+
+
+def encode_write_many(gfns, offsets, lengths, data) -> list:
+    """Body parts of a ``G_WRITE_MANY`` message (no copy of the data)."""
+    import numpy as np
+    gfns = np.ascontiguousarray(gfns, dtype="<i8")
+    k = len(gfns)
+    offsets = np.ascontiguousarray(offsets, dtype="<u4").reshape(-1)
+    lengths = np.ascontiguousarray(lengths, dtype="<u4").reshape(-1)
+    data = memoryview(data if isinstance(data, (bytes, bytearray, memoryview))
+                      else np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
+    if not 1 <= k <= MAX_BATCH_PAGES:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_PAGES} writes, not {k}")
+    if len(offsets) != k or len(lengths) != k:
+        raise ValueError(f"{k} gfns need {k} offsets and {k} lengths")
+    if not lengths.all() or (offsets.astype(np.int64) + lengths > PAGE_SIZE).any():
+        raise ValueError("every write must hold 1 byte at least and fit in one page")
+    if int(lengths.sum(dtype=np.int64)) != data.nbytes:
+        raise ValueError(f"the lengths add up to {int(lengths.sum())} bytes, the data has {data.nbytes}")
+    if WRITE_MANY.size + 16 * k + data.nbytes > MAX_GUEST_BODY:
+        raise ValueError(f"a write_many message is limited to {MAX_GUEST_BODY} bytes")
+    return [WRITE_MANY.pack(k), memoryview(gfns).cast("B"), memoryview(offsets).cast("B"),
+            memoryview(lengths).cast("B"), data]
 
 
 def encode_write_pages(gfns, pages) -> list:
@@ -294,6 +351,15 @@ class MessageReader:
         """True when part of a message has been read."""
         return bool(self._buf) or self._big is not None
 
+    def feed(self, data) -> list:
+        """Bytes the caller read from the descriptor itself (when no message
+        was partial): the complete messages in them; the rest is kept, and
+        the next :meth:`pump` goes on from there. Raises ProtocolError."""
+        self._buf += data
+        msgs: list = []
+        self._parse(msgs)
+        return msgs
+
     def pump(self, limit: int = 64) -> tuple[list, bool]:
         """Read what is available now: (complete messages, eof).
 
@@ -464,6 +530,11 @@ GUEST_OPS: dict[str, dict[str, _Arg]] = {
     # benchmarks: the guest times its own writes (answer payload: int64 ns each)
     "time_writes": {"first": GFN, "count": Int(1, 1 << 20), "size": Int(1, PAGE_SIZE, 1)},
     "time_write_pages": {"first": GFN, "count": Int(1, 1 << 24), "batch": Int(1, MAX_BATCH_PAGES, 1024)},
+    # payload: int64 gfns, uint32 offsets, uint32 lengths, then the bytes
+    "write_many": {"count": Int(1, MAX_BATCH_PAGES)},
+    # benchmarks: ``size`` bytes at ``offset`` of each page, ``batch`` writes per message
+    "time_write_many": {"first": GFN, "count": Int(1, 1 << 24), "batch": Int(1, MAX_BATCH_PAGES, 1024),
+                        "size": Int(1, PAGE_SIZE, 1), "offset": Int(0, PAGE_SIZE - 1, 0)},
 }
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import gc
 import json
 import os
 import selectors
@@ -59,20 +60,35 @@ from .events import EventRing, Parked, ParkedWrite
 
 DEFAULT_FRAMES = 65536
 TEARDOWN_MODES = ("preemptible", "monolithic")
+#: How the hypervisor process is scheduled. ``fifo`` (the default where the
+#: kernel allows it): real-time SCHED_FIFO at the lowest priority, so that,
+#: as in Xen, a guest never preempts the hypervisor in the middle of a step
+#: and a step's wall time is its own work, whatever the guests run. Guests
+#: and tools stay ordinary processes (SCHED_RESET_ON_FORK). ``normal``: an
+#: ordinary process, preempted like any other.
+SCHED_MODES = ("fifo", "normal")
 #: A preemptible destroy step yields before a chunk that would end past this
 #: budget (judged by the last chunk, or by the target if that was shorter),
 #: or as soon as other work is pending, so that one step stays under 1 ms
-#: with the request's own parsing and answer.
-TEARDOWN_STEP_BUDGET = 0.0007
+#: and, when nothing waits, does several chunks of work per answer.
+TEARDOWN_STEP_BUDGET = 0.0008
 #: Relinquish chunks are sized to take about this long: a fault that
 #: arrives mid-step waits at most one chunk before the step yields to it.
-#: Not much less: a batch rmap call has a fixed cost of some 0.1-0.2 ms.
-TEARDOWN_CHUNK_SECONDS = 0.0003
+#: Not much less: a chunk has a fixed cost of some 10-20 us.
+TEARDOWN_CHUNK_SECONDS = 0.0002
 #: bytes an event subscriber may fall behind before it is dropped
 EVENTS_MAX_QUEUE = 1 << 20
 #: how long a new guest may take to map its memory and say hello
 GUEST_START_TIMEOUT = 30.0
+#: how long EOF on a guest's pipe waits for the guest's exit status
+GUEST_EXIT_WAIT = 0.005
 _TICK = 0.1
+#: allocations between two collections of the youngest generation (CPython: 700)
+GC_YOUNG_THRESHOLD = 20_000
+#: bytes the hypervisor reads from a guest pipe at once
+_GUEST_READ = 1 << 16
+_WRITE_MSG = P.WRITE_MSG
+_REPLY_MSG = P.REPLY_MSG
 _SOCK_MAX = 107                      # sun_path limit, less the NUL
 _ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -141,20 +157,26 @@ class PauseMeter:
         self.steps = 0
         self.by_kind: dict[str, list] = {}     # kind -> [count, total s, max s, buckets]
 
-    def record(self, seconds: float, what: str) -> None:
+    def record(self, seconds: float, what: str, kind: str | None = None) -> None:
+        """One step of ``seconds``; ``kind`` defaults to the first word of
+        ``what`` (callers on the hot path pass it precomputed)."""
         self.steps += 1
-        us = int(seconds * 1e6)
-        self.buckets[min(us.bit_length(), len(self.buckets) - 1)] += 1
+        b = int(seconds * 1e6).bit_length()
+        if b > 47:
+            b = 47
+        self.buckets[b] += 1
         if seconds > self.max_s:
             self.max_s, self.max_what = seconds, what
-        k = self.by_kind.get(what.split(" ", 1)[0])
+        if kind is None:
+            kind = what.split(" ", 1)[0]
+        k = self.by_kind.get(kind)
         if k is None:
-            k = self.by_kind[what.split(" ", 1)[0]] = [0, 0.0, 0.0, [0] * len(self.buckets)]
+            k = self.by_kind[kind] = [0, 0.0, 0.0, [0] * len(self.buckets)]
         k[0] += 1
         k[1] += seconds
         if seconds > k[2]:
             k[2] = seconds
-        k[3][min(us.bit_length(), len(self.buckets) - 1)] += 1
+        k[3][b] += 1
 
     def by_op(self) -> dict:
         """Per kind of step: ``count``, ``total_ms``, ``max_ms`` and its own
@@ -256,12 +278,31 @@ class _Guest(_Endpoint):
         self.counters = {"writes": 0, "pages_written": 0, "cow_faults": 0}
         self.reported: dict = {}
         self.kill_pending = False       # stopped by destroy; SIGKILL at the next tick
+        #: what the pause meter calls this guest's steps
+        self.step_name = f"guest {domid}"
+        #: the hypervisor's read buffer for this pipe (one read per wake-up)
+        self.inbuf = memoryview(bytearray(_GUEST_READ))
 
     def _send(self, mv) -> int:
         return os.write(self.wfd, mv)
 
     def send(self, mtype: int, seq: int = 0, *body) -> None:
         self.queue(P.pipe_message(mtype, seq, *body))
+
+    def reply(self, seq: int, status: int, value: int) -> None:
+        """An ``H_REPLY``: one precompiled struct, one write when nothing is
+        queued (a 20-byte pipe write is all or nothing), else the queue."""
+        msg = _REPLY_MSG.pack(P.H_REPLY, seq & 0xFFFF, P.REPLY.size, status, value)
+        if not self.out and not self.closed:
+            try:
+                os.write(self.wfd, msg)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                self.server.lost(self)
+                return
+        self.queue((msg,))
 
     def notify(self, mtype: int) -> None:
         """An asynchronous message, and SIGUSR1 so the guest reads it now
@@ -282,10 +323,12 @@ class Server:
     """The hypervisor process's state: the core, the loop and its endpoints."""
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
-                 teardown: str = "preemptible"):
+                 teardown: str = "preemptible", sched: str = "fifo"):
         self.socket_path = os.path.abspath(socket_path)
         self.state_dir = state_dir_for(self.socket_path)
-        self.frames, self.rmap, self.teardown = frames, rmap, teardown
+        self.frames, self.rmap, self.teardown, self.sched = frames, rmap, teardown, sched
+        #: the scheduling the process got (``fifo`` may be refused)
+        self.sched_applied = "normal"
         self.hv = None
         self.sel = selectors.DefaultSelector()
         self.meter = PauseMeter()
@@ -299,6 +342,7 @@ class Server:
         self._preempted = False
         #: clients whose next requests wait until that work has been served
         self._deferred: list[_Client] = []
+        self._held: set[_Client] = set()     # the same, as a set
         self.cow_faults = 0
         #: the sharing event ring, and the CoW writes waiting for a frame
         self.ring = EventRing()
@@ -325,6 +369,8 @@ class Server:
             raise StartError(f"unknown rmap policy {self.rmap!r} (choose from {', '.join(POLICIES)})")
         if self.teardown not in TEARDOWN_MODES:
             raise StartError(f"unknown teardown mode {self.teardown!r} (choose from {', '.join(TEARDOWN_MODES)})")
+        if self.sched not in SCHED_MODES:
+            raise StartError(f"unknown scheduling {self.sched!r} (choose from {', '.join(SCHED_MODES)})")
         if self.frames < 1:
             raise StartError("the pool needs at least one frame")
         try:
@@ -375,6 +421,7 @@ class Server:
         self._lsock.listen(64)
         self._lsock.setblocking(False)
         self.sel.register(self._lsock, selectors.EVENT_READ, self._accept)
+        self.sched_applied = _apply_sched(self.sched)
         self.running = True
         return cleaned
 
@@ -396,6 +443,7 @@ class Server:
                         break
                 # after the work a teardown step yielded to: its next request
                 for c in deferred:
+                    self._held.discard(c)
                     self._serve_backlog(c)
                 if self.running and time.monotonic() >= self._next_tick:
                     self._tick()
@@ -520,6 +568,8 @@ class Server:
             self._drop_client(c)
 
     def _serve_backlog(self, c: _Client) -> None:
+        if c in self._held:
+            return          # read, not served: the loop serves it after the others
         while c.backlog and not c.waiting and not c.closed and self.running:
             (jlen, _), body = c.backlog.pop(0)
             t0 = time.perf_counter()
@@ -535,11 +585,11 @@ class Server:
                 self.meter.record(time.perf_counter() - t0, op)
             if self._preempted:
                 # A teardown step yielded because others wait: they go first,
-                # then this client's queued requests (the kill controller
-                # keeps its next destroy queued).
+                # then this client's requests (the kill controller keeps its
+                # next destroys queued), also those that arrive meanwhile.
                 self._preempted = False
-                if c.backlog:
-                    self._deferred.append(c)
+                self._held.add(c)
+                self._deferred.append(c)
                 break
 
     # -- control requests ----------------------------------------------
@@ -568,7 +618,7 @@ class Server:
 
     def _op_info(self, c, payload):
         st = self.hv.stats()
-        st.update(teardown=self.teardown, max_pause_ms=round(self.meter.max_s * 1e3, 3),
+        st.update(teardown=self.teardown, sched=self.sched_applied, max_pause_ms=round(self.meter.max_s * 1e3, 3),
                   max_pause_op=self.meter.max_what, pause_histogram=self.meter.histogram(),
                   steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
@@ -663,9 +713,11 @@ class Server:
         if not resumed:
             self._stop_guest(domid)
             self.hv.kill(domid)
-        td = d.info.setdefault("teardown", {
-            "started": time.monotonic(), "entries_total": d.shr_pages,
-            "steps": 0, "continuations": 0, "max_step_s": 0.0, "max_step_cpu_s": 0.0, "busy_s": 0.0})
+        td = d.info.get("teardown")
+        if td is None:
+            td = d.info["teardown"] = {
+                "started": time.monotonic(), "entries_total": d.shr_pages,
+                "steps": 0, "continuations": 0, "max_step_s": 0.0, "max_step_cpu_s": 0.0, "busy_s": 0.0}
         if self.teardown == "monolithic":
             done = self.hv.relinquish(domid)
         else:
@@ -756,9 +808,12 @@ class Server:
 
     def _op_nominate_many(self, c, payload, domid, count):
         gfns = _array(payload, count, [np.int64])[0]
+        t0 = time.perf_counter()
         handles, codes = self.hv.nominate_many(domid, gfns)
-        return {"count": count}, np.concatenate([handles.astype("<u8").view(np.uint8),
-                                                  codes.astype("<i8").view(np.uint8)]).tobytes()
+        # the work's own time: what a caller sizes its next batch by
+        return {"count": count, "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, \
+            np.concatenate([handles.astype("<u8").view(np.uint8),
+                            codes.astype("<i8").view(np.uint8)]).tobytes()
 
     def _op_share_many(self, c, payload, sd, cd, count):
         if (sd is None) != (cd is None):
@@ -768,8 +823,10 @@ class Server:
                                                              np.int64, np.int64, np.uint64])
         else:
             sg, sh, cg, ch = _array(payload, count, [np.int64, np.uint64, np.int64, np.uint64])
+        t0 = time.perf_counter()
         codes = self.hv.share_many(sd, sg, sh, cd, cg, ch)
-        return {"count": count, "shared": int((codes == 0).sum())}, codes.astype("<i8").tobytes()
+        return {"count": count, "shared": int((codes == 0).sum()),
+                "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, codes.astype("<i8").tobytes()
 
     # -- guests --------------------------------------------------------
     def _spawn_guest(self, d, config: dict) -> _Guest:
@@ -803,11 +860,41 @@ class Server:
             # Destroyed by an earlier event of the same select() batch: its
             # descriptor is closed (and its number may already be reused).
             return
-        try:
-            msgs, eof = g.reader.pump(limit=32)
-        except P.ProtocolError as e:
-            self._crash(g, f"protocol violation: {e}")
-            return
+        reader = g.reader
+        if reader.partial:
+            try:
+                msgs, eof = reader.pump(limit=32)
+            except P.ProtocolError as e:
+                self._crash(g, f"protocol violation: {e}")
+                return
+        else:
+            # One read; what a waiting guest sends is one message, usually
+            # a small G_WRITE, served here without the reader's machinery.
+            buf = g.inbuf
+            try:
+                n = os.readv(g.fd, (buf,))
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ConnectionResetError, BrokenPipeError):
+                n = 0
+            if n == 0:
+                self._guest_eof(g)
+                return
+            if _WRITE_MSG.size < n <= _WRITE_MSG.size + P.PAGE_SIZE:
+                mtype, seq, blen, gfn, offset = _WRITE_MSG.unpack_from(buf)
+                if mtype == P.G_WRITE and blen == n - 8 and offset + n - _WRITE_MSG.size <= P.PAGE_SIZE:
+                    self._guest_write(g, seq, gfn, offset, n)
+                    return
+            try:
+                msgs = reader.feed(buf[:n])
+                eof = False
+                if n == len(buf) or reader.partial:
+                    more, eof = reader.pump(limit=32)
+                    msgs += more
+            except P.ProtocolError as e:
+                self._crash(g, f"protocol violation: {e}")
+                return
+        name = g.step_name
         for (mtype, seq, _), body in msgs:
             t0 = time.perf_counter()
             try:
@@ -820,14 +907,59 @@ class Server:
                 self._crash(g, f"internal error: {e!r}")
                 return
             finally:
-                self.meter.record(time.perf_counter() - t0, f"guest {g.domid}")
+                self.meter.record(time.perf_counter() - t0, name, "guest")
             if g.closed:
                 return
         if eof:
-            self._guest_gone(g)
+            self._guest_eof(g)
+
+    def _guest_eof(self, g: _Guest) -> None:
+        """EOF on a guest's pipe: a dying process closes its files a moment
+        before the kernel has its exit status; wait that moment (bounded,
+        once per guest) so that the domain's ``exit`` says how it died."""
+        if g.proc.poll() is None:
+            try:
+                g.proc.wait(timeout=GUEST_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                pass                    # alive without its pipe: reaped later
+        self._guest_gone(g)
+
+    def _guest_write(self, g: _Guest, seq: int, gfn: int, offset: int, n: int) -> None:
+        """One well-formed ``G_WRITE`` of ``n`` bytes in ``g.inbuf`` (header
+        included): the CoW fault fast path, one timed step. A domain that is
+        not simply running takes the general path."""
+        t0 = time.perf_counter()
+        try:
+            d = self.hv.domains[g.domid]
+            if d.state != "running" or g.domid in self.parked:
+                self._guest_message(g, P.G_WRITE, seq, bytes(g.inbuf[8:n]))
+                return
+            try:
+                value = self.hv.write(g.domid, gfn, offset, g.inbuf[_WRITE_MSG.size:n])
+                status = 0
+            except HVError as e:
+                if e.code == ENOMEM:
+                    self._park(g, P.G_WRITE, seq, bytes(g.inbuf[8:n]))
+                    return
+                status, value = e.code, 0
+            else:
+                c = g.counters
+                c["writes"] += 1
+                c["pages_written"] += 1
+                if value:
+                    c["cow_faults"] += 1
+                    self.cow_faults += 1
+            g.reply(seq, status, value)
+        except P.ProtocolError as e:
+            self._crash(g, f"protocol violation: {e}")
+        except Exception as e:          # a bug: crash this domain, not the host
+            traceback.print_exc()
+            self._crash(g, f"internal error: {e!r}")
+        finally:
+            self.meter.record(time.perf_counter() - t0, g.step_name, "guest")
 
     def _guest_message(self, g: _Guest, mtype: int, seq: int, body) -> None:
-        if mtype == P.G_WRITE or mtype == P.G_WRITE_PAGES:
+        if mtype == P.G_WRITE or mtype == P.G_WRITE_PAGES or mtype == P.G_WRITE_MANY:
             if g.domid in self.parked:
                 # waiting for memory: later writes queue behind, in order
                 self._park(g, mtype, seq, body)
@@ -845,7 +977,7 @@ class Server:
                     self._park(g, mtype, seq, body)
                     return
                 status = e.code
-            g.send(P.H_REPLY, seq, P.REPLY.pack(status, value))
+            g.reply(seq, status, value)
         elif mtype == P.G_STATS:
             g.reported = P.decode_stats(body)
         elif mtype == P.G_HELLO:
@@ -860,8 +992,12 @@ class Server:
         Raises HVError (ENOMEM: nothing changed) or ProtocolError."""
         if mtype == P.G_WRITE:
             gfn, offset, data = P.decode_write(body)
-            value = int(self.hv.write(g.domid, gfn, offset, data.tobytes()))
+            value = int(self.hv.write(g.domid, gfn, offset, data))
             g.counters["pages_written"] += 1
+        elif mtype == P.G_WRITE_MANY:
+            gfns, offsets, lengths, data = P.decode_write_many(body)
+            value = int(self.hv.write_many(g.domid, gfns, offsets, lengths, data))
+            g.counters["pages_written"] += len(gfns)
         else:
             gfns, pages = P.decode_write_pages(body)
             value = int(self.hv.write_pages(g.domid, gfns, pages))
@@ -877,6 +1013,10 @@ class Server:
         if mtype == P.G_WRITE:
             gfn, _, _ = P.decode_write(body)            # refuses garbage before keeping it
             pages, needed = 1, 1
+        elif mtype == P.G_WRITE_MANY:
+            gfns = P.decode_write_many(body)[0]
+            gfn, pages = int(gfns[0]), len(gfns)
+            needed = self._frames_needed(g.domid, gfns)
         else:
             gfns, _ = P.decode_write_pages(body)
             gfn, pages = int(gfns[0]), len(gfns)
@@ -972,7 +1112,7 @@ class Server:
                 self.ring.post("resumed", domid=domid, gfn=first.gfn if first else None,
                                waited_ms=round((time.monotonic() - p.since) * 1e3, 3),
                                state=d.state, frames_free=self.hv.pool.nfree)
-            g.send(P.H_REPLY, w.seq, P.REPLY.pack(status, value))
+            g.reply(w.seq, status, value)
         return True
 
     def _cancel_parked(self, domid: int, why: str) -> None:
@@ -1136,6 +1276,19 @@ class Server:
             self._retry_parked(changed_only=True)
 
 
+def _apply_sched(mode: str) -> str:
+    """Schedule this process as ``mode`` asks; returns what it got
+    (``fifo`` needs CAP_SYS_NICE or an RLIMIT_RTPRIO: without, ``normal``)."""
+    if mode != "fifo":
+        return "normal"
+    try:
+        policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
+        os.sched_setscheduler(0, policy, os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO)))
+    except (OSError, AttributeError):
+        return "normal (fifo not permitted)"
+    return "fifo"
+
+
 def _array(payload, count: int, dtypes) -> list[np.ndarray]:
     """Split a request payload into ``count``-long little-endian arrays."""
     want = 8 * count * len(dtypes)
@@ -1169,7 +1322,8 @@ def _sentence(e: HVError) -> str:
 
 
 def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
-          teardown: str = "preemptible", ready_fd: int | None = None, announce=None) -> int:
+          teardown: str = "preemptible", ready_fd: int | None = None, announce=None,
+          sched: str = "fifo") -> int:
     """Run a hypervisor on ``socket_path`` until it is stopped.
 
     ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
@@ -1177,7 +1331,7 @@ def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
     launcher waits on it. ``announce(server, cleaned)`` is called once
     serving (the foreground start prints there).
     """
-    srv = Server(socket_path, frames, rmap, teardown)
+    srv = Server(socket_path, frames, rmap, teardown, sched)
     try:
         cleaned = srv.open()
     except StartError as e:
@@ -1188,8 +1342,21 @@ def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
     _notify(ready_fd, f"ready {os.getpid()} {json.dumps(cleaned)}")
     if announce is not None:
         announce(srv, cleaned)
+    _quiet_collector()
     srv.run()
     return 0
+
+
+def _quiet_collector() -> None:
+    """Keep the cycle collector's passes short: what exists once the
+    hypervisor serves (modules, the core, its arrays) lives as long as the
+    process, so it is frozen out of every pass, and the youngest generation
+    is collected less often. A full pass over a busy hypervisor's objects
+    (an rmap frame per shared page) would otherwise be a step of several ms."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_YOUNG_THRESHOLD), gen1, gen2)
 
 
 def _notify(fd: int | None, line: str) -> None:
@@ -1210,9 +1377,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
     p.add_argument("--rmap", default="buckets")
     p.add_argument("--teardown", default="preemptible")
+    p.add_argument("--sched", default="fifo")
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
-    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd)
+    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,23 @@ def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+#: the percentiles every latency result carries: enough points for a CDF
+#: plot (``perf.plots``) without keeping every sample in the JSON
+CDF_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
+
+
+def latency_percentiles(lat, unit: str = "us") -> dict[str, float]:
+    """``{"p1_us": ..., "p50_us": ..., "p99.9_us": ...}`` of the samples
+    ``lat`` (already in ``unit``), plus ``mean_<unit>``; NaN when empty."""
+    import numpy as np
+    lat = np.asarray(lat, dtype=float)
+    if len(lat) == 0:
+        return {**{f"p{p:g}_{unit}": float("nan") for p in CDF_PERCENTILES}, f"mean_{unit}": float("nan")}
+    vals = np.percentile(lat, CDF_PERCENTILES)
+    return {**{f"p{p:g}_{unit}": float(v) for p, v in zip(CDF_PERCENTILES, vals)},
+            f"mean_{unit}": float(lat.mean())}
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain fixed-width text table."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]

@@ -110,6 +110,8 @@ def one_merge(content: np.ndarray, domains: int, rmap: str = "buckets",
         "other_seconds": seconds - hv_ms / 1e3 - ph["hash"] - ph["group"],
         "steps": {op: steps[op] for op in SCANNER_OPS if op in steps},
         "steps_all": steps.get("all"), "max_request_ms": res.max_request_ms,
+        "max_step_ms": max((steps[op]["max_ms"] or steps[op]["max_lt_ms"] for op in SCANNER_OPS
+                            if op in steps), default=0.0),
         "audit_errors": audit,
     }
 
@@ -186,7 +188,7 @@ def _run(quick: bool) -> dict:
                                                                 / k["pages_per_second"])
         del pages
     # batch sizes: the hypervisor's step per request kind
-    sweep_sizes = (64, 256) if quick else (32, 64, 128, 256)
+    sweep_sizes = sorted({BATCH_PAGES, 256} if quick else {32, 64, BATCH_PAGES, 128, 256})
     sweep_contents = ("clone",) if quick else ("clone", "identical")
     sweep = []
     for content in sweep_contents:
@@ -216,7 +218,8 @@ def report(result: dict) -> str:
                 rows.append([f"{content}: {label} ({h['domains']} dom)", h["seconds"],
                              h["pages_per_second"], h["nr_saved_mfns"],
                              f"hypervisor {h['hv_seconds']:.2f} s, hash {h['hash_seconds']:.2f} s, "
-                             f"rest {h['other_seconds']:.2f} s; {h['requests']} requests"])
+                             f"rest {h['other_seconds']:.2f} s; {h['requests']} requests, "
+                             f"longest step {h.get('max_step_ms', 0):.2f} ms"])
         k = r["ksm"]
         if "skipped" in k:
             rows.append([f"{content}: Linux KSM", "-", "-", "-", k["skipped"]])

@@ -66,6 +66,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .common import latency_percentiles
+
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 PAGE_SIZE = 4096
 CONTENTS = ("zero", "identical", "clone")
@@ -759,11 +761,8 @@ def _skippable(out: dict) -> Iterator[None]:
 
 
 def latency_stats(lat_ns: np.ndarray) -> dict[str, float]:
-    """p50/p99/mean of latencies in ns."""
-    if len(lat_ns) == 0:
-        return {"p50_ns": math.nan, "p99_ns": math.nan, "mean_ns": math.nan}
-    p50, p99 = np.percentile(lat_ns, [50, 99])
-    return {"p50_ns": float(p50), "p99_ns": float(p99), "mean_ns": float(np.mean(lat_ns))}
+    """Percentiles (``CDF_PERCENTILES``: p50, p99 and more) and mean of latencies in ns."""
+    return latency_percentiles(lat_ns, "ns")
 
 
 def measure_merge(n_pages: int = 50_000, content: str = "identical", seed: int = 0, repeats: int = 1) -> dict:

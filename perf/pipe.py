@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from .common import latency_percentiles
+
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
 PAGE_SIZE = 4096         # a request carrying one page of payload
 PLACEMENTS = ("same", "cross")
@@ -137,15 +139,13 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
 
 def measure(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000) -> dict:
     """Round-trip statistics: ``{"size", "placement", "n", "cpus",
-    "p50_us", "p99_us", "mean_us"}``, or ``{"size", "placement",
+    "p50_us", "p99_us", "mean_us", the other ``CDF_PERCENTILES``}``, or ``{"size", "placement",
     "skipped": reason}`` where the placement is impossible."""
     cpus = _cpus(placement)
     if isinstance(cpus, str):
         return {"size": size, "placement": placement, "skipped": cpus}
     lat = round_trips(size, placement, n) / 1e3
-    p50, p99 = np.percentile(lat, [50, 99])
-    return {"size": size, "placement": placement, "n": n, "cpus": list(cpus),
-            "p50_us": float(p50), "p99_us": float(p99), "mean_us": float(lat.mean())}
+    return {"size": size, "placement": placement, "n": n, "cpus": list(cpus), **latency_percentiles(lat)}
 
 
 def run(quick: bool = False) -> dict:

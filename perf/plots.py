@@ -240,6 +240,7 @@ def plot_teardown_steps(result: dict, path: str) -> str:
         fig, ax = _figure(len(picked), 1, (9, 2.8 * len(picked) + 1))
         note = ""
         top = max(max(_steps(c)[0]) for c in picked)
+        right = 0.0
         for a, c in zip(ax[:, 0], picked):
             durs, starts = _steps(c)
             if starts is None:   # back to back: the time the hypervisor was busy
@@ -253,13 +254,12 @@ def plot_teardown_steps(result: dict, path: str) -> str:
                   color="tab:red" if c.get("mode") == "monolithic" else "tab:blue")
             a.set_ylabel("step duration (ms)")
             a.set_ylim(0, top * 1.1)
-            a.set_xlim(left=0)
+            right = max(right, max(t + d for t, d in zip(starts, durs)))
             a.set_title(f"{c.get('rmap', '?')}, {c.get('mode', '?')}, {_n(c.get('entries'))} entries: "
                         f"{len(durs):,} step{'s' if len(durs) != 1 else ''}, longest {max(durs):.3g} ms")
             a.grid(True, alpha=0.3)
-        if len(picked) > 1:       # same scales: the freeze is the difference in shape
-            ax[0, 0].sharex(ax[1, 0])
-            ax[0, 0].sharey(ax[1, 0])
+        for a in ax[:, 0]:        # same scales: the freeze is the difference in shape
+            a.set_xlim(0, right * 1.02)
         _title(fig, "Hypervisor step durations during a teardown", result, note)
         _save(fig, path)
         return note
@@ -379,8 +379,8 @@ def plot_cow_latency(result: dict, path: str) -> str:
     a.set_ylim(0, 1.02)
     a.grid(True, which="both", alpha=0.3)
     a.legend(fontsize=8, loc="lower right")
-    note = ("" if not only_pcts else "percentiles only (no latency samples in the JSON)" if not with_samples
-            else "percentiles only where the JSON has no latency samples")
+    note = ("" if not only_pcts else "drawn through each series' percentiles (the JSON keeps no samples)"
+            if not with_samples else "percentiles only where the JSON has no latency samples")
     _title(fig, "Copy-on-write fault latency, CDF", result, note)
     _save(fig, path)
     return note

@@ -130,6 +130,7 @@ def run(quick: bool = False) -> dict:
             lost += n
         audit = hv.audit()
         kinds = {k: v["max_ms"] for k, v in end["pause_by_op"].items() if k != "create"}
+        window = _window_steps(start, end)
     faults = end["cow_faults"] - start["cow_faults"]
     return {
         "guests": nguests, "pages_per_guest": pages, "seconds": round(duration, 3),
@@ -140,10 +141,39 @@ def run(quick: bool = False) -> dict:
         "teardown": {k: teardown.get(k) for k in ("seconds", "entries", "continuations", "max_pause_ms")},
         "max_pause_ms": max(kinds.values()) if kinds else None,
         "max_pause_op": max(kinds, key=kinds.get) if kinds else None,
+        "sched": end.get("sched"),
+        "window": window,
         "checked_pages": checked, "lost_writes": lost, "audit_errors": audit,
         "writer_errors": [f"{type(w.error).__name__}: {w.error}" for w in writers if w.error],
         "load": os.getloadavg()[0],
     }
+
+
+def _window_steps(start: dict, end: dict) -> dict:
+    """The hypervisor's steps during the soak (boot and the first full dedup
+    pass left out), from the difference of its log2 step histograms:
+    ``steps``, ``over_1ms`` (steps of 1 ms or more: the 1,024 us bucket
+    up; ``over_1ms_by_op`` per kind of step), and ``max_lt_ms`` with ``max_op``, the upper bound of the longest
+    step's bucket and what it was."""
+    def hist(info, kind):
+        return {h["lt_us"]: h["count"] for h in info["pause_by_op"].get(kind, {}).get("histogram", [])}
+    steps = over = 0
+    top, top_op = 0, None
+    by_op: dict[str, int] = {}
+    for kind in end["pause_by_op"]:
+        a, b = hist(start, kind), hist(end, kind)
+        for lt_us, n in b.items():
+            grew = n - a.get(lt_us, 0)
+            if grew <= 0:
+                continue
+            steps += grew
+            if lt_us > 1024:
+                over += grew
+                by_op[kind] = by_op.get(kind, 0) + grew
+            if lt_us > top:
+                top, top_op = lt_us, kind
+    return {"steps": steps, "over_1ms": over, "over_1ms_by_op": by_op, "max_lt_ms": top / 1e3,
+            "max_op": top_op}
 
 
 def _destroy(socket_path: str, domid: int) -> dict:
@@ -163,7 +193,7 @@ def _dedup_loop_once(socket_path: str) -> None:
 
 def report(result: dict) -> str:
     r = result
-    td = r["teardown"]
+    td, w = r["teardown"], r["window"]
     rows = [[r["guests"], r["seconds"], r["faults"], r["faults_per_s"], r["writes"], r["dedup_passes"],
              r["dedup_merged"], r["max_pause_ms"], r["lost_writes"], r["audit_errors"]]]
     lines = [f"Soak: {r['guests']} writer guests of {r['pages_per_guest']} pages, a dedup pass after "
@@ -172,7 +202,9 @@ def report(result: dict) -> str:
                     "max step ms", "lost", "audit"], rows),
              f"teardown under load: {td['entries']:,} shared entries in {td['seconds']:.3f} s, "
              f"{td['continuations']} continuations, longest step {td['max_pause_ms']} ms",
-             f"longest hypervisor step: {r['max_pause_ms']} ms ({r['max_pause_op']}); "
+             f"longest hypervisor step: {r['max_pause_ms']} ms ({r['max_pause_op']}), scheduled "
+             f"{r.get('sched')}; during the soak: {w['steps']:,} steps, {w['over_1ms']:,} of 1 ms "
+             f"or more, the longest under {w['max_lt_ms']:g} ms ({w['max_op']})",
              f"{r['checked_pages']:,} pages verified, {r['lost_writes']} lost writes",
              f"load average at the end: {r['load']:.1f}"]
     if r["writer_errors"]:

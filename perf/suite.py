@@ -341,10 +341,10 @@ def _rmap_headlines(r: Any) -> list[dict]:
     bpe_key = _ratio_key(r, "index_bytes_per_entry_at_")
     return [
         _h(f"rmap delete at degree {top_s}: buckets vs list", "ns", cmd,
-           ">= 128x (seed: hash ~256x)", value=buck_ns,
+           ">= 200x (seed: ~256x in theory, 7 min -> 2 s = 210x measured)", value=buck_ns,
            anchor=("list", "ns"), anchor_value=list_ns,
            ratio=dig(r, "ratios", lob_key) if lob_key else None, ratio_of="list/buckets",
-           met=lambda v, q: q >= 128, bench="rmap", ratio_key=lob_key, result=r),
+           met=lambda v, q: q >= 200, bench="rmap", ratio_key=lob_key, result=r),
         _h(f"rmap index delete at degree {top_s} vs 16 (flat)", "ns", cmd,
            "<= 2x, O(1)", value=idx_top, anchor=("index at degree 16", "ns"),
            anchor_value=idx_lo, ratio=dig(r, "ratios", "index_delete_flatness"),
@@ -457,10 +457,10 @@ def _cow_headlines(r: Any) -> list[dict]:
     ksm_p50 = num(dig(res, "ksm_cow", "p50_ns"))
     ksm_us = ksm_p50 / 1e3 if ksm_p50 is not None else None
     out = [
-        _h("CoW fault p50 (same core) vs Linux KSM CoW break", "us", cmd, "<= 10x",
+        _h("CoW fault p50 (same core) vs Linux KSM CoW break", "us", cmd, "<= 3x",
            value=same.get("p50_us"), anchor=("KSM CoW break p50", "us"), anchor_value=ksm_us,
            ratio=dig(r, "ratios", "cow_p50_over_ksm"), ratio_of="hvshare/KSM",
-           met=lambda v, q: q <= 10, bench="cow", ratio_key="cow_p50_over_ksm", result=r),
+           met=lambda v, q: q <= 3, bench="cow", ratio_key="cow_p50_over_ksm", result=r),
     ]
     for p, where in (("same", "same core"), ("cross", "other core")):
         f = dig(res, "hvshare", "faults", p) or {}
@@ -472,10 +472,10 @@ def _cow_headlines(r: Any) -> list[dict]:
                       met=lambda v, q: q <= 2, bench="cow", ratio_key=key, result=r))
     b = dig(res, "hvshare", "batched", "pages_per_second")
     kb = dig(res, "ksm_batched", "pages_per_second")
-    out.append(_h("batched unshare (CoW) rate vs Linux KSM batched CoW break", "pages/s", cmd, ">= 0.5x",
+    out.append(_h("batched unshare (CoW) rate vs Linux KSM batched CoW break", "pages/s", cmd, ">= 1x",
                   value=b, anchor=("KSM, one write over all pages", "pages/s"), anchor_value=kb,
                   ratio=dig(r, "ratios", "batched_over_ksm"), ratio_of="hvshare/KSM",
-                  met=lambda v, q: q >= 0.5, bench="cow", ratio_key="batched_over_ksm", result=r))
+                  met=lambda v, q: q >= 1, bench="cow", ratio_key="batched_over_ksm", result=r))
     return out
 
 

@@ -25,6 +25,11 @@ rmap policy and each teardown mode:
 Peer, in the same run: Linux munmap of N pages all merged into ONE KSM page
 (:func:`perf.ksm.measure_munmap`), the kernel doing the same job.
 
+``ratios`` in the JSON: ``list_over_buckets`` and ``index_over_ksm`` at the
+largest N measured, for the preemptible teardown, and the same with
+``_monolithic`` for the monolithic one (``list`` at 100,000 runs preemptible
+only; its time stands in: the walks are the same).
+
 Each case runs ``repeats`` times on one hypervisor (3 in the full run, 1 at
 1,000,000 and for ``list`` at 100,000, 1 in ``--quick``); medians are shown,
 and fault percentiles over the faults of all repeats together.
@@ -202,9 +207,15 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                 w.start()
                 time.sleep(0.05)                         # the writer is under way
                 steps: list[float] = []
+                ends: list[float] = []         # when each answer arrived, since the first request
                 t_start = time.monotonic()
-                r = killctl.destroy(ctl, victim, progress=lambda a: steps.append(a["step_ms"]))
+                r = killctl.destroy(ctl, victim, progress=lambda a: (
+                    steps.append(a["step_ms"]), ends.append((time.monotonic() - t_start) * 1e3)))
                 t_end = time.monotonic()
+                # the last repeat's timeline, for the plot of the freeze: a step
+                # started about its own length before its answer arrived
+                timeline = {"steps_ms": [round(x, 4) for x in steps],
+                            "steps_start_ms": [round(max(e - x, 0.0), 4) for e, x in zip(ends, steps)]}
                 w.stop.set()
                 w.join()
                 if w.error:
@@ -235,6 +246,7 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                idle_fault_p50_us=_pct(idle_us, 50), idle_fault_p99_us=_pct(idle_us, 99))
     out["all"] = {key: [x[key] for x in runs] for key in ("seconds", "max_pause_ms", "fault_p99_us",
                                                            "idle_fault_p99_us")}
+    out.update(timeline)
     out["audit_errors"] = audit
     out["frames_back"] = info["frames_free"] == info["frames_total"] and info["nr_shared_mfns"] == 0
     return out
@@ -281,12 +293,14 @@ def _ratios(results, peers) -> dict:
             if _find(results, "list", "preemptible", n) and _find(results, "buckets", "preemptible", n)]
     if both:
         n = both[-1]
-        out["list_over_buckets"] = (_find(results, "list", "preemptible", n)["seconds"]
-                                    / _find(results, "buckets", "preemptible", n)["seconds"])
+        lp = _find(results, "list", "preemptible", n)
+        out["list_over_buckets"] = lp["seconds"] / _find(results, "buckets", "preemptible", n)["seconds"]
         out["list_over_buckets_n"] = n
+        # list monolithic is not run at the largest N (it would take as long
+        # again): there its preemptible teardown stands in, the same walks
         lm, bm = _find(results, "list", "monolithic", n), _find(results, "buckets", "monolithic", n)
-        if lm and bm:
-            out["list_over_buckets_monolithic"] = lm["seconds"] / bm["seconds"]
+        if bm:
+            out["list_over_buckets_monolithic"] = (lm or lp)["seconds"] / bm["seconds"]
     ksm_ok = [n for n in sorted({r["n"] for r in results})
               if _find(results, "index", "preemptible", n) and "seconds" in peers.get(str(n), {})]
     if ksm_ok:
@@ -372,7 +386,9 @@ def report(result: dict) -> str:
     ra = result["ratios"]
     parts = []
     if "list_over_buckets" in ra:
-        parts.append(f"list/buckets at N={ra['list_over_buckets_n']:,} {ra['list_over_buckets']:.0f}x")
+        parts.append(f"list/buckets at N={ra['list_over_buckets_n']:,} {ra['list_over_buckets']:.0f}x preemptible"
+                     + (f", {ra['list_over_buckets_monolithic']:.0f}x monolithic"
+                        if "list_over_buckets_monolithic" in ra else ""))
     if "index_over_ksm" in ra:
         parts.append(f"index/munmap at N={ra['index_over_ksm_n']:,} {ra['index_over_ksm']:.1f}x preemptible"
                      + (f", {ra['index_over_ksm_monolithic']:.1f}x monolithic"

@@ -40,7 +40,7 @@ import numpy as np
 
 from hvcore import protocol as P
 from hvcore import shm
-from hvcore.server import DEFAULT_FRAMES, TEARDOWN_MODES, child_env, state_dir_for
+from hvcore.server import DEFAULT_FRAMES, SCHED_MODES, TEARDOWN_MODES, child_env, state_dir_for
 
 __all__ = ["HVCtlError", "NoHypervisor", "GuestGone", "HypervisorClient", "GuestClient", "EventStream",
            "HVSession", "hvshare_session", "start_hypervisor", "default_socket_path", "DEFAULT_FRAMES",
@@ -235,7 +235,8 @@ class HypervisorClient(_Requester):
 
     def nominate_many(self, domid: int, gfns) -> tuple[np.ndarray, np.ndarray]:
         gfns = np.ascontiguousarray(gfns, dtype="<i8")
-        _, data = self.request("nominate_many", gfns.tobytes(), domid=domid, count=len(gfns))
+        ans, data = self.request("nominate_many", gfns.tobytes(), domid=domid, count=len(gfns))
+        self.last_work_ms = ans.get("work_ms")
         k = len(gfns)
         return (np.frombuffer(data, "<u8", k).astype(np.uint64),
                 np.frombuffer(data, "<i8", k, 8 * k).astype(np.int64))
@@ -253,7 +254,8 @@ class HypervisorClient(_Requester):
             args = {}
         arrays = [np.ascontiguousarray(a, dtype=t) for a, t in spec]
         payload = b"".join(a.tobytes() for a in arrays)
-        _, data = self.request("share_many", payload, count=len(arrays[0]), **args)
+        ans, data = self.request("share_many", payload, count=len(arrays[0]), **args)
+        self.last_work_ms = ans.get("work_ms")
         return np.frombuffer(data, "<i8").astype(np.int64)
 
     # -- the sharing event ring -------------------------------------------
@@ -323,6 +325,24 @@ class GuestClient(_Requester):
         """The guest writes whole pages, ``batch`` per message, and times the
         run: seconds, pages, messages, cow_faults."""
         return self.call("time_write_pages", first=first, count=count, batch=batch)
+
+    def write_many(self, gfns, offsets, lengths, data) -> int:
+        """Many small writes in one batched message: write ``i`` puts the
+        next ``lengths[i]`` bytes of ``data`` at ``offsets[i]`` of
+        ``gfns[i]``, in order. CoW faults taken."""
+        gfns = np.ascontiguousarray(gfns, dtype="<i8")
+        offsets = np.ascontiguousarray(offsets, dtype="<u4")
+        lengths = np.ascontiguousarray(lengths, dtype="<u4")
+        payload = gfns.tobytes() + offsets.tobytes() + lengths.tobytes() + bytes(data)
+        return self.request("write_many", payload, count=len(gfns))[0]["cow_faults"]
+
+    def time_write_many(self, first: int, count: int, batch: int = 1024, size: int = 1,
+                        offset: int = 0) -> dict:
+        """The guest writes ``size`` bytes at ``offset`` of each page,
+        ``batch`` writes per message, and times the run: seconds, pages,
+        messages, cow_faults."""
+        return self.call("time_write_many", first=first, count=count, batch=batch, size=size,
+                         offset=offset)
 
     def write_mapping(self, gfn: int) -> dict:
         """Try to store through the read-only mapping from Python (refused)."""
@@ -434,7 +454,7 @@ def running_pid(socket_path: str) -> int | None:
 
 def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAMES,
                      rmap: str = "buckets", teardown: str = "preemptible",
-                     timeout: float = 60.0) -> subprocess.Popen:
+                     timeout: float = 60.0, sched: str = "fifo") -> subprocess.Popen:
     """Start a detached hypervisor and return once it serves.
 
     The caller owns the returned Popen only to reap it (it runs in its own
@@ -452,7 +472,7 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
     ready_r, ready_w = os.pipe()
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         cmd = [sys.executable, "-m", "hvcore.server", "--socket", socket_path, "--frames", str(frames),
-               "--rmap", rmap, "--teardown", teardown, "--ready-fd", str(ready_w)]
+               "--rmap", rmap, "--teardown", teardown, "--sched", sched, "--ready-fd", str(ready_w)]
         try:
             proc = subprocess.Popen(cmd, pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, start_new_session=True, env=child_env(), cwd="/")
@@ -559,7 +579,7 @@ class HVSession(HypervisorClient):
     stops it and removes every trace (processes, segments, files)."""
 
     def __init__(self, frames: int = 4096, rmap: str = "buckets", teardown: str = "preemptible",
-                 directory: str | None = None, timeout: float | None = 120.0):
+                 directory: str | None = None, timeout: float | None = 120.0, sched: str = "fifo"):
         self._own_dir = directory is None
         # Short paths: a Unix socket path must fit in 107 bytes.
         root = SESSION_ROOT or ("/tmp" if os.path.isdir("/tmp") else None)
@@ -568,7 +588,7 @@ class HVSession(HypervisorClient):
         self.frames, self.rmap, self.teardown = frames, rmap, teardown
         self._guest_pids: set[int] = set()
         try:
-            self.process = start_hypervisor(self.socket_path, frames, rmap, teardown)
+            self.process = start_hypervisor(self.socket_path, frames, rmap, teardown, sched=sched)
         except BaseException:
             if self._own_dir:
                 shutil.rmtree(self.directory, ignore_errors=True)
@@ -631,7 +651,7 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
 
 @contextlib.contextmanager
 def hvshare_session(frames: int = 4096, rmap: str = "buckets", teardown: str = "preemptible",
-                    directory: str | None = None) -> Iterator[HVSession]:
+                    directory: str | None = None, sched: str = "fifo") -> Iterator[HVSession]:
     """A real hypervisor process on a private socket, gone on exit::
 
         with hvshare_session(frames=8192) as hv:
@@ -640,7 +660,7 @@ def hvshare_session(frames: int = 4096, rmap: str = "buckets", teardown: str = "
             hv.range_share(a, b, 0, 255)
             hv.guest(b).write(0, b"new")      # a CoW fault
     """
-    s = HVSession(frames, rmap, teardown, directory)
+    s = HVSession(frames, rmap, teardown, directory, sched=sched)
     try:
         yield s
     finally:

@@ -76,9 +76,9 @@ A pass, phase by phase
       a write between hashing and nominate) are regrouped by exact content
       (``np.unique`` over the page bytes) and merged with their true twins
       of the same round;
-   d. *share* the verified pairs, ``share_many`` requests of pairs with the
-      same (source domain, client domain) where possible (the core's
-      ``share_many`` has per-domain fixed costs).
+   d. *share* the verified pairs, ``share_many`` requests with the members
+      of one source together (the hypervisor's cost is mostly per frame a
+      request touches).
 
    Rounds exist because a request to a hypervisor process costs far more
    than its work: on these machines a round trip is 0.15-0.3 ms and the
@@ -110,37 +110,41 @@ must stay short: the goal is under 1 ms. The hypervisor times each of its
 steps per kind of request (``info``'s ``pause_by_op``), and each pass
 reports the steps of its own window (``PassResult.hv_steps``; ``hvctl
 dedup`` prints the longest). ``batch_pages`` (default :data:`BATCH_PAGES`
-= 64 pairs per share, 128 gfns per nominate) was chosen from
-``python -m perf dedup``'s sweep: 50,000 pages through a hypervisor
-process, ``buckets`` rmap, clone mix over four guests and identical pages
-in one, on this 2-core machine while other jobs loaded it (mean of the
-hypervisor's step per request; share of requests at 1 ms or more; the
-pass's merge rate):
+= 96 pairs per share, 288 gfns per nominate) was chosen from ``python -m
+perf dedup``'s sweep: 50,000 pages through a hypervisor process,
+``buckets`` rmap, clone mix over four guests and identical pages in one, on
+this 2-core machine while other jobs loaded it (mean of the hypervisor's
+step per request; share of requests at 1 ms or more; the pass's merge
+rate):
 
-=====  ===========================  ===========================  =========
+=====  ===========================  ===========================  ==========
 batch  clone: nominate / share      identical: nominate / share  pages/s
-=====  ===========================  ===========================  =========
-32     0.72 / 0.79 ms (6% / 9%)     0.69 / 0.80 ms (4% / 1%)     18-24 k
-64     0.92 / 0.81 ms (8% / 6%)     1.09 / 1.01 ms (14% / 17%)   29-43 k
-128    1.58 / 1.53 ms (46% / 53%)   1.67 / 1.41 ms (64% / 60%)   37-40 k
-256    2.83 / 2.24 ms (96% / 100%)  2.21 / 1.70 ms (89% / 94%)   54 k
-=====  ===========================  ===========================  =========
+=====  ===========================  ===========================  ==========
+32     0.36 / 0.60 ms (0% / 1%)     0.36 / 0.53 ms (0% / 1%)     27 k
+64     0.51 / 0.87 ms (1% / 29%)    0.42 / 0.53 ms (1% / 1%)     35-51 k
+96     0.56 / 0.82 ms (3% / 20%)    0.36 / 0.45 ms (2% / 1%)     46-79 k
+128    0.77 / 1.11 ms (11% / 53%)   0.60 / 0.72 ms (6% / 5%)     57-71 k
+256    1.28 / 1.83 ms (72% / 98%)   0.73 / 0.81 ms (5% / 8%)     56-107 k
+=====  ===========================  ===========================  ==========
 
-A request's fixed cost dominates small batches (in the core alone, a
-``share_many`` of one pair takes 0.12 ms, of 64 pairs 0.35 ms; the server's
-framing and answer add 0.1 ms), so 32 is barely shorter than 64 and merges
-half as fast, while 128 puts half the requests over 1 ms. On a quieter run
-64 gave 0.4-0.7 ms per request. The longest steps, 13-30 ms at every batch
-size, are the hypervisor process descheduled by the host, not its work.
+A share costs the hypervisor about 2-3x what a nominate does per page
+(it touches two frames' rmaps, and on the clone mix many source frames),
+so nominate requests carry :data:`NOMINATE_FACTOR` (3) times as many
+pages. The clone mix's share requests are the longest, so they set the
+batch. The first nominate requests of a pass are the longest (up to
+2-3 ms): every frame they make is a new Python object and the
+interpreter's cyclic collector runs over them; later rounds reuse the
+frame states the previous round's shares released.
 
-Where a pass's time goes (same runs): the hypervisor serving nominate and
-share, 55-65 %; hashing, 3-8 %; the rest, 25-40 %, is the scanner's work
-between requests and the round trips themselves (0.15-0.3 ms each on this
-machine). Next to Linux KSM merging the same bytes at full speed, the
-merge rate is 0.3-0.75x KSM's on identical pages and 0.3-1.1x on the clone
-mix, from run to run (both sides vary 2-4x with the machine's load); with
-the ``index`` rmap the hypervisor's time drops by 40-50 % on identical
-pages. ``python -m perf dedup`` measures it side by side.
+A request's fixed cost is about 0.15 ms in the hypervisor (framing, the
+answer, numpy's per-call overhead) and each round trip 0.3-0.5 ms more
+on this loaded machine, against 1-3 us of hypervisor work per page: a
+pass is about half hypervisor work, half round trips and the scanner's
+own work (hash, verify). Next to Linux KSM merging the same bytes at full
+speed (``python -m perf dedup``), the merge rate is 0.4-0.5x KSM's on
+identical pages and 0.7-0.9x on the clone mix when KSM runs undisturbed
+(50,000 pages: 76 k against 157 k pages/s, 51 k against 66 k); KSM's own
+time varies up to 10x with the machine's load.
 
 Watch mode
 ----------
@@ -157,10 +161,14 @@ and ends when the backend raises (the hypervisor is gone).
 Tunables
 --------
 - ``batch_pages`` (:class:`Scanner` argument, ``hvctl dedup --batch``,
-  default :data:`BATCH_PAGES` = 64): most pairs per ``share_many``
+  default :data:`BATCH_PAGES` = 96): most pairs per ``share_many``
   request; sets how long one request holds the hypervisor (above).
-- :data:`NOMINATE_FACTOR` (module constant, 2): a ``nominate_many``
+- :data:`NOMINATE_FACTOR` (module constant, 3): a ``nominate_many``
   request carries up to ``NOMINATE_FACTOR * batch_pages`` gfns.
+- ``step_target_ms`` (:class:`Scanner` argument, default
+  :data:`STEP_TARGET_MS` = None): size requests by the hypervisor's
+  reported time for the last one (``work_ms`` in the answers of
+  ``nominate_many`` and ``share_many``) instead of fixed sizes.
 - ``round_pages`` (:class:`Scanner` argument, default :data:`ROUND_PAGES`
   = 4096): members nominated, verified and shared together; bounds the
   scanner's temporaries and how long a nominated page waits for its share.
@@ -214,16 +222,27 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "InProcessBackend", "SocketBackend", "Scanner", "Plan", "Batch", "PassResult",
            "step_delta", "page_hashes", "zero_pages", "BATCH_PAGES", "NOMINATE_FACTOR",
            "ROUND_PAGES", "CHUNK_PAGES", "WATCH_INTERVAL", "WATCH_PAGES_PER_SECOND", "ZERO_SUM",
-           "SCANNER_OPS"]
+           "SCANNER_OPS", "STEP_TARGET_MS", "MAX_BATCH_FACTOR"]
 
 #: Most pairs per share_many request (and, times NOMINATE_FACTOR, gfns per
-#: nominate_many): 64 keeps the hypervisor's step per request under 1 ms
-#: (about 1 ms on a loaded machine), 128 does not (module docstring).
-BATCH_PAGES = 64
+#: nominate_many): 96 keeps the hypervisor's mean step per request under
+#: 1 ms on the clone mix, whose shares cost the most (module docstring).
+BATCH_PAGES = 96
 #: A nominate_many request carries up to this many times ``batch_pages``
-#: gfns: per page, nominate costs the hypervisor about half what share
-#: does (module docstring), so both kinds of request take about as long.
-NOMINATE_FACTOR = 2
+#: gfns: per page, nominate costs the hypervisor a third to a half of what
+#: share does (module docstring), so both kinds of request take about as long.
+NOMINATE_FACTOR = 3
+#: Default ``step_target_ms`` of :class:`Scanner`: None, fixed request
+#: sizes. With a target and a backend that reports the hypervisor's time
+#: per request (:class:`SocketBackend`), request sizes adapt so that each
+#: request's work takes about that long (the step adds ~0.15 ms of framing):
+#: ``batch_pages`` is then the starting size, and sizes stay within 1/4 and
+#: :data:`MAX_BATCH_FACTOR` times it. Off by default: on this loaded
+#: machine the hypervisor's time per request varies 2x between requests of
+#: one size, and adapting to it made more, smaller requests (20,000 pages:
+#: identical 55-80 k pages/s, clone 31 k, against 66 k and 52 k fixed).
+STEP_TARGET_MS: float | None = None
+MAX_BATCH_FACTOR = 8
 #: Members (client pages) per merge round: nominated, verified and shared
 #: together, so the scanner's own work is done once per round and every
 #: request is filled to its limit whatever domains the round spans.
@@ -408,6 +427,11 @@ class SocketBackend:
 
     def nr_saved_mfns(self) -> int:
         return int(self._request(self.client.info)["nr_saved_mfns"])
+
+    def last_work_ms(self) -> float | None:
+        """The hypervisor's own time for the work of the last
+        nominate_many or share_many request (its answer's ``work_ms``)."""
+        return getattr(self.client, "last_work_ms", None)
 
     def max_pause_ms(self) -> float:
         return float(self._request(self.client.info)["max_pause_ms"])
@@ -648,11 +672,14 @@ class Scanner:
                 "full_scans", "pages_scanned", "pages_merged", "pages_skipped", "passes")
 
     def __init__(self, backend: Backend, *, batch_pages: int = BATCH_PAGES,
-                 round_pages: int = ROUND_PAGES, skip_volatile: bool = True):
+                 round_pages: int = ROUND_PAGES, skip_volatile: bool = True,
+                 step_target_ms: float | None = STEP_TARGET_MS):
         if batch_pages < 1:
             raise ValueError("batch_pages must be at least 1")
         self.backend = backend
         self.batch_pages = int(batch_pages)
+        self.step_target_ms = step_target_ms
+        self._size: dict[str, int] = {}     # adaptive request sizes, by kind
         self.round_pages = max(int(round_pages), self.batch_pages)
         self.skip_volatile = skip_volatile
         self.after_nominate: Callable[[Batch], None] | None = None
@@ -697,6 +724,22 @@ class Scanner:
         return doms
 
     # -- backend calls, timed ------------------------------------------
+    def _resize(self, kind: str, n: int, base: int) -> None:
+        """Size the next request of ``kind`` by the hypervisor's time for
+        the last one (``n`` items), if the backend reports it and a
+        ``step_target_ms`` is set; within [base / 4, base * MAX_BATCH_FACTOR]."""
+        last = getattr(self.backend, "last_work_ms", None)
+        ms = last() if callable(last) and self.step_target_ms else None
+        if ms is None:
+            return
+        cur = self._size.get(kind, base)
+        if n < cur:                 # the end of a run: says little
+            return
+        # a request has a fixed cost: below the target grow by half, above
+        # it shrink in proportion
+        want = cur * 1.5 if ms < self.step_target_ms else n * self.step_target_ms / ms
+        self._size[kind] = int(min(max(want, base / 4, 1), base * MAX_BATCH_FACTOR))
+
     def _call(self, fn, *args):
         t0 = time.perf_counter()
         try:
@@ -917,9 +960,12 @@ class Scanner:
         mfn = np.zeros(len(pages), dtype=np.int64)
         for domid in np.unique(p_d).tolist():
             whole = np.nonzero(p_d == domid)[0]
-            for lo in range(0, len(whole), nstep):
-                sel = whole[lo:lo + nstep]
+            lo = 0
+            while lo < len(whole):
+                sel = whole[lo:lo + self._size.get("nominate", nstep)]
+                lo += len(sel)
                 handle[sel], code[sel] = self._call(self.backend.nominate_many, domid, p_g[sel])
+                self._resize("nominate", len(sel), nstep)
         if self.after_nominate:
             self.after_nominate(b)
         # b. where each page is now; a page not ram_shared lost its handle
@@ -946,20 +992,26 @@ class Scanner:
         extra_s, extra_c, lonely = self._regroup(np.nonzero(bad)[0], c_i, c_m, b.group)
         ps = np.concatenate([s_i[eq], extra_s])
         pc = np.concatenate([c_i[eq], extra_c])
-        # d. share the verified pairs, at most batch_pages per request, pairs
-        #    of one (source domain, client domain) together: the core's
-        #    share_many pays a fixed cost per domain a request names
-        order = np.lexsort((p_d[pc], p_d[ps]))
+        # d. share the verified pairs, at most batch_pages per request, the
+        #    members of one source together: the hypervisor's cost of a
+        #    share is mostly per frame touched, so a request naming each
+        #    source frame once is cheaper than one grouped by domains
+        order = np.lexsort((p_d[pc], ps))
         ps, pc = ps[order], pc[order]
         merged = failed = 0
         written = (code == 0) & (typ != RAM_SHARED)     # CoW-faulted since nominate
         if len(ps):
             if self.before_share:
                 self.before_share(b)
-            codes = np.concatenate([
-                self._call(self.backend.share_many, p_d[s_], p_g[s_], handle[s_],
-                           p_d[c_], p_g[c_], handle[c_])
-                for s_, c_ in ((ps[lo:lo + step], pc[lo:lo + step]) for lo in range(0, len(ps), step))])
+            out, lo = [], 0
+            while lo < len(ps):
+                n = self._size.get("share", step)
+                s_, c_ = ps[lo:lo + n], pc[lo:lo + n]
+                lo += len(s_)
+                out.append(self._call(self.backend.share_many, p_d[s_], p_g[s_], handle[s_],
+                                      p_d[c_], p_g[c_], handle[c_]))
+                self._resize("share", len(s_), step)
+            codes = np.concatenate(out)
             merged = int((codes == 0).sum())
             failed = len(codes) - merged
             # the side whose handle went stale was written

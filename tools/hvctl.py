@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it), index (O(1))")
     s.add_argument("--teardown", choices=api.TEARDOWN_MODES, default="preemptible",
                    help="domain teardown: preemptible (default, Xen 4.2) or monolithic (before it)")
+    s.add_argument("--sched", choices=api.SCHED_MODES, default="fifo",
+                   help="fifo (default): real-time priority, so guests never preempt a hypervisor "
+                        "step, as in Xen (falls back to normal where not permitted); normal: an "
+                        "ordinary process")
     s.add_argument("--foreground", action="store_true",
                    help="stay attached: serve until Ctrl-C, log to this terminal")
 
@@ -240,12 +244,12 @@ def cmd_start(a) -> object:
         pid = api.running_pid(path)
         if pid is not None:
             raise api.HVCtlError(f"a hypervisor (pid {pid}) is already running on {path}")
-        if serve(path, a.frames, a.rmap, a.teardown, announce=announce):
+        if serve(path, a.frames, a.rmap, a.teardown, announce=announce, sched=a.sched):
             raise api.HVCtlError(f"the hypervisor could not start on {path}")
         return None
-    proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown)
+    proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched)
     out = {"pid": proc.pid, "socket": path, "frames": a.frames, "rmap": a.rmap,
-           "teardown": a.teardown, "leftovers_removed": proc.cleaned}
+           "teardown": a.teardown, "sched": a.sched, "leftovers_removed": proc.cleaned}
     return out, _started_line(path, proc.pid, a, proc.cleaned)
 
 
@@ -302,6 +306,7 @@ def cmd_info(a) -> object:
     i = _client(a).info()
     lines = [f"{k:<16}{i[k]}" for k in ("frames_total", "frames_free", "nr_shared_mfns",
                                         "nr_saved_mfns", "rmap", "teardown")]
+    lines.append(f"{'sched':<16}{i.get('sched', '?')}")
     lines.append(f"{'max_pause_ms':<16}{i['max_pause_ms']} ({i.get('max_pause_op', '?')})")
     lines.append(f"{'cow_faults':<16}{i.get('cow_faults', 0)}")
     lines.append(f"{'hypervisor':<16}pid {i['pid']}, {i['steps']} steps, {i['requests']} requests, "

@@ -41,6 +41,8 @@ from __future__ import annotations
 from array import array
 from typing import Iterator
 
+import numpy as np
+
 MAX_DOMID = 0x7FFF          # domids fit 15 bits (Xen's guests are below 0x7FF0)
 MAX_GFN = 2**31 - 1         # gfns fit int32
 _MIN_CAP = 64
@@ -102,6 +104,79 @@ class NodeArena:
         if head >= 0:
             self.prv[head] = n
         return n
+
+    def push_many(self, domids: np.ndarray, gfns: np.ndarray, chain: np.ndarray | None,
+                  heads: np.ndarray, nodes: np.ndarray | None = None) -> np.ndarray:
+        """``push`` of every (domids[i], gfns[i]) in order, entry ``i`` in
+        front of chain ``chain[i]`` (an index into ``heads``, the chains'
+        current head nodes; None: entry i is chain i's only new node).
+        Returns the chains' new heads.
+
+        Same result as the loop: slots are taken from the free stack in pop
+        order, then from ``top``; in each chain the later entry is nearer
+        the head. Keys must already be checked (``check_key``). With
+        ``nodes`` (live nodes of no chain, holding their keys), those are
+        linked instead of new ones: ``domids`` and ``gfns`` are not used.
+        """
+        k = len(gfns)
+        heads = np.asarray(heads, dtype=np.int64)
+        if k == 0:
+            return heads.copy()
+        if nodes is None:
+            nodes = self._take(k)
+            np.frombuffer(self.dom, dtype=np.uint16)[nodes] = domids
+            np.frombuffer(self.gfn, dtype=np.int32)[nodes] = gfns
+        else:
+            nodes = np.asarray(nodes, dtype=np.int64)
+        if chain is None:               # entry i alone in front of chain i
+            np.frombuffer(self.nxt, dtype=np.int32)[nodes] = heads
+            prv = np.frombuffer(self.prv, dtype=np.int32)
+            prv[nodes] = -1
+            was = heads >= 0
+            if was.any():
+                prv[heads[was]] = nodes[was]
+            return nodes
+        nxt = np.frombuffer(self.nxt, dtype=np.int32)
+        prv = np.frombuffer(self.prv, dtype=np.int32)
+        order = np.argsort(chain, kind="stable")
+        c, n = np.asarray(chain)[order], nodes[order]
+        first = np.ones(k, dtype=bool)
+        first[1:] = c[1:] != c[:-1]
+        last = np.ones(k, dtype=bool)
+        last[:-1] = first[1:]
+        old = heads[c[first]]
+        v = np.empty(k, dtype=np.int64)
+        v[1:] = n[:-1]
+        v[first] = old
+        nxt[n] = v
+        v[:-1] = n[1:]
+        v[last] = -1
+        prv[n] = v
+        was = old >= 0
+        prv[old[was]] = n[first][was]
+        out = heads.copy()
+        out[c[last]] = n[last]
+        return out
+
+    def _take(self, k: int) -> np.ndarray:
+        """``k`` slots, in the order ``k`` pushes would take them."""
+        nodes = np.empty(k, dtype=np.int64)
+        free = self.free
+        f = min(k, len(free))
+        if f:
+            nodes[:f] = np.frombuffer(free, dtype=np.int32)[len(free) - f:][::-1]
+            del free[len(free) - f:]
+        if f < k:
+            top, need = self.top, self.top + k - f
+            cap = len(self.nxt)
+            if need > cap:
+                while cap < need:
+                    cap = max(_MIN_CAP, 2 * cap)
+                self._resize(cap)
+            nodes[f:] = np.arange(top, need)
+            self.top = need
+        self.live += k
+        return nodes
 
     def link(self, head: int, n: int) -> None:
         """Put node ``n`` in front of chain ``head`` (n becomes the head)."""

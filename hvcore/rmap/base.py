@@ -72,6 +72,16 @@ class Rmap(ABC):
         for m, d, g in zip(mfns.tolist(), domids.tolist(), gfns.tolist()):
             self.remove(m, d, g)
 
+    def move_singles(self, srcs: np.ndarray, dsts: np.ndarray, domids: np.ndarray,
+                     gfns: np.ndarray) -> None:
+        """Frames ``srcs`` (distinct, none of them in ``dsts``) each hold the
+        one entry (domids[i], gfns[i]): move it to frame ``dsts[i]``, in
+        order, and release ``srcs[i]`` (a batch of shares of private pages).
+        Default: remove, release, add."""
+        self.remove_many(srcs, domids, gfns)
+        self.release_many(srcs)
+        self.add_many(dsts, domids, gfns)
+
     def move_all(self, src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
         """Move every entry of frame ``src`` to frame ``dst`` (the share op).
 

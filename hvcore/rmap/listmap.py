@@ -24,7 +24,9 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterator
 
-from .arena import NodeArena
+import numpy as np
+
+from .arena import MAX_DOMID, MAX_GFN, NodeArena, check_key
 from .base import Rmap
 
 
@@ -60,6 +62,31 @@ class ListRmap(Rmap):
             f = self._frames[mfn] = _Frame()
         f.head = n
         f.count += 1
+
+    def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
+        """``add`` of every entry, in order: one batch push (head insertion
+        needs no search). A refused key refuses it and every later entry."""
+        m = np.asarray(mfns, dtype=np.int64).ravel()
+        d = np.asarray(domids, dtype=np.int64).ravel()
+        g = np.asarray(gfns, dtype=np.int64).ravel()
+        if not len(m) == len(d) == len(g):
+            raise ValueError("add_many: arrays of different lengths")
+        bad = (d < 0) | (d > MAX_DOMID) | (g < 0) | (g > MAX_GFN)
+        stop = int(bad.argmax()) if bad.any() else len(m)
+        if stop:
+            fr, inv = np.unique(m[:stop], return_inverse=True)
+            frames, get = self._frames, self._frames.get
+            fl = [get(x) for x in fr.tolist()]
+            for i in [i for i, f in enumerate(fl) if f is None]:
+                fl[i] = frames[int(fr[i])] = _Frame()
+            old = np.array([f.head for f in fl], dtype=np.int64)
+            new = self._arena.push_many(d[:stop], g[:stop], inv.ravel(), old)
+            added = np.bincount(inv.ravel(), minlength=len(fr))
+            for f, h, c in zip(fl, new.tolist(), added.tolist()):
+                f.head = h
+                f.count += c
+        if stop < len(m):
+            check_key(int(d[stop]), int(g[stop]))      # raises
 
     def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
         f = self._frames.get(mfn)

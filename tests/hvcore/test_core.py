@@ -239,6 +239,65 @@ def test_write_validation(hv):
     assert hv.read(d.domid, 0)[-1:] == b"z"
 
 
+def test_write_many_is_one_unshare_then_a_scatter(hv):
+    a = hv.create_domain(8, content=pages(*range(8)), holes=[7])
+    b = hv.create_domain(8, content=pages(*range(8)), holes=[7])
+    assert hv.range_share(a.domid, b.domid, 0, 7) == 7
+    saved, free = hv.nr_saved_mfns, hv.pool.nfree
+    # gfn 2 twice (overlapping: the later bytes win), gfn 5 private after the first write
+    gfns = [2, 0, 2, 3]
+    offsets = [10, 4095, 11, 0]
+    lengths = [3, 1, 1, 2]
+    data = b"abc" + b"z" + b"X" + b"qq"
+    assert hv.write_many(b.domid, gfns, offsets, lengths, data) == 3
+    assert hv.nr_saved_mfns == saved - 3 and hv.pool.nfree == free - 3
+    assert hv.read(b.domid, 2)[9:14] == bytes([2]) + b"aXc" + bytes([2])
+    assert hv.read(b.domid, 0)[-2:] == bytes([0]) + b"z"
+    assert hv.read(b.domid, 3)[:3] == b"qq" + bytes([3])
+    for g in (0, 2, 3):                            # the writer only
+        assert b.p2m.type[g] == RAM_RW and hv.read(a.domid, g) == bytes([g]) * 4096
+    assert b.p2m.type[1] == RAM_SHARED
+    assert hv.write_many(b.domid, [2], [0], [1], b"!") == 0        # private now: no fault
+    assert hv.write_many(b.domid, [], [], [], b"") == 0
+    assert hv.audit() == 0
+
+
+def test_write_many_validation_changes_nothing(hv):
+    a = hv.create_domain(4, holes=[3])
+    b = hv.create_domain(4, holes=[3])
+    hv.range_share(a.domid, b.domid, 0, 2)
+    before = (hv.nr_shared_mfns, hv.nr_saved_mfns, hv.pool.nfree, b.p2m.type.copy())
+    bad = [([4], [0], [1], b"x"),                   # outside the domain
+           ([-1], [0], [1], b"x"),
+           ([0, 3], [0, 0], [1, 1], b"xy"),         # 3 is a hole
+           ([0], [4095], [2], b"xy"),               # crosses the page
+           ([0], [0], [2], b"x"),                   # lengths and data disagree
+           ([0, 1], [0], [1], b"x")]                # offsets missing
+    for args in bad:
+        with pytest.raises(HVError) as e:
+            hv.write_many(b.domid, *args)
+        assert code(e) == EINVAL, args
+    assert (hv.nr_shared_mfns, hv.nr_saved_mfns, hv.pool.nfree) == before[:3]
+    assert (b.p2m.type == before[3]).all()
+    hog = hv.create_domain(hv.pool.nfree)
+    with pytest.raises(HVError) as e:
+        hv.write_many(b.domid, [0, 1], [0, 0], [1, 1], b"xy")
+    assert code(e) == ENOMEM
+    assert (b.p2m.type == before[3]).all() and hv.audit() == 0
+    hv.destroy_domain(hog.domid)
+    assert hv.write_many(b.domid, [0, 1], [0, 0], [1, 1], b"xy") == 2
+
+
+def test_whole_page_writes_take_their_frames_without_a_copy(hv):
+    a = hv.create_domain(3, content=pages(7, 8, 9))
+    b = hv.create_domain(3, content=pages(7, 8, 9))
+    hv.range_share(a.domid, b.domid, 0, 2)
+    assert hv.write(b.domid, 0, 0, bytes([1]) * 4096) is True
+    assert hv.write_pages(b.domid, [2, 1, 2], pages(5, 6, 4)) == 2
+    assert [hv.read(b.domid, g)[::1024] for g in range(3)] == [bytes([v]) * 4 for v in (1, 6, 4)]
+    assert [hv.read(a.domid, g) for g in range(3)] == [bytes([v]) * 4096 for v in (7, 8, 9)]
+
+
 def test_create_domain_errors_leave_nothing(hv):
     free = hv.pool.nfree
     with pytest.raises(HVError) as e:
@@ -301,3 +360,28 @@ def test_adaptive_teardown_starts_with_one_shared_gfn_and_grows_at_most_4x(hv):
         assert hv.audit() == 0
     assert d.domid not in hv.domains and d.relinquished == 200
     assert hv.pool.nfree == hv.pool.nframes
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+def test_teardown_without_checks_matches_the_chunked_one(hv, preempt):
+    # Without should_yield nothing can preempt: the rest of the teardown runs
+    # as one batch, with the same result as Xen's chunks (shared, private
+    # and holes mixed; several frames, one of them outliving the domain).
+    src = hv.create_domain(3)
+    hs = [hv.nominate(src.domid, g) for g in range(3)]
+    private = np.arange(0, 3000, 50)
+    d = hv.create_domain(3000, holes=np.setdiff1d(np.arange(3000), private))
+    for g in range(1, 3000, 3):
+        if g % 50:
+            hv.add_to_physmap(src.domid, g % 3, hs[g % 3], d.domid, g)
+    free, shared = hv.pool.nfree, d.shr_pages
+    assert shared > 512
+    hv.kill(d.domid)
+    if preempt:
+        while not hv.relinquish(d.domid, should_yield=lambda: True):
+            assert hv.audit() == 0
+    else:
+        assert hv.relinquish(d.domid) is True
+    assert d.domid not in hv.domains and d.relinquished == shared
+    assert hv.nr_shared_mfns == 3 and hv.nr_saved_mfns == 0
+    assert hv.pool.nfree == free + len(private)

@@ -528,6 +528,63 @@ def test_buckets_refused_table_stays_list():
     check(r)
 
 
+
+def _arena_state(r):
+    a = r._arena
+    heads = {m: (list(f.heads) if hasattr(f, "heads") else [f.head], f.count)
+             for m, f in r._frames.items()}
+    return (heads, a.top, a.live, list(a.free), list(a.nxt[:a.top]), list(a.prv[:a.top]),
+            list(a.dom[:a.top]), list(a.gfn[:a.top]))
+
+
+@pytest.mark.parametrize("policy", ["buckets", "list"])
+@pytest.mark.parametrize("seed", range(6))
+def test_add_many_is_the_elementwise_loop_exactly(policy, seed):
+    # Same nodes, links, heads, counts, free stack and table_alloc calls as
+    # add() in order, across 256 -> hash conversions and refused tables.
+    rng = np.random.default_rng(seed)
+    calls = [[], []]
+
+    def alloc(i):
+        def table_alloc():
+            calls[i].append(len(calls[i]))
+            return len(calls[i]) % 3 != 1       # refuse every third
+        return table_alloc
+    kw = [{"table_alloc": alloc(i)} if policy == "buckets" else {} for i in (0, 1)]
+    a, b = make(policy, 8, **kw[0]), make(policy, 8, **kw[1])
+    used = set()
+    for step in range(12):
+        k = int(rng.choice([1, 2, 5, 64, 300]))
+        m = rng.choice([0, 1, rng.integers(0, 8)], size=k) if step % 2 else rng.integers(0, 8, k)
+        pairs = []
+        while len(pairs) < k:
+            p = (int(rng.integers(0, 4)), int(rng.integers(0, NPAGES)))
+            if p not in used:
+                used.add(p)
+                pairs.append(p)
+        d, g = arr([p[0] for p in pairs], [p[1] for p in pairs])
+        a.add_many(np.asarray(m, np.int64), d, g)
+        for mm, dd, gg in zip(np.asarray(m).tolist(), d.tolist(), g.tolist()):
+            b.add(mm, dd, gg)
+        if step % 3 == 2:       # free some slots, so the batch reuses them
+            for mm in range(8):
+                for dd, gg in walk(b, mm)[::3]:
+                    a.remove(mm, dd, gg)
+                    b.remove(mm, dd, gg)
+                    used.discard((dd, gg))
+        assert _arena_state(a) == _arena_state(b)
+        assert calls[0] == calls[1]
+    check(a)
+
+
+def test_buckets_add_many_refused_key_keeps_the_prefix():
+    r = make("buckets")
+    with pytest.raises(ValueError):
+        r.add_many(*arr([0, 0, 1, 1], [0, 1, 0x8000, 2], [1, 2, 3, 4]))
+    assert sorted(walk(r, 0)) == [(0, 1), (1, 2)] and r.count(1) == 0
+    check(r)
+
+
 # -- index: O(1) structure, vectorised batches -----------------------------------
 def _big_frame(n=150_000):
     r = make_rmap("index", 4)
@@ -793,3 +850,64 @@ def test_index_general_path_all_or_nothing():
                        [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 70, 70, 71, 71, 72, 72, 73, 73, 5000, 5001]))
     assert r.count(0) == 30 and r.count(1) == 0
     r.check()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("heavy", [False, True])
+def test_move_singles_is_remove_release_add(policy, heavy):
+    # The share of private pages: one-entry frames moved into others, across
+    # the buckets' 256 -> hash conversion when ``heavy``.
+    def build():
+        r = make(policy, 1200)
+        r.add_many(np.zeros(250 if heavy else 3, np.int64), np.zeros(250 if heavy else 3, np.int64),
+                   np.arange(250 if heavy else 3))
+        r.add_many(np.arange(10, 1010), np.ones(1000, np.int64), np.arange(1000))
+        return r
+    a, b = build(), build()
+    src = np.arange(10, 1010)
+    dst = np.where(np.arange(1000) % 3 == 0, 0, 1 + np.arange(1000) % 5)
+    d, g = np.ones(1000, np.int64), np.arange(1000)
+    a.move_singles(src, dst, d, g)
+    b.remove_many(src, d, g)
+    b.release_many(src)
+    b.add_many(dst, d, g)
+    for m in range(1200):
+        assert sorted(walk(a, m)) == sorted(walk(b, m)) and a.count(m) == b.count(m)
+        assert a.representation(m) == b.representation(m)
+    check(a)
+
+
+@pytest.mark.parametrize("direction", [1, -1])
+def test_index_run_removal_checks_every_pair_first(direction):
+    # A batch that looks like a teardown run (one domain, one frame, in list
+    # order) but holds an absent pair, a pair of another frame or a pair
+    # twice raises and changes nothing; a true run leaves the rest in order.
+    r = make_rmap("index", 3)
+    r.domain_created(1, 1000)
+    r.add_many(np.zeros(600, np.int64), np.ones(600, np.int64), np.arange(600))
+    r.add_many(np.ones(10, np.int64), np.ones(10, np.int64), np.arange(600, 610))
+    before = {f: walk(r, f) for f in range(3)}
+    run = np.arange(100, 200)[::direction]
+    for g in (np.concatenate([run[:-1], [700]]),        # absent
+              np.concatenate([run[:-1], [605]]),        # in frame 1
+              np.concatenate([run[:-1], run[:1]])):     # a pair twice
+        with pytest.raises(KeyError):
+            r.remove_many(np.zeros(g.shape[0], np.int64), np.ones(g.shape[0], np.int64), g)
+        assert {f: walk(r, f) for f in range(3)} == before
+        r.check()
+    r.remove_many(np.zeros(100, np.int64), np.ones(100, np.int64), run)
+    assert walk(r, 0) == [(1, x) for x in range(599, -1, -1) if not 100 <= x < 200]
+    r.check()
+
+
+def test_buckets_add_many_during_a_walk_does_not_convert():
+    r = make("buckets")
+    _heavy(r, n=250)
+    it = r.entries(0)
+    next(it)
+    r.add_many(*arr([0] * 20, [1] * 20, range(5000, 5020)))     # crosses 256, pinned
+    assert r.representation(0) == "list" and r.count(0) == 270
+    it.close()
+    r.add_many(*arr([0, 1], [1, 1], [6000, 6001]))               # the walk is over
+    assert r.representation(0) == "hash" and r.count(0) == 271
+    check(r)

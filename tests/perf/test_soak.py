@@ -11,9 +11,12 @@ def test_report_shows_the_figures_and_writer_errors():
          "dedup_skipped": None, "teardown": {"seconds": 3.5, "entries": 8192, "continuations": 270,
                                              "max_pause_ms": 25.0},
          "max_pause_ms": 40.8, "max_pause_op": "nominate_many", "checked_pages": 2048,
-         "lost_writes": 0, "audit_errors": 0, "writer_errors": [], "load": 6.8}
+         "lost_writes": 0, "audit_errors": 0, "writer_errors": [], "load": 6.8, "sched": "fifo",
+         "window": {"steps": 9000, "over_1ms": 12, "over_1ms_by_op": {"share_many": 12},
+                    "max_lt_ms": 2.048, "max_op": "share_many"}}
     text = soak.report(r)
     assert "8 writer guests" in text and "8,192 shared entries" in text
+    assert "scheduled fifo" in text and "9,000 steps, 12 of 1 ms or more, the longest under 2.048 ms" in text
     assert "2,048 pages verified, 0 lost writes" in text and "writer errors" not in text
     r["writer_errors"] = ["GuestGone: gone"]
     assert "writer errors: GuestGone: gone" in soak.report(r)
@@ -22,3 +25,15 @@ def test_report_shows_the_figures_and_writer_errors():
 def test_pages_depend_only_on_gfn_and_version():
     assert soak._page(3, 1) == soak._page(3, 1) != soak._page(3, 2) != soak._page(4, 2)
     assert len(soak._page(0, 0)) == soak.PAGE
+
+
+def test_window_counts_only_the_steps_taken_between_two_infos():
+    def info(**kinds):
+        return {"pause_by_op": {k: {"histogram": [{"lt_us": lt, "count": n} for lt, n in h.items()]}
+                                for k, h in kinds.items()}}
+    start = info(guest={64: 10, 4096: 1}, share_many={512: 3})
+    end = info(guest={64: 30, 4096: 1}, share_many={512: 3, 2048: 2}, nominate_many={1024: 4})
+    w = soak._window_steps(start, end)
+    # the 4 ms guest step happened before the window: not counted
+    assert w == {"steps": 26, "over_1ms": 2, "over_1ms_by_op": {"share_many": 2},
+                 "max_lt_ms": 2.048, "max_op": "share_many"}

@@ -176,3 +176,35 @@ def test_batched_write_waits_for_all_its_frames_pause_holds_and_destroy_cancels(
         i = hv.info()
         # b's own 10 private pages come back; its shared entries only drop references
         assert i["parked"] == [] and i["frames_free"] == free + 10 and hv.audit() == 0
+
+
+def test_batched_small_writes_park_without_memory_and_land_in_order():
+    with api.hvshare_session(frames=256) as hv:
+        a, b, filler = _full_pool(hv)
+        gfns = np.array([30, 31, 30, 32], dtype=np.int64)
+        result = {}
+
+        def write():
+            try:
+                with hv.guest(b) as g:
+                    result["faults"] = g.write_many(gfns, [0, 0, 1, 0], [2, 1, 1, 1], b"ABCDE")
+            except Exception as e:      # reported by the test
+                result["error"] = e
+
+        with hv.events(since=None, timeout=10) as ev:
+            t = threading.Thread(target=write, daemon=True)
+            t.start()
+            got = ev.wait_for(lambda e: e["event"] == "enomem")
+            assert got["domid"] == b and got["gfn"] == 30 and got["pages"] == 4 and got["needed"] == 3
+            assert hv.domain(b)["state"] == "paused"
+            hv.destroy(filler)
+            t.join(5)
+            assert result == {"faults": 3}
+            ev.wait_for(lambda e: e["event"] == "resumed")
+        assert hv.domain(b)["state"] == "running"
+        with hv.guest(b) as gb:
+            assert gb.read(30)[:3] == b"AD\x00" and gb.read(31)[:1] == b"C" and gb.read(32)[:1] == b"E"
+            assert gb.stats()["cow_faults"] == 3
+        with hv.guest(a) as ga:
+            assert ga.read(30) == bytes(PAGE)
+        assert hv.audit() == 0

@@ -322,8 +322,20 @@ def test_control_socket_fuzz_100k():
 @st.composite
 def pipe_messages(draw):
     """One guest -> hypervisor message: mostly well-framed, any body."""
-    kind = draw(st.integers(0, 9))
+    kind = draw(st.integers(0, 10))
     seq = draw(st.integers(0, 0xFFFF))
+    if kind == 10:                                  # small writes, any counts/offsets/lengths
+        k = draw(st.integers(0, 3))
+        gfns = draw(st.lists(st.one_of(st.integers(-3, 70), st.integers(-2**63, 2**63 - 1)),
+                             min_size=k, max_size=k))
+        offs = draw(st.lists(st.one_of(st.integers(0, 4100), st.integers(0, 2**32 - 1)), min_size=k, max_size=k))
+        lens = draw(st.lists(st.integers(0, 8), min_size=k, max_size=k))
+        body = (P.WRITE_MANY.pack(draw(st.sampled_from([k, k, 0, k + 1, 2**32 - 1])))
+                + np.array(gfns, "<i8").tobytes() + np.array(offs, "<u4").tobytes()
+                + np.array(lens, "<u4").tobytes() + bytes(sum(lens)))
+        if draw(st.integers(0, 4)) == 0:
+            body = body[:draw(st.integers(0, len(body)))]
+        return P.PIPE_HDR.pack(P.G_WRITE_MANY, seq, len(body)) + body
     if kind <= 3:                                   # a write, any gfn/offset/length
         gfn = draw(st.one_of(st.integers(0, 70), st.integers(0, 2**64 - 1)))
         off = draw(st.one_of(st.integers(0, 4100), st.integers(0, 2**32 - 1)))
@@ -375,6 +387,8 @@ def _feed(msgs: list[bytes], hv: Hypervisor, domid: int, counts: Counter) -> Non
                     elif mtype == P.G_WRITE_PAGES:
                         gfns, pages = P.decode_write_pages(body)
                         hv.write_pages(domid, gfns, pages)
+                    elif mtype == P.G_WRITE_MANY:
+                        hv.write_many(domid, *P.decode_write_many(body))
                     elif mtype == P.G_STATS:
                         json.dumps(P.decode_stats(body))
                     counts.add("answered")

@@ -86,6 +86,34 @@ def test_write_to_shared_page_breaks_sharing_for_writer_only(hvs):
         assert hvs.info()["cow_faults"] == 1 + len(gfns)
 
 
+def test_batched_small_writes_fault_once_each_for_the_writer_only(hvs):
+    a, b, runs, shared = _pair(hvs)
+    gfns = np.array([g for f, l in runs for g in range(f, l + 1)][:24])
+    with hvs.guest(a) as ga, hvs.guest(b) as gb:
+        before_a = ga.read_pages(gfns)
+        offsets = np.arange(len(gfns)) * 100
+        data = bytes(range(1, len(gfns) + 1))
+        assert gb.write_many(gfns, offsets, np.ones(len(gfns)), data) == len(gfns)
+        after = gb.read_pages(gfns)
+        assert (after[np.arange(len(gfns)), offsets] == np.frombuffer(data, np.uint8)).all()
+        assert (ga.read_pages(gfns) == before_a).all()
+        assert gb.write_many(gfns[:2], [0, 0], [1, 1], b"xy") == 0          # private now
+        doms = {d["domid"]: d for d in hvs.list()}
+        assert doms[b]["shr_pages"] == shared - len(gfns) and doms[a]["shr_pages"] == shared
+        st = gb.stats()
+        assert st["cow_faults"] == len(gfns) and st["pages_written"] == len(gfns) + 2
+        with pytest.raises(api.HVCtlError) as e:                           # outside the domain
+            gb.write_many([0, 10_000], [0, 0], [1, 1], b"xy")
+        assert e.value.code == 22
+        with pytest.raises(api.HVCtlError):                                # crosses the page
+            gb.write_many([0], [4095], [2], b"xy")
+        hvs.range_share(a, b, int(gfns[0]), int(gfns[-1]))
+        r = gb.time_write_many(int(gfns[0]), 4, batch=3, size=2, offset=5)
+        assert r["messages"] == 2 and r["pages"] == 4 and r["cow_faults"] >= 1
+        assert gb.read(int(gfns[0]))[5:7] == b"\x01\x01"
+    assert hvs.audit() == 0 and hvs.domain(b)["state"] == "running"
+
+
 def test_bad_guest_requests_fail_cleanly(hvs):
     d = hvs.create(16, "zero")
     with hvs.guest(d) as g:

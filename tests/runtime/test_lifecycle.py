@@ -79,6 +79,24 @@ def test_second_start_on_a_live_socket_fails(hvs):
     assert hvs.ping() == hvs.pid
 
 
+def test_hypervisor_runs_real_time_and_its_guests_do_not(hvs):
+    # A guest must never preempt a hypervisor step; guests stay ordinary.
+    sched = hvs.info()["sched"]
+    policy = os.sched_getscheduler(hvs.pid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+    if sched != "fifo":
+        assert sched == "normal (fifo not permitted)" and policy == os.SCHED_OTHER
+        pytest.skip("real-time scheduling is not permitted here")
+    assert policy == os.SCHED_FIFO
+    pid = hvs.create_domain(8, "zero")["pid"]
+    assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+
+
+def test_normal_scheduling_on_request():
+    with api.hvshare_session(frames=64, sched="normal") as s:
+        assert os.sched_getscheduler(s.pid) == os.SCHED_OTHER
+        assert s.info()["sched"] == "normal"
+
+
 def test_stop_removes_guests_segments_and_sockets():
     with api.hvshare_session(frames=512) as s:
         pids = [s.create_domain(16, "zero")["pid"] for _ in range(2)]

@@ -84,6 +84,54 @@ def test_bad_pipe_messages_are_refused():
         P.decode_write_pages(P.WRITE_PAGES.pack(0))
 
 
+def test_write_many_messages_round_trip_and_are_checked():
+    parts = P.encode_write_many([7, 2], [4094, 0], [2, 3], b"ababc")
+    body = b"".join(bytes(p) for p in parts)
+    gfns, offsets, lengths, data = P.decode_write_many(body)
+    assert gfns.tolist() == [7, 2] and offsets.tolist() == [4094, 0] and lengths.tolist() == [2, 3]
+    assert bytes(data) == b"ababc"
+    with pytest.raises(P.ProtocolError, match="too short"):
+        P.decode_write_many(b"\x01")
+    with pytest.raises(P.ProtocolError, match="allowed"):
+        P.decode_write_many(P.WRITE_MANY.pack(0))
+    with pytest.raises(P.ProtocolError, match="needs"):
+        P.decode_write_many(body[:-1])                 # truncated data
+    with pytest.raises(P.ProtocolError, match="needs"):
+        P.decode_write_many(body + b"x")               # trailing bytes
+    with pytest.raises(P.ProtocolError, match="at least"):
+        P.decode_write_many(P.WRITE_MANY.pack(3) + bytes(20))
+    crossing = b"".join(bytes(p) for p in P.encode_write_many([1], [4095], [1], b"x"))
+    crossing = crossing[:20] + (2).to_bytes(4, "little") + b"xy"   # offset 4095, 2 bytes
+    with pytest.raises(P.ProtocolError, match="does not fit"):
+        P.decode_write_many(crossing)
+    empty = P.WRITE_MANY.pack(1) + bytes(16)           # one write of 0 bytes
+    with pytest.raises(P.ProtocolError, match="empty"):
+        P.decode_write_many(empty)
+    P.check_to_hv(P.G_WRITE_MANY, len(body))
+    with pytest.raises(ValueError):
+        P.encode_write_many([1], [4095], [2], b"xy")
+    with pytest.raises(ValueError):
+        P.encode_write_many([1, 2], [0, 0], [1, 1], b"x")
+
+
+def test_reader_feed_continues_where_the_caller_read():
+    r, w = _pipe()
+    try:
+        reader = P.pipe_reader(r, to_hv=True)
+        one = b"".join(bytes(p) for p in P.pipe_message(P.G_WRITE, 3, P.WRITE.pack(1, 0), b"ab"))
+        two = b"".join(bytes(p) for p in P.pipe_message(P.G_WRITE, 4, P.WRITE.pack(2, 0), b"cd"))
+        got = reader.feed(one + two[:5])
+        assert [f[1] for f, _ in got] == [3] and reader.partial
+        os.write(w, two[5:])
+        got, eof = reader.pump()
+        assert [f[1] for f, _ in got] == [4] and not eof and not reader.partial
+        with pytest.raises(P.ProtocolError):
+            reader.feed(P.PIPE_HDR.pack(0x4242, 1, 0))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_frames_and_schemas():
     a, b = socket.socketpair()
     with a, b:

@@ -165,6 +165,32 @@ def test_identical_pages_in_one_domain_merge_across_batches(hv):
     check(hv, {d: mem})
 
 
+
+def test_request_sizes_follow_the_reported_work_time(hv):
+    # With step_target_ms, each request is sized by the hypervisor's time
+    # for the last one: cheap requests grow (by half, up to the cap), slow
+    # ones shrink in proportion; the pass merges the same.
+    n = 3000
+    mem = np.repeat(page(7)[None], n, axis=0)
+    d = hv.create_domain(n, content=mem).domid
+    sizes = []
+
+    class Timed(InProcessBackend):
+        def last_work_ms(self):
+            return 0.1 if len(sizes) < 8 else 5.0      # cheap at first, then slow
+
+        def share_many(self, sds, *rest):
+            sizes.append(len(sds))
+            return super().share_many(sds, *rest)
+
+    with Scanner(Timed(hv), batch_pages=10, round_pages=4000, step_target_ms=1.0) as sc:
+        res = sc.scan_pass()
+    assert sizes[:8] == [10, 15, 22, 33, 49, 73, 80, 80]     # capped at 8x
+    assert sizes[8] == 16 and min(sizes[:-1]) >= 10 // 4
+    assert sum(sizes) == n - 1 and hv.nr_saved_mfns == n - 1
+    check(hv, {d: mem})
+
+
 def test_domid_selection_only_touches_those_domains(hv, scanner):
     mem = stack(page(1), page(1), page(2), page(3))
     d1 = hv.create_domain(4, content=mem).domid
