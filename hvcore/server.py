@@ -67,6 +67,15 @@ TEARDOWN_MODES = ("preemptible", "monolithic")
 #: and tools stay ordinary processes (SCHED_RESET_ON_FORK). ``normal``: an
 #: ordinary process, preempted like any other.
 SCHED_MODES = ("fifo", "normal")
+#: Pacing of a real-time hypervisor. The kernel lets real-time tasks run at
+#: most sched_rt_runtime_us of every sched_rt_period_us (950 ms of 1 s) and
+#: then stops them for the rest of the period: a hypervisor kept busy for a
+#: second (a teardown whose controller pipelines its requests) would freeze
+#: for 50 ms in the middle of a step. So it keeps its own duty cycle under
+#: the kernel's: once its steps have taken PACE_DUTY of a PACE_WINDOW, it
+#: idles between steps for the rest of the window (``info``: ``paced``).
+PACE_WINDOW = 0.1
+PACE_DUTY = 0.85
 #: A preemptible destroy step yields before a chunk that would end past this
 #: budget (judged by the last chunk, or by the target if that was shorter),
 #: or as soon as other work is pending, so that one step stays under 1 ms
@@ -155,12 +164,14 @@ class PauseMeter:
         self.max_s = 0.0
         self.max_what = ""
         self.steps = 0
+        self.busy_s = 0.0                      # all steps together
         self.by_kind: dict[str, list] = {}     # kind -> [count, total s, max s, buckets]
 
     def record(self, seconds: float, what: str, kind: str | None = None) -> None:
         """One step of ``seconds``; ``kind`` defaults to the first word of
         ``what`` (callers on the hot path pass it precomputed)."""
         self.steps += 1
+        self.busy_s += seconds
         b = int(seconds * 1e6).bit_length()
         if b > 47:
             b = 47
@@ -329,6 +340,11 @@ class Server:
         self.frames, self.rmap, self.teardown, self.sched = frames, rmap, teardown, sched
         #: the scheduling the process got (``fifo`` may be refused)
         self.sched_applied = "normal"
+        #: most of a PACE_WINDOW steps may take (None: no pacing), the
+        #: current window (start, busy time then), idle times taken
+        self._pace_duty: float | None = None
+        self._window = (0.0, 0.0)
+        self.paced = [0, 0.0]
         self.hv = None
         self.sel = selectors.DefaultSelector()
         self.meter = PauseMeter()
@@ -422,6 +438,8 @@ class Server:
         self._lsock.setblocking(False)
         self.sel.register(self._lsock, selectors.EVENT_READ, self._accept)
         self.sched_applied = _apply_sched(self.sched)
+        if self.sched_applied == "fifo":
+            self._pace_duty = _pace_duty()
         self.running = True
         return cleaned
 
@@ -434,6 +452,8 @@ class Server:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while self.running:
+                if self._pace_duty is not None:
+                    self._pace()
                 deferred, self._deferred = self._deferred, []
                 for key, mask in self.sel.select(0 if deferred else _TICK):
                     key.data(mask)
@@ -455,6 +475,19 @@ class Server:
             self.sel.close()
             os.close(wake_r)
             os.close(wake_w)
+
+    def _pace(self) -> None:
+        """Idle for the rest of the window if steps took PACE_DUTY of it."""
+        now = time.monotonic()
+        start, busy0 = self._window
+        if now - start >= PACE_WINDOW:
+            self._window = (now, self.meter.busy_s)
+        elif self.meter.busy_s - busy0 > self._pace_duty * PACE_WINDOW:
+            idle = start + PACE_WINDOW - now
+            time.sleep(idle)
+            self.paced[0] += 1
+            self.paced[1] += idle
+            self._window = (time.monotonic(), self.meter.busy_s)
 
     def _on_signal(self, signum, frame) -> None:
         self.running = False
@@ -624,6 +657,7 @@ class Server:
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
                   cow_faults=self.cow_faults)
+        st.update(paced=self.paced[0], paced_ms=round(self.paced[1] * 1e3, 3))
         st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),
                   events_posted=self.ring.posted, event_subscribers=self.ring.live())
         return st
@@ -1287,6 +1321,21 @@ def _apply_sched(mode: str) -> str:
     except (OSError, AttributeError):
         return "normal (fifo not permitted)"
     return "fifo"
+
+
+def _pace_duty() -> float | None:
+    """The duty cycle a real-time hypervisor keeps under: PACE_DUTY, or
+    less if the kernel allows real-time tasks less; None if unlimited."""
+    try:
+        with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
+            runtime = int(f.read())
+        with open("/proc/sys/kernel/sched_rt_period_us") as f:
+            period = int(f.read())
+    except (OSError, ValueError):
+        return PACE_DUTY
+    if runtime < 0:
+        return None
+    return min(PACE_DUTY, runtime / period - 0.1)
 
 
 def _array(payload, count: int, dtypes) -> list[np.ndarray]:

@@ -252,8 +252,10 @@ def plot_teardown_steps(result: dict, path: str) -> str:
                 a.set_xlabel("time since the teardown started (ms)")
             a.bar(starts, durs, width=[max(d, 1e-3) for d in durs], align="edge", edgecolor="none",
                   color="tab:red" if c.get("mode") == "monolithic" else "tab:blue")
-            a.set_ylabel("step duration (ms)")
-            a.set_ylim(0, top * 1.1)
+            # log scale: sub-millisecond steps and a seconds-long freeze on one axis
+            a.set_yscale("log", nonpositive="clip")
+            a.set_ylabel("step duration (ms, log)")
+            a.set_ylim(min(0.01, top / 10), top * 2)
             right = max(right, max(t + d for t, d in zip(starts, durs)))
             a.set_title(f"{c.get('rmap', '?')}, {c.get('mode', '?')}, {_n(c.get('entries'))} entries: "
                         f"{len(durs):,} step{'s' if len(durs) != 1 else ''}, longest {max(durs):.3g} ms")

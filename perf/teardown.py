@@ -14,7 +14,11 @@ rmap policy and each teardown mode:
   processes' turns on the CPU are taken out) and ``p99_step_ms`` beside it;
   the hypervisor has a core to itself (``sched_setaffinity``), the writer's
   guest and this process (controller, writer driver) the other, so our own
-  processes never preempt a step -- other users of the machine still may;
+  processes never preempt a step -- other users of the machine still may,
+  and so may the host of this virtual machine: **steal_ms** is the CPU time
+  the host took from the machine during the teardown (/proc/stat). With
+  the hypervisor at real-time priority, a step whose wall time is far
+  above its CPU time lost that time to the host, not to our processes;
 - **fault_p99_us** during the teardown against **idle_fault_p99_us**: the
   writer's pages are shared (pairwise with a twin), so each write is a CoW
   fault; the guest times each round trip itself (``time_writes``, a few
@@ -150,6 +154,17 @@ def _heavy(hv, n: int, also: int = 4) -> tuple[int, int]:
     return d, other
 
 
+def _steal_ms() -> float | None:
+    """CPU time the host took from this virtual machine so far (``steal``
+    in /proc/stat), in ms; None where the kernel does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) * 1e3 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _pin(hv_pid: int, guest_pid: int, allowed: set) -> list | None:
     """The hypervisor on one core, the writer's guest and this process (the
     kill controller and the writer's driver) on another: our own processes
@@ -208,10 +223,12 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                 time.sleep(0.05)                         # the writer is under way
                 steps: list[float] = []
                 ends: list[float] = []         # when each answer arrived, since the first request
+                steal0 = _steal_ms()
                 t_start = time.monotonic()
                 r = killctl.destroy(ctl, victim, progress=lambda a: (
                     steps.append(a["step_ms"]), ends.append((time.monotonic() - t_start) * 1e3)))
                 t_end = time.monotonic()
+                steal1 = _steal_ms()
                 # the last repeat's timeline, for the plot of the freeze: a step
                 # started about its own length before its answer arrived
                 timeline = {"steps_ms": [round(x, 4) for x in steps],
@@ -230,7 +247,10 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                                  p99_step_ms=float(np.percentile(steps, 99)), hv_seconds=r["hv_seconds"],
                                  fault_p50_us=_pct(during, 50), fault_p99_us=_pct(during, 99),
                                  faults_during=len(during), idle_fault_p50_us=_pct(idle_us, 50),
-                                 idle_fault_p99_us=_pct(idle_us, 99), build_seconds=build))
+                                 idle_fault_p99_us=_pct(idle_us, 99), build_seconds=build,
+                                 # a step's wall time beyond its CPU time, where the
+                                 # hypervisor runs real-time, is mostly the host's
+                                 steal_ms=None if steal0 is None or steal1 is None else steal1 - steal0))
                 ctl.destroy(other)
         audit = hv.audit()
         for d in (writer, twin):

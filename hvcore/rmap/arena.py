@@ -59,6 +59,20 @@ def check_key(domid: int, gfn: int) -> None:
         raise ValueError(f"rmap key out of range: domid {domid}, gfn {gfn}")
 
 
+def checked_batch(mfns, domids, gfns) -> tuple:
+    """A batch of keys as int64 arrays ``(m, d, g)`` and how many of its
+    entries come before the first key the arrays cannot hold (``add_many``
+    adds those, then refuses that key with :func:`check_key`)."""
+    import numpy as np
+    m = np.asarray(mfns, dtype=np.int64).ravel()
+    d = np.asarray(domids, dtype=np.int64).ravel()
+    g = np.asarray(gfns, dtype=np.int64).ravel()
+    if not len(m) == len(d) == len(g):
+        raise ValueError("add_many: arrays of different lengths")
+    bad = (d < 0) | (d > MAX_DOMID) | (g < 0) | (g > MAX_GFN)
+    return m, d, g, int(bad.argmax()) if bad.any() else len(m)
+
+
 class NodeArena:
     """Parallel flat arrays of rmap nodes, with a free stack of slots."""
 

@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .arena import MAX_DOMID, MAX_GFN, NodeArena, check_key
+from .arena import NodeArena, check_key, checked_batch
 from .base import Rmap
 
 RMAP_HEAVY_SHARED_PAGE = 256   # add at this count converts list -> hash
@@ -148,13 +148,7 @@ class BucketsRmap(Rmap):
         there: the entries before it are pushed as a batch, that one goes
         through ``add`` (conversion, ``table_alloc``), then the rest.
         """
-        m = np.asarray(mfns, dtype=np.int64).ravel()
-        d = np.asarray(domids, dtype=np.int64).ravel()
-        g = np.asarray(gfns, dtype=np.int64).ravel()
-        if not len(m) == len(d) == len(g):
-            raise ValueError("add_many: arrays of different lengths")
-        bad = (d < 0) | (d > MAX_DOMID) | (g < 0) | (g > MAX_GFN)
-        stop = int(bad.argmax()) if bad.any() else len(m)
+        m, d, g, stop = checked_batch(mfns, domids, gfns)
         self._link_many(m[:stop], d[:stop], g[:stop])
         if stop < len(m):
             check_key(int(d[stop]), int(g[stop]))      # raises

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .arena import MAX_DOMID, MAX_GFN, NodeArena, check_key
+from .arena import NodeArena, check_key, checked_batch
 from .base import Rmap
 
 
@@ -66,13 +66,7 @@ class ListRmap(Rmap):
     def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
         """``add`` of every entry, in order: one batch push (head insertion
         needs no search). A refused key refuses it and every later entry."""
-        m = np.asarray(mfns, dtype=np.int64).ravel()
-        d = np.asarray(domids, dtype=np.int64).ravel()
-        g = np.asarray(gfns, dtype=np.int64).ravel()
-        if not len(m) == len(d) == len(g):
-            raise ValueError("add_many: arrays of different lengths")
-        bad = (d < 0) | (d > MAX_DOMID) | (g < 0) | (g > MAX_GFN)
-        stop = int(bad.argmax()) if bad.any() else len(m)
+        m, d, g, stop = checked_batch(mfns, domids, gfns)
         if stop:
             fr, inv = np.unique(m[:stop], return_inverse=True)
             frames, get = self._frames, self._frames.get

@@ -69,7 +69,9 @@ def teardown_result(steps: bool = True) -> dict:
                 s = per * n * n if rmap == "list" else per * n * 100
                 row = {"rmap": rmap, "mode": mode, "n": n, "entries": n, "seconds": s,
                        "continuations": 10 if mode == "preemptible" else 0,
-                       "max_pause_ms": 0.5 if mode == "preemptible" else s * 1e3, "p99_step_ms": 0.4,
+                       # a list removal alone can take ms: judged apart, never the headline
+                       "max_pause_ms": (5.0 if rmap == "list" else 0.5) if mode == "preemptible" else s * 1e3,
+                       "p99_step_ms": 0.4,
                        "steps": 10, "fault_p99_us": 50.0 if mode == "preemptible" else s * 1e6,
                        "idle_fault_p99_us": 40.0 if rmap != "index" else 20.0}
                 if steps:
@@ -139,7 +141,7 @@ def test_headlines_read_every_bench():
     assert "100,000" in ksm["figure"] and ksm["anchor_value"] == pytest.approx(0.05)
     assert ksm["ratio"] == pytest.approx(1.0) and ksm["met"] is True
     pause = _by_figure(hs, "longest hypervisor step")
-    assert "(list, N=10,000)" in pause["figure"] and pause["anchor"] == "monolithic, buckets N=10,000: 10 ms"
+    assert "(buckets, N=10,000)" in pause["figure"] and pause["anchor"] == "monolithic, buckets N=10,000: 10 ms"
     assert pause["value"] == 0.5 and pause["ratio"] == pytest.approx(20.0) and pause["met"] is True
     fault = _by_figure(hs, "fault p99 during")
     assert "(index, N=10,000)" in fault["figure"]           # the worst case against idle

@@ -177,3 +177,22 @@ def test_sharing_hypercalls_over_the_socket(hvs):
     assert hvs.unshare(b, 3) is True
     assert hvs.range_share(a, b, 8, 15) == 8
     assert hvs.domain(b)["shr_pages"] == 15
+
+
+def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_it(tmp_path):
+    # The kernel stops real-time tasks that run more than its share of a
+    # second; the hypervisor idles first, between steps, not in one.
+    from hvcore.server import PACE_WINDOW, Server
+    srv = Server(str(tmp_path / "hv.sock"))
+    srv._pace_duty = 0.5
+    srv._pace()                                   # opens a window
+    srv.meter.record(0.4 * PACE_WINDOW, "destroy")
+    srv._pace()                                   # 40 %: goes on
+    assert srv.paced == [0, 0.0]
+    srv.meter.record(0.2 * PACE_WINDOW, "destroy")
+    t0 = time.monotonic()
+    srv._pace()                                   # 60 %: idles out the window
+    assert srv.paced[0] == 1 and 0 < srv.paced[1] <= PACE_WINDOW
+    assert time.monotonic() - t0 >= srv.paced[1] * 0.9
+    srv._pace()                                   # a new window: goes on
+    assert srv.paced[0] == 1
