@@ -136,10 +136,13 @@ def _pct(us: np.ndarray, q: float):
 # one case
 
 
-def _heavy(hv, n: int, also: int = 4) -> tuple[int, int]:
-    """A zero domain with all n gfns on one frame, and a domain sharing it."""
+def heavy_domain(hv, n: int, also: int = 4) -> tuple[int, int]:
+    """The seed's teardown case on a hypervisor client ``hv``: a ``zero``
+    domain whose n gfns all point at ONE shared frame, and a small domain
+    whose ``also`` gfns share that frame too, so the frame outlives the heavy
+    domain. Returns (heavy, other)."""
     d = hv.create(n, "zero")
-    other = hv.create(also, "zero")
+    other = hv.create(max(also, 1), "zero")
     g = np.arange(n, dtype=np.int64)
     h, codes = hv.nominate_many(d, g)
     assert (codes == 0).all()
@@ -211,7 +214,7 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                 HypervisorClient(hv.socket_path, timeout=None) as ctl:
             for k in range(repeats):
                 t0 = time.perf_counter()
-                victim, other = _heavy(hv, n)
+                victim, other = heavy_domain(hv, n)
                 build = time.perf_counter() - t0
                 first = k * per
                 idle = _Writer(g, first, first + idle_faults, WRITER_RATE, WRITER_BATCH)

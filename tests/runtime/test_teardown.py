@@ -17,36 +17,13 @@ import pytest
 
 from guests import workloads
 from hvcore.errors import EBUSY, ESRCH
+from perf.teardown import heavy_domain
 from tools import api, killctl
 
 PAGE = 4096
 DESTROY_KEYS = {"domid", "seconds", "entries", "continuations", "max_pause_ms"}
-#: share_many pairs per request (a batch stays well inside one request's limits)
-BATCH = 50_000
-
 
 from waiting import wait_until as _wait  # noqa: E402
-
-
-def heavy_domain(hv, n: int, also: int = 4) -> tuple[int, int]:
-    """A ``zero`` domain whose n gfns all point at ONE shared frame (the
-    seed's teardown case), and a small domain whose ``also`` gfns share that
-    frame too, so the frame outlives the heavy domain. (heavy, other)."""
-    d = hv.create(n, "zero")
-    other = hv.create(max(also, 1), "zero")
-    g = np.arange(n, dtype=np.int64)
-    h, codes = hv.nominate_many(d, g)
-    assert (codes == 0).all()
-    for lo in range(1, n, BATCH):
-        hi = min(lo + BATCH, n)
-        done = hv.share_many(d, np.zeros(hi - lo, np.int64), np.full(hi - lo, h[0], np.uint64),
-                             d, g[lo:hi], h[lo:hi])
-        assert (done == 0).all()
-    og = np.arange(also, dtype=np.int64)
-    oh, _ = hv.nominate_many(other, og)
-    assert (hv.share_many(d, np.zeros(also, np.int64), np.full(also, h[0], np.uint64),
-                          other, og, oh) == 0).all()
-    return d, other
 
 
 def _entry(hv, domid):
