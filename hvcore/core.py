@@ -59,6 +59,8 @@ MAX_CHUNK_UNITS = 1 << 22
 RELINQUISH_SLAB = 1 << 18
 #: a teardown chunk of at most this many shared gfns is dropped entry by entry
 SMALL_DROP = 8
+#: a p2m type window of only shared gfns, as bytes (see Hypervisor._chunk)
+_ALL_SHARED = bytes([RAM_SHARED]) * 4096
 
 STATES = ("running", "paused", "crashed", "dying")
 
@@ -81,6 +83,23 @@ class Domain:
     @property
     def dying(self) -> bool:
         return self.state == "dying"
+
+
+def _runs(domids: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int, int]]]:
+    """Pairs grouped by domain for per-domain array work: ``(order,
+    runs)``, ``runs`` being ``(domid, lo, hi)`` slices of the pairs taken
+    in ``order`` (None: the pairs' own order, when they name one domain)."""
+    n = len(domids)
+    if n == 0:
+        return None, []
+    first = int(domids[0])
+    if (domids == first).all():
+        return None, [(first, 0, n)]
+    order = np.argsort(domids, kind="stable")
+    ds = domids[order]
+    cut = (np.flatnonzero(ds[1:] != ds[:-1]) + 1).tolist()
+    bounds = [0] + cut + [n]
+    return order, [(int(ds[lo]), lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 class Hypervisor:
@@ -311,17 +330,15 @@ class Hypervisor:
     def _repoint(self, domids: np.ndarray, gfns: np.ndarray, mfns) -> None:
         """Point (domid, gfn) pairs at shared frame(s) ``mfns``."""
         mfns = np.asarray(mfns, dtype=np.int64)     # one frame, or one per pair
-        doms = set(domids.tolist())
-        if len(doms) == 1:
-            p2m = self.domains[doms.pop()].p2m
-            with p2m.changing():
-                p2m.mfn[gfns] = mfns
-            return
-        for domid in sorted(doms):
-            sel = domids == domid
+        order, runs = _runs(domids)
+        if order is not None:
+            gfns = gfns[order]
+            if mfns.ndim:
+                mfns = mfns[order]
+        for domid, lo, hi in runs:
             p2m = self.domains[domid].p2m
             with p2m.changing():
-                p2m.mfn[gfns[sel]] = mfns[sel] if mfns.ndim else mfns
+                p2m.mfn[gfns[lo:hi]] = mfns[lo:hi] if mfns.ndim else mfns
 
     def share_many(self, sd, sgfns, shs, cd, cgfns, chs) -> np.ndarray:
         """Share many (sd, sgfn) <- (cd, cgfn) pairs; a code per pair (0 = done).
@@ -334,7 +351,7 @@ class Hypervisor:
         """
         sg = np.asarray(sgfns, dtype=np.int64).ravel()
         n = len(sg)
-        sds, cds = self._domids(sd, n), self._domids(cd, n)
+        (sds, s_one), (cds, c_one) = self._domids(sd, n), self._domids(cd, n)
         cg = np.asarray(cgfns, dtype=np.int64).ravel()
         sh = np.asarray(shs, dtype=np.uint64).ravel()
         ch = np.asarray(chs, dtype=np.uint64).ravel()
@@ -343,8 +360,8 @@ class Hypervisor:
         codes = np.zeros(n, dtype=np.int64)
         if n == 0:
             return codes
-        sm, s_ok = self._frames_of(sds, sg, sh)
-        cm, c_ok = self._frames_of(cds, cg, ch)
+        sm, s_ok = self._frames_of(sds if s_one is None else s_one, sg, sh)
+        cm, c_ok = self._frames_of(cds if c_one is None else c_one, cg, ch)
         codes[~s_ok] = S_HANDLE_INVALID
         codes[s_ok & ~c_ok] = C_HANDLE_INVALID
         valid = s_ok & c_ok
@@ -373,32 +390,56 @@ class Hypervisor:
                 codes[i] = e.code
         return codes
 
-    def _domids(self, domid, n: int) -> np.ndarray:
-        """One domid per pair, each checked to exist (ESRCH otherwise)."""
+    def _domids(self, domid, n: int) -> tuple[np.ndarray, int | None]:
+        """One domid per pair, each checked to exist (ESRCH otherwise), and
+        the domid if it is the same for every pair (else None)."""
         if np.ndim(domid) == 0:
             self.domain(int(domid))
-            return np.full(n, int(domid), dtype=np.int64)
+            return np.full(n, int(domid), dtype=np.int64), int(domid)
         domids = np.asarray(domid, dtype=np.int64).ravel()
         if len(domids) != n:
             raise HVError(EINVAL, "share_many needs one source, client and handle per pair")
-        for x in sorted(set(domids.tolist())):
+        present = sorted(set(domids.tolist()))
+        for x in present:
             self.domain(x)
-        return domids
+        return domids, present[0] if len(present) == 1 else None
 
-    def _frames_of(self, domids: np.ndarray, gfns: np.ndarray, handles: np.ndarray):
-        """Frames of (domid, gfn) pairs and whether each is shared with that handle."""
-        m = np.zeros(len(gfns), dtype=np.int64)
-        ok = np.zeros(len(gfns), dtype=bool)
-        single = (domids == domids[0]).all()
-        for domid in ([int(domids[0])] if single else np.unique(domids).tolist()):
-            sel = slice(None) if single else np.nonzero(domids == domid)[0]
-            d = self.domains[domid]
-            g = gfns[sel]
-            inside = (g >= 0) & (g < d.npages)
+    def _frames_of(self, domids, gfns: np.ndarray, handles: np.ndarray):
+        """Frames of (domid, gfn) pairs and whether each is shared with that
+        handle; ``domids`` is one per pair, or one domid for all.
+
+        A share request's fixed cost bounds how many pairs fit in a step,
+        so this is a few numpy calls per request plus two per domain named
+        (pairs visited by domain, :func:`_runs`), not a dozen per domain.
+        """
+        n = len(gfns)
+        if np.ndim(domids) == 0:
+            order, runs = None, [(int(domids), 0, n)]
+        else:
+            order, runs = _runs(domids)
+        g = gfns if order is None else gfns[order]
+        if len(runs) == 1:
+            npages = self.domains[runs[0][0]].npages
+            inside = None if g.min() >= 0 and g.max() < npages else (g >= 0) & (g < npages)
+        else:
+            npages = np.repeat([self.domains[d].npages for d, _, _ in runs],
+                               [hi - lo for _, lo, hi in runs])
+            inside = (g >= 0) & (g < npages)
+        if inside is not None:
             g = np.where(inside, g, 0)
-            m[sel] = np.where(inside, d.p2m.mfn[g], 0)
-            ok[sel] = inside & (d.p2m.type[g] == RAM_SHARED)
-        ok &= self.pool.handle[np.where(ok, m, 0)] == handles
+        m = np.empty(n, dtype=np.int64)
+        t = np.empty(n, dtype=np.uint8)
+        for domid, lo, hi in runs:
+            p2m = self.domains[domid].p2m
+            m[lo:hi] = p2m.mfn[g[lo:hi]]
+            t[lo:hi] = p2m.type[g[lo:hi]]
+        if order is not None:                   # back to the pairs' order
+            m[order], t[order], inside[order] = m.copy(), t.copy(), inside.copy()
+        ok = t == RAM_SHARED
+        if inside is not None:
+            ok &= inside
+        m[~ok] = 0
+        ok &= self.pool.handle[m] == handles
         return m, ok
 
     def _share_simple(self, sm: np.ndarray, cm: np.ndarray, cds: np.ndarray,
@@ -795,19 +836,28 @@ class Hypervisor:
         list or bucket rmap, whose removals take ~10-100 us each): entry by
         entry, as the batch rmap call would, without the batch's fixed cost."""
         remove, tc, domid = self.rmap.remove, self.pool.type_count, d.domid
-        mlist = ms.tolist()
-        for m, g in zip(mlist, gfns.tolist()):
+        mlist, glist = ms.tolist(), gfns.tolist()
+        for m, g in zip(mlist, glist):
             remove(m, domid, g)
-            tc[m] -= 1
-        freed = [m for m in set(mlist) if tc[m] == 0]
+        k, m0 = len(mlist), mlist[0]
+        if mlist.count(m0) == k:        # one frame (a heavily shared one): one update
+            left = int(tc[m0]) - k
+            tc[m0] = left
+            freed = [m0] if left == 0 else []
+        else:
+            for m in mlist:
+                tc[m] -= 1
+            freed = [m for m in set(mlist) if tc[m] == 0]
         for m in freed:
             self.rmap.release(m)
+        # the gfns are distinct (each was removed once): a run is a slice
+        lo = min(glist)
+        where = slice(lo, lo + k) if max(glist) - lo == k - 1 else gfns
         with d.p2m.changing():
-            d.p2m.mfn[gfns] = INVALID_MFN
-            d.p2m.type[gfns] = HOLE
+            d.p2m.mfn[where] = INVALID_MFN
+            d.p2m.type[where] = HOLE
         if freed:
             self.pool.free_many(np.array(freed, dtype=np.int64))
-        k = len(mlist)
         self.nr_shared_mfns -= len(freed)
         self.nr_saved_mfns -= k - len(freed)
         d.shr_pages -= k
@@ -831,9 +881,13 @@ class Hypervisor:
         q = units // RELINQUISH_SHARED_COST
         if q and units % RELINQUISH_SHARED_COST == 0:
             # The common window is all shared: q gfns spend the units exactly.
+            # (A small window is checked as bytes: numpy's fixed cost is
+            # most of a chunk's overhead when a chunk is a few gfns.)
             w = typ[start:start + q]
-            if np.count_nonzero(w == RAM_SHARED) == len(w):
-                return len(w), np.arange(start, start + len(w))
+            k = len(w)
+            if (w.tobytes() == _ALL_SHARED[:k] if k <= len(_ALL_SHARED)
+                    else np.count_nonzero(w == RAM_SHARED) == k):
+                return k, np.arange(start, start + k)
         window = typ[start:start + units]
         cost = np.where(window == RAM_SHARED, RELINQUISH_SHARED_COST, RELINQUISH_OTHER_COST)
         n = max(int(np.searchsorted(np.cumsum(cost), units, side="right")), 1)
@@ -890,11 +944,13 @@ class Hypervisor:
                 d.info["chunk_units"] = units
             if should_yield():
                 return False
-        while d.teardown_phase == "private":
-            if self._release_private(d, RELEASE_CHUNK):
-                return True
+        while d.relinquish_cursor < d.npages:         # the private phase
+            self._release_private(d, RELEASE_CHUNK)
             if should_yield():
                 return False
+        # Forgetting the domain (up to ~1 ms at 1M gfns: the rmap's and the
+        # p2m's per-domain state) starts a step of its own if this one is spent.
+        self._forget(d)
         return True
 
     def _relinquish_all(self, d: Domain) -> bool:
@@ -906,13 +962,14 @@ class Hypervisor:
                 self.drop_shared(d.domid, shared[lo:lo + RELINQUISH_SLAB])
             d.teardown_phase = "private"
             d.relinquish_cursor = 0
-        while not self._release_private(d, RELINQUISH_SLAB):
-            pass
+        while d.relinquish_cursor < d.npages:
+            self._release_private(d, RELINQUISH_SLAB)
+        self._forget(d)
         return True
 
-    def _release_private(self, d: Domain, chunk: int) -> bool:
+    def _release_private(self, d: Domain, chunk: int) -> None:
         """Free the private frames of the next ``chunk`` gfns from the
-        cursor; True (and the domain forgotten) once the p2m is done."""
+        cursor (the caller forgets the domain once the p2m is done)."""
         start = d.relinquish_cursor
         if start < d.npages:
             typ = d.p2m.type
@@ -927,10 +984,6 @@ class Hypervisor:
                 self.pool.free_many(mfns)
                 d.tot_pages -= len(private)
             d.relinquish_cursor = min(start + chunk, d.npages)
-        if d.relinquish_cursor >= d.npages:
-            self._forget(d)
-            return True
-        return False
 
     def _forget(self, d: Domain) -> None:
         # Every entry is a hole now: nothing of d is left in any rmap.

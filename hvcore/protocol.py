@@ -491,8 +491,10 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     # one preemptible teardown step (the kill controller repeats it while
     # "done" is false): done, state (dying/destroyed), phase, cursor, npages,
     # entries, entries_total, resumed, steps, continuations, step_ms,
-    # max_pause_ms, max_pause_cpu_ms, hv_seconds, seconds
-    "destroy": {"domid": DOMID},
+    # max_pause_ms, max_pause_cpu_ms, hv_seconds, seconds. With brief, a
+    # "restart" leaves out what the first answer told already (state, npages,
+    # entries_total, resumed) and seconds; the final answer has every key
+    "destroy": {"domid": DOMID, "brief": Bool()},
     "pause": {"domid": DOMID},
     "unpause": {"domid": DOMID},
     "nominate": {"domid": DOMID, "gfn": GFN},
@@ -502,10 +504,15 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     "unshare": {"domid": DOMID, "gfn": GFN},
     "read": {"domid": DOMID, "gfn": GFN},
     # payload: int64[count] gfns -> answer payload: uint64 handles, int64 codes
-    "nominate_many": {"domid": DOMID, "count": Int(0, 1 << 24)},
+    # of the first `done` gfns. With budget_us the step stops once that much
+    # work time is spent or other work waits (at least one chunk is done);
+    # the caller sends the rest again ("restart")
+    "nominate_many": {"domid": DOMID, "count": Int(0, 1 << 24), "budget_us": Int(1, 1_000_000, None)},
     # payload: [int64 sds], int64 sgfns, uint64 shs, [int64 cds], int64 cgfns,
-    # uint64 chs -> int64 codes; sds/cds travel only when sd/cd are not given
-    "share_many": {"sd": Int(0, 0x7FEF, None), "cd": Int(0, 0x7FEF, None), "count": Int(0, 1 << 24)},
+    # uint64 chs -> int64 codes of the first `done` pairs; sds/cds travel only
+    # when sd/cd are not given; budget_us as for nominate_many
+    "share_many": {"sd": Int(0, 0x7FEF, None), "cd": Int(0, 0x7FEF, None), "count": Int(0, 1 << 24),
+                   "budget_us": Int(1, 1_000_000, None)},
     # subscribe to the sharing event ring: the answer, the retained events
     # after `since` (none if not given), then one frame per new event
     "events": {"since": Int(0, (1 << 63) - 1, None)},

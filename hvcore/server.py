@@ -50,6 +50,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -72,19 +73,42 @@ SCHED_MODES = ("fifo", "normal")
 #: then stops them for the rest of the period: a hypervisor kept busy for a
 #: second (a teardown whose controller pipelines its requests) would freeze
 #: for 50 ms in the middle of a step. So it keeps its own duty cycle under
-#: the kernel's: once its steps have taken PACE_DUTY of a PACE_WINDOW, it
-#: idles between steps for the rest of the window (``info``: ``paced``).
+#: the kernel's: once it has run (CPU time: the kernel's measure) PACE_DUTY
+#: of a PACE_WINDOW, it holds control requests (a teardown's next step, any
+#: toolstack request) for the rest of the window and serves only guests
+#: (``info``: ``paced``), so a CoW fault is not kept waiting by a
+#: teardown's pacing. Only if guest work takes the window past PACE_DUTY +
+#: PACE_GUEST_SLACK does the whole loop idle out the window.
 PACE_WINDOW = 0.1
-PACE_DUTY = 0.85
+PACE_DUTY = 0.9
+PACE_GUEST_SLACK = 0.03
 #: A preemptible destroy step yields before a chunk that would end past this
 #: budget (judged by the last chunk, or by the target if that was shorter),
 #: or as soon as other work is pending, so that one step stays under 1 ms
 #: and, when nothing waits, does several chunks of work per answer.
 TEARDOWN_STEP_BUDGET = 0.0008
 #: Relinquish chunks are sized to take about this long: a fault that
-#: arrives mid-step waits at most one chunk before the step yields to it.
-#: Not much less: a chunk has a fixed cost of some 10-20 us.
+#: arrives mid-step waits at most one chunk before the step yields to it
+#: (a writer's median fault during a teardown: ~300 us with 0.2 ms chunks,
+#: ~220 us with 0.1 ms, ~80 us idle). Not much less: a chunk has a fixed
+#: cost of some 5-10 us.
 TEARDOWN_CHUNK_SECONDS = 0.0002
+#: A budgeted nominate_many or share_many (``budget_us``) does at least
+#: this many items per chunk.
+BATCH_MIN_CHUNK = 16
+#: ... and, when its fixed cost nearly fills the budget, takes up to this
+#: many times the budget (see _ChunkCost).
+BATCH_OVERRUN = 1.5
+#: A brief destroy "restart" (see Server._op_destroy): the keys of the
+#: full answer that change between steps; the values are ints, floats and
+#: a phase name, which %d, %r and %s write as JSON does.
+_RESTART_JSON = ('{"ok":true,"domid":%d,"done":false,"phase":"%s","cursor":%d,"entries":%d,'
+                 '"steps":%d,"continuations":%d,"step_ms":%r,"max_pause_ms":%r,'
+                 '"max_pause_cpu_ms":%r,"hv_seconds":%r}')
+#: frames without payload whose checked request is remembered (see
+#: Server._check), and the longest such frame
+_KNOWN_FRAMES = 64
+_KNOWN_BYTES = 256
 #: bytes an event subscriber may fall behind before it is dropped
 EVENTS_MAX_QUEUE = 1 << 20
 #: how long a new guest may take to map its memory and say hello
@@ -262,9 +286,18 @@ class _Client(_Endpoint):
         self.reader = P.frame_reader(sock)
         self.waiting = False            # a deferred answer (create) is pending
         self.backlog: list = []
+        #: the answer of a step that yielded to other work, held until that
+        #: work is served (see Server.run): sent at once it would wake this
+        #: client first, on a core the waiting guest may share
+        self.later: list = []
 
     def _send(self, mv) -> int:
         return self.sock.send(mv)
+
+    def release(self) -> None:
+        """Send the held answer (:attr:`later`)."""
+        parts, self.later = self.later, []
+        self.queue(parts)
 
     def reply(self, obj: dict, payload=b"") -> None:
         self.queue(P.frame(obj, payload))
@@ -340,11 +373,15 @@ class Server:
         self.frames, self.rmap, self.teardown, self.sched = frames, rmap, teardown, sched
         #: the scheduling the process got (``fifo`` may be refused)
         self.sched_applied = "normal"
-        #: most of a PACE_WINDOW steps may take (None: no pacing), the
-        #: current window (start, busy time then), idle times taken
+        #: most of a PACE_WINDOW the loop may run (None: no pacing), its
+        #: CPU clock, the current window (start, CPU time then, control held
+        #: in it), holds of control requests and their seconds
         self._pace_duty: float | None = None
-        self._window = (0.0, 0.0)
+        self._cpu = time.thread_time
+        self._window = (0.0, 0.0, False)
         self.paced = [0, 0.0]
+        #: control requests wait (see _pace): guests only until the window ends
+        self._holding = False
         self.hv = None
         self.sel = selectors.DefaultSelector()
         self.meter = PauseMeter()
@@ -359,6 +396,8 @@ class Server:
         #: clients whose next requests wait until that work has been served
         self._deferred: list[_Client] = []
         self._held: set[_Client] = set()     # the same, as a set
+        #: checked requests by frame (see _check), at most _KNOWN_FRAMES
+        self._known: dict[bytes, tuple] = {}
         self.cow_faults = 0
         #: the sharing event ring, and the CoW writes waiting for a frame
         self.ring = EventRing()
@@ -369,6 +408,8 @@ class Server:
         self.running = False
         self.started = time.time()
         self.requests = 0
+        #: cost model of a budgeted batch request's chunks, by op (_bounded)
+        self._chunk_cost: dict[str, _ChunkCost] = {}
         self.instances = 0
         self._lsock: socket.socket | None = None
         self._lock_fd: int | None = None
@@ -452,16 +493,24 @@ class Server:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while self.running:
-                if self._pace_duty is not None:
-                    self._pace()
-                deferred, self._deferred = self._deferred, []
-                for key, mask in self.sel.select(0 if deferred else _TICK):
+                hold = self._pace() if self._pace_duty is not None else 0.0
+                self._holding = hold > 0
+                if self._holding:
+                    deferred, timeout = [], min(hold, _TICK)   # guests only, meanwhile
+                else:
+                    deferred, self._deferred = self._deferred, []
+                    timeout = 0 if deferred else _TICK
+                for key, mask in self.sel.select(timeout):
                     key.data(mask)
                     if self.parked:
                         self._retry_parked()
                     if not self.running:
                         break
-                # after the work a teardown step yielded to: its next request
+                # after the work a teardown step yielded to: its answer, then
+                # its next request
+                for c in self._deferred if self._holding else deferred:
+                    if c.later:
+                        c.release()
                 for c in deferred:
                     self._held.discard(c)
                     self._serve_backlog(c)
@@ -476,18 +525,31 @@ class Server:
             os.close(wake_r)
             os.close(wake_w)
 
-    def _pace(self) -> None:
-        """Idle for the rest of the window if steps took PACE_DUTY of it."""
+    def _pace(self) -> float:
+        """Seconds control requests must still wait in this window (0.0:
+        none): the rest of the window once the loop ran PACE_DUTY of it.
+        Guests are served meanwhile; if they take the window past
+        PACE_DUTY + PACE_GUEST_SLACK, this idles out the window."""
         now = time.monotonic()
-        start, busy0 = self._window
+        start, cpu0, _ = self._window
         if now - start >= PACE_WINDOW:
-            self._window = (now, self.meter.busy_s)
-        elif self.meter.busy_s - busy0 > self._pace_duty * PACE_WINDOW:
-            idle = start + PACE_WINDOW - now
-            time.sleep(idle)
+            self._window = (now, self._cpu(), False)
+            return 0.0
+        if now - start <= self._pace_duty * PACE_WINDOW:
+            return 0.0      # it cannot have run longer: no clock read (~1 us)
+        busy = self._cpu() - cpu0
+        if busy <= self._pace_duty * PACE_WINDOW:
+            return 0.0
+        left = start + PACE_WINDOW - now
+        if not self._window[2]:             # the hold starts: counted once
+            self._window = (start, cpu0, True)
             self.paced[0] += 1
-            self.paced[1] += idle
-            self._window = (time.monotonic(), self.meter.busy_s)
+            self.paced[1] += left
+        if busy > (self._pace_duty + PACE_GUEST_SLACK) * PACE_WINDOW:
+            time.sleep(left)
+            self._window = (time.monotonic(), self._cpu(), False)
+            return 0.0
+        return left
 
     def _on_signal(self, signum, frame) -> None:
         self.running = False
@@ -603,15 +665,23 @@ class Server:
     def _serve_backlog(self, c: _Client) -> None:
         if c in self._held:
             return          # read, not served: the loop serves it after the others
+        if self._holding:   # paced: served once the window ends
+            self._held.add(c)
+            self._deferred.append(c)
+            return
         while c.backlog and not c.waiting and not c.closed and self.running:
-            (jlen, _), body = c.backlog.pop(0)
+            (jlen, blen), body = c.backlog.pop(0)
             t0 = time.perf_counter()
             op = "?"
             self._preempted = False
             try:
-                obj, payload = P.parse_frame(jlen, body)
-                op = str(obj.get("op"))
-                self._request(c, obj, payload)
+                known = None if blen else self._known.get(body)
+                if known is None:
+                    obj, payload = P.parse_frame(jlen, body)
+                    op = str(obj.get("op"))
+                    known = self._check(obj, payload, None if blen else body)
+                op = known[0]
+                self._request(c, *known)
             except P.ProtocolError as e:
                 c.reply(P.error(str(e)))
             finally:
@@ -626,8 +696,20 @@ class Server:
                 break
 
     # -- control requests ----------------------------------------------
-    def _request(self, c: _Client, obj: dict, payload) -> None:
+    def _check(self, obj: dict, payload, body: bytes | None) -> tuple[str, dict, memoryview]:
+        """(op, arguments, payload) of a parsed request (ProtocolError if
+        it is not a valid one). Remembered by its frame ``body`` when given
+        (a frame without payload): parsing and checking are pure, and the
+        kill controller sends one destroy request thousands of times."""
         op, args = P.check_request(obj, P.CONTROL_OPS)
+        if body is not None and len(body) <= _KNOWN_BYTES:
+            if len(self._known) >= _KNOWN_FRAMES:
+                self._known.clear()
+            self._known[body] = (op, args, payload)
+        return op, args, payload
+
+    def _request(self, c: _Client, op: str, args: dict, payload) -> None:
+        """Serve one checked request (arguments are passed as a copy)."""
         self.requests += 1
         try:
             result = getattr(self, "_op_" + op)(c, payload=payload, **args)
@@ -727,7 +809,7 @@ class Server:
         c.waiting = True
         return None
 
-    def _op_destroy(self, c, payload, domid):
+    def _op_destroy(self, c, payload, domid, brief):
         """One step of a domain's teardown (Xen's preemptible domain_kill).
 
         The first step stops the guest and marks the domain dying (nominate
@@ -736,7 +818,10 @@ class Server:
         pending or the step's budget is spent and answers ``done: false``
         ("restart"): the kill controller asks again. Monolithic mode does
         the whole teardown in this one step. Each answer carries the
-        progress and the teardown's totals so far.
+        progress and the teardown's totals so far; a ``brief`` restart only
+        what changes from step to step (:data:`_RESTART_JSON`, encoded
+        without the JSON encoder: a restart is answered thousands of times
+        a second while guests wait behind it).
         """
         t0, cpu0 = time.perf_counter(), time.thread_time()
         d = self.hv.domains.get(domid)
@@ -765,6 +850,16 @@ class Server:
         # CPU time too: on a busy machine a step's wall time includes the
         # time other processes held our CPU, which is not the step's work
         td["max_step_cpu_s"] = max(td["max_step_cpu_s"], time.thread_time() - cpu0)
+        if brief and not done:
+            js = (_RESTART_JSON % (
+                domid, d.teardown_phase, d.relinquish_cursor, d.relinquished, td["steps"],
+                td["continuations"], round(step * 1e3, 3), round(td["max_step_s"] * 1e3, 3),
+                round(td["max_step_cpu_s"] * 1e3, 3), round(td["busy_s"], 6))).encode()
+            if self._preempted or c.later:      # (answers keep their order)
+                c.later += (P.FRAME_HDR.pack(len(js), 0), js)
+            else:
+                c.queue((P.FRAME_HDR.pack(len(js), 0), js))
+            return None
         out = {"domid": domid, "done": done, "state": "destroyed" if done else "dying",
                "phase": "gone" if done else d.teardown_phase, "cursor": d.relinquish_cursor,
                "npages": d.npages, "entries": d.relinquished, "entries_total": td["entries_total"],
@@ -840,16 +935,19 @@ class Server:
     def _op_read(self, c, payload, domid, gfn):
         return {}, self.hv.read(domid, gfn)
 
-    def _op_nominate_many(self, c, payload, domid, count):
+    def _op_nominate_many(self, c, payload, domid, count, budget_us):
         gfns = _array(payload, count, [np.int64])[0]
         t0 = time.perf_counter()
-        handles, codes = self.hv.nominate_many(domid, gfns)
-        # the work's own time: what a caller sizes its next batch by
-        return {"count": count, "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, \
+        parts, done = self._bounded(c, "nominate_many", count, budget_us,
+                                    lambda lo, hi: self.hv.nominate_many(domid, gfns[lo:hi]))
+        handles = np.concatenate([h for h, _ in parts])
+        codes = np.concatenate([k for _, k in parts])
+        # work_ms: the work's own time, without the framing
+        return {"count": count, "done": done, "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, \
             np.concatenate([handles.astype("<u8").view(np.uint8),
                             codes.astype("<i8").view(np.uint8)]).tobytes()
 
-    def _op_share_many(self, c, payload, sd, cd, count):
+    def _op_share_many(self, c, payload, sd, cd, count, budget_us):
         if (sd is None) != (cd is None):
             raise HVError(EINVAL, "share_many needs both sd and cd, or a domain per pair for both")
         if sd is None:
@@ -857,10 +955,56 @@ class Server:
                                                              np.int64, np.int64, np.uint64])
         else:
             sg, sh, cg, ch = _array(payload, count, [np.int64, np.uint64, np.int64, np.uint64])
+
+        def work(lo, hi):
+            part = slice(lo, hi)
+            return self.hv.share_many(sd if np.ndim(sd) == 0 else sd[part], sg[part], sh[part],
+                                      cd if np.ndim(cd) == 0 else cd[part], cg[part], ch[part])
         t0 = time.perf_counter()
-        codes = self.hv.share_many(sd, sg, sh, cd, cg, ch)
-        return {"count": count, "shared": int((codes == 0).sum()),
+        parts, done = self._bounded(c, "share_many", count, budget_us, work)
+        codes = np.concatenate(parts)
+        return {"count": count, "done": done, "shared": int((codes == 0).sum()),
                 "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, codes.astype("<i8").tobytes()
+
+    def _bounded(self, c: _Client, op: str, n: int, budget_us: int | None,
+                 work: Callable[[int, int], object]) -> tuple[list, int]:
+        """Run ``work(lo, hi)`` over items ``[0, n)`` in order, in chunks,
+        within one step: (the chunks' results, items done).
+
+        Without a budget, one chunk of everything. With ``budget_us``, the
+        first chunk is sized by the op's cost model (:class:`_ChunkCost`)
+        to fill the budget, so a step is usually one chunk, one call into
+        the core. Another chunk follows only while half the budget is left
+        and nothing but this client is ready (a guest's fault, another
+        request: they go first, as after a teardown step that yields). The
+        answer says how many items were done; the caller sends the rest
+        again. The first chunk always runs, so every request progresses.
+        """
+        if budget_us is None or n == 0:
+            out = [work(0, n)]
+            _settle()
+            return out, n
+        clock, mine = time.perf_counter, c.sock
+        budget = budget_us * 1e-6
+        deadline = clock() + budget
+        cost = self._chunk_cost.get(op)
+        if cost is None:
+            cost = self._chunk_cost[op] = _ChunkCost()
+        out, lo = [], 0
+        while lo < n:
+            now = clock()
+            left = deadline - now
+            if lo:
+                others = any(key.fileobj is not mine for key, _ in self.sel.select(0))
+                if others or left < budget / 2:
+                    self._preempted = others
+                    break
+            hi = min(n, lo + cost.items(left, BATCH_OVERRUN * budget))
+            out.append(work(lo, hi))
+            cost.learn(hi - lo, clock() - now)
+            lo = hi
+        _settle()
+        return out, lo
 
     # -- guests --------------------------------------------------------
     def _spawn_guest(self, d, config: dict) -> _Guest:
@@ -1335,7 +1479,7 @@ def _pace_duty() -> float | None:
         return PACE_DUTY
     if runtime < 0:
         return None
-    return min(PACE_DUTY, runtime / period - 0.1)
+    return min(PACE_DUTY, runtime / period - 0.05)
 
 
 def _array(payload, count: int, dtypes) -> list[np.ndarray]:
@@ -1406,6 +1550,66 @@ def _quiet_collector() -> None:
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, GC_YOUNG_THRESHOLD), gen1, gen2)
+
+
+class _ChunkCost:
+    """How long a chunk of ``k`` items of one batch op takes: a fixed part
+    (a core batch call's numpy calls: 0.1-0.5 ms, depending on the load)
+    plus a part per item (1-5 us), fitted by least squares over the recent
+    chunks (exponentially weighted), starting from a prior that keeps the
+    fit sane while the chunk sizes seen barely differ.
+
+    A chunk fills the time left, but is not so small that its fixed part
+    is more than twice its items' work unless that would take longer than
+    ``BATCH_OVERRUN`` times the budget: when the fixed part alone nearly
+    fills the budget (a loaded machine), a step runs a little over rather
+    than doing 16 items for the price of 200.
+    """
+
+    DECAY = 0.9                       # weight of the older chunks per new one
+    PRIOR = (2e-4, 3e-6, 64.0, 4.0)   # fixed s, per item s, at k, weight (chunks)
+
+    def __init__(self):
+        f, b, k, w = self.PRIOR
+        # weighted sums: w, w*k, w*k*k, w*t, w*k*t over the prior's two
+        # points (k/2, 3k/2) and the chunks seen
+        self._s = [0.0] * 5
+        for kk in (k / 2, 3 * k / 2):
+            self._add(kk, f + b * kk, w / 2)
+        self.fixed_s, self.item_s = f, b
+
+    def _add(self, k: float, t: float, w: float) -> None:
+        s = self._s
+        for i, v in enumerate((1.0, k, k * k, t, k * t)):
+            s[i] += w * v
+
+    def items(self, seconds: float, most: float) -> int:
+        """Items for a chunk to take about ``seconds``, or longer when that
+        is too few for the fixed part (see the class), but not ``most``."""
+        f, b = self.fixed_s, self.item_s
+        fair = min(f / (2 * b), (most - f) / b)
+        return int(max(BATCH_MIN_CHUNK, (seconds - f) / b, fair))
+
+    def learn(self, k: int, seconds: float) -> None:
+        self._s = [v * self.DECAY for v in self._s]
+        self._add(float(k), seconds, 1.0)
+        f, b, kk, w = self.PRIOR
+        for kk_ in (kk / 2, 3 * kk / 2):        # the prior never fades entirely
+            self._add(kk_, f + b * kk_, 0.05 * w)
+        s0, sk, skk, st, skt = self._s
+        det = s0 * skk - sk * sk
+        b = (s0 * skt - sk * st) / det if det > 0 else self.item_s
+        self.item_s = min(max(b, 1e-7), 1e-4)
+        self.fixed_s = min(max((st - self.item_s * sk) / s0, 0.0), 2e-3)
+
+
+def _settle() -> None:
+    """After a batch that made shared frames: what it made (rmap frame
+    objects, one per nominated page) lives until unshared, so it joins the
+    frozen state out of the cycle collector's passes (O(1)). Left young, a
+    dedup pass's 50,000 frames would trigger collections of 0.6 ms (the
+    youngest generation) to 5 ms (the next) in the middle of later steps."""
+    gc.freeze()
 
 
 def _notify(fd: int | None, line: str) -> None:

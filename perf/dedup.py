@@ -38,9 +38,13 @@ what the content predicts).
 ``info``'s ``pause_by_op``), the scanner's hash and group phases, and the
 rest (the scanner's merge work and the socket round trips).
 
-**Batch sizes**: the same clone-mix pass at several ``batch_pages``; per
-size, the hypervisor-side duration of each request kind (mean, longest,
-how many took 1 ms or more) -- what the default batch size is chosen by.
+**Steps**: the hypervisor bounds each ``nominate_many`` / ``share_many``
+step by the scanner's budget (``tools.dedup.STEP_BUDGET_MS``) and answers
+how many pages it did; per run, the hypervisor-side duration of each
+request kind (count, mean, longest, how many took 1 ms or more).
+**Batch sizes**: the same pass at several ``batch_pages``, now the most
+pages a request may carry (a step does what fits its budget): a cap below
+what fits makes more, shorter steps.
 
 A second hypervisor configuration, ``--rmap index`` (the O(1) rmap), is
 measured in the full run: the default ``buckets`` rmap's per-entry cost is
@@ -158,7 +162,7 @@ def _ksm_median(runs: list[dict]) -> dict:
 
 
 def _run(quick: bool) -> dict:
-    from tools.dedup import BATCH_PAGES
+    from tools.dedup import BATCH_PAGES, STEP_BUDGET_MS
     n = 10_000 if quick else 50_000
     repeats = 3 if quick else 5
     cases = {"identical": 1, "clone": 4}        # content -> hvshare domains
@@ -199,7 +203,7 @@ def _run(quick: bool) -> dict:
                           "pages_per_second": r["pages_per_second"], "steps": r["steps"],
                           "hv_seconds": r["hv_seconds"]})
     out = {"results": results, "sweep": sweep, "ratios": ratios, "pages": n, "repeats": repeats,
-           "batch_pages": BATCH_PAGES}
+           "batch_pages": BATCH_PAGES, "step_budget_ms": STEP_BUDGET_MS}
     skipped = next((r["ksm"]["skipped"] for r in results.values() if "skipped" in r["ksm"]), None)
     if skipped:
         out["ksm_skipped"] = skipped
@@ -208,8 +212,10 @@ def _run(quick: bool) -> dict:
 
 def report(result: dict) -> str:
     n = result["pages"]
+    budget = result.get("step_budget_ms")
     lines = [f"Merge from nothing shared to fully merged, {n:,} pages, through the hypervisor "
-             f"process (median of {result['repeats']}; batch {result['batch_pages']} pages per request)"]
+             f"process (median of {result['repeats']}; up to {result['batch_pages']} pages per request"
+             + (f", steps of {budget:g} ms of work" if budget else "") + ")"]
     rows = []
     for content, r in result["results"].items():
         for key, label in (("hvshare", "hvshare, rmap buckets"), ("hvshare_index", "hvshare, rmap index")):
@@ -238,7 +244,7 @@ def report(result: dict) -> str:
     lines.append(table(["", "hvshare", "KSM", "KSM cap cost", "content predicts",
                         "hvshare = KSM + cap cost"], rows))
     lines.append("")
-    lines.append("Hypervisor step per request (its own clock) by batch size")
+    lines.append("Hypervisor step per request (its own clock) by the most pages a request carries")
     rows = []
     for s in result["sweep"]:
         for op, st in s["steps"].items():

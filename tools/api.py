@@ -159,6 +159,14 @@ class HypervisorClient(_Requester):
         self.socket_path = os.path.abspath(socket_path or default_socket_path())
         self._ch = _Channel(self.socket_path, timeout, "hypervisor")
 
+    def open_connection(self, wait: bool = False) -> socket.socket:
+        """A new connection of its own to this hypervisor, for requests kept
+        in flight (the kill controller's steps, the scanner's batches):
+        their answers come back in order. It has this client's timeout, or
+        none with ``wait`` (a monolithic teardown step can take minutes)."""
+        if wait:
+            return _Channel(self.socket_path, None, "hypervisor")._connect()
+        return self._ch._connect()
 
     # -- hvctl operations ------------------------------------------------
     def ping(self) -> int:

@@ -61,8 +61,7 @@ A pass, phase by phase
    rmap is never the one moved); the others are its members.
    Candidates in no group are ``pages_unshared``.
 5. **Merge** (:meth:`Scanner.execute`), in rounds of ``round_pages``
-   members; each request to the hypervisor carries at most ``batch_pages``
-   pairs (share) or ``NOMINATE_FACTOR * batch_pages`` gfns (nominate):
+   members:
 
    a. *nominate* every member and source of the round, per domain
       (``nominate_many`` takes one domain; nominating a shared page
@@ -76,18 +75,20 @@ A pass, phase by phase
       a write between hashing and nominate) are regrouped by exact content
       (``np.unique`` over the page bytes) and merged with their true twins
       of the same round;
-   d. *share* the verified pairs, ``share_many`` requests with the members
-      of one source together (the hypervisor's cost is mostly per frame a
-      request touches).
+   d. *share* the verified pairs, one backend call per client domain,
+      pairs ordered by source: the hypervisor's fixed cost of a request
+      grows with the domains it names (two numpy calls each, more in the
+      rmap), and a request naming one source and one client domain takes
+      the core's shortest path. Measured in a soak (8 writer guests, a pass
+      after another): share steps of 0.8 ms median work, 40% of them 1 ms
+      or more, with requests spanning the guests; 0.5 ms and 2% with one
+      client domain per request.
 
-   Rounds exist because a request to a hypervisor process costs far more
-   than its work: on these machines a round trip is 0.15-0.3 ms and the
-   core's fixed cost of a ``share_many`` 0.1-0.3 ms, against a few
-   microseconds per pair. Doing the scanner's own work (snapshot, verify)
-   once per round rather than once per request, and filling every request
-   to its limit whatever domains a round spans, halved the time of a pass
-   over four clone guests of 12,000 pages (batches of 128: 1.42-1.53 s
-   before, 0.73 s after).
+   Each of a and d is one call on the backend, which sends it as requests
+   of at most ``batch_pages`` pairs (``NOMINATE_FACTOR`` times as many
+   gfns for nominate): through a hypervisor process, budgeted and
+   pipelined requests (below). Rounds exist so that the scanner's own
+   work (snapshot, verify) is done once per round, not once per request.
 
 Why no page can be merged with different content: the bytes are compared
 after nominate made both pages read-only, and each handle is the version
@@ -102,49 +103,39 @@ Nominate has a cost the toolstack accepts, as Xen's does: a member whose
 verification finds no twin stays nominated (a shared frame with one gfn) --
 harmless, and its next write is a cheap last-gfn unshare with no copy.
 
-Batches and pauses
+Steps and requests
 ------------------
 The hypervisor is one CPU: while it serves one request nothing else runs
-(no guest's fault, no other request), so every request the scanner sends
-must stay short: the goal is under 1 ms. The hypervisor times each of its
-steps per kind of request (``info``'s ``pause_by_op``), and each pass
-reports the steps of its own window (``PassResult.hv_steps``; ``hvctl
-dedup`` prints the longest). ``batch_pages`` (default :data:`BATCH_PAGES`
-= 96 pairs per share, 288 gfns per nominate) was chosen from ``python -m
-perf dedup``'s sweep: 50,000 pages through a hypervisor process,
-``buckets`` rmap, clone mix over four guests and identical pages in one, on
-this 2-core machine while other jobs loaded it (mean of the hypervisor's
-step per request; share of requests at 1 ms or more; the pass's merge
-rate):
+(no guest's fault, no other request), so every step of its must stay
+short: the goal is under 1 ms. It times each of its steps per kind of
+request (``info``'s ``pause_by_op``), and each pass reports the steps of
+its own window (``PassResult.hv_steps``; ``hvctl dedup`` prints the
+longest).
 
-=====  ===========================  ===========================  ==========
-batch  clone: nominate / share      identical: nominate / share  pages/s
-=====  ===========================  ===========================  ==========
-32     0.36 / 0.60 ms (0% / 1%)     0.36 / 0.53 ms (0% / 1%)     27 k
-64     0.51 / 0.87 ms (1% / 29%)    0.42 / 0.53 ms (1% / 1%)     35-51 k
-96     0.56 / 0.82 ms (3% / 20%)    0.36 / 0.45 ms (2% / 1%)     46-79 k
-128    0.77 / 1.11 ms (11% / 53%)   0.60 / 0.72 ms (6% / 5%)     57-71 k
-256    1.28 / 1.83 ms (72% / 98%)   0.73 / 0.81 ms (5% / 8%)     56-107 k
-=====  ===========================  ===========================  ==========
+So the hypervisor bounds the steps itself, as a preemptible teardown
+does: a ``nominate_many`` or ``share_many`` request carries ``budget_us``
+(:data:`STEP_BUDGET_MS`), the hypervisor does the items in order until
+that much work time is spent or a guest's fault waits, and answers how
+many it did; :class:`SocketBackend` sends the rest again at the head of
+its next request ("restart"). The hypervisor sizes the step's chunk from
+its own cost model of the op (a fixed part, 0.1-0.5 ms of numpy calls per
+core call, plus 1-5 us per page, fitted over the last chunks), so a step
+is one call into the core that about fills the budget, whatever the load
+and the content; fixed request sizes chosen by the scanner (96 pairs
+before) made the clone mix's shares 1-2 ms under load and most requests
+far too small when quiet. Requests are sized by what the last steps did
+(a quarter more), and two are in flight on the backend's own connection,
+so the hypervisor starts the next step as soon as it answers one. The
+hypervisor also keeps the frames a batch makes out of its cycle
+collector's passes (``gc.freeze``): left young, a pass's 50,000 rmap
+frames triggered collections of 0.6-5 ms in the middle of later steps.
 
-A share costs the hypervisor about 2-3x what a nominate does per page
-(it touches two frames' rmaps, and on the clone mix many source frames),
-so nominate requests carry :data:`NOMINATE_FACTOR` (3) times as many
-pages. The clone mix's share requests are the longest, so they set the
-batch. The first nominate requests of a pass are the longest (up to
-2-3 ms): every frame they make is a new Python object and the
-interpreter's cyclic collector runs over them; later rounds reuse the
-frame states the previous round's shares released.
-
-A request's fixed cost is about 0.15 ms in the hypervisor (framing, the
-answer, numpy's per-call overhead) and each round trip 0.3-0.5 ms more
-on this loaded machine, against 1-3 us of hypervisor work per page: a
-pass is about half hypervisor work, half round trips and the scanner's
-own work (hash, verify). Next to Linux KSM merging the same bytes at full
-speed (``python -m perf dedup``), the merge rate is 0.4-0.5x KSM's on
-identical pages and 0.7-0.9x on the clone mix when KSM runs undisturbed
-(50,000 pages: 76 k against 157 k pages/s, 51 k against 66 k); KSM's own
-time varies up to 10x with the machine's load.
+Measured with ``python -m perf dedup`` (50,000 pages, identical in one
+guest, the clone mix over four; the merge rate next to Linux KSM merging
+the same bytes in the same run) and ``python -m perf soak``: see the
+README's performance section. On this 2-core machine a request's fixed
+cost doubles or triples when other processes load it, and with it the
+number of steps a pass needs.
 
 Watch mode
 ----------
@@ -161,14 +152,14 @@ and ends when the backend raises (the hypervisor is gone).
 Tunables
 --------
 - ``batch_pages`` (:class:`Scanner` argument, ``hvctl dedup --batch``,
-  default :data:`BATCH_PAGES` = 96): most pairs per ``share_many``
-  request; sets how long one request holds the hypervisor (above).
+  default :data:`BATCH_PAGES` = 1024): most pairs per ``share_many``
+  request; a cap, the hypervisor's step budget decides a step's size.
 - :data:`NOMINATE_FACTOR` (module constant, 3): a ``nominate_many``
   request carries up to ``NOMINATE_FACTOR * batch_pages`` gfns.
-- ``step_target_ms`` (:class:`Scanner` argument, default
-  :data:`STEP_TARGET_MS` = None): size requests by the hypervisor's
-  reported time for the last one (``work_ms`` in the answers of
-  ``nominate_many`` and ``share_many``) instead of fixed sizes.
+- ``step_budget_ms`` and ``depth`` (:class:`SocketBackend` arguments,
+  defaults :data:`STEP_BUDGET_MS` = 0.5 and :data:`PIPELINE_DEPTH` = 2):
+  the work time the hypervisor may spend on one batch request (None: no
+  budget, a request is one step however long), and requests in flight.
 - ``round_pages`` (:class:`Scanner` argument, default :data:`ROUND_PAGES`
   = 4096): members nominated, verified and shared together; bounds the
   scanner's temporaries and how long a nominated page waits for its share.
@@ -204,13 +195,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
+from socket import timeout as socket_timeout
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 import posix_ipc
 import xxhash
 
+from hvcore import protocol as P
 from hvcore import shm
 from hvcore.errors import C_HANDLE_INVALID, ESRCH, S_HANDLE_INVALID, HVError
 from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
@@ -222,27 +216,33 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "InProcessBackend", "SocketBackend", "Scanner", "Plan", "Batch", "PassResult",
            "step_delta", "page_hashes", "zero_pages", "BATCH_PAGES", "NOMINATE_FACTOR",
            "ROUND_PAGES", "CHUNK_PAGES", "WATCH_INTERVAL", "WATCH_PAGES_PER_SECOND", "ZERO_SUM",
-           "SCANNER_OPS", "STEP_TARGET_MS", "MAX_BATCH_FACTOR"]
+           "SCANNER_OPS", "STEP_BUDGET_MS", "PIPELINE_DEPTH"]
 
 #: Most pairs per share_many request (and, times NOMINATE_FACTOR, gfns per
-#: nominate_many): 96 keeps the hypervisor's mean step per request under
-#: 1 ms on the clone mix, whose shares cost the most (module docstring).
-BATCH_PAGES = 96
+#: nominate_many). Through a hypervisor process (:class:`SocketBackend`)
+#: this is only a cap: the hypervisor bounds each step by its budget
+#: (STEP_BUDGET_MS) and requests are sized by what the last steps did.
+BATCH_PAGES = 1024
 #: A nominate_many request carries up to this many times ``batch_pages``
 #: gfns: per page, nominate costs the hypervisor a third to a half of what
-#: share does (module docstring), so both kinds of request take about as long.
+#: share does (module docstring).
 NOMINATE_FACTOR = 3
-#: Default ``step_target_ms`` of :class:`Scanner`: None, fixed request
-#: sizes. With a target and a backend that reports the hypervisor's time
-#: per request (:class:`SocketBackend`), request sizes adapt so that each
-#: request's work takes about that long (the step adds ~0.15 ms of framing):
-#: ``batch_pages`` is then the starting size, and sizes stay within 1/4 and
-#: :data:`MAX_BATCH_FACTOR` times it. Off by default: on this loaded
-#: machine the hypervisor's time per request varies 2x between requests of
-#: one size, and adapting to it made more, smaller requests (20,000 pages:
-#: identical 55-80 k pages/s, clone 31 k, against 66 k and 52 k fixed).
-STEP_TARGET_MS: float | None = None
-MAX_BATCH_FACTOR = 8
+#: The work time the hypervisor may spend on one batch request (its
+#: ``budget_us``) before it answers with what it did: framing adds
+#: 0.1-0.2 ms, so a step stays under 1 ms with room for a slower chunk.
+STEP_BUDGET_MS = 0.5
+#: Batch requests in flight on :class:`SocketBackend`'s connection: with
+#: two, the hypervisor starts the next step as soon as it answers one.
+PIPELINE_DEPTH = 2
+#: Items in a stream's first request, before any step has said how many
+#: fit in its budget; later requests carry REQUEST_HEADROOM times what the
+#: last step that ran out of budget did (the rest comes back, and goes
+#: first in the next request), so a step never runs out of items.
+FIRST_REQUEST = 256
+REQUEST_HEADROOM = 1.25
+#: ... and never fewer items than this (unless fewer are left): a request
+#: costs a round trip and the hypervisor's framing, a few more items nothing.
+MIN_REQUEST = 64
 #: Members (client pages) per merge round: nominated, verified and shared
 #: together, so the scanner's own work is done once per round and every
 #: request is filled to its limit whatever domains the round spans.
@@ -277,7 +277,14 @@ class Backend(Protocol):
     vanished between the scanner's snapshot and the request also yields
     codes (``ESRCH``) rather than an exception, so one dying guest does
     not abort a pass over the others.
+
+    The batch calls take every item of a merge round and send them in
+    requests of at most ``limit`` items; ``requests`` counts the requests
+    sent and ``max_request_s`` is the longest, as the scanner saw it.
     """
+
+    requests: int
+    max_request_s: float
 
     def pool_name(self) -> str:
         """The frame pool's shared-memory segment name (for attach_readonly)."""
@@ -285,13 +292,15 @@ class Backend(Protocol):
     def domains(self) -> list[tuple[int, str, int]]:
         """``(domid, p2m segment name, npages)`` of every running domain."""
 
-    def nominate_many(self, domid: int, gfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def nominate_many(self, domid: int, gfns: np.ndarray,
+                      limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nominate gfns of one domain: ``(handles uint64, codes int64)``."""
 
     def share_many(self, sds: np.ndarray, sgfns: np.ndarray, shs: np.ndarray,
-                   cds: np.ndarray, cgfns: np.ndarray, chs: np.ndarray) -> np.ndarray:
-        """Share pairs ``(sds[i], sgfns[i]) <- (cds[i], cgfns[i])`` in one
-        request (domains given per pair); a code per pair."""
+                   cds: np.ndarray, cgfns: np.ndarray, chs: np.ndarray,
+                   limit: int | None = None) -> np.ndarray:
+        """Share pairs ``(sds[i], sgfns[i]) <- (cds[i], cgfns[i])`` (domains
+        given per pair); a code per pair."""
 
     def nr_saved_mfns(self) -> int:
         """The hypervisor's ``nr_saved_mfns``."""
@@ -301,13 +310,32 @@ class Backend(Protocol):
     # Optional: ``steps() -> dict``, the hypervisor's step accounting
     # (SocketBackend.steps); read before and after a pass, the difference
     # (step_delta) is PassResult.hv_steps.
+    # Optional: ``release()``, free what the batch calls hold (a
+    # connection); Scanner.close() calls it.
+
+
+def _chunks(n: int, limit: int | None) -> Iterable[slice]:
+    """``[0, n)`` in slices of at most ``limit`` (None: one slice)."""
+    step = max(1, limit or n)
+    return (slice(lo, lo + step) for lo in range(0, n, step))
 
 
 class InProcessBackend:
-    """A :class:`Backend` over an in-process :class:`hvcore.Hypervisor`."""
+    """A :class:`Backend` over an in-process :class:`hvcore.Hypervisor`:
+    each request is one core call of ``limit`` items."""
 
     def __init__(self, hv: "Hypervisor"):
         self.hv = hv
+        self.requests = 0
+        self.max_request_s = 0.0
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.requests += 1
+            self.max_request_s = max(self.max_request_s, time.perf_counter() - t0)
 
     def pool_name(self) -> str:
         return self.hv.pool.name
@@ -316,25 +344,32 @@ class InProcessBackend:
         return [(d.domid, d.p2m.name, d.npages) for d in self.hv.domains.values()
                 if d.state == "running"]
 
-    def nominate_many(self, domid, gfns):
+    def nominate_many(self, domid, gfns, limit=None):
         gfns = np.asarray(gfns, dtype=np.int64)
-        try:
-            return self.hv.nominate_many(int(domid), gfns)
-        except HVError as e:          # the domain is gone: every page fails
-            return (np.zeros(len(gfns), dtype=np.uint64),
-                    np.full(len(gfns), e.code, dtype=np.int64))
+        handles = np.zeros(len(gfns), dtype=np.uint64)
+        codes = np.zeros(len(gfns), dtype=np.int64)
+        for sel in _chunks(len(gfns), limit):
+            try:
+                handles[sel], codes[sel] = self._timed(self.hv.nominate_many, int(domid), gfns[sel])
+            except HVError as e:          # the domain is gone: every page fails
+                codes[sel] = e.code
+        return handles, codes
 
-    def share_many(self, sds, sgfns, shs, cds, cgfns, chs):
+    def share_many(self, sds, sgfns, shs, cds, cgfns, chs, limit=None):
         sds = np.asarray(sds, dtype=np.int64)
         cds = np.asarray(cds, dtype=np.int64)
-        # Pairs naming a vanished domain fail alone (the core would refuse
-        # the whole request).
-        alive = np.array(sorted(self.hv.domains), dtype=np.int64)
-        ok = np.isin(sds, alive) & np.isin(cds, alive)
+        sgfns, shs, cgfns, chs = (np.asarray(a) for a in (sgfns, shs, cgfns, chs))
         codes = np.full(len(sds), ESRCH, dtype=np.int64)
-        if ok.any():
-            codes[ok] = self.hv.share_many(sds[ok], np.asarray(sgfns)[ok], np.asarray(shs)[ok],
-                                           cds[ok], np.asarray(cgfns)[ok], np.asarray(chs)[ok])
+        for sel in _chunks(len(sds), limit):
+            # Pairs naming a vanished domain fail alone (the core would
+            # refuse the whole request).
+            alive = np.array(sorted(self.hv.domains), dtype=np.int64)
+            ok = np.isin(sds[sel], alive) & np.isin(cds[sel], alive)
+            if ok.any():
+                part = codes[sel]
+                part[ok] = self._timed(self.hv.share_many, sds[sel][ok], sgfns[sel][ok],
+                                       shs[sel][ok], cds[sel][ok], cgfns[sel][ok], chs[sel][ok])
+                codes[sel] = part
         return codes
 
     def nr_saved_mfns(self) -> int:
@@ -344,17 +379,30 @@ class InProcessBackend:
 class SocketBackend:
     """A :class:`Backend` over a hypervisor's control socket (``hvctl dedup``).
 
-    Each method is one request (``share_many`` carries a domain per pair, so
-    a batch is one request whatever domains it spans):
-
     - :meth:`pool_name`, :meth:`nr_saved_mfns`, :meth:`max_pause_ms`,
       :meth:`steps`: ``info``;
     - :meth:`domains`: ``list``, keeping ``running`` domains;
-    - :meth:`nominate_many`: ``nominate_many``; a refused request (the domain
-      is gone or dying) becomes that code (ESRCH, EBUSY) for every page;
-    - :meth:`share_many`: ``share_many``; the hypervisor refuses a whole
-      request naming a domain that no longer exists (ESRCH), so the pairs of
-      live domains are sent again and the others get ESRCH.
+    - :meth:`nominate_many`, :meth:`share_many`: a stream of budgeted
+      ``nominate_many`` / ``share_many`` requests (:meth:`_stream`) on a
+      connection of their own, ``depth`` of them in flight.
+
+    **Budgeted, pipelined requests.** Each batch request carries
+    ``budget_us`` (``step_budget_ms``): the hypervisor works on it until
+    that much time is spent or other work (a guest's fault) is waiting,
+    and answers how many items it did (``done``); the rest are sent again
+    at the head of the next request, Xen's "restart" as the kill
+    controller knows it. So the hypervisor, which knows its own speed and
+    load, bounds every step, and requests can be large: a request's fixed
+    cost (framing, parsing, numpy's per-call overhead in the core: 0.2-0.4
+    ms) is paid once per step's worth of pages rather than once per 96.
+    Requests are sized to what the last steps did (a quarter more, so the
+    hypervisor never runs dry within a step) and up to ``depth`` are in
+    flight, so the hypervisor never waits for the scanner to encode the
+    next one or read the last answer.
+
+    A request refused whole (the domain is gone or dying: ESRCH, EBUSY)
+    becomes that code for each of its pages; for ``share_many``, the pairs
+    of live domains are sent again and the others get ESRCH.
 
     A hypervisor that stops answering raises :class:`tools.api.NoHypervisor`,
     which ends a pass (and watch mode): it is not a per-page failure. From
@@ -366,11 +414,18 @@ class SocketBackend:
     :class:`tools.api.HypervisorClient`, which stays the caller's to close.
     """
 
-    def __init__(self, socket=None):
+    def __init__(self, socket=None, step_budget_ms: float | None = STEP_BUDGET_MS,
+                 depth: int = PIPELINE_DEPTH):
         from .api import HypervisorClient
         self._own = not isinstance(socket, HypervisorClient)
         self.client = HypervisorClient(socket) if self._own else socket
         self.gone: str | None = None        # why the hypervisor is gone, once it is
+        self.step_budget_ms = step_budget_ms
+        self.depth = max(1, int(depth))
+        self.requests = 0
+        self.max_request_s = 0.0
+        self._conn = None                   # the batch requests' connection
+        self._fit: dict[str, int] = {}      # items the last steps did, by op
 
     def _request(self, fn, *args):
         from .api import NoHypervisor
@@ -389,49 +444,133 @@ class SocketBackend:
         return [(d["domid"], d["p2m"], d["pages"]) for d in self._request(self.client.list)
                 if d["state"] == "running"]
 
-    def nominate_many(self, domid, gfns):
-        from .api import HVCtlError, NoHypervisor
+    def nominate_many(self, domid, gfns, limit=None):
         gfns = np.asarray(gfns, dtype=np.int64)
-        try:
-            return self._request(self.client.nominate_many, int(domid), gfns)
-        except NoHypervisor:
-            raise
-        except HVCtlError as e:       # the domain is gone: every page fails
-            return (np.zeros(len(gfns), dtype=np.uint64),
-                    np.full(len(gfns), e.code, dtype=np.int64))
+        handles = np.zeros(len(gfns), dtype=np.uint64)
+        codes = np.zeros(len(gfns), dtype=np.int64)
 
-    def share_many(self, sds, sgfns, shs, cds, cgfns, chs):
-        from .api import HVCtlError, NoHypervisor
+        def answer(idx, data):
+            k = len(data) // 16
+            handles[idx[:k]] = np.frombuffer(data, "<u8", k)
+            codes[idx[:k]] = np.frombuffer(data, "<i8", k, 8 * k)
+
+        def refused(idx, e):            # the domain is gone or dying: every page fails
+            codes[idx] = e.code
+            return None
+        self._stream("nominate_many", {"domid": int(domid)}, None, [(gfns, "<i8")], len(gfns),
+                     limit, answer, refused)
+        return handles, codes
+
+    def share_many(self, sds, sgfns, shs, cds, cgfns, chs, limit=None):
         sds = np.asarray(sds, dtype=np.int64)
         cds = np.asarray(cds, dtype=np.int64)
-        arrays = [np.asarray(a) for a in (sgfns, shs, cgfns, chs)]
         codes = np.full(len(sds), ESRCH, dtype=np.int64)
-        ok = np.ones(len(sds), dtype=bool)
-        for _ in range(3):            # a domain may vanish between two tries
-            if not ok.any():
-                return codes
-            try:
-                codes[ok] = self._request(self.client.share_many, sds[ok],
-                                          *(a[ok] for a in arrays[:2]), cds[ok],
-                                          *(a[ok] for a in arrays[2:]))
-                return codes
-            except NoHypervisor:
-                raise
-            except HVCtlError as e:
-                if e.code != ESRCH:
-                    raise
+        cols = [(sds, "<i8"), (np.asarray(sgfns), "<i8"), (np.asarray(shs), "<u8"),
+                (cds, "<i8"), (np.asarray(cgfns), "<i8"), (np.asarray(chs), "<u8")]
+
+        def answer(idx, data):
+            k = len(data) // 8
+            codes[idx[:k]] = np.frombuffer(data, "<i8", k)
+
+        def refused(idx, e):
+            if e.code != ESRCH:
+                raise e
+            # a domain vanished: its pairs get ESRCH, the others go again
             alive = np.array([d["domid"] for d in self._request(self.client.list)], dtype=np.int64)
-            ok &= np.isin(sds, alive) & np.isin(cds, alive)
-        codes[ok] = ESRCH
+            ok = np.isin(sds[idx], alive) & np.isin(cds[idx], alive)
+            return idx[ok] if not ok.all() else None
+        self._stream("share_many", {}, (sds, cds), cols, len(sds), limit, answer, refused)
         return codes
+
+    def _connection(self):
+        """The batch requests' own connection (opened on first use): its
+        answers come back in order, several requests may be in flight."""
+        if self._conn is None:
+            self._conn = self._request(self.client.open_connection)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        """Close the batch connection (answers still on their way with it)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _stream(self, op: str, args: dict, domains, cols: list, n: int, limit: int | None,
+                answer: Callable, refused: Callable) -> None:
+        """Items ``[0, n)`` through budgeted ``op`` requests, ``depth`` in flight.
+
+        ``cols`` are the payload's columns (array, wire dtype) indexed by
+        item. ``answer(idx, data)`` takes the answer payload for the first
+        ``done`` items of request ``idx``; ``refused(idx, error)`` handles
+        a request refused whole and returns the items to send again (or
+        None). ``domains`` (share_many: source and client domids) lets a
+        request whose pairs share one source and one client domain name
+        them once. Remainders the hypervisor did not get to are sent first.
+        """
+        from .api import HVCtlError, NoHypervisor
+        if n == 0:
+            return
+        if self.gone:
+            raise NoHypervisor(self.gone)
+        limit = limit or n
+        budget = None if self.step_budget_ms is None else max(1, int(self.step_budget_ms * 1e3))
+        sock = self._connection()
+        fresh, again, inflight = 0, [], deque()
+        try:
+            while fresh < n or again or inflight:
+                while len(inflight) < self.depth and (fresh < n or again):
+                    size = limit if budget is None else min(limit, max(
+                        MIN_REQUEST, int(self._fit.get(op, FIRST_REQUEST) * REQUEST_HEADROOM)))
+                    idx = np.concatenate(again + [np.arange(fresh, min(n, fresh + size))])[:size]
+                    held = sum(len(a) for a in again)
+                    again = [] if len(idx) >= held else [np.concatenate(again)[len(idx):]]
+                    fresh += max(0, len(idx) - held)
+                    obj, skip = {"op": op, **args, "count": len(idx)}, ()
+                    if domains is not None:
+                        s0, c0 = int(domains[0][idx[0]]), int(domains[1][idx[0]])
+                        if (domains[0][idx] == s0).all() and (domains[1][idx] == c0).all():
+                            obj.update(sd=s0, cd=c0)
+                            skip = (0, 3)       # the sds and cds columns
+                    if budget is not None:
+                        obj["budget_us"] = budget
+                    payload = b"".join(np.ascontiguousarray(a[idx], dtype=t).tobytes()
+                                       for i, (a, t) in enumerate(cols) if i not in skip)
+                    P.send_frame(sock, obj, payload)
+                    inflight.append((idx, size, time.perf_counter()))
+                idx, size, t0 = inflight.popleft()
+                got = P.recv_frame(sock)
+                self.requests += 1
+                self.max_request_s = max(self.max_request_s, time.perf_counter() - t0)
+                if got is None:
+                    raise ConnectionError("closed")
+                ans, data = got
+                if not ans.get("ok"):
+                    e = HVCtlError(ans.get("error", "request failed"), ans.get("code", 22),
+                                   ans.get("code_name", "EINVAL"))
+                    redo = refused(idx, e)
+                    if redo is not None and len(redo):
+                        again.insert(0, redo)
+                    continue
+                done = int(ans.get("done", len(idx)))
+                answer(idx, data)
+                fit = self._fit.get(op, FIRST_REQUEST)
+                if done < len(idx):         # the step's budget ran out: the rest again
+                    again.insert(0, idx[done:])
+                    self._fit[op] = (fit + done) / 2
+                elif len(idx) == size:      # it might have done more
+                    self._fit[op] = max(fit, done)
+        except (ConnectionError, OSError) as e:
+            self._drop_connection()
+            if isinstance(e, socket_timeout):
+                raise HVCtlError(f"the hypervisor did not answer {op} in time", 110, "ETIMEDOUT") from None
+            self.gone = f"the hypervisor closed the connection during {op}"
+            raise NoHypervisor(self.gone) from None
+        except BaseException:
+            self._drop_connection()         # answers may still be on their way
+            raise
 
     def nr_saved_mfns(self) -> int:
         return int(self._request(self.client.info)["nr_saved_mfns"])
-
-    def last_work_ms(self) -> float | None:
-        """The hypervisor's own time for the work of the last
-        nominate_many or share_many request (its answer's ``work_ms``)."""
-        return getattr(self.client, "last_work_ms", None)
 
     def max_pause_ms(self) -> float:
         return float(self._request(self.client.info)["max_pause_ms"])
@@ -442,8 +581,14 @@ class SocketBackend:
         return {"max_pause_ms": i["max_pause_ms"], "histogram": i.get("pause_histogram", []),
                 "by_op": i.get("pause_by_op", {})}
 
+    def release(self) -> None:
+        """Close the batch requests' connection (a later request opens it
+        again); :meth:`Scanner.close` calls this."""
+        self._drop_connection()
+
     def close(self) -> None:
-        """Close the connection if this backend opened it."""
+        """Close the batch connection, and the client if this backend opened it."""
+        self.release()
         if self._own:
             self.client.close()
 
@@ -672,14 +817,11 @@ class Scanner:
                 "full_scans", "pages_scanned", "pages_merged", "pages_skipped", "passes")
 
     def __init__(self, backend: Backend, *, batch_pages: int = BATCH_PAGES,
-                 round_pages: int = ROUND_PAGES, skip_volatile: bool = True,
-                 step_target_ms: float | None = STEP_TARGET_MS):
+                 round_pages: int = ROUND_PAGES, skip_volatile: bool = True):
         if batch_pages < 1:
             raise ValueError("batch_pages must be at least 1")
         self.backend = backend
         self.batch_pages = int(batch_pages)
-        self.step_target_ms = step_target_ms
-        self._size: dict[str, int] = {}     # adaptive request sizes, by kind
         self.round_pages = max(int(round_pages), self.batch_pages)
         self.skip_volatile = skip_volatile
         self.after_nominate: Callable[[Batch], None] | None = None
@@ -695,8 +837,6 @@ class Scanner:
         self._doms: dict[int, _Domain] = {}
         self._cursor: tuple[int, int] | None = None     # watch mode: (domid, gfn)
         self._stop: threading.Event | None = None       # watch mode's stop event
-        self._requests = 0
-        self._max_request = 0.0
 
     # -- domains ---------------------------------------------------------
     def _refresh(self) -> list[_Domain]:
@@ -722,32 +862,6 @@ class Scanner:
         for st in doms:
             st.typ, st.mfn = _snapshot(st.view)
         return doms
-
-    # -- backend calls, timed ------------------------------------------
-    def _resize(self, kind: str, n: int, base: int) -> None:
-        """Size the next request of ``kind`` by the hypervisor's time for
-        the last one (``n`` items), if the backend reports it and a
-        ``step_target_ms`` is set; within [base / 4, base * MAX_BATCH_FACTOR]."""
-        last = getattr(self.backend, "last_work_ms", None)
-        ms = last() if callable(last) and self.step_target_ms else None
-        if ms is None:
-            return
-        cur = self._size.get(kind, base)
-        if n < cur:                 # the end of a run: says little
-            return
-        # a request has a fixed cost: below the target grow by half, above
-        # it shrink in proportion
-        want = cur * 1.5 if ms < self.step_target_ms else n * self.step_target_ms / ms
-        self._size[kind] = int(min(max(want, base / 4, 1), base * MAX_BATCH_FACTOR))
-
-    def _call(self, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            dt = time.perf_counter() - t0
-            self._requests += 1
-            self._max_request = max(self._max_request, dt)
 
     # -- phases 1-4: snapshot, hash, group ------------------------------
     def plan(self, domids: Iterable[int] | None = None, *,
@@ -901,7 +1015,8 @@ class Scanner:
     def execute(self, plan: Plan) -> PassResult:
         """Nominate, verify and share every round of ``plan``."""
         t0 = time.perf_counter()
-        self._requests, self._max_request = 0, 0.0
+        be = self.backend
+        requests0, be.max_request_s = be.requests, 0.0
         merged = skipped = mismatched = unmatched = rounds = 0
         for batch in plan.batches:
             if self._stop is not None and self._stop.is_set():
@@ -932,8 +1047,8 @@ class Scanner:
         return PassResult(
             scanned=plan.scanned, zero=plan.zero, merged=merged, volatile=plan.volatile,
             skipped=skipped, mismatched=mismatched, unmatched=plan.unmatched + unmatched,
-            batches=rounds, requests=self._requests,
-            max_request_ms=round(self._max_request * 1e3, 3),
+            batches=rounds, requests=be.requests - requests0,
+            max_request_ms=round(be.max_request_s * 1e3, 3),
             seconds=time.perf_counter() - plan.started, nr_saved_mfns=saved,
             saved_delta=saved - plan.nr_saved_before, full_scan=full,
             phase_seconds={**plan.phase_seconds, "merge": t1 - t0},
@@ -959,13 +1074,8 @@ class Scanner:
         typ = np.zeros(len(pages), dtype=np.uint8)
         mfn = np.zeros(len(pages), dtype=np.int64)
         for domid in np.unique(p_d).tolist():
-            whole = np.nonzero(p_d == domid)[0]
-            lo = 0
-            while lo < len(whole):
-                sel = whole[lo:lo + self._size.get("nominate", nstep)]
-                lo += len(sel)
-                handle[sel], code[sel] = self._call(self.backend.nominate_many, domid, p_g[sel])
-                self._resize("nominate", len(sel), nstep)
+            sel = np.nonzero(p_d == domid)[0]
+            handle[sel], code[sel] = self.backend.nominate_many(domid, p_g[sel], nstep)
         if self.after_nominate:
             self.after_nominate(b)
         # b. where each page is now; a page not ram_shared lost its handle
@@ -996,22 +1106,20 @@ class Scanner:
         #    members of one source together: the hypervisor's cost of a
         #    share is mostly per frame touched, so a request naming each
         #    source frame once is cheaper than one grouped by domains
-        order = np.lexsort((p_d[pc], ps))
+        order = np.lexsort((ps, p_d[pc]))
         ps, pc = ps[order], pc[order]
         merged = failed = 0
         written = (code == 0) & (typ != RAM_SHARED)     # CoW-faulted since nominate
         if len(ps):
             if self.before_share:
                 self.before_share(b)
-            out, lo = [], 0
-            while lo < len(ps):
-                n = self._size.get("share", step)
-                s_, c_ = ps[lo:lo + n], pc[lo:lo + n]
-                lo += len(s_)
-                out.append(self._call(self.backend.share_many, p_d[s_], p_g[s_], handle[s_],
-                                      p_d[c_], p_g[c_], handle[c_]))
-                self._resize("share", len(s_), step)
-            codes = np.concatenate(out)
+            # one call per client domain: its requests name few domains
+            codes = np.empty(len(ps), dtype=np.int64)
+            cut = np.flatnonzero(np.diff(p_d[pc])) + 1
+            for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(ps)]):
+                s_, c_ = ps[lo:hi], pc[lo:hi]
+                codes[lo:hi] = self.backend.share_many(p_d[s_], p_g[s_], handle[s_], p_d[c_],
+                                                       p_g[c_], handle[c_], step)
             merged = int((codes == 0).sum())
             failed = len(codes) - merged
             # the side whose handle went stale was written
@@ -1132,7 +1240,11 @@ class Scanner:
 
     # -- clean-up ----------------------------------------------------------
     def close(self) -> None:
-        """Unmap the pool and every p2m."""
+        """Unmap the pool and every p2m; release the backend's own
+        resources for batch requests (``release()``, if it has one)."""
+        release = getattr(self.backend, "release", None)
+        if callable(release):
+            release()
         for st in self._doms.values():
             st.view.close()
         self._doms.clear()

@@ -201,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"ksmd's is 0.02)")
     x.add_argument("--batch", type=_count("batch"), default=dedup.BATCH_PAGES, metavar="PAGES",
                    help=f"most page pairs per share request, {dedup.NOMINATE_FACTOR}x as many pages "
-                        f"per nominate request (default {dedup.BATCH_PAGES}: keeps the hypervisor's "
-                        f"step per request under about 1 ms; bigger merges faster and holds the "
-                        f"hypervisor longer)")
+                        f"per nominate request (default {dedup.BATCH_PAGES}); the hypervisor ends "
+                        f"each step when its budget ({dedup.STEP_BUDGET_MS:g} ms of work) is spent "
+                        f"and the scanner sends the rest, so this only caps a request's size")
     e = cmd("events", "stream the sharing event ring: one JSON object per line",
             "Subscribe to the hypervisor's sharing event ring and print each event as one\n"
             "JSON object per line, until Ctrl-C or the hypervisor's end (exit status 1).\n\n"

@@ -82,20 +82,24 @@ def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) 
     already-destroyed domain raises :class:`tools.api.HVCtlError` (ESRCH)
     before anything is done.
 
-    The first request goes alone; after it, :data:`AHEAD` more requests are
-    kept queued on a connection of the controller's own (topped up in one
-    write), so the hypervisor finds the next step waiting when it finishes
-    one instead of idling for a round trip (on a busy machine, for the
-    controller to be scheduled). The step that ends the teardown leaves
+    The first request goes alone and gets the full answer; after it,
+    :data:`AHEAD` more requests are kept queued on a connection of the
+    controller's own (topped up in one write), so the hypervisor finds the
+    next step waiting when it finishes one instead of idling for a round
+    trip (on a busy machine, for the controller to be scheduled). Those
+    are ``brief``: a restart carries only what changes between steps, and
+    ``progress`` gets it merged into the answer before (the final answer
+    is complete). The step that ends the teardown leaves
     those extra requests to fail with "already destroyed", which is
     expected and ignored. Others wait at most one chunk longer for it: a
     step yields after its chunk when a guest or another client is waiting,
     and the hypervisor serves them before this connection's next request.
     """
-    from .api import NoHypervisor, _Channel
+    from .api import NoHypervisor
     t0 = time.perf_counter()
-    sock = _Channel(client.socket_path, None, "hypervisor")._connect()
-    request = b"".join(bytes(x) for x in P.frame({"op": "destroy", "domid": domid}))
+    sock = client.open_connection(wait=True)
+    first = b"".join(bytes(x) for x in P.frame({"op": "destroy", "domid": domid}))
+    request = b"".join(bytes(x) for x in P.frame({"op": "destroy", "domid": domid, "brief": True}))
     answers = _Answers(sock)
     inflight = 0
 
@@ -120,7 +124,8 @@ def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) 
             inflight += k
 
     try:
-        send(1)
+        sock.sendall(first)
+        inflight = 1
         last = answer()
         resumed = last["resumed"]
         while True:
@@ -130,7 +135,9 @@ def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) 
                 break
             send(1 + AHEAD - inflight)
             try:
-                last = answer()
+                # a brief restart: only what changed since the last answer
+                a = answer()
+                last = a if a["done"] else dict(last, **a)
             except HVCtlError as e:
                 if e.code != ESRCH:
                     raise

@@ -13,31 +13,52 @@ is ~256x better than the list at high degree, not O(1).
 The nodes are the list policy's: C-like structs in a ``NodeArena`` shared
 by all frames (see ``arena.py``), walked by the same ``find``, so a bucket
 costs the same per node visited as a list although its consecutive nodes
-were allocated ~256 adds apart. A frame keeps its chain heads in ``heads``:
-an int32 array of 1 (list) or 256 (the table: 1 KiB here, a 4 KiB page of
-list heads in Xen).
+were allocated ~256 adds apart.
+
+Per-frame state is flat too, as Xen keeps it in ``struct page_info``: one
+int32 ``array.array`` per field, indexed by mfn (``nframes`` long, never
+resized, so each also has a permanent numpy view for the batch paths):
+
+- ``_head[m]``: a list frame's first node (-1: empty), or for a hashed
+  frame ``-2 - t``, its table ``t`` (``_hashed``, ``_table``): the sign
+  tells list from hash, so an add or a lookup reads one slot to find its
+  chain;
+- ``_count[m]``: the number of entries;
+- ``_walkers[m]``: ``entries`` walks active on the frame.
+
+Few frames are hashed, so their tables live apart, in one pool
+``_buckets``: table ``t`` is the 256 bucket heads at ``[256 t, 256 t + 256)``
+(1 KiB here, a 4 KiB page of list heads in Xen). Released tables are
+reused (``_free_tables``, last freed first); once none is in use the pool
+gives its memory back down to ``_KEEP_TABLES``. The pool grows in place,
+so only transient numpy views of it are taken (a view pins its size).
 
 Invariants:
-- ``heads`` has 1 element (list) or 256 (hash); a node lives in bucket
-  ``(gfn + domid) % 256`` of a hash, in ``heads[0]`` of a list;
-- every bucket is a proper doubly linked list (``prv[head] == -1``,
-  ``prv[nxt[n]] == n``) and ``count`` is the total number of nodes;
-- ``heads`` is never replaced while ``walkers > 0`` (an ``entries`` walk
-  holds it): conversions due then are skipped, not deferred, as in Xen;
+- a frame is a list (``_head[m] >= -1``: its one chain starts there) or a
+  hash (``_head[m] <= -2``: a node lives in bucket ``(gfn + domid) % 256``
+  of its table), no two frames share a table, and ``_tables`` is the
+  number of hashed frames;
+- every chain is a proper doubly linked list (``prv[head] == -1``,
+  ``prv[nxt[n]] == n``) and ``_count[m]`` is the total number of nodes of
+  frame ``m``: ``_head[m] == -1`` means an empty list, the released state;
+- a frame's representation never changes while ``_walkers[m] > 0`` (a walk
+  holds its chains): conversions due then are skipped, not deferred, as
+  in Xen;
 - if ``table_alloc`` refuses the table the rmap stays a list (the next add
-  tries again), exactly like Xen on ``-ENOMEM``.
+  tries again), exactly like Xen on ``-ENOMEM``;
+- ``release`` puts the frame back in the released state (the walkers count
+  belongs to the walks, not the frame: it is left alone).
 
 Batches: ``add_many`` pushes a whole batch into the chains with numpy
-(head insertion needs no search), stopping only at an add that converts;
-``move_singles`` (a batch of shares) relinks each one-entry frame's node
-into its new frame, as Xen moves the ``gfn_info``. A released frame's
-state (its ``_Frame`` and head array) is kept, up to ``_SPARE_FRAMES``, for
-the next new frame: a dedup pass makes (nominate) about as many frames as
-it frees (share), and making one costs more than the rest of its add.
+(head insertion needs no search, ``NodeArena.push_many``), stopping only
+at an add that converts; ``move_singles`` (a batch of shares) relinks each
+one-entry frame's node into its new frame, as Xen moves the ``gfn_info``;
+``release_many`` touches only the frames that still hold something. None of
+them makes a Python object per frame: a batch's fixed cost bounds how many
+pages fit in one hypervisor step of a dedup pass.
 """
 from __future__ import annotations
 
-import sys
 from array import array
 from typing import Callable, Iterator
 
@@ -49,19 +70,31 @@ from .base import Rmap
 RMAP_HEAVY_SHARED_PAGE = 256   # add at this count converts list -> hash
 RMAP_LIGHT_SHARED_PAGE = 64    # remove leaving this count converts hash -> list
 RMAP_HASHTAB_SIZE = 256        # buckets per table (one 4 KiB page in Xen)
-_SPARE_FRAMES = 8192           # released frame states kept for reuse
+_KEEP_TABLES = 16              # tables the pool keeps once none is in use
+
+_B = RMAP_HASHTAB_SIZE
+_EMPTY_TABLE = array("i", [-1]) * _B
 
 
-_NONE = array("i", [-1])
+def _int32s(k: int, fill: int) -> array:
+    return array("i", [fill]) * k
 
 
-def _heads(k: int) -> array:
-    return _NONE * k
+def _hashed(t):
+    """The ``_head`` of a frame hashed in table ``t`` (<= -2)."""
+    return -2 - t
 
 
-def _group(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``np.unique(m, return_inverse=True, return_counts=True)``, by one
-    sort (several times faster on a few hundred values)."""
+def _table(h):
+    """The table of a hashed frame whose ``_head`` is ``h`` (ints or arrays)."""
+    return -2 - h
+
+
+def _group(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A batch's frames: ``(frames, inv, sizes, order)``, the distinct
+    frames sorted, each entry's index in ``frames``, entries per frame, and
+    the stable sort of ``m``. One sort: ``np.unique`` with inverse and
+    counts costs several times more."""
     k = len(m)
     order = np.argsort(m, kind="stable")
     ms = m[order]
@@ -71,22 +104,23 @@ def _group(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     inv = np.empty(k, dtype=np.int64)
     inv[order] = np.cumsum(first) - 1
     starts = np.flatnonzero(first)
-    return ms[starts], inv, np.diff(np.append(starts, k))
+    return ms[starts], inv, np.diff(np.append(starts, k)), order
 
 
-class _Frame:
-    """Per-frame state: bucket heads, entry count, active walks."""
-
-    __slots__ = ("heads", "count", "walkers")
-
-    def __init__(self) -> None:
-        self.heads = _heads(1)
-        self.count = 0
-        self.walkers = 0
+def _distinct(m: np.ndarray) -> bool:
+    """Whether no frame appears twice in ``m`` (no sort when in mfn order)."""
+    if len(m) < 2 or (m[1:] > m[:-1]).all():
+        return True
+    s = np.sort(m)
+    return bool((s[1:] != s[:-1]).all())
 
 
-_FRAME_BYTES = sys.getsizeof(_Frame()) + sys.getsizeof(_heads(1))
-_TABLE_BYTES = sys.getsizeof(_heads(RMAP_HASHTAB_SIZE)) - sys.getsizeof(_heads(1))
+def _rank(sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Each entry's rank among the batch's entries to its frame, in order
+    (``sizes``, ``order``: from ``_group``)."""
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return rank
 
 
 class BucketsRmap(Rmap):
@@ -98,46 +132,86 @@ class BucketsRmap(Rmap):
         super().__init__(nframes)
         # Asked before each list -> hash conversion; False = allocation failed.
         self.table_alloc = table_alloc
-        self._frames: dict[int, _Frame] = {}
         self._arena = NodeArena()
+        self._head = _int32s(nframes, -1)
+        self._count = _int32s(nframes, 0)
+        self._walkers = _int32s(nframes, 0)
+        self._headv, self._countv, self._walkersv = (
+            np.frombuffer(a, dtype=np.int32) for a in (self._head, self._count, self._walkers))
+        self._buckets = array("i")          # the tables' bucket heads
+        self._free_tables: list[int] = []
         self._tables = 0
-        self._spare: list[_Frame] = []     # released frames, for reuse
+
+    # -- tables -------------------------------------------------------------
+    def _new_table(self) -> int:
+        """A table number, its 256 buckets empty."""
+        pool, free = self._buckets, self._free_tables
+        if free:
+            t = free.pop()
+            pool[t * _B:(t + 1) * _B] = _EMPTY_TABLE
+        else:
+            t = len(pool) // _B
+            pool.extend(_EMPTY_TABLE)
+        self._tables += 1
+        return t
+
+    def _free_table(self, t: int) -> None:
+        self._free_tables.append(t)
+        self._tables -= 1
+        if not self._tables and len(self._buckets) > _KEEP_TABLES * _B:
+            del self._buckets[_KEEP_TABLES * _B:]
+            self._free_tables = list(range(_KEEP_TABLES - 1, -1, -1))
 
     # -- conversions --------------------------------------------------------
-    def _to_hash(self, f: _Frame) -> None:
-        a, table = self._arena, _heads(RMAP_HASHTAB_SIZE)
+    def _to_hash(self, mfn: int) -> None:
+        a, pool = self._arena, self._buckets
+        t = self._new_table()
+        o = t * _B
         # Walk the list from the head, head-inserting each node in its bucket.
-        for n in a.nodes(f.heads[0]):
-            b = (a.gfn[n] + a.dom[n]) % RMAP_HASHTAB_SIZE
-            a.link(table[b], n)
-            table[b] = n
-        f.heads = table
-        self._tables += 1
+        for n in a.nodes(self._head[mfn]):
+            b = o + (a.gfn[n] + a.dom[n]) % _B
+            a.link(pool[b], n)
+            pool[b] = n
+        self._head[mfn] = _hashed(t)
 
-    def _to_list(self, f: _Frame) -> None:
-        a, single = self._arena, _heads(1)
+    def _to_list(self, mfn: int) -> None:
+        a, pool = self._arena, self._buckets
+        t, head = _table(self._head[mfn]), -1
         # Bucket by bucket, each from its head, head-inserting into one list.
-        for h in f.heads:
-            for n in a.nodes(h):
-                a.link(single[0], n)
-                single[0] = n
-        f.heads = single
-        self._tables -= 1
+        for b in range(t * _B, (t + 1) * _B):
+            for n in a.nodes(pool[b]):
+                a.link(head, n)
+                head = n
+        self._head[mfn] = head
+        self._free_table(t)
+
+    def _converts(self, mfn: int) -> bool:
+        """Whether an add to ``mfn`` now would convert it (Xen's check)."""
+        return (self._head[mfn] >= -1 and self._count[mfn] >= RMAP_HEAVY_SHARED_PAGE
+                and not self._walkers[mfn])
 
     # -- accessors ----------------------------------------------------------
+    # The per-entry paths of the benchmarks: ``_table`` is inlined and each
+    # slot read once (an array subscript costs tens of ns, as much as the
+    # dict and object lookups it replaced).
     def add(self, mfn: int, domid: int, gfn: int) -> None:
-        f = self._frames.get(mfn)
-        if f is None:
+        head = self._head
+        h = head[mfn]
+        if h < -1:                      # a hash: no conversion to check
+            pool, b = self._buckets, (-2 - h) * _B + (gfn + domid) % _B
+            pool[b] = self._arena.push(pool[b], domid, gfn)
+            self._count[mfn] += 1
+            return
+        count = self._count
+        c = count[mfn]
+        if c >= RMAP_HEAVY_SHARED_PAGE and not self._walkers[mfn]:
             check_key(domid, gfn)  # a refused pair changes nothing
-            f = self._frames[mfn] = self._new_frames([mfn])[0]
-        if len(f.heads) == 1 and f.count >= RMAP_HEAVY_SHARED_PAGE and not f.walkers:
-            check_key(domid, gfn)
             if self.table_alloc is None or self.table_alloc():
-                self._to_hash(f)
-        heads = f.heads
-        b = (gfn + domid) % RMAP_HASHTAB_SIZE if len(heads) > 1 else 0
-        heads[b] = self._arena.push(heads[b], domid, gfn)
-        f.count += 1
+                self._to_hash(mfn)
+                self.add(mfn, domid, gfn)
+                return
+        head[mfn] = self._arena.push(h, domid, gfn)
+        count[mfn] = c + 1
 
     def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
         """``add`` of every entry, in order, with numpy.
@@ -172,223 +246,225 @@ class BucketsRmap(Rmap):
     def move_singles(self, srcs: np.ndarray, dsts: np.ndarray, domids: np.ndarray,
                      gfns: np.ndarray) -> None:
         """Each node is unlinked from its frame and linked into its new one
-        (Xen moves the ``gfn_info``: rmap_del then rmap_add), batched."""
+        (Xen moves the ``gfn_info``: rmap_del then rmap_add), batched: a
+        source that is a one-entry list holds its node as its head."""
         srcs = np.asarray(srcs, dtype=np.int64).ravel()
         d = np.asarray(domids, dtype=np.int64).ravel()
         g = np.asarray(gfns, dtype=np.int64).ravel()
-        sl = srcs.tolist()
-        frames = self._frames
-        fl = list(map(frames.get, sl))
-        nodes = np.array([f.heads[0] if f is not None and f.count == 1 and len(f.heads) == 1
-                          and not f.walkers else -1 for f in fl], dtype=np.int64)
+        if len(srcs) == 0:
+            return
         a = self._arena
-        if len(nodes) == 0 or nodes.min() < 0 or len(set(sl)) < len(sl) or not (
-                (np.frombuffer(a.dom, dtype=np.uint16)[nodes] == d).all()
-                and (np.frombuffer(a.gfn, dtype=np.int32)[nodes] == g).all()):
+        nodes = self._headv[srcs]       # a node: a list (hashed: <= -2, empty: -1)
+        if not (nodes.min() >= 0 and (self._countv[srcs] == 1).all()
+                and not self._walkersv[srcs].any() and _distinct(srcs)
+                and (np.frombuffer(a.gfn, dtype=np.int32)[nodes] == g).all()
+                and (np.frombuffer(a.dom, dtype=np.uint16)[nodes] == d).all()):
             super().move_singles(srcs, dsts, d, g)
             return
-        for m in sl:
-            del frames[m]
-        # kept for reuse as they are: _new_frames and add() reset them
-        self._spare += fl[:max(0, _SPARE_FRAMES - len(self._spare))]
+        self._headv[srcs] = -1          # released: their nodes move
+        self._countv[srcs] = 0
         self._link_many(np.asarray(dsts, dtype=np.int64).ravel(), d, g, nodes)
 
     def _push_until_conversion(self, m: np.ndarray, d: np.ndarray, g: np.ndarray,
                                nodes: np.ndarray | None) -> int:
         """Push entries (new nodes, or ``nodes``) up to the first one whose
         add would convert its frame to a hash: returns its index (not
-        pushed), or -1 if all were pushed."""
+        pushed), or -1 if all were pushed.
+
+        The batches of a dedup pass take short paths (a batch's fixed cost
+        bounds how many pages fit in one hypervisor step): one entry for
+        each of distinct frames in mfn order (nominate, shares into
+        distinct sources), every entry into one frame (identical pages)."""
         k = len(m)
         if k == 0:
             return -1
         if k == 1 and nodes is None:
-            f = self._frames.get(int(m[0]))
-            if f is not None and len(f.heads) == 1 and f.count >= RMAP_HEAVY_SHARED_PAGE \
-                    and not f.walkers:
+            if self._converts(int(m[0])):
                 return 0
             self.add(int(m[0]), int(d[0]), int(g[0]))
             return -1
-        frames = self._frames
-        ml = m.tolist()
-        fl = list(map(frames.get, ml))
-        if fl.count(None) == k and len(set(ml)) == k:
-            # k new frames, one entry each (nominate): no conversion possible
-            heads = self._arena.push_many(d, g, None, np.full(k, -1, dtype=np.int64), nodes)
-            for f, h in zip(self._new_frames(ml, reset=False), heads.tolist()):
-                f.heads[0] = h
-                f.count = 1
-            return -1
-        if ml.count(ml[0]) == k:
-            fr, inv, added = m[:1], np.zeros(k, dtype=np.int64), np.array([k])
-            fl = fl[:1]
+        m0 = int(m[0])
+        if m0 == m[-1] and not np.count_nonzero(m != m0):
+            return self._push_one_frame(m0, d, g, nodes)
+        conv = None
+        if (m[1:] > m[:-1]).all():
+            # distinct frames, one entry each: entry i finds its own count
+            frames, heads, counts = m, self._headv[m], self._countv[m]
+            if (counts >= RMAP_HEAVY_SHARED_PAGE).any():
+                conv = ((heads >= -1) & (counts >= RMAP_HEAVY_SHARED_PAGE)
+                        & (self._walkersv[m] == 0))
+            elif heads.min() >= -1:     # lists only: entry i in front of list i
+                self._headv[m] = self._arena.push_many(d, g, None, heads, nodes)
+                self._countv[m] += 1
+                return -1
+            inv, sizes = np.arange(k), np.ones(k, dtype=np.int64)
         else:
-            fr, inv, added = _group(m)
-            fl = list(map(frames.get, fr.tolist()))
-        new = [i for i, f in enumerate(fl) if f is None]
-        if len(new) == len(fl):
-            counts = np.zeros(len(fl), dtype=np.int64)
-            hashed = pinned = np.zeros(len(fl), dtype=bool)
-        else:
-            info = np.array([(0, 1, 0) if f is None else (f.count, len(f.heads), f.walkers)
-                             for f in fl], dtype=np.int64).reshape(-1, 3)
-            counts, hashed, pinned = info[:, 0], info[:, 1] > 1, info[:, 2] > 0
-        if (counts + added).max() > RMAP_HEAVY_SHARED_PAGE and not hashed.all():
-            # entry j of a list frame (its rank among the batch's adds to
-            # that frame) finds the count at counts + j; a walk pins it
-            order = np.argsort(inv, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(added)[:-1]])
-            rank = np.empty(k, dtype=np.int64)
-            rank[order] = np.arange(k) - np.repeat(starts, added)
-            conv = ~hashed[inv] & ~pinned[inv] & (counts[inv] + rank >= RMAP_HEAVY_SHARED_PAGE)
-            if conv.any():
-                t = int(conv.argmax())
-                if t > 0:           # the entries before it convert nothing
-                    self._push_until_conversion(m[:t], d[:t], g[:t],
-                                                None if nodes is None else nodes[:t])
-                return t
-        if new:
-            for i, f in zip(new, self._new_frames(fr[new].tolist())):
-                fl[i] = f
-        # every chain's head in one array: a list frame has one chain, a
-        # hash frame 256 (its buckets), at offset[frame]
-        nh = np.where(hashed, RMAP_HASHTAB_SIZE, 1)
-        offset = np.cumsum(nh) - nh
-        chain = offset[inv]
-        if hashed.any():
-            chain += np.where(hashed[inv], (g + d) % RMAP_HASHTAB_SIZE, 0)
-            old = np.empty(int(nh.sum()), dtype=np.int64)
-            tables = []
-            for i in np.nonzero(hashed)[0].tolist():
-                view = np.frombuffer(fl[i].heads, dtype=np.int32)
-                o = int(offset[i])
-                old[o:o + RMAP_HASHTAB_SIZE] = view
-                tables.append((o, view))
-            lists = np.nonzero(~hashed)[0]
-            lf = [fl[i] for i in lists.tolist()]
-            old[offset[lists]] = [f.heads[0] for f in lf]
-            heads = self._arena.push_many(d, g, chain, old, nodes)
-            for o, view in tables:
-                view[:] = heads[o:o + RMAP_HASHTAB_SIZE]
-            lh = heads[offset[lists]].tolist()
-        else:
-            lf = fl
-            lh = self._arena.push_many(d, g, chain, [f.heads[0] for f in fl], nodes).tolist()
-        for f, h in zip(lf, lh):
-            f.heads[0] = h
-        for f, c in zip(fl, added.tolist()):
-            f.count += c
+            frames, inv, sizes, order = _group(m)
+            heads, counts = self._headv[frames], self._countv[frames]
+            lists = heads >= -1
+            if (lists & (counts + sizes > RMAP_HEAVY_SHARED_PAGE)).any():
+                # entry j of a list frame (its rank among the batch's adds to
+                # that frame) finds the count at counts + j; a walk pins it
+                base = np.where(lists & (self._walkersv[frames] == 0), counts, -k - _B)
+                conv = base[inv] + _rank(sizes, order) >= RMAP_HEAVY_SHARED_PAGE
+        if conv is not None and conv.any():
+            t = int(conv.argmax())
+            if t > 0:               # the entries before it convert nothing
+                self._push_until_conversion(m[:t], d[:t], g[:t],
+                                            None if nodes is None else nodes[:t])
+            return t
+        self._push_chains(frames, inv, sizes, heads, d, g, nodes)
         return -1
 
+    def _push_one_frame(self, mfn: int, d: np.ndarray, g: np.ndarray,
+                        nodes: np.ndarray | None) -> int:
+        """``_push_until_conversion`` of entries all to frame ``mfn``."""
+        k, h, c = len(d), self._head[mfn], self._count[mfn]
+        if h < -1:
+            # a hashed frame: its 256 buckets are the chains
+            t = _table(h)
+            view = np.frombuffer(self._buckets, dtype=np.int32)[t * _B:(t + 1) * _B]
+            view[:] = self._arena.push_many(d, g, (g + d) % _B, view, nodes)
+        elif c + k > RMAP_HEAVY_SHARED_PAGE and not self._walkers[mfn]:
+            t = max(RMAP_HEAVY_SHARED_PAGE - c, 0)      # the add that finds 256
+            if t > 0:
+                self._push_one_frame(mfn, d[:t], g[:t], None if nodes is None else nodes[:t])
+            return t
+        else:
+            self._head[mfn] = int(self._arena.push_many(d, g, np.zeros(k, dtype=np.int64),
+                                                        [h], nodes)[0])
+        self._count[mfn] = c + k
+        return -1
+
+    def _push_chains(self, frames: np.ndarray, inv: np.ndarray, sizes: np.ndarray,
+                     heads: np.ndarray, d: np.ndarray, g: np.ndarray,
+                     nodes: np.ndarray | None) -> None:
+        """Push entry i in front of its chain in frame ``frames[inv[i]]``
+        (``heads``: the frames' ``_head``; no frame converts): one batch
+        over every chain's head."""
+        lists = heads >= -1
+        push = self._arena.push_many
+        if lists.all():
+            self._headv[frames] = push(d, g, inv, heads, nodes)
+            self._countv[frames] += sizes
+            return
+        # every chain's head in one array: a list frame has one chain, a
+        # hashed frame 256 (its buckets), from offset[frame]
+        nh = np.where(lists, 1, _B)
+        offset = np.cumsum(nh) - nh
+        chain = offset[inv] + np.where(lists[inv], 0, (g + d) % _B)
+        hashed = np.flatnonzero(~lists)
+        slots = (_table(heads[hashed]) * _B)[:, None] + np.arange(_B)  # in the pool
+        at = offset[hashed][:, None] + np.arange(_B)                    # in chains
+        li = np.flatnonzero(lists)
+        pool = np.frombuffer(self._buckets, dtype=np.int32)
+        chains = np.empty(int(nh.sum()), dtype=np.int64)
+        chains[at] = pool[slots]
+        chains[offset[li]] = heads[li]
+        chains = push(d, g, chain, chains, nodes)
+        pool[slots] = chains[at]
+        self._headv[frames[li]] = chains[offset[li]]
+        self._countv[frames] += sizes
+
     def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
-        f = self._frames.get(mfn)
-        if f is None:
-            raise KeyError((mfn, domid, gfn))
-        heads, a = f.heads, self._arena
-        b = (gfn + domid) % RMAP_HASHTAB_SIZE if len(heads) > 1 else 0
-        n = a.find(heads[b], domid, gfn)  # scans one bucket
+        a, hd = self._arena, self._head[mfn]
+        if hd >= -1:
+            heads, b, h = self._head, mfn, hd
+        else:
+            heads, b = self._buckets, (-2 - hd) * _B + (gfn + domid) % _B
+            h = heads[b]
+        n = a.find(h, domid, gfn)  # scans one bucket
         if n < 0:
             raise KeyError((mfn, domid, gfn))
         x = a.drop(n)
         if x != -2:
             heads[b] = x
-        f.count -= 1
-        if (convert and len(heads) > 1 and f.count <= RMAP_LIGHT_SHARED_PAGE
-                and not f.walkers):
-            self._to_list(f)
+        count = self._count
+        c = count[mfn] - 1
+        count[mfn] = c
+        if c <= RMAP_LIGHT_SHARED_PAGE and hd < -1 and convert and not self._walkers[mfn]:
+            self._to_list(mfn)
 
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
-        f = self._frames.get(mfn)
-        if f is None:
-            return False
-        heads = f.heads
-        b = (gfn + domid) % RMAP_HASHTAB_SIZE if len(heads) > 1 else 0
-        return self._arena.find(heads[b], domid, gfn) >= 0
+        h = self._head[mfn]
+        if h < -1:
+            h = self._buckets[(-2 - h) * _B + (gfn + domid) % _B]
+        return self._arena.find(h, domid, gfn) >= 0
 
     def count(self, mfn: int) -> int:
-        f = self._frames.get(mfn)
-        return f.count if f is not None else 0
+        return self._count[mfn]
+
+    def heads(self, mfn: int) -> list[int]:
+        """The frame's chain heads: one (a list) or 256 (its buckets)."""
+        h = self._head[mfn]
+        if h >= -1:
+            return [h]
+        t = _table(h)
+        return self._buckets[t * _B:(t + 1) * _B].tolist()
 
     def entries(self, mfn: int) -> Iterator[tuple[int, int]]:
-        f = self._frames.get(mfn)
-        if f is None:
-            return
-        f.walkers += 1  # pins the representation until the walk ends
+        walkers = self._walkers
+        walkers[mfn] += 1  # pins the representation until the walk ends
         try:
-            chain = self._arena.chain
-            for h in f.heads:
+            chain, h = self._arena.chain, self._head[mfn]
+            if h >= -1:
                 yield from chain(h)
+            else:
+                pool, t = self._buckets, _table(h)  # the pool grows in place: stays valid
+                for b in range(t * _B, (t + 1) * _B):
+                    yield from chain(pool[b])
         finally:
-            f.walkers -= 1
+            walkers[mfn] -= 1
 
     def release(self, mfn: int) -> None:
-        f = self._frames.pop(mfn, None)
-        if f is not None:
-            self._drop_frame(f)
-
-    def release_many(self, mfns: np.ndarray) -> None:
-        pop, drop = self._frames.pop, self._drop_frame
-        for f in [pop(m, None) for m in np.asarray(mfns).tolist()]:
-            if f is not None:
-                drop(f)
-
-    def _drop_frame(self, f: _Frame) -> None:
-        if len(f.heads) > 1:
-            self._tables -= 1
-        if f.count:
+        if self._count[mfn]:
             # Normally empty; free whatever is left.
             a = self._arena
-            for h in f.heads:
+            for h in self.heads(mfn):
                 for n in a.nodes(h):
                     a.release(n)
-        self._recycle(f)
+            self._count[mfn] = 0
+        h = self._head[mfn]
+        self._head[mfn] = -1
+        if h < -1:
+            self._free_table(_table(h))
 
-    def _recycle(self, f: _Frame) -> None:
-        """Keep a released frame's state for a later new frame: a dedup pass
-        frees (share) about as many frames as it makes (nominate)."""
-        if f.walkers or len(self._spare) >= _SPARE_FRAMES:
-            return                  # a walk still holds it: let it go
-        if len(f.heads) > 1:
-            f.heads = _heads(1)
-        self._spare.append(f)
-
-    def _new_frames(self, mfns: list, reset: bool = True) -> list:
-        """Frames for ``mfns`` (not yet in the map), recycled first; empty,
-        or with ``reset=False`` with head and count for the caller to set."""
-        spare, k = self._spare, len(mfns)
-        take = min(k, len(spare))
-        fl = spare[len(spare) - take:]
-        del spare[len(spare) - take:]
-        if reset:
-            for f in fl:
-                f.heads[0] = -1
-                f.count = 0
-        fl += [_Frame() for _ in range(k - take)]
-        self._frames.update(zip(mfns, fl))
-        return fl
+    def release_many(self, mfns: np.ndarray) -> None:
+        """``release`` of the frames that hold anything (a node or a table):
+        an empty list frame is already in its released state."""
+        m = np.asarray(mfns, dtype=np.int64).ravel()
+        for mfn in m[self._headv[m] != -1].tolist():
+            self.release(mfn)
 
     def representation(self, mfn: int) -> str:
-        f = self._frames.get(mfn)
-        return "hash" if f is not None and len(f.heads) > 1 else "list"
+        return "hash" if self._head[mfn] < -1 else "list"
 
     def nbytes(self) -> int:
-        return (self._arena.nbytes() + (len(self._frames) + len(self._spare)) * _FRAME_BYTES
-                + self._tables * _TABLE_BYTES + sys.getsizeof(self._frames))
+        arrays = (self._head, self._count, self._walkers, self._buckets)
+        return (self._arena.nbytes() + sum(a.buffer_info()[1] * a.itemsize for a in arrays)
+                + 8 * len(self._free_tables))
 
     def check(self) -> None:
         """Verify the bucket invariants of every frame (for tests)."""
         a, chained = self._arena, set()
-        for mfn, f in self._frames.items():
-            assert len(f.heads) in (1, RMAP_HASHTAB_SIZE), f"frame {mfn}: bad table"
-            seen = 0
-            for b, n in enumerate(f.heads):
+        head, count = self._headv, self._countv
+        assert (self._walkersv >= 0).all(), "negative walkers"
+        used = _table(head[head < -1]).tolist()
+        assert len(set(used)) == len(used) == self._tables, "tables out of step"
+        ntables = len(self._buckets) // _B
+        assert len(self._buckets) == ntables * _B, "partial table"
+        assert sorted(used + self._free_tables) == list(range(ntables)), "table lost"
+        assert not count[head == -1].any(), "entries without a head"
+        for mfn in np.flatnonzero(head != -1).tolist():
+            hs, seen = self.heads(mfn), 0
+            for b, n in enumerate(hs):
                 prev = -1
                 while n >= 0:
                     assert a.prv[n] == prev, f"frame {mfn}: broken prev link"
                     assert n not in chained, f"frame {mfn}: node {n} in two places"
                     chained.add(n)
-                    if len(f.heads) > 1:
-                        assert (a.gfn[n] + a.dom[n]) % RMAP_HASHTAB_SIZE == b, "wrong bucket"
+                    if len(hs) > 1:
+                        assert (a.gfn[n] + a.dom[n]) % _B == b, "wrong bucket"
                     prev, n, seen = n, a.nxt[n], seen + 1
-            assert seen == f.count, f"frame {mfn}: count {f.count} != {seen} nodes"
+            assert seen == count[mfn], f"frame {mfn}: count {count[mfn]} != {seen} nodes"
         a.check(chained)
-        assert self._tables == sum(len(f.heads) > 1 for f in self._frames.values())

@@ -370,7 +370,8 @@ class IndexRmap(Rmap):
         # The domain should have left every rmap; drop any leftovers so the
         # lists never hold a pair the index no longer knows.
         arr = self._dense.get(domid)
-        left = [] if arr is None else np.flatnonzero(arr >= 0).tolist()
+        # one pass without a temporary in the normal case (nothing left)
+        left = [] if arr is None or arr.max(initial=-1) < 0 else np.flatnonzero(arr >= 0).tolist()
         left += [g for (d, g) in self._sparse if d == domid]
         if left:
             g = np.array(left, np.int64)

@@ -531,8 +531,10 @@ def test_buckets_refused_table_stays_list():
 
 def _arena_state(r):
     a = r._arena
-    heads = {m: (list(f.heads) if hasattr(f, "heads") else [f.head], f.count)
-             for m, f in r._frames.items()}
+    if r.name == "buckets":
+        heads = {m: (r.heads(m), r.count(m)) for m in range(r.nframes)}
+    else:
+        heads = {m: ([f.head], f.count) for m, f in r._frames.items()}
     return (heads, a.top, a.live, list(a.free), list(a.nxt[:a.top]), list(a.prv[:a.top]),
             list(a.dom[:a.top]), list(a.gfn[:a.top]))
 
@@ -582,6 +584,120 @@ def test_buckets_add_many_refused_key_keeps_the_prefix():
     with pytest.raises(ValueError):
         r.add_many(*arr([0, 0, 1, 1], [0, 1, 0x8000, 2], [1, 2, 3, 4]))
     assert sorted(walk(r, 0)) == [(0, 1), (1, 2)] and r.count(1) == 0
+    check(r)
+
+
+def _logical_state(r, nframes):
+    """What the contract fixes: each frame's walk (chain order), form, count."""
+    return [(walk(r, m), r.representation(m), r.count(m)) for m in range(nframes)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_buckets_move_singles_is_remove_release_add(seed):
+    # A batch of shares of one-entry frames into: one list frame that
+    # converts mid-batch (a refused table, then one granted), a hashed
+    # frame, a walked frame at 256 (pinned: no conversion) and distinct
+    # light frames; the same as the element-wise loop, in order.
+    rng = np.random.default_rng(seed)
+    nframes, calls = 600, [[], []]
+
+    def alloc(i):
+        def table_alloc():
+            calls[i].append(1)
+            return len(calls[i]) != 1           # refuse the first
+        return table_alloc
+    a, b = (make("buckets", nframes, table_alloc=alloc(i)) for i in (0, 1))
+    gfn = iter(range(1, 10**6))
+    for r in (a, b):
+        fill(r, 0, [(1, g) for g in range(10_000, 10_250)])    # converts in the batch
+        fill(r, 1, [(1, g) for g in range(20_000, 20_300)])    # hashed
+        fill(r, 2, [(1, g) for g in range(30_000, 30_256)])    # at 256, walked
+    srcs = np.arange(100, 100 + 200)
+    pairs = [(int(rng.integers(0, 4)), next(gfn)) for _ in srcs]
+    d, g = arr([p[0] for p in pairs], [p[1] for p in pairs])
+    dsts = rng.choice([0, 0, 0, 1, 2, 3, 4, 5], size=len(srcs))
+    dsts[-40:] = np.arange(400, 440)                           # distinct light frames
+    for r in (a, b):
+        r.add_many(srcs, d, g)
+    walks = [iter(a.entries(2)), iter(b.entries(2))]
+    for w in walks:
+        next(w)
+    a.move_singles(srcs, dsts, d, g)
+    for s, t, dd, gg in zip(srcs.tolist(), dsts.tolist(), d.tolist(), g.tolist()):
+        b.remove(s, dd, gg)
+        b.release(s)
+        b.add(t, dd, gg)
+    assert a.representation(0) == "hash" and a.representation(2) == "list"
+    assert _logical_state(a, nframes) == _logical_state(b, nframes)
+    assert calls[0] == calls[1] and len(calls[0]) >= 2
+    for w in walks:
+        w.close()
+    check(a)
+
+
+def test_buckets_move_singles_falls_back_for_other_sources():
+    # A one-entry source that is still a hash (emptied without conversion)
+    # holds no list head: the batch is done entry by entry, same result.
+    r = make("buckets", 16)
+    pairs = _heavy(r, 3)
+    for d, g in pairs[1:]:
+        r.remove(3, d, g, convert=False)
+    assert r.count(3) == 1 and r.representation(3) == "hash"
+    r.add(4, 1, 7)
+    r.move_singles(*arr([3, 4], [5, 5], [pairs[0][0], 1], [pairs[0][1], 7]))
+    assert walk(r, 5) == [(1, 7), pairs[0]]
+    assert r.count(3) == r.count(4) == 0 and r.representation(3) == "list"
+    check(r)
+
+
+def test_buckets_release_of_a_hashed_frame_and_reuse_of_its_mfn():
+    r = make("buckets", 8)
+    pairs = _heavy(r, 0, n=300)
+    _heavy(r, 1, n=300)                     # two tables in use
+    for d, g in pairs:
+        r.remove(0, d, g, convert=False)    # the walk-style teardown keeps the table
+    assert r.count(0) == 0 and r.representation(0) == "hash"
+    r.release(0)
+    assert r.representation(0) == "list" and walk(r, 0) == []
+    check(r)
+    r.add(0, 3, 3)                          # the mfn again: a fresh one-entry list
+    assert walk(r, 0) == [(3, 3)] and r.representation(0) == "list"
+    # A frame released with entries left gives its nodes back too.
+    live = r._arena.live
+    r.release_many(np.array([0, 1, 2, 1]))
+    assert r._arena.live == live - 301 and r.count(1) == 0 and r.representation(1) == "list"
+    check(r)
+    _heavy(r, 5, n=257)                     # a released table is handed out again
+    assert r.representation(5) == "hash"
+    check(r)
+
+
+def test_buckets_table_pool_gives_memory_back():
+    r = make("buckets", 64, npages=40_000)
+    for m in range(40):
+        fill(r, m, [(0, m * 1000 + i) for i in range(257)])
+    full = r.nbytes()
+    for m in range(40):
+        for i in range(257):
+            r.remove(m, 0, m * 1000 + i)
+    assert all(r.representation(m) == "list" for m in range(40))
+    assert r.nbytes() < full - 20 * 1024    # 40 tables of 1 KiB: 16 kept
+    check(r)
+    fill(r, 7, [(1, i) for i in range(257)])
+    assert r.representation(7) == "hash"
+    check(r)
+
+
+def test_buckets_add_many_into_a_walked_frame_does_not_convert():
+    r = make("buckets")
+    fill(r, 0, [(0, g) for g in range(250)])
+    it = r.entries(0)
+    next(it)
+    r.add_many(*arr([0] * 20 + [1], [1] * 21, list(range(20)) + [99]))
+    assert r.count(0) == 270 and r.representation(0) == "list"
+    it.close()
+    r.add_many(*arr([1, 0], [2, 2], [5, 6]))  # the walk is over: the add converts
+    assert r.representation(0) == "hash" and r.count(0) == 271
     check(r)
 
 

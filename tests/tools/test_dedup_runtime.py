@@ -209,6 +209,58 @@ def test_socket_backend_answers_codes_for_a_vanished_domain(hvs):
     assert be.pool_name() == hvs.info()["pool"]
 
 
+def test_a_budgeted_request_answers_a_prefix(hvs):
+    # A step whose budget is spent stops after its first chunk and answers
+    # how many items it did; those are the request's first ones, the rest
+    # is untouched (the caller sends it again).
+    n = 600
+    a = hvs.create(n, "zero")
+    ans, data = hvs.request("nominate_many", np.arange(n, dtype="<i8").tobytes(), domid=a,
+                            count=n, budget_us=1)
+    done = ans["done"]
+    assert 16 <= done < n and ans["count"] == n and len(data) == 16 * done
+    assert (np.frombuffer(data, "<i8", done, 8 * done) == 0).all()
+    t = types(hvs, a)
+    assert (t[:done] == RAM_SHARED).all() and (t[done:] == RAM_RW).all()
+    # without a budget, the whole request is one step
+    ans, _ = hvs.request("nominate_many", np.arange(n, dtype="<i8").tobytes(), domid=a, count=n)
+    assert ans["done"] == n and (types(hvs, a) == RAM_SHARED).all()
+
+
+def test_a_pass_in_tiny_steps_merges_what_a_whole_pass_does(hvs):
+    # With a budget no step can keep, every request is answered in part and
+    # sent again, two in flight: the pass ends as one without budgets.
+    doms = [hvs.create(512, "clone", seed=3) for _ in range(2)]
+    before = [memory(hvs, d) for d in doms]
+    with Scanner(SocketBackend(hvs, step_budget_ms=0.001)) as sc:
+        r = sc.scan_pass()
+    assert r.nr_saved_mfns == saved_from_content(*before) > 0
+    # whole requests would be 3 (a nominate per domain, one share)
+    assert r.requests >= 10
+    assert r.hv_steps["share_many"]["count"] + r.hv_steps["nominate_many"]["count"] == r.requests
+    for d, mem in zip(doms, before):
+        assert np.array_equal(memory(hvs, d), mem)
+    with Scanner(SocketBackend(hvs, step_budget_ms=None)) as sc:
+        again = sc.scan_pass()
+    assert again.merged == 0 and again.requests == 0
+
+
+def test_chunk_cost_model_fits_a_fixed_and_a_per_item_cost():
+    from hvcore.server import BATCH_MIN_CHUNK, _ChunkCost
+    cost = _ChunkCost()
+    fixed, item = 3e-4, 4e-6                    # the "true" cost of a chunk
+    for i in range(40):
+        k = cost.items(5e-4 if i % 3 else 1e-4, 1e-3)
+        cost.learn(k, fixed + item * k)
+    assert abs(cost.fixed_s - fixed) < 1e-4 and abs(cost.item_s - item) < 2e-6
+    assert abs((fixed + item * cost.items(5e-4, 1e-3)) - 5e-4) < 1.5e-4    # fills the budget
+    # a budget the fixed part alone nearly fills: a fair chunk, within the limit
+    k = cost.items(3e-4, 1e-3)
+    assert k >= fixed / (2 * item) * 0.5 and fixed + item * k < 1e-3
+    assert cost.items(3e-4, 4e-4) < k
+    assert cost.items(0.0, 0.0) >= BATCH_MIN_CHUNK
+
+
 def test_hvctl_dedup_one_pass(hvs):
     a = hvs.create(256, "clone", seed=9)
     b = hvs.create(256, "clone", seed=9)
