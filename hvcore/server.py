@@ -872,6 +872,13 @@ class Server:
             self.destroyed[domid] = out
         return out
 
+    def _others_ready(self, c: _Client) -> bool:
+        """Is anything but client ``c``'s connection ready (a guest's fault,
+        another request, a new connection, a signal)? A zero-timeout poll:
+        where a preemptible step asks whether to give way."""
+        mine = c.sock
+        return any(key.fileobj is not mine for key, _ in self.sel.select(0))
+
     def _other_work(self, c: _Client, t0: float):
         """The preemptible teardown's ``should_yield``: true when another
         chunk as long as the last one would end past the step's budget, or
@@ -882,7 +889,7 @@ class Server:
         zero-timeout poll of the selector.
         """
         deadline = t0 + TEARDOWN_STEP_BUDGET
-        clock, select, mine = time.perf_counter, self.sel.select, c.sock
+        clock, others_ready = time.perf_counter, self._others_ready
         last = [t0]
 
         def should_yield() -> bool:
@@ -891,7 +898,7 @@ class Server:
             # chunks grow up to 4x from one to the next: expect the target
             if now + max(chunk, TEARDOWN_CHUNK_SECONDS) >= deadline:
                 return True
-            if any(key.fileobj is not mine for key, _ in select(0)):
+            if others_ready(c):
                 self._preempted = True
                 return True
             return False
@@ -984,7 +991,7 @@ class Server:
             out = [work(0, n)]
             _settle()
             return out, n
-        clock, mine = time.perf_counter, c.sock
+        clock = time.perf_counter
         budget = budget_us * 1e-6
         deadline = clock() + budget
         cost = self._chunk_cost.get(op)
@@ -995,7 +1002,7 @@ class Server:
             now = clock()
             left = deadline - now
             if lo:
-                others = any(key.fileobj is not mine for key, _ in self.sel.select(0))
+                others = self._others_ready(c)
                 if others or left < budget / 2:
                     self._preempted = others
                     break
