@@ -41,21 +41,25 @@ import time
 
 import numpy as np
 
-from hvcore import protocol as P
+from hvcore.wire import control, pipe, schema
+from hvcore import constants
+from hvcore import errors
 from hvcore.errors import EBUSY, EINVAL, NAMES
 from hvcore.p2m import P2MView
 from hvcore.shm import attach_readonly
+
+from hvcore import images
 
 from . import workloads
 
 _PR_SET_PDEATHSIG = 1
 _clock = time.perf_counter
-_PIPE_HDR = P.PIPE_HDR
-_REPLY_MSG = P.REPLY_MSG
-_WRITE_MSG = P.WRITE_MSG
-_WRITE_SIZE = P.WRITE.size
-_H_REPLY = P.H_REPLY
-_REPLY_SIZE = P.REPLY.size
+_PIPE_HDR = pipe.PIPE_HDR
+_REPLY_MSG = pipe.REPLY_MSG
+_WRITE_MSG = pipe.WRITE_MSG
+_WRITE_SIZE = pipe.WRITE.size
+_H_REPLY = pipe.H_REPLY
+_REPLY_SIZE = pipe.REPLY.size
 
 
 class HypervisorGone(Exception):
@@ -83,7 +87,7 @@ class _Link:
         self._poll = select.poll()
         self._poll.register(rfd, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.lock = threading.Lock()
-        self.reader = P.pipe_reader(rfd, to_hv=False)
+        self.reader = pipe.pipe_reader(rfd, to_hv=False)
         self.guest = guest
         self.seq = 0
         self.inbox: list = []
@@ -97,7 +101,7 @@ class _Link:
                 self._write(_PIPE_HDR.pack(mtype, seq, len(msg)) + msg)
             else:
                 try:
-                    P.write_all(self.wfd, P.pipe_message(mtype, seq, *body))
+                    pipe.write_all(self.wfd, pipe.pipe_message(mtype, seq, *body))
                 except OSError:
                     raise HypervisorGone() from None
             return self._answer(seq)
@@ -107,14 +111,14 @@ class _Link:
         packed by one struct, one write."""
         with self.lock:
             seq = self.seq = (self.seq + 1) & 0xFFFF
-            self._write(_WRITE_MSG.pack(P.G_WRITE, seq, _WRITE_SIZE + len(data), gfn, offset) + data)
+            self._write(_WRITE_MSG.pack(pipe.G_WRITE, seq, _WRITE_SIZE + len(data), gfn, offset) + data)
             return self._answer(seq)
 
     def _write(self, msg: bytes) -> None:
         try:
             n = os.write(self.wfd, msg)
             if n != len(msg):               # a signal cut a large one short
-                P.write_all(self.wfd, [memoryview(msg)[n:]])
+                pipe.write_all(self.wfd, [memoryview(msg)[n:]])
         except OSError:
             raise HypervisorGone() from None
 
@@ -136,8 +140,8 @@ class _Link:
             self.inbox += self.reader.feed(data)
         while True:
             (t, s, _), b = self._next()
-            if t == P.H_REPLY and s == seq:
-                return P.REPLY.unpack(b)
+            if t == pipe.H_REPLY and s == seq:
+                return pipe.REPLY.unpack(b)
             self.guest.on_async(t)
 
     def send(self, mtype: int, *body, block: bool = True) -> bool:
@@ -145,7 +149,7 @@ class _Link:
         if not self.lock.acquire(blocking=block):
             return False
         try:
-            P.write_all(self.wfd, P.pipe_message(mtype, 0, *body))
+            pipe.write_all(self.wfd, pipe.pipe_message(mtype, 0, *body))
         except OSError:
             raise HypervisorGone() from None
         finally:
@@ -157,13 +161,13 @@ class _Link:
         defences); with ``reply``, wait for the next H_REPLY: (seq, status, value)."""
         with self.lock:
             try:
-                P.write_all(self.wfd, [data])
+                pipe.write_all(self.wfd, [data])
             except OSError:
                 raise HypervisorGone() from None
             while reply:
                 (t, s, _), b = self._next()
-                if t == P.H_REPLY:
-                    return (s, *P.REPLY.unpack(b))
+                if t == pipe.H_REPLY:
+                    return (s, *pipe.REPLY.unpack(b))
                 self.guest.on_async(t)
         return None
 
@@ -202,7 +206,7 @@ class Guest:
         self.domid = cfg["domid"]
         self.hv_pid = cfg["hv_pid"]
         self.pool_mm, _ = attach_readonly(cfg["pool"])
-        self.pool = np.frombuffer(self.pool_mm, dtype=np.uint8).reshape(-1, P.PAGE_SIZE)
+        self.pool = np.frombuffer(self.pool_mm, dtype=np.uint8).reshape(-1, constants.PAGE_SIZE)
         self.p2m = P2MView(cfg["p2m"])
         self.npages = self.p2m.npages
         self.link = _Link(cfg["rfd"], cfg["wfd"], self)
@@ -217,11 +221,11 @@ class Guest:
 
     # -- the hypervisor's asynchronous messages --------------------------
     def on_async(self, mtype: int) -> None:
-        if mtype == P.H_PAUSE:
+        if mtype == pipe.H_PAUSE:
             self.unpaused.clear()
-        elif mtype == P.H_UNPAUSE:
+        elif mtype == pipe.H_UNPAUSE:
             self.unpaused.set()
-        elif mtype == P.H_SHUTDOWN:
+        elif mtype == pipe.H_SHUTDOWN:
             _exit(self, 0)
 
     # -- writes (through the hypervisor) ---------------------------------
@@ -248,9 +252,9 @@ class Guest:
         """Write whole pages in one message; returns the CoW faults taken."""
         if len(gfns):
             self._check_gfns(int(np.min(gfns)), int(np.max(gfns)))
-        parts = P.encode_write_pages(gfns, pages)
+        parts = pipe.encode_write_pages(gfns, pages)
         t0 = time.perf_counter()
-        status, value = self.link.call(P.G_WRITE_PAGES, *parts)
+        status, value = self.link.call(pipe.G_WRITE_PAGES, *parts)
         self._account(status, value, len(gfns), time.perf_counter() - t0)
         return value
 
@@ -260,9 +264,9 @@ class Guest:
         returns the CoW faults taken."""
         if len(gfns):
             self._check_gfns(int(np.min(gfns)), int(np.max(gfns)))
-        parts = P.encode_write_many(gfns, offsets, lengths, data)
+        parts = pipe.encode_write_many(gfns, offsets, lengths, data)
         t0 = time.perf_counter()
-        status, value = self.link.call(P.G_WRITE_MANY, *parts)
+        status, value = self.link.call(pipe.G_WRITE_MANY, *parts)
         self._account(status, value, len(gfns), time.perf_counter() - t0)
         return value
 
@@ -305,7 +309,7 @@ class Guest:
         now = tuple(self.counters.values())
         if now != self._reported:
             st = self.stats()
-            if self.link.send(P.G_STATS, P.encode_stats(st), block=False):
+            if self.link.send(pipe.G_STATS, pipe.encode_stats(st), block=False):
                 self._reported = now
 
     # -- the deliberate faults of the control channel --------------------
@@ -313,7 +317,7 @@ class Guest:
         if not 0 <= gfn < self.npages:
             raise ValueError(f"gfn {gfn} is outside the domain's {self.npages} pages")
         mfn = max(int(self.p2m.mfn[gfn]), 0)
-        return self.pool.ctypes.data + mfn * P.PAGE_SIZE
+        return self.pool.ctypes.data + mfn * constants.PAGE_SIZE
 
     def write_mapping(self, gfn: int) -> dict:
         """Try the ways Python offers to store into the mapping; all must fail."""
@@ -325,7 +329,7 @@ class Guest:
         except (ValueError, TypeError) as e:
             errors.append(f"numpy: {e}")
         try:
-            self.pool_mm[mfn * P.PAGE_SIZE] = 1
+            self.pool_mm[mfn * constants.PAGE_SIZE] = 1
         except (ValueError, TypeError) as e:
             errors.append(f"mmap: {e}")
         return {"refused": len(errors) == 2, "errors": errors}
@@ -367,35 +371,35 @@ class _Channel:
         with conn:
             while True:
                 try:
-                    got = P.recv_frame(conn)
-                except (P.ProtocolError, ConnectionError, OSError):
+                    got = control.recv_frame(conn)
+                except (errors.ProtocolError, ConnectionError, OSError):
                     return
                 if got is None:
                     return
                 obj, payload = got
                 try:
-                    op, args = P.check_request(obj, P.GUEST_OPS)
+                    op, args = schema.check_request(obj, schema.GUEST_OPS)
                     result = getattr(self, "_op_" + op)(payload, **args)
                     res, data = result if isinstance(result, tuple) else (result, b"")
-                    answer = (P.ok(**res), data)
-                except P.ProtocolError as e:
-                    answer = (P.error(str(e)), b"")
+                    answer = (schema.ok(**res), data)
+                except errors.ProtocolError as e:
+                    answer = (schema.error(str(e)), b"")
                 except WriteError as e:
-                    answer = (P.error(str(e), e.code, NAMES.get(e.code, str(e.code))), b"")
+                    answer = (schema.error(str(e), e.code, NAMES.get(e.code, str(e.code))), b"")
                 except HypervisorGone:
                     return
                 except Exception as e:   # an HVError from a read, a bad gfn, ...
                     code = getattr(e, "code", 22)
-                    answer = (P.error(str(e).split(": ", 1)[-1] if hasattr(e, "code") else str(e),
+                    answer = (schema.error(str(e).split(": ", 1)[-1] if hasattr(e, "code") else str(e),
                                       code, NAMES.get(code, str(code))), b"")
                 try:
-                    P.send_frame(conn, *answer)
+                    control.send_frame(conn, *answer)
                 except OSError:
                     return
 
     def _gfns(self, payload, count: int) -> np.ndarray:
         if len(payload) < 8 * count:
-            raise P.ProtocolError(f"payload holds fewer than {count} gfns")
+            raise errors.ProtocolError(f"payload holds fewer than {count} gfns")
         return np.frombuffer(payload, dtype="<i8", count=count)
 
     def _op_ping(self, payload):
@@ -405,28 +409,28 @@ class _Channel:
         return self.guest.stats()
 
     def _op_write(self, payload, gfn, offset):
-        if not payload or offset + len(payload) > P.PAGE_SIZE:
-            raise P.ProtocolError(f"write of {len(payload)} bytes at offset {offset} does not fit in one page")
+        if not payload or offset + len(payload) > constants.PAGE_SIZE:
+            raise errors.ProtocolError(f"write of {len(payload)} bytes at offset {offset} does not fit in one page")
         return {"cow": self.guest.write(gfn, offset, payload)}
 
     def _op_write_pages(self, payload, count):
-        if len(payload) != count * (8 + P.PAGE_SIZE):
-            raise P.ProtocolError(f"write_pages of {count} pages needs {count * (8 + P.PAGE_SIZE)} payload bytes")
+        if len(payload) != count * (8 + constants.PAGE_SIZE):
+            raise errors.ProtocolError(f"write_pages of {count} pages needs {count * (8 + constants.PAGE_SIZE)} payload bytes")
         gfns = self._gfns(payload, count)
-        pages = np.frombuffer(payload, dtype=np.uint8, offset=8 * count).reshape(count, P.PAGE_SIZE)
+        pages = np.frombuffer(payload, dtype=np.uint8, offset=8 * count).reshape(count, constants.PAGE_SIZE)
         return {"cow_faults": self.guest.write_pages(gfns, pages)}
 
     def _op_write_many(self, payload, count):
         head = 16 * count
         if len(payload) < head:
-            raise P.ProtocolError(f"write_many of {count} writes needs at least {head} payload bytes")
+            raise errors.ProtocolError(f"write_many of {count} writes needs at least {head} payload bytes")
         gfns = self._gfns(payload, count)
         offsets = np.frombuffer(payload, dtype="<u4", count=count, offset=8 * count)
         lengths = np.frombuffer(payload, dtype="<u4", count=count, offset=12 * count)
         try:
-            parts = P.encode_write_many(gfns, offsets, lengths, memoryview(payload)[head:])
+            parts = pipe.encode_write_many(gfns, offsets, lengths, memoryview(payload)[head:])
         except ValueError as e:
-            raise P.ProtocolError(str(e)) from None
+            raise errors.ProtocolError(str(e)) from None
         return {"cow_faults": self.guest.write_many(gfns, offsets, lengths, parts[-1])}
 
     def _op_read(self, payload, gfn):
@@ -437,7 +441,7 @@ class _Channel:
 
     def _op_checksum(self, payload, first, count):
         gfns = np.arange(first, first + count, dtype=np.int64)
-        return {"count": count}, workloads.checksums(self.guest.read_pages(gfns)).astype("<u8").tobytes()
+        return {"count": count}, images.checksums(self.guest.read_pages(gfns)).astype("<u8").tobytes()
 
     def _op_verify(self, payload, first, count, rounds, seconds):
         """Read the pages again and again, counting pages whose stamp is wrong
@@ -447,7 +451,7 @@ class _Channel:
         n = bad = 0
         first_bad = None
         while n < rounds or time.monotonic() < end:
-            ok = workloads.valid_pages(self.guest.read_pages(gfns))
+            ok = images.valid_pages(self.guest.read_pages(gfns))
             n += 1
             if not ok.all():
                 bad += int((~ok).sum())
@@ -476,7 +480,7 @@ class _Channel:
         guest-side time of the whole run."""
         g = self.guest
         g._check_gfns(first, first + count - 1)
-        pages = np.zeros((min(batch, count), P.PAGE_SIZE), dtype=np.uint8)
+        pages = np.zeros((min(batch, count), constants.PAGE_SIZE), dtype=np.uint8)
         pages[:, 1] = 1
         faults = messages = 0
         t0 = time.perf_counter()
@@ -492,8 +496,8 @@ class _Channel:
         ``batch`` writes per message; the guest-side time of the whole run."""
         g = self.guest
         g._check_gfns(first, first + count - 1)
-        if offset + size > P.PAGE_SIZE:
-            raise P.ProtocolError(f"a write of {size} bytes at offset {offset} does not fit in one page")
+        if offset + size > constants.PAGE_SIZE:
+            raise errors.ProtocolError(f"a write of {size} bytes at offset {offset} does not fit in one page")
         k = min(batch, count)
         offsets = np.full(k, offset, dtype="<u4")
         lengths = np.full(k, size, dtype="<u4")
@@ -563,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     bell = select.poll()
     bell.register(bell_r, select.POLLIN)
     try:
-        guest.link.send(P.G_HELLO, P.HELLO.pack(os.getpid()))
+        guest.link.send(pipe.G_HELLO, pipe.HELLO.pack(os.getpid()))
         if cfg["workload"] == "writer":
             threading.Thread(target=_writer, args=(guest,), name="writer", daemon=True).start()
         guest.link.drain(block=True)   # what came before we listened for SIGUSR1

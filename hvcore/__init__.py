@@ -4,7 +4,7 @@
 - :mod:`hvcore.p2m`: per-domain p2m tables in shared memory (seqlock readers);
 - :mod:`hvcore.rmap`: reverse maps of shared frames, three policies;
 - :mod:`hvcore.core`: the sharing operations, teardown, audit;
-- :mod:`hvcore.server`: the hypervisor process around the core.
+- :mod:`hvcore.process`: the hypervisor process around the core.
 """
 from .core import Domain, Hypervisor
 from .errors import HVError

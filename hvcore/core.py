@@ -1,7 +1,7 @@
 """The memory-sharing core: domains, p2m, shared frames and their rmaps.
 
 This is the hypervisor's state machine, with no I/O: the hypervisor process
-(``hvcore.server``) calls it one request at a time, which is what makes it a
+(``hvcore.process``) calls it one request at a time, which is what makes it a
 model of one hypervisor CPU. Semantics follow Xen's ``XENMEM_sharing_op``
 (see SEMANTICS.md):
 
@@ -42,8 +42,9 @@ from . import p2m as p2m_mod
 from .errors import (C_HANDLE_INVALID, E2BIG, EBUSY, EINVAL, ENOMEM, ESRCH,
                      S_HANDLE_INVALID, HVError)
 from .p2m import HOLE, INVALID_MFN, RAM_RW, RAM_SHARED, P2M
-from .pool import DOMID_COW, DOMID_FIRST_RESERVED, PAGE_SIZE, FramePool
-from .rmap import DEFAULT_POLICY, make_rmap
+from .constants import DEFAULT_RMAP, DOMID_COW, DOMID_FIRST_RESERVED, PAGE_SIZE
+from .pool import FramePool
+from .rmap import make_rmap
 
 #: Teardown preemption, as in Xen's relinquish loop: each shared gfn costs
 #: 0x10, any other gfn 1; every RELINQUISH_BUDGET units the loop checks
@@ -105,7 +106,7 @@ def _runs(domids: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int, i
 class Hypervisor:
     """All frames, domains and rmaps of one emulated host."""
 
-    def __init__(self, nframes: int, rmap: str = DEFAULT_POLICY, **rmap_options):
+    def __init__(self, nframes: int, rmap: str = DEFAULT_RMAP, **rmap_options):
         self.pool = FramePool(nframes)
         self.token = self.pool.token
         self.rmap_policy = rmap

@@ -4,6 +4,9 @@ Every failure of a hypercall-like operation raises :class:`HVError` with the
 code Xen returns for it, so callers (and the wire protocols) can pass the code
 on unchanged. Positive errno values are returned negated by Xen; here
 ``code`` is the errno name's value and ``name`` its symbol.
+
+A peer that breaks a wire format gets :class:`ProtocolError` instead: one
+sentence, and never a code of the sharing operations.
 """
 from __future__ import annotations
 
@@ -14,13 +17,12 @@ E2BIG = errno.E2BIG            # page has extra references
 EBUSY = errno.EBUSY            # domain is dying
 ENOMEM = errno.ENOMEM          # no free frame
 ESRCH = errno.ESRCH            # no such domain
-ERESTART = 85                  # Linux/Xen ERESTART: call again, work is pending
 S_HANDLE_INVALID = -10         # XENMEM_SHARING_OP_S_HANDLE_INVALID
 C_HANDLE_INVALID = -9          # XENMEM_SHARING_OP_C_HANDLE_INVALID
 
 NAMES = {
     EINVAL: "EINVAL", E2BIG: "E2BIG", EBUSY: "EBUSY", ENOMEM: "ENOMEM",
-    ESRCH: "ESRCH", ERESTART: "ERESTART",
+    ESRCH: "ESRCH",
     S_HANDLE_INVALID: "S_HANDLE_INVALID", C_HANDLE_INVALID: "C_HANDLE_INVALID",
 }
 
@@ -32,3 +34,7 @@ class HVError(Exception):
         self.code = code
         self.name = NAMES.get(code, str(code))
         super().__init__(f"{self.name}: {message}" if message else self.name)
+
+
+class ProtocolError(Exception):
+    """A peer sent something the protocol does not allow (one sentence)."""

@@ -22,14 +22,8 @@ import weakref
 import numpy as np
 
 from . import shm
+from .constants import OWNER_FREE, PAGE_SIZE
 from .errors import ENOMEM, HVError
-
-PAGE_SIZE = 4096
-OWNER_FREE = -1
-#: Xen's pseudo-domain that owns every shared frame
-DOMID_COW = 0x7FF3
-#: domids at or above this are reserved (Xen's DOMID_FIRST_RESERVED)
-DOMID_FIRST_RESERVED = 0x7FF0
 
 
 class FramePool:

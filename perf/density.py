@@ -30,12 +30,12 @@ from .common import sigterm_exits, table
 
 def _predicted(frames: int, pages: int, seed: int, scan: bool) -> int:
     """Guests that fit by the content alone."""
-    from guests import workloads
+    from hvcore import images
     if not scan:
         return frames // pages
-    kinds = workloads.clone_kinds(seed, pages)
-    private = int((kinds == workloads.KIND_PRIVATE).sum())
-    shared = int((kinds == workloads.KIND_IMAGE).sum()) + int((kinds == workloads.KIND_ZERO).any())
+    kinds = images.clone_kinds(seed, pages)
+    private = int((kinds == images.KIND_PRIVATE).sum())
+    shared = int((kinds == images.KIND_IMAGE).sum()) + int((kinds == images.KIND_ZERO).any())
     k = 0
     while frames - (k * private + (shared if k else 0)) >= pages:
         k += 1

@@ -2,7 +2,7 @@
 
 Three layers, each usable alone:
 
-- :func:`start_hypervisor` launches ``python -m hvcore.server`` detached (a
+- :func:`start_hypervisor` launches ``python -m hvcore.process`` detached (a
   new session, stdio to the state directory's log) and returns once it
   serves, or raises :class:`HVCtlError` with the hypervisor's own reason.
 - :class:`HypervisorClient` speaks the control socket (framed JSON, see
@@ -38,15 +38,18 @@ from typing import Iterator
 
 import numpy as np
 
-from hvcore import protocol as P
+from hvcore.wire import control
+from hvcore import constants
+from hvcore import errors
 from hvcore import shm
-from hvcore.server import DEFAULT_FRAMES, SCHED_MODES, TEARDOWN_MODES, child_env, state_dir_for
+from hvcore.constants import DEFAULT_FRAMES, SCHED_MODES, TEARDOWN_MODES
+from hvcore.process.statedir import child_env, state_dir_for
 
 __all__ = ["HVCtlError", "NoHypervisor", "GuestGone", "HypervisorClient", "GuestClient", "EventStream",
            "HVSession", "hvshare_session", "start_hypervisor", "default_socket_path", "DEFAULT_FRAMES",
            "TEARDOWN_MODES"]
 
-PAGE_SIZE = P.PAGE_SIZE
+PAGE_SIZE = constants.PAGE_SIZE
 #: where :class:`HVSession` makes its private directories (None: the
 #: system's temporary directory); test suites point it at a root they check
 SESSION_ROOT: str | None = None
@@ -106,8 +109,8 @@ class _Channel:
             if self.sock is None:
                 self.sock = self._connect()
             try:
-                P.send_frame(self.sock, obj, payload)
-                got = P.recv_frame(self.sock)
+                control.send_frame(self.sock, obj, payload)
+                got = control.recv_frame(self.sock)
             except socket.timeout:
                 self.close()
                 raise HVCtlError(f"the {self.what} did not answer {obj.get('op')} within {self.timeout:g} s",
@@ -385,7 +388,7 @@ class EventStream:
         self.socket_path, self.timeout = socket_path, timeout
         self.sock = _Channel(socket_path, timeout, "hypervisor")._connect()
         try:
-            P.send_frame(self.sock, {"op": "events", "since": since})
+            control.send_frame(self.sock, {"op": "events", "since": since})
             first = self._recv()
         except BaseException:
             self.close()
@@ -401,10 +404,10 @@ class EventStream:
 
     def _recv(self) -> dict | None:
         try:
-            got = P.recv_frame(self.sock)
+            got = control.recv_frame(self.sock)
         except socket.timeout:
             raise HVCtlError(f"no event within {self.timeout:g} s", 110, "ETIMEDOUT") from None
-        except (ConnectionError, OSError, P.ProtocolError):
+        except (ConnectionError, OSError, errors.ProtocolError):
             return None
         return None if got is None else got[0]
 
@@ -479,7 +482,7 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
     log_path = os.path.join(state, "hypervisor.log")
     ready_r, ready_w = os.pipe()
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
-        cmd = [sys.executable, "-m", "hvcore.server", "--socket", socket_path, "--frames", str(frames),
+        cmd = [sys.executable, "-m", "hvcore.process", "--socket", socket_path, "--frames", str(frames),
                "--rmap", rmap, "--teardown", teardown, "--sched", sched, "--ready-fd", str(ready_w)]
         try:
             proc = subprocess.Popen(cmd, pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log,
@@ -556,7 +559,7 @@ def _remove_unowned_state(socket_path: str) -> None:
 def cleanup_dead(socket_path: str) -> dict | None:
     """Remove a dead hypervisor's leftovers at ``socket_path`` (None if a
     hypervisor is alive there)."""
-    from hvcore.server import cleanup_leftovers
+    from hvcore.process.statedir import cleanup_leftovers
     if running_pid(socket_path) is not None:
         return None
     state = state_dir_for(socket_path)

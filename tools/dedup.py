@@ -204,11 +204,11 @@ import numpy as np
 import posix_ipc
 import xxhash
 
-from hvcore import protocol as P
+from hvcore.wire import control
 from hvcore import shm
 from hvcore.errors import C_HANDLE_INVALID, ESRCH, S_HANDLE_INVALID, HVError
 from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
-from hvcore.pool import PAGE_SIZE
+from hvcore.constants import PAGE_SIZE
 
 if TYPE_CHECKING:
     from hvcore import Hypervisor
@@ -535,10 +535,10 @@ class SocketBackend:
                         obj["budget_us"] = budget
                     payload = b"".join(np.ascontiguousarray(a[idx], dtype=t).tobytes()
                                        for i, (a, t) in enumerate(cols) if i not in skip)
-                    P.send_frame(sock, obj, payload)
+                    control.send_frame(sock, obj, payload)
                     inflight.append((idx, size, time.perf_counter()))
                 idx, size, t0 = inflight.popleft()
-                got = P.recv_frame(sock)
+                got = control.recv_frame(sock)
                 self.requests += 1
                 self.max_request_s = max(self.max_request_s, time.perf_counter() - t0)
                 if got is None:

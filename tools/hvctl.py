@@ -237,7 +237,7 @@ def _client(a) -> api.HypervisorClient:
 def cmd_start(a) -> object:
     path = os.path.abspath(a.socket or api.default_socket_path())
     if a.foreground:
-        from hvcore.server import serve
+        from hvcore.process.loop import serve
 
         def announce(srv, cleaned):
             print(_started_line(srv.socket_path, os.getpid(), a, cleaned), flush=True)

@@ -32,7 +32,8 @@ import sys
 import time
 from typing import Callable
 
-from hvcore import protocol as P
+from hvcore.wire import control
+from hvcore import errors
 from hvcore.errors import ESRCH
 
 from .api import HVCtlError
@@ -55,14 +56,14 @@ class _Answers:
 
     def next(self) -> dict | None:
         """The next answer object; None on EOF."""
-        hdr = P.FRAME_HDR.size
+        hdr = control.FRAME_HDR.size
         while True:
             if len(self.buf) >= hdr:
-                jlen, blen = P.FRAME_HDR.unpack_from(self.buf)
-                P.check_frame_header(jlen, blen)
+                jlen, blen = control.FRAME_HDR.unpack_from(self.buf)
+                control.check_frame_header(jlen, blen)
                 end = hdr + jlen + blen
                 if len(self.buf) >= end:
-                    obj, _ = P.parse_frame(jlen, bytes(self.buf[hdr:end]))
+                    obj, _ = control.parse_frame(jlen, bytes(self.buf[hdr:end]))
                     del self.buf[:end]
                     return obj
             chunk = self.sock.recv(1 << 16)
@@ -98,8 +99,8 @@ def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) 
     from .api import NoHypervisor
     t0 = time.perf_counter()
     sock = client.open_connection(wait=True)
-    first = b"".join(bytes(x) for x in P.frame({"op": "destroy", "domid": domid}))
-    request = b"".join(bytes(x) for x in P.frame({"op": "destroy", "domid": domid, "brief": True}))
+    first = b"".join(bytes(x) for x in control.frame({"op": "destroy", "domid": domid}))
+    request = b"".join(bytes(x) for x in control.frame({"op": "destroy", "domid": domid, "brief": True}))
     answers = _Answers(sock)
     inflight = 0
 
@@ -107,7 +108,7 @@ def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) 
         nonlocal inflight
         try:
             a = answers.next()
-        except (ConnectionError, OSError, P.ProtocolError):
+        except (ConnectionError, OSError, errors.ProtocolError):
             a = None
         if a is None:
             inflight = 0                 # nothing more will come

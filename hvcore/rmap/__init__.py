@@ -3,10 +3,8 @@ series: list <-> 256-bucket hash at 256/64), ``index`` (O(1), hvshare's own).
 """
 from __future__ import annotations
 
+from ..constants import RMAP_POLICIES
 from .base import Rmap
-
-POLICIES = ("buckets", "list", "index")
-DEFAULT_POLICY = "buckets"
 
 
 def make_rmap(policy: str, nframes: int, **kw) -> Rmap:
@@ -20,7 +18,7 @@ def make_rmap(policy: str, nframes: int, **kw) -> Rmap:
     if policy == "index":
         from .index import IndexRmap
         return IndexRmap(nframes, **kw)
-    raise ValueError(f"unknown rmap policy {policy!r} (choose from {', '.join(POLICIES)})")
+    raise ValueError(f"unknown rmap policy {policy!r} (choose from {', '.join(RMAP_POLICIES)})")
 
 
-__all__ = ["Rmap", "make_rmap", "POLICIES", "DEFAULT_POLICY"]
+__all__ = ["Rmap", "make_rmap"]

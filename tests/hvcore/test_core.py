@@ -8,7 +8,7 @@ from hvcore import HVError
 from hvcore.errors import (C_HANDLE_INVALID, E2BIG, EBUSY, EINVAL, ENOMEM, ESRCH,
                            S_HANDLE_INVALID)
 from hvcore.p2m import HOLE, RAM_RW, RAM_SHARED
-from hvcore.pool import DOMID_COW
+from hvcore.constants import DOMID_COW
 
 
 def pages(*values) -> np.ndarray:

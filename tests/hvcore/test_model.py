@@ -17,7 +17,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
 from hvcore import Hypervisor, HVError
 from hvcore.errors import (C_HANDLE_INVALID, EBUSY, EINVAL, ENOMEM,
                            S_HANDLE_INVALID)
-from hvcore.rmap import POLICIES
+from hvcore.constants import RMAP_POLICIES as POLICIES
 
 PAGES = 6
 FRAMES = 48

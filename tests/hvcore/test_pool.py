@@ -12,7 +12,8 @@ import pytest
 from hvcore import Hypervisor, HVError, shm
 from hvcore.errors import ENOMEM
 from hvcore.p2m import P2MView
-from hvcore.pool import OWNER_FREE, FramePool
+from hvcore.constants import OWNER_FREE
+from hvcore.pool import FramePool
 
 
 def test_segment_is_private_and_unlinked_on_close():

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from hvcore.rmap import POLICIES, make_rmap
+from hvcore.constants import RMAP_POLICIES as POLICIES
+from hvcore.rmap import make_rmap
 from hvcore.rmap.buckets import RMAP_HEAVY_SHARED_PAGE, RMAP_LIGHT_SHARED_PAGE
 
 NPAGES = 4096

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from hvcore.server import child_env
+from hvcore.process.statedir import child_env
 
 BENCHES = ("rmap", "cow", "teardown", "dedup", "density")
 

@@ -30,13 +30,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvcore import protocol as P
+from hvcore.wire import control, pipe, schema
+from hvcore import constants
+from hvcore import errors
 from hvcore.core import Hypervisor
 from hvcore.errors import HVError
 from tools import api
 
 #: every operation but stop (a valid stop is not bad input)
-OPS = sorted(set(P.CONTROL_OPS) - {"stop"})
+OPS = sorted(set(schema.CONTROL_OPS) - {"stop"})
 SLOW_MESSAGES = 100_000
 
 ints = st.one_of(
@@ -71,8 +73,8 @@ def control_requests(draw, keep: frozenset):
     """(request object, payload): mostly a known op with a mix of its own
     and foreign arguments of any type."""
     op = draw(st.one_of(st.sampled_from(OPS), st.sampled_from(OPS), st.text(max_size=10), json_values))
-    schema = P.CONTROL_OPS.get(op, {}) if isinstance(op, str) else {}
-    names = st.sampled_from(sorted(schema)) if schema else st.text(max_size=6)
+    op_args = schema.CONTROL_OPS.get(op, {}) if isinstance(op, str) else {}
+    names = st.sampled_from(sorted(op_args)) if op_args else st.text(max_size=6)
     keys = draw(st.lists(st.one_of(names, names, st.text(max_size=6)), max_size=7, unique=True))
     obj = {} if draw(st.integers(0, 30)) == 0 else {"op": op}
     for k in keys:
@@ -92,7 +94,7 @@ def garbage(draw):
     if kind == 0:
         return draw(st.binary(min_size=1, max_size=64))
     if kind == 1:                                   # absurd or tiny lengths
-        return struct.pack("<II", draw(st.sampled_from([0, 1, P.MAX_JSON + 1, 2**32 - 1])),
+        return struct.pack("<II", draw(st.sampled_from([0, 1, control.MAX_JSON + 1, 2**32 - 1])),
                            draw(st.integers(0, 2**32 - 1))) + draw(st.binary(max_size=16))
     if kind == 2:                                   # a valid frame cut short
         js = json.dumps({"op": draw(st.sampled_from(OPS)), "domid": 1}).encode()
@@ -115,7 +117,7 @@ class _Raw:
     def ask(self, data: bytes) -> dict | None:
         self.sock.sendall(data)
         try:
-            got = P.recv_frame(self.sock)
+            got = control.recv_frame(self.sock)
         except (ConnectionError, OSError):
             return None
         return None if got is None else got[0]
@@ -126,10 +128,10 @@ class _Raw:
         out = []
         while True:
             try:
-                got = P.recv_frame(self.sock)
+                got = control.recv_frame(self.sock)
             except socket.timeout:
                 raise AssertionError("the hypervisor neither answered nor closed") from None
-            except (ConnectionError, OSError, P.ProtocolError):
+            except (ConnectionError, OSError, errors.ProtocolError):
                 return out
             if got is None:
                 return out
@@ -204,9 +206,9 @@ def _rand_value(rng, depth=0):
 def _rand_request(rng, keep) -> tuple[dict, bytes]:
     r = rng.random()
     op = rng.choice(OPS) if r < 0.85 else (_rand_text(rng) if r < 0.93 else _rand_value(rng))
-    schema = P.CONTROL_OPS.get(op, {}) if isinstance(op, str) else {}
+    op_args = schema.CONTROL_OPS.get(op, {}) if isinstance(op, str) else {}
     obj = {} if rng.random() < 0.03 else {"op": op}
-    for k in schema:
+    for k in op_args:
         if rng.random() < 0.85:
             # mostly plausible values, so requests get past the schema into the core
             obj[k] = rng.randint(0, 5) if rng.random() < 0.4 else \
@@ -237,7 +239,7 @@ def _rand_garbage(rng) -> bytes:
     if kind == 0:
         return rng.randbytes(rng.randint(1, 64))
     if kind == 1:
-        return struct.pack("<II", rng.choice([0, 1, P.MAX_JSON + 1, 2**32 - 1]),
+        return struct.pack("<II", rng.choice([0, 1, control.MAX_JSON + 1, 2**32 - 1]),
                            rng.getrandbits(32)) + rng.randbytes(rng.randint(0, 16))
     if kind == 2:
         js = json.dumps({"op": rng.choice(OPS), "domid": 1}).encode()
@@ -270,10 +272,10 @@ def _fuzz_control(hv, examples: int, batch: int, counts: Counter) -> None:
                 chunk = reqs[lo:lo + 16]
                 conn.sock.sendall(b"".join(_frame(*m) for m in chunk))
                 for obj, _ in chunk:
-                    got = P.recv_frame(conn.sock)
+                    got = control.recv_frame(conn.sock)
                     assert got is not None, f"the hypervisor dropped a well-framed request: {obj}"
                     while "event" in got[0]:            # an events subscription's pushes
-                        got = P.recv_frame(conn.sock)
+                        got = control.recv_frame(conn.sock)
                     _check_answer(got[0], counts)
                     counts.add("frames")
         finally:
@@ -330,34 +332,34 @@ def pipe_messages(draw):
                              min_size=k, max_size=k))
         offs = draw(st.lists(st.one_of(st.integers(0, 4100), st.integers(0, 2**32 - 1)), min_size=k, max_size=k))
         lens = draw(st.lists(st.integers(0, 8), min_size=k, max_size=k))
-        body = (P.WRITE_MANY.pack(draw(st.sampled_from([k, k, 0, k + 1, 2**32 - 1])))
+        body = (pipe.WRITE_MANY.pack(draw(st.sampled_from([k, k, 0, k + 1, 2**32 - 1])))
                 + np.array(gfns, "<i8").tobytes() + np.array(offs, "<u4").tobytes()
                 + np.array(lens, "<u4").tobytes() + bytes(sum(lens)))
         if draw(st.integers(0, 4)) == 0:
             body = body[:draw(st.integers(0, len(body)))]
-        return P.PIPE_HDR.pack(P.G_WRITE_MANY, seq, len(body)) + body
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE_MANY, seq, len(body)) + body
     if kind <= 3:                                   # a write, any gfn/offset/length
         gfn = draw(st.one_of(st.integers(0, 70), st.integers(0, 2**64 - 1)))
         off = draw(st.one_of(st.integers(0, 4100), st.integers(0, 2**32 - 1)))
         data = draw(st.binary(max_size=40))
-        body = P.WRITE.pack(gfn, off) + data
-        return P.PIPE_HDR.pack(P.G_WRITE, seq, len(body)) + body
+        body = pipe.WRITE.pack(gfn, off) + data
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE, seq, len(body)) + body
     if kind <= 6:                                   # a batch, any gfns, maybe the wrong size
         k = draw(st.integers(0, 3))
         gfns = draw(st.lists(st.one_of(st.integers(-3, 70), st.integers(-2**63, 2**63 - 1)),
                              min_size=k, max_size=k))
-        body = (P.WRITE_PAGES.pack(draw(st.sampled_from([k, k, 0, k + 1, 2**32 - 1])))
-                + np.array(gfns, "<i8").tobytes() + bytes(k * P.PAGE_SIZE))
+        body = (pipe.WRITE_PAGES.pack(draw(st.sampled_from([k, k, 0, k + 1, 2**32 - 1])))
+                + np.array(gfns, "<i8").tobytes() + bytes(k * constants.PAGE_SIZE))
         if draw(st.integers(0, 4)) == 0:
             body = body[:draw(st.integers(0, len(body)))]
-        return P.PIPE_HDR.pack(P.G_WRITE_PAGES, seq, len(body)) + body
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE_PAGES, seq, len(body)) + body
     if kind == 7:                                   # stats or hello, right or wrong size
-        t = draw(st.sampled_from([P.G_STATS, P.G_HELLO]))
-        body = draw(st.one_of(st.binary(min_size=P.STATS.size, max_size=P.STATS.size),
+        t = draw(st.sampled_from([pipe.G_STATS, pipe.G_HELLO]))
+        body = draw(st.one_of(st.binary(min_size=pipe.STATS.size, max_size=pipe.STATS.size),
                               st.binary(max_size=60)))
-        return P.PIPE_HDR.pack(t, seq, len(body)) + body
+        return pipe.PIPE_HDR.pack(t, seq, len(body)) + body
     if kind == 8:                                   # a header of any type and length
-        return (P.PIPE_HDR.pack(draw(st.integers(0, 0xFFFF)), seq, draw(st.integers(0, 2**32 - 1)))
+        return (pipe.PIPE_HDR.pack(draw(st.integers(0, 0xFFFF)), seq, draw(st.integers(0, 2**32 - 1)))
                 + draw(st.binary(max_size=16)))
     return draw(st.binary(min_size=1, max_size=40))
 
@@ -369,30 +371,30 @@ def _feed(msgs: list[bytes], hv: Hypervisor, domid: int, counts: Counter) -> Non
     r, w = os.pipe()
     os.set_blocking(r, False)
     try:
-        reader = P.pipe_reader(r, to_hv=True)
+        reader = pipe.pipe_reader(r, to_hv=True)
         stream = b"".join(msgs)
         for i in range(0, len(stream), 997):
             os.write(w, stream[i:i + 997])
             try:
                 got, _ = reader.pump()
-            except P.ProtocolError:
+            except errors.ProtocolError:
                 counts.add("crashes")
                 return
             for (mtype, seq, _), body in got:
                 counts.add("messages")
                 try:
-                    if mtype == P.G_WRITE:
-                        gfn, off, data = P.decode_write(body)
+                    if mtype == pipe.G_WRITE:
+                        gfn, off, data = pipe.decode_write(body)
                         hv.write(domid, gfn, off, data.tobytes())
-                    elif mtype == P.G_WRITE_PAGES:
-                        gfns, pages = P.decode_write_pages(body)
+                    elif mtype == pipe.G_WRITE_PAGES:
+                        gfns, pages = pipe.decode_write_pages(body)
                         hv.write_pages(domid, gfns, pages)
-                    elif mtype == P.G_WRITE_MANY:
-                        hv.write_many(domid, *P.decode_write_many(body))
-                    elif mtype == P.G_STATS:
-                        json.dumps(P.decode_stats(body))
+                    elif mtype == pipe.G_WRITE_MANY:
+                        hv.write_many(domid, *pipe.decode_write_many(body))
+                    elif mtype == pipe.G_STATS:
+                        json.dumps(pipe.decode_stats(body))
                     counts.add("answered")
-                except P.ProtocolError:
+                except errors.ProtocolError:
                     counts.add("crashes")
                     return
                 except HVError:
@@ -409,24 +411,24 @@ def _rand_pipe_message(rng) -> bytes:
     if kind <= 11:
         gfn = rng.randint(0, 70) if rng.random() < 0.7 else rng.getrandbits(64)
         off = rng.randint(0, 4100) if rng.random() < 0.8 else rng.getrandbits(32)
-        body = P.WRITE.pack(gfn, off) + rng.randbytes(rng.randint(0, 40))
-        return P.PIPE_HDR.pack(P.G_WRITE, seq, len(body)) + body
+        body = pipe.WRITE.pack(gfn, off) + rng.randbytes(rng.randint(0, 40))
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE, seq, len(body)) + body
     if kind <= 20:
         k = rng.randint(0, 3)
         gfns = [rng.randint(-3, 70) if rng.random() < 0.8 else rng.randint(-2**63, 2**63 - 1)
                 for _ in range(k)]
-        body = (P.WRITE_PAGES.pack(k if rng.random() < 0.9 else rng.getrandbits(32))
-                + np.array(gfns, "<i8").tobytes() + bytes(k * P.PAGE_SIZE))
+        body = (pipe.WRITE_PAGES.pack(k if rng.random() < 0.9 else rng.getrandbits(32))
+                + np.array(gfns, "<i8").tobytes() + bytes(k * constants.PAGE_SIZE))
         if rng.random() < 0.05:
             body = body[:rng.randint(0, len(body))]
-        return P.PIPE_HDR.pack(P.G_WRITE_PAGES, seq, len(body)) + body
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE_PAGES, seq, len(body)) + body
     if kind <= 23:
-        t = rng.choice([P.G_STATS, P.G_STATS, P.G_HELLO])
-        size = P.STATS.size if rng.random() < 0.9 else rng.randint(0, 60)
+        t = rng.choice([pipe.G_STATS, pipe.G_STATS, pipe.G_HELLO])
+        size = pipe.STATS.size if rng.random() < 0.9 else rng.randint(0, 60)
         body = rng.randbytes(size)
-        return P.PIPE_HDR.pack(t, seq, len(body)) + body
+        return pipe.PIPE_HDR.pack(t, seq, len(body)) + body
     if rng.random() < 0.5:
-        return P.PIPE_HDR.pack(rng.getrandbits(16), seq, rng.getrandbits(32)) + rng.randbytes(8)
+        return pipe.PIPE_HDR.pack(rng.getrandbits(16), seq, rng.getrandbits(32)) + rng.randbytes(8)
     return rng.randbytes(rng.randint(1, 40))
 
 
@@ -485,14 +487,14 @@ def answered_writes(draw, npages: int):
     if draw(st.booleans()):
         gfn = draw(st.one_of(st.integers(0, npages + 2), st.integers(0, 2**64 - 1)))
         n = draw(st.integers(1, 64))
-        off = draw(st.integers(0, P.PAGE_SIZE - n))
-        body = P.WRITE.pack(gfn, off) + draw(st.binary(min_size=n, max_size=n))
-        return P.PIPE_HDR.pack(P.G_WRITE, seq, len(body)) + body, seq
+        off = draw(st.integers(0, constants.PAGE_SIZE - n))
+        body = pipe.WRITE.pack(gfn, off) + draw(st.binary(min_size=n, max_size=n))
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE, seq, len(body)) + body, seq
     k = draw(st.integers(1, 3))
     gfns = draw(st.lists(st.one_of(st.integers(-2, npages + 2), st.integers(-2**63, 2**63 - 1)),
                          min_size=k, max_size=k))
-    body = P.WRITE_PAGES.pack(k) + np.array(gfns, "<i8").tobytes() + bytes(k * P.PAGE_SIZE)
-    return P.PIPE_HDR.pack(P.G_WRITE_PAGES, seq, len(body)) + body, seq
+    body = pipe.WRITE_PAGES.pack(k) + np.array(gfns, "<i8").tobytes() + bytes(k * constants.PAGE_SIZE)
+    return pipe.PIPE_HDR.pack(pipe.G_WRITE_PAGES, seq, len(body)) + body, seq
 
 
 def _rand_answered_write(rng, npages: int):
@@ -501,13 +503,13 @@ def _rand_answered_write(rng, npages: int):
     if rng.random() < 0.5:
         gfn = rng.randint(0, npages + 2) if rng.random() < 0.8 else rng.getrandbits(64)
         n = rng.randint(1, 64)
-        body = P.WRITE.pack(gfn, rng.randint(0, P.PAGE_SIZE - n)) + rng.randbytes(n)
-        return P.PIPE_HDR.pack(P.G_WRITE, seq, len(body)) + body, seq
+        body = pipe.WRITE.pack(gfn, rng.randint(0, constants.PAGE_SIZE - n)) + rng.randbytes(n)
+        return pipe.PIPE_HDR.pack(pipe.G_WRITE, seq, len(body)) + body, seq
     k = rng.randint(1, 3)
     gfns = [rng.randint(-2, npages + 2) if rng.random() < 0.8 else rng.randint(-2**63, 2**63 - 1)
             for _ in range(k)]
-    body = P.WRITE_PAGES.pack(k) + np.array(gfns, "<i8").tobytes() + bytes(k * P.PAGE_SIZE)
-    return P.PIPE_HDR.pack(P.G_WRITE_PAGES, seq, len(body)) + body, seq
+    body = pipe.WRITE_PAGES.pack(k) + np.array(gfns, "<i8").tobytes() + bytes(k * constants.PAGE_SIZE)
+    return pipe.PIPE_HDR.pack(pipe.G_WRITE_PAGES, seq, len(body)) + body, seq
 
 
 def _fuzz_pipe_live(hv, examples: int, garbage_samples: int, counts: Counter) -> None:
@@ -519,7 +521,7 @@ def _fuzz_pipe_live(hv, examples: int, garbage_samples: int, counts: Counter) ->
 
     @_settings(examples)
     @given(st.integers(0, 2**64 - 1), st.lists(answered_writes(npages), max_size=2),
-           st.lists(st.binary(min_size=P.STATS.size, max_size=P.STATS.size), max_size=2))
+           st.lists(st.binary(min_size=pipe.STATS.size, max_size=pipe.STATS.size), max_size=2))
     def run(seed, writes, stats):
         import random
         rng = random.Random(seed)
@@ -533,7 +535,7 @@ def _fuzz_pipe_live(hv, examples: int, garbage_samples: int, counts: Counter) ->
                 assert r["seq"] == seq and r["status"] in (0, errno.EINVAL), r
                 counts.add("answered" if r["status"] == 0 else "refused")
             for body in stats:                       # no answer; NaNs are fine
-                g.pipe_send(P.PIPE_HDR.pack(P.G_STATS, 0, len(body)) + body)
+                g.pipe_send(pipe.PIPE_HDR.pack(pipe.G_STATS, 0, len(body)) + body)
                 counts.add("stats")
         assert hv.domain(b)["state"] == "running"
         _healthy(hv)
@@ -547,13 +549,13 @@ def _fuzz_pipe_live(hv, examples: int, garbage_samples: int, counts: Counter) ->
         d = hv.create(8, "zero")
         kind = i % 4
         if kind == 0:
-            junk = P.PIPE_HDR.pack(0x4242, 1, 0)                           # unknown type
+            junk = pipe.PIPE_HDR.pack(0x4242, 1, 0)                           # unknown type
         elif kind == 1:
-            junk = P.PIPE_HDR.pack(P.G_WRITE, 1, P.MAX_GUEST_BODY + 1)      # too long
+            junk = pipe.PIPE_HDR.pack(pipe.G_WRITE, 1, pipe.MAX_GUEST_BODY + 1)      # too long
         elif kind == 2:
-            junk = P.PIPE_HDR.pack(P.G_WRITE, 1, 4) + b"abcd"              # write too short
+            junk = pipe.PIPE_HDR.pack(pipe.G_WRITE, 1, 4) + b"abcd"              # write too short
         else:
-            junk = P.PIPE_HDR.pack(P.G_WRITE_PAGES, 1, 12) + rng.bytes(12)  # count/size mismatch
+            junk = pipe.PIPE_HDR.pack(pipe.G_WRITE_PAGES, 1, 12) + rng.bytes(12)  # count/size mismatch
         with hv.guest(d) as g:
             try:
                 g.pipe_send(junk)

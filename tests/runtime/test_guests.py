@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 
-from guests import workloads
+from hvcore import images
 from tools import api
 
 PAGE = 4096
@@ -23,7 +23,7 @@ def _pair(hvs, pages=128, seed=5):
     """Two clones of one image, shared over the pages they have in common."""
     a = hvs.create(pages, "clone", seed=seed)
     b = hvs.create(pages, "clone", seed=seed)
-    runs = workloads.shareable_runs(seed, pages)
+    runs = images.shareable_runs(seed, pages)
     shared = sum(hvs.range_share(a, b, f, l) for f, l in runs)
     return a, b, runs, shared
 
@@ -48,16 +48,16 @@ def test_guest_reads_what_it_wrote(hvs):
 def test_clone_content_is_deterministic_and_stamped(hvs):
     a = hvs.create(96, "clone", seed=9)
     b = hvs.create(96, "clone", seed=9)
-    kinds = workloads.clone_kinds(9, 96)
+    kinds = images.clone_kinds(9, 96)
     with hvs.guest(a) as ga, hvs.guest(b) as gb:
         pa, pb = ga.read_pages(np.arange(96)), gb.read_pages(np.arange(96))
-        assert workloads.valid_pages(pa).all() and workloads.valid_pages(pb).all()
-        common = kinds != workloads.KIND_PRIVATE
+        assert images.valid_pages(pa).all() and images.valid_pages(pb).all()
+        common = kinds != images.KIND_PRIVATE
         assert (pa[common] == pb[common]).all()
-        assert (pa[kinds == workloads.KIND_ZERO] == 0).all()
+        assert (pa[kinds == images.KIND_ZERO] == 0).all()
         if (~common).any():
             assert (pa[~common] != pb[~common]).any(axis=1).all()
-        assert (ga.checksum(0, 96) == workloads.checksums(pa)).all()
+        assert (ga.checksum(0, 96) == images.checksums(pa)).all()
 
 
 def test_write_to_shared_page_breaks_sharing_for_writer_only(hvs):
@@ -79,7 +79,7 @@ def test_write_to_shared_page_breaks_sharing_for_writer_only(hvs):
         assert hvs.info()["nr_saved_mfns"] == shared - 1
         # one batched message, many faults
         gfns = np.array([g for f, l in runs for g in range(f, l + 1) if g != gfn][:32])
-        pages = workloads.random_pages(np.random.default_rng(2), len(gfns))
+        pages = images.random_pages(np.random.default_rng(2), len(gfns))
         assert gb.write_pages(gfns, pages) == len(gfns)
         assert (gb.read_pages(gfns) == pages).all()
         assert (ga.read_pages(gfns) != pages).any()
@@ -165,7 +165,7 @@ def test_reader_never_sees_a_torn_page(hvs):
     # a's own writer thread rewrites its pages in place and takes CoW faults
     a = hvs.create(pages, "writer", seed=seed, rate=4000, batch=16)
     b = hvs.create(pages, "clone", seed=seed)
-    runs = workloads.shareable_runs(seed, pages)
+    runs = images.shareable_runs(seed, pages)
     result = {}
 
     def reader():
@@ -181,13 +181,13 @@ def test_reader_never_sees_a_torn_page(hvs):
             for f, l in runs:
                 c.range_share(b, a, f, l)       # a is the client: its frames are freed
             gfns = rng.choice(pages, 48, replace=False)
-            gb.write_pages(gfns[:16], workloads.random_pages(rng, 16))   # reuses freed frames
+            gb.write_pages(gfns[:16], images.random_pages(rng, 16))   # reuses freed frames
             for g in gfns[16:32].tolist():
                 try:
                     c.unshare(a, g)
                 except api.HVCtlError:
                     pass                        # not shared (private extent)
-            ga.write_pages(gfns[32:], workloads.random_pages(rng, 16))   # in-place writes
+            ga.write_pages(gfns[32:], images.random_pages(rng, 16))   # in-place writes
             rounds += 1
     t.join()
     v = result["verify"]

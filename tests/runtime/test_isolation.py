@@ -23,9 +23,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from hvcore import protocol as P
+from hvcore.wire import pipe
 from hvcore import shm
-from hvcore.server import state_dir_for
+from hvcore.process.statedir import state_dir_for
 from tools import api
 
 PAGE = 4096
@@ -95,13 +95,13 @@ def test_a_guest_cannot_touch_another_domain_through_its_pipe(hvs):
         before = gb.checksum(0, 64)
     with hvs.guest(small) as g:
         for gfn in (8, 40, 63, 2**63, 2**64 - 1):               # valid in big, not in small
-            body = P.WRITE.pack(gfn, 0) + b"intruder"
-            r = g.pipe_send(P.PIPE_HDR.pack(P.G_WRITE, 9, len(body)) + body, reply=True)
+            body = pipe.WRITE.pack(gfn, 0) + b"intruder"
+            r = g.pipe_send(pipe.PIPE_HDR.pack(pipe.G_WRITE, 9, len(body)) + body, reply=True)
             assert r["status"] == 22 and r["seq"] == 9, r       # EINVAL
         for gfns in ([8], [-1], [0, 40], [-2**63]):
-            body = (P.WRITE_PAGES.pack(len(gfns)) + np.array(gfns, "<i8").tobytes()
+            body = (pipe.WRITE_PAGES.pack(len(gfns)) + np.array(gfns, "<i8").tobytes()
                     + b"\x5a" * (PAGE * len(gfns)))
-            r = g.pipe_send(P.PIPE_HDR.pack(P.G_WRITE_PAGES, 10, len(body)) + body, reply=True)
+            r = g.pipe_send(pipe.PIPE_HDR.pack(pipe.G_WRITE_PAGES, 10, len(body)) + body, reply=True)
             assert r["status"] == 22, r
         assert g.read(0) == bytes(PAGE)                         # a refused batch wrote nothing
     with hvs.guest(big) as gb:

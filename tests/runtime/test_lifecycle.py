@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from hvcore import shm
-from hvcore.server import state_dir_for
+from hvcore.process.statedir import state_dir_for
 from tools import api
 
 
@@ -181,8 +181,8 @@ def test_sharing_hypercalls_over_the_socket(hvs):
 
 def test_a_repeated_request_frame_is_checked_once_and_the_memo_stays_bounded(tmp_path):
     # The kill controller sends one destroy frame thousands of times.
-    from hvcore import protocol as P
-    from hvcore.server import _KNOWN_FRAMES, Server
+    from hvcore import errors
+    from hvcore.process.loop import _KNOWN_FRAMES, Server
     srv = Server(str(tmp_path / "hv.sock"))
     empty = memoryview(b"")
     body = b'{"op":"destroy","domid":3,"brief":true}'
@@ -191,7 +191,7 @@ def test_a_repeated_request_frame_is_checked_once_and_the_memo_stays_bounded(tmp
     for i in range(3 * _KNOWN_FRAMES):
         srv._check({"op": "destroy", "domid": i}, empty, b'{"op":"destroy","domid":%d}' % i)
         assert len(srv._known) <= _KNOWN_FRAMES
-    with pytest.raises(P.ProtocolError):
+    with pytest.raises(errors.ProtocolError):
         srv._check({"op": "destroy"}, empty, b'{"op":"destroy"}')
     assert b'{"op":"destroy"}' not in srv._known
     srv._check({"op": "ping"}, empty, None)                 # a frame with a payload: not kept
@@ -203,7 +203,7 @@ def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_i
     # second; the hypervisor holds control requests first, between steps,
     # not in one, and goes on serving guests; only guest work past the
     # slack idles the whole loop.
-    from hvcore.server import PACE_GUEST_SLACK, PACE_WINDOW, Server
+    from hvcore.process.loop import PACE_GUEST_SLACK, PACE_WINDOW, Server
     srv = Server(str(tmp_path / "hv.sock"))
     srv._pace_duty = 0.5
     cpu = [0.0]

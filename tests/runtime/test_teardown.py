@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from guests import workloads
+from hvcore import images
 from hvcore.errors import EBUSY, ESRCH
 from perf.teardown import heavy_domain
 from tools import api, killctl
@@ -92,13 +92,13 @@ def test_every_frame_comes_back(rmap, mode):
         heavy, other = heavy_domain(hv, 1500, also=8)
         a = hv.create(512, "clone", seed=3)
         b = hv.create(512, "clone", seed=3)
-        runs = workloads.shareable_runs(3, 512)
+        runs = images.shareable_runs(3, 512)
         for f, l in runs:
             hv.range_share(a, b, f, l)
         with hv.guest(b) as g:
             assert g.write(runs[0][0], b"copy on write") is True
         crashed = hv.create(64, "clone", seed=3)
-        for f, l in workloads.shareable_runs(3, 64):
+        for f, l in images.shareable_runs(3, 64):
             hv.range_share(a, crashed, f, l)
         os.kill(_entry(hv, crashed)["pid"], signal.SIGKILL)
         assert _wait(lambda: _entry(hv, crashed)["state"] == "crashed", 5)
@@ -135,7 +135,7 @@ def test_guests_fault_during_a_teardown_and_their_writes_land():
             gfn = 0
             while ctl.is_alive() and gfn < pages:
                 for w, g in guests.items():
-                    data = workloads.random_pages(rng, 1)[0]
+                    data = images.random_pages(rng, 1)[0]
                     assert g.write(gfn, data.tobytes()) is True          # a CoW fault, answered
                     written[w][gfn] = data
                     during += ctl.is_alive()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from hvcore import Hypervisor
 from hvcore.p2m import RAM_RW, RAM_SHARED
-from hvcore.rmap import POLICIES
+from hvcore.constants import RMAP_POLICIES as POLICIES
 from perf.ksm import clone_content
 from tools import dedup
 from tools.dedup import InProcessBackend, Scanner

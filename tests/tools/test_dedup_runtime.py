@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from guests import workloads
+from hvcore import images
 from hvcore.errors import ESRCH
 from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
 from tools import api
@@ -58,9 +58,9 @@ def test_clones_share_image_and_zero_pages_private_pages_stay(hvs):
     pages, seed = 1024, 7
     doms = [hvs.create(pages, "clone", seed=seed) for _ in range(3)]
     before = [memory(hvs, d) for d in doms]
-    kinds = workloads.clone_kinds(seed, pages)
-    n_image = int((kinds == workloads.KIND_IMAGE).sum())
-    n_zero = int((kinds == workloads.KIND_ZERO).sum())
+    kinds = images.clone_kinds(seed, pages)
+    n_image = int((kinds == images.KIND_IMAGE).sum())
+    n_zero = int((kinds == images.KIND_ZERO).sum())
     with Scanner(SocketBackend(hvs)) as sc:
         r = sc.scan_pass()
     # what the content predicts: the image once, one zero frame, private pages alone
@@ -69,11 +69,11 @@ def test_clones_share_image_and_zero_pages_private_pages_stay(hvs):
     assert r.nr_saved_mfns == r.saved_delta == hvs.info()["nr_saved_mfns"] == want
     assert r.scanned == 3 * pages and r.full_scan
     assert r.counters["pages_sharing"] == want
-    assert r.counters["pages_unshared"] == 3 * int((kinds == workloads.KIND_PRIVATE).sum())
+    assert r.counters["pages_unshared"] == 3 * int((kinds == images.KIND_PRIVATE).sum())
     for d, mem in zip(doms, before):
         t = types(hvs, d)
-        assert (t[kinds == workloads.KIND_PRIVATE] == RAM_RW).all()
-        assert (t[kinds != workloads.KIND_PRIVATE] == RAM_SHARED).all()
+        assert (t[kinds == images.KIND_PRIVATE] == RAM_RW).all()
+        assert (t[kinds != images.KIND_PRIVATE] == RAM_SHARED).all()
         assert np.array_equal(memory(hvs, d), mem)      # guests read what they had
     # the hypervisor's own accounting of the pass
     steps = r.hv_steps
@@ -168,8 +168,8 @@ def test_rescan_after_writes_merges_only_what_is_identical_again(hvs):
     pages, seed = 256, 5
     a = hvs.create(pages, "clone", seed=seed)
     b = hvs.create(pages, "clone", seed=seed)
-    kinds = workloads.clone_kinds(seed, pages)
-    image = np.nonzero(kinds == workloads.KIND_IMAGE)[0]
+    kinds = images.clone_kinds(seed, pages)
+    image = np.nonzero(kinds == images.KIND_IMAGE)[0]
     g, h = int(image[0]), int(image[1])
     rng = np.random.default_rng(2)
     with Scanner(SocketBackend(hvs)) as sc:
@@ -246,7 +246,7 @@ def test_a_pass_in_tiny_steps_merges_what_a_whole_pass_does(hvs):
 
 
 def test_chunk_cost_model_fits_a_fixed_and_a_per_item_cost():
-    from hvcore.server import BATCH_MIN_CHUNK, _ChunkCost
+    from hvcore.budget import MIN_CHUNK_ITEMS as BATCH_MIN_CHUNK, ChunkCost as _ChunkCost
     cost = _ChunkCost()
     fixed, item = 3e-4, 4e-6                    # the "true" cost of a chunk
     for i in range(40):

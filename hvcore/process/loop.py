@@ -54,20 +54,16 @@ from typing import Callable
 
 import numpy as np
 
-from . import protocol as P
-from . import shm
-from .errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
-from .events import EventRing, Parked, ParkedWrite
+from ..wire import control, pipe, schema
+from .. import constants
+from .. import errors
+from .. import images, shm
+from ..constants import DEFAULT_FRAMES, DOMID_MAX, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES, WORKLOADS
+from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
+from ..events import EventRing, Parked, ParkedWrite
+from ..budget import ChunkCost
+from .statedir import SOCKET_PATH_MAX, child_env, cleanup_leftovers, guest_socket_path, state_dir_for
 
-DEFAULT_FRAMES = 65536
-TEARDOWN_MODES = ("preemptible", "monolithic")
-#: How the hypervisor process is scheduled. ``fifo`` (the default where the
-#: kernel allows it): real-time SCHED_FIFO at the lowest priority, so that,
-#: as in Xen, a guest never preempts the hypervisor in the middle of a step
-#: and a step's wall time is its own work, whatever the guests run. Guests
-#: and tools stay ordinary processes (SCHED_RESET_ON_FORK). ``normal``: an
-#: ordinary process, preempted like any other.
-SCHED_MODES = ("fifo", "normal")
 #: Pacing of a real-time hypervisor. The kernel lets real-time tasks run at
 #: most sched_rt_runtime_us of every sched_rt_period_us (950 ms of 1 s) and
 #: then stops them for the rest of the period: a hypervisor kept busy for a
@@ -93,11 +89,9 @@ TEARDOWN_STEP_BUDGET = 0.0008
 #: ~220 us with 0.1 ms, ~80 us idle). Not much less: a chunk has a fixed
 #: cost of some 5-10 us.
 TEARDOWN_CHUNK_SECONDS = 0.0002
-#: A budgeted nominate_many or share_many (``budget_us``) does at least
-#: this many items per chunk.
-BATCH_MIN_CHUNK = 16
-#: ... and, when its fixed cost nearly fills the budget, takes up to this
-#: many times the budget (see _ChunkCost).
+#: when the fixed cost of a chunk nearly fills the budget, a budgeted
+#: nominate_many or share_many may take up to this many times the budget
+#: (see :class:`hvcore.budget.ChunkCost`)
 BATCH_OVERRUN = 1.5
 #: A brief destroy "restart" (see Server._op_destroy): the keys of the
 #: full answer that change between steps; the values are ints, floats and
@@ -120,50 +114,8 @@ _TICK = 0.1
 GC_YOUNG_THRESHOLD = 20_000
 #: bytes the hypervisor reads from a guest pipe at once
 _GUEST_READ = 1 << 16
-_WRITE_MSG = P.WRITE_MSG
-_REPLY_MSG = P.REPLY_MSG
-_SOCK_MAX = 107                      # sun_path limit, less the NUL
-_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-# ----------------------------------------------------------------------
-# paths
-
-
-def state_dir_for(socket_path: str) -> str:
-    """The hypervisor's private directory next to its control socket."""
-    base = socket_path[:-5] if socket_path.endswith(".sock") else socket_path
-    return base + ".d"
-
-
-def guest_socket_path(state_dir: str, domid: int) -> str:
-    return os.path.join(state_dir, f"guest-{domid}.sock")
-
-
-def child_env() -> dict:
-    """Environment for our child processes: the project importable as is."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
-    return env
-
-
-def cleanup_leftovers(socket_path: str) -> dict:
-    """Remove what a dead hypervisor left: its control socket, guest
-    sockets, and the segments of every dead hvshare owner. The caller must
-    know that no hypervisor serves ``socket_path`` (it holds the lock)."""
-    removed = {"sockets": 0, "segments": 0}
-    state = state_dir_for(socket_path)
-    paths = [socket_path]
-    if os.path.isdir(state):
-        paths += [os.path.join(state, n) for n in os.listdir(state) if n.endswith(".sock")]
-    for p in paths:
-        try:
-            os.unlink(p)
-            removed["sockets"] += 1
-        except FileNotFoundError:
-            pass
-    removed["segments"] = len(shm.unlink_stale())
-    return removed
+_WRITE_MSG = pipe.WRITE_MSG
+_REPLY_MSG = pipe.REPLY_MSG
 
 
 class StartError(Exception):
@@ -283,7 +235,7 @@ class _Client(_Endpoint):
     def __init__(self, server, sock: socket.socket):
         super().__init__(server, sock.fileno())
         self.sock = sock
-        self.reader = P.frame_reader(sock)
+        self.reader = control.frame_reader(sock)
         self.waiting = False            # a deferred answer (create) is pending
         self.backlog: list = []
         #: the answer of a step that yielded to other work, held until that
@@ -300,7 +252,7 @@ class _Client(_Endpoint):
         self.queue(parts)
 
     def reply(self, obj: dict, payload=b"") -> None:
-        self.queue(P.frame(obj, payload))
+        self.queue(control.frame(obj, payload))
 
 
 class _Guest(_Endpoint):
@@ -312,7 +264,7 @@ class _Guest(_Endpoint):
         self.domid = domid
         self.proc = proc
         self.wfd = wfd
-        self.reader = P.pipe_reader(rfd, to_hv=True)
+        self.reader = pipe.pipe_reader(rfd, to_hv=True)
         self.sock_path = sock_path
         self.config = config
         self.ready = False
@@ -331,12 +283,12 @@ class _Guest(_Endpoint):
         return os.write(self.wfd, mv)
 
     def send(self, mtype: int, seq: int = 0, *body) -> None:
-        self.queue(P.pipe_message(mtype, seq, *body))
+        self.queue(pipe.pipe_message(mtype, seq, *body))
 
     def reply(self, seq: int, status: int, value: int) -> None:
         """An ``H_REPLY``: one precompiled struct, one write when nothing is
         queued (a 20-byte pipe write is all or nothing), else the queue."""
-        msg = _REPLY_MSG.pack(P.H_REPLY, seq & 0xFFFF, P.REPLY.size, status, value)
+        msg = _REPLY_MSG.pack(pipe.H_REPLY, seq & 0xFFFF, pipe.REPLY.size, status, value)
         if not self.out and not self.closed:
             try:
                 os.write(self.wfd, msg)
@@ -409,7 +361,7 @@ class Server:
         self.started = time.time()
         self.requests = 0
         #: cost model of a budgeted batch request's chunks, by op (_bounded)
-        self._chunk_cost: dict[str, _ChunkCost] = {}
+        self._chunk_cost: dict[str, ChunkCost] = {}
         self.instances = 0
         self._lsock: socket.socket | None = None
         self._lock_fd: int | None = None
@@ -420,10 +372,9 @@ class Server:
     def open(self) -> dict:
         """Take the state directory's lock, clear a dead predecessor's
         leftovers, build the core and listen. Raises StartError."""
-        from .core import Hypervisor
-        from .rmap import POLICIES
-        if self.rmap not in POLICIES:
-            raise StartError(f"unknown rmap policy {self.rmap!r} (choose from {', '.join(POLICIES)})")
+        from ..core import Hypervisor
+        if self.rmap not in RMAP_POLICIES:
+            raise StartError(f"unknown rmap policy {self.rmap!r} (choose from {', '.join(RMAP_POLICIES)})")
         if self.teardown not in TEARDOWN_MODES:
             raise StartError(f"unknown teardown mode {self.teardown!r} (choose from {', '.join(TEARDOWN_MODES)})")
         if self.sched not in SCHED_MODES:
@@ -438,9 +389,9 @@ class Server:
             # tmpfs would accept the size and fail later, with SIGBUS on a write
             raise StartError(f"a pool of {self.frames} frames needs {self.frames * 4096 / 2**30:.1f} GiB "
                              f"but {shm.SHM_DIR} has {free / 2**30:.1f} GiB free")
-        if len(guest_socket_path(self.state_dir, 0x7FEF).encode()) > _SOCK_MAX:
+        if len(guest_socket_path(self.state_dir, DOMID_MAX).encode()) > SOCKET_PATH_MAX:
             raise StartError(f"socket path {self.socket_path} is too long for a Unix socket "
-                             f"(keep it under about {_SOCK_MAX - 20} characters)")
+                             f"(keep it under about {SOCKET_PATH_MAX - 20} characters)")
         try:
             os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
@@ -652,8 +603,8 @@ class Server:
     def _client_readable(self, c: _Client) -> None:
         try:
             msgs, eof = c.reader.pump(limit=16)
-        except P.ProtocolError as e:
-            c.reply(P.error(f"bad control frame: {e}"))
+        except errors.ProtocolError as e:
+            c.reply(schema.error(f"bad control frame: {e}"))
             self._drop_client(c)
             return
         c.backlog += msgs
@@ -677,13 +628,13 @@ class Server:
             try:
                 known = None if blen else self._known.get(body)
                 if known is None:
-                    obj, payload = P.parse_frame(jlen, body)
+                    obj, payload = control.parse_frame(jlen, body)
                     op = str(obj.get("op"))
                     known = self._check(obj, payload, None if blen else body)
                 op = known[0]
                 self._request(c, *known)
-            except P.ProtocolError as e:
-                c.reply(P.error(str(e)))
+            except errors.ProtocolError as e:
+                c.reply(schema.error(str(e)))
             finally:
                 self.meter.record(time.perf_counter() - t0, op)
             if self._preempted:
@@ -701,7 +652,7 @@ class Server:
         it is not a valid one). Remembered by its frame ``body`` when given
         (a frame without payload): parsing and checking are pure, and the
         kill controller sends one destroy request thousands of times."""
-        op, args = P.check_request(obj, P.CONTROL_OPS)
+        op, args = schema.check_request(obj, schema.CONTROL_OPS)
         if body is not None and len(body) <= _KNOWN_BYTES:
             if len(self._known) >= _KNOWN_FRAMES:
                 self._known.clear()
@@ -714,19 +665,19 @@ class Server:
         try:
             result = getattr(self, "_op_" + op)(c, payload=payload, **args)
         except HVError as e:
-            c.reply(P.error(_sentence(e), e.code, e.name))
+            c.reply(schema.error(_sentence(e), e.code, e.name))
             return
-        except P.ProtocolError as e:    # a payload that does not match its arguments
-            c.reply(P.error(f"{op}: {e}"))
+        except errors.ProtocolError as e:    # a payload that does not match its arguments
+            c.reply(schema.error(f"{op}: {e}"))
             return
         except Exception as e:          # a bug must not take every guest down
             traceback.print_exc()
-            c.reply(P.error(f"internal error in {op}: {e!r}", errno.EIO, "EIO"))
+            c.reply(schema.error(f"internal error in {op}: {e!r}", errno.EIO, "EIO"))
             return
         if result is None:          # answered later (create) or already (stop)
             return
         obj, data = result if isinstance(result, tuple) else (result, b"")
-        c.reply(P.ok(**obj), data)
+        c.reply(schema.ok(**obj), data)
 
     def _op_ping(self, c, payload):
         return {"pid": os.getpid()}
@@ -778,22 +729,21 @@ class Server:
         summary = self.close()
         try:
             c.sock.setblocking(True)
-            P.send_frame(c.sock, P.ok(stopped=True, **summary))
+            control.send_frame(c.sock, schema.ok(stopped=True, **summary))
         except OSError:
             pass
         c.sock.close()
         return None
 
     def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch):
-        from guests import workloads
-        if workload not in workloads.NAMES:
-            raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(workloads.NAMES)})")
+        if workload not in WORKLOADS:
+            raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
         if pages > self.hv.pool.nfree:
             # refused before anything is sized by ``pages`` (up to 2**31)
             raise HVError(ENOMEM, f"cannot create a domain of {pages} pages: "
                                   f"{pages} frames asked, {self.hv.pool.nfree} free")
         instance = self.instances + 1
-        content = workloads.content_for(workload, seed, instance, pages)
+        content = images.content_for(workload, seed, instance, pages)
         try:
             d = self.hv.create_domain(pages, content=content, name=name, paused=paused)
         except HVError as e:
@@ -856,9 +806,9 @@ class Server:
                 td["continuations"], round(step * 1e3, 3), round(td["max_step_s"] * 1e3, 3),
                 round(td["max_step_cpu_s"] * 1e3, 3), round(td["busy_s"], 6))).encode()
             if self._preempted or c.later:      # (answers keep their order)
-                c.later += (P.FRAME_HDR.pack(len(js), 0), js)
+                c.later += (control.FRAME_HDR.pack(len(js), 0), js)
             else:
-                c.queue((P.FRAME_HDR.pack(len(js), 0), js))
+                c.queue((control.FRAME_HDR.pack(len(js), 0), js))
             return None
         out = {"domid": domid, "done": done, "state": "destroyed" if done else "dying",
                "phase": "gone" if done else d.teardown_phase, "cursor": d.relinquish_cursor,
@@ -919,7 +869,7 @@ class Server:
         d.state = "paused" if paused else "running"
         g = self.guests.get(domid)
         if g is not None:
-            g.notify(P.H_PAUSE if paused else P.H_UNPAUSE)
+            g.notify(pipe.H_PAUSE if paused else pipe.H_UNPAUSE)
         return {"domid": domid, "state": d.state}
 
     def _op_nominate(self, c, payload, domid, gfn):
@@ -979,7 +929,7 @@ class Server:
         within one step: (the chunks' results, items done).
 
         Without a budget, one chunk of everything. With ``budget_us``, the
-        first chunk is sized by the op's cost model (:class:`_ChunkCost`)
+        first chunk is sized by the op's cost model (:class:`ChunkCost`)
         to fill the budget, so a step is usually one chunk, one call into
         the core. Another chunk follows only while half the budget is left
         and nothing but this client is ready (a guest's fault, another
@@ -996,7 +946,7 @@ class Server:
         deadline = clock() + budget
         cost = self._chunk_cost.get(op)
         if cost is None:
-            cost = self._chunk_cost[op] = _ChunkCost()
+            cost = self._chunk_cost[op] = ChunkCost()
         out, lo = [], 0
         while lo < n:
             now = clock()
@@ -1018,7 +968,7 @@ class Server:
         g2h_r, g2h_w = os.pipe()
         h2g_r, h2g_w = os.pipe()
         for fd in (g2h_r, h2g_r):
-            P.set_pipe_size(fd)
+            pipe.set_pipe_size(fd)
         sock_path = guest_socket_path(self.state_dir, d.domid)
         config.update(domid=d.domid, pool=self.hv.pool.name, p2m=d.p2m.name, rfd=h2g_r,
                       wfd=g2h_w, socket=sock_path, hv_pid=os.getpid())
@@ -1049,7 +999,7 @@ class Server:
         if reader.partial:
             try:
                 msgs, eof = reader.pump(limit=32)
-            except P.ProtocolError as e:
+            except errors.ProtocolError as e:
                 self._crash(g, f"protocol violation: {e}")
                 return
         else:
@@ -1065,9 +1015,9 @@ class Server:
             if n == 0:
                 self._guest_eof(g)
                 return
-            if _WRITE_MSG.size < n <= _WRITE_MSG.size + P.PAGE_SIZE:
+            if _WRITE_MSG.size < n <= _WRITE_MSG.size + constants.PAGE_SIZE:
                 mtype, seq, blen, gfn, offset = _WRITE_MSG.unpack_from(buf)
-                if mtype == P.G_WRITE and blen == n - 8 and offset + n - _WRITE_MSG.size <= P.PAGE_SIZE:
+                if mtype == pipe.G_WRITE and blen == n - 8 and offset + n - _WRITE_MSG.size <= constants.PAGE_SIZE:
                     self._guest_write(g, seq, gfn, offset, n)
                     return
             try:
@@ -1076,7 +1026,7 @@ class Server:
                 if n == len(buf) or reader.partial:
                     more, eof = reader.pump(limit=32)
                     msgs += more
-            except P.ProtocolError as e:
+            except errors.ProtocolError as e:
                 self._crash(g, f"protocol violation: {e}")
                 return
         name = g.step_name
@@ -1084,7 +1034,7 @@ class Server:
             t0 = time.perf_counter()
             try:
                 self._guest_message(g, mtype, seq, body)
-            except P.ProtocolError as e:
+            except errors.ProtocolError as e:
                 self._crash(g, f"protocol violation: {e}")
                 return
             except Exception as e:      # a bug: crash this domain, not the host
@@ -1117,14 +1067,14 @@ class Server:
         try:
             d = self.hv.domains[g.domid]
             if d.state != "running" or g.domid in self.parked:
-                self._guest_message(g, P.G_WRITE, seq, bytes(g.inbuf[8:n]))
+                self._guest_message(g, pipe.G_WRITE, seq, bytes(g.inbuf[8:n]))
                 return
             try:
                 value = self.hv.write(g.domid, gfn, offset, g.inbuf[_WRITE_MSG.size:n])
                 status = 0
             except HVError as e:
                 if e.code == ENOMEM:
-                    self._park(g, P.G_WRITE, seq, bytes(g.inbuf[8:n]))
+                    self._park(g, pipe.G_WRITE, seq, bytes(g.inbuf[8:n]))
                     return
                 status, value = e.code, 0
             else:
@@ -1135,7 +1085,7 @@ class Server:
                     c["cow_faults"] += 1
                     self.cow_faults += 1
             g.reply(seq, status, value)
-        except P.ProtocolError as e:
+        except errors.ProtocolError as e:
             self._crash(g, f"protocol violation: {e}")
         except Exception as e:          # a bug: crash this domain, not the host
             traceback.print_exc()
@@ -1144,7 +1094,7 @@ class Server:
             self.meter.record(time.perf_counter() - t0, g.step_name, "guest")
 
     def _guest_message(self, g: _Guest, mtype: int, seq: int, body) -> None:
-        if mtype == P.G_WRITE or mtype == P.G_WRITE_PAGES or mtype == P.G_WRITE_MANY:
+        if mtype == pipe.G_WRITE or mtype == pipe.G_WRITE_PAGES or mtype == pipe.G_WRITE_MANY:
             if g.domid in self.parked:
                 # waiting for memory: later writes queue behind, in order
                 self._park(g, mtype, seq, body)
@@ -1163,11 +1113,11 @@ class Server:
                     return
                 status = e.code
             g.reply(seq, status, value)
-        elif mtype == P.G_STATS:
-            g.reported = P.decode_stats(body)
-        elif mtype == P.G_HELLO:
-            if len(body) != P.HELLO.size:
-                raise P.ProtocolError("bad hello message")
+        elif mtype == pipe.G_STATS:
+            g.reported = pipe.decode_stats(body)
+        elif mtype == pipe.G_HELLO:
+            if len(body) != pipe.HELLO.size:
+                raise errors.ProtocolError("bad hello message")
             g.ready = True
             self._answer_creator(g, None)
 
@@ -1175,16 +1125,16 @@ class Server:
     def _apply_write(self, g: _Guest, mtype: int, body) -> int:
         """Apply one guest write message; the CoW faults it took.
         Raises HVError (ENOMEM: nothing changed) or ProtocolError."""
-        if mtype == P.G_WRITE:
-            gfn, offset, data = P.decode_write(body)
+        if mtype == pipe.G_WRITE:
+            gfn, offset, data = pipe.decode_write(body)
             value = int(self.hv.write(g.domid, gfn, offset, data))
             g.counters["pages_written"] += 1
-        elif mtype == P.G_WRITE_MANY:
-            gfns, offsets, lengths, data = P.decode_write_many(body)
+        elif mtype == pipe.G_WRITE_MANY:
+            gfns, offsets, lengths, data = pipe.decode_write_many(body)
             value = int(self.hv.write_many(g.domid, gfns, offsets, lengths, data))
             g.counters["pages_written"] += len(gfns)
         else:
-            gfns, pages = P.decode_write_pages(body)
+            gfns, pages = pipe.decode_write_pages(body)
             value = int(self.hv.write_pages(g.domid, gfns, pages))
             g.counters["pages_written"] += len(gfns)
         g.counters["writes"] += 1
@@ -1195,15 +1145,15 @@ class Server:
     def _park(self, g: _Guest, mtype: int, seq: int, body) -> None:
         """Keep a write that found no free frame: pause the domain (its
         guest already waits for the answer) and post ``enomem`` on the ring."""
-        if mtype == P.G_WRITE:
-            gfn, _, _ = P.decode_write(body)            # refuses garbage before keeping it
+        if mtype == pipe.G_WRITE:
+            gfn, _, _ = pipe.decode_write(body)            # refuses garbage before keeping it
             pages, needed = 1, 1
-        elif mtype == P.G_WRITE_MANY:
-            gfns = P.decode_write_many(body)[0]
+        elif mtype == pipe.G_WRITE_MANY:
+            gfns = pipe.decode_write_many(body)[0]
             gfn, pages = int(gfns[0]), len(gfns)
             needed = self._frames_needed(g.domid, gfns)
         else:
-            gfns, _ = P.decode_write_pages(body)
+            gfns, _ = pipe.decode_write_pages(body)
             gfn, pages = int(gfns[0]), len(gfns)
             needed = self._frames_needed(g.domid, gfns)
         p = self.parked.get(g.domid)
@@ -1215,7 +1165,7 @@ class Server:
             return
         d = self.hv.domains[g.domid]
         d.state = "paused"
-        g.notify(P.H_PAUSE)
+        g.notify(pipe.H_PAUSE)
         self.enomem_waits += 1
         free = self.hv.pool.nfree
         self._parked_free = free if len(self.parked) == 1 else min(self._parked_free, free)
@@ -1226,7 +1176,7 @@ class Server:
     def _frames_needed(self, domid: int, gfns) -> int:
         """Frames a batched write must allocate: one per shared gfn, less
         the frames whose every sharer is in the batch (the last takes it)."""
-        from .p2m import RAM_SHARED
+        from ..p2m import RAM_SHARED
         d = self.hv.domains.get(domid)
         try:
             gfns = np.unique(np.asarray(gfns, dtype=np.int64))
@@ -1285,7 +1235,7 @@ class Server:
                 if e.code == ENOMEM:
                     return False
                 status = e.code
-            except P.ProtocolError as e:             # checked when parked: not expected
+            except errors.ProtocolError as e:             # checked when parked: not expected
                 self._crash(g, f"protocol violation: {e}")
                 return True
             p.writes.popleft()
@@ -1293,7 +1243,7 @@ class Server:
                 del self.parked[domid]
                 d.state = "paused" if p.hold else "running"
                 if not p.hold:
-                    g.notify(P.H_UNPAUSE)
+                    g.notify(pipe.H_UNPAUSE)
                 self.ring.post("resumed", domid=domid, gfn=first.gfn if first else None,
                                waited_ms=round((time.monotonic() - p.since) * 1e3, 3),
                                state=d.state, frames_free=self.hv.pool.nfree)
@@ -1332,7 +1282,7 @@ class Server:
         new event as its own frame, until either side closes. Pushing only
         queues bytes, so a slow subscriber never holds the loop; one that
         falls :data:`EVENTS_MAX_QUEUE` bytes behind is dropped."""
-        c.reply(P.ok(subscribed=True, seq=self.ring.seq, parked=sorted(self.parked)))
+        c.reply(schema.ok(subscribed=True, seq=self.ring.seq, parked=sorted(self.parked)))
 
         def push(ev, c=c) -> bool:
             if c.closed:
@@ -1353,10 +1303,10 @@ class Server:
             return
         c.waiting = False
         if failure is None:
-            c.reply(P.ok(domid=g.domid, pid=g.proc.pid, name=self.hv.domains[g.domid].name,
+            c.reply(schema.ok(domid=g.domid, pid=g.proc.pid, name=self.hv.domains[g.domid].name,
                          guest_socket=g.sock_path))
         else:
-            c.reply(P.error(failure, EINVAL, "EINVAL"))
+            c.reply(schema.error(failure, EINVAL, "EINVAL"))
         self._serve_backlog(c)
 
     def _detach_guest(self, g: _Guest) -> None:
@@ -1493,7 +1443,7 @@ def _array(payload, count: int, dtypes) -> list[np.ndarray]:
     """Split a request payload into ``count``-long little-endian arrays."""
     want = 8 * count * len(dtypes)
     if len(payload) != want:
-        raise P.ProtocolError(f"payload of {len(payload)} bytes, expected {want}")
+        raise errors.ProtocolError(f"payload of {len(payload)} bytes, expected {want}")
     return [np.frombuffer(payload, dtype=np.dtype(t).newbyteorder("<"), count=count, offset=8 * count * i)
             for i, t in enumerate(dtypes)]
 
@@ -1559,57 +1509,6 @@ def _quiet_collector() -> None:
     gc.set_threshold(max(gen0, GC_YOUNG_THRESHOLD), gen1, gen2)
 
 
-class _ChunkCost:
-    """How long a chunk of ``k`` items of one batch op takes: a fixed part
-    (a core batch call's numpy calls: 0.1-0.5 ms, depending on the load)
-    plus a part per item (1-5 us), fitted by least squares over the recent
-    chunks (exponentially weighted), starting from a prior that keeps the
-    fit sane while the chunk sizes seen barely differ.
-
-    A chunk fills the time left, but is not so small that its fixed part
-    is more than twice its items' work unless that would take longer than
-    ``BATCH_OVERRUN`` times the budget: when the fixed part alone nearly
-    fills the budget (a loaded machine), a step runs a little over rather
-    than doing 16 items for the price of 200.
-    """
-
-    DECAY = 0.9                       # weight of the older chunks per new one
-    PRIOR = (2e-4, 3e-6, 64.0, 4.0)   # fixed s, per item s, at k, weight (chunks)
-
-    def __init__(self):
-        f, b, k, w = self.PRIOR
-        # weighted sums: w, w*k, w*k*k, w*t, w*k*t over the prior's two
-        # points (k/2, 3k/2) and the chunks seen
-        self._s = [0.0] * 5
-        for kk in (k / 2, 3 * k / 2):
-            self._add(kk, f + b * kk, w / 2)
-        self.fixed_s, self.item_s = f, b
-
-    def _add(self, k: float, t: float, w: float) -> None:
-        s = self._s
-        for i, v in enumerate((1.0, k, k * k, t, k * t)):
-            s[i] += w * v
-
-    def items(self, seconds: float, most: float) -> int:
-        """Items for a chunk to take about ``seconds``, or longer when that
-        is too few for the fixed part (see the class), but not ``most``."""
-        f, b = self.fixed_s, self.item_s
-        fair = min(f / (2 * b), (most - f) / b)
-        return int(max(BATCH_MIN_CHUNK, (seconds - f) / b, fair))
-
-    def learn(self, k: int, seconds: float) -> None:
-        self._s = [v * self.DECAY for v in self._s]
-        self._add(float(k), seconds, 1.0)
-        f, b, kk, w = self.PRIOR
-        for kk_ in (kk / 2, 3 * kk / 2):        # the prior never fades entirely
-            self._add(kk_, f + b * kk_, 0.05 * w)
-        s0, sk, skk, st, skt = self._s
-        det = s0 * skk - sk * sk
-        b = (s0 * skt - sk * st) / det if det > 0 else self.item_s
-        self.item_s = min(max(b, 1e-7), 1e-4)
-        self.fixed_s = min(max((st - self.item_s * sk) / s0, 0.0), 2e-3)
-
-
 def _settle() -> None:
     """After a batch that made shared frames: what it made (rmap frame
     objects, one per nominated page) lives until unshared, so it joins the
@@ -1630,8 +1529,8 @@ def _notify(fd: int | None, line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hvcore.server``: what ``hvctl start`` runs (in a new session)."""
-    p = argparse.ArgumentParser(prog="python -m hvcore.server", description=__doc__,
+    """``python -m hvcore.process``: what ``hvctl start`` runs (in a new session)."""
+    p = argparse.ArgumentParser(prog="python -m hvcore.process", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", required=True)
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES)

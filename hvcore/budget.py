@@ -1,0 +1,64 @@
+"""The one model of how long a chunk of work takes.
+
+A preemptible operation does its work in chunks and checks between two
+chunks whether its step is spent or other work waits. The chunk size
+decides both how often it checks and how far a step can overrun its
+budget, so every chunked operation sizes its chunks with a
+:class:`ChunkCost` fitted to the chunks it has done: a fixed part per
+chunk plus a part per item.
+"""
+from __future__ import annotations
+
+#: a chunk does at least this many items, so every step makes progress
+MIN_CHUNK_ITEMS = 16
+
+
+class ChunkCost:
+    """How long a chunk of ``k`` items of one batch op takes: a fixed part
+    (a core batch call's numpy calls: 0.1-0.5 ms, depending on the load)
+    plus a part per item (1-5 us), fitted by least squares over the recent
+    chunks (exponentially weighted), starting from a prior that keeps the
+    fit sane while the chunk sizes seen barely differ.
+
+    A chunk fills the time left, but is not so small that its fixed part
+    is more than twice its items' work unless that would take longer than
+    ``most`` seconds: when the fixed part alone nearly
+    fills the budget (a loaded machine), a step runs a little over rather
+    than doing 16 items for the price of 200.
+    """
+
+    DECAY = 0.9                       # weight of the older chunks per new one
+    PRIOR = (2e-4, 3e-6, 64.0, 4.0)   # fixed s, per item s, at k, weight (chunks)
+
+    def __init__(self):
+        f, b, k, w = self.PRIOR
+        # weighted sums: w, w*k, w*k*k, w*t, w*k*t over the prior's two
+        # points (k/2, 3k/2) and the chunks seen
+        self._s = [0.0] * 5
+        for kk in (k / 2, 3 * k / 2):
+            self._add(kk, f + b * kk, w / 2)
+        self.fixed_s, self.item_s = f, b
+
+    def _add(self, k: float, t: float, w: float) -> None:
+        s = self._s
+        for i, v in enumerate((1.0, k, k * k, t, k * t)):
+            s[i] += w * v
+
+    def items(self, seconds: float, most: float) -> int:
+        """Items for a chunk to take about ``seconds``, or longer when that
+        is too few for the fixed part (see the class), but not ``most``."""
+        f, b = self.fixed_s, self.item_s
+        fair = min(f / (2 * b), (most - f) / b)
+        return int(max(MIN_CHUNK_ITEMS, (seconds - f) / b, fair))
+
+    def learn(self, k: int, seconds: float) -> None:
+        self._s = [v * self.DECAY for v in self._s]
+        self._add(float(k), seconds, 1.0)
+        f, b, kk, w = self.PRIOR
+        for kk_ in (kk / 2, 3 * kk / 2):        # the prior never fades entirely
+            self._add(kk_, f + b * kk_, 0.05 * w)
+        s0, sk, skk, st, skt = self._s
+        det = s0 * skk - sk * sk
+        b = (s0 * skt - sk * st) / det if det > 0 else self.item_s
+        self.item_s = min(max(b, 1e-7), 1e-4)
+        self.fixed_s = min(max((st - self.item_s * sk) / s0, 0.0), 2e-3)

@@ -1,0 +1,56 @@
+"""The numbers and names every part of hvshare agrees on.
+
+One place for each: the page size, the domid space, the rmap policies, the
+workloads a domain can run, the hypervisor process's modes, and the one
+step budget that bounds every preemptible operation. The hypervisor, the
+guests, the toolstack and the benchmarks import them from here; nothing
+defines them again. ``docs/semantics.md`` explains where each comes from.
+"""
+from __future__ import annotations
+
+#: bytes in a guest page and a machine frame (x86's 4 KiB)
+PAGE_SIZE = 4096
+
+#: domids from this one up are reserved (Xen's DOMID_FIRST_RESERVED)
+DOMID_FIRST_RESERVED = 0x7FF0
+#: the highest domid a guest domain can have
+DOMID_MAX = DOMID_FIRST_RESERVED - 1
+#: owner of a shared frame (Xen's dom_cow)
+DOMID_COW = 0x7FF3
+#: owner recorded for a frame in the free list
+OWNER_FREE = -1
+
+#: the reverse-map policies (``docs/semantics.md``, "Reverse map")
+RMAP_POLICIES = ("buckets", "list", "index")
+DEFAULT_RMAP = "buckets"
+
+#: what a domain's guest process does once it runs, and what its memory
+#: is filled with at create: ``zero`` pages, a ``clone`` image (most
+#: pages shared with other domains of the same seed), or a ``writer``
+#: that dirties its ``clone`` image at a set rate
+WORKLOADS = ("zero", "clone", "writer")
+DEFAULT_WORKLOAD = "zero"
+
+#: most pages one batched guest write may carry (16 MiB of page data)
+MAX_BATCH_PAGES = 4096
+
+#: frames in a hypervisor's pool unless told otherwise (256 MiB)
+DEFAULT_FRAMES = 65536
+#: how a domain's shared entries are dropped: ``preemptible`` steps that
+#: answer "restart" whenever other work waits, or one ``monolithic`` step
+TEARDOWN_MODES = ("preemptible", "monolithic")
+DEFAULT_TEARDOWN = "preemptible"
+#: how the hypervisor process is scheduled: ``fifo`` (real-time SCHED_FIFO
+#: at the lowest priority, where the kernel allows it: as in Xen, a guest
+#: never preempts the hypervisor in the middle of a step) or ``normal``
+SCHED_MODES = ("fifo", "normal")
+DEFAULT_SCHED = "fifo"
+
+#: The step budget: a preemptible operation (a teardown step, a budgeted
+#: nominate_many or share_many) stops and answers once this much time is
+#: spent, or sooner when other work waits. ``docs/design.md``, "Steps".
+STEP_BUDGET_SECONDS = 0.0008
+#: The budget the dedup scanner asks for each of its batch requests: less
+#: than the step budget, so that the fixed cost of a chunk that starts just
+#: before the budget is spent still ends inside it.
+SCAN_BUDGET_SECONDS = 0.0005

@@ -1,0 +1,6 @@
+"""``python -m hvcore.process``: run a hypervisor process (``hvctl start`` does)."""
+import sys
+
+from .loop import main
+
+sys.exit(main())
