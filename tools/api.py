@@ -43,7 +43,7 @@ from hvcore import constants
 from hvcore import errors
 from hvcore import shm
 from hvcore.constants import DEFAULT_FRAMES, SCHED_MODES, TEARDOWN_MODES
-from hvcore.process.statedir import child_env, state_dir_for
+from hvcore.process.statedir import child_env, not_a_socket, state_dir_for
 
 __all__ = ["HVCtlError", "NoHypervisor", "GuestGone", "HypervisorClient", "GuestClient", "EventStream",
            "HVSession", "hvshare_session", "start_hypervisor", "default_socket_path", "DEFAULT_FRAMES",
@@ -473,6 +473,9 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
     when it cannot start, with the hypervisor's reason.
     """
     socket_path = os.path.abspath(socket_path or default_socket_path())
+    refused = not_a_socket(socket_path)
+    if refused:
+        raise HVCtlError(refused)
     pid = running_pid(socket_path)
     if pid is not None:
         raise HVCtlError(f"a hypervisor (pid {pid}) is already running on {socket_path}", 16, "EBUSY")
@@ -560,6 +563,9 @@ def cleanup_dead(socket_path: str) -> dict | None:
     """Remove a dead hypervisor's leftovers at ``socket_path`` (None if a
     hypervisor is alive there)."""
     from hvcore.process.statedir import cleanup_leftovers
+    refused = not_a_socket(socket_path)
+    if refused:
+        raise HVCtlError(refused)
     if running_pid(socket_path) is not None:
         return None
     state = state_dir_for(socket_path)

@@ -62,7 +62,8 @@ from ..constants import DEFAULT_FRAMES, DOMID_MAX, RMAP_POLICIES, SCHED_MODES, T
 from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
 from ..events import EventRing, Parked, ParkedWrite
 from ..budget import ChunkCost
-from .statedir import SOCKET_PATH_MAX, child_env, cleanup_leftovers, guest_socket_path, state_dir_for
+from .statedir import (SOCKET_PATH_MAX, child_env, cleanup_leftovers, guest_socket_path, not_a_socket,
+                       state_dir_for)
 
 #: Pacing of a real-time hypervisor. The kernel lets real-time tasks run at
 #: most sched_rt_runtime_us of every sched_rt_period_us (950 ms of 1 s) and
@@ -389,6 +390,9 @@ class Server:
             # tmpfs would accept the size and fail later, with SIGBUS on a write
             raise StartError(f"a pool of {self.frames} frames needs {self.frames * 4096 / 2**30:.1f} GiB "
                              f"but {shm.SHM_DIR} has {free / 2**30:.1f} GiB free")
+        refused = not_a_socket(self.socket_path)
+        if refused:
+            raise StartError(refused)
         if len(guest_socket_path(self.state_dir, DOMID_MAX).encode()) > SOCKET_PATH_MAX:
             raise StartError(f"socket path {self.socket_path} is too long for a Unix socket "
                              f"(keep it under about {SOCKET_PATH_MAX - 20} characters)")
@@ -626,11 +630,14 @@ class Server:
             op = "?"
             self._preempted = False
             try:
-                known = None if blen else self._known.get(body)
+                # Only small frames without payload are remembered; a large
+                # body arrives in a bytearray of its own and is never a key.
+                memo = not blen and len(body) <= _KNOWN_BYTES
+                known = self._known.get(body) if memo else None
                 if known is None:
                     obj, payload = control.parse_frame(jlen, body)
                     op = str(obj.get("op"))
-                    known = self._check(obj, payload, None if blen else body)
+                    known = self._check(obj, payload, bytes(body) if memo else None)
                 op = known[0]
                 self._request(c, *known)
             except errors.ProtocolError as e:
@@ -653,7 +660,7 @@ class Server:
         (a frame without payload): parsing and checking are pure, and the
         kill controller sends one destroy request thousands of times."""
         op, args = schema.check_request(obj, schema.CONTROL_OPS)
-        if body is not None and len(body) <= _KNOWN_BYTES:
+        if body is not None:
             if len(self._known) >= _KNOWN_FRAMES:
                 self._known.clear()
             self._known[body] = (op, args, payload)

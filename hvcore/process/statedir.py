@@ -13,6 +13,7 @@ hypervisor process itself.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from .. import shm
@@ -40,6 +41,24 @@ def child_env() -> dict:
     return env
 
 
+def not_a_socket(path: str) -> str | None:
+    """A sentence if ``path`` exists and is not a Unix socket, else None.
+
+    hvshare removes only sockets it made; any other file at a socket path
+    belongs to the user and is refused, never removed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path} cannot be checked: {e.strerror}"
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else \
+        "a regular file" if stat.S_ISREG(mode) else "not a socket"
+    return f"{path} is {kind}, not a hypervisor's socket: choose another --socket (nothing was removed)"
+
+
 def cleanup_leftovers(socket_path: str) -> dict:
     """Remove what a dead hypervisor left: its control socket, guest
     sockets, and the segments of every dead hvshare owner. The caller must
@@ -50,6 +69,8 @@ def cleanup_leftovers(socket_path: str) -> dict:
     if os.path.isdir(state):
         paths += [os.path.join(state, n) for n in os.listdir(state) if n.endswith(".sock")]
     for p in paths:
+        if not_a_socket(p):
+            continue                # only sockets are ever ours to remove
         try:
             os.unlink(p)
             removed["sockets"] += 1
