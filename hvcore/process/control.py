@@ -1,0 +1,338 @@
+"""Control operations: the op table of the control socket.
+
+Each ``_op_NAME`` serves one operation of :data:`hvcore.wire.schema.CONTROL_OPS`
+with its checked arguments, calls the core, and answers. Requests are
+parsed and checked before anything acts on them; identical small requests
+(the kill controller sends one destroy request thousands of times) are
+parsed once and remembered.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import time
+import traceback
+
+import numpy as np
+
+from ..wire import control, pipe, schema
+from .. import errors, images
+from ..constants import WORKLOADS
+from ..errors import EINVAL, ENOMEM, ESRCH, HVError
+from .endpoints import ControlConnection
+from .steps import TEARDOWN_CHUNK_SECONDS
+
+#: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
+#: full answer that change between steps; the values are ints, floats and
+#: a phase name, which %d, %r and %s write as JSON does.
+_RESTART_JSON = ('{"ok":true,"domid":%d,"done":false,"phase":"%s","cursor":%d,"entries":%d,'
+                 '"steps":%d,"continuations":%d,"step_ms":%r,"max_pause_ms":%r,'
+                 '"max_pause_cpu_ms":%r,"hv_seconds":%r}')
+#: frames without payload whose checked request is remembered (see
+#: HypervisorProcess._check), and the longest such frame
+KNOWN_FRAMES = 64
+KNOWN_BYTES = 256
+
+
+class ControlOps:
+    """The control requests, as methods of the hypervisor process."""
+
+    def _serve_backlog(self, c: ControlConnection) -> None:
+        if c in self._held:
+            return          # read, not served: the loop serves it after the others
+        if self._holding:   # paced: served once the window ends
+            self._held.add(c)
+            self._deferred.append(c)
+            return
+        while c.backlog and not c.waiting and not c.closed and self.running:
+            (jlen, blen), body = c.backlog.pop(0)
+            t0 = time.perf_counter()
+            op = "?"
+            self._preempted = False
+            try:
+                # Only small frames without payload are remembered; a large
+                # body arrives in a bytearray of its own and is never a key.
+                memo = not blen and len(body) <= KNOWN_BYTES
+                known = self._known.get(body) if memo else None
+                if known is None:
+                    obj, payload = control.parse_frame(jlen, body)
+                    op = str(obj.get("op"))
+                    known = self._check(obj, payload, bytes(body) if memo else None)
+                op = known[0]
+                self._request(c, *known)
+            except errors.ProtocolError as e:
+                c.reply(schema.error(str(e)))
+            finally:
+                self.meter.record(time.perf_counter() - t0, op)
+            if self._preempted:
+                # A teardown step yielded because others wait: they go first,
+                # then this client's requests (the kill controller keeps its
+                # next destroys queued), also those that arrive meanwhile.
+                self._preempted = False
+                self._held.add(c)
+                self._deferred.append(c)
+                break
+
+    # -- control requests ----------------------------------------------
+    def _check(self, obj: dict, payload, body: bytes | None) -> tuple[str, dict, memoryview]:
+        """(op, arguments, payload) of a parsed request (ProtocolError if
+        it is not a valid one). Remembered by its frame ``body`` when given
+        (a frame without payload): parsing and checking are pure, and the
+        kill controller sends one destroy request thousands of times."""
+        op, args = schema.check_request(obj, schema.CONTROL_OPS)
+        if body is not None:
+            if len(self._known) >= KNOWN_FRAMES:
+                self._known.clear()
+            self._known[body] = (op, args, payload)
+        return op, args, payload
+
+    def _request(self, c: ControlConnection, op: str, args: dict, payload) -> None:
+        """Serve one checked request (arguments are passed as a copy)."""
+        self.requests += 1
+        try:
+            result = getattr(self, "_op_" + op)(c, payload=payload, **args)
+        except HVError as e:
+            c.reply(schema.error(sentence(e), e.code, e.name))
+            return
+        except errors.ProtocolError as e:    # a payload that does not match its arguments
+            c.reply(schema.error(f"{op}: {e}"))
+            return
+        except Exception as e:          # a bug must not take every guest down
+            traceback.print_exc()
+            c.reply(schema.error(f"internal error in {op}: {e!r}", errno.EIO, "EIO"))
+            return
+        if result is None:          # answered later (create) or already (stop)
+            return
+        obj, data = result if isinstance(result, tuple) else (result, b"")
+        c.reply(schema.ok(**obj), data)
+
+    def _op_ping(self, c, payload):
+        return {"pid": os.getpid()}
+
+    def _op_info(self, c, payload):
+        st = self.hv.stats()
+        st.update(teardown=self.teardown, sched=self.sched_applied, max_pause_ms=round(self.meter.max_s * 1e3, 3),
+                  max_pause_op=self.meter.max_what, pause_histogram=self.meter.histogram(),
+                  steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
+                  socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
+                  pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
+                  cow_faults=self.cow_faults)
+        st.update(paced=self.paced[0], paced_ms=round(self.paced[1] * 1e3, 3))
+        st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),
+                  events_posted=self.ring.posted, event_subscribers=self.ring.live())
+        return st
+
+    def _op_list(self, c, payload):
+        return {"domains": [self._describe(d) for d in self.hv.domains.values()]}
+
+    def _describe(self, d) -> dict:
+        g = self.guests.get(d.domid)
+        out = {"domid": d.domid, "name": d.name, "state": d.state, "pages": d.npages,
+               "tot_pages": d.tot_pages, "shr_pages": d.shr_pages,
+               "pid": g.proc.pid if g else None, "p2m": d.p2m.name}
+        if d.dying:
+            # where an interrupted teardown stands: 'hvctl destroy' resumes here
+            out.update(phase=d.teardown_phase, cursor=d.relinquish_cursor,
+                       relinquished=d.relinquished)
+        if d.domid in self.parked:
+            out.update(self._describe_parked(d.domid))
+        if g is not None:
+            out.update(workload=g.config["workload"], seed=g.config["seed"],
+                       guest_socket=g.sock_path if g.exit is None else None,
+                       exit=g.exit, **g.counters,
+                       fault_p50_us=g.reported.get("fault_p50_us"),
+                       fault_p99_us=g.reported.get("fault_p99_us"))
+        return out
+
+    def _op_audit(self, c, payload):
+        report = self.hv.audit_report()
+        return {"errors": len(report), "report": report[:20]}
+
+    def _op_stop(self, c, payload):
+        # Keep the asking connection out of the clean-up: it gets the answer.
+        self.clients.discard(c)
+        self.sel.unregister(c.sock)
+        c.closed = True
+        summary = self.close()
+        try:
+            c.sock.setblocking(True)
+            control.send_frame(c.sock, schema.ok(stopped=True, **summary))
+        except OSError:
+            pass
+        c.sock.close()
+        return None
+
+    def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch):
+        if workload not in WORKLOADS:
+            raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
+        if pages > self.hv.pool.nfree:
+            # refused before anything is sized by ``pages`` (up to 2**31)
+            raise HVError(ENOMEM, f"cannot create a domain of {pages} pages: "
+                                  f"{pages} frames asked, {self.hv.pool.nfree} free")
+        instance = self.instances + 1
+        content = images.content_for(workload, seed, instance, pages)
+        try:
+            d = self.hv.create_domain(pages, content=content, name=name, paused=paused)
+        except HVError as e:
+            raise HVError(e.code, f"cannot create a domain of {pages} pages: {sentence(e)}") from None
+        self.instances = instance
+        try:
+            g = self._spawn_guest(d, dict(workload=workload, seed=seed, instance=instance,
+                                          paused=paused, rate=rate, batch=batch, name=d.name))
+        except OSError as e:
+            self.hv.destroy_domain(d.domid)
+            raise HVError(EINVAL, f"cannot start the guest process: {e.strerror}") from None
+        g.creator = c
+        c.waiting = True
+        return None
+
+    def _op_destroy(self, c, payload, domid, brief):
+        """One step of a domain's teardown (Xen's preemptible domain_kill).
+
+        The first step stops the guest and marks the domain dying (nominate
+        on it fails with EBUSY from then on); every step relinquishes from
+        the saved cursor. Preemptible mode stops as soon as other work is
+        pending or the step's budget is spent and answers ``done: false``
+        ("restart"): the kill controller asks again. Monolithic mode does
+        the whole teardown in this one step. Each answer carries the
+        progress and the teardown's totals so far; a ``brief`` restart only
+        what changes from step to step (:data:`_RESTART_JSON`, encoded
+        without the JSON encoder: a restart is answered thousands of times
+        a second while guests wait behind it).
+        """
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        d = self.hv.domains.get(domid)
+        if d is None and domid in self.destroyed:
+            raise HVError(ESRCH, f"domain {domid} is already destroyed")
+        d = self.hv.domain(domid)
+        resumed = d.dying
+        if not resumed:
+            self._stop_guest(domid)
+            self.hv.kill(domid)
+        td = d.info.get("teardown")
+        if td is None:
+            td = d.info["teardown"] = {
+                "started": time.monotonic(), "entries_total": d.shr_pages,
+                "steps": 0, "continuations": 0, "max_step_s": 0.0, "max_step_cpu_s": 0.0, "busy_s": 0.0}
+        if self.teardown == "monolithic":
+            done = self.hv.relinquish(domid)
+        else:
+            done = self.hv.relinquish(domid, self._other_work(c, t0),
+                                      chunk_seconds=TEARDOWN_CHUNK_SECONDS)
+        step = time.perf_counter() - t0
+        td["steps"] += 1
+        td["continuations"] += not done
+        td["busy_s"] += step
+        td["max_step_s"] = max(td["max_step_s"], step)
+        # CPU time too: on a busy machine a step's wall time includes the
+        # time other processes held our CPU, which is not the step's work
+        td["max_step_cpu_s"] = max(td["max_step_cpu_s"], time.thread_time() - cpu0)
+        if brief and not done:
+            js = (_RESTART_JSON % (
+                domid, d.teardown_phase, d.relinquish_cursor, d.relinquished, td["steps"],
+                td["continuations"], round(step * 1e3, 3), round(td["max_step_s"] * 1e3, 3),
+                round(td["max_step_cpu_s"] * 1e3, 3), round(td["busy_s"], 6))).encode()
+            if self._preempted or c.later:      # (answers keep their order)
+                c.later += (control.FRAME_HDR.pack(len(js), 0), js)
+            else:
+                c.queue((control.FRAME_HDR.pack(len(js), 0), js))
+            return None
+        out = {"domid": domid, "done": done, "state": "destroyed" if done else "dying",
+               "phase": "gone" if done else d.teardown_phase, "cursor": d.relinquish_cursor,
+               "npages": d.npages, "entries": d.relinquished, "entries_total": td["entries_total"],
+               "resumed": resumed, "steps": td["steps"], "continuations": td["continuations"],
+               "step_ms": round(step * 1e3, 3), "max_pause_ms": round(td["max_step_s"] * 1e3, 3),
+               "max_pause_cpu_ms": round(td["max_step_cpu_s"] * 1e3, 3),
+               "hv_seconds": round(td["busy_s"], 6),
+               "seconds": round(time.monotonic() - td["started"], 6)}
+        if done:
+            self.destroyed[domid] = out
+        return out
+
+    def _op_pause(self, c, payload, domid):
+        return self._set_paused(domid, True)
+
+    def _op_unpause(self, c, payload, domid):
+        return self._set_paused(domid, False)
+
+    def _set_paused(self, domid: int, paused: bool) -> dict:
+        d = self.hv.domain(domid)
+        if domid in self.parked and d.state == "paused":
+            return self._set_paused_parked(domid, paused)
+        if d.state not in ("running", "paused"):
+            raise HVError(EINVAL, f"domain {domid} is {d.state}")
+        d.state = "paused" if paused else "running"
+        g = self.guests.get(domid)
+        if g is not None:
+            g.notify(pipe.H_PAUSE if paused else pipe.H_UNPAUSE)
+        return {"domid": domid, "state": d.state}
+
+    def _op_nominate(self, c, payload, domid, gfn):
+        return {"handle": self.hv.nominate(domid, gfn)}
+
+    def _op_share(self, c, payload, sd, sgfn, sh, cd, cgfn, ch):
+        self.hv.share(sd, sgfn, sh, cd, cgfn, ch)
+        return {}
+
+    def _op_add_to_physmap(self, c, payload, sd, sgfn, sh, cd, cgfn):
+        self.hv.add_to_physmap(sd, sgfn, sh, cd, cgfn)
+        return {}
+
+    def _op_range_share(self, c, payload, sd, cd, first, last):
+        return {"shared": self.hv.range_share(sd, cd, first, last)}
+
+    def _op_unshare(self, c, payload, domid, gfn):
+        return {"copied": bool(self.hv.unshare(domid, gfn))}
+
+    def _op_read(self, c, payload, domid, gfn):
+        return {}, self.hv.read(domid, gfn)
+
+    def _op_nominate_many(self, c, payload, domid, count, budget_us):
+        gfns = payload_arrays(payload, count, [np.int64])[0]
+        t0 = time.perf_counter()
+        parts, done = self._bounded(c, "nominate_many", count, budget_us,
+                                    lambda lo, hi: self.hv.nominate_many(domid, gfns[lo:hi]))
+        handles = np.concatenate([h for h, _ in parts])
+        codes = np.concatenate([k for _, k in parts])
+        # work_ms: the work's own time, without the framing
+        return {"count": count, "done": done, "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, \
+            np.concatenate([handles.astype("<u8").view(np.uint8),
+                            codes.astype("<i8").view(np.uint8)]).tobytes()
+
+    def _op_share_many(self, c, payload, sd, cd, count, budget_us):
+        if (sd is None) != (cd is None):
+            raise HVError(EINVAL, "share_many needs both sd and cd, or a domain per pair for both")
+        if sd is None:
+            sd, sg, sh, cd, cg, ch = payload_arrays(payload, count, [np.int64, np.int64, np.uint64,
+                                                             np.int64, np.int64, np.uint64])
+        else:
+            sg, sh, cg, ch = payload_arrays(payload, count, [np.int64, np.uint64, np.int64, np.uint64])
+
+        def work(lo, hi):
+            part = slice(lo, hi)
+            return self.hv.share_many(sd if np.ndim(sd) == 0 else sd[part], sg[part], sh[part],
+                                      cd if np.ndim(cd) == 0 else cd[part], cg[part], ch[part])
+        t0 = time.perf_counter()
+        parts, done = self._bounded(c, "share_many", count, budget_us, work)
+        codes = np.concatenate(parts)
+        return {"count": count, "done": done, "shared": int((codes == 0).sum()),
+                "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, codes.astype("<i8").tobytes()
+
+
+def payload_arrays(payload, count: int, dtypes) -> list[np.ndarray]:
+    """Split a request payload into ``count``-long little-endian arrays."""
+    want = 8 * count * len(dtypes)
+    if len(payload) != want:
+        raise errors.ProtocolError(f"payload of {len(payload)} bytes, expected {want}")
+    return [np.frombuffer(payload, dtype=np.dtype(t).newbyteorder("<"), count=count, offset=8 * count * i)
+            for i, t in enumerate(dtypes)]
+
+
+def sentence(e: HVError) -> str:
+    msg = str(e)
+    prefix = f"{e.name}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    if e.code == ESRCH and msg.startswith("no domain "):
+        msg = "no domain with id " + msg[len("no domain "):]
+    return msg or e.name

@@ -1,0 +1,155 @@
+"""Endpoints: the two kinds of peer the hypervisor loop serves.
+
+:class:`ControlConnection` is a toolstack client on the control socket
+(framed JSON requests, :mod:`hvcore.wire.control`); :class:`GuestEndpoint`
+is one guest's pipe pair (binary messages, :mod:`hvcore.wire.pipe`). Both
+queue their answers and flush them when the descriptor is writable, so a
+slow peer never blocks the loop.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from ..wire import control, pipe
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .loop import HypervisorProcess
+
+#: bytes the hypervisor reads from a guest pipe at once
+GUEST_READ_BYTES = 1 << 16
+REPLY_MSG = pipe.REPLY_MSG
+
+
+class Endpoint:
+    """A non-blocking descriptor with an output queue, registered in the loop."""
+
+    def __init__(self, server: "HypervisorProcess", fd: int):
+        self.server = server
+        self.fd = fd
+        self.out = bytearray()
+        self.closed = False
+
+    def _send(self, mv) -> int:                 # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def queue(self, parts) -> None:
+        if self.closed:
+            return
+        if not self.out:
+            # Fast path: most answers fit in one write.
+            data = b"".join(parts)
+            try:
+                n = self._send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except (BrokenPipeError, ConnectionResetError):
+                self.server.lost(self)
+                return
+            if n == len(data):
+                return
+            self.out += memoryview(data)[n:]
+        else:
+            for p in parts:
+                self.out += p
+        self.server.want_write(self, True)
+
+    def flush(self) -> None:
+        if self.closed:
+            return          # dropped by an earlier event of the same select() batch
+        try:
+            while self.out:
+                n = self._send(memoryview(self.out)[:1 << 20])
+                del self.out[:n]
+        except (BlockingIOError, InterruptedError):
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.lost(self)
+            return
+        self.server.want_write(self, False)
+
+
+class ControlConnection(Endpoint):
+    """One toolstack connection on the control socket."""
+
+    def __init__(self, server, sock: socket.socket):
+        super().__init__(server, sock.fileno())
+        self.sock = sock
+        self.reader = control.frame_reader(sock)
+        self.waiting = False            # a deferred answer (create) is pending
+        self.backlog: list = []
+        #: the answer of a step that yielded to other work, held until that
+        #: work is served (see HypervisorProcess.run): sent at once it would wake this
+        #: client first, on a core the waiting guest may share
+        self.later: list = []
+
+    def _send(self, mv) -> int:
+        return self.sock.send(mv)
+
+    def release(self) -> None:
+        """Send the held answer (:attr:`later`)."""
+        parts, self.later = self.later, []
+        self.queue(parts)
+
+    def reply(self, obj: dict, payload=b"") -> None:
+        self.queue(control.frame(obj, payload))
+
+
+class GuestEndpoint(Endpoint):
+    """The hypervisor's side of one guest: its process and its two pipes."""
+
+    def __init__(self, server, domid: int, proc: subprocess.Popen, rfd: int, wfd: int,
+                 sock_path: str, config: dict):
+        super().__init__(server, rfd)
+        self.domid = domid
+        self.proc = proc
+        self.wfd = wfd
+        self.reader = pipe.pipe_reader(rfd, to_hv=True)
+        self.sock_path = sock_path
+        self.config = config
+        self.ready = False
+        self.started = time.monotonic()
+        self.creator: ControlConnection | None = None
+        self.exit: str | None = None
+        self.counters = {"writes": 0, "pages_written": 0, "cow_faults": 0}
+        self.reported: dict = {}
+        self.kill_pending = False       # stopped by destroy; SIGKILL at the next tick
+        #: what the pause meter calls this guest's steps
+        self.step_name = f"guest {domid}"
+        #: the hypervisor's read buffer for this pipe (one read per wake-up)
+        self.inbuf = memoryview(bytearray(GUEST_READ_BYTES))
+
+    def _send(self, mv) -> int:
+        return os.write(self.wfd, mv)
+
+    def send(self, mtype: int, seq: int = 0, *body) -> None:
+        self.queue(pipe.pipe_message(mtype, seq, *body))
+
+    def reply(self, seq: int, status: int, value: int) -> None:
+        """An ``H_REPLY``: one precompiled struct, one write when nothing is
+        queued (a 20-byte pipe write is all or nothing), else the queue."""
+        msg = REPLY_MSG.pack(pipe.H_REPLY, seq & 0xFFFF, pipe.REPLY.size, status, value)
+        if not self.out and not self.closed:
+            try:
+                os.write(self.wfd, msg)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                self.server.lost(self)
+                return
+        self.queue((msg,))
+
+    def notify(self, mtype: int) -> None:
+        """An asynchronous message, and SIGUSR1 so the guest reads it now
+        (a guest only watches its pipe while it waits for an answer)."""
+        self.send(mtype)
+        if self.ready and not self.closed and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,313 @@
+"""Guests: spawning, serving and reaping the guest processes.
+
+A guest is a real process (``python -m guests.runtime``) spawned at create
+with two pipe ends after its domain's memory is filled; create is answered
+once it has mapped its memory and said hello. Its writes and CoW faults
+arrive on its pipe and are applied through the core; a write that finds no
+free frame is deferred (:mod:`.parking`). A guest that exits leaves its
+domain ``crashed`` with its memory kept until destroy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+from ..wire import pipe, schema
+from .. import constants, errors
+from ..errors import EBUSY, EINVAL, ENOMEM, HVError
+from .statedir import child_env, guest_socket_path
+from .endpoints import GuestEndpoint
+
+#: how long a new guest may take to map its memory and say hello
+GUEST_START_TIMEOUT = 30.0
+#: how long EOF on a guest's pipe waits for the guest's exit status
+GUEST_EXIT_WAIT = 0.005
+WRITE_MSG = pipe.WRITE_MSG
+
+
+class GuestLifecycle:
+    """The guests of the hypervisor process: spawn, writes, exit."""
+
+    # -- guests --------------------------------------------------------
+    def _spawn_guest(self, d, config: dict) -> GuestEndpoint:
+        g2h_r, g2h_w = os.pipe()
+        h2g_r, h2g_w = os.pipe()
+        for fd in (g2h_r, h2g_r):
+            pipe.set_pipe_size(fd)
+        sock_path = guest_socket_path(self.state_dir, d.domid)
+        config.update(domid=d.domid, pool=self.hv.pool.name, p2m=d.p2m.name, rfd=h2g_r,
+                      wfd=g2h_w, socket=sock_path, hv_pid=os.getpid())
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "guests.runtime", json.dumps(config)],
+                                    pass_fds=(h2g_r, g2h_w), stdin=subprocess.DEVNULL,
+                                    env=child_env(), cwd="/")
+        finally:
+            # Only the guest keeps its ends: our copies would hide its death.
+            os.close(g2h_w)
+            os.close(h2g_r)
+            if "proc" not in locals():
+                os.close(g2h_r)
+                os.close(h2g_w)
+        os.set_blocking(g2h_r, False)
+        os.set_blocking(h2g_w, False)
+        g = GuestEndpoint(self, d.domid, proc, g2h_r, h2g_w, sock_path, config)
+        self.guests[d.domid] = g
+        self.sel.register(g2h_r, selectors.EVENT_READ, lambda mask, g=g: self._guest_readable(g))
+        return g
+
+    def _guest_readable(self, g: GuestEndpoint) -> None:
+        if g.closed:
+            # Destroyed by an earlier event of the same select() batch: its
+            # descriptor is closed (and its number may already be reused).
+            return
+        reader = g.reader
+        if reader.partial:
+            try:
+                msgs, eof = reader.pump(limit=32)
+            except errors.ProtocolError as e:
+                self._crash(g, f"protocol violation: {e}")
+                return
+        else:
+            # One read; what a waiting guest sends is one message, usually
+            # a small G_WRITE, served here without the reader's machinery.
+            buf = g.inbuf
+            try:
+                n = os.readv(g.fd, (buf,))
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ConnectionResetError, BrokenPipeError):
+                n = 0
+            if n == 0:
+                self._guest_eof(g)
+                return
+            if WRITE_MSG.size < n <= WRITE_MSG.size + constants.PAGE_SIZE:
+                mtype, seq, blen, gfn, offset = WRITE_MSG.unpack_from(buf)
+                if mtype == pipe.G_WRITE and blen == n - 8 and offset + n - WRITE_MSG.size <= constants.PAGE_SIZE:
+                    self._guest_write(g, seq, gfn, offset, n)
+                    return
+            try:
+                msgs = reader.feed(buf[:n])
+                eof = False
+                if n == len(buf) or reader.partial:
+                    more, eof = reader.pump(limit=32)
+                    msgs += more
+            except errors.ProtocolError as e:
+                self._crash(g, f"protocol violation: {e}")
+                return
+        name = g.step_name
+        for (mtype, seq, _), body in msgs:
+            t0 = time.perf_counter()
+            try:
+                self._guest_message(g, mtype, seq, body)
+            except errors.ProtocolError as e:
+                self._crash(g, f"protocol violation: {e}")
+                return
+            except Exception as e:      # a bug: crash this domain, not the host
+                traceback.print_exc()
+                self._crash(g, f"internal error: {e!r}")
+                return
+            finally:
+                self.meter.record(time.perf_counter() - t0, name, "guest")
+            if g.closed:
+                return
+        if eof:
+            self._guest_eof(g)
+
+    def _guest_eof(self, g: GuestEndpoint) -> None:
+        """EOF on a guest's pipe: a dying process closes its files a moment
+        before the kernel has its exit status; wait that moment (bounded,
+        once per guest) so that the domain's ``exit`` says how it died."""
+        if g.proc.poll() is None:
+            try:
+                g.proc.wait(timeout=GUEST_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                pass                    # alive without its pipe: reaped later
+        self._guest_gone(g)
+
+    def _guest_write(self, g: GuestEndpoint, seq: int, gfn: int, offset: int, n: int) -> None:
+        """One well-formed ``G_WRITE`` of ``n`` bytes in ``g.inbuf`` (header
+        included): the CoW fault fast path, one timed step. A domain that is
+        not simply running takes the general path."""
+        t0 = time.perf_counter()
+        try:
+            d = self.hv.domains[g.domid]
+            if d.state != "running" or g.domid in self.parked:
+                self._guest_message(g, pipe.G_WRITE, seq, bytes(g.inbuf[8:n]))
+                return
+            try:
+                value = self.hv.write(g.domid, gfn, offset, g.inbuf[WRITE_MSG.size:n])
+                status = 0
+            except HVError as e:
+                if e.code == ENOMEM:
+                    self._park(g, pipe.G_WRITE, seq, bytes(g.inbuf[8:n]))
+                    return
+                status, value = e.code, 0
+            else:
+                c = g.counters
+                c["writes"] += 1
+                c["pages_written"] += 1
+                if value:
+                    c["cow_faults"] += 1
+                    self.cow_faults += 1
+            g.reply(seq, status, value)
+        except errors.ProtocolError as e:
+            self._crash(g, f"protocol violation: {e}")
+        except Exception as e:          # a bug: crash this domain, not the host
+            traceback.print_exc()
+            self._crash(g, f"internal error: {e!r}")
+        finally:
+            self.meter.record(time.perf_counter() - t0, g.step_name, "guest")
+
+    def _guest_message(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+        if mtype == pipe.G_WRITE or mtype == pipe.G_WRITE_PAGES or mtype == pipe.G_WRITE_MANY:
+            if g.domid in self.parked:
+                # waiting for memory: later writes queue behind, in order
+                self._park(g, mtype, seq, body)
+                return
+            d = self.hv.domains[g.domid]
+            status = value = 0
+            try:
+                if d.state == "paused":
+                    raise HVError(EBUSY, f"domain {g.domid} is paused")
+                value = self._apply_write(g, mtype, body)
+            except HVError as e:
+                if e.code == ENOMEM:
+                    # The vCPU pauses and the sharing ring says why; the
+                    # write is answered once frames are free again.
+                    self._park(g, mtype, seq, body)
+                    return
+                status = e.code
+            g.reply(seq, status, value)
+        elif mtype == pipe.G_STATS:
+            g.reported = pipe.decode_stats(body)
+        elif mtype == pipe.G_HELLO:
+            if len(body) != pipe.HELLO.size:
+                raise errors.ProtocolError("bad hello message")
+            g.ready = True
+            self._answer_creator(g, None)
+
+    # -- memory pressure: the sharing event ring ------------------------
+    def _apply_write(self, g: GuestEndpoint, mtype: int, body) -> int:
+        """Apply one guest write message; the CoW faults it took.
+        Raises HVError (ENOMEM: nothing changed) or ProtocolError."""
+        if mtype == pipe.G_WRITE:
+            gfn, offset, data = pipe.decode_write(body)
+            value = int(self.hv.write(g.domid, gfn, offset, data))
+            g.counters["pages_written"] += 1
+        elif mtype == pipe.G_WRITE_MANY:
+            gfns, offsets, lengths, data = pipe.decode_write_many(body)
+            value = int(self.hv.write_many(g.domid, gfns, offsets, lengths, data))
+            g.counters["pages_written"] += len(gfns)
+        else:
+            gfns, pages = pipe.decode_write_pages(body)
+            value = int(self.hv.write_pages(g.domid, gfns, pages))
+            g.counters["pages_written"] += len(gfns)
+        g.counters["writes"] += 1
+        g.counters["cow_faults"] += value
+        self.cow_faults += value
+        return value
+
+    def _answer_creator(self, g: GuestEndpoint, failure: str | None) -> None:
+        c, g.creator = g.creator, None
+        if c is None:
+            return
+        c.waiting = False
+        if failure is None:
+            c.reply(schema.ok(domid=g.domid, pid=g.proc.pid, name=self.hv.domains[g.domid].name,
+                         guest_socket=g.sock_path))
+        else:
+            c.reply(schema.error(failure, EINVAL, "EINVAL"))
+        self._serve_backlog(c)
+
+    def _detach_guest(self, g: GuestEndpoint) -> None:
+        """Close our pipe ends and forget the descriptors (idempotent)."""
+        if g.closed:
+            return
+        g.closed = True
+        if g.domid in self.parked:
+            self._cancel_parked(g.domid, g.exit or "the guest exited")
+        self.sel.unregister(g.fd)
+        if getattr(g, "_wregistered", False):
+            self.sel.unregister(g.wfd)
+        os.close(g.fd)
+        os.close(g.wfd)
+        try:
+            os.unlink(g.sock_path)
+        except FileNotFoundError:
+            pass
+
+    def _guest_gone(self, g: GuestEndpoint) -> None:
+        """The guest's pipe hit EOF: its process is exiting or gone."""
+        if g.closed:
+            return
+        self._detach_guest(g)
+        d = self.hv.domains.get(g.domid)
+        if d is not None and d.state in ("running", "paused"):
+            d.state = "crashed"
+        g.exit = g.exit or "exited"
+        self._reap(g)
+        if g.creator is not None:
+            self.hv.destroy_domain(g.domid)
+            self.guests.pop(g.domid, None)
+            self._answer_creator(g, f"the guest process of domain {g.domid} {g.exit} while starting")
+
+    def _reap(self, g: GuestEndpoint) -> None:
+        rc = g.proc.poll()
+        if rc is None:
+            if g not in self.zombies:
+                self.zombies.append(g)
+            return
+        if g in self.zombies:
+            self.zombies.remove(g)
+        if g.exit in (None, "exited"):
+            g.exit = describe_exit(rc)
+
+    def _crash(self, g: GuestEndpoint, why: str) -> None:
+        """Crash a domain: its guest is killed, its memory kept until destroy."""
+        d = self.hv.domains.get(g.domid)
+        if d is not None and d.state in ("running", "paused"):
+            d.state = "crashed"
+        g.exit = why
+        if g.proc.poll() is None:
+            g.proc.kill()
+        self._guest_gone(g)
+        print(f"hvshare: domain {g.domid} crashed: {why}", file=sys.stderr, flush=True)
+
+    def _stop_guest(self, domid: int) -> None:
+        """Stop a domain's guest now and forget its pipes (destroy).
+
+        SIGSTOP stops it at once: from here on it neither reads nor writes.
+        Its SIGKILL waits for the next housekeeping tick, because a SIGKILL
+        wakes the guest to die and a busy scheduler may run that exit in
+        the middle of our step (milliseconds of wall time, where the stop
+        costs some 50 us).
+        """
+        g = self.guests.pop(domid, None)
+        if g is None:
+            return
+        self._cancel_parked(domid, "destroyed")
+        if g.proc.poll() is None:
+            try:
+                os.kill(g.proc.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+            g.kill_pending = True
+        self._detach_guest(g)
+        if g.creator is not None:
+            self._answer_creator(g, f"domain {domid} was destroyed while its guest started")
+        self._reap(g)
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"

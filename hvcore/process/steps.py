@@ -1,0 +1,179 @@
+"""Steps: the hypervisor's unit of uninterrupted work, and how it is bounded.
+
+A step is one control request or one guest message, run to completion
+while nothing else is served. :class:`StepMeter` times every step (the
+longest is ``max_pause_ms`` in ``info``, with a log2 histogram per kind).
+:class:`BudgetedSteps` holds the one check a preemptible step makes between
+chunks (is the step budget, :data:`hvcore.constants.STEP_BUDGET_SECONDS`,
+spent, or does other work wait?) and runs budgeted batches in chunks sized
+by :class:`hvcore.budget.ChunkCost`. See ``docs/design.md``, "Steps".
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable
+
+from ..constants import STEP_BUDGET_SECONDS
+from ..budget import ChunkCost
+from .endpoints import ControlConnection
+
+#: Relinquish chunks are sized to take about this long: a fault that
+#: arrives mid-step waits at most one chunk before the step yields to it.
+#: Not much less, as every chunk has a fixed cost of its own.
+TEARDOWN_CHUNK_SECONDS = 0.0002
+#: when the fixed cost of a chunk nearly fills the budget, a budgeted
+#: nominate_many or share_many may take up to this many times the budget
+#: (see :class:`hvcore.budget.ChunkCost`)
+BATCH_OVERRUN = 1.5
+#: allocations between two collections of the youngest generation (CPython: 700)
+GC_YOUNG_THRESHOLD = 20_000
+
+
+class StepMeter:
+    """Longest uninterrupted step, and how long all steps took (log2 buckets).
+
+    Bucket ``i`` counts steps of ``[2**(i-1), 2**i)`` microseconds (bucket 0:
+    under 1 us). Steps are also summed per kind (the control op's name,
+    ``guest`` or ``tick``): how long one kind of request holds the CPU is
+    what a batch size is chosen by (``info``'s ``pause_by_op``).
+    """
+
+    def __init__(self):
+        self.buckets = [0] * 48
+        self.max_s = 0.0
+        self.max_what = ""
+        self.steps = 0
+        self.busy_s = 0.0                      # all steps together
+        self.by_kind: dict[str, list] = {}     # kind -> [count, total s, max s, buckets]
+
+    def record(self, seconds: float, what: str, kind: str | None = None) -> None:
+        """One step of ``seconds``; ``kind`` defaults to the first word of
+        ``what`` (callers on the hot path pass it precomputed)."""
+        self.steps += 1
+        self.busy_s += seconds
+        b = int(seconds * 1e6).bit_length()
+        if b > 47:
+            b = 47
+        self.buckets[b] += 1
+        if seconds > self.max_s:
+            self.max_s, self.max_what = seconds, what
+        if kind is None:
+            kind = what.split(" ", 1)[0]
+        k = self.by_kind.get(kind)
+        if k is None:
+            k = self.by_kind[kind] = [0, 0.0, 0.0, [0] * len(self.buckets)]
+        k[0] += 1
+        k[1] += seconds
+        if seconds > k[2]:
+            k[2] = seconds
+        k[3][b] += 1
+
+    def by_op(self) -> dict:
+        """Per kind of step: ``count``, ``total_ms``, ``max_ms`` and its own
+        ``histogram`` (as :meth:`histogram`)."""
+        return {k: {"count": c, "total_ms": round(t * 1e3, 3), "max_ms": round(m * 1e3, 3),
+                    "histogram": [{"lt_us": 1 << i, "count": n} for i, n in enumerate(b) if n]}
+                for k, (c, t, m, b) in self.by_kind.items()}
+
+    def histogram(self) -> list[dict]:
+        """Non-empty buckets as ``{"lt_us": upper bound, "count": n}``."""
+        return [{"lt_us": 1 << i, "count": c} for i, c in enumerate(self.buckets) if c]
+
+
+class BudgetedSteps:
+    """What a step does when its budget is spent or other work waits: the check
+    teardown steps and budgeted batches share, and the batch runner."""
+
+    def _others_ready(self, c: ControlConnection) -> bool:
+        """Is anything but client ``c``'s connection ready (a guest's fault,
+        another request, a new connection, a signal)? A zero-timeout poll:
+        where a preemptible step asks whether to give way."""
+        mine = c.sock
+        return any(key.fileobj is not mine for key, _ in self.sel.select(0))
+
+    def _other_work(self, c: ControlConnection, t0: float):
+        """The preemptible teardown's ``should_yield``: true when another
+        chunk as long as the last one would end past the step's budget, or
+        anything but the asking connection is ready (a guest's fault,
+        another request, a new connection, a signal).
+
+        Asked after every chunk, so it must be cheap: a clock read and a
+        zero-timeout poll of the selector.
+        """
+        deadline = t0 + STEP_BUDGET_SECONDS
+        clock, others_ready = time.perf_counter, self._others_ready
+        last = [t0]
+
+        def should_yield() -> bool:
+            now = clock()
+            chunk, last[0] = now - last[0], now
+            # chunks grow up to 4x from one to the next: expect the target
+            if now + max(chunk, TEARDOWN_CHUNK_SECONDS) >= deadline:
+                return True
+            if others_ready(c):
+                self._preempted = True
+                return True
+            return False
+        return should_yield
+
+    def _bounded(self, c: ControlConnection, op: str, n: int, budget_us: int | None,
+                 work: Callable[[int, int], object]) -> tuple[list, int]:
+        """Run ``work(lo, hi)`` over items ``[0, n)`` in order, in chunks,
+        within one step: (the chunks' results, items done).
+
+        Without a budget, one chunk of everything. With ``budget_us``, the
+        first chunk is sized by the op's cost model (:class:`ChunkCost`)
+        to fill the budget, so a step is usually one chunk, one call into
+        the core. Another chunk follows only while half the budget is left
+        and nothing but this client is ready (a guest's fault, another
+        request: they go first, as after a teardown step that yields). The
+        answer says how many items were done; the caller sends the rest
+        again. The first chunk always runs, so every request progresses.
+        """
+        if budget_us is None or n == 0:
+            out = [work(0, n)]
+            settle_batch()
+            return out, n
+        clock = time.perf_counter
+        budget = budget_us * 1e-6
+        deadline = clock() + budget
+        cost = self._chunk_cost.get(op)
+        if cost is None:
+            cost = self._chunk_cost[op] = ChunkCost()
+        out, lo = [], 0
+        while lo < n:
+            now = clock()
+            left = deadline - now
+            if lo:
+                others = self._others_ready(c)
+                if others or left < budget / 2:
+                    self._preempted = others
+                    break
+            hi = min(n, lo + cost.items(left, BATCH_OVERRUN * budget))
+            out.append(work(lo, hi))
+            cost.learn(hi - lo, clock() - now)
+            lo = hi
+        settle_batch()
+        return out, lo
+
+
+def quiet_collector() -> None:
+    """Keep the cycle collector's passes short: what exists once the
+    hypervisor serves (modules, the core, its arrays) lives as long as the
+    process, so it is frozen out of every pass, and the youngest generation
+    is collected less often. A full pass over a busy hypervisor's objects
+    (an rmap frame per shared page) would otherwise be a step of several ms."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_YOUNG_THRESHOLD), gen1, gen2)
+
+
+def settle_batch() -> None:
+    """After a batch that made shared frames: what it made (rmap frame
+    objects, one per nominated page) lives until unshared, so it joins the
+    frozen state out of the cycle collector's passes (O(1)). Left young, a
+    dedup pass's 50,000 frames would trigger collections of 0.6 ms (the
+    youngest generation) to 5 ms (the next) in the middle of later steps."""
+    gc.freeze()
