@@ -3,7 +3,7 @@
 This is the hypervisor's state machine, with no I/O: the hypervisor process
 (``hvcore.process``) calls it one request at a time, which is what makes it a
 model of one hypervisor CPU. Semantics follow Xen's ``XENMEM_sharing_op``
-(see SEMANTICS.md):
+(see docs/semantics.md):
 
 - A private page (``ram_rw``) is *nominated*: its frame moves to ``dom_cow``,
   gets a fresh handle (a version) and an rmap ``{(d, gfn)}``.
@@ -1003,7 +1003,7 @@ class Hypervisor:
     # ------------------------------------------------------------------
     # audit and statistics
     def audit(self) -> int:
-        """Check every invariant of SEMANTICS.md; return the error count."""
+        """Check every invariant of docs/semantics.md, "Audit invariants"; return the error count."""
         return len(self.audit_report())
 
     def audit_report(self) -> list[str]:

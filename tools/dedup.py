@@ -1,6 +1,6 @@
 """The content-based dedup scanner: the toolstack part of memory sharing.
 
-Xen shares only what the toolstack tells it to (SEMANTICS.md): it never
+Xen shares only what the toolstack tells it to (docs/semantics.md): it never
 looks at page contents, it trusts the caller to name identical pages, and it
 makes that trust safe with handles -- nominate makes a page read-only and
 gives it a version, and a share whose handle is stale fails. This module is

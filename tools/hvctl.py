@@ -3,7 +3,7 @@
 Each subcommand is a thin layer over :mod:`tools.api`: parse and check the
 arguments, make one or a few requests on the control socket, print a short
 human answer or, with ``--json``, one JSON object (a list for ``list``) whose
-keys are the contract of ARCHITECTURE.md. Every failure is one sentence on
+keys are the contract of the README. Every failure is one sentence on
 stderr and a non-zero exit status: 1 for a failed operation (and for an
 audit that found errors), 2 for a mistake on the command line.
 """

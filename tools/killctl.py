@@ -2,7 +2,7 @@
 
 Xen's ``domain_kill`` is preemptible: each call relinquishes shared entries
 from a saved cursor and returns ``EAGAIN`` when other work is waiting, and
-the toolstack calls it again until the domain is gone (SEMANTICS.md,
+the toolstack calls it again until the domain is gone (docs/semantics.md,
 "Domain teardown"). hvshare's ``destroy`` request is that call: it answers
 ``done: false`` ("restart") with the teardown's progress -- cursor, pages,
 shared entries relinquished so far, state -- and this module asks again
@@ -17,7 +17,7 @@ Because the cursor lives in the hypervisor, a controller that dies mid-way
 (SIGKILL, Ctrl-C) loses nothing: the domain stays ``dying`` with its cursor
 (``hvctl list`` shows it) and the next ``destroy`` resumes there.
 
-The result is the ``destroy`` object of ARCHITECTURE.md: ``domid``,
+The result is the ``destroy`` object of ``hvctl destroy --json``: ``domid``,
 ``seconds`` (this controller's wall time), ``entries`` (shared entries the
 teardown relinquished), ``continuations`` (restarts the teardown answered,
 including those of an earlier, interrupted controller) and ``max_pause_ms``

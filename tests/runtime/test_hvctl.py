@@ -1,5 +1,5 @@
 """The ``hvctl`` command line as users and scripts see it: exit statuses,
-one-sentence errors on stderr, and the ``--json`` keys of ARCHITECTURE.md."""
+one-sentence errors on stderr, and the ``--json`` keys of the README."""
 from __future__ import annotations
 
 import json
