@@ -3,7 +3,7 @@
 Xen's ``domain_kill`` is preemptible: each call relinquishes shared entries
 from a saved cursor and returns ``EAGAIN`` when other work is waiting, and
 the toolstack calls it again until the domain is gone (docs/semantics.md,
-"Domain teardown"). hvshare's ``destroy`` request is that call: it answers
+"Teardown"). hvshare's ``destroy`` request is that call: it answers
 ``done: false`` ("restart") with the teardown's progress -- cursor, pages,
 shared entries relinquished so far, state -- and this module asks again
 until it answers ``done: true``.
