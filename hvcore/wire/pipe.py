@@ -9,9 +9,8 @@ names a domid. A status in a reply is 0 or the Xen code of the failure
 from __future__ import annotations
 
 import os
+import select
 import struct
-
-import numpy as np
 
 from ..constants import MAX_BATCH_PAGES, PAGE_SIZE
 from ..errors import ProtocolError

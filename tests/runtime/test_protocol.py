@@ -156,3 +156,24 @@ def test_frames_and_schemas():
         control.check_frame_header(1 << 30, 0)
     with pytest.raises(errors.ProtocolError, match="JSON object"):
         control.parse_frame(2, b"[]")
+
+
+def test_write_all_waits_out_a_full_non_blocking_pipe():
+    import threading
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    data = bytes(range(256)) * 4096              # 1 MiB: more than a pipe holds
+    got = bytearray()
+
+    def drain():
+        while len(got) < len(data):
+            got.extend(os.read(r, 1 << 16))
+    t = threading.Thread(target=drain, daemon=True)
+    try:
+        t.start()
+        pipe.write_all(w, [data[:100], data[100:]])
+        t.join(10)
+        assert bytes(got) == data
+    finally:
+        os.close(r)
+        os.close(w)
