@@ -29,7 +29,6 @@ from . import shm
 from .errors import EINVAL, HVError
 
 HOLE, RAM_RW, RAM_SHARED = 0, 1, 2
-TYPE_NAMES = {HOLE: "hole", RAM_RW: "ram_rw", RAM_SHARED: "ram_shared"}
 INVALID_MFN = -1
 _HEADER = 64
 _ONE = np.uint64(1)
@@ -53,7 +52,7 @@ class P2M:
         self.name = f"/{shm.PREFIX}{token}-p2m-{domid}"
         self.npages = npages
         self._mm = shm.create(self.name, _size(npages))
-        self._finalizer = weakref.finalize(self, _release, self._mm, self.name)
+        self._finalizer = weakref.finalize(self, shm.release, self._mm, self.name)
         self._hdr, self.mfn, self.type = _views(self._mm, npages)
         self._hdr[1] = npages
         self._hdr[2] = domid
@@ -71,12 +70,15 @@ class P2M:
         """Bracket a change readers must not see half-done (nests)."""
         return self._change
 
-    def _begin(self) -> None:
+    def begin_change(self) -> None:
+        """Open a change bracket by hand: :meth:`changing` without the
+        context manager, for the CoW fault path; always paired with
+        :meth:`end_change` in a ``finally``."""
         if self._depth == 0:
             self._seqv[0] += 1
         self._depth += 1
 
-    def _end(self) -> None:
+    def end_change(self) -> None:
         self._depth -= 1
         if self._depth == 0:
             self._seqv[0] += 1
@@ -159,15 +161,8 @@ class _Change:
         self.p2m = p2m
 
     def __enter__(self) -> None:
-        self.p2m._begin()
+        self.p2m.begin_change()
 
     def __exit__(self, *exc) -> None:
-        self.p2m._end()
+        self.p2m.end_change()
 
-
-def _release(mm, name: str) -> None:
-    try:
-        mm.close()
-    except BufferError:
-        pass
-    shm.unlink(name)

@@ -37,7 +37,7 @@ class FramePool:
         self.name = f"/{shm.PREFIX}{self.token}-pool"
         self._mm = shm.create(self.name, nframes * PAGE_SIZE)
         # Unlink the segment even if the owner forgets to close the pool.
-        self._finalizer = weakref.finalize(self, _release, self._mm, self.name)
+        self._finalizer = weakref.finalize(self, shm.release, self._mm, self.name)
         self.data = np.frombuffer(self._mm, dtype=np.uint8).reshape(nframes, PAGE_SIZE)
         self.owner = np.full(nframes, OWNER_FREE, dtype=np.int32)
         self.type_count = np.zeros(nframes, dtype=np.int64)
@@ -70,9 +70,6 @@ class FramePool:
         self.owner[mfns] = owner
         return mfns
 
-    def free(self, mfn: int) -> None:
-        self.free_many(np.array([mfn], dtype=np.int64))
-
     def free_many(self, mfns: np.ndarray) -> None:
         """Return frames to the free list; their frame-table entries are reset."""
         k = len(mfns)
@@ -91,11 +88,3 @@ class FramePool:
         self.data = None
         self._finalizer()
 
-
-def _release(mm, name: str) -> None:
-    try:
-        mm.close()
-    except BufferError:
-        # numpy views still export the buffer; unlinking is what matters.
-        pass
-    shm.unlink(name)

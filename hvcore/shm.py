@@ -53,6 +53,17 @@ def unlink(name: str) -> bool:
         return False
 
 
+def release(mm: mmap.mmap, name: str) -> None:
+    """Unmap and unlink one of this process's segments (a finalizer).
+    A mapping that numpy views still export cannot be closed; unlinking
+    the name is what frees the segment once those views go."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
+    unlink(name)
+
+
 def list_segments() -> list[str]:
     """Names (with the leading '/') of every hvshare segment on this machine."""
     try:

@@ -54,7 +54,7 @@ Batch forms check every pair first and raise before changing anything.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -112,8 +112,7 @@ class IndexRmap(Rmap):
 
     name = "index"
 
-    def __init__(self, nframes: int, table_alloc: Callable[[], bool] | None = None):
-        # table_alloc: accepted for a uniform factory call; no table here.
+    def __init__(self, nframes: int):
         super().__init__(nframes)
         self._head = np.full(nframes, -1, np.int32)
         self._count = np.zeros(nframes, np.int32)

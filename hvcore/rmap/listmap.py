@@ -22,7 +22,7 @@ and frees the frame's nodes.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -48,9 +48,7 @@ class ListRmap(Rmap):
 
     name = "list"
 
-    def __init__(self, nframes: int, table_alloc: Callable[[], bool] | None = None):
-        # table_alloc is accepted so every policy takes the same factory
-        # arguments; a list never allocates a table.
+    def __init__(self, nframes: int):
         super().__init__(nframes)
         self._frames: dict[int, _Frame] = {}
         self._arena = NodeArena()

@@ -46,10 +46,10 @@ def test_alloc_free_single_and_batch():
             pool.alloc_many(6, owner=3)           # all or nothing
         assert e.value.code == ENOMEM and pool.nfree == 5
         pool.free_many(many)
-        pool.free(a)
+        pool.free_many(np.array([a]))
         assert pool.nfree == 16 and (pool.owner == OWNER_FREE).all()
         with pytest.raises(AssertionError):
-            pool.free(a)                          # double free is caught
+            pool.free_many(np.array([a]))         # double free is caught
     finally:
         pool.close()
 

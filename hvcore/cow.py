@@ -1,0 +1,286 @@
+"""Copy-on-write: unshare, and the guest writes that fault.
+
+A write to a ``ram_shared`` entry is a CoW fault: the writer gets a
+private copy of the frame, or the frame itself when it is the frame's last
+gfn (no copy). :meth:`CopyOnWrite.write` is the path of one guest fault and
+is kept scalar, with Python ints: it is the latency-critical path. The
+batch forms (``unshare_many``, ``write_pages``, ``write_many``) do the
+same for many gfns with numpy.
+
+Invariants this module keeps:
+
+- an unshare allocates before it changes anything, so ``ENOMEM`` leaves
+  the domain as it was;
+- every change a guest could see (its p2m entry, the bytes of its private
+  frame) happens inside the p2m's change bracket, so lock-free readers
+  never see it half-done.
+"""
+from __future__ import annotations
+
+import numpy as np
+# np.unique(return_inverse=...) imports numpy.ma on first use: tens of
+# milliseconds inside the first batched unshare. Pay it at import instead.
+import numpy.ma  # noqa: F401  (imported for its side effect)
+
+from .constants import PAGE_SIZE
+from .domains import Domain
+from .errors import EBUSY, EINVAL, ESRCH, HVError
+from .p2m import HOLE, RAM_RW, RAM_SHARED
+
+
+class CopyOnWrite:
+    """Breaking sharing (a part of :class:`hvcore.core.Hypervisor`).
+
+    Uses the core's ``pool``, ``rmap``, ``domains`` and the frame counters.
+    """
+
+    def unshare(self, domid: int, gfn: int) -> bool:
+        """Break sharing of ``gfn`` for ``domid``; True if a copy was made."""
+        d = self.domain(domid)
+        gfn = self._gfn(d, gfn)
+        if d.p2m.type[gfn] != RAM_SHARED:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is not shared")
+        m = d.p2m.mfn.item(gfn)
+        return self._unshare_one(d, gfn) != m
+
+    def _unshare_one(self, d: Domain, gfn: int, copy: bool = True) -> int:
+        """The CoW fault of one shared gfn; returns the frame that backs it
+        now (its old frame if it was the last gfn: no copy). Scalar code with
+        Python ints, no numpy batch machinery: a guest fault is the
+        latency-critical path. ``copy=False`` leaves a new frame's bytes
+        as they are, for a caller that overwrites the whole page."""
+        pool = self.pool
+        p2m = d.p2m
+        domid = d.domid
+        m = p2m.mfn.item(gfn)
+        count = pool.type_count.item(m)
+        if count == 1:
+            # Last gfn: no copy, the frame becomes private to d again.
+            p2m.begin_change()
+            try:
+                self.rmap.remove(m, domid, gfn)
+                self.rmap.release(m)
+                pool.type_count[m] = 0
+                pool.owner[m] = domid
+                pool.handle[m] = 0
+                p2m.type[gfn] = RAM_RW
+            finally:
+                p2m.end_change()
+            self.nr_shared_mfns -= 1
+            new = m
+        else:
+            new = pool.alloc(domid)                 # ENOMEM before any change
+            p2m.begin_change()
+            try:
+                if copy:
+                    b = self._bytes()
+                    b[new * PAGE_SIZE:(new + 1) * PAGE_SIZE] = b[m * PAGE_SIZE:(m + 1) * PAGE_SIZE]
+                self.rmap.remove(m, domid, gfn)
+                pool.type_count[m] = count - 1
+                p2m.mfn[gfn] = new
+                p2m.type[gfn] = RAM_RW
+            finally:
+                p2m.end_change()
+            self.nr_saved_mfns -= 1
+        d.shr_pages -= 1
+        d.tot_pages += 1
+        return new
+
+    def _bytes(self) -> memoryview:
+        """The pool as one flat writable memoryview: slicing it costs a
+        fraction of numpy's fancy indexing for a few bytes (dropped by
+        :meth:`close` so the segment can be unmapped)."""
+        mv = self.__dict__.get("_pool_bytes")
+        if mv is None:
+            mv = self._pool_bytes = memoryview(self.pool.data.reshape(-1))
+        return mv
+
+    def _copy_frames(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Copy frames ``src`` into frames ``dst`` through a small reused
+        buffer: a gather of the whole batch would be one temporary of up to
+        16 MiB (freshly mapped, so page-faulted) per call."""
+        data = self.pool.data
+        k = len(dst)
+        if k > 1 and abs(int(dst[-1]) - int(dst[0])) == k - 1:
+            step = np.diff(dst)
+            if (step == step[0]).all():
+                # a run of consecutive frames (the free list hands those out):
+                # gather straight into it, one pass
+                if step[0] < 0:
+                    dst, src = dst[::-1], src[::-1]
+                lo = int(dst[0])
+                np.take(data, src, axis=0, out=data[lo:lo + k], mode="clip")
+                return
+        buf = self.__dict__.get("_copy_buf")
+        if buf is None:
+            buf = self._copy_buf = np.empty((64, PAGE_SIZE), dtype=np.uint8)
+        step = len(buf)
+        for i in range(0, len(src), step):
+            k = min(step, len(src) - i)
+            np.take(data, src[i:i + k], axis=0, out=buf[:k], mode="clip")
+            data[dst[i:i + k]] = buf[:k]
+
+    def unshare_many(self, domid: int, gfns, copy: bool = True) -> int:
+        """Unshare distinct shared gfns of one domain; returns copies made.
+
+        All or nothing: if the copies need more frames than are free, ENOMEM
+        is raised and nothing changed. The last gfn of a frame takes the
+        frame itself (no copy). ``copy=False`` skips copying the old
+        contents into the new frames, for a caller that overwrites every
+        one of those pages whole.
+        """
+        d = self.domain(domid)
+        gfns = np.unique(self._gfns(d, gfns))
+        if len(gfns) == 0:
+            return 0
+        if (d.p2m.type[gfns] != RAM_SHARED).any():
+            raise HVError(EINVAL, f"unshare of a gfn that is not shared in domain {domid}")
+        return self._unshare_many(d, gfns, copy)
+
+    def _unshare_many(self, d: Domain, gfns: np.ndarray, copy: bool = True) -> int:
+        """:meth:`unshare_many` of distinct, shared gfns (checked by the caller)."""
+        domid = d.domid
+        pool = self.pool
+        ms = d.p2m.mfn[gfns]
+        frames, inverse, counts = np.unique(ms, return_inverse=True, return_counts=True)
+        # Frames all of whose gfns are in this batch: their last gfn (the
+        # last of the batch) keeps the frame.
+        whole = counts == pool.type_count[frames]
+        if whole.any():
+            last_pos = len(gfns) - 1 - np.unique(inverse[::-1], return_index=True)[1]
+            keeps = np.zeros(len(gfns), dtype=bool)
+            keeps[last_pos[whole]] = True
+            cp = ~keeps
+            ncopy = int(cp.sum())
+        else:
+            cp = slice(None)
+            ncopy = len(gfns)
+        new = pool.alloc_many(ncopy, owner=domid)       # may raise ENOMEM: nothing done yet
+        with d.p2m.changing():
+            if copy and ncopy:
+                self._copy_frames(new, ms[cp])
+            self.rmap.remove_many(ms, np.full(len(gfns), domid, dtype=np.int64), gfns)
+            pool.type_count[frames] -= counts
+            kept = frames[whole]
+            if len(kept):
+                self.rmap.release_many(kept)
+                pool.owner[kept] = domid
+                pool.handle[kept] = 0
+            d.p2m.mfn[gfns[cp]] = new
+            d.p2m.type[gfns] = RAM_RW
+        self.nr_shared_mfns -= len(kept)
+        self.nr_saved_mfns -= ncopy
+        d.shr_pages -= len(gfns)
+        d.tot_pages += len(gfns)
+        return ncopy
+
+    def write(self, domid: int, gfn: int, offset: int, data) -> bool:
+        """A guest write of bytes-like ``data`` at ``offset`` of ``gfn``;
+        True if it was a CoW fault (the page was shared)."""
+        try:
+            d = self.domains[domid]
+        except (KeyError, TypeError):
+            raise HVError(ESRCH, f"no domain {domid}") from None
+        if not 0 <= gfn < d.npages:
+            raise HVError(EINVAL, f"gfn {gfn} outside domain {domid}'s {d.npages} pages")
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        if offset < 0 or offset + n > PAGE_SIZE:
+            raise HVError(EINVAL, "write crosses the page boundary")
+        if d.state == "dying":
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        p2m = d.p2m
+        t = p2m.type.item(gfn)
+        if t == HOLE:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
+        p2m.begin_change()
+        try:
+            if t == RAM_SHARED:
+                m = self._unshare_one(d, gfn, copy=n < PAGE_SIZE)
+            else:
+                m = p2m.mfn.item(gfn)
+            at = m * PAGE_SIZE + offset
+            self._bytes()[at:at + n] = data
+        finally:
+            p2m.end_change()
+        return t == RAM_SHARED
+
+    def write_pages(self, domid: int, gfns, pages) -> int:
+        """Write whole pages; returns the number of CoW faults taken.
+
+        A gfn listed twice gets its last page. ENOMEM leaves everything as it
+        was. The new frames of CoW faults are not filled with the old
+        contents first: every byte of them is overwritten.
+        """
+        d = self.domain(domid)
+        gfns = self._gfns(d, gfns)
+        pages = np.asarray(pages, dtype=np.uint8).reshape(len(gfns), PAGE_SIZE)
+        if d.dying:
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        # keep the last occurrence of each gfn
+        rev_u, rev_i = np.unique(gfns[::-1], return_index=True)
+        if len(rev_u) < len(gfns):
+            pick = len(gfns) - 1 - rev_i
+            gfns, pages = rev_u, pages[pick]
+        t = d.p2m.type[gfns]
+        if (t == HOLE).any():
+            raise HVError(EINVAL, f"write to a hole of domain {domid}")
+        shared = gfns[t == RAM_SHARED]
+        with d.p2m.changing():
+            if len(shared):
+                self._unshare_many(d, shared, copy=False)
+            self.pool.data[d.p2m.mfn[gfns]] = pages
+        return len(shared)
+
+    def write_many(self, domid: int, gfns, offsets, lengths, data) -> int:
+        """Many small writes in one call: write ``i`` puts the next
+        ``lengths[i]`` bytes of ``data`` at ``offsets[i]`` of ``gfns[i]``,
+        in order (a later write to the same bytes wins). Returns the CoW
+        faults taken (shared gfns written). Vectorised: one batched unshare,
+        then one scatter of every byte. ENOMEM leaves everything as it was.
+        """
+        d = self.domain(domid)
+        gfns = self._gfns(d, gfns)
+        k = len(gfns)
+        offsets = np.asarray(offsets, dtype=np.int64).ravel()
+        lengths = np.asarray(lengths, dtype=np.int64).ravel()
+        data = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        if len(offsets) != k or len(lengths) != k:
+            raise HVError(EINVAL, f"{k} gfns need as many offsets and lengths")
+        if k and ((offsets < 0).any() or (lengths < 0).any() or (offsets + lengths > PAGE_SIZE).any()):
+            raise HVError(EINVAL, "a write crosses the page boundary")
+        total = int(lengths.sum())
+        if total != len(data):
+            raise HVError(EINVAL, f"the writes take {total} bytes, {len(data)} given")
+        if d.dying:
+            raise HVError(EBUSY, f"domain {domid} is dying")
+        if k == 0:
+            return 0
+        ug = np.unique(gfns)
+        t = d.p2m.type[ug]
+        if (t == HOLE).any():
+            raise HVError(EINVAL, f"write to a hole of domain {domid}")
+        shared = ug[t == RAM_SHARED]
+        with d.p2m.changing():
+            if len(shared):
+                self._unshare_many(d, shared)
+            starts = d.p2m.mfn[gfns] * PAGE_SIZE + offsets
+            if total == k:                  # one byte each: the common case
+                pos = starts
+            else:
+                ends = np.cumsum(lengths)
+                pos = np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
+            if len(ug) < k:
+                # a gfn written twice: the last write of each byte wins
+                pos, last = np.unique(pos[::-1], return_index=True)
+                data = data[::-1][last]
+            self.pool.data.reshape(-1)[pos] = data
+        return len(shared)
+
+    def read(self, domid: int, gfn: int) -> bytes:
+        d = self.domain(domid)
+        gfn = self._gfn(d, gfn)
+        if d.p2m.type[gfn] == HOLE:
+            raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
+        return self.pool.data[int(d.p2m.mfn[gfn])].tobytes()
