@@ -368,10 +368,11 @@ class _Channel:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        frames = control.FrameReader(conn)
         with conn:
             while True:
                 try:
-                    got = control.recv_frame(conn)
+                    got = frames.next()
                 except (errors.ProtocolError, ConnectionError, OSError):
                     return
                 if got is None:

@@ -4,7 +4,7 @@
   start`` detached, or a guest whose hypervisor died, is re-parented to it
   rather than to init, so the leak check sees (and reaps) it.
 - Every hvshare session the tests start lives under one private root
-  (``tools.api.SESSION_ROOT``), and ``$HVSHARE_SOCKET`` points there too, so
+  (``tools.session.SESSION_ROOT``), and ``$HVSHARE_SOCKET`` points there too, so
   no test can touch a user's own hypervisor.
 - ``no_leftovers`` (autouse) fails any test that leaves a child process, an
   hvshare shared-memory segment it owns, or a Unix socket under that root,
@@ -33,7 +33,7 @@ except ImportError:  # run as plain `pytest` without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvcore import shm  # noqa: E402
-from tools import api  # noqa: E402
+from tools import api, session  # noqa: E402
 
 _PR_SET_CHILD_SUBREAPER = 36
 ROOT = tempfile.mkdtemp(prefix="hvs-pytest-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -44,7 +44,7 @@ def pytest_configure(config):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
-    api.SESSION_ROOT = ROOT
+    session.SESSION_ROOT = ROOT
     os.environ["HVSHARE_SOCKET"] = os.path.join(ROOT, "default", "hv.sock")
 
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from typing import Callable
 

@@ -28,6 +28,7 @@ of ``max_pause_ms`` once other processes' share of the CPU is taken out).
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from typing import Callable
@@ -36,7 +37,7 @@ from hvcore.wire import control
 from hvcore import errors
 from hvcore.errors import ESRCH
 
-from .api import HVCtlError
+from .errors import HVCtlError, NoHypervisor, check_answer
 
 __all__ = ["destroy", "terminal_progress", "result_of"]
 
@@ -45,42 +46,13 @@ __all__ = ["destroy", "terminal_progress", "result_of"]
 AHEAD = 3
 
 
-class _Answers:
-    """Answers of one connection: every answer already received is taken
-    from one ``recv`` (a step answers in well under a millisecond, so
-    several often wait together), the next one is waited for."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = bytearray()
-
-    def next(self) -> dict | None:
-        """The next answer object; None on EOF."""
-        hdr = control.FRAME_HDR.size
-        while True:
-            if len(self.buf) >= hdr:
-                jlen, blen = control.FRAME_HDR.unpack_from(self.buf)
-                control.check_frame_header(jlen, blen)
-                end = hdr + jlen + blen
-                if len(self.buf) >= end:
-                    obj, _ = control.parse_frame(jlen, bytes(self.buf[hdr:end]))
-                    del self.buf[:end]
-                    return obj
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                if self.buf:
-                    raise ConnectionError("connection closed in the middle of a frame")
-                return None
-            self.buf += chunk
-
-
 def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) -> dict:
     """Call destroy for ``domid`` on the hypervisor of ``client`` (a
-    :class:`tools.api.HypervisorClient`) while it answers "restart"; return
+    :class:`tools.client.HypervisorClient`) while it answers "restart"; return
     the teardown's summary.
 
     ``progress(answer)`` is called after every step. An unknown or
-    already-destroyed domain raises :class:`tools.api.HVCtlError` (ESRCH)
+    already-destroyed domain raises :class:`tools.errors.HVCtlError` (ESRCH)
     before anything is done.
 
     The first request goes alone and gets the full answer; after it,
@@ -96,27 +68,24 @@ def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) 
     step yields after its chunk when a guest or another client is waiting,
     and the hypervisor serves them before this connection's next request.
     """
-    from .api import NoHypervisor
     t0 = time.perf_counter()
     sock = client.open_connection(wait=True)
     first = b"".join(bytes(x) for x in control.frame({"op": "destroy", "domid": domid}))
     request = b"".join(bytes(x) for x in control.frame({"op": "destroy", "domid": domid, "brief": True}))
-    answers = _Answers(sock)
+    answers = control.FrameReader(sock)
     inflight = 0
 
     def answer() -> dict:
         nonlocal inflight
         try:
-            a = answers.next()
+            got = answers.next()
         except (ConnectionError, OSError, errors.ProtocolError):
-            a = None
-        if a is None:
+            got = None
+        if got is None:
             inflight = 0                 # nothing more will come
             raise NoHypervisor(f"the hypervisor on {client.socket_path} closed the connection during destroy")
         inflight -= 1
-        if not a.get("ok"):
-            raise HVCtlError(a.get("error", "destroy failed"), a.get("code", 22), a.get("code_name", "EINVAL"))
-        return a
+        return check_answer(got[0], "destroy")
 
     def send(k: int) -> None:
         nonlocal inflight
@@ -206,8 +175,6 @@ def terminal_progress(stream=None) -> Callable[[dict], None] | None:
     stream = stream or sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
         return None
-    try:
-        import tqdm  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tqdm") is None:
         return None
     return _Bar(stream)

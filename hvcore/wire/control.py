@@ -65,32 +65,6 @@ def send_frame(sock: socket.socket, obj: dict, payload=b"") -> None:
 
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict, bytes] | None:
-    """Receive one frame from a blocking socket; None on a clean EOF."""
-    hdr = _recv_exact(sock, FRAME_HDR.size, eof_ok=True)
-    if hdr is None:
-        return None
-    jlen, blen = FRAME_HDR.unpack(hdr)
-    check_frame_header(jlen, blen)
-    body = _recv_exact(sock, jlen + blen)
-    obj, pl = parse_frame(jlen, body)
-    return obj, bytes(pl)
-
-
-def _recv_exact(sock: socket.socket, n: int, eof_ok: bool = False):
-    buf = bytearray(n)
-    mv = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(mv[got:])
-        if k == 0:
-            if eof_ok and got == 0:
-                return None
-            raise ConnectionError("connection closed in the middle of a frame")
-        got += k
-    return buf
-
-
 class FrameReader:
     """The frames arriving on one blocking socket, in order.
 
@@ -107,7 +81,9 @@ class FrameReader:
         Raises ConnectionError on EOF in the middle of a frame, and
         ProtocolError on a frame the protocol does not allow."""
         while not self._ready:
-            msgs, eof = self._reader.pump()
+            # one message is enough: on a blocking socket another read
+            # would wait for bytes nobody has sent yet
+            msgs, eof = self._reader.pump(limit=1)
             for (jlen, _blen), body in msgs:
                 obj, payload = parse_frame(jlen, body)
                 self._ready.append((obj, bytes(payload)))

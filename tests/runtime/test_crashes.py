@@ -17,7 +17,9 @@ import numpy as np
 import psutil
 import pytest
 
-from tools import api
+from hvcore import shm
+
+from tools import api, session
 
 PAGE = 4096
 
@@ -109,7 +111,7 @@ def test_writer_guests_killed_at_random_moments_leak_nothing():
 
 
 def test_killed_hypervisor_every_command_says_so_and_start_cleans_up():
-    sock = os.path.join(api.SESSION_ROOT, f"k{os.getpid()}", "hv.sock")
+    sock = os.path.join(session.SESSION_ROOT, f"k{os.getpid()}", "hv.sock")
     hv_pid = api.start_hypervisor(sock, frames=1024).pid
     try:
         with api.HypervisorClient(sock) as c:
@@ -117,7 +119,7 @@ def test_killed_hypervisor_every_command_says_so_and_start_cleans_up():
             b = c.create(16, "writer", seed=1, rate=100)
             c.range_share(a, b, 0, 15)
             guests = [psutil.Process(d["pid"]) for d in c.list()]
-        segments = [n for n in api.shm.list_segments() if api.shm.owner_pid(n) == hv_pid]
+        segments = [n for n in shm.list_segments() if shm.owner_pid(n) == hv_pid]
         assert len(segments) == 3
         os.kill(hv_pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -137,7 +139,7 @@ def test_killed_hypervisor_every_command_says_so_and_start_cleans_up():
         assert p.returncode == 0, p.stderr
         # (another start on this machine may have removed the segments first)
         assert "removed a dead hypervisor's leftovers" in p.stdout, p.stdout
-        assert not [n for n in segments if n in api.shm.list_segments()]
+        assert not [n for n in segments if n in shm.list_segments()]
         with api.HypervisorClient(sock) as c:
             assert c.audit() == 0
     finally:
@@ -160,7 +162,8 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
         for d in doms:
             with hv.guest(d) as g:
                 before.append(g.checksum(0, pages))
-        proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "dedup", "--json",
+        # small requests: hundreds of steps, so the kill lands mid-pass
+        proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "dedup", "--json", "--batch", "8",
                                  "--socket", hv.socket_path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
@@ -171,6 +174,7 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
         finally:
             proc.communicate()
         if proc.returncode != -signal.SIGKILL:
+            assert proc.returncode == 0, proc.stderr
             pytest.skip("the pass ended before it could be killed")
         saved_at_kill = hv.info()["nr_saved_mfns"]
         assert saved_at_kill > 0
@@ -178,6 +182,8 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
         p = _hvctl(hv.socket_path, "dedup", "--json")
         assert p.returncode == 0, p.stderr
         r = json.loads(p.stdout)
+        if r["merged"] == 0 and r["nr_saved_mfns"] == saved_at_kill:
+            pytest.skip("the killed pass had already merged everything")
         assert r["nr_saved_mfns"] > saved_at_kill and r["merged"] > 0
         _accounted(hv)
         from tools.dedup import Scanner, SocketBackend

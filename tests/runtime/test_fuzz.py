@@ -113,11 +113,12 @@ class _Raw:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(10)
         self.sock.connect(path)
+        self.frames = control.FrameReader(self.sock)
 
     def ask(self, data: bytes) -> dict | None:
         self.sock.sendall(data)
         try:
-            got = control.recv_frame(self.sock)
+            got = self.frames.next()
         except (ConnectionError, OSError):
             return None
         return None if got is None else got[0]
@@ -128,7 +129,7 @@ class _Raw:
         out = []
         while True:
             try:
-                got = control.recv_frame(self.sock)
+                got = self.frames.next()
             except socket.timeout:
                 raise AssertionError("the hypervisor neither answered nor closed") from None
             except (ConnectionError, OSError, errors.ProtocolError):
@@ -272,10 +273,10 @@ def _fuzz_control(hv, examples: int, batch: int, counts: Counter) -> None:
                 chunk = reqs[lo:lo + 16]
                 conn.sock.sendall(b"".join(_frame(*m) for m in chunk))
                 for obj, _ in chunk:
-                    got = control.recv_frame(conn.sock)
+                    got = conn.frames.next()
                     assert got is not None, f"the hypervisor dropped a well-framed request: {obj}"
                     while "event" in got[0]:            # an events subscription's pushes
-                        got = control.recv_frame(conn.sock)
+                        got = conn.frames.next()
                     _check_answer(got[0], counts)
                     counts.add("frames")
         finally:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tools import api
+from tools import api, session
 
 DOMAIN_KEYS = {"domid", "name", "state", "pages", "shr_pages", "pid"}
 INFO_KEYS = {"frames_total", "frames_free", "nr_shared_mfns", "nr_saved_mfns", "rmap", "teardown",
@@ -24,7 +24,7 @@ DESTROY_KEYS = {"domid", "seconds", "entries", "continuations", "max_pause_ms"}
 def hvctl():
     """Run ``hvctl`` in a subprocess against a private socket; stops whatever
     the test started."""
-    d = tempfile.mkdtemp(prefix="cli-", dir=api.SESSION_ROOT)
+    d = tempfile.mkdtemp(prefix="cli-", dir=session.SESSION_ROOT)
     sock = os.path.join(d, "hv.sock")
 
     def run(*args, socket=sock, timeout=60):

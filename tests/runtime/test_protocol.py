@@ -137,10 +137,11 @@ def test_frames_and_schemas():
     a, b = socket.socketpair()
     with a, b:
         control.send_frame(a, {"op": "read", "gfn": 3}, b"\x00" * 10)
-        obj, payload = control.recv_frame(b)
+        frames = control.FrameReader(b)
+        obj, payload = frames.next()
         assert obj == {"op": "read", "gfn": 3} and payload == bytes(10)
         a.close()
-        assert control.recv_frame(b) is None
+        assert frames.next() is None
     op, args = schema.check_request({"op": "create", "pages": 4}, schema.CONTROL_OPS)
     assert op == "create" and args["workload"] == "zero" and args["paused"] is False
     for bad, match in (({"op": "create", "pages": True}, "integer"),
@@ -177,3 +178,19 @@ def test_write_all_waits_out_a_full_non_blocking_pipe():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_frame_reader_returns_a_frame_that_fills_one_read_exactly():
+    # A blocking client must not wait for bytes nobody sends: a frame that
+    # fills the reader's read buffer to the byte is complete as it stands.
+    from hvcore.wire.reader import READ_CHUNK
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        hdr, js, _ = control.frame({"op": "x"}, b"")
+        payload = bytes(READ_CHUNK - len(hdr) - len(js))
+        a.sendall(b"".join(bytes(x) for x in control.frame({"op": "x"}, payload)))
+        b.settimeout(5)
+        obj, got = control.FrameReader(b).next()
+        assert obj == {"op": "x"} and got == payload

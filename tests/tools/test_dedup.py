@@ -208,7 +208,7 @@ def test_pages_that_cannot_be_nominated_are_skipped(hv, scanner):
 # content is verified, never trusted
 
 def test_hash_collision_never_merges_different_content(hv, scanner, monkeypatch):
-    monkeypatch.setattr(dedup, "page_hashes",
+    monkeypatch.setattr(dedup.pages, "page_hashes",
                         lambda frames, mfns: np.full(len(mfns), 12345, dtype=np.uint64))
     mem = stack(page(1), page(2), page(1), page(3), page(2), page(1, tag=9),
                 page(0), page(0), page(4))
@@ -393,7 +393,7 @@ def test_random_contents_and_racing_writes(data):
                                           st.integers(0, 9), st.integers(0, 4)), max_size=4))
     const = (lambda frames, mfns: np.full(len(mfns), 1, dtype=np.uint64))
     with Hypervisor(64) as hv, Scanner(InProcessBackend(hv), batch_pages=batch_pages) as sc, \
-            mock.patch.object(dedup, "page_hashes", const if collide else dedup.page_hashes):
+            mock.patch.object(dedup.pages, "page_hashes", const if collide else dedup.page_hashes):
         doms = [hv.create_domain(len(m), content=m).domid for m in mems]
         seen = [0]
 
