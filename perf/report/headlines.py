@@ -270,7 +270,7 @@ def _teardown_headlines(r: Any) -> list[dict]:
 
 def _ksm_munmap(r: Any) -> dict:
     """Linux KSM's munmap measure inside a teardown result (the shape of
-    ``perf.ksm.measure_munmap``), the largest one, or {}."""
+    ``perf.peers.ksm.measure_munmap``), the largest one, or {}."""
     found = [d for d in find_dicts(r, "n_pages", "seconds", "baseline_seconds") if "skipped" not in d]
     if not found:
         return {}

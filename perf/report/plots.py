@@ -153,7 +153,7 @@ def plot_rmap(result: dict, path: str) -> str:
 
 def _ksm_munmap_points(result: dict) -> tuple[list, list]:
     """(merged, private) munmap points (pages, seconds) of Linux KSM found
-    anywhere in the result (the shape of ``perf.ksm.measure_munmap``)."""
+    anywhere in the result (the shape of ``perf.peers.ksm.measure_munmap``)."""
     merged, private = [], []
     for d in find_dicts(result, "n_pages", "seconds", "baseline_seconds"):
         n, s, b = num(d.get("n_pages")), num(d.get("seconds")), num(d.get("baseline_seconds"))
