@@ -15,7 +15,7 @@ import time
 
 BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "ksm", "pipe")
 #: commands that are not benchmarks: name -> module with main(argv)
-COMMANDS = {"all": "perf.suite", "compare": "perf.compare", "plots": "perf.plots"}
+COMMANDS = {"all": "perf.report.suite", "compare": "perf.report.compare", "plots": "perf.report.plots"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     a = p.parse_args(argv)
-    from .suite import load_bench, stamp, write_json
+    from .report.suite import bench_file, load_bench, stamp, write_json
     mod = load_bench(a.bench) if a.bench.isidentifier() else f"no benchmark named {a.bench!r}"
     if isinstance(mod, str) or not callable(getattr(mod, "report", None)):
-        why = mod if isinstance(mod, str) else f"perf/{a.bench}.py has no report(result)"
+        why = mod if isinstance(mod, str) else f"{bench_file(a.bench)} has no report(result)"
         print(f"python -m perf: {why} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2

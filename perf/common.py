@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: machine description, medians, tables."""
+"""Shared helpers of the benchmarks: machine description, medians,
+latency percentiles, tables and their cells, one-line reasons, SIGTERM."""
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
 
 
 #: the percentiles every latency result carries: enough points for a CDF
-#: plot (``perf.plots``) without keeping every sample in the JSON
+#: plot (``perf.report.plots``) without keeping every sample in the JSON
 CDF_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
 
@@ -57,14 +58,16 @@ def latency_percentiles(lat, unit: str = "us") -> dict[str, float]:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain fixed-width text table."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [[fmt_value(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _fmt(v: object) -> str:
+def fmt_value(v: object) -> str:
+    """A table cell: floats to about three significant digits (thousands
+    separated, no decimals from 100 up), ints with separators, else ``str``."""
     if isinstance(v, float):
         if v == 0:
             return "0"
@@ -76,6 +79,13 @@ def _fmt(v: object) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters),
+    or its repr when the message is empty: a reason that fits a table."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else repr(e)
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ What is measured, all in one run on one machine:
   ``batch`` writes per ``G_WRITE_MANY`` message (one vectorised unshare and
   one scatter per message): pages per second, KSM's batched case. Also
   whole pages (``batched_pages``): ``batch`` pages per ``G_WRITE_PAGES``.
-- **raw pipe round trip** of two Python processes (``perf.pipe``), same and
+- **raw pipe round trip** of two Python processes (``perf.peers.pipe``), same and
   cross core: the floor any hvshare request pays.
-- **Linux KSM** (``perf.ksm``): the kernel's CoW break of a merged page
+- **Linux KSM** (``perf.peers.ksm``): the kernel's CoW break of a merged page
   (p50/p99 per page) and a batched break (one numpy write over all merged
   pages, pages per second). Skipped, with the reason, where KSM cannot be
   driven.
@@ -35,7 +35,7 @@ import statistics
 
 import numpy as np
 
-from . import ksm, pipe
+from .peers import ksm, pipe
 from .common import latency_percentiles, table
 
 PLACEMENTS = ("same", "cross")

@@ -5,8 +5,8 @@
 What is measured, in one run on one machine:
 
 - **hvshare**: guest memory is filled with exactly the bytes KSM gets
-  (:func:`perf.ksm.page_content`: ``identical`` -- one random page repeated
-  -- and ``clone`` -- :func:`perf.ksm.clone_content`'s image, zero and
+  (:func:`perf.peers.contents.page_content`: ``identical`` -- one random page repeated
+  -- and ``clone`` -- :func:`perf.peers.contents.ksm_clone_pages`'s image, zero and
   private pages), split over ``domains`` domains of a fresh hypervisor
   process (``clone``: four guests, ``identical``: one). Then, from nothing
   shared to fully merged, end to end: a :class:`tools.dedup.Scanner` over
@@ -15,7 +15,7 @@ What is measured, in one run on one machine:
   ``hvctl dedup`` runs it. Median of ``repeats`` fresh hypervisors (3
   with ``--quick``, 5 otherwise), alternating with KSM's repeats so that
   a change in the machine's load weighs on both.
-- **Linux KSM** (:func:`perf.ksm.measure_merge`, which sets and restores
+- **Linux KSM** (:func:`perf.peers.ksm.measure_merge`, which sets and restores
   the knobs): ksmd merging the same content at full speed
   (``sleep_millisecs=0``, ``pages_to_scan=20000``). Skipped, with the
   reason, where KSM cannot be driven.
@@ -28,7 +28,7 @@ against KSM's ``pages_sharing``. KSM caps one KSM page at
 ``max_page_sharing`` (256) mappings and starts a duplicate KSM page beyond
 that, so on content with big groups (every zero page, the all-identical
 case) it frees fewer frames by design: ``ksm_cap_frames`` is that
-difference, computed from the content (:func:`perf.ksm.expected_counts`
+difference, computed from the content (:func:`perf.peers.contents.expected_counts`
 with the real cap and with none). The savings match when hvshare's frames
 saved equal KSM's ``pages_sharing`` plus ``ksm_cap_frames`` (and equal
 what the content predicts).
@@ -59,10 +59,9 @@ import time
 
 import numpy as np
 
-from . import ksm
 from .common import sigterm_exits, table
+from .peers import contents, ksm
 
-PAGE = 4096
 #: pages per guest-channel write while filling guest memory (the protocol's limit)
 _FILL_BATCH = 4096
 
@@ -132,8 +131,8 @@ def _median_run(runs: list[dict], domains: int, rmap: str, n: int) -> dict:
 def savings(groups: np.ndarray, hvs: dict, k: dict) -> dict:
     """Frames saved by each, and whether they match once KSM's cap is counted."""
     cap = int(k.get("max_page_sharing") or 256)
-    _, capped = ksm.expected_counts(groups, cap)
-    _, uncapped = ksm.expected_counts(groups, 1 << 62)
+    _, capped = contents.expected_counts(groups, cap)
+    _, uncapped = contents.expected_counts(groups, 1 << 62)
     out = {"hvshare_saved": hvs["nr_saved_mfns"], "content_predicts": uncapped,
            "ksm_max_page_sharing": cap, "ksm_cap_frames": uncapped - capped}
     if "pages_sharing" in k:
@@ -150,7 +149,7 @@ def run(quick: bool = False) -> dict:
 
 
 def _ksm_median(runs: list[dict]) -> dict:
-    """The median of single-repeat :func:`perf.ksm.measure_merge` results
+    """The median of single-repeat :func:`perf.peers.ksm.measure_merge` results
     (by merge time), with every run's time; a skip if one was skipped."""
     skipped = [r for r in runs if "skipped" in r]
     if skipped:
@@ -169,8 +168,8 @@ def _run(quick: bool) -> dict:
     results: dict = {}
     ratios: dict = {}
     for content, domains in cases.items():
-        pages = ksm.page_content(content, n, seed=0)
-        groups = np.array([n]) if content == "identical" else ksm.duplicate_groups(pages)
+        pages = contents.page_content(content, n, seed=0)
+        groups = np.array([n]) if content == "identical" else contents.duplicate_groups(pages)
         # hvshare and KSM alternate, so that a change in the machine's load
         # during the run weighs on both
         hv_runs, k_runs = [], []
@@ -196,7 +195,7 @@ def _run(quick: bool) -> dict:
     sweep_contents = ("clone",) if quick else ("clone", "identical")
     sweep = []
     for content in sweep_contents:
-        pages = ksm.page_content(content, n, seed=0)
+        pages = contents.page_content(content, n, seed=0)
         for bs in sweep_sizes:
             r = one_merge(pages, cases[content], batch_pages=bs)
             sweep.append({"content": content, "batch_pages": bs, "seconds": r["seconds"],

@@ -24,15 +24,16 @@ import time
 
 import numpy as np
 
+from hvcore.constants import PAGE_SIZE
+
 from .common import table
 
-PAGE = 4096
 VERSIONS = 4                 # few versions: writers often write pages alike
 BATCH = 8                    # pages per write message
 
 
 def _page(gfn: int, version: int) -> bytes:
-    return struct.pack("<QQ", gfn, version) * (PAGE // 16)
+    return struct.pack("<QQ", gfn, version) * (PAGE_SIZE // 16)
 
 
 class _Writer(threading.Thread):
@@ -54,7 +55,7 @@ class _Writer(threading.Thread):
                     gfns = self.rng.choice(self.pages, BATCH, replace=False)
                     vers = self.rng.integers(0, VERSIONS, BATCH)
                     data = np.frombuffer(b"".join(_page(int(x), int(v)) for x, v in zip(gfns, vers)),
-                                         np.uint8).reshape(BATCH, PAGE)
+                                         np.uint8).reshape(BATCH, PAGE_SIZE)
                     self.faults += g.write_pages(gfns, data)
                     self.last[gfns] = vers              # answered: it must be there
                     self.writes += 1

@@ -27,7 +27,7 @@ rmap policy and each teardown mode:
   the controller's window.
 
 Peer, in the same run: Linux munmap of N pages all merged into ONE KSM page
-(:func:`perf.ksm.measure_munmap`), the kernel doing the same job.
+(:func:`perf.peers.ksm.measure_munmap`), the kernel doing the same job.
 
 ``ratios`` in the JSON: ``list_over_buckets`` and ``index_over_ksm`` at the
 largest N measured, for the preemptible teardown, and the same with
@@ -280,7 +280,7 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from . import ksm
+    from .peers import ksm
     results = []
     load = [os.getloadavg()[0]]
     for n, rmap, mode in _cases(quick):

@@ -1,4 +1,4 @@
-"""Smoke tests of the measured peers (``perf.ksm``, ``perf.pipe``).
+"""Smoke tests of the measured peers (``perf.peers``: KSM and the pipe).
 
 They check behaviour, not speed: knobs come back, KSM really merges and
 unmerges, the pipe echo returns sane numbers and leaves no process behind.
@@ -17,48 +17,49 @@ try:
 except ImportError:  # run as plain `pytest` without the project on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from perf import ksm, pipe  # noqa: E402
+from perf.peers import contents, ksm, ksm_session, ksm_sysfs, pipe  # noqa: E402
 
-KSM_REASON = ksm.ksm_available()
+KSM_REASON = ksm_sysfs.ksm_available()
 needs_ksm = pytest.mark.skipif(KSM_REASON is not None, reason=KSM_REASON or "")
 N = 2000
 
 
 def _knobs() -> dict[str, str]:
-    return {k: ksm.read_knob(k) for k in ksm.writable_knobs()}
+    return {k: ksm_sysfs.read_knob(k) for k in ksm_sysfs.writable_knobs()}
 
 
 # -- pure helpers (no KSM needed)
 
-def test_clone_content_is_deterministic_and_mixed():
-    a = ksm.clone_content(3000, seed=1)
+def test_ksm_clone_pages_is_deterministic_and_mixed():
+    a = contents.ksm_clone_pages(3000, seed=1)
     assert a.shape == (3000, 4096) and a.dtype == np.uint8
-    assert np.array_equal(a, ksm.clone_content(3000, seed=1))
-    b = ksm.clone_content(3000, seed=2)
+    assert np.array_equal(a, contents.ksm_clone_pages(3000, seed=1))
+    b = contents.ksm_clone_pages(3000, seed=2)
     assert not np.array_equal(a, b)
     # both clones draw from the same image: many pages of one appear in the other
     rows_a = {r.tobytes() for r in a}
     assert sum(r.tobytes() in rows_a for r in b if r.any()) > 1000
     assert (~a.any(axis=1)).sum() > 200                      # zero pages
-    groups = ksm.duplicate_groups(a)
+    groups = contents.duplicate_groups(a)
     assert (groups == 1).sum() > 500 and groups.max() > 100  # private pages, and duplicates
 
 
 def test_expected_counts_follow_max_page_sharing():
-    assert ksm.expected_counts([N], 4096) == (1, N - 1)
-    assert ksm.expected_counts([N], 256) == (8, N - 8)       # 7 full KSM pages + one of 208
-    assert ksm.expected_counts([257], 256) == (1, 255)       # the leftover page has no partner
-    assert ksm.expected_counts([1, 1, 2], 256) == (1, 1)
+    assert contents.expected_counts([N], 4096) == (1, N - 1)
+    assert contents.expected_counts([N], 256) == (8, N - 8)       # 7 full KSM pages + one of 208
+    assert contents.expected_counts([257], 256) == (1, 255)       # the leftover page has no partner
+    assert contents.expected_counts([1, 1, 2], 256) == (1, 1)
 
 
 def test_measures_skip_with_reason_when_ksm_unusable(monkeypatch):
-    monkeypatch.setattr(ksm, "ksm_available", lambda: "KSM absent: test")
+    for mod in (ksm_sysfs, ksm_session, ksm):          # each module that asks
+        monkeypatch.setattr(mod, "ksm_available", lambda: "KSM absent: test")
     for res in (ksm.measure_merge(10), ksm.measure_cow_break(10), ksm.measure_cow_batched(10),
                 ksm.measure_munmap(10)):
         assert res["skipped"] == "KSM absent: test"
     assert "skipped" in ksm.run(quick=True)
-    with pytest.raises(ksm.KsmUnavailable, match="KSM absent"):
-        with ksm.ksm_session():
+    with pytest.raises(ksm_sysfs.KsmUnavailable, match="KSM absent"):
+        with ksm_session.ksm_session():
             pass
 
 
@@ -67,11 +68,11 @@ def test_measures_skip_with_reason_when_ksm_unusable(monkeypatch):
 @needs_ksm
 def test_session_restores_every_knob():
     before = _knobs()
-    with ksm.ksm_session(pages_to_scan=1234, sleep_millisecs=7, max_page_sharing=512) as s:
+    with ksm_session.ksm_session(pages_to_scan=1234, sleep_millisecs=7, max_page_sharing=512) as s:
         s.set(use_zero_pages=1 - int(before["use_zero_pages"]), run=1)
-        assert ksm.read_knob("pages_to_scan") == "1234"
-        assert ksm.read_knob("max_page_sharing") == "512"
-        assert ksm.read_knob("run") == "1"
+        assert ksm_sysfs.read_knob("pages_to_scan") == "1234"
+        assert ksm_sysfs.read_knob("max_page_sharing") == "512"
+        assert ksm_sysfs.read_knob("run") == "1"
     assert _knobs() == before
 
 
@@ -80,7 +81,7 @@ def test_session_restores_every_knob():
 def test_session_restores_knobs_after_exception(exc):
     before = _knobs()
     with pytest.raises(exc):
-        with ksm.ksm_session(max_page_sharing=300, pages_to_scan=777) as s:
+        with ksm_session.ksm_session(max_page_sharing=300, pages_to_scan=777) as s:
             s.set(run=1, sleep_millisecs=3)
             with ksm.merge(200):              # KSM pages exist when the restore runs
                 raise exc("boom")
@@ -92,7 +93,7 @@ def test_session_restores_knobs_after_exception(exc):
 @needs_ksm
 def test_merge_identical_pages_into_one_ksm_page():
     before = _knobs()
-    with ksm.ksm_session(max_page_sharing=4 * N):
+    with ksm_session.ksm_session(max_page_sharing=4 * N):
         with ksm.merge(N, "identical", seed=3) as r:
             assert r.complete, r.summary()
             assert r.pages_shared == 1
@@ -104,16 +105,16 @@ def test_merge_identical_pages_into_one_ksm_page():
 
 @needs_ksm
 def test_merge_respects_max_page_sharing_and_zero_pages():
-    with ksm.ksm_session():
-        mps = int(ksm.read_knob("max_page_sharing"))
+    with ksm_session.ksm_session():
+        mps = int(ksm_sysfs.read_knob("max_page_sharing"))
         with ksm.merge(N, "zero") as r:         # zero pages merge like others (use_zero_pages=0)
-            assert (r.pages_shared, r.pages_sharing) == ksm.expected_counts([N], mps)
+            assert (r.pages_shared, r.pages_sharing) == contents.expected_counts([N], mps)
             assert not r.array.any()
 
 
 @needs_ksm
 def test_cow_break_changes_content_and_counters_drop():
-    with ksm.ksm_session(max_page_sharing=4 * N):
+    with ksm_session.ksm_session(max_page_sharing=4 * N):
         with ksm.merge(N, "identical", seed=5) as r:
             before = r.array.copy()
             broken = np.arange(0, N, 2)

@@ -24,7 +24,7 @@ def test_report_shows_the_figures_and_writer_errors():
 
 def test_pages_depend_only_on_gfn_and_version():
     assert soak._page(3, 1) == soak._page(3, 1) != soak._page(3, 2) != soak._page(4, 2)
-    assert len(soak._page(0, 0)) == soak.PAGE
+    assert len(soak._page(0, 0)) == soak.PAGE_SIZE
 
 
 def test_window_counts_only_the_steps_taken_between_two_infos():

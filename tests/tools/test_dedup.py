@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hvcore import Hypervisor
 from hvcore.p2m import RAM_RW, RAM_SHARED
 from hvcore.constants import RMAP_POLICIES as POLICIES
-from perf.ksm import clone_content
+from perf.peers.contents import ksm_clone_pages
 from tools import dedup
 from tools.dedup import InProcessBackend, Scanner
 
@@ -90,7 +90,7 @@ def check(hv, expected: dict[int, np.ndarray]) -> None:
 def test_clones_share_image_and_zero_pages_private_pages_stay(policy):
     n = 700
     with Hypervisor(4 * n, rmap=policy) as hv, Scanner(InProcessBackend(hv), batch_pages=50) as sc:
-        mems = [clone_content(n, seed=s, image_pages=120) for s in (1, 2, 3)]
+        mems = [ksm_clone_pages(n, seed=s, image_pages=120) for s in (1, 2, 3)]
         doms = [hv.create_domain(n, content=m).domid for m in mems]
         res = sc.scan_pass()
         want = saved_from_content(*mems)
@@ -118,12 +118,12 @@ def test_clones_share_image_and_zero_pages_private_pages_stay(policy):
 
 def test_new_clone_merges_into_existing_frames(hv, scanner):
     n = 400
-    a, b = (clone_content(n, seed=s, image_pages=60) for s in (1, 2))
+    a, b = (ksm_clone_pages(n, seed=s, image_pages=60) for s in (1, 2))
     da = hv.create_domain(n, content=a).domid
     db = hv.create_domain(n, content=b).domid
     scanner.scan_pass()
     shared_before = hv.nr_shared_mfns
-    c = clone_content(n, seed=3, image_pages=60)
+    c = ksm_clone_pages(n, seed=3, image_pages=60)
     dc = hv.create_domain(n, content=c).domid
     res = scanner.scan_pass()
     assert hv.nr_saved_mfns == saved_from_content(a, b, c)
@@ -278,7 +278,7 @@ def test_write_after_verify_fails_the_share(hv, scanner, victim):
 
 def test_rescan_after_writes_merges_only_what_is_identical_again(hv, scanner):
     n = 300
-    mems = [clone_content(n, seed=s, image_pages=40) for s in (1, 2, 3)]
+    mems = [ksm_clone_pages(n, seed=s, image_pages=40) for s in (1, 2, 3)]
     doms = [hv.create_domain(n, content=m).domid for m in mems]
     scanner.scan_pass()
     shared = [np.nonzero(hv.domain(d).p2m.type == RAM_SHARED)[0] for d in doms]
@@ -355,7 +355,7 @@ def test_domain_destroyed_mid_pass(hv, scanner):
 def test_watch_scans_at_the_rate_limit_and_matches_across_windows(hv, scanner):
     n = 250
     # twins far apart: gfn i of domain 1 equals gfn n-1-i of domain 2
-    a = clone_content(n, seed=1, image_pages=30)
+    a = ksm_clone_pages(n, seed=1, image_pages=30)
     b = a[::-1].copy()
     b[:10] = np.random.default_rng(5).integers(0, 256, (10, PAGE), dtype=np.uint8)
     da = hv.create_domain(n, content=a).domid

@@ -1,30 +1,20 @@
-"""Linux KSM as a measured peer of hvshare.
+"""Linux KSM as a measured peer of hvshare: merges, CoW breaks, munmap.
 
 KSM (``mm/ksm.c``) does the job hvshare emulates: a kernel thread, ksmd,
 scans anonymous memory marked ``MADV_MERGEABLE``, merges identical pages
 into write-protected KSM pages and breaks the sharing with a copy on the
 first write.  This module drives the real thing so that hvshare's
 benchmarks can put its numbers next to the kernel's, measured side by side
-on the same machine in the same run.
+on the same machine in the same run.  The knobs it changes are borrowed
+through :func:`perf.peers.ksm_session.ksm_session`; the page contents come
+from :mod:`perf.peers.contents`.
 
 Design:
 
-* **Knobs are borrowed, never kept.**  KSM is configured through global
-  files in ``/sys/kernel/mm/ksm``.  :func:`ksm_session` snapshots every
-  writable knob on entry and writes back whatever differs on exit, also on
-  exceptions, ``KeyboardInterrupt`` and ``SIGTERM`` (converted to
-  ``SystemExit`` for the session).  ``max_page_sharing`` and
-  ``merge_across_nodes`` can only change while no KSM page exists, so both
-  setting and restoring them go through ``run=2`` (stop and unmerge
-  everything) first; ``run`` itself is always written last.  Sessions of
-  different processes are serialised with an ``flock`` so two benchmarks (or
-  a benchmark and the tests) do not fight over the global knobs and
-  counters; nested sessions in one process share the outer lock.
 * **Counters are global, so measure deltas in a quiet system.**  A merge
   takes a baseline of ``pages_shared``/``pages_sharing`` right before ksmd
-  starts.  Rmap items of regions this process already unmapped linger in
-  the counters until ksmd rescans, so a merge first lets ksmd sweep them
-  away; other processes with mergeable memory are listed in
+  starts, after ksmd swept away the rmap items of regions this process
+  already unmapped; other processes with mergeable memory are listed in
   :attr:`KsmRegion.foreign_pids` so a report can flag a noisy run.  ksmd is
   stopped (``run=0``) as soon as the merge is complete, so it neither burns
   a core nor re-merges pages while copy-on-write or munmap is timed.
@@ -40,423 +30,34 @@ Design:
 * Everything that measures returns a dict; where KSM cannot be used the dict
   is ``{"skipped": "<one-line reason>"}`` instead of an exception.
 
-Page contents (``zero``, ``identical``, ``clone``) come from
-:func:`page_content`/:func:`clone_content`, which are deterministic by seed
-so hvshare's benchmarks can build exactly the same guest memory.
-
-``python -m perf.ksm`` prints the headline numbers; ``python -m perf ksm``
-runs the same through the benchmark runner (:func:`run`/:func:`report`).
+``python -m perf.peers.ksm`` prints the headline numbers; ``python -m perf
+ksm`` runs the same through the benchmark runner (:func:`run`/:func:`report`).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import math
 import mmap
 import os
-import signal
 import statistics
 import sys
-import threading
 import time
-import weakref
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .common import latency_percentiles
+from hvcore.constants import PAGE_SIZE
 
-KSM_DIR = Path("/sys/kernel/mm/ksm")
-PAGE_SIZE = 4096
-CONTENTS = ("zero", "identical", "clone")
-LOCK_PATH = "/tmp/hvshare-ksm.lock"
+from ..common import latency_percentiles
+from .contents import CONTENTS, duplicate_groups, expected_counts, page_content
+from .ksm_session import (KsmSession, current_session, fast_scan_knobs, ksm_session, run_scans,
+                          sweep_stale, track_region)
+from .ksm_sysfs import CounterPoller, KsmUnavailable, foreign_mergers, ksm_available, read_knob, write_knob
 
-# These two may only change while no KSM page exists (the kernel says EBUSY).
-_NEEDS_UNMERGE = ("max_page_sharing", "merge_across_nodes")
 _KPF_KSM = 1 << 21          # /proc/kpageflags bit of a KSM page
 _PM_PRESENT = 1 << 63       # /proc/self/pagemap: page present
 _PM_PFN_MASK = (1 << 55) - 1
-
-_sessions: list["KsmSession"] = []           # this process's open sessions, outermost first
-_live_regions: "weakref.WeakSet[KsmRegion]" = weakref.WeakSet()
-
-
-class KsmUnavailable(RuntimeError):
-    """KSM cannot be used here; ``str(exc)`` is the one-line reason."""
-
-
-# --------------------------------------------------------------------------
-# sysfs access
-
-def ksm_available() -> str | None:
-    """``None`` if KSM can be driven from this process, else a one-line reason.
-
-    Checks without writing anything, so it is safe to call at test
-    collection while another process holds a session.
-    """
-    if not hasattr(mmap, "MADV_MERGEABLE"):
-        return "KSM unavailable: this platform has no MADV_MERGEABLE (not Linux)"
-    if not (KSM_DIR / "run").exists():
-        return f"KSM absent: {KSM_DIR} does not exist (kernel built without CONFIG_KSM)"
-    if os.geteuid() != 0:
-        return f"KSM read-only: changing {KSM_DIR} needs root (euid {os.geteuid()})"
-    try:
-        if os.statvfs(KSM_DIR).f_flag & os.ST_RDONLY:
-            return f"KSM read-only: {KSM_DIR} is on a read-only mount"
-    except OSError as e:
-        return f"KSM unavailable: cannot stat {KSM_DIR}: {e.strerror}"
-    if not os.access(KSM_DIR / "run", os.W_OK):
-        return f"KSM read-only: {KSM_DIR / 'run'} is not writable"
-    return None
-
-
-def read_knob(name: str) -> str:
-    """Current value of a KSM file; for choice files like ``advisor_mode``
-    (``[none] scan-time``) the selected choice, which is what writing takes."""
-    text = (KSM_DIR / name).read_text().strip()
-    if "[" in text:
-        text = text[text.index("[") + 1:text.index("]")]
-    return text
-
-
-def write_knob(name: str, value: object) -> None:
-    """Write one knob; errors (EBUSY, EINVAL, EPERM...) surface right here.
-
-    ``os.write`` rather than a buffered file, whose error would only show at
-    close and be easy to lose.
-    """
-    fd = os.open(KSM_DIR / name, os.O_WRONLY)
-    try:
-        os.write(fd, f"{value}\n".encode())
-    except OSError as e:
-        raise OSError(e.errno, f"writing {value!r} to {KSM_DIR / name}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def writable_knobs() -> list[str]:
-    """Names of the writable files in the KSM directory (the knobs)."""
-    return sorted(p.name for p in KSM_DIR.iterdir() if p.is_file() and p.stat().st_mode & 0o200)
-
-
-def counters() -> dict[str, int]:
-    """The global read-only KSM counters (``pages_shared``, ``full_scans``...)."""
-    out = {}
-    for p in KSM_DIR.iterdir():
-        if p.is_file() and not p.stat().st_mode & 0o200:
-            try:
-                out[p.name] = int(p.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def process_ksm_stat(pid: int | str = "self") -> dict[str, object]:
-    """``/proc/<pid>/ksm_stat`` as a dict (Linux 6.1+); empty if unreadable."""
-    out: dict[str, object] = {}
-    try:
-        text = Path(f"/proc/{pid}/ksm_stat").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, val = line.partition(" ")
-        key, val = key.rstrip(":"), val.strip()
-        out[key] = int(val) if val.lstrip("-").isdigit() else val
-    return out
-
-
-def foreign_mergers() -> list[int]:
-    """Pids of other processes with memory KSM may scan: they add noise to
-    the global counters and take ksmd's time."""
-    me = os.getpid()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        st = process_ksm_stat(entry)
-        if st.get("ksm_mergeable") == "yes" or st.get("ksm_merge_any") == "yes" \
-                or int(st.get("ksm_rmap_items", 0) or 0) > 0:
-            pids.append(int(entry))
-    return pids
-
-
-class _Poller:
-    """Cheap repeated reads of a few counters: sysfs files regenerate their
-    text on a read at offset 0, so an open fd plus ``pread`` is enough."""
-
-    def __init__(self, names: Sequence[str]):
-        self.names = tuple(names)
-        self.fds = [os.open(KSM_DIR / n, os.O_RDONLY) for n in self.names]
-
-    def read(self) -> tuple[int, ...]:
-        return tuple(int(os.pread(fd, 64, 0)) for fd in self.fds)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-
-# --------------------------------------------------------------------------
-# sessions
-
-class KsmSession:
-    """Knob changes that are undone when the session ends.
-
-    Create through :func:`ksm_session`.  ``saved`` is the snapshot of every
-    writable knob taken on entry; :meth:`restore` writes back each one that
-    differs, whoever changed it.
-    """
-
-    def __init__(self) -> None:
-        self.saved = {k: read_knob(k) for k in writable_knobs()}
-
-    def set(self, **knobs: object) -> None:
-        """Apply knobs in an order the kernel accepts: ``run=2`` first if
-        ``max_page_sharing``/``merge_across_nodes`` change, ``run`` last."""
-        unknown = set(knobs) - set(self.saved)
-        if unknown:
-            raise ValueError(f"not a writable KSM knob: {', '.join(sorted(unknown))}")
-        want = {k: str(v) for k, v in knobs.items()}
-        cur = {k: read_knob(k) for k in want}
-        heavy = {k: v for k, v in want.items() if k in _NEEDS_UNMERGE and cur[k] != v}
-        if heavy:
-            _unmerge_and_write(heavy)
-        for k, v in want.items():
-            if k != "run" and k not in heavy and cur[k] != v:
-                write_knob(k, v)
-        if "run" in want and read_knob("run") != want["run"]:
-            write_knob("run", want["run"])
-
-    def restore(self) -> None:
-        """Put back every knob that differs from the snapshot, ``run`` last.
-
-        Keeps going past a failing knob and raises the first error at the
-        end, so one stubborn file does not leave the others changed.
-        """
-        cur = {k: read_knob(k) for k in self.saved}
-        diff = {k: v for k, v in self.saved.items() if cur[k] != v}
-        if not diff:
-            return
-        errors: list[BaseException] = []
-        if cur["run"] == "1":          # stop ksmd while the rest is rewritten
-            _try(errors, write_knob, "run", 0)
-        heavy = {k: v for k, v in diff.items() if k in _NEEDS_UNMERGE}
-        if heavy:
-            _try(errors, _unmerge_and_write, heavy)
-        for k, v in diff.items():
-            if k != "run" and k not in heavy:
-                _try(errors, write_knob, k, v)
-        if read_knob("run") != self.saved["run"]:
-            _try(errors, write_knob, "run", self.saved["run"])
-        if errors:
-            raise RuntimeError(f"KSM knobs not fully restored: {errors[0]}") from errors[0]
-
-
-def _try(errors: list[BaseException], fn, *args) -> None:
-    try:
-        fn(*args)
-    except Exception as e:  # collected, raised after the other knobs
-        errors.append(e)
-
-
-def _unmerge_and_write(knobs: dict[str, str]) -> None:
-    """``run=2`` unmerges every KSM page in the system (synchronously), the
-    precondition for changing ``max_page_sharing``/``merge_across_nodes``.
-    Stale stable nodes can still make the kernel say EBUSY for a moment, so
-    retry a few times."""
-    for attempt in range(20):
-        write_knob("run", 2)
-        try:
-            for k, v in knobs.items():
-                if read_knob(k) != v:
-                    write_knob(k, v)
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY or attempt == 19:
-                raise
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while knobs are restored: a second Ctrl-C must
-    not leave the system half restored."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _sigterm_to_exit(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _process_lock(timeout: float) -> Iterator[None]:
-    """Exclusive lock shared by every hvshare process that drives KSM."""
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise KsmUnavailable(
-                        f"KSM busy: another process held {LOCK_PATH} for {timeout:.0f} s") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)     # closing drops the flock
-
-
-@contextlib.contextmanager
-def ksm_session(lock_timeout: float = 300.0, **knobs: object) -> Iterator[KsmSession]:
-    """Borrow the KSM knobs: set ``knobs`` now, restore everything on exit.
-
-    ``with ksm_session(max_page_sharing=4096) as s: ...; s.set(run=1)``.
-    The outermost session of a process takes a cross-process lock (waiting
-    up to ``lock_timeout`` s) and turns SIGTERM into ``SystemExit`` so the
-    restore runs.  Raises :class:`KsmUnavailable` if KSM cannot be used.
-    Note that restoring ``max_page_sharing`` unmerges every KSM page,
-    including those of regions still open: close them inside the session.
-    """
-    reason = ksm_available()
-    if reason:
-        raise KsmUnavailable(reason)
-    outer = not _sessions
-    with contextlib.ExitStack() as stack:
-        if outer:
-            stack.enter_context(_process_lock(lock_timeout))
-            if threading.current_thread() is threading.main_thread() \
-                    and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, _sigterm_to_exit)
-                stack.callback(signal.signal, signal.SIGTERM, signal.SIG_DFL)
-        session = KsmSession()
-        _sessions.append(session)
-        try:
-            session.set(**knobs)
-            yield session
-        finally:
-            with _signals_deferred():
-                try:
-                    if outer and _own_stale() and not any(
-                            read_knob(k) != session.saved[k] for k in _NEEDS_UNMERGE if k in session.saved):
-                        # leave the global counters true for whoever comes next
-                        # (restoring those two knobs unmerges everything anyway)
-                        _run_scans(session, 2, timeout=10.0)
-                except Exception:
-                    pass
-                finally:
-                    _sessions.remove(session)
-                    session.restore()
-
-
-@contextlib.contextmanager
-def _current_session() -> Iterator[KsmSession]:
-    """The innermost open session, or a new one just for this operation."""
-    if _sessions:
-        yield _sessions[-1]
-    else:
-        with ksm_session() as s:
-            yield s
-
-
-# --------------------------------------------------------------------------
-# page contents
-
-def clone_content(n_pages: int, seed: int = 0, *, image_seed: int = 0,
-                  image_fraction: float = 0.6, zero_fraction: float = 0.15,
-                  image_pages: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """Memory of a guest cloned from a common image: ``(n_pages, 4096) uint8``.
-
-    Page ``i`` is, by a draw seeded with ``seed``: a page of the common image
-    (probability ``image_fraction``), a zero page (``zero_fraction``) or a
-    private random page (the rest).  The image is ``image_pages`` random
-    pages seeded with ``image_seed`` (default: one image page per four image
-    draws, so image pages repeat within one guest as shared libraries and
-    page-cache copies do) and is the same for every ``seed``: clones with
-    different seeds share it, as guests booted from one template do.
-    Deterministic and vectorised; ``out`` fills an existing array (e.g. a
-    view of guest memory) instead of allocating one.
-    """
-    if n_pages < 0 or not 0 <= image_fraction + zero_fraction <= 1:
-        raise ValueError("bad clone_content parameters")
-    rng = np.random.default_rng([seed, 0x6B736D])          # per-guest choices
-    kind = rng.random(n_pages)                                # <img | <img+zero | private
-    is_img = kind < image_fraction
-    is_zero = (kind >= image_fraction) & (kind < image_fraction + zero_fraction)
-    is_priv = ~(is_img | is_zero)
-    if image_pages is None:
-        image_pages = max(1, round(n_pages * image_fraction / 4))
-    img_idx = rng.integers(0, image_pages, int(is_img.sum()))
-    priv = rng.integers(0, 256, (int(is_priv.sum()), PAGE_SIZE), dtype=np.uint8)
-    image = np.random.default_rng([image_seed, 0x696D67]).integers(
-        0, 256, (image_pages, PAGE_SIZE), dtype=np.uint8)
-    if out is None:
-        out = np.empty((n_pages, PAGE_SIZE), dtype=np.uint8)
-    elif out.shape != (n_pages, PAGE_SIZE) or out.dtype != np.uint8:
-        raise ValueError(f"out must be uint8 of shape ({n_pages}, {PAGE_SIZE})")
-    out[is_img] = image[img_idx]
-    out[is_zero] = 0
-    out[is_priv] = priv
-    return out
-
-
-def page_content(content: str, n_pages: int, seed: int = 0, out: np.ndarray | None = None) -> np.ndarray:
-    """Page contents by name: ``zero``, ``identical`` (one random page by
-    ``seed``, repeated) or ``clone`` (:func:`clone_content`)."""
-    if out is None:
-        out = np.empty((n_pages, PAGE_SIZE), dtype=np.uint8)
-    if content == "zero":
-        out[:] = 0
-    elif content == "identical":
-        out[:] = np.random.default_rng([seed, 0x696474]).integers(0, 256, PAGE_SIZE, dtype=np.uint8)
-    elif content == "clone":
-        clone_content(n_pages, seed, out=out)
-    else:
-        raise ValueError(f"content must be one of {CONTENTS}, not {content!r}")
-    return out
-
-
-def duplicate_groups(pages: np.ndarray) -> np.ndarray:
-    """Sizes of the groups of identical pages (one entry per distinct page).
-
-    Pages are compared by a 64-bit multiplicative hash of their 512 words;
-    a collision would need ~2**32 distinct pages, far beyond any run here.
-    """
-    words = np.ascontiguousarray(pages).view(np.uint64)
-    mult = np.random.default_rng(12345).integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
-    h = np.zeros(len(words), dtype=np.uint64)
-    for start in range(0, len(words), 8192):          # bounded temporaries
-        chunk = words[start:start + 8192]
-        h[start:start + 8192] = (chunk * mult).sum(axis=1, dtype=np.uint64)
-    return np.unique(h, return_counts=True)[1]
-
-
-def expected_counts(groups: np.ndarray | Sequence[int], max_page_sharing: int) -> tuple[int, int]:
-    """``(pages_shared, pages_sharing)`` KSM ends with for these groups.
-
-    A KSM page holds at most ``max_page_sharing`` mappings; a full one gets
-    a sibling (a "dup" of a stable-node chain) as soon as two more identical
-    pages meet, and a single leftover page has nobody to merge with.
-    """
-    g = np.asarray(groups, dtype=np.int64)
-    g = g[g >= 2]
-    full, rem = np.divmod(g, max_page_sharing)
-    kpages = full + (rem >= 2)
-    merged = g - (rem == 1)
-    return int(kpages.sum()), int((merged - kpages).sum())
 
 
 # --------------------------------------------------------------------------
@@ -492,7 +93,7 @@ class KsmRegion:
         self.foreign_pids: list[int] = []
         self.munmap_seconds: float | None = None
         self._base = (0, 0)
-        _live_regions.add(self)
+        track_region(self)
 
     # -- counters
 
@@ -506,8 +107,8 @@ class KsmRegion:
         """Let ksmd run ``full_scans`` full scans, then stop it, so the
         counters catch up with writes and unmaps since the merge.  Returns
         :meth:`counters`."""
-        with _current_session() as s:
-            _run_scans(s, full_scans, timeout)
+        with current_session() as s:
+            run_scans(s, full_scans, timeout)
         return self.counters()
 
     def ksm_mask(self) -> np.ndarray:
@@ -611,58 +212,6 @@ class KsmRegion:
         }
 
 
-def _fast_scan_knobs(pages_to_scan: int) -> dict[str, object]:
-    knobs: dict[str, object] = {"pages_to_scan": pages_to_scan, "sleep_millisecs": 0, "use_zero_pages": 0}
-    if "advisor_mode" in _sessions[-1].saved:
-        knobs["advisor_mode"] = "none"      # the advisor would override pages_to_scan
-    return knobs
-
-
-def _run_scans(session: KsmSession, n: int, timeout: float, pages_to_scan: int = 20000,
-               idle_seconds: float = 0.05) -> None:
-    """Run ksmd fast for ``n`` full scans, then stop it.
-
-    Also stops when ksmd goes idle (``pages_scanned`` still for
-    ``idle_seconds``): once no process has mergeable memory left, ksmd
-    sleeps and ``full_scans`` no longer moves.
-    """
-    session.set(**_fast_scan_knobs(pages_to_scan))
-    poll = _Poller(["full_scans", "pages_scanned"])
-    try:
-        start, scanned = poll.read()
-        session.set(run=1)
-        now = time.monotonic()
-        deadline, moved = now + timeout, now
-        while now < deadline:
-            scans, s2 = poll.read()
-            now = time.monotonic()
-            if scans - start >= n:
-                break
-            if s2 != scanned:
-                scanned, moved = s2, now
-            elif now - moved > idle_seconds:
-                break
-            time.sleep(0.001)
-    finally:
-        write_knob("run", 0)
-        poll.close()
-
-
-def _own_stale() -> bool:
-    """Does this process still have rmap items of regions it unmapped?"""
-    live = sum(r.n_pages for r in list(_live_regions) if r.mm is not None)
-    return int(process_ksm_stat().get("ksm_rmap_items", 0) or 0) > live
-
-
-def _sweep_stale(session: KsmSession, timeout: float = 60.0) -> None:
-    """Rmap items of unmapped regions (ours, or of processes that exited)
-    stay counted until ksmd rescans, and would vanish in the middle of the
-    next measurement; two full scans sweep them before a baseline is taken."""
-    c = counters()
-    if _own_stale() or c.get("pages_shared", 0) + c.get("pages_sharing", 0) > 0:
-        _run_scans(session, 2, timeout)
-
-
 def merge(n_pages: int, content: str = "identical", seed: int = 0, *,
           pages_to_scan: int = 20000, timeout: float | None = None,
           settle_scans: int = 2, poll_seconds: float = 0.0005) -> KsmRegion:
@@ -679,9 +228,9 @@ def merge(n_pages: int, content: str = "identical", seed: int = 0, *,
         raise ValueError(f"content must be one of {CONTENTS}, not {content!r}")
     if timeout is None:
         timeout = 30.0 + n_pages * 1e-4
-    with _current_session() as s:
-        s.set(run=0, **_fast_scan_knobs(pages_to_scan))
-        _sweep_stale(s)
+    with current_session() as s:
+        s.set(run=0, **fast_scan_knobs(s, pages_to_scan))
+        sweep_stale(s)
         region = KsmRegion(n_pages, content, seed)
         try:
             page_content(content, n_pages, seed, out=region.array)   # faults every page in
@@ -698,7 +247,7 @@ def merge(n_pages: int, content: str = "identical", seed: int = 0, *,
 
 
 def _wait_merged(s: KsmSession, region: KsmRegion, timeout: float, settle_scans: int, poll_seconds: float) -> None:
-    poll = _Poller(["pages_shared", "pages_sharing", "full_scans"])
+    poll = CounterPoller(["pages_shared", "pages_sharing", "full_scans"])
     try:
         b_shared, b_sharing, b_scans = poll.read()
         region._base = (b_shared, b_sharing)
@@ -733,6 +282,7 @@ def _wait_merged(s: KsmSession, region: KsmRegion, timeout: float, settle_scans:
             poll.close()
     region.merge_seconds = t_change - t0
     region.pages_shared, region.pages_sharing = last
+
 
 
 # --------------------------------------------------------------------------
@@ -896,7 +446,7 @@ def run(quick: bool = False, munmap_pages: int | None = None) -> dict:
 
 
 def report(result: dict) -> str:
-    from .common import table
+    from ..common import table
     if "skipped" in result:
         return f"KSM: skipped: {result['skipped']}"
     r = result["results"]
@@ -932,7 +482,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
-    p = argparse.ArgumentParser(prog="python -m perf.ksm", description="Linux KSM measured as hvshare's peer.")
+    p = argparse.ArgumentParser(prog="python -m perf.peers.ksm", description="Linux KSM measured as hvshare's peer.")
     p.add_argument("--quick", action="store_true", help="small sizes, single repeats")
     p.add_argument("--munmap-pages", type=int, default=None, metavar="N",
                    help="pages merged into one KSM page for the munmap measure (default 100,000)")

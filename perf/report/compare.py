@@ -25,8 +25,8 @@ import re
 import sys
 from typing import Any
 
-from .common import _fmt
-from .suite import benches_of, num
+from ..common import fmt_value
+from .headlines import benches_of, num
 
 #: fields that name a case rather than measure it
 ID_KEYS = ("bench", "policy", "rmap", "mode", "placement", "content", "workload", "case", "name",
@@ -199,7 +199,7 @@ def _cell(v: float | None) -> str:
         return "-"
     if isinstance(v, float) and math.isnan(v):
         return "nan"
-    return _fmt(float(v)) if not float(v).is_integer() or abs(v) >= 1e15 else f"{int(v):,}"
+    return fmt_value(float(v)) if not float(v).is_integer() or abs(v) >= 1e15 else f"{int(v):,}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The benchmark suite's plumbing: headlines, compare, ``perf all``, plots.
+"""The benchmark suite's plumbing (``perf.report``): headlines, compare,
+``perf all``, plots.
 
 Only synthetic results here: the point is that numbers are read, compared
 and drawn right, and that a missing or broken bench costs a line, not the
@@ -19,7 +20,7 @@ try:
 except ImportError:  # run as plain `pytest` without the project on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from perf import compare, suite  # noqa: E402
+from perf.report import compare, headlines, suite  # noqa: E402
 from perf.__main__ import main as perf_main  # noqa: E402
 
 MACHINE = {"cores": 2, "memory_bytes": 8 << 30, "kernel": "6.1", "python": "3.11.7",
@@ -110,7 +111,7 @@ def combined() -> dict:
                "dedup": dedup_result(), "density": density_result(),
                "future": {"bench": "future", "skipped": "no benchmark perf/future.py"}}
     doc = {"machine": MACHINE, "quick": True, "benches": benches, "skipped": {"future": "missing"}}
-    doc["headlines"] = suite.headlines(doc)
+    doc["headlines"] = headlines.headlines(doc)
     return doc
 
 
@@ -165,14 +166,14 @@ def test_teardown_goals_are_judged_at_the_seeds_n_only():
     r["ratios"] = {"list_over_buckets": 50.0, "list_over_buckets_n": 10_000,
                    "index_over_ksm": 2.0, "index_over_ksm_n": 10_000}
     del r["munmap"]["100000"]
-    hs = suite.headlines({"benches": {"teardown": r}})
+    hs = headlines.headlines({"benches": {"teardown": r}})
     lvb = _by_figure(hs, "list vs buckets")
     assert "10,000" in lvb["figure"] and lvb["ratio"] == 50.0 and lvb["met"] is None
     ksm = _by_figure(hs, "index vs Linux munmap")
     assert "10,000" in ksm["figure"] and ksm["ratio"] == pytest.approx(1.0) and ksm["met"] is None
     assert _by_figure(hs, "longest hypervisor step")["met"] is True      # "at every N": judged
     rows_before = [dict(c) for c in r["results"]]
-    suite.headlines({"benches": {"teardown": r}})
+    headlines.headlines({"benches": {"teardown": r}})
     assert r["results"] == rows_before                                   # the result is not changed
 
 
@@ -186,28 +187,28 @@ def test_headlines_survive_missing_and_odd_keys():
                                   "ratios": {"list_over_buckets": "fast"}, "munmap": [1]}
     del doc["benches"]["dedup"]
     doc["benches"]["density"] = {"skipped": "raised OSError: no"}
-    hs = suite.headlines(doc)
+    hs = headlines.headlines(doc)
     assert _by_figure(hs, "density")["skipped"] == "raised OSError: no"
     assert len(hs) == len(combined()["headlines"])       # same rows, whatever is missing
     for h in hs:
         if h["bench"] in ("rmap", "teardown", "dedup", "density"):
             assert h["value"] is None and h["met"] is None, h
     assert _by_figure(hs, "batched unshare")["ratio"] is None
-    assert suite.headlines({}) and all(h["value"] is None for h in suite.headlines({}))
+    assert headlines.headlines({}) and all(h["value"] is None for h in headlines.headlines({}))
 
 
 def test_goal_stated_by_the_bench_wins_and_goals_can_be_missed():
     doc = combined()
     doc["benches"]["cow"]["ratios"]["cow_p50_over_ksm"] = 50.0
-    assert _by_figure(suite.headlines(doc), "vs Linux KSM CoW break")["met"] is False
+    assert _by_figure(headlines.headlines(doc), "vs Linux KSM CoW break")["met"] is False
     doc["benches"]["cow"]["goals"] = {"cow_p50_over_ksm": {"goal": "<= 100x", "met": True}}
-    h = _by_figure(suite.headlines(doc), "vs Linux KSM CoW break")
+    h = _by_figure(headlines.headlines(doc), "vs Linux KSM CoW break")
     assert (h["goal"], h["met"]) == ("<= 100x", True)
 
 
 def test_markdown_table_has_one_row_per_headline():
     doc = combined()
-    md = suite.markdown(doc)
+    md = headlines.markdown(doc)
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0] == "| figure | hvshare | anchor | ratio | goal met | command |"
     assert len(rows) == 1 + len(doc["headlines"])
@@ -217,7 +218,7 @@ def test_markdown_table_has_one_row_per_headline():
 
 
 def test_single_bench_json_gives_its_headlines():
-    hs = suite.headlines(cow_result())
+    hs = headlines.headlines(cow_result())
     assert _by_figure(hs, "vs Linux KSM CoW break")["value"] == 20.0
     assert _by_figure(hs, "rmap delete")["value"] is None
 
@@ -343,11 +344,18 @@ def test_bench_command_still_runs_one_bench(monkeypatch, tmp_path, capsys):
     assert perf_main(["no_such_bench"]) == 2
 
 
+def test_peers_load_as_benches():
+    for name in ("ksm", "pipe"):
+        mod = suite.load_bench(name)
+        assert mod.__name__ == f"perf.peers.{name}" and callable(mod.run) and callable(mod.report)
+    assert suite.bench_file("ksm") == "perf/peers/ksm.py" and suite.bench_file("rmap") == "perf/rmap.py"
+
+
 # -- plots
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from perf import plots
+    from perf.report import plots
     written = {path: note for _, path, note in plots.write_all(combined(), str(tmp_path))}
     names = {"rmap_cost.png", "teardown_time.png", "teardown_steps.png", "cow_latency.png",
              "dedup_merge.png", "density.png"}
@@ -361,7 +369,7 @@ def test_plots_are_written(tmp_path):
 
 def test_plots_draw_what_is_there_and_skip_the_rest(tmp_path):
     pytest.importorskip("matplotlib")
-    from perf import plots
+    from perf.report import plots
     doc = combined()
     doc["benches"]["teardown"] = teardown_result(steps=False)
     doc["benches"]["dedup"]["results"] = {}
@@ -380,7 +388,7 @@ def test_plots_draw_what_is_there_and_skip_the_rest(tmp_path):
 
 
 def test_plots_say_clearly_when_matplotlib_is_missing(monkeypatch, tmp_path):
-    from perf import plots
+    from perf.report import plots
     monkeypatch.setitem(sys.modules, "matplotlib", None)       # import fails
     with pytest.raises(plots.MatplotlibMissing, match="pip install"):
         plots.write_all(combined(), str(tmp_path))

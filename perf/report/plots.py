@@ -14,12 +14,13 @@ backend or global state is involved.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from typing import Any, Callable
 
-from .suite import (SEED_BUCKETS_SECONDS, SEED_LIST_SECONDS, benches_of, cases, dig, find_dicts,
-                    merge_rates, num)
+from .headlines import (SEED_BUCKETS_SECONDS, SEED_LIST_SECONDS, benches_of, cases, dig, find_dicts,
+                        merge_rates, num)
 
 POLICY_STYLE = {"list": ("tab:red", "o"), "buckets": ("tab:blue", "s"), "index": ("tab:green", "^")}
 MODE_LINE = {"preemptible": "-", "preempt": "-", "monolithic": "--"}
@@ -35,7 +36,7 @@ class Skip(Exception):
 
 def _figure(nrows: int = 1, ncols: int = 1, size=(8, 5)):
     try:
-        import matplotlib  # noqa: F401  (the package itself: the clear test of "installed")
+        importlib.import_module("matplotlib")   # the package itself: the clear test of "installed"
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -152,7 +153,7 @@ def plot_rmap(result: dict, path: str) -> str:
 
 def _ksm_munmap_points(result: dict) -> tuple[list, list]:
     """(merged, private) munmap points (pages, seconds) of Linux KSM found
-    anywhere in the result (the shape of ``perf.ksm.measure_munmap``)."""
+    anywhere in the result (the shape of ``perf.peers.ksm.measure_munmap``)."""
     merged, private = [], []
     for d in find_dicts(result, "n_pages", "seconds", "baseline_seconds"):
         n, s, b = num(d.get("n_pages")), num(d.get("seconds")), num(d.get("baseline_seconds"))

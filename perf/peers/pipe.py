@@ -27,7 +27,6 @@ Design:
 """
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -35,10 +34,11 @@ import time
 
 import numpy as np
 
-from .common import latency_percentiles
+from hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
+
+from ..common import latency_percentiles
 
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
-PAGE_SIZE = 4096         # a request carrying one page of payload
 PLACEMENTS = ("same", "cross")
 
 _ECHO = """
@@ -156,7 +156,7 @@ def run(quick: bool = False) -> dict:
 
 
 def report(result: dict) -> str:
-    from .common import table
+    from ..common import table
     rows = []
     for r in result["results"]:
         if "skipped" in r:
@@ -171,7 +171,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
-    p = argparse.ArgumentParser(prog="python -m perf.pipe", description="Raw pipe round trip of two Python processes.")
+    p = argparse.ArgumentParser(prog="python -m perf.peers.pipe", description="Raw pipe round trip of two Python processes.")
     p.add_argument("--quick", action="store_true", help="2,000 round trips instead of 20,000")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     a = p.parse_args(argv)
