@@ -4,13 +4,27 @@ A preemptible operation does its work in chunks and checks between two
 chunks whether its step is spent or other work waits. The chunk size
 decides both how often it checks and how far a step can overrun its
 budget, so every chunked operation sizes its chunks with a
-:class:`ChunkCost` fitted to the chunks it has done: a fixed part per
-chunk plus a part per item.
+:class:`ChunkCost` fitted to the chunks it has done. Its users:
+
+- the hypervisor process's budgeted batches (``nominate_many``,
+  ``share_many``): a fixed part per chunk plus a part per item, fitted by
+  least squares (the default);
+- the dedup scanner, which sizes its requests with the same model fitted to
+  what the hypervisor answered (items done, work time);
+- the preemptible teardown, whose cost per item ranges over four orders of
+  magnitude with the rmap policy: a model of the last chunk's rate only,
+  growing or shrinking at most fourfold per chunk (:meth:`ChunkCost.rate`).
+
+docs/design.md, "Steps", says how the budget and these chunks fit together.
 """
 from __future__ import annotations
 
 #: a chunk does at least this many items, so every step makes progress
 MIN_CHUNK_ITEMS = 16
+#: when the fixed cost of a chunk nearly fills the budget, a budgeted
+#: batch step may take up to this many times the budget rather than do
+#: MIN_CHUNK_ITEMS items for the price of many more
+BATCH_OVERRUN = 1.5
 
 
 class ChunkCost:
@@ -30,7 +44,17 @@ class ChunkCost:
     DECAY = 0.9                       # weight of the older chunks per new one
     PRIOR = (2e-4, 3e-6, 64.0, 4.0)   # fixed s, per item s, at k, weight (chunks)
 
+    @classmethod
+    def rate(cls, first: int, growth: float = 4.0) -> "ChunkCost":
+        """A model with no fixed part that knows only the last chunk's rate:
+        the next chunk is sized from it, but at most ``growth`` times larger
+        or smaller than the last; the first chunk is ``first`` items."""
+        c = cls()
+        c._rate = (first, growth, None)       # (first, growth, last (k, seconds))
+        return c
+
     def __init__(self):
+        self._rate = None
         f, b, k, w = self.PRIOR
         # weighted sums: w, w*k, w*k*k, w*t, w*k*t over the prior's two
         # points (k/2, 3k/2) and the chunks seen
@@ -47,11 +71,21 @@ class ChunkCost:
     def items(self, seconds: float, most: float) -> int:
         """Items for a chunk to take about ``seconds``, or longer when that
         is too few for the fixed part (see the class), but not ``most``."""
+        if self._rate is not None:
+            first, growth, last = self._rate
+            if last is None:
+                return first
+            k, took = last
+            return int(k * min(growth, max(1 / growth, seconds / max(took, 1e-6))))
         f, b = self.fixed_s, self.item_s
         fair = min(f / (2 * b), (most - f) / b)
         return int(max(MIN_CHUNK_ITEMS, (seconds - f) / b, fair))
 
     def learn(self, k: int, seconds: float) -> None:
+        """A chunk of ``k`` items took ``seconds``."""
+        if self._rate is not None:
+            self._rate = (self._rate[0], self._rate[1], (k, seconds))
+            return
         self._s = [v * self.DECAY for v in self._s]
         self._add(float(k), seconds, 1.0)
         f, b, kk, w = self.PRIOR

@@ -51,6 +51,6 @@ DEFAULT_SCHED = "fifo"
 #: spent, or sooner when other work waits. ``docs/design.md``, "Steps".
 STEP_BUDGET_SECONDS = 0.0008
 #: The budget the dedup scanner asks for each of its batch requests: less
-#: than the step budget, so that the fixed cost of a chunk that starts just
-#: before the budget is spent still ends inside it.
+#: than the step budget, so that framing (0.1-0.2 ms) and the fixed cost of
+#: a chunk that starts just before the budget is spent still end inside it.
 SCAN_BUDGET_SECONDS = 0.0005

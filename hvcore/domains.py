@@ -34,6 +34,8 @@ class Domain:
     #: teardown cursor: next gfn to relinquish (Xen's next_shared_gfn_to_relinquish)
     relinquish_cursor: int = 0
     relinquished: int = 0       # shared entries dropped so far by teardown
+    #: teardown chunk sizing (a :class:`hvcore.budget.ChunkCost`), once adaptive
+    chunk_cost: object = None
     teardown_phase: str = ""    # "", "shared", "private"
     info: dict = field(default_factory=dict)   # runtime extras (guest pid, counters)
 

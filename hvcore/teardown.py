@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from .budget import ChunkCost
 from .domains import Domain
 from .errors import EINVAL, HVError
 from .p2m import HOLE, INVALID_MFN, RAM_RW, RAM_SHARED
@@ -179,8 +180,9 @@ class Teardown:
         # An adaptive teardown starts with one shared gfn (on a long list
         # rmap one removal can take a millisecond) and grows up to 4x a
         # chunk; its units stay a multiple of 0x10.
-        units = (d.info.get("chunk_units", RELINQUISH_SHARED_COST) if chunk_seconds
-                 else RELINQUISH_BUDGET)
+        if chunk_seconds and d.chunk_cost is None:
+            d.chunk_cost = ChunkCost.rate(first=RELINQUISH_SHARED_COST, growth=4.0)
+        units = RELINQUISH_BUDGET
         while d.teardown_phase == "shared":
             start = d.relinquish_cursor
             if start >= d.npages:
@@ -189,16 +191,16 @@ class Teardown:
                 break
             # The whole chunk is timed, scan included: over a long run of
             # holes and private gfns the scan is all the work there is.
+            if chunk_seconds:
+                units = d.chunk_cost.items(chunk_seconds, chunk_seconds)
+                units = min(max(units & -RELINQUISH_SHARED_COST, RELINQUISH_SHARED_COST),
+                            MAX_CHUNK_UNITS)
             t0 = time.perf_counter()
             n, shared = self._chunk(typ, start, units)
             self.drop_shared(domid, shared)
             d.relinquish_cursor = start + n
             if chunk_seconds:
-                took = max(time.perf_counter() - t0, 1e-6)
-                units = int(units * min(4.0, max(0.25, chunk_seconds / took)))
-                units = min(max(units & -RELINQUISH_SHARED_COST, RELINQUISH_SHARED_COST),
-                            MAX_CHUNK_UNITS)
-                d.info["chunk_units"] = units
+                d.chunk_cost.learn(units, time.perf_counter() - t0)
             if should_yield():
                 return False
         while d.relinquish_cursor < d.npages:         # the private phase

@@ -15,17 +15,13 @@ import time
 from typing import Callable
 
 from ..constants import STEP_BUDGET_SECONDS
-from ..budget import ChunkCost
+from ..budget import BATCH_OVERRUN, ChunkCost
 from .endpoints import ControlConnection
 
 #: Relinquish chunks are sized to take about this long: a fault that
 #: arrives mid-step waits at most one chunk before the step yields to it.
 #: Not much less, as every chunk has a fixed cost of its own.
 TEARDOWN_CHUNK_SECONDS = 0.0002
-#: when the fixed cost of a chunk nearly fills the budget, a budgeted
-#: nominate_many or share_many may take up to this many times the budget
-#: (see :class:`hvcore.budget.ChunkCost`)
-BATCH_OVERRUN = 1.5
 #: allocations between two collections of the youngest generation (CPython: 700)
 GC_YOUNG_THRESHOLD = 20_000
 

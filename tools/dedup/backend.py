@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 
+from hvcore.budget import BATCH_OVERRUN, ChunkCost
+from hvcore.constants import SCAN_BUDGET_SECONDS
 from hvcore.errors import ESRCH, HVError, ProtocolError
 from hvcore.wire import control
 
@@ -33,17 +35,16 @@ __all__ = ["Backend", "InProcessBackend", "SocketBackend", "SCANNER_OPS", "STEP_
            "PIPELINE_DEPTH", "step_delta"]
 
 #: The work time the hypervisor may spend on one batch request (its
-#: ``budget_us``) before it answers with what it did: framing adds
-#: 0.1-0.2 ms, so a step stays under 1 ms with room for a slower chunk.
-STEP_BUDGET_MS = 0.5
+#: ``budget_us``) before it answers with what it did, in ms
+#: (:data:`hvcore.constants.SCAN_BUDGET_SECONDS`).
+STEP_BUDGET_MS = SCAN_BUDGET_SECONDS * 1e3
 #: Batch requests in flight on :class:`SocketBackend`'s connection: with
 #: two, the hypervisor starts the next step as soon as it answers one.
 PIPELINE_DEPTH = 2
-#: Items in a stream's first request, before any step has said how many
-#: fit in its budget; later requests carry REQUEST_HEADROOM times what the
-#: last step that ran out of budget did (the rest comes back, and goes
-#: first in the next request), so a step never runs out of items.
-FIRST_REQUEST = 256
+#: Requests carry REQUEST_HEADROOM times the items the hypervisor's step
+#: is predicted to do (the op's :class:`~hvcore.budget.ChunkCost`, fitted
+#: to the items done and the work time of the answers), so a step never
+#: runs out of items; what it leaves goes first in the next request...
 REQUEST_HEADROOM = 1.25
 #: ... and never fewer items than this (unless fewer are left): a request
 #: costs a round trip and the hypervisor's framing, a few more items nothing.
@@ -206,7 +207,7 @@ class SocketBackend:
         self.max_request_s = 0.0
         self._conn = None                   # the batch requests' connection
         self._frames = None                 # ... and the reader of its answers
-        self._fit: dict[str, int] = {}      # items the last steps did, by op
+        self._cost: dict[str, ChunkCost] = {}   # the hypervisor's steps, by op
 
     def _request(self, fn, *args):
         if self.gone:
@@ -294,6 +295,7 @@ class SocketBackend:
             raise NoHypervisor(self.gone)
         limit = limit or n
         budget = None if self.step_budget_ms is None else max(1, int(self.step_budget_ms * 1e3))
+        cost = self._cost.setdefault(op, ChunkCost())
         sock = self._connection()
         frames = self._frames
         fresh, again, inflight = 0, [], deque()
@@ -301,7 +303,8 @@ class SocketBackend:
             while fresh < n or again or inflight:
                 while len(inflight) < self.depth and (fresh < n or again):
                     size = limit if budget is None else min(limit, max(
-                        MIN_REQUEST, int(self._fit.get(op, FIRST_REQUEST) * REQUEST_HEADROOM)))
+                        MIN_REQUEST, int(REQUEST_HEADROOM * cost.items(budget * 1e-6,
+                                                                       BATCH_OVERRUN * budget * 1e-6))))
                     idx = np.concatenate(again + [np.arange(fresh, min(n, fresh + size))])[:size]
                     held = sum(len(a) for a in again)
                     again = [] if len(idx) >= held else [np.concatenate(again)[len(idx):]]
@@ -317,8 +320,8 @@ class SocketBackend:
                     payload = b"".join(np.ascontiguousarray(a[idx], dtype=t).tobytes()
                                        for i, (a, t) in enumerate(cols) if i not in skip)
                     control.send_frame(sock, obj, payload)
-                    inflight.append((idx, size, time.perf_counter()))
-                idx, size, t0 = inflight.popleft()
+                    inflight.append((idx, time.perf_counter()))
+                idx, t0 = inflight.popleft()
                 got = frames.next()
                 self.requests += 1
                 self.max_request_s = max(self.max_request_s, time.perf_counter() - t0)
@@ -334,12 +337,10 @@ class SocketBackend:
                     continue
                 done = int(ans.get("done", len(idx)))
                 answer(idx, data)
-                fit = self._fit.get(op, FIRST_REQUEST)
+                if done and "work_ms" in ans:
+                    cost.learn(done, ans["work_ms"] * 1e-3)
                 if done < len(idx):         # the step's budget ran out: the rest again
                     again.insert(0, idx[done:])
-                    self._fit[op] = (fit + done) / 2
-                elif len(idx) == size:      # it might have done more
-                    self._fit[op] = max(fit, done)
         except (ConnectionError, OSError, ProtocolError) as e:
             self._drop_connection()
             if isinstance(e, socket_timeout):
