@@ -29,6 +29,7 @@ GUEST_START_TIMEOUT = 30.0
 #: how long EOF on a guest's pipe waits for the guest's exit status
 GUEST_EXIT_WAIT = 0.005
 WRITE_MSG = pipe.WRITE_MSG
+PIPE_HDR = pipe.PIPE_HDR
 
 
 class GuestLifecycle:
@@ -87,9 +88,11 @@ class GuestLifecycle:
                 self._guest_eof(g)
                 return
             if WRITE_MSG.size < n <= WRITE_MSG.size + constants.PAGE_SIZE:
-                mtype, seq, blen, gfn, offset = WRITE_MSG.unpack_from(buf)
-                if mtype == pipe.G_WRITE and blen == n - 8 and offset + n - WRITE_MSG.size <= constants.PAGE_SIZE:
-                    self._guest_write(g, seq, gfn, offset, n)
+                mtype, seq, blen = PIPE_HDR.unpack_from(buf)
+                if mtype == pipe.G_WRITE and blen == n - PIPE_HDR.size:
+                    # the common case, one small write in one read: its body
+                    # is a view of the read buffer (copied only if deferred)
+                    self._guest_step(g, mtype, seq, buf[PIPE_HDR.size:n])
                     return
             try:
                 msgs = reader.feed(buf[:n])
@@ -100,24 +103,26 @@ class GuestLifecycle:
             except errors.ProtocolError as e:
                 self._crash(g, f"protocol violation: {e}")
                 return
-        name = g.step_name
         for (mtype, seq, _), body in msgs:
-            t0 = time.perf_counter()
-            try:
-                self._guest_message(g, mtype, seq, body)
-            except errors.ProtocolError as e:
-                self._crash(g, f"protocol violation: {e}")
-                return
-            except Exception as e:      # a bug: crash this domain, not the host
-                traceback.print_exc()
-                self._crash(g, f"internal error: {e!r}")
-                return
-            finally:
-                self.meter.record(time.perf_counter() - t0, name, "guest")
+            self._guest_step(g, mtype, seq, body)
             if g.closed:
                 return
         if eof:
             self._guest_eof(g)
+
+    def _guest_step(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+        """One guest message, as one timed step. A message the protocol does
+        not allow crashes the domain; so does a bug, and the host goes on."""
+        t0 = time.perf_counter()
+        try:
+            self._guest_message(g, mtype, seq, body)
+        except errors.ProtocolError as e:
+            self._crash(g, f"protocol violation: {e}")
+        except Exception as e:
+            traceback.print_exc()
+            self._crash(g, f"internal error: {e!r}")
+        finally:
+            self.meter.record(time.perf_counter() - t0, g.step_name, "guest")
 
     def _guest_eof(self, g: GuestEndpoint) -> None:
         """EOF on a guest's pipe: a dying process closes its files a moment
@@ -130,60 +135,9 @@ class GuestLifecycle:
                 pass                    # alive without its pipe: reaped later
         self._guest_gone(g)
 
-    def _guest_write(self, g: GuestEndpoint, seq: int, gfn: int, offset: int, n: int) -> None:
-        """One well-formed ``G_WRITE`` of ``n`` bytes in ``g.inbuf`` (header
-        included): the CoW fault fast path, one timed step. A domain that is
-        not simply running takes the general path."""
-        t0 = time.perf_counter()
-        try:
-            d = self.hv.domains[g.domid]
-            if d.state != "running" or g.domid in self.parked:
-                self._guest_message(g, pipe.G_WRITE, seq, bytes(g.inbuf[8:n]))
-                return
-            try:
-                value = self.hv.write(g.domid, gfn, offset, g.inbuf[WRITE_MSG.size:n])
-                status = 0
-            except HVError as e:
-                if e.code == ENOMEM:
-                    self._park(g, pipe.G_WRITE, seq, bytes(g.inbuf[8:n]))
-                    return
-                status, value = e.code, 0
-            else:
-                c = g.counters
-                c["writes"] += 1
-                c["pages_written"] += 1
-                if value:
-                    c["cow_faults"] += 1
-                    self.cow_faults += 1
-            g.reply(seq, status, value)
-        except errors.ProtocolError as e:
-            self._crash(g, f"protocol violation: {e}")
-        except Exception as e:          # a bug: crash this domain, not the host
-            traceback.print_exc()
-            self._crash(g, f"internal error: {e!r}")
-        finally:
-            self.meter.record(time.perf_counter() - t0, g.step_name, "guest")
-
     def _guest_message(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
         if mtype == pipe.G_WRITE or mtype == pipe.G_WRITE_PAGES or mtype == pipe.G_WRITE_MANY:
-            if g.domid in self.parked:
-                # waiting for memory: later writes queue behind, in order
-                self._park(g, mtype, seq, body)
-                return
-            d = self.hv.domains[g.domid]
-            status = value = 0
-            try:
-                if d.state == "paused":
-                    raise HVError(EBUSY, f"domain {g.domid} is paused")
-                value = self._apply_write(g, mtype, body)
-            except HVError as e:
-                if e.code == ENOMEM:
-                    # The vCPU pauses and the sharing ring says why; the
-                    # write is answered once frames are free again.
-                    self._park(g, mtype, seq, body)
-                    return
-                status = e.code
-            g.reply(seq, status, value)
+            self._guest_write(g, mtype, seq, body)
         elif mtype == pipe.G_STATS:
             g.reported = pipe.decode_stats(body)
         elif mtype == pipe.G_HELLO:
@@ -192,25 +146,50 @@ class GuestLifecycle:
             g.ready = True
             self._answer_creator(g, None)
 
-    # -- memory pressure: the sharing event ring ------------------------
+    def _guest_write(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+        """The one path of a guest's write message, answered on its pipe.
+
+        A domain with deferred writes queues this one behind them, in order.
+        A write that finds no free frame is deferred (:mod:`.parking`): the
+        vCPU pauses, the sharing ring says why, and the write is answered
+        once frames are free again. ``body`` may be a view of the read
+        buffer: it is copied only when the write is deferred.
+        """
+        if g.domid in self.parked:
+            self._park(g, mtype, seq, body)
+            return
+        status = value = 0
+        try:
+            if self.hv.domains[g.domid].state == "paused":
+                raise HVError(EBUSY, f"domain {g.domid} is paused")
+            value = self._apply_write(g, mtype, body)
+        except HVError as e:
+            if e.code == ENOMEM:
+                self._park(g, mtype, seq, body)
+                return
+            status = e.code
+        g.reply(seq, status, value)
+
     def _apply_write(self, g: GuestEndpoint, mtype: int, body) -> int:
-        """Apply one guest write message; the CoW faults it took.
+        """Decode and apply one guest write message; the CoW faults it took.
         Raises HVError (ENOMEM: nothing changed) or ProtocolError."""
+        c = g.counters
         if mtype == pipe.G_WRITE:
             gfn, offset, data = pipe.decode_write(body)
-            value = int(self.hv.write(g.domid, gfn, offset, data))
-            g.counters["pages_written"] += 1
+            value = 1 if self.hv.write(g.domid, gfn, offset, data) else 0
+            c["pages_written"] += 1
         elif mtype == pipe.G_WRITE_MANY:
             gfns, offsets, lengths, data = pipe.decode_write_many(body)
             value = int(self.hv.write_many(g.domid, gfns, offsets, lengths, data))
-            g.counters["pages_written"] += len(gfns)
+            c["pages_written"] += len(gfns)
         else:
             gfns, pages = pipe.decode_write_pages(body)
             value = int(self.hv.write_pages(g.domid, gfns, pages))
-            g.counters["pages_written"] += len(gfns)
-        g.counters["writes"] += 1
-        g.counters["cow_faults"] += value
-        self.cow_faults += value
+            c["pages_written"] += len(gfns)
+        c["writes"] += 1
+        if value:
+            c["cow_faults"] += value
+            self.cow_faults += value
         return value
 
     def _answer_creator(self, g: GuestEndpoint, failure: str | None) -> None:

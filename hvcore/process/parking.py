@@ -106,7 +106,9 @@ class DeferredWrites:
 
     def _park(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
         """Keep a write that found no free frame: pause the domain (its
-        guest already waits for the answer) and post ``enomem`` on the ring."""
+        guest already waits for the answer) and post ``enomem`` on the ring.
+        ``body`` may be a view of a read buffer: the kept write owns a copy."""
+        body = bytes(body)
         if mtype == pipe.G_WRITE:
             gfn, _, _ = pipe.decode_write(body)            # refuses garbage before keeping it
             pages, needed = 1, 1
