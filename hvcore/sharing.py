@@ -137,10 +137,10 @@ class Sharing:
 
     def share(self, sd: int, sgfn: int, sh: int, cd: int, cgfn: int, ch: int) -> None:
         """Merge the client's frame into the source's; the source survives."""
-        s_dom = self.domain(sd)
-        c_dom = self.domain(cd)
-        smfn = self._shared_frame(s_dom, sgfn, sh, S_HANDLE_INVALID)
-        cmfn = self._shared_frame(c_dom, cgfn, ch, C_HANDLE_INVALID)
+        source = self.domain(sd)
+        client = self.domain(cd)
+        smfn = self._shared_frame(source, sgfn, sh, S_HANDLE_INVALID)
+        cmfn = self._shared_frame(client, cgfn, ch, C_HANDLE_INVALID)
         if smfn == cmfn:
             return
         k = int(self.pool.type_count[cmfn])
@@ -268,18 +268,18 @@ class Sharing:
 
     def add_to_physmap(self, sd: int, sgfn: int, sh: int, cd: int, cgfn: int) -> None:
         """Map shared frame (sd, sgfn) into hole ``cgfn`` of ``cd``."""
-        s_dom, c_dom = self.domain(sd), self.domain(cd)
-        smfn = self._shared_frame(s_dom, sgfn, sh, S_HANDLE_INVALID)
-        if c_dom.dying:
+        source, client = self.domain(sd), self.domain(cd)
+        smfn = self._shared_frame(source, sgfn, sh, S_HANDLE_INVALID)
+        if client.dying:
             raise HVError(EBUSY, f"domain {cd} is dying")
-        if not 0 <= cgfn < c_dom.npages or c_dom.p2m.type[cgfn] != HOLE:
+        if not 0 <= cgfn < client.npages or client.p2m.type[cgfn] != HOLE:
             raise HVError(C_HANDLE_INVALID, f"gfn {cgfn} of domain {cd} is not a hole")
         self.pool.type_count[smfn] += 1                  # count before rmap
         self.rmap.add(smfn, cd, cgfn)
-        with c_dom.p2m.changing():
-            c_dom.p2m.mfn[cgfn] = smfn
-            c_dom.p2m.type[cgfn] = RAM_SHARED
-        c_dom.shr_pages += 1
+        with client.p2m.changing():
+            client.p2m.mfn[cgfn] = smfn
+            client.p2m.type[cgfn] = RAM_SHARED
+        client.shr_pages += 1
         self.nr_saved_mfns += 1
 
     def range_share(self, sd: int, cd: int, first_gfn: int, last_gfn: int) -> int:
@@ -292,15 +292,15 @@ class Sharing:
         usual first pass over two clones) the pairs are independent and the
         whole range is done with numpy, handles numbered as the loop would.
         """
-        s_dom, c_dom = self.domain(sd), self.domain(cd)
+        source, client = self.domain(sd), self.domain(cd)
         if first_gfn < 0 or first_gfn > last_gfn:
             raise HVError(EINVAL, "empty or negative gfn range")
-        last = min(last_gfn, s_dom.npages - 1, c_dom.npages - 1)
+        last = min(last_gfn, source.npages - 1, client.npages - 1)
         gfns = np.arange(first_gfn, last + 1, dtype=np.int64)
         if len(gfns) == 0:
             return 0
-        s_codes, s_fresh = self._classify(s_dom, gfns)
-        c_codes, c_fresh = self._classify(c_dom, gfns)
+        s_codes, s_fresh = self._classify(source, gfns)
+        c_codes, c_fresh = self._classify(client, gfns)
         s_ok = s_codes == 0
         c_ok = c_codes == 0
         if sd == cd or (s_ok & ~s_fresh).any() or (s_ok & c_ok & ~c_fresh).any():
@@ -313,8 +313,8 @@ class Sharing:
         self._handle_counter += int(taken.sum())
         s_h = (base + before).astype(np.uint64)
         c_h = s_h + s_fresh.astype(np.uint64)
-        self._make_shared(s_dom, gfns[s_fresh], s_h[s_fresh])
-        self._make_shared(c_dom, gfns[c_fresh], c_h[c_fresh])
+        self._make_shared(source, gfns[s_fresh], s_h[s_fresh])
+        self._make_shared(client, gfns[c_fresh], c_h[c_fresh])
         pair = s_ok & c_ok
         g = gfns[pair]
         codes = self.share_many(sd, g, s_h[pair], cd, g, c_h[pair])

@@ -38,10 +38,10 @@ class ControlOps:
     """The control requests, as methods of the hypervisor process."""
 
     def _serve_backlog(self, c: ControlConnection) -> None:
-        if c in self._held:
+        if c in self._deferred_set:
             return          # read, not served: the loop serves it after the others
-        if self._holding:   # paced: served once the window ends
-            self._held.add(c)
+        if self._pacing:   # paced: served once the window ends
+            self._deferred_set.add(c)
             self._deferred.append(c)
             return
         while c.backlog and not c.waiting and not c.closed and self.running:
@@ -69,7 +69,7 @@ class ControlOps:
                 # then this client's requests (the kill controller keeps its
                 # next destroys queued), also those that arrive meanwhile.
                 self._preempted = False
-                self._held.add(c)
+                self._deferred_set.add(c)
                 self._deferred.append(c)
                 break
 
@@ -232,8 +232,8 @@ class ControlOps:
                 domid, d.teardown_phase, d.relinquish_cursor, d.relinquished, td["steps"],
                 td["continuations"], round(step * 1e3, 3), round(td["max_step_s"] * 1e3, 3),
                 round(td["max_step_cpu_s"] * 1e3, 3), round(td["busy_s"], 6))).encode()
-            if self._preempted or c.later:      # (answers keep their order)
-                c.later += (control.FRAME_HDR.pack(len(js), 0), js)
+            if self._preempted or c.deferred_answer:      # (answers keep their order)
+                c.deferred_answer += (control.FRAME_HDR.pack(len(js), 0), js)
             else:
                 c.queue((control.FRAME_HDR.pack(len(js), 0), js))
             return None

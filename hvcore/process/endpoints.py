@@ -82,17 +82,17 @@ class ControlConnection(Endpoint):
         self.reader = control.frame_reader(sock)
         self.waiting = False            # a deferred answer (create) is pending
         self.backlog: list = []
-        #: the answer of a step that yielded to other work, held until that
+        #: the answer of a step that yielded to other work, deferred until that
         #: work is served (see HypervisorProcess.run): sent at once it would wake this
         #: client first, on a core the waiting guest may share
-        self.later: list = []
+        self.deferred_answer: list = []
 
     def _send(self, mv) -> int:
         return self.sock.send(mv)
 
-    def release(self) -> None:
-        """Send the held answer (:attr:`later`)."""
-        parts, self.later = self.later, []
+    def send_deferred(self) -> None:
+        """Send the deferred answer (:attr:`deferred_answer`)."""
+        parts, self.deferred_answer = self.deferred_answer, []
         self.queue(parts)
 
     def reply(self, obj: dict, payload=b"") -> None:

@@ -4,7 +4,7 @@ A guest is a real process (``python -m guests.runtime``) spawned at create
 with two pipe ends after its domain's memory is filled; create is answered
 once it has mapped its memory and said hello. Its writes and CoW faults
 arrive on its pipe and are applied through the core; a write that finds no
-free frame is deferred (:mod:`.parking`). A guest that exits leaves its
+free frame is parked (:mod:`.parking`). A guest that exits leaves its
 domain ``crashed`` with its memory kept until destroy.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ class GuestLifecycle:
                 mtype, seq, blen = PIPE_HDR.unpack_from(buf)
                 if mtype == pipe.G_WRITE and blen == n - PIPE_HDR.size:
                     # the common case, one small write in one read: its body
-                    # is a view of the read buffer (copied only if deferred)
+                    # is a view of the read buffer (copied only if parked)
                     self._guest_step(g, mtype, seq, buf[PIPE_HDR.size:n])
                     return
             try:
@@ -149,11 +149,11 @@ class GuestLifecycle:
     def _guest_write(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
         """The one path of a guest's write message, answered on its pipe.
 
-        A domain with deferred writes queues this one behind them, in order.
-        A write that finds no free frame is deferred (:mod:`.parking`): the
+        A domain with parked writes queues this one behind them, in order.
+        A write that finds no free frame is parked (:mod:`.parking`): the
         vCPU pauses, the sharing ring says why, and the write is answered
         once frames are free again. ``body`` may be a view of the read
-        buffer: it is copied only when the write is deferred.
+        buffer: it is copied only when the write is parked.
         """
         if g.domid in self.parked:
             self._park(g, mtype, seq, body)

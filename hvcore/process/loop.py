@@ -35,7 +35,7 @@ retried, and the domain runs again once its writes are done.
 
 The process is :class:`HypervisorProcess`, composed of one part per
 concern: :mod:`.control` (the op table), :mod:`.steps` (the step meter and
-budget), :mod:`.guests` (guest processes), :mod:`.parking` (deferred writes
+budget), :mod:`.guests` (guest processes), :mod:`.parking` (parked writes
 and the event ring), :mod:`.endpoints` (the peers) and :mod:`.statedir`
 (its files). This module holds the loop itself: the selector, the tick,
 signals, pacing under real-time scheduling, and start and stop.
@@ -62,7 +62,7 @@ from .statedir import SOCKET_PATH_MAX, cleanup_leftovers, guest_socket_path, not
 from .control import ControlOps
 from .endpoints import ControlConnection, Endpoint, GuestEndpoint
 from .guests import GUEST_START_TIMEOUT, GuestLifecycle
-from .parking import DeferredWrites, EventRing, Parked
+from .parking import ParkedWrites, EventRing, Parked
 from .steps import BudgetedSteps, StepMeter, quiet_collector
 
 #: Pacing of a real-time hypervisor. The kernel lets real-time tasks run at
@@ -86,7 +86,7 @@ class StartError(Exception):
     """The hypervisor cannot start (one sentence for the user)."""
 
 
-class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, DeferredWrites):
+class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites):
     """The hypervisor process's state: the core, the loop and its endpoints."""
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
@@ -104,7 +104,7 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, DeferredWrite
         self._window = (0.0, 0.0, False)
         self.paced = [0, 0.0]
         #: control requests wait (see _pace): guests only until the window ends
-        self._holding = False
+        self._pacing = False
         self.hv = None
         self.sel = selectors.DefaultSelector()
         self.meter = StepMeter()
@@ -118,7 +118,7 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, DeferredWrite
         self._preempted = False
         #: clients whose next requests wait until that work has been served
         self._deferred: list[ControlConnection] = []
-        self._held: set[ControlConnection] = set()     # the same, as a set
+        self._deferred_set: set[ControlConnection] = set()     # the same, as a set
         #: checked requests by frame (see _check), at most KNOWN_FRAMES
         self._known: dict[bytes, tuple] = {}
         self.cow_faults = 0
@@ -218,10 +218,10 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, DeferredWrite
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while self.running:
-                hold = self._pace() if self._pace_duty is not None else 0.0
-                self._holding = hold > 0
-                if self._holding:
-                    deferred, timeout = [], min(hold, _TICK)   # guests only, meanwhile
+                pace_s = self._pace() if self._pace_duty is not None else 0.0
+                self._pacing = pace_s > 0
+                if self._pacing:
+                    deferred, timeout = [], min(pace_s, _TICK)   # guests only, meanwhile
                 else:
                     deferred, self._deferred = self._deferred, []
                     timeout = 0 if deferred else _TICK
@@ -233,11 +233,11 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, DeferredWrite
                         break
                 # after the work a teardown step yielded to: its answer, then
                 # its next request
-                for c in self._deferred if self._holding else deferred:
-                    if c.later:
-                        c.release()
+                for c in self._deferred if self._pacing else deferred:
+                    if c.deferred_answer:
+                        c.send_deferred()
                 for c in deferred:
-                    self._held.discard(c)
+                    self._deferred_set.discard(c)
                     self._serve_backlog(c)
                 if self.running and time.monotonic() >= self._next_tick:
                     self._tick()
@@ -266,7 +266,7 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, DeferredWrite
         if busy <= self._pace_duty * PACE_WINDOW:
             return 0.0
         left = start + PACE_WINDOW - now
-        if not self._window[2]:             # the hold starts: counted once
+        if not self._window[2]:             # the pacing starts: counted once
             self._window = (start, cpu0, True)
             self.paced[0] += 1
             self.paced[1] += left

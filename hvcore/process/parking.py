@@ -22,7 +22,7 @@ This module holds the two in-hypervisor pieces, with no I/O of their own
   else meanwhile (it waits for its answer), but a queue keeps a misbehaving
   guest's extra writes in order instead of refusing them.
 
-:class:`DeferredWrites` holds the hypervisor process's side: deferring a
+:class:`ParkedWrites` holds the hypervisor process's side: parking a
 write (``enomem``), retrying after every step that freed frames, resuming
 the domain (``resumed``), and cancelling on destroy (``cancelled``).
 """
@@ -92,16 +92,16 @@ class ParkedWrite:
 class Parked:
     """A domain's parked writes, and whether its user paused it meanwhile."""
 
-    __slots__ = ("writes", "since", "hold")
+    __slots__ = ("writes", "since", "user_paused")
 
     def __init__(self):
         self.writes: collections.deque[ParkedWrite] = collections.deque()
         self.since = time.monotonic()
         #: paused by 'hvctl pause' while waiting: stays paused once written
-        self.hold = False
+        self.user_paused = False
 
 
-class DeferredWrites:
+class ParkedWrites:
     """Guest writes that wait for a free frame, and the event ring they post on."""
 
     def _park(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
@@ -205,8 +205,8 @@ class DeferredWrites:
             p.writes.popleft()
             if not p.writes:
                 del self.parked[domid]
-                d.state = "paused" if p.hold else "running"
-                if not p.hold:
+                d.state = "paused" if p.user_paused else "running"
+                if not p.user_paused:
                     g.notify(pipe.H_UNPAUSE)
                 self.ring.post("resumed", domid=domid, gfn=first.gfn if first else None,
                                waited_ms=round((time.monotonic() - p.since) * 1e3, 3),
@@ -227,7 +227,7 @@ class DeferredWrites:
         stay paused once its write is done; unpause retries now and says
         so if there is still no frame."""
         p = self.parked[domid]
-        p.hold = paused
+        p.user_paused = paused
         if not paused and not self._resume_parked(domid):
             raise HVError(ENOMEM, f"domain {domid} waits for free memory for a copy-on-write "
                                   f"fault; it resumes by itself once frames are freed")

@@ -50,6 +50,10 @@ Invariants:
   its index slot holds its node; the slot lives in the domain's array iff the
   array covers the gfn, else in ``_sparse``.
 Batch forms check every pair first and raise before changing anything.
+
+The module is long because every operation, scalar and batch, works on the
+same flat representation; kept together, the layout above is the one thing
+a reader must hold in mind, and no other module sees it.
 """
 from __future__ import annotations
 
@@ -118,10 +122,10 @@ class IndexRmap(Rmap):
         self._count = np.zeros(nframes, np.int32)
         # Single-entry ops go through memoryviews: ~3x faster than numpy
         # scalar indexing. Every view is rebuilt whenever its array is replaced.
-        self._vhead = memoryview(self._head)
-        self._vcount = memoryview(self._count)
+        self._head_view = memoryview(self._head)
+        self._count_view = memoryview(self._count)
         self._dense: dict[int, np.ndarray] = {}
-        self._vdense: dict[int, memoryview] = {}
+        self._dense_views: dict[int, memoryview] = {}
         self._sparse: dict[tuple[int, int], int] = {}
         self._ones = np.ones(0, np.int32)  # per-entry count steps (np.add.at / subtract.at)
         self._arena = _new_arena(0)
@@ -137,19 +141,19 @@ class IndexRmap(Rmap):
         self._arena = _new_arena(0)
         self._dom = np.zeros(1, np.int16)
         self._set_free(np.empty(0, np.int32))
-        self._views()
+        self._make_views()
 
-    def _views(self) -> None:
+    def _make_views(self) -> None:
         # Column views for the vectorised code, flat memoryviews for the rest.
         a = self._arena
         self._cap = a.shape[0] - 1
         self._nxt, self._prv, self._frm, self._gfn = a[:, NXT], a[:, PRV], a[:, FRM], a[:, GFN]
-        self._va = memoryview(a.reshape(-1))
-        self._vdom = memoryview(self._dom)
+        self._arena_view = memoryview(a.reshape(-1))
+        self._dom_view = memoryview(self._dom)
 
     def _set_free(self, arr: np.ndarray) -> None:
         self._free = arr
-        self._vfree = memoryview(arr)
+        self._free_view = memoryview(arr)
 
     def _grow(self, need: int) -> None:
         cap = max(need, int(self._cap * _GROWTH), _MIN_ARENA)
@@ -158,12 +162,12 @@ class IndexRmap(Rmap):
         dom = np.zeros(cap + 1, np.int16)
         dom[: self._top] = self._dom[: self._top]
         self._arena, self._dom = arena, dom
-        self._views()
+        self._make_views()
 
     def _alloc1(self) -> int:
         if self._nfree:
             self._nfree -= 1
-            return self._vfree[self._nfree]
+            return self._free_view[self._nfree]
         if self._top == self._cap:
             self._grow(self._top + 1)
         self._top += 1
@@ -198,13 +202,13 @@ class IndexRmap(Rmap):
 
     def _release1(self, n: int) -> None:
         """Return one unlinked node to the free stack (its key already cleared)."""
-        self._va[(n << 2) + FRM] = -1
+        self._arena_view[(n << 2) + FRM] = -1
         self._live -= 1
         if self._live == 0:
             self._reset_arena()
             return
         self._reserve_free(1)
-        self._vfree[self._nfree] = n
+        self._free_view[self._nfree] = n
         self._nfree += 1
 
     def _free_nodes(self, nodes: np.ndarray, nodes32: np.ndarray) -> None:
@@ -227,14 +231,14 @@ class IndexRmap(Rmap):
 
     # -- (domid, gfn) -> node index -----------------------------------------
     def _find(self, domid: int, gfn: int) -> int:
-        v = self._vdense.get(domid)
+        v = self._dense_views.get(domid)
         if v is not None and 0 <= gfn < len(v):
             return v[gfn]
         return self._sparse.get((domid, gfn), -1) if self._sparse else -1
 
     def _set_dense(self, domid: int, arr: np.ndarray) -> None:
         self._dense[domid] = arr
-        self._vdense[domid] = memoryview(arr)
+        self._dense_views[domid] = memoryview(arr)
 
     def _grow_dense(self, domid: int, need: int) -> np.ndarray:
         old = self._dense.get(domid)
@@ -247,17 +251,17 @@ class IndexRmap(Rmap):
         return new
 
     def _store(self, domid: int, gfn: int, node: int) -> None:
-        v = self._vdense.get(domid)
+        v = self._dense_views.get(domid)
         if v is None or gfn >= len(v):
             if gfn >= _DENSE_LIMIT:
                 self._sparse[(domid, gfn)] = node
                 return
             self._grow_dense(domid, gfn + 1)
-            v = self._vdense[domid]
+            v = self._dense_views[domid]
         v[gfn] = node
 
     def _clear(self, domid: int, gfn: int) -> None:
-        v = self._vdense.get(domid)
+        v = self._dense_views.get(domid)
         if v is not None and gfn < len(v):
             v[gfn] = -1
         else:
@@ -377,7 +381,7 @@ class IndexRmap(Rmap):
             dd = np.full(g.shape[0], domid, np.int64)
             self.remove_many(self._frm[self._lookup_many(dd, g)].astype(np.int64), dd, g)
         self._dense.pop(domid, None)
-        self._vdense.pop(domid, None)
+        self._dense_views.pop(domid, None)
 
     # -- single-entry accessors ---------------------------------------------
     def add(self, mfn: int, domid: int, gfn: int) -> None:
@@ -386,51 +390,51 @@ class IndexRmap(Rmap):
         if self._find(domid, gfn) >= 0:
             raise ValueError(f"(d{domid}, gfn {gfn:#x}) is already in an rmap")
         n = self._alloc1()
-        va, b = self._va, n << 2
-        h = self._vhead[mfn]
+        va, b = self._arena_view, n << 2
+        h = self._head_view[mfn]
         va[b + NXT] = h
         va[b + PRV] = -1
         va[b + FRM] = mfn
         va[b + GFN] = gfn
-        self._vdom[n] = domid
+        self._dom_view[n] = domid
         if h >= 0:
             va[(h << 2) + PRV] = n
-        self._vhead[mfn] = n
-        self._vcount[mfn] += 1
+        self._head_view[mfn] = n
+        self._count_view[mfn] += 1
         self._store(domid, gfn, n)
         self._live += 1
 
     def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
         n = self._find(domid, gfn)
-        va, b = self._va, n << 2
+        va, b = self._arena_view, n << 2
         if n < 0 or va[b + FRM] != mfn:
             raise KeyError((mfn, domid, gfn))
         p, x = va[b + PRV], va[b + NXT]
         if p >= 0:
             va[(p << 2) + NXT] = x
         else:
-            self._vhead[mfn] = x
+            self._head_view[mfn] = x
         if x >= 0:
             va[(x << 2) + PRV] = p
-        self._vcount[mfn] -= 1
+        self._count_view[mfn] -= 1
         self._clear(domid, gfn)
         self._release1(n)
 
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
         n = self._find(domid, gfn)
-        return n >= 0 and self._va[(n << 2) + FRM] == mfn
+        return n >= 0 and self._arena_view[(n << 2) + FRM] == mfn
 
     def count(self, mfn: int) -> int:
-        return self._vcount[mfn] if 0 <= mfn < self.nframes else 0
+        return self._count_view[mfn] if 0 <= mfn < self.nframes else 0
 
     def entries(self, mfn: int) -> Iterator[tuple[int, int]]:
-        n = self._vhead[mfn] if 0 <= mfn < self.nframes else -1
+        n = self._head_view[mfn] if 0 <= mfn < self.nframes else -1
         while n >= 0:
             # Read the successor before yielding (the caller may remove n), and
             # re-read the views each step (an add elsewhere may regrow them).
-            va, b = self._va, n << 2
+            va, b = self._arena_view, n << 2
             nxt = va[b + NXT]
-            yield self._vdom[n], va[b + GFN]
+            yield self._dom_view[n], va[b + GFN]
             n = nxt
 
     def release(self, mfn: int) -> None:
@@ -447,7 +451,7 @@ class IndexRmap(Rmap):
         """All nodes of frame ``mfn``: walk a short list, scan ``_frm`` otherwise."""
         k = int(self._count[mfn])
         if k * _WALK_RATIO < self._top:
-            out, n, va = [], self._vhead[mfn], self._va
+            out, n, va = [], self._head_view[mfn], self._arena_view
             for _ in range(k):
                 out.append(n)
                 n = va[n << 2]
@@ -515,13 +519,13 @@ class IndexRmap(Rmap):
             self._frm[nodes] = m0
             nxt[nodes[1:]] = nodes32[:-1]
             prv[nodes[:-1]] = nodes32[1:]
-            va = self._va
+            va = self._arena_view
             va[(first << 2) + NXT] = h
             va[(last << 2) + PRV] = -1
             if h >= 0:
                 va[(h << 2) + PRV] = first
-            self._vhead[m0] = last
-            self._vcount[m0] += k
+            self._head_view[m0] = last
+            self._count_view[m0] += k
             return
         self._frm[nodes] = m.astype(np.int32)
         head[m] = nodes32
@@ -608,8 +612,8 @@ class IndexRmap(Rmap):
         links in an acyclic list has no node twice."""
         k = nodes.shape[0]
         m0 = int(m[0])
-        va = self._va
-        if (m0 != int(m[-1]) or self._vcount[m0] <= k or _any(m != m[:1])
+        va = self._arena_view
+        if (m0 != int(m[-1]) or self._count_view[m0] <= k or _any(m != m[:1])
                 or _any(self._frm[nodes] != m0)):
             return False
         a, b = int(nodes[0]), int(nodes[-1])
@@ -623,10 +627,10 @@ class IndexRmap(Rmap):
         if p >= 0:
             va[(p << 2) + NXT] = x
         else:
-            self._vhead[m0] = x
+            self._head_view[m0] = x
         if x >= 0:
             va[(x << 2) + PRV] = p
-        self._vcount[m0] -= k
+        self._count_view[m0] -= k
         return True
 
     def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
@@ -679,10 +683,10 @@ class IndexRmap(Rmap):
         # -- unlink (frames losing every entry need no relinking) --
         m0 = int(m[0])
         if m0 == int(m[-1]) and not _any(m != m[:1]):
-            left = self._vcount[m0] - k
-            self._vcount[m0] = left
+            left = self._count_view[m0] - k
+            self._count_view[m0] = left
             if left == 0:
-                self._vhead[m0] = -1
+                self._head_view[m0] = -1
             else:
                 self._unlink(nodes, m)
         else:
