@@ -29,8 +29,8 @@ BATCH_OVERRUN = 1.5
 
 class ChunkCost:
     """How long a chunk of ``k`` items of one batch op takes: a fixed part
-    (a core batch call's numpy calls: 0.1-0.5 ms, depending on the load)
-    plus a part per item (1-5 us), fitted by least squares over the recent
+    (a core batch call's numpy calls, which grow with the load) plus a part
+    per item, fitted by least squares over the recent
     chunks (exponentially weighted), starting from a prior that keeps the
     fit sane while the chunk sizes seen barely differ.
 

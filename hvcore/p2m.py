@@ -59,7 +59,8 @@ class P2M:
         self.mfn[:] = INVALID_MFN
         self._depth = 0
         self._change = _Change(self)
-        # the header as Python ints: a numpy scalar += costs ~1 us, twice per fault
+        # the header as Python ints: a numpy scalar += would be most of the
+        # bracket's cost, paid twice per fault
         self._seqv = memoryview(self._hdr)
 
     @property

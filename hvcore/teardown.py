@@ -91,7 +91,7 @@ class Teardown:
 
     def _drop_few(self, d: Domain, gfns: np.ndarray, ms: np.ndarray) -> int:
         """drop_shared of a few gfns (a preemptible teardown's chunk on a
-        list or bucket rmap, whose removals take ~10-100 us each): entry by
+        list or bucket rmap, whose removals are slow one by one): entry by
         entry, as the batch rmap call would, without the batch's fixed cost."""
         remove, tc, domid = self.rmap.remove, self.pool.type_count, d.domid
         mlist, glist = ms.tolist(), gfns.tolist()
@@ -207,8 +207,8 @@ class Teardown:
             self._release_private(d, RELEASE_CHUNK)
             if should_yield():
                 return False
-        # Forgetting the domain (up to ~1 ms at 1M gfns: the rmap's and the
-        # p2m's per-domain state) starts a step of its own if this one is spent.
+        # Forgetting the domain (the rmap's and the p2m's per-domain state,
+        # O(pages)) starts a step of its own if this one is spent.
         self._forget(d)
         return True
 

@@ -264,8 +264,7 @@ class GuestLifecycle:
         SIGSTOP stops it at once: from here on it neither reads nor writes.
         Its SIGKILL waits for the next housekeeping tick, because a SIGKILL
         wakes the guest to die and a busy scheduler may run that exit in
-        the middle of our step (milliseconds of wall time, where the stop
-        costs some 50 us).
+        the middle of our step, where the stop costs almost nothing.
         """
         g = self.guests.pop(domid, None)
         if g is None:

@@ -170,6 +170,6 @@ def settle_batch() -> None:
     """After a batch that made shared frames: what it made (rmap frame
     objects, one per nominated page) lives until unshared, so it joins the
     frozen state out of the cycle collector's passes (O(1)). Left young, a
-    dedup pass's 50,000 frames would trigger collections of 0.6 ms (the
-    youngest generation) to 5 ms (the next) in the middle of later steps."""
+    dedup pass's frames would trigger collections of the older generations
+    in the middle of later steps."""
     gc.freeze()

@@ -90,7 +90,7 @@ def _new_arena(cap: int) -> np.ndarray:
 
 # The batch forms run a fixed series of numpy calls, and at 64 entries the
 # calls' fixed costs are the whole bill. numpy's reductions (any, min, ...)
-# and ufuncs with a Python-int operand cost ~1 us more per call than
+# and ufuncs with a Python-int operand cost more per call than
 # count_nonzero, argmin/argmax and 0-d array operands, hence these.
 def _any(b: np.ndarray) -> bool:
     return np.count_nonzero(b) > 0
@@ -120,7 +120,7 @@ class IndexRmap(Rmap):
         super().__init__(nframes)
         self._head = np.full(nframes, -1, np.int32)
         self._count = np.zeros(nframes, np.int32)
-        # Single-entry ops go through memoryviews: ~3x faster than numpy
+        # Single-entry ops go through memoryviews, much cheaper than numpy
         # scalar indexing. Every view is rebuilt whenever its array is replaced.
         self._head_view = memoryview(self._head)
         self._count_view = memoryview(self._count)

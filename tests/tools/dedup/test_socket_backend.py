@@ -245,22 +245,6 @@ def test_a_pass_in_tiny_steps_merges_what_a_whole_pass_does(hvs):
     assert again.merged == 0 and again.requests == 0
 
 
-def test_chunk_cost_model_fits_a_fixed_and_a_per_item_cost():
-    from hvcore.budget import MIN_CHUNK_ITEMS as BATCH_MIN_CHUNK, ChunkCost as _ChunkCost
-    cost = _ChunkCost()
-    fixed, item = 3e-4, 4e-6                    # the "true" cost of a chunk
-    for i in range(40):
-        k = cost.items(5e-4 if i % 3 else 1e-4, 1e-3)
-        cost.learn(k, fixed + item * k)
-    assert abs(cost.fixed_s - fixed) < 1e-4 and abs(cost.item_s - item) < 2e-6
-    assert abs((fixed + item * cost.items(5e-4, 1e-3)) - 5e-4) < 1.5e-4    # fills the budget
-    # a budget the fixed part alone nearly fills: a fair chunk, within the limit
-    k = cost.items(3e-4, 1e-3)
-    assert k >= fixed / (2 * item) * 0.5 and fixed + item * k < 1e-3
-    assert cost.items(3e-4, 4e-4) < k
-    assert cost.items(0.0, 0.0) >= BATCH_MIN_CHUNK
-
-
 def test_hvctl_dedup_one_pass(hvs):
     a = hvs.create(256, "clone", seed=9)
     b = hvs.create(256, "clone", seed=9)
