@@ -223,15 +223,20 @@ class CopyOnWrite:
         if len(rev_u) < len(gfns):
             pick = len(gfns) - 1 - rev_i
             gfns, pages = rev_u, pages[pick]
-        t = d.p2m.type[gfns]
-        if (t == HOLE).any():
-            raise HVError(EINVAL, f"write to a hole of domain {domid}")
-        shared = gfns[t == RAM_SHARED]
+        shared = self._written_shared(d, gfns)
         with d.p2m.changing():
             if len(shared):
                 self._unshare_many(d, shared, copy=False)
             self.pool.data[d.p2m.mfn[gfns]] = pages
         return len(shared)
+
+    def _written_shared(self, d: Domain, gfns: np.ndarray) -> np.ndarray:
+        """The shared gfns among the distinct gfns a batched write names;
+        EINVAL, before anything changes, if one is a hole."""
+        t = d.p2m.type[gfns]
+        if (t == HOLE).any():
+            raise HVError(EINVAL, f"write to a hole of domain {d.domid}")
+        return gfns[t == RAM_SHARED]
 
     def write_many(self, domid: int, gfns, offsets, lengths, data) -> int:
         """Many small writes in one call: write ``i`` puts the next
@@ -258,10 +263,7 @@ class CopyOnWrite:
         if k == 0:
             return 0
         ug = np.unique(gfns)
-        t = d.p2m.type[ug]
-        if (t == HOLE).any():
-            raise HVError(EINVAL, f"write to a hole of domain {domid}")
-        shared = ug[t == RAM_SHARED]
+        shared = self._written_shared(d, ug)
         with d.p2m.changing():
             if len(shared):
                 self._unshare_many(d, shared)

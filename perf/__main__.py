@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     a = p.parse_args(argv)
-    from .report.suite import bench_file, load_bench, stamp, write_json
+    from .common import write_json
+    from .report.suite import bench_file, load_bench, stamp
     mod = load_bench(a.bench) if a.bench.isidentifier() else f"no benchmark named {a.bench!r}"
     if isinstance(mod, str) or not callable(getattr(mod, "report", None)):
         why = mod if isinstance(mod, str) else f"{bench_file(a.bench)} has no report(result)"

@@ -3,13 +3,14 @@ latency percentiles, tables and their cells, one-line reasons, SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import signal
 import statistics
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 def machine_info() -> dict:
@@ -104,3 +105,51 @@ def sigterm_exits():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _json_default(o: Any):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def write_json(doc: dict, path: str) -> None:
+    """Write atomically: an interrupted write never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def standalone(argv, prog: str, description: str, quick_help: str, run, report,
+               options=(), unavailable=None) -> int:
+    """The command line of a module run on its own (``python -m perf.peers.ksm``):
+    ``--quick``, the module's ``options`` (``(flags, argparse keywords)``),
+    ``--json PATH``; ``run(**arguments)`` then ``report(result)``. When
+    ``unavailable()`` gives a reason, that is printed and nothing runs."""
+    import argparse
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    for flags, kw in options:
+        p.add_argument(*flags, **kw)
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    a = vars(p.parse_args(argv))
+    path = a.pop("json")
+    reason = unavailable() if unavailable else None
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    result = run(**a)
+    print(report(result))
+    if path:
+        write_json(result, path)
+    return 0

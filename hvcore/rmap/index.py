@@ -81,6 +81,15 @@ def _ints(a) -> np.ndarray:
     return a if a.ndim == 1 else a.ravel()
 
 
+def _batch(mfns, domids, gfns, op: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A batch's three columns as int64 arrays, and its length."""
+    m, d, g = _ints(mfns), _ints(domids), _ints(gfns)
+    k = m.shape[0]
+    if not (k == d.shape[0] == g.shape[0]):
+        raise ValueError(f"{op}: arrays of different lengths")
+    return m, d, g, k
+
+
 def _new_arena(cap: int) -> np.ndarray:
     """Rows for ``cap`` nodes plus the sentinel row (all -1)."""
     a = np.empty((cap + 1, 4), np.int32)
@@ -404,19 +413,25 @@ class IndexRmap(Rmap):
         self._store(domid, gfn, n)
         self._live += 1
 
-    def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
-        n = self._find(domid, gfn)
-        va, b = self._arena_view, n << 2
-        if n < 0 or va[b + FRM] != mfn:
-            raise KeyError((mfn, domid, gfn))
-        p, x = va[b + PRV], va[b + NXT]
+    def _unlink_run(self, mfn: int, first: int, last: int, k: int) -> None:
+        """Take the ``k`` nodes ``first`` .. ``last``, linked in that order,
+        out of frame ``mfn``'s list (their own links are left as they are)."""
+        va = self._arena_view
+        p, x = va[(first << 2) + PRV], va[(last << 2) + NXT]
         if p >= 0:
             va[(p << 2) + NXT] = x
         else:
             self._head_view[mfn] = x
         if x >= 0:
             va[(x << 2) + PRV] = p
-        self._count_view[mfn] -= 1
+        self._count_view[mfn] -= k
+
+    def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
+        n = self._find(domid, gfn)
+        va, b = self._arena_view, n << 2
+        if n < 0 or va[b + FRM] != mfn:
+            raise KeyError((mfn, domid, gfn))
+        self._unlink_run(mfn, n, n, 1)
         self._clear(domid, gfn)
         self._release1(n)
 
@@ -458,11 +473,27 @@ class IndexRmap(Rmap):
             return np.array(out, np.int64)
         return np.flatnonzero(self._frm[: self._top] == mfn)
 
+    def _slots(self, m: np.ndarray, d: np.ndarray, g: np.ndarray, out_of_range: Exception):
+        """The node in each pair's index slot (-1: none), as ``(nodes, arr,
+        groups)``: from ``arr``, the one domain's dense index, when the
+        batch names one domain that index covers (``groups`` None), else by
+        lookup (``arr`` None). Raises ``out_of_range`` for a key no index
+        can hold, a frame past the pool included."""
+        arr = self._one_index(d, m | g)
+        if arr is not None:
+            try:
+                nodes = arr[g]                  # IndexError: a gfn past the index
+                if _max(m) < self._head.shape[0]:
+                    return nodes, arr, None
+            except IndexError:
+                pass
+        if not self._in_range(m, d, g):
+            raise out_of_range
+        groups = self._groups(d)
+        return self._lookup_many(d, g, groups), None, groups
+
     def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
-        m, d, g = _ints(mfns), _ints(domids), _ints(gfns)
-        k = m.shape[0]
-        if not (k == d.shape[0] == g.shape[0]):
-            raise ValueError("add_many: arrays of different lengths")
+        m, d, g, k = _batch(mfns, domids, gfns, "add_many")
         if k < _SMALL_BATCH:
             if len(set(zip(d.tolist(), g.tolist()))) < k:
                 raise ValueError("add_many: a pair appears twice")
@@ -470,19 +501,9 @@ class IndexRmap(Rmap):
                 self.add(mm, dd, gg)  # add() checks presence before changing anything
             return
         # -- check every pair before changing anything --
-        arr = self._one_index(d, m | g)
-        if arr is not None:
-            try:
-                cur = arr[g]              # IndexError: a gfn past the index
-                old = self._head[m]       # IndexError: a frame out of range
-            except IndexError:
-                arr = None
+        cur, arr, groups = self._slots(m, d, g, ValueError("add_many: rmap key out of range"))
+        old = self._head[m]
         if arr is None:
-            if not self._in_range(m, d, g):
-                raise ValueError("add_many: rmap key out of range")
-            groups = self._groups(d)
-            cur = self._lookup_many(d, g, groups)
-            old = self._head[m]
             key = np.sort((d << 31) | g)
             if _any(key[1:] == key[:-1]):
                 raise ValueError("add_many: a pair appears twice")
@@ -623,21 +644,11 @@ class IndexRmap(Rmap):
             first, last = b, a                   # head ... b -> ... -> a ... tail
         else:
             return False
-        p, x = va[(first << 2) + PRV], va[(last << 2) + NXT]
-        if p >= 0:
-            va[(p << 2) + NXT] = x
-        else:
-            self._head_view[m0] = x
-        if x >= 0:
-            va[(x << 2) + PRV] = p
-        self._count_view[m0] -= k
+        self._unlink_run(m0, first, last, k)
         return True
 
     def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
-        m, d, g = _ints(mfns), _ints(domids), _ints(gfns)
-        k = m.shape[0]
-        if not (k == d.shape[0] == g.shape[0]):
-            raise ValueError("remove_many: arrays of different lengths")
+        m, d, g, k = _batch(mfns, domids, gfns, "remove_many")
         if k < _SMALL_BATCH:
             pairs = list(zip(m.tolist(), d.tolist(), g.tolist()))
             for p in pairs:
@@ -649,17 +660,8 @@ class IndexRmap(Rmap):
                 self.remove(*p)
             return
         # -- check every pair before changing anything --
-        arr = self._one_index(d, m | g)
-        if arr is not None:
-            try:
-                nodes32 = arr[g]          # IndexError: a gfn past the index
-            except IndexError:
-                arr = None
-        if arr is None:
-            if not self._in_range(m, d, g):
-                raise KeyError("remove_many: rmap key out of range")
-            groups = self._groups(d)
-            nodes32 = self._lookup_many(d, g, groups).astype(np.int32)
+        nodes32, arr, groups = self._slots(m, d, g, KeyError("remove_many: rmap key out of range"))
+        nodes32 = nodes32.astype(np.int32, copy=False)
         nodes = nodes32.astype(np.int64)
         if arr is not None and self._remove_run(m, nodes, nodes32):
             arr[g] = _NONE

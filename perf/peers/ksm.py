@@ -49,7 +49,7 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE
 
-from ..common import latency_percentiles
+from ..common import latency_percentiles, standalone
 from .contents import CONTENTS, duplicate_groups, expected_counts, page_content
 from .ksm_session import (KsmSession, current_session, fast_scan_knobs, ksm_session, run_scans,
                           sweep_stale, track_region)
@@ -306,13 +306,22 @@ def _skippable(out: dict) -> Iterator[None]:
         reason = _skip_reason(e)
         if reason is None:
             raise
+        what = {k: out[k] for k in ("n_pages", "content") if k in out}
         out.clear()
-        out["skipped"] = reason
+        out.update(what, skipped=reason)
 
 
 def latency_stats(lat_ns: np.ndarray) -> dict[str, float]:
     """Percentiles (``CDF_PERCENTILES``: p50, p99 and more) and mean of latencies in ns."""
     return latency_percentiles(lat_ns, "ns")
+
+
+def _fresh_merges(n_pages: int, content: str, seed: int, repeats: int) -> Iterator[KsmRegion]:
+    """``repeats`` regions merged afresh, one after the other (each is
+    unmapped before the next is made)."""
+    for _ in range(repeats):
+        with merge(n_pages, content, seed) as region:
+            yield region
 
 
 def measure_merge(n_pages: int = 50_000, content: str = "identical", seed: int = 0, repeats: int = 1) -> dict:
@@ -323,15 +332,12 @@ def measure_merge(n_pages: int = 50_000, content: str = "identical", seed: int =
     ``pages_per_second`` (pages merged per second of ksmd time) and
     ``sharing_ratio`` (``pages_sharing / pages_shared``).
     """
-    if reason := ksm_available():
-        return {"n_pages": n_pages, "content": content, "skipped": reason}
     out: dict = {"n_pages": n_pages, "content": content}
     with _skippable(out), ksm_session():
         times = []
-        for r in range(repeats):
-            with merge(n_pages, content, seed) as region:
-                times.append(region.merge_seconds)
-                out.update(region.summary())
+        for region in _fresh_merges(n_pages, content, seed, repeats):
+            times.append(region.merge_seconds)
+            out.update(region.summary())
         out["merge_seconds_all"] = times
         out["merge_seconds"] = statistics.median(times)
         merged = out["pages_shared"] + out["pages_sharing"]
@@ -349,8 +355,6 @@ def measure_cow_break(n_pages: int = 50_000, content: str = "identical", seed: i
     written, the counter deltas ``before`` and ``after`` a rescan, and the
     merge summary under ``merge``.
     """
-    if reason := ksm_available():
-        return {"n_pages": n_pages, "content": content, "skipped": reason}
     out: dict = {"n_pages": n_pages, "content": content}
     with _skippable(out), ksm_session():
         with merge(n_pages, content, seed) as region:
@@ -369,16 +373,13 @@ def measure_cow_batched(n_pages: int = 50_000, content: str = "identical", seed:
     """CoW break of all merged pages by one numpy write; median of
     ``repeats`` fresh merges.  Returns ``pages_per_second``,
     ``seconds`` (for ``pages`` pages) and ``pages_per_second_all``."""
-    if reason := ksm_available():
-        return {"n_pages": n_pages, "content": content, "skipped": reason}
     out: dict = {"n_pages": n_pages, "content": content}
     with _skippable(out), ksm_session():
         rates = []
-        for _ in range(repeats):
-            with merge(n_pages, content, seed) as region:
-                targets = np.flatnonzero(region.ksm_mask())
-                rates.append(region.cow_break_batched(targets))
-                out["pages"] = int(len(targets))
+        for region in _fresh_merges(n_pages, content, seed, repeats):
+            targets = np.flatnonzero(region.ksm_mask())
+            rates.append(region.cow_break_batched(targets))
+            out["pages"] = int(len(targets))
         out["pages_per_second_all"] = rates
         out["pages_per_second"] = statistics.median(rates)
         out["seconds"] = out["pages"] / out["pages_per_second"]
@@ -480,24 +481,12 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    p = argparse.ArgumentParser(prog="python -m perf.peers.ksm", description="Linux KSM measured as hvshare's peer.")
-    p.add_argument("--quick", action="store_true", help="small sizes, single repeats")
-    p.add_argument("--munmap-pages", type=int, default=None, metavar="N",
-                   help="pages merged into one KSM page for the munmap measure (default 100,000)")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    a = p.parse_args(argv)
-    reason = ksm_available()
-    if reason:
-        print(f"KSM: skipped: {reason}")
-        return 0
-    result = run(quick=a.quick, munmap_pages=a.munmap_pages)
-    print(report(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return standalone(argv, "python -m perf.peers.ksm", "Linux KSM measured as hvshare's peer.",
+                      "small sizes, single repeats", run, report,
+                      options=[(("--munmap-pages",), dict(type=int, default=None, metavar="N",
+                               help="pages merged into one KSM page for the munmap measure "
+                                    "(default 100,000)"))],
+                      unavailable=ksm_available)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
 
-from ..common import latency_percentiles
+from ..common import latency_percentiles, standalone
 
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
 PLACEMENTS = ("same", "cross")
@@ -169,18 +169,8 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    p = argparse.ArgumentParser(prog="python -m perf.peers.pipe", description="Raw pipe round trip of two Python processes.")
-    p.add_argument("--quick", action="store_true", help="2,000 round trips instead of 20,000")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    a = p.parse_args(argv)
-    result = run(quick=a.quick)
-    print(report(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return standalone(argv, "python -m perf.peers.pipe", "Raw pipe round trip of two Python processes.",
+                      "2,000 round trips instead of 20,000", run, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ A benchmark that is missing or raises is skipped with a one-line reason
 (kept in its result as ``skipped``, with the traceback under ``error``) so
 that one broken benchmark cannot cost the numbers of the others.  This
 module also holds what running one benchmark needs (:func:`load_bench`,
-:func:`stamp`, :func:`write_json`, used by ``python -m perf <bench>``) and
+:func:`stamp`, used by ``python -m perf <bench>``) and
 the live :class:`Progress` line; the headline figures are
 :mod:`perf.report.headlines`' and the plots :mod:`perf.report.plots`'.
 """
@@ -23,14 +23,13 @@ import datetime
 import importlib
 import io
 import json
-import os
 import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable, Iterable
 
-from ..common import machine_info, one_line
+from ..common import machine_info, one_line, write_json
 from .headlines import dig, headline_table, headlines, markdown
 
 #: benchmarks of ``python -m perf all``, in running order (ksm and pipe are
@@ -205,27 +204,6 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
 # ---------------------------------------------------------------------------
 # JSON and command line
 
-def _json_default(o: Any):
-    try:
-        import numpy as np
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
-def write_json(doc: dict, path: str) -> None:
-    """Write atomically: an interrupted write never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
