@@ -183,8 +183,8 @@ def test_a_repeated_request_frame_is_checked_once_and_the_memo_stays_bounded(tmp
     # The kill controller sends one destroy frame thousands of times.
     from hvcore import errors
     from hvcore.process.control import KNOWN_FRAMES as _KNOWN_FRAMES
-    from hvcore.process.loop import HypervisorProcess as Server
-    srv = Server(str(tmp_path / "hv.sock"))
+    from hvcore.process.loop import HypervisorProcess
+    srv = HypervisorProcess(str(tmp_path / "hv.sock"))
     empty = memoryview(b"")
     body = b'{"op":"destroy","domid":3,"brief":true}'
     first = srv._check({"op": "destroy", "domid": 3, "brief": True}, empty, body)
@@ -204,8 +204,8 @@ def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_i
     # second; the hypervisor holds control requests first, between steps,
     # not in one, and goes on serving guests; only guest work past the
     # slack idles the whole loop.
-    from hvcore.process.loop import PACE_GUEST_SLACK, PACE_WINDOW, HypervisorProcess as Server
-    srv = Server(str(tmp_path / "hv.sock"))
+    from hvcore.process.loop import PACE_GUEST_SLACK, PACE_WINDOW, HypervisorProcess
+    srv = HypervisorProcess(str(tmp_path / "hv.sock"))
     srv._pace_duty = 0.5
     cpu = [0.0]
     srv._cpu = lambda: cpu[0]                     # the loop's CPU time, simulated
