@@ -20,8 +20,8 @@ DOMID_COW = 0x7FF3
 #: owner recorded for a frame in the free list
 OWNER_FREE = -1
 
-#: the reverse-map policies (``docs/semantics.md``, "Reverse map")
-RMAP_POLICIES = ("buckets", "list", "index")
+#: the reverse-map policies, oldest first (``docs/semantics.md``, "Reverse map")
+RMAP_POLICIES = ("list", "buckets", "index")
 DEFAULT_RMAP = "buckets"
 
 #: what a domain's guest process does once it runs, and what its memory

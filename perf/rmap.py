@@ -41,12 +41,13 @@ import tracemalloc
 
 import numpy as np
 
+from hvcore.constants import RMAP_POLICIES
 from hvcore.rmap import make_rmap
 from hvcore.rmap.arena import NodeArena
 
 from .common import table
 
-POLICIES = ("list", "buckets", "index")
+POLICIES = RMAP_POLICIES
 NDOM = 4                     # domains the entries come from
 NFRAMES = 4                  # the rmap under test is frame 0
 

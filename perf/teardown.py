@@ -61,10 +61,12 @@ import time
 
 import numpy as np
 
+from hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
+
 from .common import table
 
-POLICIES = ("list", "buckets", "index")
-MODES = ("preemptible", "monolithic")
+POLICIES = RMAP_POLICIES
+MODES = TEARDOWN_MODES
 #: share_many pairs per request
 BATCH = 50_000
 #: the writer: pages shared with its twin, faults per second, writes per request

@@ -17,6 +17,9 @@ import sys
 import threading
 import time
 
+from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, DEFAULT_WORKLOAD,
+                              RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES, WORKLOADS)
+
 from . import api
 
 EPILOG = """\
@@ -118,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=_count("frames"), default=api.DEFAULT_FRAMES,
                    help=f"machine frames of 4 KiB in the pool (default {api.DEFAULT_FRAMES}, "
                         f"{api.DEFAULT_FRAMES * 4 >> 10} MiB)")
-    s.add_argument("--rmap", choices=("buckets", "list", "index"), default="buckets",
+    s.add_argument("--rmap", choices=RMAP_POLICIES, default=DEFAULT_RMAP,
                    help="reverse-map policy: buckets (Xen 4.2's list<->hash, default), list (before "
                         "it), index (O(1))")
-    s.add_argument("--teardown", choices=api.TEARDOWN_MODES, default="preemptible",
+    s.add_argument("--teardown", choices=TEARDOWN_MODES, default=DEFAULT_TEARDOWN,
                    help="domain teardown: preemptible (default, Xen 4.2) or monolithic (before it)")
-    s.add_argument("--sched", choices=api.SCHED_MODES, default="fifo",
+    s.add_argument("--sched", choices=SCHED_MODES, default=DEFAULT_SCHED,
                    help="fifo (default): real-time priority, so guests never preempt a hypervisor "
                         "step, as in Xen (falls back to normal where not permitted); normal: an "
                         "ordinary process")
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
             "zero and some private pages: VMs booted from one image), writer (a clone whose\n"
             "guest writes --rate random pages per second, --batch pages per message).")
     c.add_argument("--pages", type=_count("pages"), required=True, help="pages of 4 KiB")
-    c.add_argument("--workload", default="zero", choices=("zero", "clone", "writer"),
+    c.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=WORKLOADS,
                    help="what the memory holds and what the guest does (default zero)")
     c.add_argument("--seed", type=_count("seed", 0), default=0,
                    help="selects the common image of clone and writer (default 0)")

@@ -19,6 +19,8 @@ import os
 import re
 from typing import Any, Callable
 
+from hvcore.constants import TEARDOWN_MODES
+
 from .headlines import (SEED_BUCKETS_SECONDS, SEED_LIST_SECONDS, benches_of, cases, dig, find_dicts,
                         merge_rates, num)
 
@@ -232,7 +234,7 @@ def plot_teardown_steps(result: dict, path: str) -> str:
     with_steps = [c for c in rows if _steps(c)[0]]
     if with_steps:
         picked = []
-        for mode in ("preemptible", "monolithic"):
+        for mode in TEARDOWN_MODES:
             mine = [c for c in with_steps if c.get("mode") == mode]
             if mine:
                 prefer = [c for c in mine if c.get("rmap") == "buckets"] or mine
