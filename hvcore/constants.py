@@ -20,6 +20,9 @@ DOMID_COW = 0x7FF3
 #: owner recorded for a frame in the free list
 OWNER_FREE = -1
 
+#: longest domain name, in characters (a name is also printable and unique)
+MAX_NAME_LENGTH = 64
+
 #: the reverse-map policies, oldest first (``docs/semantics.md``, "Reverse map")
 RMAP_POLICIES = ("list", "buckets", "index")
 DEFAULT_RMAP = "buckets"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .constants import DOMID_FIRST_RESERVED, PAGE_SIZE
-from .errors import EINVAL, ENOMEM, ESRCH, HVError
+from .constants import DOMID_FIRST_RESERVED, MAX_NAME_LENGTH, PAGE_SIZE
+from .errors import EEXIST, EINVAL, ENOMEM, ESRCH, HVError
 from .p2m import INVALID_MFN, RAM_RW, P2M
 
 
@@ -77,6 +77,8 @@ class DomainTable:
         """
         if pages <= 0:
             raise HVError(EINVAL, "a domain needs at least one page")
+        if name is not None:
+            self._check_name(name)
         if holes is None and pages > self.pool.nfree:
             # before any array is sized by an untrusted page count
             raise HVError(ENOMEM, f"{pages} frames asked, {self.pool.nfree} free")
@@ -107,11 +109,33 @@ class DomainTable:
         self._next_domid += 1
         p2m.mfn[gfns] = mfns
         p2m.type[gfns] = RAM_RW
-        d = Domain(domid, name or f"dom{domid}", pages, p2m,
+        d = Domain(domid, name or self._default_name(domid), pages, p2m,
                    state="paused" if paused else "running", tot_pages=len(gfns))
         self.domains[domid] = d
         self.rmap.domain_created(domid, pages)
         return d
+
+    def _check_name(self, name) -> None:
+        """A domain name, as ``xl`` wants it: text of 1 to MAX_NAME_LENGTH
+        printable characters, used by no other domain. A name is printed
+        by every listing, so a control character could draw fake rows."""
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
+            raise HVError(EINVAL, f"a domain name has 1 to {MAX_NAME_LENGTH} characters")
+        if not name.isprintable() or name != name.strip():
+            raise HVError(EINVAL, f"domain name {ascii(name)} has characters that cannot be "
+                                  f"printed, or spaces at an end")
+        for d in self.domains.values():
+            if d.name == name:
+                raise HVError(EEXIST, f"domain {d.domid} is already called {name}")
+
+    def _default_name(self, domid: int) -> str:
+        """``dom<domid>``, or, if a user took that name, the first free
+        ``dom<domid>-<n>``."""
+        taken = {d.name for d in self.domains.values()}
+        name, n = f"dom{domid}", 1
+        while name in taken:
+            name, n = f"dom{domid}-{n}", n + 1
+        return name
 
     def _fill(self, mfns: np.ndarray, content) -> None:
         """Fill frames ``mfns`` (one per gfn, -1 for holes) from ``content``."""

@@ -17,12 +17,13 @@ E2BIG = errno.E2BIG            # page has extra references
 EBUSY = errno.EBUSY            # domain is dying
 ENOMEM = errno.ENOMEM          # no free frame
 ESRCH = errno.ESRCH            # no such domain
+EEXIST = errno.EEXIST          # a domain of that name exists
 S_HANDLE_INVALID = -10         # XENMEM_SHARING_OP_S_HANDLE_INVALID
 C_HANDLE_INVALID = -9          # XENMEM_SHARING_OP_C_HANDLE_INVALID
 
 NAMES = {
     EINVAL: "EINVAL", E2BIG: "E2BIG", EBUSY: "EBUSY", ENOMEM: "ENOMEM",
-    ESRCH: "ESRCH",
+    ESRCH: "ESRCH", EEXIST: "EEXIST",
     S_HANDLE_INVALID: "S_HANDLE_INVALID", C_HANDLE_INVALID: "C_HANDLE_INVALID",
 }
 

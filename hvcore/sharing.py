@@ -287,23 +287,28 @@ class Sharing:
 
         Xen's loop, per gfn: nominate in the source, then (if that worked)
         in the client, then share; pages that cannot be nominated are
-        skipped. Returns the number of gfns that ended up sharing a frame.
+        skipped. As in Xen, a range past the end of either domain, or one
+        domain as both source and client, is EINVAL with nothing done. Returns the number of gfns that ended up sharing a frame.
         When every page of the range is still private in both domains (the
         usual first pass over two clones) the pairs are independent and the
         whole range is done with numpy, handles numbered as the loop would.
         """
         source, client = self.domain(sd), self.domain(cd)
+        if sd == cd:
+            raise HVError(EINVAL, f"range_share needs two domains, not domain {sd} twice")
         if first_gfn < 0 or first_gfn > last_gfn:
             raise HVError(EINVAL, "empty or negative gfn range")
-        last = min(last_gfn, source.npages - 1, client.npages - 1)
-        gfns = np.arange(first_gfn, last + 1, dtype=np.int64)
-        if len(gfns) == 0:
-            return 0
+        end = min(source.npages, client.npages)
+        if last_gfn >= end:
+            small = source if source.npages <= client.npages else client
+            raise HVError(EINVAL, f"gfn {last_gfn} is past the end of domain {small.domid} "
+                                  f"({small.npages} pages)")
+        gfns = np.arange(first_gfn, last_gfn + 1, dtype=np.int64)
         s_codes, s_fresh = self._classify(source, gfns)
         c_codes, c_fresh = self._classify(client, gfns)
         s_ok = s_codes == 0
         c_ok = c_codes == 0
-        if sd == cd or (s_ok & ~s_fresh).any() or (s_ok & c_ok & ~c_fresh).any():
+        if (s_ok & ~s_fresh).any() or (s_ok & c_ok & ~c_fresh).any():
             return self._range_share_loop(sd, cd, gfns)
         c_fresh &= s_ok
         # handles in the loop's order: source then client, gfn by gfn

@@ -26,6 +26,7 @@ import numpy as np
 from hvcore.constants import PAGE_SIZE
 from hvcore.errors import ProtocolError
 from hvcore.wire import control
+from hvcore.wire.schema import MAX_READ_PAGES
 
 from .errors import GuestGone, HVCtlError, NoHypervisor, check_answer, timed_out
 
@@ -273,9 +274,16 @@ class GuestClient(Requester):
         return self.request("read", gfn=gfn)[1]
 
     def read_pages(self, gfns) -> np.ndarray:
+        """Pages as the guest reads them from its mapping, ``(k, 4096)``.
+        A read larger than one answer can carry is asked for in pieces;
+        each piece is one consistent snapshot."""
         gfns = np.ascontiguousarray(gfns, dtype="<i8")
-        data = self.request("read_pages", gfns.tobytes(), count=len(gfns))[1]
-        return np.frombuffer(data, dtype=np.uint8).reshape(len(gfns), PAGE_SIZE)
+        out = np.empty((len(gfns), PAGE_SIZE), dtype=np.uint8)
+        for lo in range(0, len(gfns), MAX_READ_PAGES):
+            part = gfns[lo:lo + MAX_READ_PAGES]
+            data = self.request("read_pages", part.tobytes(), count=len(part))[1]
+            out[lo:lo + len(part)] = np.frombuffer(data, dtype=np.uint8).reshape(len(part), PAGE_SIZE)
+        return out
 
     def checksum(self, first: int, count: int) -> np.ndarray:
         """A 64-bit checksum of each of pages first..first+count-1."""

@@ -10,6 +10,10 @@ import errno
 
 from ..constants import DOMID_MAX, MAX_BATCH_PAGES, PAGE_SIZE
 from ..errors import ProtocolError
+from .control import MAX_PAYLOAD
+
+#: most pages one read_pages answer carries: it must fit in a control frame
+MAX_READ_PAGES = MAX_PAYLOAD // PAGE_SIZE - 1
 
 class _Arg:
     __slots__ = ("kind", "default", "lo", "hi", "choices")
@@ -89,7 +93,7 @@ GUEST_OPS: dict[str, dict[str, _Arg]] = {
     "write": {"gfn": GFN, "offset": Int(0, PAGE_SIZE - 1, 0)},         # payload: the bytes
     "write_pages": {"count": Int(1, MAX_BATCH_PAGES)},                 # payload: gfns, pages
     "read": {"gfn": GFN},
-    "read_pages": {"count": Int(1, 1 << 20)},                          # payload: gfns
+    "read_pages": {"count": Int(1, MAX_READ_PAGES)},                   # payload: gfns
     "checksum": {"first": GFN, "count": Int(1, 1 << 24)},
     "verify": {"first": GFN, "count": Int(1, 1 << 24), "rounds": Int(1, 1 << 30, 1),
                "seconds": Num(0.0, 3600.0, 0.0)},

@@ -243,3 +243,21 @@ def test_pause_unpause_rings_the_guest_without_harm(hvs):
         hvs.unpause(w)
         assert _wait(lambda: g.stats()["writes"] > n)
     assert hvs.domain(w)["state"] == "running" and psutil.pid_exists(pid)
+
+
+def test_a_read_larger_than_one_answer_comes_in_pieces_and_a_raw_one_is_refused():
+    pages = 20_000                      # 78 MiB: more than one control frame carries
+    with api.hvshare_session(frames=pages + 64) as hv:
+        d = hv.create(pages, "clone", seed=5)
+        with hv.guest(d) as g:
+            got = g.read_pages(np.arange(pages))
+            sums = g.checksum(0, pages)
+            for gfn in (0, 1, 16_383, 16_384, pages - 1):
+                assert got[gfn].tobytes() == g.read(gfn)
+            assert len(got) == pages and len(sums) == pages
+            gfns = np.arange(pages, dtype="<i8")
+            with pytest.raises(api.HVCtlError) as e:
+                g.request("read_pages", gfns.tobytes(), count=pages)
+            assert "count" in str(e.value)
+            assert g.read(3) == got[3].tobytes()          # the guest is still there
+        assert hv.audit() == 0

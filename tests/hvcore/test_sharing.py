@@ -144,7 +144,7 @@ def test_range_share_skips_what_cannot_be_nominated(hv):
     a = hv.create_domain(8, content=pages(*range(8)), holes=[2])
     b = hv.create_domain(6, content=pages(*range(6)), holes=[4])
     hv.map_foreign(b.domid, 5)
-    n = hv.range_share(a.domid, b.domid, 0, 100)
+    n = hv.range_share(a.domid, b.domid, 0, 5)
     assert n == 3          # gfns 0, 1, 3; 2 is a hole in a, 4 a hole in b, 5 busy in b
     assert b.p2m.type[5] == RAM_RW and a.p2m.type[5] == RAM_SHARED
     assert [int(a.p2m.mfn[g]) == int(b.p2m.mfn[g]) for g in (0, 1, 3)] == [True] * 3
@@ -152,6 +152,23 @@ def test_range_share_skips_what_cannot_be_nominated(hv):
     with pytest.raises(HVError) as e:
         hv.range_share(a.domid, b.domid, 3, 2)
     assert code(e) == EINVAL
+
+
+@pytest.mark.parametrize("first, last", [(0, 6), (6, 6), (0, 100)])
+def test_range_share_past_the_end_of_either_domain_is_einval_and_does_nothing(hv, first, last):
+    a = hv.create_domain(8, content=pages(*range(8)))
+    b = hv.create_domain(6, content=pages(*range(6)))
+    with pytest.raises(HVError) as e:
+        hv.range_share(a.domid, b.domid, first, last)
+    assert code(e) == EINVAL and "past the end of domain" in str(e.value)
+    assert hv.nr_shared_mfns == 0 and (a.p2m.type[:] == RAM_RW).all() and (b.p2m.type[:] == RAM_RW).all()
+
+
+def test_range_share_of_a_domain_with_itself_is_einval(hv):
+    a = hv.create_domain(4, content=pages(1, 1, 1, 1))
+    with pytest.raises(HVError) as e:
+        hv.range_share(a.domid, a.domid, 0, 3)
+    assert code(e) == EINVAL and hv.nr_shared_mfns == 0
 
 
 def test_range_share_handles_follow_xens_loop_order(hv):

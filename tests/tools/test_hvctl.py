@@ -177,3 +177,31 @@ def test_demo_json():
     assert r["audit_errors"] == 0 and r["nr_saved_mfns"] > 0 and r["cow_faults"] > 0
     assert r["leftovers"] == {"processes": 0, "segments": 0}
     assert time.monotonic() - t0 < 60
+
+
+def test_a_domain_name_that_cannot_be_printed_is_refused_and_nothing_is_made(hvctl):
+    assert hvctl("start", "--frames", "256").returncode == 0
+    p = hvctl("create", "--pages", "8", "--name", "web\n2    fake   running")
+    assert p.returncode == 1, p
+    assert "\n2" not in _one_sentence(p, "name")        # printed escaped, never raw
+    with api.HypervisorClient(hvctl.socket) as c:
+        for bad in ("esc\x1b[2Jape", "nul\x00", "\udcff", "x" * 65, " lead", "tail ", ""):
+            with pytest.raises(api.HVCtlError) as e:
+                c.create(8, name=bad)
+            assert e.value.code_name == "EINVAL" and "name" in str(e.value), bad
+            assert "\x1b" not in str(e.value) and "\x00" not in str(e.value)
+        assert c.list() == [] and c.info()["frames_free"] == 256
+
+
+def test_domain_names_are_unique(hvctl):
+    assert hvctl("start", "--frames", "256").returncode == 0
+    assert hvctl("create", "--pages", "8", "--name", "web").returncode == 0
+    p = hvctl("create", "--pages", "8", "--name", "web")
+    assert p.returncode == 1
+    _one_sentence(p, "already called web")
+    # a user's name never clashes with a default one
+    assert hvctl("create", "--pages", "8", "--name", "dom3").returncode == 0
+    assert hvctl("create", "--pages", "8").returncode == 0
+    listed = json.loads(hvctl("list", "--json").stdout)
+    names = [d["name"] for d in (listed["domains"] if isinstance(listed, dict) else listed)]
+    assert len(names) == len(set(names)) == 3 and names[:2] == ["web", "dom3"]
