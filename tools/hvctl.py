@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("start", "start a hypervisor in the background",
             "Start a hypervisor and return once it serves (it detaches unless --foreground).\n"
             "A second start on a live socket fails; a start that finds a dead hypervisor's\n"
-            "leftovers (socket, state directory, shared-memory segments) removes them.")
+            "leftovers (socket, state directory, shared-memory segments) removes them.\n"
+            "The socket's directory must be yours (or root's) and not writable by others\n"
+            "unless sticky, as /tmp is; missing directories are made 0700. Set\n"
+            "HVSHARE_INSECURE_SOCKET_DIR=1 to accept another. A detached hypervisor logs\n"
+            "to NAME.d/hypervisor.log next to its socket NAME.sock.")
     s.add_argument("--frames", type=_count("frames"), default=api.DEFAULT_FRAMES,
                    help=f"machine frames of 4 KiB in the pool (default {api.DEFAULT_FRAMES}, "
                         f"{api.DEFAULT_FRAMES * 4 >> 10} MiB)")

@@ -27,7 +27,8 @@ from typing import Iterator
 
 from hvcore import shm
 from hvcore.constants import DEFAULT_FRAMES
-from hvcore.process.statedir import child_env, cleanup_leftovers, not_a_socket, state_dir_for
+from hvcore.process.statedir import (child_env, cleanup_leftovers, make_private_dirs, not_a_socket,
+                                     socket_path_problem, state_dir_for)
 
 from .client import HypervisorClient, default_socket_path
 from .errors import HVCtlError, NoHypervisor
@@ -60,15 +61,14 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
     when it cannot start, with the hypervisor's reason.
     """
     socket_path = os.path.abspath(socket_path or default_socket_path())
-    refused = not_a_socket(socket_path)
+    refused = socket_path_problem(socket_path)
     if refused:
         raise HVCtlError(refused)
     pid = running_pid(socket_path)
     if pid is not None:
         raise HVCtlError(f"a hypervisor (pid {pid}) is already running on {socket_path}", 16, "EBUSY")
     state = state_dir_for(socket_path)
-    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
-    os.makedirs(state, mode=0o700, exist_ok=True)
+    make_private_dirs(state)
     log_path = os.path.join(state, "hypervisor.log")
     ready_r, ready_w = os.pipe()
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:

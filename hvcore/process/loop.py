@@ -56,9 +56,9 @@ import time
 
 from ..wire import schema
 from .. import errors, shm
-from ..constants import DEFAULT_FRAMES, DOMID_MAX, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES
+from ..constants import DEFAULT_FRAMES, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES
 from ..budget import ChunkCost
-from .statedir import SOCKET_PATH_MAX, cleanup_leftovers, guest_socket_path, not_a_socket, state_dir_for
+from .statedir import cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .control import ControlOps
 from .endpoints import ControlConnection, Endpoint, GuestEndpoint
 from .guests import GUEST_START_TIMEOUT, GuestLifecycle
@@ -160,15 +160,11 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
             # tmpfs would accept the size and fail later, with SIGBUS on a write
             raise StartError(f"a pool of {self.frames} frames needs {self.frames * 4096 / 2**30:.1f} GiB "
                              f"but {shm.SHM_DIR} has {free / 2**30:.1f} GiB free")
-        refused = not_a_socket(self.socket_path)
+        refused = socket_path_problem(self.socket_path)
         if refused:
             raise StartError(refused)
-        if len(guest_socket_path(self.state_dir, DOMID_MAX).encode()) > SOCKET_PATH_MAX:
-            raise StartError(f"socket path {self.socket_path} is too long for a Unix socket "
-                             f"(keep it under about {SOCKET_PATH_MAX - 20} characters)")
         try:
-            os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            make_private_dirs(self.state_dir)
             os.chmod(self.state_dir, 0o700)
             self._lock_fd = os.open(os.path.join(self.state_dir, "hypervisor.pid"),
                                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

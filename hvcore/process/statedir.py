@@ -17,9 +17,12 @@ import stat
 from pathlib import Path
 
 from .. import shm
+from ..constants import DOMID_MAX
 
 #: the longest path a Unix socket can bind (sun_path, less the NUL)
 SOCKET_PATH_MAX = 107
+#: set to 1 to accept a socket directory others could write to (not advised)
+INSECURE_DIR_ENV = "HVSHARE_INSECURE_SOCKET_DIR"
 #: the directory that holds the hvshare packages
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -57,6 +60,55 @@ def not_a_socket(path: str) -> str | None:
     kind = "a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else \
         "a regular file" if stat.S_ISREG(mode) else "not a socket"
     return f"{path} is {kind}, not a hypervisor's socket: choose another --socket (nothing was removed)"
+
+
+def socket_path_problem(socket_path: str) -> str | None:
+    """A sentence if the hypervisor must not serve ``socket_path``, else None.
+
+    Checked before anything is made, so a refused path leaves nothing
+    behind: something that is not a socket is there; the path is too long
+    for its guests' sockets; or its directory could let another user
+    replace the socket (owned by another user, or writable by others
+    without the sticky bit, as ssh's StrictModes refuses), unless
+    ``$HVSHARE_INSECURE_SOCKET_DIR`` is 1."""
+    refused = not_a_socket(socket_path)
+    if refused:
+        return refused
+    if len(guest_socket_path(state_dir_for(socket_path), DOMID_MAX).encode()) > SOCKET_PATH_MAX:
+        return (f"socket path {socket_path} is too long for a Unix socket "
+                f"(keep it under about {SOCKET_PATH_MAX - 20} characters)")
+    parent = os.path.dirname(socket_path) or "."
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        return None                     # made private (0700) by make_private_dirs
+    except OSError as e:
+        return f"{parent} cannot be checked: {e.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{parent} is not a directory: choose another --socket"
+    if os.environ.get(INSECURE_DIR_ENV) == "1":
+        return None
+    if st.st_uid not in (os.getuid(), 0):
+        return (f"{parent} belongs to another user (uid {st.st_uid}), who could replace the socket: "
+                f"choose a directory of yours (or set {INSECURE_DIR_ENV}=1)")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return (f"{parent} is writable by other users and not sticky, so they could replace the "
+                f"socket: choose a private directory (or set {INSECURE_DIR_ENV}=1)")
+    return None
+
+
+def make_private_dirs(path: str) -> None:
+    """Make ``path`` and each missing parent with mode 0700."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
 
 
 def cleanup_leftovers(socket_path: str) -> dict:

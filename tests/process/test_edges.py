@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
+
+import pytest
 
 from hvcore.wire import control
 
@@ -65,3 +68,62 @@ def test_a_socket_path_naming_a_users_file_is_refused_and_the_file_kept(tmp_path
         else:
             assert (path / "inside").read_text() == "kept\n"
         assert not os.path.exists(str(path) + ".d"), "a start that was refused must leave no state directory"
+
+
+def _refused(p, *words):
+    assert p.returncode != 0, p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_a_socket_directory_others_could_write_to_is_refused_unless_insisted(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)                       # world-writable, not sticky
+    sock = str(shared / "hv.sock")
+    _refused(_hvctl("start", "--frames", "64", "--socket", sock), "writable by other users")
+    assert os.listdir(shared) == []
+    os.chmod(shared, 0o1777)                      # sticky, as /tmp: nobody can replace our socket
+    try:
+        assert _hvctl("start", "--frames", "64", "--socket", sock).returncode == 0
+    finally:
+        assert _hvctl("stop", "--socket", sock).returncode == 0
+    os.chmod(shared, 0o777)
+    env = dict(os.environ, HVSHARE_INSECURE_SOCKET_DIR="1")
+    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "start", "--frames", "64", "--socket", sock],
+                       capture_output=True, text=True, timeout=60, env=env)
+    try:
+        assert p.returncode == 0, p.stderr
+    finally:
+        subprocess.run([sys.executable, "-m", "tools.hvctl", "stop", "--socket", sock], env=env,
+                       capture_output=True, timeout=60)
+
+
+def test_a_socket_directory_of_another_user_is_refused(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    _refused(_hvctl("start", "--frames", "64", "--socket", str(theirs / "hv.sock")),
+             "belongs to another user", "uid 65534")
+    assert os.listdir(theirs) == []
+
+
+def test_a_socket_path_too_long_is_refused_and_leaves_no_directory(tmp_path):
+    top = tmp_path / "new"
+    sock = str(top / ("x" * 40) / ("y" * 40) / "hv.sock")
+    _refused(_hvctl("start", "--frames", "64", "--socket", sock), "too long")
+    assert not top.exists()
+
+
+def test_missing_socket_directories_are_made_private(tmp_path):
+    sock = tmp_path / "a" / "b" / "hv.sock"
+    try:
+        assert _hvctl("start", "--frames", "64", "--socket", str(sock)).returncode == 0
+        for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "hv.d"):
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+    finally:
+        _hvctl("stop", "--socket", str(sock))
