@@ -69,11 +69,14 @@ class GuestLifecycle:
             return
         reader = g.reader
         if reader.partial:
+            t0 = time.perf_counter()
             try:
                 msgs, eof = reader.pump(limit=32)
             except errors.ProtocolError as e:
                 self._crash(g, f"protocol violation: {e}")
                 return
+            finally:
+                self.meter.record(time.perf_counter() - t0, "read", "read")
         else:
             # One read; what a waiting guest sends is one message, usually
             # a small G_WRITE, served here without the reader's machinery.

@@ -371,8 +371,13 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
         c.sock.close()
 
     def _client_readable(self, c: ControlConnection) -> None:
+        t0 = time.perf_counter()
         try:
-            msgs, eof = c.reader.pump(limit=16)
+            try:
+                msgs, eof = c.reader.pump(limit=16)
+            finally:
+                # reading is work too: a step of its own
+                self.meter.record(time.perf_counter() - t0, "read", "read")
         except errors.ProtocolError as e:
             c.reply(schema.error(f"bad control frame: {e}"))
             self._drop_client(c)

@@ -6,7 +6,8 @@ length: guest pipes (:mod:`.pipe`) and control sockets (:mod:`.control`).
 the hypervisor's event loop, and from a blocking one for the clients. It
 validates the header before it buffers any body byte, parses small messages
 out of one read buffer, and reads a large body straight into a buffer of
-its own (no quadratic concatenation).
+its own, grown with the bytes that arrive (no quadratic concatenation, and
+no allocation a header alone can make large).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class MessageReader:
         self._body_len = body_len
         self._check = check
         self._buf = bytearray()
-        self._big = None            # (fields, body, filled)
+        self._big = None            # (fields, body, filled, size)
         self._scratch = memoryview(bytearray(READ_CHUNK))
 
     @classmethod
@@ -78,17 +79,22 @@ class MessageReader:
         while len(msgs) < limit:
             try:
                 if self._big is not None:
-                    fields, body, filled = self._big
-                    n = self._readinto(memoryview(body)[filled:])
+                    fields, body, filled, size = self._big
+                    if filled == len(body):
+                        # grow with the bytes that arrive, not with what the
+                        # header claims: at most twice what was sent
+                        body += bytes(min(len(body), size - len(body)))
+                    with memoryview(body) as whole, whole[filled:] as room:
+                        n = self._readinto(room)
                     if n == 0:
                         eof = True
                         break
                     filled += n
-                    if filled == len(body):
+                    if filled == size:
                         self._big = None
                         msgs.append((fields, body))
                     else:
-                        self._big = (fields, body, filled)
+                        self._big = (fields, body, filled, size)
                     continue
                 # A reused scratch buffer: no allocation per read.
                 n = self._readinto(self._scratch)
@@ -118,10 +124,10 @@ class MessageReader:
                 off += hsz + n
                 continue
             if n >= BIG_BODY:
-                body = bytearray(n)
-                have = len(buf) - off - hsz
-                body[:have] = buf[off + hsz:]
-                self._big = (fields, body, have)
+                body = bytearray(buf[off + hsz:])
+                have = len(body)
+                body += bytes(max(BIG_BODY, have) - have)
+                self._big = (fields, body, have, n)
                 off = len(buf)
             break
         del buf[:off]

@@ -127,3 +127,28 @@ def test_missing_socket_directories_are_made_private(tmp_path):
             assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
     finally:
         _hvctl("stop", "--socket", str(sock))
+
+
+def test_headers_that_claim_large_payloads_cost_only_the_bytes_that_arrive(hvs):
+    import psutil
+    hv = psutil.Process(hvs.pid)
+    before = hv.memory_info().rss
+    conns = []
+    try:
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(hvs.socket_path)
+            # a frame of a 2-byte JSON part and a 64 MiB payload: header, JSON, 100 KiB
+            s.sendall(control.FRAME_HDR.pack(2, control.MAX_PAYLOAD) + b"{}" + bytes(100 << 10))
+            conns.append(s)
+        deadline = time.monotonic() + 10
+        while hvs.info()["pause_by_op"].get("read", {}).get("count", 0) < 20:
+            assert time.monotonic() < deadline, "the hypervisor did not read the frames"
+            time.sleep(0.01)
+        grown = hv.memory_info().rss - before
+        assert grown < 64 << 20, f"{grown >> 20} MiB for 2 MiB of frames that arrived"
+        assert hvs.ping() == hvs.pid
+    finally:
+        for s in conns:
+            s.close()
+    assert hvs.ping() == hvs.pid
