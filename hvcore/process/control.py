@@ -265,6 +265,8 @@ class ControlOps:
         g = self.guests.get(domid)
         if g is not None:
             g.notify(pipe.H_PAUSE if paused else pipe.H_UNPAUSE)
+        if not paused:
+            self._release_paused_writes(domid)
         return {"domid": domid, "state": d.state}
 
     def _op_nominate(self, c, payload, domid, gfn):

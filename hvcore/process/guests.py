@@ -20,7 +20,7 @@ import traceback
 
 from ..wire import pipe, schema
 from .. import constants, errors
-from ..errors import EBUSY, EINVAL, ENOMEM, HVError
+from ..errors import EINVAL, ENOMEM, HVError
 from .statedir import child_env, guest_socket_path
 from .endpoints import GuestEndpoint
 
@@ -152,7 +152,8 @@ class GuestLifecycle:
     def _guest_write(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
         """The one path of a guest's write message, answered on its pipe.
 
-        A domain with parked writes queues this one behind them, in order.
+        A domain with parked writes queues this one behind them, in order;
+        a paused domain's write waits until the domain is unpaused.
         A write that finds no free frame is parked (:mod:`.parking`): the
         vCPU pauses, the sharing ring says why, and the write is answered
         once frames are free again. ``body`` may be a view of the read
@@ -161,10 +162,11 @@ class GuestLifecycle:
         if g.domid in self.parked:
             self._park(g, mtype, seq, body)
             return
+        if self.hv.domains[g.domid].state == "paused":
+            self._hold_until_unpause(g, mtype, seq, body)
+            return
         status = value = 0
         try:
-            if self.hv.domains[g.domid].state == "paused":
-                raise HVError(EBUSY, f"domain {g.domid} is paused")
             value = self._apply_write(g, mtype, body)
         except HVError as e:
             if e.code == ENOMEM:
@@ -212,6 +214,7 @@ class GuestLifecycle:
         if g.closed:
             return
         g.closed = True
+        self.paused_writes.pop(g.domid, None)
         if g.domid in self.parked:
             self._cancel_parked(g.domid, g.exit or "the guest exited")
         self.sel.unregister(g.fd)

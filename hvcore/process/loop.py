@@ -43,6 +43,7 @@ signals, pacing under real-time scheduling, and start and stop.
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import json
 import os
@@ -125,6 +126,8 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
         #: the sharing event ring, and the CoW writes waiting for a frame
         self.ring = EventRing()
         self.parked: dict[int, Parked] = {}
+        #: writes of paused domains' guests, answered once unpaused
+        self.paused_writes: dict[int, collections.deque] = {}
         self._parked_free = 0          # fewest free frames seen since a retry failed
         self._parked_mark: tuple = ()  # (free, shared, saved) when the last retry failed
         self.enomem_waits = 0

@@ -214,9 +214,23 @@ class ParkedWrites:
             g.reply(w.seq, status, value)
         return True
 
+    def _hold_until_unpause(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+        """A write from a paused domain's guest: a paused vCPU does not run,
+        so the write waits, unanswered, until the domain is unpaused."""
+        self.paused_writes.setdefault(g.domid, collections.deque()).append((mtype, seq, bytes(body)))
+
+    def _release_paused_writes(self, domid: int) -> None:
+        """The domain runs again: its held writes go, in order, as if they
+        arrived now (one may still find no free frame and be parked)."""
+        held = self.paused_writes.pop(domid, None)
+        g = self.guests.get(domid)
+        while held and g is not None and not g.closed:
+            self._guest_write(g, *held.popleft())
+
     def _cancel_parked(self, domid: int, why: str) -> None:
         """The domain of parked writes is destroyed or crashed: its writes
         die with it (nobody waits for them any more)."""
+        self.paused_writes.pop(domid, None)
         p = self.parked.pop(domid, None)
         if p is not None:
             self.ring.post("cancelled", domid=domid, writes=len(p.writes), reason=why,
