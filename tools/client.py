@@ -25,6 +25,7 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE
 from hvcore.errors import ProtocolError
+from hvcore.process.statedir import crash_note
 from hvcore.wire import control
 from hvcore.wire.schema import MAX_READ_PAGES
 
@@ -62,7 +63,8 @@ class Channel:
             s.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
-            raise self.gone(f"no {self.what} is running on {self.path}") from None
+            note = crash_note(self.path) if self.gone is NoHypervisor else ""
+            raise self.gone(f"no {self.what} is running on {self.path}{note}") from None
         except OSError as e:
             s.close()
             raise self.gone(f"cannot reach the {self.what} on {self.path}: {e.strerror or e}") from None

@@ -20,6 +20,8 @@ import time
 from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, DEFAULT_WORKLOAD,
                               RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES, WORKLOADS)
 
+from hvcore.process.statedir import crash_note
+
 from . import api
 
 EPILOG = """\
@@ -254,6 +256,9 @@ def cmd_start(a) -> object:
         if serve(path, a.frames, a.rmap, a.teardown, announce=announce, sched=a.sched):
             raise api.HVCtlError(f"the hypervisor could not start on {path}")
         return None
+    crashed = crash_note(path)
+    if crashed and api.running_pid(path) is None:
+        print(f"hvctl start: note{crashed}", file=sys.stderr)
     proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched)
     out = {"pid": proc.pid, "socket": path, "frames": a.frames, "rmap": a.rmap,
            "teardown": a.teardown, "sched": a.sched, "leftovers_removed": proc.cleaned}

@@ -27,7 +27,7 @@ from typing import Iterator
 
 from hvcore import shm
 from hvcore.constants import DEFAULT_FRAMES
-from hvcore.process.statedir import (child_env, cleanup_leftovers, make_private_dirs, not_a_socket,
+from hvcore.process.statedir import (CRASH_NAME, LOG_NAME, child_env, cleanup_leftovers, make_private_dirs, not_a_socket,
                                      socket_path_problem, state_dir_for)
 
 from .client import HypervisorClient, default_socket_path
@@ -69,7 +69,7 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
         raise HVCtlError(f"a hypervisor (pid {pid}) is already running on {socket_path}", 16, "EBUSY")
     state = state_dir_for(socket_path)
     make_private_dirs(state)
-    log_path = os.path.join(state, "hypervisor.log")
+    log_path = os.path.join(state, LOG_NAME)
     ready_r, ready_w = os.pipe()
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         cmd = [sys.executable, "-m", "hvcore.process", "--socket", socket_path, "--frames", str(frames),
@@ -146,6 +146,18 @@ def _remove_unowned_state(socket_path: str) -> None:
             os.close(fd)
 
 
+def _remove_state(state: str) -> None:
+    """Remove a dead hypervisor's state directory, but keep the log and the
+    crash record of one that died of a bug (the next start reports it)."""
+    if not os.path.exists(os.path.join(state, CRASH_NAME)):
+        shutil.rmtree(state, ignore_errors=True)
+        return
+    for n in os.listdir(state):
+        if n not in (CRASH_NAME, LOG_NAME):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(state, n))
+
+
 def cleanup_dead(socket_path: str) -> dict | None:
     """Remove a dead hypervisor's leftovers at ``socket_path`` (None if a
     hypervisor is alive there)."""
@@ -166,7 +178,7 @@ def cleanup_dead(socket_path: str) -> dict | None:
                 return None             # starting up right now
             try:
                 removed = cleanup_leftovers(socket_path)
-                shutil.rmtree(state, ignore_errors=True)
+                _remove_state(state)
             finally:
                 os.close(fd)
             return removed

@@ -54,12 +54,13 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 from ..wire import schema
 from .. import errors, shm
 from ..constants import DEFAULT_FRAMES, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES
 from ..budget import ChunkCost
-from .statedir import cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
+from .statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .control import ControlOps
 from .endpoints import ControlConnection, Endpoint, GuestEndpoint
 from .guests import GUEST_START_TIMEOUT, GuestLifecycle
@@ -140,6 +141,8 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
         self._lsock: socket.socket | None = None
         self._lock_fd: int | None = None
         self._closed = False
+        #: why the loop died of a bug (kept with the log), else None
+        self.crash: str | None = None
         self._next_tick = 0.0
 
     # -- start and stop ------------------------------------------------
@@ -181,6 +184,10 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
             self._lock_fd = None
             raise StartError(f"a hypervisor (pid {other}) is already running on {self.socket_path}") from None
         cleaned = cleanup_leftovers(self.socket_path)
+        try:
+            os.unlink(os.path.join(self.state_dir, CRASH_NAME))   # reported by the start
+        except FileNotFoundError:
+            pass
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
@@ -240,6 +247,13 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
                     self._serve_backlog(c)
                 if self.running and time.monotonic() >= self._next_tick:
                     self._tick()
+        except Exception as e:
+            # A bug of the hypervisor: its domains are lost, but not the
+            # trace. The log and the reason stay in the state directory,
+            # where hvctl finds them.
+            traceback.print_exc()
+            self.crash = f"{type(e).__name__}: {e}"
+            raise
         finally:
             signal.set_wakeup_fd(old_wake)
             for s, h in handlers.items():
@@ -313,8 +327,15 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+        keep = ()
+        if self.crash is not None:
+            keep = (LOG_NAME, CRASH_NAME)
+            with open(os.path.join(self.state_dir, CRASH_NAME), "w") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {self.crash}\n")
         if os.path.isdir(self.state_dir):
             for n in os.listdir(self.state_dir):
+                if n in keep:
+                    continue
                 try:
                     os.unlink(os.path.join(self.state_dir, n))
                 except OSError:

@@ -21,6 +21,10 @@ from ..constants import DOMID_MAX
 
 #: the longest path a Unix socket can bind (sun_path, less the NUL)
 SOCKET_PATH_MAX = 107
+#: the detached hypervisor's stdout and stderr, in its state directory
+LOG_NAME = "hypervisor.log"
+#: one line, left with the log when a hypervisor dies of a bug: when and why
+CRASH_NAME = "crash"
 #: set to 1 to accept a socket directory others could write to (not advised)
 INSECURE_DIR_ENV = "HVSHARE_INSECURE_SOCKET_DIR"
 #: the directory that holds the hvshare packages
@@ -42,6 +46,18 @@ def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
     return env
+
+
+def crash_note(socket_path: str) -> str:
+    """If the last hypervisor on ``socket_path`` died of a bug: a clause
+    that says when, why, and where its log is; else ''."""
+    state = state_dir_for(socket_path)
+    try:
+        with open(os.path.join(state, CRASH_NAME)) as f:
+            line = f.readline().strip()
+    except OSError:
+        return ""
+    return f" (the last hypervisor here crashed: {line}; its log is {os.path.join(state, LOG_NAME)})"
 
 
 def not_a_socket(path: str) -> str | None:

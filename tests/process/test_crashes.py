@@ -197,3 +197,59 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
             hv.destroy(d)
         i = hv.info()
         assert i["frames_free"] == i["frames_total"] and hv.audit() == 0
+
+
+_FAULT = '''
+import importlib.abc, importlib.util, sys
+
+class _Inject(importlib.abc.MetaPathFinder):
+    """Make the hypervisor loop's housekeeping tick raise: a bug."""
+    def find_spec(self, name, path, target=None):
+        if name != "hvcore.process.loop":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            def tick(self):
+                raise RuntimeError("a fault injected into the tick")
+            module.HypervisorProcess._tick = tick
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Inject())
+'''
+
+
+def test_a_hypervisor_that_dies_of_a_bug_leaves_its_log_and_hvctl_says_why(tmp_path, monkeypatch):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FAULT)
+    sock = str(tmp_path / "hv.sock")
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    proc = api.start_hypervisor(sock, frames=256)
+    monkeypatch.delenv("PYTHONPATH")
+    try:
+        assert proc.wait(timeout=30) != 0                   # the first tick kills it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = tmp_path / "hv.d" / "hypervisor.log"
+    assert "RuntimeError: a fault injected into the tick" in log.read_text()
+    assert "Traceback" in log.read_text()
+    p = _hvctl(sock, "list")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    line = p.stderr.strip()
+    assert "no hypervisor is running" in line and "crashed" in line and str(log) in line, line
+    assert "RuntimeError: a fault injected into the tick" in line
+    _hvctl(sock, "stop")                                     # nothing to stop: it says so
+    assert log.exists()                                      # and keeps the trace
+    p = _hvctl(sock, "start", "--frames", "64")
+    try:
+        assert p.returncode == 0, p.stderr
+        assert "crashed" in p.stderr and "a fault injected" in p.stderr      # said once, at start
+        assert _hvctl(sock, "list").returncode == 0
+    finally:
+        assert _hvctl(sock, "stop").returncode == 0
+    assert not (tmp_path / "hv.d").exists()                  # a clean stop leaves nothing
