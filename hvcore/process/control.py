@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import time
 import traceback
 
@@ -18,7 +19,7 @@ import numpy as np
 from ..wire import control, pipe, schema
 from .. import errors, images
 from ..constants import WORKLOADS
-from ..errors import EINVAL, ENOMEM, ESRCH, HVError
+from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
 from .endpoints import ControlConnection
 from .steps import TEARDOWN_CHUNK_SECONDS
 
@@ -213,7 +214,16 @@ class ControlOps:
         if td is None:
             td = d.info["teardown"] = {
                 "started": time.monotonic(), "entries_total": d.shr_pages,
-                "steps": 0, "continuations": 0, "max_step_s": 0.0, "max_step_cpu_s": 0.0, "busy_s": 0.0}
+                "steps": 0, "continuations": 0, "max_step_s": 0.0, "max_step_cpu_s": 0.0, "busy_s": 0.0,
+                "owner": None}
+        # One controller drives a teardown and reports its entries. Another
+        # takes over only once the first has stopped asking: its connection
+        # is closed, or holds no further request.
+        owner = td["owner"]
+        if owner is not None and owner is not c and _still_asking(owner):
+            raise HVError(EBUSY, f"domain {domid} is being destroyed by another controller "
+                                 f"({td['steps']} steps so far); it finishes on its own")
+        td["owner"] = c
         if self.teardown == "monolithic":
             done = self.hv.relinquish(domid)
         else:
@@ -338,3 +348,13 @@ def sentence(e: HVError) -> str:
     if e.code == ESRCH and msg.startswith("no domain "):
         msg = "no domain with id " + msg[len("no domain "):]
     return msg or e.name
+
+
+def _still_asking(c: ControlConnection) -> bool:
+    """Whether a connection has requests waiting: parsed, deferred, or
+    still unread in its socket."""
+    if c.closed:
+        return False
+    if c.backlog or c.deferred_answer:
+        return True
+    return bool(select.select([c.sock], [], [], 0)[0])

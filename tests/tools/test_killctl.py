@@ -199,7 +199,7 @@ def test_dying_domain_refuses_nominate_and_shows_its_cursor():
         assert hv.audit() == 0
 
 
-def test_two_controllers_on_one_domain_both_succeed():
+def test_two_controllers_on_one_domain_exactly_one_reports_the_teardown():
     n = 20_000
     with api.hvshare_session(frames=n + 1024, rmap="buckets") as hv:
         d, other = heavy_domain(hv, n)
@@ -215,9 +215,11 @@ def test_two_controllers_on_one_domain_both_succeed():
             t.start()
         for t in threads:
             t.join(120)
-        assert not errors and len(results) == 2
-        assert sum(not r.get("finished_elsewhere") for r in results) >= 1
-        assert max(r["entries"] for r in results) == n
+        # one controller drives and reports every entry; the other is told
+        # that another controller runs it (or, if it came late, that it is done)
+        assert len(results) == 1 and results[0]["entries"] == n, (results, errors)
+        assert len(errors) == 1 and errors[0].code in (EBUSY, ESRCH), errors
+        assert ("another controller" in str(errors[0])) == (errors[0].code == EBUSY)
         assert d not in {x["domid"] for x in hv.list()} and hv.audit() == 0
         hv.destroy(other)
         assert _all_free(hv)
