@@ -38,8 +38,6 @@ from hvcore.errors import HVError
 from tools import api
 
 import transport
-from hvcore.wire import reader as wire_reader
-from tools.session import state_dir_for
 
 #: every operation but stop (a valid stop is not bad input)
 OPS = sorted(set(schema.CONTROL_OPS) - {"stop"})
