@@ -110,7 +110,9 @@ class GuestLifecycle:
             self._guest_step(g, mtype, seq, body)
             if g.closed:
                 return
-        if eof:
+        if reader.failed is not None:
+            self._crash(g, f"protocol violation: {reader.failed}")
+        elif eof:
             self._guest_eof(g)
 
     def _guest_step(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:

@@ -408,6 +408,11 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
             return
         c.backlog += msgs
         self._serve_backlog(c)
+        if c.reader.failed is not None:
+            # good requests before a bad frame were answered first
+            c.reply(schema.error(f"bad control frame: {c.reader.failed}"))
+            self._drop_client(c)
+            return
         if eof:
             # A pending create goes on; its answer has nobody to go to.
             self._drop_client(c)

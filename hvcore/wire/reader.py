@@ -17,6 +17,8 @@ import socket
 import struct
 from typing import Callable
 
+from ..errors import ProtocolError
+
 #: bytes one read takes at most
 READ_CHUNK = 1 << 18
 #: a body at least this long gets a buffer of its own
@@ -40,6 +42,8 @@ class MessageReader:
         self._check = check
         self._buf = bytearray()
         self._big = None            # (fields, body, filled, size)
+        #: the error after the last messages returned (raised by the next pump)
+        self.failed: ProtocolError | None = None
         self._scratch = memoryview(bytearray(READ_CHUNK))
 
     @classmethod
@@ -74,6 +78,8 @@ class MessageReader:
         Each message is ``(fields, body)``. Stops at ``limit`` messages so
         one busy peer cannot hold the loop; the rest stays in the descriptor.
         """
+        if self.failed is not None:
+            raise self.failed
         msgs: list = []
         eof = False
         while len(msgs) < limit:
@@ -107,7 +113,15 @@ class MessageReader:
                 eof = True
                 break
             self._buf += self._scratch[:n]
-            self._parse(msgs)
+            try:
+                self._parse(msgs)
+            except ProtocolError as e:
+                if not msgs:
+                    raise
+                # the messages before the bad header are good: they go
+                # first, and the error is what the next call raises
+                self.failed = e
+                return msgs, True
             if n < READ_CHUNK and self._big is None:
                 break           # drained: no need for a read that says EAGAIN
         return msgs, eof

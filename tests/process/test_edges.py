@@ -152,3 +152,22 @@ def test_headers_that_claim_large_payloads_cost_only_the_bytes_that_arrive(hvs):
         for s in conns:
             s.close()
     assert hvs.ping() == hvs.pid
+
+
+def test_requests_before_a_bad_frame_in_the_same_read_are_answered_first(hvs):
+    ping = b"".join(bytes(x) for x in control.frame({"op": "ping"}))
+    bad = control.FRAME_HDR.pack(control.MAX_JSON + 1, 0)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(hvs.socket_path)
+        s.sendall(ping + ping + bad)              # one write: most likely one read
+        frames = control.FrameReader(s)
+        answers = []
+        try:
+            while (got := frames.next()) is not None:
+                answers.append(got[0])
+        except (ConnectionError, OSError):
+            pass
+    assert [a.get("pid") for a in answers[:2]] == [hvs.pid, hvs.pid], answers
+    assert len(answers) == 3 and not answers[2]["ok"] and "bad control frame" in answers[2]["error"]
+    assert hvs.ping() == hvs.pid
