@@ -262,7 +262,8 @@ class NodeArena:
     def walk_chains(self, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What ``chain(heads[c])`` visits for every ``c``, vectorised:
         ``(chains, nodes)``, node ``nodes[i]`` in the walk of ``heads[chains[i]]``
-        (in node order, not walk order).
+        (in node order, not walk order); ``nodes`` None: every slot below
+        ``top``, node ``i`` in the walk of ``heads[chains[i]]``.
 
         The fast path checks that the live nodes form disjoint chains from
         exactly ``heads`` (every link of a live node ends the chain or names
@@ -300,12 +301,13 @@ class NodeArena:
             ok = (nlive - len(dst) == k and (not len(dst) or dst.max() < top)
                   and (live is None or live[dst].all()))
         if ok:
-            pred = np.full(top, -1, dtype=np.int64)
+            src = src.astype(np.int32)          # half the memory traffic
+            pred = np.full(top, -1, dtype=np.int32)
             pred[dst] = src
-            label = np.full(top, -1, dtype=np.int64)
-            label[heads] = np.arange(k)
+            label = np.full(top, -1, dtype=np.int32)
+            label[heads] = np.arange(k, dtype=np.int32)
             ok = ((pred[dst] == src).all() and (pred[heads] == -1).all()
-                  and (label[heads] == np.arange(k)).all())
+                  and (label[heads] == np.arange(k, dtype=np.int32)).all())
         if not ok:
             return self._walk_each(heads)
         act, p = dst, src               # every non-head node and an ancestor
@@ -318,12 +320,23 @@ class NodeArena:
             act, p = act[~done], p[~done]
             pred[act] = p
             p = pred[p]
+        if ln is None and not len(act):
+            return label, None          # every slot below top, in order
         nodes = (np.arange(top) if ln is None else ln)
         chains = label[nodes]
         if len(act):                    # cycles: in no walk
             keep = chains >= 0
             nodes, chains = nodes[keep], chains[keep]
         return chains, nodes
+
+    def keys(self, nodes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(domids, gfns)`` of ``nodes``, int64 (None: of every slot below
+        ``top``, as ``walk_chains`` may say: a copy, no gather)."""
+        dom = np.frombuffer(self.dom, dtype=np.uint16, count=self.top)
+        gfn = np.frombuffer(self.gfn, dtype=np.int32, count=self.top)
+        if nodes is not None:
+            dom, gfn = dom[nodes], gfn[nodes]
+        return dom.astype(np.int64), gfn.astype(np.int64)
 
     def _walk_each(self, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``walk_chains`` by walking each chain in Python (a damaged arena)."""

@@ -432,9 +432,7 @@ class BucketsRmap(Rmap):
             ch.append(bh[used])
         frames, heads = np.concatenate(cm), np.concatenate(ch)
         chains, nodes = self._arena.walk_chains(heads)
-        a = self._arena
-        return (frames[chains], np.frombuffer(a.dom, dtype=np.uint16)[nodes].astype(np.int64),
-                np.frombuffer(a.gfn, dtype=np.int32)[nodes].astype(np.int64))
+        return frames[chains], *self._arena.keys(nodes)
 
     def counts_of(self, mfns: np.ndarray) -> np.ndarray:
         return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)

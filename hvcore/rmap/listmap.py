@@ -85,9 +85,7 @@ class ListRmap(Rmap):
         """Every frame's chain at once (``NodeArena.walk_chains``)."""
         frames = np.flatnonzero(self._headv != -1)
         chains, nodes = self._arena.walk_chains(self._headv[frames])
-        a = self._arena
-        return (frames[chains], np.frombuffer(a.dom, dtype=np.uint16)[nodes].astype(np.int64),
-                np.frombuffer(a.gfn, dtype=np.int32)[nodes].astype(np.int64))
+        return frames[chains], *self._arena.keys(nodes)
 
     def counts_of(self, mfns: np.ndarray) -> np.ndarray:
         return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)
