@@ -339,7 +339,8 @@ def _us(us: int) -> str:
 
 def cmd_audit(a) -> object:
     r = _client(a).call("audit")
-    text = f"audit: {r['errors']} errors" + "".join(f"\n  {x}" for x in r.get("report", []))
+    took = f" in {r['seconds']:.3f} s" if "seconds" in r else ""
+    text = f"audit: {r['errors']} errors{took}" + "".join(f"\n  {x}" for x in r.get("report", []))
     return r, text, (1 if r["errors"] else 0)
 
 

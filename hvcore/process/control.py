@@ -146,8 +146,10 @@ class ControlOps:
         return out
 
     def _op_audit(self, c, payload):
+        t0 = time.perf_counter()
         report = self.hv.audit_report()
-        return {"errors": len(report), "report": report[:20]}
+        seconds = round(time.perf_counter() - t0, 6)
+        return {"errors": len(report), "report": report[:20], "seconds": seconds}
 
     def _op_stop(self, c, payload):
         # Keep the asking connection out of the clean-up: it gets the answer.

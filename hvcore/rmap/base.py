@@ -97,6 +97,23 @@ class Rmap(ABC):
         self.release(src)
         return np.array(ds, dtype=np.int64), np.array(gs, dtype=np.int64)
 
+    # -- bulk views (the audit) ---------------------------------------------
+    def all_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mfns, domids, gfns)``, int64: every entry ``entries(m)`` walks,
+        of every frame, in no particular order. Default: those walks."""
+        ms, ds, gs = [], [], []
+        for m in range(self.nframes):
+            for d, g in self.entries(m):
+                ms.append(m)
+                ds.append(d)
+                gs.append(g)
+        return (np.array(ms, dtype=np.int64), np.array(ds, dtype=np.int64),
+                np.array(gs, dtype=np.int64))
+
+    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
+        """``count(m)`` of every frame in ``mfns``, int64."""
+        return np.array([self.count(m) for m in np.asarray(mfns).tolist()], dtype=np.int64)
+
     # -- introspection -----------------------------------------------------
     @abstractmethod
     def nbytes(self) -> int:

@@ -416,6 +416,27 @@ class BucketsRmap(Rmap):
         finally:
             walkers[mfn] -= 1
 
+    def all_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every chain of every frame at once (``NodeArena.walk_chains``):
+        a list frame's one chain, a hashed frame's 256 buckets."""
+        head = self._headv
+        lists = np.flatnonzero(head >= 0)
+        hashed = np.flatnonzero(head < -1)
+        cm, ch = [lists], [head[lists].astype(np.int64)]
+        if len(hashed):
+            pool = np.frombuffer(self._buckets, dtype=np.int32)
+            slots = (_table(head[hashed].astype(np.int64)) * _B)[:, None] + np.arange(_B)
+            bh = pool[slots].ravel().astype(np.int64)
+            used = bh >= 0
+            cm.append(np.repeat(hashed, _B)[used])
+            ch.append(bh[used])
+        frames, heads = np.concatenate(cm), np.concatenate(ch)
+        chains, nodes = self._arena.walk_chains(heads)
+        return frames[chains], *self._arena.keys(nodes)
+
+    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
+        return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)
+
     def release(self, mfn: int) -> None:
         if self._count[mfn]:
             # Normally empty; free whatever is left.

@@ -452,6 +452,16 @@ class IndexRmap(Rmap):
             yield self._dom_view[n], va[b + GFN]
             n = nxt
 
+    def all_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Straight from the arena columns: the live nodes (frame >= 0)."""
+        frm = self._frm[: self._top]
+        live = np.flatnonzero(frm >= 0)
+        return (frm[live].astype(np.int64), self._dom[live].astype(np.int64),
+                self._gfn[live].astype(np.int64))
+
+    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
+        return self._count[np.asarray(mfns, dtype=np.int64)].astype(np.int64)
+
     def release(self, mfn: int) -> None:
         if self.count(mfn):
             # Normally empty; forget whatever is left, keeping the index exact.

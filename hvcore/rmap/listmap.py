@@ -10,7 +10,9 @@ the other two against.
 
 The nodes are C-like structs in a ``NodeArena`` (see ``arena.py``) shared
 by all frames, so a visit costs the same whatever the allocation order;
-a frame keeps only its head node and its count.
+a frame keeps only its head node and its count, in two flat int32 arrays
+indexed by mfn (as Xen keeps the list head in ``struct page_info``), so
+the audit reads every frame's head with numpy.
 
 Invariants (per frame, kept by ``add``/``remove``):
 - ``prv[head] == -1``; for every node ``n`` with ``nxt[n] >= 0``,
@@ -21,26 +23,13 @@ and frees the frame's nodes.
 """
 from __future__ import annotations
 
-import sys
+from array import array
 from typing import Iterator
 
 import numpy as np
 
 from .arena import NodeArena, check_key, checked_batch
 from .base import Rmap
-
-
-class _Frame:
-    """Per-frame list head (a node number, -1 = empty) and entry count."""
-
-    __slots__ = ("head", "count")
-
-    def __init__(self) -> None:
-        self.head = -1
-        self.count = 0
-
-
-_FRAME_BYTES = sys.getsizeof(_Frame())
 
 
 class ListRmap(Rmap):
@@ -50,16 +39,16 @@ class ListRmap(Rmap):
 
     def __init__(self, nframes: int):
         super().__init__(nframes)
-        self._frames: dict[int, _Frame] = {}
+        self._head = array("i", [-1]) * nframes     # -1: empty (released)
+        self._count = array("i", [0]) * nframes
+        self._headv, self._countv = (np.frombuffer(a, dtype=np.int32)
+                                     for a in (self._head, self._count))
         self._arena = NodeArena()
 
     def add(self, mfn: int, domid: int, gfn: int) -> None:
-        f = self._frames.get(mfn)
-        n = self._arena.push(f.head if f is not None else -1, domid, gfn)
-        if f is None:
-            f = self._frames[mfn] = _Frame()
-        f.head = n
-        f.count += 1
+        head = self._head
+        head[mfn] = self._arena.push(head[mfn], domid, gfn)
+        self._count[mfn] += 1
 
     def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
         """``add`` of every entry, in order: one batch push (head insertion
@@ -67,64 +56,69 @@ class ListRmap(Rmap):
         m, d, g, stop = checked_batch(mfns, domids, gfns)
         if stop:
             fr, inv = np.unique(m[:stop], return_inverse=True)
-            frames, get = self._frames, self._frames.get
-            fl = [get(x) for x in fr.tolist()]
-            for i in [i for i, f in enumerate(fl) if f is None]:
-                fl[i] = frames[int(fr[i])] = _Frame()
-            old = np.array([f.head for f in fl], dtype=np.int64)
-            new = self._arena.push_many(d[:stop], g[:stop], inv.ravel(), old)
-            added = np.bincount(inv.ravel(), minlength=len(fr))
-            for f, h, c in zip(fl, new.tolist(), added.tolist()):
-                f.head = h
-                f.count += c
+            inv = inv.ravel()
+            self._headv[fr] = self._arena.push_many(d[:stop], g[:stop], inv, self._headv[fr])
+            self._countv[fr] += np.bincount(inv, minlength=len(fr)).astype(np.int32)
         if stop < len(m):
             check_key(int(d[stop]), int(g[stop]))      # raises
 
     def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
-        f = self._frames.get(mfn)
         a = self._arena
-        n = a.find(f.head, domid, gfn) if f is not None else -1  # O(count)
+        n = a.find(self._head[mfn], domid, gfn)  # O(count)
         if n < 0:
             raise KeyError((mfn, domid, gfn))
         x = a.drop(n)
         if x != -2:
-            f.head = x
-        f.count -= 1
+            self._head[mfn] = x
+        self._count[mfn] -= 1
 
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
-        f = self._frames.get(mfn)
-        return f is not None and self._arena.find(f.head, domid, gfn) >= 0
+        return self._arena.find(self._head[mfn], domid, gfn) >= 0
 
     def count(self, mfn: int) -> int:
-        f = self._frames.get(mfn)
-        return f.count if f is not None else 0
+        return self._count[mfn]
 
     def entries(self, mfn: int) -> Iterator[tuple[int, int]]:
-        f = self._frames.get(mfn)
-        if f is not None:
-            yield from self._arena.chain(f.head)
+        yield from self._arena.chain(self._head[mfn])
+
+    def all_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every frame's chain at once (``NodeArena.walk_chains``)."""
+        frames = np.flatnonzero(self._headv != -1)
+        chains, nodes = self._arena.walk_chains(self._headv[frames])
+        return frames[chains], *self._arena.keys(nodes)
+
+    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
+        return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)
 
     def release(self, mfn: int) -> None:
-        f = self._frames.pop(mfn, None)
-        if f is not None and f.count:
+        if self._count[mfn]:
             # Normally empty; free whatever is left.
             a = self._arena
-            for n in a.nodes(f.head):
+            for n in a.nodes(self._head[mfn]):
                 a.release(n)
+        self._head[mfn] = -1
+        self._count[mfn] = 0
+
+    def release_many(self, mfns: np.ndarray) -> None:
+        """``release`` of the frames that still hold a node."""
+        m = np.asarray(mfns, dtype=np.int64).ravel()
+        for mfn in m[self._headv[m] != -1].tolist():
+            self.release(mfn)
 
     def nbytes(self) -> int:
-        return (self._arena.nbytes() + len(self._frames) * _FRAME_BYTES
-                + sys.getsizeof(self._frames))
+        return (self._arena.nbytes() + self._head.buffer_info()[1] * 4
+                + self._count.buffer_info()[1] * 4)
 
     def check(self) -> None:
         """Verify the list invariants of every frame (for tests)."""
         a, chained = self._arena, set()
-        for mfn, f in self._frames.items():
-            n, prev, seen = f.head, -1, 0
+        assert not self._countv[self._headv == -1].any(), "entries without a head"
+        for mfn in np.flatnonzero(self._headv != -1).tolist():
+            n, prev, seen = self._head[mfn], -1, 0
             while n >= 0:
                 assert a.prv[n] == prev, f"frame {mfn}: broken prev link"
                 assert n not in chained, f"frame {mfn}: node {n} in two places"
                 chained.add(n)
                 prev, n, seen = n, a.nxt[n], seen + 1
-            assert seen == f.count, f"frame {mfn}: count {f.count} != {seen} nodes"
+            assert seen == self._count[mfn], f"frame {mfn}: count {self._count[mfn]} != {seen} nodes"
         a.check(chained)

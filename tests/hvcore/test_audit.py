@@ -70,7 +70,24 @@ def _p2m_entry(hv, a, b):
     return lambda: p2m.mfn.__setitem__(2, old)
 
 
+def _rmap_walk(hv, a, b):
+    # Cut frame's chain after its head: the walk gives fewer entries than
+    # the count (the index's walk is its frame column: a node leaves it).
+    m = int(hv.domains[a].p2m.mfn[3])
+    r = hv.rmap
+    if r.name == "index":
+        n = int(r._head[m])
+        r._frm[n] = -1
+        return lambda: r._frm.__setitem__(n, m)
+    a_ = r._arena
+    h = int(r._head[m])
+    old = a_.nxt[h]
+    a_.nxt[h] = -1
+    return lambda: a_.nxt.__setitem__(h, old)
+
+
 BREAKS = {
+    "rmap walk": (_rmap_walk, "rmap walk gave 1 entries, count is 2"),
     "nr_shared_mfns": (_counter, "nr_shared_mfns"),
     "nr_saved_mfns": (_saved, "nr_saved_mfns"),
     "type count": (_type_count, "type count"),

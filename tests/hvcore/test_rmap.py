@@ -535,7 +535,7 @@ def _arena_state(r):
     if r.name == "buckets":
         heads = {m: (r.heads(m), r.count(m)) for m in range(r.nframes)}
     else:
-        heads = {m: ([f.head], f.count) for m, f in r._frames.items()}
+        heads = {m: ([r._head[m]], r.count(m)) for m in range(r.nframes)}
     return (heads, a.top, a.live, list(a.free), list(a.nxt[:a.top]), list(a.prv[:a.top]),
             list(a.dom[:a.top]), list(a.gfn[:a.top]))
 
@@ -1028,3 +1028,79 @@ def test_buckets_add_many_during_a_walk_does_not_convert():
     r.add_many(*arr([0, 1], [1, 1], [6000, 6001]))               # the walk is over
     assert r.representation(0) == "hash" and r.count(0) == 271
     check(r)
+
+
+# -- the audit's bulk views ----------------------------------------------------
+def _bulk_equals_walks(r) -> None:
+    m, d, g = r.all_entries()
+    assert m.dtype == d.dtype == g.dtype == np.int64
+    got = sorted(zip(m.tolist(), d.tolist(), g.tolist()))
+    want = sorted((mfn, dd, gg) for mfn in range(r.nframes) for dd, gg in r.entries(mfn))
+    assert got == want
+    frames = np.arange(r.nframes)
+    assert r.counts_of(frames).tolist() == [r.count(x) for x in range(r.nframes)]
+    assert r.counts_of(frames).dtype == np.int64
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", range(4))
+def test_all_entries_is_every_frames_walk(policy, seed):
+    # Random adds and removes, with frames crossing 256 up and 64 down (the
+    # buckets' list <-> hash conversions), single and batched.
+    rng = random.Random(seed)
+    r = make(policy, nframes=6, ndom=3, npages=2_000)
+    present: dict[tuple[int, int], int] = {}
+    reps = set()
+    free = [(d, g) for d in range(3) for g in range(2_000)]
+    rng.shuffle(free)
+    _bulk_equals_walks(r)
+    for step in range(12):
+        grow = step % 4 != 3
+        if grow:
+            k = rng.randrange(50, 400)
+            batch, free = free[:k], free[k:]
+            ms = [rng.choice([0, 0, 1, 2, 3, 5]) for _ in batch]
+            if step % 2:
+                r.add_many(*arr(ms, [p[0] for p in batch], [p[1] for p in batch]))
+            else:
+                for mm, (d, g) in zip(ms, batch):
+                    r.add(mm, d, g)
+            present.update(zip(batch, ms))
+        else:
+            gone = rng.sample(sorted(present), len(present) * 3 // 4)
+            for p in gone:
+                r.remove(present.pop(p), *p)
+                free.append(p)
+        check(r)
+        _bulk_equals_walks(r)
+        reps |= {r.representation(x) for x in range(6)}
+    if policy == "buckets":
+        assert reps == {"list", "hash"}      # converted both ways
+    for mfn in range(6):
+        for d, g in list(r.entries(mfn)):
+            r.remove(mfn, d, g)
+        r.release(mfn)
+    _bulk_equals_walks(r)
+    assert r.all_entries()[0].shape == (0,)
+
+
+@pytest.mark.parametrize("policy", ["list", "buckets"])
+def test_all_entries_follows_a_damaged_walk(policy):
+    # A cut link, a cycle, a link into a free slot: all_entries gives what
+    # the walks give, so the audit sees the walk differ from the count.
+    r = make(policy, nframes=4, ndom=2, npages=1_000)
+    for g in range(300):
+        r.add(g % 3, g % 2, g)
+    r.remove(0, 0, 0)                    # one free slot
+    _bulk_equals_walks(r)
+    a = r._arena
+    nodes = [n for n in range(a.top) if n not in set(a.free.tolist())]
+    a.nxt[nodes[10]] = -1                # cut a chain short
+    _bulk_equals_walks(r)
+    a.nxt[nodes[20]] = a.free[0]         # into a free slot (its stale link)
+    _bulk_equals_walks(r)
+    a.nxt[nodes[20]] = nodes[20]         # a cycle: the walk is cut at top + 1 nodes
+    m, _, _ = r.all_entries()
+    assert len(m) > a.top
+    m, _, _ = r.all_entries()
+    assert len(m) != sum(r.count(x) for x in range(4))
