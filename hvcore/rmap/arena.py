@@ -367,3 +367,13 @@ class NodeArena:
         assert all(0 <= n < self.top for n in free | chained), "node beyond top"
         assert not free & chained, "a chained node is on the free stack"
         assert self.live == len(chained) == self.top - len(free), "live count out of step"
+
+
+class FrameCounts:
+    """``counts_of`` for a policy that keeps each frame's entry count in a
+    numpy view ``_countv`` indexed by mfn (``list`` and ``buckets``)."""
+
+    _countv: np.ndarray
+
+    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
+        return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)

@@ -64,7 +64,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .arena import NodeArena, check_key, checked_batch
+from .arena import FrameCounts, NodeArena, check_key, checked_batch
 from .base import Rmap
 
 RMAP_HEAVY_SHARED_PAGE = 256   # add at this count converts list -> hash
@@ -123,7 +123,7 @@ def _rank(sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
     return rank
 
 
-class BucketsRmap(Rmap):
+class BucketsRmap(FrameCounts, Rmap):
     """Per frame a list that turns into a 256-bucket hash when heavily shared."""
 
     name = "buckets"
@@ -433,9 +433,6 @@ class BucketsRmap(Rmap):
         frames, heads = np.concatenate(cm), np.concatenate(ch)
         chains, nodes = self._arena.walk_chains(heads)
         return frames[chains], *self._arena.keys(nodes)
-
-    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
-        return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)
 
     def release(self, mfn: int) -> None:
         if self._count[mfn]:

@@ -28,11 +28,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .arena import NodeArena, check_key, checked_batch
+from .arena import FrameCounts, NodeArena, check_key, checked_batch
 from .base import Rmap
 
 
-class ListRmap(Rmap):
+class ListRmap(FrameCounts, Rmap):
     """One head-inserted, linearly searched linked list per frame."""
 
     name = "list"
@@ -86,9 +86,6 @@ class ListRmap(Rmap):
         frames = np.flatnonzero(self._headv != -1)
         chains, nodes = self._arena.walk_chains(self._headv[frames])
         return frames[chains], *self._arena.keys(nodes)
-
-    def counts_of(self, mfns: np.ndarray) -> np.ndarray:
-        return self._countv[np.asarray(mfns, dtype=np.int64)].astype(np.int64)
 
     def release(self, mfn: int) -> None:
         if self._count[mfn]:

@@ -92,7 +92,8 @@ def test_commands_and_json_keys(hvctl):
     assert "max_pause_ms" in hvctl("info").stdout
 
     p = hvctl("audit", "--json")
-    assert p.returncode == 0 and json.loads(p.stdout) == {"errors": 0, "report": []}
+    audit = json.loads(p.stdout)
+    assert p.returncode == 0 and audit.pop("seconds") >= 0 and audit == {"errors": 0, "report": []}
 
     p = hvctl("destroy", "99")
     assert p.returncode == 1
