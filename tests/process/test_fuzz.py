@@ -604,3 +604,63 @@ def test_guest_pipe_fuzz_live_slow():
     with api.hvshare_session(frames=4096) as hv:
         _fuzz_pipe_live(hv, examples=700, garbage_samples=12, counts=counts)
     print(f"\npipe fuzz (live, slow): {counts}")
+
+
+def _at_limit_frames():
+    """(name, bytes, answered normally?) for frames just below, at and just
+    above every size limit of a control frame and of its reader."""
+    from hvcore.wire.reader import BIG_BODY, READ_CHUNK
+    ping = b'{"op": "ping"}'
+
+    def frame(js: bytes, payload_len: int) -> bytes:
+        return control.FRAME_HDR.pack(len(js), payload_len) + js + bytes(payload_len)
+
+    def padded(n: int) -> bytes:                       # a ping's JSON part of n bytes
+        return ping + b" " * (n - len(ping))
+    out = [(f"json {n}", frame(padded(n), 0), n <= control.MAX_JSON)
+           for n in (control.MAX_JSON - 1, control.MAX_JSON, control.MAX_JSON + 1)]
+    out.append(("json 1", control.FRAME_HDR.pack(1, 0) + b"{", False))
+    for size in (BIG_BODY, READ_CHUNK):
+        for body in (size - 1, size, size + 1):         # JSON + payload = the body
+            out.append((f"body {body}", frame(ping, body - len(ping)), True))
+    out.append(("payload at the limit", frame(ping, control.MAX_PAYLOAD), True))
+    out.append(("payload over the limit",
+                control.FRAME_HDR.pack(len(ping), control.MAX_PAYLOAD + 1) + ping + bytes(1 << 16), False))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_frames_at_every_size_limit_in_interleaved_pieces(hvs, seed):
+    import random
+    rng = random.Random(seed)
+    cases = _at_limit_frames()
+    socks = []
+    try:
+        for _ in cases:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(hvs.socket_path)
+            socks.append(s)
+        queues = [transport.pieces(rng, data, must=(control.FRAME_HDR.size,)) for _, data, _ in cases]
+        closed = set()
+        for i, piece in transport.interleave(rng, queues):   # several connections at once
+            if i in closed:
+                continue
+            try:
+                socks[i].sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                closed.add(i)                                 # refused already: fine
+            transport.pause(rng, 0.02)
+        for (name, _, good), s in zip(cases, socks):
+            try:
+                got = control.FrameReader(s).next()
+            except (ConnectionError, OSError):
+                got = None
+            if good:
+                assert got is not None and got[0].get("pid") == hvs.pid, (name, got)
+            else:
+                assert got is None or (not got[0]["ok"] and "bad control frame" in got[0]["error"]), (name, got)
+    finally:
+        for s in socks:
+            s.close()
+    assert hvs.ping() == hvs.pid
