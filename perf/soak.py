@@ -8,6 +8,11 @@ controller. Page contents depend only on (gfn, version) with a few
 versions, so the scanner keeps merging pages the writers wrote alike
 across guests, and the writers keep taking CoW faults on them.
 
+The full soak also runs at real size: two clone domains of BIG_PAGES
+(250,000) pages each sit beside the writers, so the scanner's passes and
+the teardown work against 500,000 more entries. Their guests check, at
+the end, that every page still reads what it read before the soak.
+
 At the end every guest reads each of its pages from its own mapping and
 compares it with what its writer last wrote there: a write that was
 answered but did not land is a **lost write** (there must be none). Also
@@ -29,6 +34,7 @@ from hvcore.constants import PAGE_SIZE
 from .common import table
 
 VERSIONS = 4                 # few versions: writers often write pages alike
+BIG_PAGES = 250_000          # each of the two clone domains of the full soak
 BATCH = 8                    # pages per write message
 
 
@@ -93,8 +99,14 @@ def run(quick: bool = False) -> dict:
     from tools.api import hvshare_session
     nguests, seconds, pages = (8, 10.0, 256) if quick else (32, 60.0, 512)
     victim_pages = 8192 if quick else 32768
-    frames = nguests * pages * 2 + victim_pages + 4096
+    big_pages = 0 if quick else BIG_PAGES
+    frames = nguests * pages * 2 + victim_pages + 2 * big_pages + 4096
     with hvshare_session(frames=frames, rmap="buckets") as hv:
+        bigs = [hv.create(big_pages, "clone", seed=9) for _ in range(2 if big_pages else 0)]
+        big_sums = []
+        for b in bigs:
+            with hv.guest(b) as g:
+                big_sums.append(g.checksum(0, big_pages))
         doms = [hv.create(pages, "clone", seed=5) for _ in range(nguests)]
         with hv.guest(doms[0]) as g:
             image = g.read_pages(np.arange(pages)).copy()       # what every clone starts with
@@ -129,12 +141,18 @@ def run(quick: bool = False) -> dict:
             c, n = w.verify(image)
             checked += c
             lost += n
+        big_shared = sum(hv.domain(b)["shr_pages"] for b in bigs)
+        for b, sums in zip(bigs, big_sums):           # idle clones: nothing may change
+            with hv.guest(b) as g:
+                checked += big_pages
+                lost += int((g.checksum(0, big_pages) != sums).sum())
         audit = hv.audit()
         kinds = {k: v["max_ms"] for k, v in end["pause_by_op"].items() if k != "create"}
         window = _window_steps(start, end)
     faults = end["cow_faults"] - start["cow_faults"]
     return {
         "guests": nguests, "pages_per_guest": pages, "seconds": round(duration, 3),
+        "big_domains": len(bigs), "big_pages": big_pages, "big_shared_pages": big_shared,
         "writes": sum(w.writes for w in writers), "pages_written": sum(w.pages_written for w in writers),
         "faults": faults, "faults_per_s": round(faults / duration, 1),
         "dedup_passes": dd.get("passes", 0), "dedup_merged": dd.get("merged", 0),
@@ -197,8 +215,10 @@ def report(result: dict) -> str:
     td, w = r["teardown"], r["window"]
     rows = [[r["guests"], r["seconds"], r["faults"], r["faults_per_s"], r["writes"], r["dedup_passes"],
              r["dedup_merged"], r["max_pause_ms"], r["lost_writes"], r["audit_errors"]]]
+    big = (f"; beside them {r['big_domains']} clone domains of {r['big_pages']:,} pages "
+           f"({r['big_shared_pages']:,} shared entries at the end)" if r.get("big_domains") else "")
     lines = [f"Soak: {r['guests']} writer guests of {r['pages_per_guest']} pages, a dedup pass after "
-             f"another, a teardown half-way",
+             f"another, a teardown half-way{big}",
              table(["guests", "seconds", "faults", "faults/s", "writes", "passes", "merged",
                     "max step ms", "lost", "audit"], rows),
              f"teardown under load: {td['entries']:,} shared entries in {td['seconds']:.3f} s, "

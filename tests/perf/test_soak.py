@@ -20,6 +20,9 @@ def test_report_shows_the_figures_and_writer_errors():
     assert "2,048 pages verified, 0 lost writes" in text and "writer errors" not in text
     r["writer_errors"] = ["GuestGone: gone"]
     assert "writer errors: GuestGone: gone" in soak.report(r)
+    assert "clone domains" not in text
+    r.update(big_domains=2, big_pages=250_000, big_shared_pages=500_000)
+    assert "beside them 2 clone domains of 250,000 pages (500,000 shared entries at the end)" in soak.report(r)
 
 
 def test_pages_depend_only_on_gfn_and_version():
