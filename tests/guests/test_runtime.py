@@ -234,7 +234,9 @@ def test_pause_unpause_rings_the_guest_without_harm(hvs):
         time.sleep(0.02)
     hvs.pause(w)
     with hvs.guest(w) as g:
-        assert g.stats()["paused"] is True
+        # the guest learns of the pause through its pipe and a doorbell:
+        # soon after the answer, not before it
+        assert _wait(lambda: g.stats()["paused"] is True, timeout=5)
         n = g.stats()["writes"]
         time.sleep(0.2)
         assert g.stats()["writes"] == n                 # paused: no more writes
