@@ -69,6 +69,32 @@ def _count(what: str, minimum: int = 1):
     return parse
 
 
+def _domain(text: str):
+    """A domain as ``xl`` takes one: its domid, or its name."""
+    if text.isdigit():
+        return _count("domid")(text)
+    if not text or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be a domid or a domain name, not {ascii(text)}")
+    return text
+
+
+def _resolve(a) -> None:
+    """Domain names given for domids, turned into domids (ESRCH if none has it)."""
+    refs = ([a.domid] if isinstance(getattr(a, "domid", None), str) else []) + \
+        [x for x in getattr(a, "domids", None) or [] if isinstance(x, str)]
+    if not refs:
+        return
+    with api.HypervisorClient(a.socket) as c:
+        by_name = {d["name"]: d["domid"] for d in c.list()}
+    for ref in refs:
+        if ref not in by_name:
+            raise api.HVCtlError(f"no domain is called {ref}", 3, "ESRCH")
+    if isinstance(getattr(a, "domid", None), str):
+        a.domid = by_name[a.domid]
+    if getattr(a, "domids", None):
+        a.domids = [by_name[x] if isinstance(x, str) else x for x in a.domids]
+
+
 def _rate(text: str) -> float:
     try:
         v = float(text)
@@ -103,12 +129,21 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("hvshare")
+    except Exception:                   # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     p = _Parser(prog="hvctl", parents=[common], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Control an hvshare hypervisor: an emulation of Xen's memory sharing "
                             "with real processes and real shared memory.")
+    p.add_argument("--version", action="version", version=f"hvctl (hvshare) {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -178,11 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
             "teardown step (max_pause_ms).\n\n"
             "Interrupted, it leaves the domain dying with its cursor ('hvctl list' shows\n"
             "it); running it again finishes the teardown.")
-    d.add_argument("domid", type=_count("domid"), help="the domain's id (see 'hvctl list')")
+    d.add_argument("domid", metavar="DOMAIN", type=_domain, help="the domain's id or name (see 'hvctl list')")
     for name, what in (("pause", "pause a domain's guest (its workload stops writing)"),
                        ("unpause", "let a paused domain's guest run")):
         d = cmd(name, what, what[0].upper() + what[1:] + ".")
-        d.add_argument("domid", type=_count("domid"), help="the domain's id (see 'hvctl list')")
+        d.add_argument("domid", metavar="DOMAIN", type=_domain,
+                       help="the domain's id or name (see 'hvctl list')")
     from . import dedup
     x = cmd("dedup", "share pages with identical content: one pass, or a daemon with --watch",
             "The content-based dedup scanner. Xen shares only the pages the toolstack names\n"
@@ -198,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
             "scan), skips pages that changed since their last scan, and prints one line per\n"
             "pass (one JSON object per line with --json). It stops on Ctrl-C or SIGTERM,\n"
             "and when the hypervisor goes away (exit status 1).")
-    x.add_argument("domids", metavar="DOMID", nargs="*", type=_count("domid"),
+    x.add_argument("domids", metavar="DOMAIN", nargs="*", type=_domain,
                    help="scan these running domains only (default: all); pages already shared "
                         "by any domain are merge targets either way")
     x.add_argument("--watch", action="store_true", help="keep scanning, like ksmd, until stopped")
@@ -497,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     a.socket = getattr(a, "socket", None)
     a.json = getattr(a, "json", False)
     try:
+        _resolve(a)
         result = COMMANDS[a.command](a)
     except api.HVCtlError as e:
         msg = str(e).rstrip(".")

@@ -123,7 +123,7 @@ def test_commands_and_json_keys(hvctl):
     (["create"], ["--pages"]),
     (["start", "--frames", "lots"], ["--frames"]),
     (["start", "--rmap", "tree"], ["--rmap", "tree"]),
-    (["destroy", "one"], ["domid"]),
+    (["destroy", "tab\tbed"], ["a domid or a domain name"]),
     (["frobnicate"], ["frobnicate"]),
 ])
 def test_bad_command_lines(hvctl, args, words):
@@ -206,3 +206,22 @@ def test_domain_names_are_unique(hvctl):
     listed = json.loads(hvctl("list", "--json").stdout)
     names = [d["name"] for d in (listed["domains"] if isinstance(listed, dict) else listed)]
     assert len(names) == len(set(names)) == 3 and names[:2] == ["web", "dom3"]
+
+
+def test_version_and_domains_by_name_as_xl_takes_them(hvctl):
+    p = hvctl("--version")
+    assert p.returncode == 0 and p.stdout.startswith("hvctl (hvshare) ")
+    assert hvctl("start", "--frames", "256").returncode == 0
+    assert hvctl("create", "--pages", "8", "--name", "web2").returncode == 0
+    assert hvctl("create", "--pages", "8", "--name", "db").returncode == 0
+    assert hvctl("pause", "web2").stdout.strip() == "domain 1 paused"
+    assert hvctl("unpause", "web2").returncode == 0
+    assert hvctl("dedup", "web2", "db", "--json").returncode == 0
+    p = hvctl("destroy", "web3")
+    assert p.returncode == 1
+    _one_sentence(p, "no domain is called web3")
+    r = json.loads(hvctl("destroy", "web2", "--json").stdout)
+    assert r["domid"] == 1
+    listed = json.loads(hvctl("list", "--json").stdout)
+    names = [d["name"] for d in (listed["domains"] if isinstance(listed, dict) else listed)]
+    assert names == ["db"]
