@@ -108,9 +108,16 @@ class Audit:
             errs.append(f"nr_saved_mfns is {self.nr_saved_mfns}, gfns backed by shared frames "
                         f"minus shared frames is {entries - self.nr_shared_mfns}")
         owned = int(np.count_nonzero(owner >= 0))
-        if owned != pool.nframes - pool.nfree:
-            errs.append(f"{owned} frames owned but {pool.nframes - pool.nfree} off the free list")
-        private = sum(d.tot_pages for d in self.domains.values())
+        if owned != pool.nframes - pool.listed:
+            errs.append(f"{owned} frames owned but {pool.nframes - pool.listed} off the free list")
+        building = sum(b.populated for b in self.building.values())
+        if pool.reserved != sum(b.reserved for b in self.building.values()):
+            errs.append(f"{pool.reserved} frames reserved, creates in progress hold "
+                        f"{sum(b.reserved for b in self.building.values())}")
+        for b in self.building.values():
+            if b.populated and (owner[b.mfns[:b.populated]] != b.domid).any():
+                errs.append(f"domain {b.domid} (being created): a frame it took is not its own")
+        private = sum(d.tot_pages for d in self.domains.values()) + building
         if owned - len(shared) != private:
             errs.append(f"{owned - len(shared)} frames owned by domains, their p2ms map {private}")
         return errs

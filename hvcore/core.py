@@ -35,7 +35,7 @@ import numpy as np
 from .audit import Audit
 from .constants import DEFAULT_RMAP
 from .cow import CopyOnWrite
-from .domains import Domain, DomainTable
+from .domains import Domain, DomainBuild, DomainTable
 from .pool import FramePool
 from .rmap import make_rmap
 from .sharing import Sharing
@@ -53,6 +53,8 @@ class Hypervisor(DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
         self.rmap_policy = rmap
         self.rmap = make_rmap(rmap, nframes, **rmap_options)
         self.domains: dict[int, Domain] = {}
+        #: domains being created, by domid (see DomainTable.begin_domain)
+        self.building: dict[int, DomainBuild] = {}
         self._mark = np.zeros(nframes, dtype=np.int64)   # scratch of share_many
         self._next_domid = 1
         # Xen: the handle counter starts at 1 and is pre-incremented, so the
@@ -80,6 +82,9 @@ class Hypervisor(DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
         for d in list(self.domains.values()):
             d.p2m.close()
         self.domains.clear()
+        for b in list(self.building.values()):
+            b.p2m.close()
+        self.building.clear()
         self.pool.close()
 
     def __enter__(self) -> "Hypervisor":

@@ -18,12 +18,14 @@ EBUSY = errno.EBUSY            # domain is dying
 ENOMEM = errno.ENOMEM          # no free frame
 ESRCH = errno.ESRCH            # no such domain
 EEXIST = errno.EEXIST          # a domain of that name exists
+EIO = errno.EIO                # an internal error of the hypervisor
+ECANCELED = errno.ECANCELED    # the hypervisor stopped before the operation finished
 S_HANDLE_INVALID = -10         # XENMEM_SHARING_OP_S_HANDLE_INVALID
 C_HANDLE_INVALID = -9          # XENMEM_SHARING_OP_C_HANDLE_INVALID
 
 NAMES = {
     EINVAL: "EINVAL", E2BIG: "E2BIG", EBUSY: "EBUSY", ENOMEM: "ENOMEM",
-    ESRCH: "ESRCH", EEXIST: "EEXIST",
+    ESRCH: "ESRCH", EEXIST: "EEXIST", ECANCELED: "ECANCELED", EIO: "EIO",
     S_HANDLE_INVALID: "S_HANDLE_INVALID", C_HANDLE_INVALID: "C_HANDLE_INVALID",
 }
 
@@ -39,3 +41,14 @@ class HVError(Exception):
 
 class ProtocolError(Exception):
     """A peer sent something the protocol does not allow (one sentence)."""
+
+
+def sentence(e: HVError) -> str:
+    """The message of ``e`` as one sentence for a user, without its code's name."""
+    msg = str(e)
+    prefix = f"{e.name}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    if e.code == ESRCH and msg.startswith("no domain "):
+        msg = "no domain with id " + msg[len("no domain "):]
+    return msg or e.name

@@ -13,7 +13,7 @@ A domain is created with the image of its workload
 - ``writer``: a clone's memory (its guest then dirties it: see
   :mod:`guests.workloads`).
 
-Contents are deterministic (a seed sequence per 256-page block, so any
+Contents are deterministic (a seed sequence per block of 64 pages, so any
 chunking of the generation gives the same bytes) and generated with numpy a
 block at a time. Every non-zero page is *stamped*: its first 8 bytes are a
 weighted sum of the other 511 words, so a page mixing two versions (a torn
@@ -22,8 +22,6 @@ A zero page is valid as it is.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from .constants import PAGE_SIZE, WORKLOADS
@@ -31,7 +29,9 @@ from .constants import PAGE_SIZE, WORKLOADS
 EXTENT = 16
 #: share of extents that are zero and private in a clone (the rest: image)
 ZERO_SHARE, PRIVATE_SHARE = 0.20, 0.15
-_BLOCK = 256
+#: pages per generated block (one seed sequence each): small enough that a
+#: create chunk generating one costs little more than its pages
+_BLOCK = 64
 _IMAGE, _PRIVATE, _LAYOUT = 0x1A6E, 0x9417, 0x4B1D
 KIND_IMAGE, KIND_ZERO, KIND_PRIVATE = 0, 1, 2
 
@@ -96,34 +96,50 @@ def _block(seed_seq: list[int], block: int) -> np.ndarray:
     return raw.view(np.uint8).reshape(_BLOCK, PAGE_SIZE)
 
 
-def clone_content(seed: int, instance: int, npages: int) -> Callable[[int, int], np.ndarray]:
-    """The content callable of a clone for the core's ``create_domain``:
-    ``f(start_gfn, count) -> (count, 4096) uint8``."""
-    kinds = clone_kinds(seed, npages)
+class CloneImage:
+    """The content of a clone for the core's ``create_domain``: called as
+    ``image(start_gfn, count) -> (count, 4096) uint8``, or written straight
+    into frames with :meth:`into` (the create path: no page is copied
+    twice)."""
 
-    def content(start: int, count: int) -> np.ndarray:
+    def __init__(self, seed: int, instance: int, npages: int):
+        self.seed, self.instance, self.npages = seed, instance, npages
+        self.kinds = clone_kinds(seed, npages)
+        self._tags = ((KIND_IMAGE, [seed, _IMAGE]), (KIND_PRIVATE, [seed, _PRIVATE, instance]))
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
         out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
-        k = kinds[start:start + count]
-        for b in range(start // _BLOCK, (start + count - 1) // _BLOCK + 1):
-            lo, hi = max(start, b * _BLOCK), min(start + count, (b + 1) * _BLOCK)
-            dst = out[lo - start:hi - start]
-            sel = k[lo - start:hi - start]
-            src_rows = slice(lo - b * _BLOCK, hi - b * _BLOCK)
-            for kind, tag in ((KIND_IMAGE, [seed, _IMAGE]), (KIND_PRIVATE, [seed, _PRIVATE, instance])):
-                rows = np.nonzero(sel == kind)[0]
-                if len(rows) == len(sel):
-                    dst[:] = _block(tag, b)[src_rows]
-                elif len(rows):
-                    dst[rows] = _block(tag, b)[src_rows][rows]
-            dst[sel == KIND_ZERO] = 0
-            live = sel != KIND_ZERO
-            if live.all():
-                stamp(dst)
-            elif live.any():
-                dst[live] = stamp(dst[live])
+        self.into(out, start)
         return out
 
-    return content
+    def into(self, dst: np.ndarray, start: int) -> None:
+        """Write the pages of gfns ``start..start+len(dst)-1`` into ``dst``."""
+        count = len(dst)
+        k = self.kinds[start:start + count]
+        for b in range(start // _BLOCK, (start + count - 1) // _BLOCK + 1):
+            lo, hi = max(start, b * _BLOCK), min(start + count, (b + 1) * _BLOCK)
+            part = dst[lo - start:hi - start]
+            sel = k[lo - start:hi - start]
+            src_rows = slice(lo - b * _BLOCK, hi - b * _BLOCK)
+            for kind, tag in self._tags:
+                rows = np.flatnonzero(sel == kind)
+                if len(rows) == len(sel):
+                    part[:] = _block(tag, b)[src_rows]
+                elif len(rows):
+                    part[rows] = _block(tag, b)[src_rows][rows]
+            live = sel != KIND_ZERO
+            if live.all():
+                stamp(part)
+            elif live.any():
+                part[~live] = 0
+                part[live] = stamp(part[live])
+            else:
+                part[:] = 0
+
+
+def clone_content(seed: int, instance: int, npages: int) -> CloneImage:
+    """The content of clone ``instance`` of ``seed`` (see :class:`CloneImage`)."""
+    return CloneImage(seed, instance, npages)
 
 
 def content_for(workload: str, seed: int, instance: int, npages: int):

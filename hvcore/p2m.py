@@ -48,7 +48,9 @@ def _views(buf, npages: int):
 class P2M:
     """The writer side, owned by the hypervisor."""
 
-    def __init__(self, token: str, domid: int, npages: int):
+    def __init__(self, token: str, domid: int, npages: int, filled: bool = True):
+        """``filled=False``: the entries are left as the new segment has them
+        (type HOLE, mfn 0) for the creator to set, chunk by chunk."""
         self.name = f"/{shm.PREFIX}{token}-p2m-{domid}"
         self.npages = npages
         self._mm = shm.create(self.name, _size(npages))
@@ -56,7 +58,8 @@ class P2M:
         self._hdr, self.mfn, self.type = _views(self._mm, npages)
         self._hdr[1] = npages
         self._hdr[2] = domid
-        self.mfn[:] = INVALID_MFN
+        if filled:
+            self.mfn[:] = INVALID_MFN
         self._depth = 0
         self._change = _Change(self)
         # the header as Python ints: a numpy scalar += would be most of the

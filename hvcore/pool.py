@@ -14,6 +14,10 @@ four numpy arrays indexed by mfn:
 
 The free list is a stack of mfns in a numpy array: single and batch
 allocation and release are O(1) and O(k) with no Python per-frame loop.
+A domain being created *reserves* the frames it will populate, chunk by
+chunk, before it takes them: reserved frames stay on the free list but
+count as taken for everyone else (``nfree``), so a create that has begun
+cannot run out of frames half way.
 """
 from __future__ import annotations
 
@@ -46,24 +50,47 @@ class FramePool:
         # Free stack: the top is the end; lowest mfns are handed out first.
         self._free = np.arange(nframes - 1, -1, -1, dtype=np.int64)
         self._nfree = nframes
+        #: frames on the free list promised to creates in progress
+        self.reserved = 0
 
     @property
     def nfree(self) -> int:
+        """Free frames anyone may take (the free list less the reserved)."""
+        return self._nfree - self.reserved
+
+    @property
+    def listed(self) -> int:
+        """Frames on the free list, reserved or not."""
         return self._nfree
+
+    def reserve(self, k: int) -> None:
+        """Promise ``k`` free frames to a create (ENOMEM if not free)."""
+        if k > self._nfree - self.reserved:
+            raise HVError(ENOMEM, f"{k} frames asked, {self._nfree - self.reserved} free")
+        self.reserved += k
+
+    def unreserve(self, k: int) -> None:
+        """Give back ``k`` reserved frames not taken (a cancelled create)."""
+        assert 0 <= k <= self.reserved, "more frames unreserved than reserved"
+        self.reserved -= k
 
     def alloc(self, owner: int) -> int:
         """Take one free frame for ``owner``; ENOMEM if none is left."""
-        if self._nfree == 0:
+        if self._nfree <= self.reserved:
             raise HVError(ENOMEM, "no free frame")
         self._nfree -= 1
         m = int(self._free[self._nfree])
         self.owner[m] = owner
         return m
 
-    def alloc_many(self, k: int, owner: int) -> np.ndarray:
-        """Take ``k`` free frames for ``owner`` (all or none)."""
-        if k > self._nfree:
-            raise HVError(ENOMEM, f"{k} frames asked, {self._nfree} free")
+    def alloc_many(self, k: int, owner: int, reserved: bool = False) -> np.ndarray:
+        """Take ``k`` free frames for ``owner`` (all or none); ``reserved``:
+        frames this caller reserved before."""
+        if reserved:
+            assert k <= self.reserved, "more reserved frames taken than reserved"
+            self.reserved -= k
+        elif k > self._nfree - self.reserved:
+            raise HVError(ENOMEM, f"{k} frames asked, {self._nfree - self.reserved} free")
         top = self._nfree
         self._nfree = top - k
         mfns = self._free[self._nfree:top][::-1].copy()

@@ -19,8 +19,9 @@ import numpy as np
 from ..wire import control, pipe, schema
 from .. import errors, images
 from ..constants import WORKLOADS
-from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError
+from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError, sentence
 from .endpoints import ControlConnection
+from .jobs import CreateJob
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 #: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
@@ -124,7 +125,10 @@ class ControlOps:
         return st
 
     def _op_list(self, c, payload):
-        return {"domains": [self._describe(d) for d in self.hv.domains.values()]}
+        """Every domain, and those still being created (state ``creating``,
+        ``populated`` of ``pages`` done)."""
+        return {"domains": [self._describe(d) for d in self.hv.domains.values()] +
+                [j.progress() for j in self.jobs if isinstance(j, CreateJob)]}
 
     def _describe(self, d) -> dict:
         g = self.guests.get(d.domid)
@@ -166,6 +170,9 @@ class ControlOps:
         return None
 
     def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch):
+        """Start creating a domain: a job (:class:`.jobs.CreateJob`) that
+        populates it a bounded step at a time, then starts its guest; the
+        request is answered once the guest said hello."""
         if workload not in WORKLOADS:
             raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
         if pages > self.hv.pool.nfree:
@@ -175,18 +182,12 @@ class ControlOps:
         instance = self.instances + 1
         content = images.content_for(workload, seed, instance, pages)
         try:
-            d = self.hv.create_domain(pages, content=content, name=name, paused=paused)
+            b = self.hv.begin_domain(pages, content=content, name=name, paused=paused)
         except HVError as e:
             raise HVError(e.code, f"cannot create a domain of {pages} pages: {sentence(e)}") from None
         self.instances = instance
-        try:
-            g = self._spawn_guest(d, dict(workload=workload, seed=seed, instance=instance,
-                                          paused=paused, rate=rate, batch=batch, name=d.name))
-        except OSError as e:
-            self.hv.destroy_domain(d.domid)
-            raise HVError(EINVAL, f"cannot start the guest process: {e.strerror}") from None
-        g.creator = c
-        c.waiting = True
+        self._start_job(CreateJob(c, b, dict(workload=workload, seed=seed, instance=instance,
+                                             paused=paused, rate=rate, batch=batch, name=b.name)))
         return None
 
     def _op_destroy(self, c, payload, domid, brief):
@@ -340,16 +341,6 @@ def payload_arrays(payload, count: int, dtypes) -> list[np.ndarray]:
         raise errors.ProtocolError(f"payload of {len(payload)} bytes, expected {want}")
     return [np.frombuffer(payload, dtype=np.dtype(t).newbyteorder("<"), count=count, offset=8 * count * i)
             for i, t in enumerate(dtypes)]
-
-
-def sentence(e: HVError) -> str:
-    msg = str(e)
-    prefix = f"{e.name}: "
-    if msg.startswith(prefix):
-        msg = msg[len(prefix):]
-    if e.code == ESRCH and msg.startswith("no domain "):
-        msg = "no domain with id " + msg[len("no domain "):]
-    return msg or e.name
 
 
 def _still_asking(c: ControlConnection) -> bool:

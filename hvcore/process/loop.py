@@ -56,12 +56,14 @@ import sys
 import time
 import traceback
 
-from ..wire import schema
+from ..wire import control, schema
 from .. import errors, shm
+from ..errors import ECANCELED
 from ..constants import DEFAULT_FRAMES, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES
 from ..budget import ChunkCost
 from .statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .control import ControlOps
+from .jobs import Jobs
 from .endpoints import ControlConnection, Endpoint, GuestEndpoint
 from .guests import GUEST_START_TIMEOUT, GuestLifecycle
 from .parking import ParkedWrites, EventRing, Parked
@@ -88,7 +90,7 @@ class StartError(Exception):
     """The hypervisor cannot start (one sentence for the user)."""
 
 
-class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites):
+class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedWrites):
     """The hypervisor process's state: the core, the loop and its endpoints."""
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
@@ -138,6 +140,10 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
         #: cost model of a budgeted batch request's chunks, by op (_bounded)
         self._chunk_cost: dict[str, ChunkCost] = {}
         self.instances = 0
+        #: operations continuing a step at a time (see .jobs), oldest first,
+        #: and the longest CPU time of a step of each kind of job
+        self.jobs: collections.deque = collections.deque()
+        self._job_cpu_max: dict[str, float] = {}
         self._lsock: socket.socket | None = None
         self._lock_fd: int | None = None
         self._closed = False
@@ -230,7 +236,7 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
                     deferred, timeout = [], min(pace_s, _TICK)   # guests only, meanwhile
                 else:
                     deferred, self._deferred = self._deferred, []
-                    timeout = 0 if deferred else _TICK
+                    timeout = 0 if deferred or self.jobs else _TICK
                 for key, mask in self.sel.select(timeout):
                     key.data(mask)
                     if self.parked:
@@ -245,6 +251,8 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
                 for c in deferred:
                     self._deferred_set.discard(c)
                     self._serve_backlog(c)
+                if self.jobs and not self._pacing and self.running:
+                    self._job_step()
                 if self.running and time.monotonic() >= self._next_tick:
                     self._tick()
         except Exception as e:
@@ -298,6 +306,17 @@ class HypervisorProcess(ControlOps, BudgetedSteps, GuestLifecycle, ParkedWrites)
             return {"guests": 0, "segments": 0}
         self._closed = True
         self.running = False
+        self._cancel_jobs("the hypervisor stopped")
+        for g in self.guests.values():
+            if g.creator is not None and not g.creator.closed:
+                c, g.creator = g.creator, None
+                try:
+                    c.sock.settimeout(1.0)
+                    control.send_frame(c.sock, schema.error(
+                        f"the hypervisor stopped before the guest of domain {g.domid} started",
+                        ECANCELED, "ECANCELED"))
+                except OSError:
+                    pass
         for c in list(self.clients):
             self._drop_client(c)
         procs = []

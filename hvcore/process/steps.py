@@ -81,15 +81,16 @@ class BudgetedSteps:
     """What a step does when its budget is spent or other work waits: the check
     teardown steps and budgeted batches share, and the batch runner."""
 
-    def _others_ready(self, c: ControlConnection) -> bool:
+    def _others_ready(self, c: ControlConnection | None) -> bool:
         """Is anything but client ``c``'s connection ready (a guest's fault,
         another request, a new connection, a signal)? A zero-timeout poll:
-        where a preemptible step asks whether to give way."""
-        mine = c.sock
+        where a preemptible step asks whether to give way. (``c`` None:
+        anything at all.)"""
+        mine = c.sock if c is not None else None
         return any(key.fileobj is not mine for key, _ in self.sel.select(0))
 
-    def _other_work(self, c: ControlConnection, t0: float):
-        """The preemptible teardown's ``should_yield``: true when another
+    def _other_work(self, c: ControlConnection | None, t0: float):
+        """The ``should_yield`` of a preemptible teardown or job step: true when another
         chunk as long as the last one would end past the step's budget, or
         anything but the asking connection is ready (a guest's fault,
         another request, a new connection, a signal).

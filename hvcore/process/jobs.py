@@ -1,0 +1,165 @@
+"""Jobs: operations the hypervisor continues on its own, a bounded step at a time.
+
+Xen bounds a long hypercall with a *continuation*: it checks for
+preemption after every extent and, if other work waits, arranges to be
+called again where it stopped (``XENMEM_populate_physmap`` is the model).
+A job is that here: the request that started it waits (its client's
+connection is ``waiting``) while the loop runs one step of the job per
+turn, between the guests' messages and the other clients' requests, and the
+request is answered when the job is done.
+
+Each step is one call into the core with the one step check of
+:class:`.steps.BudgetedSteps` (the step budget, or any other work ready),
+metered like any step under the job's kind (``create``, ``range_share``).
+Jobs take turns, oldest first. A stop cancels every job and tells each
+waiting client why.
+
+Teardown is not a job: its steps are driven by the kill controller's
+repeated destroy requests, as Xen's domain_kill is by the toolstack.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+from ..wire import control, schema
+from ..errors import ECANCELED, EINVAL, EIO, HVError, sentence
+from .endpoints import ControlConnection
+from .steps import TEARDOWN_CHUNK_SECONDS
+
+
+class Job:
+    """One preemptible operation: :meth:`step` until it returns True."""
+
+    #: the step kind it is metered as
+    kind = "job"
+
+    def __init__(self, client: ControlConnection | None):
+        self.client = client
+        self.started = time.monotonic()
+        self.steps = 0
+
+    def describe(self) -> str:
+        """What the job is, for a sentence ("the create of domain 3 ...")."""
+        return self.kind
+
+    def step(self, proc, should_yield) -> bool:
+        """Do some work; True when done (then :meth:`finish` answers)."""
+        raise NotImplementedError
+
+    def finish(self, proc) -> None:
+        """The job is done: answer its client (or hand it on)."""
+
+    def cancel(self, proc, reason: str) -> None:
+        """The job will not finish (the hypervisor stops): undo it."""
+
+    def progress(self) -> dict:
+        return {}
+
+
+class Jobs:
+    """The job queue of the hypervisor process (a part of HypervisorProcess)."""
+
+    def _start_job(self, job: Job) -> None:
+        """Run ``job`` from the next loop turn on; its client waits."""
+        if job.client is not None:
+            job.client.waiting = True
+        self.jobs.append(job)
+
+    def _job_step(self) -> None:
+        """One step of the oldest job (then it goes to the back of the queue)."""
+        job = self.jobs.popleft()
+        c = job.client if job.client is not None and not job.client.closed else None
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        self._preempted = False
+        try:
+            done = job.step(self, self._other_work(c, t0))
+        except HVError as e:
+            self._job_failed(job, schema.error(_sentence(job, e), e.code, e.name))
+            done = None
+        except Exception as e:           # a bug must not take every guest down
+            traceback.print_exc()
+            self._job_failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
+            done = None
+        finally:
+            self.meter.record(time.perf_counter() - t0, job.kind, job.kind)
+            job.steps += 1
+            self._job_cpu_max[job.kind] = max(self._job_cpu_max.get(job.kind, 0.0),
+                                              time.thread_time() - cpu0)
+        self._preempted = False
+        if done:
+            job.finish(self)
+        elif done is False:
+            self.jobs.append(job)
+
+    def _job_failed(self, job: Job, answer: bytes) -> None:
+        c = job.client
+        if c is None or c.closed:
+            return
+        c.waiting = False
+        c.reply(answer)
+        self._serve_backlog(c)
+
+    def _cancel_jobs(self, reason: str) -> None:
+        """Cancel every job; each waiting client gets ``reason`` at once
+        (a blocking send: the hypervisor is about to close their sockets)."""
+        while self.jobs:
+            job = self.jobs.popleft()
+            job.cancel(self, reason)
+            c = job.client
+            if c is None or c.closed:
+                continue
+            msg = schema.error(f"{reason}: {job.describe()} was cancelled", ECANCELED, "ECANCELED")
+            try:
+                c.sock.settimeout(1.0)
+                control.send_frame(c.sock, msg)
+            except OSError:
+                pass
+
+
+def _sentence(job: Job, e: HVError) -> str:
+    return f"{job.describe()}: {sentence(e)}"
+
+
+class CreateJob(Job):
+    """A domain being created: the core's :class:`hvcore.domains.DomainBuild`
+    populated chunk by chunk, then its guest started. The create request is
+    answered once the guest said hello (see :mod:`.guests`)."""
+
+    kind = "create"
+
+    def __init__(self, client, build, config: dict):
+        super().__init__(client)
+        self.build, self.config = build, config
+
+    def describe(self) -> str:
+        b = self.build
+        return f"the create of domain {b.domid} ({b.cursor} of {b.npages} pages populated)"
+
+    def step(self, proc, should_yield) -> bool:
+        return proc.hv.build_step(self.build, should_yield, chunk_seconds=TEARDOWN_CHUNK_SECONDS)
+
+    def finish(self, proc) -> None:
+        d = proc.hv.domains[self.build.domid]
+        try:
+            g = proc._spawn_guest(d, self.config)
+        except OSError as e:
+            proc.hv.destroy_domain(d.domid)
+            proc._job_failed(self, schema.error(f"cannot start the guest process: {e.strerror}",
+                                                EINVAL, "EINVAL"))
+            return
+        c = self.client
+        if c is not None and not c.closed:
+            g.creator = c           # answered once the guest says hello
+        else:
+            g.creator = None
+
+    def cancel(self, proc, reason: str) -> None:
+        proc.hv.cancel_build(self.build)
+
+    def progress(self) -> dict:
+        b = self.build
+        return {"domid": b.domid, "name": b.name, "state": "creating", "pages": b.npages,
+                "populated": b.cursor, "tot_pages": b.populated, "shr_pages": 0, "pid": None,
+                "p2m": b.p2m.name, "steps": self.steps,
+                "seconds": round(time.monotonic() - self.started, 3)}
