@@ -29,6 +29,11 @@ from . import shm
 from .constants import OWNER_FREE, PAGE_SIZE
 from .errors import ENOMEM, HVError
 
+#: madvise(2) advice that allocates and maps pages for writing (Linux 5.14)
+MADV_POPULATE_WRITE = 23
+#: frames backed per madvise call of :meth:`FramePool.prefault`
+PREFAULT_SLAB = 1 << 16
+
 
 class FramePool:
     """``nframes`` frames in shared memory, their frame table and free list."""
@@ -109,6 +114,21 @@ class FramePool:
         self.type_count[mfns] = 0
         self._free[self._nfree:self._nfree + k] = mfns
         self._nfree += k
+
+    def prefault(self, progress=None) -> None:
+        """Back every frame with memory now (``MADV_POPULATE_WRITE``, or a
+        write to each page where the kernel lacks it), as a real host's RAM
+        always is: a create or a CoW fault then never waits for the kernel
+        to allocate a page. ``progress(done, total)`` is called per slab."""
+        slab = PREFAULT_SLAB
+        for lo in range(0, self.nframes, slab):
+            hi = min(self.nframes, lo + slab)
+            try:
+                self._mm.madvise(MADV_POPULATE_WRITE, lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE)
+            except (OSError, ValueError):
+                self.data[lo:hi, ::PAGE_SIZE] = 0     # the frames are free: any byte will do
+            if progress is not None:
+                progress(hi, self.nframes)
 
     def close(self) -> None:
         """Unmap and unlink the segment (idempotent)."""

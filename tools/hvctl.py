@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fifo (default): real-time priority, so guests never preempt a hypervisor "
                         "step, as in Xen (falls back to normal where not permitted); normal: an "
                         "ordinary process")
+    s.add_argument("--prefault", action="store_true",
+                   help="back every frame of the pool with memory before serving, as a real "
+                        "host's RAM is (takes a few seconds per million frames): creates and CoW "
+                        "faults then never wait for the kernel to allocate a page")
     s.add_argument("--foreground", action="store_true",
                    help="stay attached: serve until Ctrl-C, log to this terminal")
 
@@ -289,13 +293,14 @@ def cmd_start(a) -> object:
         pid = api.running_pid(path)
         if pid is not None:
             raise api.HVCtlError(f"a hypervisor (pid {pid}) is already running on {path}")
-        if serve(path, a.frames, a.rmap, a.teardown, announce=announce, sched=a.sched):
+        if serve(path, a.frames, a.rmap, a.teardown, announce=announce, sched=a.sched,
+                 prefault=a.prefault):
             raise api.HVCtlError(f"the hypervisor could not start on {path}")
         return None
     crashed = crash_note(path)
     if crashed and api.running_pid(path) is None:
         print(f"hvctl start: note{crashed}", file=sys.stderr)
-    proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched)
+    proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched, prefault=a.prefault)
     out = {"pid": proc.pid, "socket": path, "frames": a.frames, "rmap": a.rmap,
            "teardown": a.teardown, "sched": a.sched, "leftovers_removed": proc.cleaned}
     return out, _started_line(path, proc.pid, a, proc.cleaned)

@@ -51,9 +51,13 @@ def running_pid(socket_path: str) -> int | None:
         return None
 
 
+#: what backing one frame at start costs at most, for the start's timeout
+PREFAULT_SECONDS_PER_FRAME = 50e-6
+
+
 def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAMES,
                      rmap: str = "buckets", teardown: str = "preemptible",
-                     timeout: float = 60.0, sched: str = "fifo") -> subprocess.Popen:
+                     timeout: float = 60.0, sched: str = "fifo", prefault: bool = False) -> subprocess.Popen:
     """Start a detached hypervisor and return once it serves.
 
     The caller owns the returned Popen only to reap it (it runs in its own
@@ -74,6 +78,9 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         cmd = [sys.executable, "-m", "hvcore.process", "--socket", socket_path, "--frames", str(frames),
                "--rmap", rmap, "--teardown", teardown, "--sched", sched, "--ready-fd", str(ready_w)]
+        if prefault:
+            cmd.append("--prefault")
+            timeout += frames * PREFAULT_SECONDS_PER_FRAME
         try:
             proc = subprocess.Popen(cmd, pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, start_new_session=True, env=child_env(), cwd="/")
@@ -191,7 +198,8 @@ class HVSession(HypervisorClient):
     stops it and removes every trace (processes, segments, files)."""
 
     def __init__(self, frames: int = 4096, rmap: str = "buckets", teardown: str = "preemptible",
-                 directory: str | None = None, timeout: float | None = 120.0, sched: str = "fifo"):
+                 directory: str | None = None, timeout: float | None = 120.0, sched: str = "fifo",
+                 prefault: bool = False):
         self._own_dir = directory is None
         # Short paths: a Unix socket path must fit in 107 bytes.
         root = SESSION_ROOT or ("/tmp" if os.path.isdir("/tmp") else None)
@@ -200,7 +208,8 @@ class HVSession(HypervisorClient):
         self.frames, self.rmap, self.teardown = frames, rmap, teardown
         self._guest_pids: set[int] = set()
         try:
-            self.process = start_hypervisor(self.socket_path, frames, rmap, teardown, sched=sched)
+            self.process = start_hypervisor(self.socket_path, frames, rmap, teardown, sched=sched,
+                                            prefault=prefault)
         except BaseException:
             if self._own_dir:
                 shutil.rmtree(self.directory, ignore_errors=True)

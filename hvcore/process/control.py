@@ -118,7 +118,9 @@ class ControlOps:
                   steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
-                  cow_faults=self.cow_faults)
+                  cow_faults=self.cow_faults,
+                  job_max_cpu_ms={k: round(v * 1e3, 3) for k, v in self._job_cpu_max.items()},
+                  jobs=[j.describe() for j in self.jobs])
         st.update(paced=self.paced[0], paced_ms=round(self.paced[1] * 1e3, 3))
         st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),
                   events_posted=self.ring.posted, event_subscribers=self.ring.live())

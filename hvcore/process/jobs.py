@@ -74,6 +74,8 @@ class Jobs:
         self._preempted = False
         try:
             done = job.step(self, self._other_work(c, t0))
+            if done:
+                job.finish(self)
         except HVError as e:
             self._job_failed(job, schema.error(_sentence(job, e), e.code, e.name))
             done = None
@@ -87,9 +89,7 @@ class Jobs:
             self._job_cpu_max[job.kind] = max(self._job_cpu_max.get(job.kind, 0.0),
                                               time.thread_time() - cpu0)
         self._preempted = False
-        if done:
-            job.finish(self)
-        elif done is False:
+        if done is False:
             self.jobs.append(job)
 
     def _job_failed(self, job: Job, answer: bytes) -> None:

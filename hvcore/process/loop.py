@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import fcntl
 import json
 import os
@@ -84,6 +85,8 @@ PACE_WINDOW = 0.1
 PACE_DUTY = 0.9
 PACE_GUEST_SLACK = 0.03
 _TICK = 0.1
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 class StartError(Exception):
@@ -94,7 +97,9 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
     """The hypervisor process's state: the core, the loop and its endpoints."""
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
-                 teardown: str = "preemptible", sched: str = "fifo"):
+                 teardown: str = "preemptible", sched: str = "fifo", prefault: bool = False):
+        #: back the whole pool with memory before serving (FramePool.prefault)
+        self.prefault = prefault
         self.socket_path = os.path.abspath(socket_path)
         self.state_dir = state_dir_for(self.socket_path)
         self.frames, self.rmap, self.teardown, self.sched = frames, rmap, teardown, sched
@@ -201,6 +206,8 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         except (OSError, ValueError, MemoryError) as e:
             self._release_files()
             raise StartError(f"cannot create a pool of {self.frames} frames: {e}") from None
+        if self.prefault:
+            self.hv.pool.prefault()
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -473,6 +480,19 @@ def _apply_sched(mode: str) -> str:
     return "fifo"
 
 
+def _keep_scratch_mapped() -> None:
+    """Let the C heap keep what numpy's temporaries freed (glibc:
+    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` up), so that a step's
+    scratch arrays reuse mapped memory instead of faulting in fresh pages,
+    which the kernel may take milliseconds to provide."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
 def _pace_duty() -> float | None:
     """The duty cycle a real-time hypervisor keeps under: PACE_DUTY, or
     less if the kernel allows real-time tasks less; None if unlimited."""
@@ -490,7 +510,7 @@ def _pace_duty() -> float | None:
 
 def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
           teardown: str = "preemptible", ready_fd: int | None = None, announce=None,
-          sched: str = "fifo") -> int:
+          sched: str = "fifo", prefault: bool = False) -> int:
     """Run a hypervisor on ``socket_path`` until it is stopped.
 
     ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
@@ -498,7 +518,7 @@ def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
     launcher waits on it. ``announce(server, cleaned)`` is called once
     serving (the foreground start prints there).
     """
-    srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched)
+    srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched, prefault)
     try:
         cleaned = srv.open()
     except StartError as e:
@@ -510,6 +530,7 @@ def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
     if announce is not None:
         announce(srv, cleaned)
     quiet_collector()
+    _keep_scratch_mapped()
     srv.run()
     return 0
 
@@ -533,9 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rmap", default="buckets")
     p.add_argument("--teardown", default="preemptible")
     p.add_argument("--sched", default="fifo")
+    p.add_argument("--prefault", action="store_true")
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
-    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched)
+    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched, prefault=a.prefault)
 
 
 if __name__ == "__main__":
