@@ -120,6 +120,17 @@ class Requester:
         self.close()
 
 
+#: seconds between two looks at a create's progress (HypervisorClient.create_domain)
+PROGRESS_INTERVAL = 0.25
+
+
+def _creating(domains: list, pages: int, name: str | None) -> dict | None:
+    """The newest domain of ``list`` being created with ``pages`` (and ``name``)."""
+    found = [d for d in domains if d.get("state") == "creating" and d["pages"] == pages
+             and (name is None or d["name"] == name)]
+    return max(found, key=lambda d: d["domid"]) if found else None
+
+
 class HypervisorClient(Requester):
     """A connection to a hypervisor's control socket."""
 
@@ -159,10 +170,43 @@ class HypervisorClient(Requester):
         return self.create_domain(pages, workload, seed, name, paused, rate, batch)["domid"]
 
     def create_domain(self, pages: int, workload: str = "zero", seed: int = 0, name: str | None = None,
-                      paused: bool = False, rate: float | None = None, batch: int | None = None) -> dict:
-        """Like :meth:`create`, with the whole answer (domid, pid, name, guest_socket)."""
+                      paused: bool = False, rate: float | None = None, batch: int | None = None,
+                      progress=None) -> dict:
+        """Like :meth:`create`, with the whole answer (domid, pid, name, guest_socket).
+
+        The hypervisor populates a domain a bounded step at a time and
+        answers once its guest runs. ``progress(entry)``, if given, is
+        called every PROGRESS_INTERVAL seconds meanwhile with the domain's
+        ``list`` entry (state ``creating``, ``populated`` of ``pages``),
+        read over a second connection."""
         args = {k: v for k, v in dict(rate=rate, batch=batch, name=name).items() if v is not None}
-        return self.call("create", pages=pages, workload=workload, seed=seed, paused=paused, **args)
+        if progress is None:
+            return self.call("create", pages=pages, workload=workload, seed=seed, paused=paused, **args)
+        out: dict = {}
+
+        def create():
+            try:
+                out["answer"] = self.call("create", pages=pages, workload=workload, seed=seed,
+                                          paused=paused, **args)
+            except BaseException as e:          # re-raised in the caller's thread
+                out["error"] = e
+        worker = threading.Thread(target=create, daemon=True)
+        worker.start()
+        worker.join(PROGRESS_INTERVAL)
+        if worker.is_alive():
+            with HypervisorClient(self.socket_path, timeout=10) as peek:
+                while worker.is_alive():
+                    try:
+                        entry = _creating(peek.list(), pages, name)
+                    except HVCtlError:
+                        entry = None
+                    if entry is not None:
+                        progress(entry)
+                    worker.join(PROGRESS_INTERVAL)
+        worker.join()
+        if "error" in out:
+            raise out["error"]
+        return out["answer"]
 
     def destroy(self, domid: int, progress=None) -> dict:
         """Destroy a domain to the end with the kill controller

@@ -10,6 +10,7 @@ audit that found errors), 2 for a mistake on the command line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -335,8 +336,40 @@ def _n(k: int, what: str) -> str:
 
 
 def cmd_create(a) -> object:
-    r = _client(a).create_domain(a.pages, a.workload, a.seed, a.name, a.paused, a.rate, a.batch)
+    bar = None if a.json else _CreateBar.on_terminal(a.pages)
+    try:
+        r = _client(a).create_domain(a.pages, a.workload, a.seed, a.name, a.paused, a.rate, a.batch,
+                                     progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     return r, str(r["domid"])
+
+
+class _CreateBar:
+    """A tqdm bar of pages populated while a create runs (stderr, a terminal only)."""
+
+    @classmethod
+    def on_terminal(cls, pages: int):
+        if not sys.stderr.isatty() or importlib.util.find_spec("tqdm") is None:
+            return None
+        return cls(pages)
+
+    def __init__(self, pages: int):
+        self.pages, self.bar = pages, None
+
+    def __call__(self, entry: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.pages, desc=f"create dom{entry['domid']}", unit="page",
+                            unit_scale=True, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar.update(entry["populated"] - self.bar.n)
+        if entry["populated"] >= self.pages:
+            self.bar.set_postfix_str("starting the guest")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_list(a) -> object:
