@@ -293,16 +293,7 @@ class Sharing:
         usual first pass over two clones) the pairs are independent and the
         whole range is done with numpy, handles numbered as the loop would.
         """
-        source, client = self.domain(sd), self.domain(cd)
-        if sd == cd:
-            raise HVError(EINVAL, f"range_share needs two domains, not domain {sd} twice")
-        if first_gfn < 0 or first_gfn > last_gfn:
-            raise HVError(EINVAL, "empty or negative gfn range")
-        end = min(source.npages, client.npages)
-        if last_gfn >= end:
-            small = source if source.npages <= client.npages else client
-            raise HVError(EINVAL, f"gfn {last_gfn} is past the end of domain {small.domid} "
-                                  f"({small.npages} pages)")
+        source, client = self.check_range(sd, cd, first_gfn, last_gfn)
         gfns = np.arange(first_gfn, last_gfn + 1, dtype=np.int64)
         s_codes, s_fresh = self._classify(source, gfns)
         c_codes, c_fresh = self._classify(client, gfns)
@@ -324,6 +315,21 @@ class Sharing:
         g = gfns[pair]
         codes = self.share_many(sd, g, s_h[pair], cd, g, c_h[pair])
         return int((codes == 0).sum())
+
+    def check_range(self, sd: int, cd: int, first_gfn: int, last_gfn: int):
+        """The checks of :meth:`range_share`, for a caller that shares the
+        range in pieces: (source, client), or HVError as range_share raises."""
+        source, client = self.domain(sd), self.domain(cd)
+        if sd == cd:
+            raise HVError(EINVAL, f"range_share needs two domains, not domain {sd} twice")
+        if first_gfn < 0 or first_gfn > last_gfn:
+            raise HVError(EINVAL, "empty or negative gfn range")
+        end = min(source.npages, client.npages)
+        if last_gfn >= end:
+            small = source if source.npages <= client.npages else client
+            raise HVError(EINVAL, f"gfn {last_gfn} is past the end of domain {small.domid} "
+                                  f"({small.npages} pages)")
+        return source, client
 
     def _range_share_loop(self, sd: int, cd: int, gfns: np.ndarray) -> int:
         shared = 0

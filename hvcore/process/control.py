@@ -21,7 +21,7 @@ from .. import errors, images
 from ..constants import WORKLOADS
 from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError, sentence
 from .endpoints import ControlConnection
-from .jobs import CreateJob
+from .jobs import BatchJob, CreateJob
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 #: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
@@ -296,7 +296,16 @@ class ControlOps:
         return {}
 
     def _op_range_share(self, c, payload, sd, cd, first, last):
-        return {"shared": self.hv.range_share(sd, cd, first, last)}
+        """A job over the range (Xen's range_share continues itself the
+        same way): checked whole, then shared a piece per chunk."""
+        self.hv.check_range(sd, cd, first, last)
+        t0 = time.monotonic()
+        self._start_job(BatchJob(
+            c, "range_share", last - first + 1,
+            lambda lo, hi: self.hv.range_share(sd, cd, first + lo, first + hi - 1),
+            lambda parts: {"shared": sum(parts), "seconds": round(time.monotonic() - t0, 6)},
+            f"gfns {first}..{last} of domains {sd} and {cd}"))
+        return None
 
     def _op_unshare(self, c, payload, domid, gfn):
         return {"copied": bool(self.hv.unshare(domid, gfn))}
@@ -306,15 +315,25 @@ class ControlOps:
 
     def _op_nominate_many(self, c, payload, domid, count, budget_us):
         gfns = payload_arrays(payload, count, [np.int64])[0]
+        if budget_us is None:
+            gfns = gfns.copy()      # the payload's buffer is not ours past this step
         t0 = time.perf_counter()
-        parts, done = self._bounded(c, "nominate_many", count, budget_us,
-                                    lambda lo, hi: self.hv.nominate_many(domid, gfns[lo:hi]))
-        handles = np.concatenate([h for h, _ in parts])
-        codes = np.concatenate([k for _, k in parts])
-        # work_ms: the work's own time, without the framing
-        return {"count": count, "done": done, "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, \
-            np.concatenate([handles.astype("<u8").view(np.uint8),
-                            codes.astype("<i8").view(np.uint8)]).tobytes()
+
+        def work(lo, hi):
+            return self.hv.nominate_many(domid, gfns[lo:hi])
+
+        def answer(parts, done=count):
+            handles = np.concatenate([h for h, _ in parts]) if parts else np.zeros(0, np.uint64)
+            codes = np.concatenate([k for _, k in parts]) if parts else np.zeros(0, np.int64)
+            # work_ms: the work's own time, without the framing
+            return {"count": count, "done": done, "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, \
+                np.concatenate([handles.astype("<u8").view(np.uint8),
+                                codes.astype("<i8").view(np.uint8)]).tobytes()
+        if budget_us is None:
+            self._start_job(BatchJob(c, "nominate_many", count, work, answer, f"{count} gfns of domain {domid}"))
+            return None
+        parts, done = self._bounded(c, "nominate_many", count, budget_us, work)
+        return answer(parts, done)
 
     def _op_share_many(self, c, payload, sd, cd, count, budget_us):
         if (sd is None) != (cd is None):
@@ -324,16 +343,24 @@ class ControlOps:
                                                              np.int64, np.int64, np.uint64])
         else:
             sg, sh, cg, ch = payload_arrays(payload, count, [np.int64, np.uint64, np.int64, np.uint64])
+        if budget_us is None:       # a job: the payload's buffer is not ours past this step
+            sd, sg, sh, cd, cg, ch = (x if np.ndim(x) == 0 else x.copy() for x in (sd, sg, sh, cd, cg, ch))
 
         def work(lo, hi):
             part = slice(lo, hi)
             return self.hv.share_many(sd if np.ndim(sd) == 0 else sd[part], sg[part], sh[part],
                                       cd if np.ndim(cd) == 0 else cd[part], cg[part], ch[part])
         t0 = time.perf_counter()
+
+        def answer(parts, done=count):
+            codes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            return {"count": count, "done": done, "shared": int((codes == 0).sum()),
+                    "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, codes.astype("<i8").tobytes()
+        if budget_us is None:
+            self._start_job(BatchJob(c, "share_many", count, work, answer, f"{count} pairs"))
+            return None
         parts, done = self._bounded(c, "share_many", count, budget_us, work)
-        codes = np.concatenate(parts)
-        return {"count": count, "done": done, "shared": int((codes == 0).sum()),
-                "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, codes.astype("<i8").tobytes()
+        return answer(parts, done)
 
 
 def payload_arrays(payload, count: int, dtypes) -> list[np.ndarray]:

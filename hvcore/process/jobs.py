@@ -25,6 +25,7 @@ import traceback
 from ..wire import control, schema
 from ..errors import ECANCELED, EINVAL, EIO, HVError, sentence
 from .endpoints import ControlConnection
+from ..budget import MIN_CHUNK_ITEMS, ChunkCost
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 
@@ -163,3 +164,47 @@ class CreateJob(Job):
                 "populated": b.cursor, "tot_pages": b.populated, "shr_pages": 0, "pid": None,
                 "p2m": b.p2m.name, "steps": self.steps,
                 "seconds": round(time.monotonic() - self.started, 3)}
+
+
+class BatchJob(Job):
+    """A batch request sent without a step budget (``nominate_many``,
+    ``share_many``, ``range_share``): its items ``[0, n)`` are worked off
+    in chunks, ``work(lo, hi)`` each, a bounded step at a time, and
+    ``answer(parts)`` makes the one answer from the chunks' results once
+    all are done."""
+
+    def __init__(self, client, kind: str, n: int, work, answer, what: str):
+        super().__init__(client)
+        self.kind, self.n, self.work, self.answer, self.what = kind, n, work, answer, what
+        self.lo, self.parts = 0, []
+        self.cost = ChunkCost.rate(FIRST_BATCH_CHUNK)
+
+    def describe(self) -> str:
+        return f"the {self.kind} of {self.what} ({self.lo} of {self.n} done)"
+
+    def step(self, proc, should_yield) -> bool:
+        clock, cost = time.perf_counter, self.cost
+        while self.lo < self.n:
+            t0 = clock()
+            k = max(MIN_CHUNK_ITEMS, cost.items(TEARDOWN_CHUNK_SECONDS, TEARDOWN_CHUNK_SECONDS))
+            hi = min(self.n, self.lo + k)
+            self.parts.append(self.work(self.lo, hi))
+            cost.learn(hi - self.lo, clock() - t0)
+            self.lo = hi
+            if self.lo < self.n and should_yield():
+                return False
+        return True
+
+    def finish(self, proc) -> None:
+        c = self.client
+        result = self.answer(self.parts)
+        if c is None or c.closed:
+            return
+        obj, data = result if isinstance(result, tuple) else (result, b"")
+        c.waiting = False
+        c.reply(schema.ok(**obj), data)
+        proc._serve_backlog(c)
+
+
+#: items in the first chunk of a batch job (later chunks follow its rate)
+FIRST_BATCH_CHUNK = 256
