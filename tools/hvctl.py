@@ -381,6 +381,8 @@ def cmd_list(a) -> object:
         state = d["state"] + (f" ({d['exit']})" if d["state"] == "crashed" and d.get("exit") else "")
         if d["state"] == "dying":
             state += f" (gfn {d['cursor']}/{d['pages']}, {d['phase']})"
+        if d["state"] == "creating":
+            state += f" ({d['populated']}/{d['pages']})"
         if d.get("waiting_for_memory"):
             state += f" (waiting for memory {d['waiting_ms'] / 1e3:.1f} s)"
         rows.append((d["domid"], d["name"], state, d["pages"], d["shr_pages"], d["pid"] or "-",
@@ -395,6 +397,8 @@ def cmd_info(a) -> object:
     lines.append(f"{'sched':<16}{i.get('sched', '?')}")
     lines.append(f"{'max_pause_ms':<16}{i['max_pause_ms']} ({i.get('max_pause_op', '?')})")
     lines.append(f"{'cow_faults':<16}{i.get('cow_faults', 0)}")
+    for op, why in (i.get("unbounded") or {}).items():
+        lines.append(f"{'unbounded':<16}{op}: {why}")
     lines.append(f"{'hypervisor':<16}pid {i['pid']}, {i['steps']} steps, {i['requests']} requests, "
                  f"up {i['uptime_s']:.0f} s")
     hist = i.get("pause_histogram") or []

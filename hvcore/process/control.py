@@ -120,11 +120,21 @@ class ControlOps:
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
                   cow_faults=self.cow_faults,
                   job_max_cpu_ms={k: round(v * 1e3, 3) for k, v in self._job_cpu_max.items()},
-                  jobs=[j.describe() for j in self.jobs])
+                  jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded())
         st.update(paced=self.paced[0], paced_ms=round(self.paced[1] * 1e3, 3))
         st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),
                   events_posted=self.ring.posted, event_subscribers=self.ring.live())
         return st
+
+    def _unbounded(self) -> dict:
+        """The operations that run as one step however large, and why:
+        every other grows a bounded step at a time."""
+        out = {"audit": "one step over every frame, rmap entry and p2m entry: it checks one "
+                        "consistent state"}
+        if self.teardown == "monolithic":
+            out["destroy"] = "--teardown monolithic: a domain's whole teardown in one step, " \
+                             "as before Xen 4.2"
+        return out
 
     def _op_list(self, c, payload):
         """Every domain, and those still being created (state ``creating``,
