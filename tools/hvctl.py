@@ -188,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
             "guest process, and print the new domid.\n\n"
             "Workloads: zero (every page zero), clone (a common image chosen by --seed, some\n"
             "zero and some private pages: VMs booted from one image), writer (a clone whose\n"
-            "guest writes --rate random pages per second, --batch pages per message).")
+            "guest writes --rate random pages per second, --batch pages per message).\n\n"
+            "The hypervisor populates the domain a bounded step at a time, serving guests and\n"
+            "other requests in between, and answers once the guest runs; meanwhile 'hvctl\n"
+            "list' shows it as creating. On a terminal a bar shows the pages populated. If the\n"
+            "hypervisor stops first, the create fails (ECANCELED) and nothing of it is left.")
     c.add_argument("--pages", type=_count("pages"), required=True, help="pages of 4 KiB")
     c.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=WORKLOADS,
                    help="what the memory holds and what the guest does (default zero)")
@@ -585,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         more = (f"; domain {a.domid} may be left dying: run 'hvctl destroy {a.domid}' again to finish"
-                if a.command == "destroy" else "")
+                if a.command == "destroy" else
+                "; the hypervisor still finishes the create ('hvctl list' shows it)"
+                if a.command == "create" else "")
         print(f"hvctl {a.command}: interrupted{more}.", file=sys.stderr)
         return 130
     except OSError as e:                # a path we cannot create or reach
