@@ -225,3 +225,15 @@ def test_version_and_domains_by_name_as_xl_takes_them(hvctl):
     listed = json.loads(hvctl("list", "--json").stdout)
     names = [d["name"] for d in (listed["domains"] if isinstance(listed, dict) else listed)]
     assert names == ["db"]
+
+
+def test_info_names_the_operations_that_stay_one_step(hvctl):
+    assert hvctl("start", "--frames", "256", "--teardown", "monolithic").returncode == 0
+    info = json.loads(hvctl("info", "--json").stdout)
+    assert sorted(info["unbounded"]) == ["audit", "destroy"]
+    text = hvctl("info").stdout
+    assert "unbounded       audit:" in text and "unbounded       destroy: --teardown monolithic" in text
+    hvctl("stop")
+    assert hvctl("start", "--frames", "256", "--prefault").returncode == 0
+    info = json.loads(hvctl("info", "--json").stdout)
+    assert list(info["unbounded"]) == ["audit"] and info["frames_free"] == 256
