@@ -237,3 +237,5 @@ def test_info_names_the_operations_that_stay_one_step(hvctl):
     assert hvctl("start", "--frames", "256", "--prefault").returncode == 0
     info = json.loads(hvctl("info", "--json").stdout)
     assert list(info["unbounded"]) == ["audit"] and info["frames_free"] == 256
+    # every frame of the pool is backed by memory before any domain exists
+    assert os.stat("/dev/shm" + info["pool"]).st_blocks * 512 >= 256 * 4096
