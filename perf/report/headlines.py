@@ -358,15 +358,15 @@ def _scale_headlines(r: Any) -> list[dict]:
         return dig(r, "ratios", f"{key}_{rmap}_{int(n)}") if num(n) else None
     dst = dig(r, "ratios", f"destroy_index_over_munmap_{int(n)}") if num(n) else None
     return [
-        _h(f"scale: longest hypervisor step, two clones of {_n(n)} pages ({rmap}"
+        _h(f"scale: longest step of any operation, two clones of {_n(n)} pages ({rmap}"
            + (f", {longest[0]}" if longest[0] else "") + ")", "ms", cmd, "<= 1 ms in every operation",
            value=longest[1], anchor=("longest destroy step", "ms"), anchor_value=dig(ops, "destroy", "max_step_ms"),
            met=lambda v, q: v <= 1.0, bench="scale", result=r),
-        _h(f"scale: create of {_n(n)} clone pages vs numpy generating the same bytes ({rmap})", "s", cmd,
+        _h(f"scale: create of a {_n(n)}-page clone vs numpy generating the same bytes ({rmap})", "s", cmd,
            "none stated (the floor)", value=dig(ops, "create", "seconds"), anchor=("numpy fill", "s"),
            anchor_value=dig(peer, "fill", "generate", "seconds"), ratio=ratio("create_over_fill"),
            ratio_of="create/fill", bench="scale", result=r),
-        _h(f"scale: dedup merge rate, 2 x {_n(n)} clone pages, vs Linux KSM ({rmap})", "pages/s", cmd, ">= 1x",
+        _h(f"scale: one dedup pass over two {_n(n)}-page clones, merge rate vs ksmd ({rmap})", "pages/s", cmd, ">= 1x",
            value=dig(ops, "dedup", "pages_per_second"), anchor=("Linux KSM ksmd, same pages", "pages/s"),
            anchor_value=dig(peer, "ksm", "pages_per_second"), ratio=ratio("dedup_over_ksm"),
            ratio_of="hvshare/KSM", met=lambda v, q: q >= 1, bench="scale", result=r),
