@@ -497,6 +497,7 @@ def plot_scale_steps(result: dict, path: str) -> str:
     rows = [c for c in cases(result) if num(c.get("pages")) and isinstance(c.get("ops"), dict)]
     if not rows:
         raise Skip("no results with pages and ops")
+    from matplotlib.ticker import NullLocator
     policies = sorted({c.get("rmap", "?") for c in rows}, key=lambda p: list(POLICY_STYLE).index(p)
                       if p in POLICY_STYLE else 9)
     fig, ax = _figure(1, len(policies), (6 * len(policies), 5))
@@ -523,11 +524,17 @@ def plot_scale_steps(result: dict, path: str) -> str:
             a.set_xlim(sizes[0] / 2, sizes[0] * 2)
         _log(a, "x")
         _log(a, "y")
+        a.set_xticks(sizes, [_compact(x) for x in sizes])
+        a.xaxis.set_minor_locator(NullLocator())
         a.set_xlabel("pages per domain")
         a.set_ylabel("longest hypervisor step (ms)")
         a.set_title(f"rmap {policy}")
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=8)
+    lo = min(a.get_ylim()[0] for a in ax[0])
+    hi = max(a.get_ylim()[1] for a in ax[0])
+    for a in ax[0]:                   # one scale: the policies compare at a glance
+        a.set_ylim(lo, hi)
     note = "CPU time per step not reported for some operations: wall time only there" if wall_only else ""
     _title(fig, "Longest hypervisor step per operation against domain size", result, note)
     _save(fig, path)
