@@ -51,14 +51,16 @@ Medians are reported with the spread (min..max) of the repeats.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
 
 from .common import sigterm_exits, table
 
@@ -150,6 +152,27 @@ def step_window(before: dict, after: dict, ignore=IGNORED_KINDS) -> dict:
 # one hypervisor: create, dedup, cow, destroy
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is over, then take effect:
+    a hypervisor being started is not left running (its starter would be
+    interrupted before it could say which process to stop). Python-level
+    handlers, not a signal mask: the hypervisor must not inherit one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])
+
+
 def one_life(n: int, rmap: str) -> dict:
     """The four operations on two clone domains of ``n`` pages, on a fresh
     hypervisor (pool of 2n + MARGIN frames); per operation its figures."""
@@ -158,8 +181,10 @@ def one_life(n: int, rmap: str) -> dict:
     from tools.dedup import Scanner, SocketBackend
     from tools.session import HVSession
     out: dict = {}
-    hv = HVSession(frames=2 * n + MARGIN, rmap=rmap, timeout=None)
+    hv = None
     try:
+        with _signals_held():
+            hv = HVSession(frames=2 * n + MARGIN, rmap=rmap, timeout=None)
         i0 = hv.info()
         secs = []
         for _ in range(2):
@@ -195,7 +220,11 @@ def one_life(n: int, rmap: str) -> dict:
                               window=step_window(i3, i4))
         out["audit_errors"] = hv.audit()
     finally:
-        hv.close()
+        # A request cut short (Ctrl-C) leaves its answer unread on the
+        # session's connection: stop the hypervisor over a fresh one.
+        if hv is not None:
+            HypervisorClient.close(hv)
+            hv.close()
     for op, o in out.items():
         if op == "audit_errors":
             continue

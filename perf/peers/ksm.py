@@ -43,6 +43,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -459,8 +460,12 @@ def merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray], None],
             lead.foreign_pids = foreign_mergers()
             _wait_merged_together(regions, timeout, settle_scans, poll_seconds)
         except BaseException:
+            # the interrupted fill's frames still hold views of a region:
+            # free them, or the unmap fails (BufferError) and hides the error
+            traceback.clear_frames(sys.exc_info()[2])
             for r in regions:
-                r.close()
+                with contextlib.suppress(BufferError):
+                    r.close()
             raise
     return regions
 
