@@ -102,3 +102,39 @@ def expected_counts(groups: np.ndarray | Sequence[int], max_page_sharing: int) -
     merged = g - (rem == 1)
     return int(kpages.sum()), int((merged - kpages).sum())
 
+
+
+def hv_clone_pages(n_pages: int, seed: int, instance: int, out: np.ndarray | None = None,
+                   chunk: int = 65_536) -> np.ndarray:
+    """The bytes hvshare's ``clone`` workload gives a domain: the
+    ``instance``-th domain created on a hypervisor (1 for the first) with
+    ``seed`` (:func:`hvcore.images.clone_content`), ``(n_pages, 4096) uint8``,
+    generated ``chunk`` pages at a time into ``out`` (a new array if None)."""
+    from hvcore.images import clone_content
+    if out is None:
+        out = np.empty((n_pages, PAGE_SIZE), dtype=np.uint8)
+    elif out.shape != (n_pages, PAGE_SIZE) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 of shape ({n_pages}, {PAGE_SIZE})")
+    content = clone_content(seed, instance, n_pages)
+    for lo in range(0, n_pages, chunk):
+        hi = min(n_pages, lo + chunk)
+        out[lo:hi] = content(lo, hi - lo)
+    return out
+
+
+def duplicate_groups_of(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`duplicate_groups` of several page arrays taken together (the
+    pages of all of them as one set), without concatenating them."""
+    words_per_page = PAGE_SIZE // 8
+    mult = np.random.default_rng(12345).integers(1, 2**63, words_per_page, dtype=np.uint64) | np.uint64(1)
+    hashes = []
+    for pages in arrays:
+        words = np.ascontiguousarray(pages).view(np.uint64).reshape(len(pages), words_per_page)
+        h = np.zeros(len(words), dtype=np.uint64)
+        for start in range(0, len(words), 8192):
+            h[start:start + 8192] = (words[start:start + 8192] * mult).sum(axis=1, dtype=np.uint64)
+        hashes.append(h)
+        del words
+    if not hashes:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate(hashes), return_counts=True)[1]

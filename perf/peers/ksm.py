@@ -43,14 +43,15 @@ import os
 import statistics
 import sys
 import time
-from typing import Iterator, Sequence
+import traceback
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from hvcore.constants import PAGE_SIZE
 
 from ..common import latency_percentiles, standalone
-from .contents import CONTENTS, duplicate_groups, expected_counts, page_content
+from .contents import CONTENTS, duplicate_groups, duplicate_groups_of, expected_counts, page_content
 from .ksm_session import (KsmSession, current_session, fast_scan_knobs, ksm_session, run_scans,
                           sweep_stale, track_region)
 from .ksm_sysfs import CounterPoller, KsmUnavailable, foreign_mergers, ksm_available, read_knob, write_knob
@@ -422,6 +423,149 @@ def measure_munmap(n_pages: int = 100_000, seed: int = 0, repeats: int = 1) -> d
         out["seconds"] = statistics.median(merged)
         out["baseline_seconds"] = statistics.median(base)
         out["ratio"] = out["seconds"] / out["baseline_seconds"] if out["baseline_seconds"] > 0 else math.nan
+    return out
+
+
+# --------------------------------------------------------------------------
+# several regions merged together (two clones' memories, side by side)
+
+def merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray], None], *,
+                  content: str = "custom", seed: int = 0, pages_to_scan: int = 20000,
+                  timeout: float | None = None, settle_scans: int = 2,
+                  poll_seconds: float = 0.0005) -> list[KsmRegion]:
+    """Regions of ``sizes`` pages, region ``i`` filled by ``fill(i, array)``,
+    all marked mergeable at once and merged by KSM at full speed, as
+    :func:`merge` does for one region (same knobs, same stopping rules).
+
+    The counters are global, so the merge's measurements (``merge_seconds``,
+    ``pages_shared``/``pages_sharing``, the expected counts from the pages
+    of all regions together, ``complete``...) are those of the first
+    region; the others carry only their mapping. Close every region (that
+    is the munmap) inside the current session.
+    """
+    if timeout is None:
+        timeout = 30.0 + sum(sizes) * 1e-4
+    with current_session() as s:
+        s.set(run=0, **fast_scan_knobs(s, pages_to_scan))
+        sweep_stale(s)
+        regions: list[KsmRegion] = []
+        try:
+            for i, n in enumerate(sizes):
+                regions.append(KsmRegion(n, content, seed))
+                fill(i, regions[-1].array)                         # faults every page in
+            lead = regions[0]
+            lead.max_page_sharing = int(read_knob("max_page_sharing"))
+            groups = duplicate_groups_of([r.array for r in regions])
+            lead.expected_shared, lead.expected_sharing = expected_counts(groups, lead.max_page_sharing)
+            lead.foreign_pids = foreign_mergers()
+            _wait_merged_together(regions, timeout, settle_scans, poll_seconds)
+        except BaseException:
+            # the interrupted fill's frames still hold views of a region:
+            # free them, or the unmap fails (BufferError) and hides the error
+            traceback.clear_frames(sys.exc_info()[2])
+            for r in regions:
+                with contextlib.suppress(BufferError):
+                    r.close()
+            raise
+    return regions
+
+
+def _wait_merged_together(regions: list[KsmRegion], timeout: float, settle_scans: int,
+                          poll_seconds: float) -> None:
+    """:func:`_wait_merged` for several regions: all are madvised before
+    ksmd starts, and the first region keeps what the merge measured."""
+    lead = regions[0]
+    poll = CounterPoller(["pages_shared", "pages_sharing", "full_scans"])
+    try:
+        b_shared, b_sharing, b_scans = poll.read()
+        lead._base = (b_shared, b_sharing)
+        t0 = time.perf_counter()
+        for r in regions:
+            r.mm.madvise(mmap.MADV_MERGEABLE)
+        lead.madvise_seconds = time.perf_counter() - t0
+        want = (lead.expected_shared, lead.expected_sharing)
+        last = (0, 0)
+        t0 = t_change = time.perf_counter()
+        scans_at_change = b_scans
+        write_knob("run", 1)
+        while True:
+            shared, sharing, scans = poll.read()
+            now = time.perf_counter()
+            cur = (shared - b_shared, sharing - b_sharing)
+            if cur != last:
+                last, t_change, scans_at_change = cur, now, scans
+            if cur == want and want != (0, 0):
+                lead.complete = True
+                break
+            if scans - scans_at_change >= settle_scans:
+                lead.complete = cur == want
+                break
+            if now - t0 > timeout:
+                break
+            time.sleep(poll_seconds)
+    finally:
+        write_knob("run", 0)
+        try:
+            lead.full_scans = poll.read()[2] - b_scans
+        finally:
+            poll.close()
+    lead.merge_seconds = t_change - t0
+    lead.pages_shared, lead.pages_sharing = last
+
+
+def measure_merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray], None],
+                          repeats: int = 1, content: str = "custom", seed: int = 0,
+                          progress: Callable[[str], None] | None = None) -> dict:
+    """KSM merging regions of ``sizes`` pages filled by ``fill(i, array)``
+    (:func:`merge_regions`), then the munmap of each region, first to last
+    (the first while the others still map the KSM pages), ``repeats``
+    times with fresh regions.
+
+    Returns the last merge's summary (``n_pages``: all regions' pages) with
+    medians and every repeat: ``merge_seconds`` (``_all``),
+    ``pages_per_second`` (pages merged, ``pages_shared + pages_sharing``,
+    per second of merge), ``munmap_seconds`` (``_all``: the first region's
+    munmap) and ``munmap_rest_seconds`` (``_all``: the others', together);
+    ``{"skipped": reason}`` where KSM cannot be used or memory is short.
+    """
+    total = int(sum(sizes))
+    out: dict = {"n_pages": total, "content": content, "sizes": list(sizes)}
+    if reason := ksm_available():
+        return dict(out, skipped=reason)
+    try:
+        import psutil
+        avail = psutil.virtual_memory().available
+    except Exception:
+        avail = None
+    need = total * PAGE_SIZE
+    if avail is not None and need * 1.3 > avail:
+        return dict(out, skipped=f"not enough memory: {need >> 20} MiB needed, {avail >> 20} MiB available")
+    with _skippable(out), ksm_session():
+        merges, rates, unmaps, rest = [], [], [], []
+        for k in range(repeats):
+            regions = merge_regions(sizes, fill, content=content, seed=seed)
+            try:
+                lead = regions[0]
+                summary = lead.summary()
+                summary["n_pages"] = total
+                out.update(summary)
+                merged = lead.pages_shared + lead.pages_sharing
+                merges.append(lead.merge_seconds)
+                rates.append(merged / lead.merge_seconds if lead.merge_seconds > 0 else math.inf)
+                unmaps.append(lead.close())
+                rest.append(sum(r.close() for r in regions[1:]))
+            finally:
+                for r in regions:
+                    r.close()
+            if progress is not None:
+                progress(f"KSM merge {k + 1}/{repeats}: {total:,} pages in {merges[-1]:.2f} s "
+                         f"({rates[-1]:,.0f} pages/s{'' if out['complete'] else ', INCOMPLETE'}), "
+                         f"munmap {unmaps[-1] * 1e3:.1f} ms")
+        out.update(merge_seconds=statistics.median(merges), merge_seconds_all=merges,
+                   pages_per_second=statistics.median(rates), pages_per_second_all=rates,
+                   munmap_seconds=statistics.median(unmaps), munmap_seconds_all=unmaps,
+                   munmap_rest_seconds=statistics.median(rest), munmap_rest_seconds_all=rest,
+                   repeats=repeats)
     return out
 
 

@@ -341,12 +341,49 @@ def _density_headlines(r: Any) -> list[dict]:
                met=lambda v, q: v >= pred, bench="density", ratio_key="density", result=r)]
 
 
+def _scale_headlines(r: Any) -> list[dict]:
+    """perf.scale: ``results`` rows (rmap, pages, ops.{create,dedup,cow,
+    destroy}) and ``peers`` by N, at the largest N and the index rmap."""
+    cmd = "python -m perf scale"
+    rows = [c for c in cases(r) if isinstance(c.get("ops"), dict)]
+    row = pick(rows, "pages", rmap="index") or pick(rows, "pages")
+    n = dig(row, "pages")
+    ops = dig(row, "ops") or {}
+    peer = dig(r, "peers", str(int(n))) if num(n) else None
+    longest = max(((op, num(dig(o, "max_step_ms"))) for op, o in ops.items() if num(dig(o, "max_step_ms"))),
+                  key=lambda t: t[1], default=(None, None))
+    rmap = dig(row, "rmap") or "index"
+
+    def ratio(key):
+        return dig(r, "ratios", f"{key}_{rmap}_{int(n)}") if num(n) else None
+    dst = dig(r, "ratios", f"destroy_index_over_munmap_{int(n)}") if num(n) else None
+    return [
+        _h(f"scale: longest step of any operation, two clones of {_n(n)} pages ({rmap}"
+           + (f", {longest[0]}" if longest[0] else "") + ")", "ms", cmd, "<= 1 ms in every operation",
+           value=longest[1], anchor=("longest destroy step", "ms"), anchor_value=dig(ops, "destroy", "max_step_ms"),
+           met=lambda v, q: v <= 1.0, bench="scale", result=r),
+        _h(f"scale: create of a {_n(n)}-page clone vs numpy generating the same bytes ({rmap})", "s", cmd,
+           "none stated (the floor)", value=dig(ops, "create", "seconds"), anchor=("numpy fill", "s"),
+           anchor_value=dig(peer, "fill", "generate", "seconds"), ratio=ratio("create_over_fill"),
+           ratio_of="create/fill", bench="scale", result=r),
+        _h(f"scale: one dedup pass over two {_n(n)}-page clones, merge rate vs ksmd ({rmap})", "pages/s", cmd, ">= 1x",
+           value=dig(ops, "dedup", "pages_per_second"), anchor=("Linux KSM ksmd, same pages", "pages/s"),
+           anchor_value=dig(peer, "ksm", "pages_per_second"), ratio=ratio("dedup_over_ksm"),
+           ratio_of="hvshare/KSM", met=lambda v, q: q >= 1, bench="scale", result=r),
+        _h(f"scale: destroy of a {_n(n)}-page clone (index) vs Linux munmap of the KSM-merged region", "s", cmd,
+           "<= 3x", value=dig(pick(rows, "pages", rmap="index", pages=n), "ops", "destroy", "seconds"),
+           anchor=("Linux munmap", "s"), anchor_value=dig(peer, "ksm", "munmap_seconds"), ratio=dst,
+           ratio_of="index/munmap", met=lambda v, q: q <= 3, bench="scale", result=r),
+    ]
+
+
 HEADLINES: dict[str, Callable[[Any], list[dict]]] = {
     "rmap": _rmap_headlines,
     "teardown": _teardown_headlines,
     "cow": _cow_headlines,
     "dedup": _dedup_headlines,
     "density": _density_headlines,
+    "scale": _scale_headlines,
 }
 
 

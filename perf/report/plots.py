@@ -485,6 +485,63 @@ def plot_density(result: dict, path: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# scale
+
+SCALE_OPS = {"create": "tab:red", "dedup": "tab:blue", "cow": "tab:orange", "destroy": "tab:green"}
+
+
+def plot_scale_steps(result: dict, path: str) -> str:
+    """Each operation's longest hypervisor step (wall: solid, CPU: dashed,
+    hollow markers) against the domain size, one panel per rmap policy,
+    log axes, with the 1 ms line."""
+    rows = [c for c in cases(result) if num(c.get("pages")) and isinstance(c.get("ops"), dict)]
+    if not rows:
+        raise Skip("no results with pages and ops")
+    from matplotlib.ticker import NullLocator
+    policies = sorted({c.get("rmap", "?") for c in rows}, key=lambda p: list(POLICY_STYLE).index(p)
+                      if p in POLICY_STYLE else 9)
+    fig, ax = _figure(1, len(policies), (6 * len(policies), 5))
+    wall_only = False
+    for a, policy in zip(ax[0], policies):
+        mine = [c for c in rows if c.get("rmap", "?") == policy]
+        for op, color in SCALE_OPS.items():
+            wall = sorted((num(c["pages"]), num(dig(c, "ops", op, "max_step_ms"))) for c in mine)
+            wall = [(x, y) for x, y in wall if y]
+            cpu = sorted((num(c["pages"]), num(dig(c, "ops", op, "max_step_cpu_ms")),
+                          dig(c, "ops", op, "cpu_from")) for c in mine)
+            cpu = [(x, y) for x, y, src in cpu if y and src == "cpu"]
+            wall_only = wall_only or len(cpu) < len(wall)
+            if wall:
+                a.plot(*zip(*wall), color=color, marker="o", label=f"{op}, wall")
+            if cpu:
+                a.plot(*zip(*cpu), color=color, marker="o", ls="--", markerfacecolor="none",
+                       label=f"{op}, CPU")
+        a.axhline(1.0, color="gray", ls=":", lw=1)
+        a.annotate("1 ms", (0.01, 1.0), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
+                   color="gray")
+        sizes = sorted({num(c["pages"]) for c in mine})
+        if len(sizes) == 1:
+            a.set_xlim(sizes[0] / 2, sizes[0] * 2)
+        _log(a, "x")
+        _log(a, "y")
+        a.set_xticks(sizes, [_compact(x) for x in sizes])
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xlabel("pages per domain")
+        a.set_ylabel("longest hypervisor step (ms)")
+        a.set_title(f"rmap {policy}")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    lo = min(a.get_ylim()[0] for a in ax[0])
+    hi = max(a.get_ylim()[1] for a in ax[0])
+    for a in ax[0]:                   # one scale: the policies compare at a glance
+        a.set_ylim(lo, hi)
+    note = "CPU time per step not reported for some operations: wall time only there" if wall_only else ""
+    _title(fig, "Longest hypervisor step per operation against domain size", result, note)
+    _save(fig, path)
+    return note
+
+
+# ---------------------------------------------------------------------------
 # all of them
 
 #: (bench, file name, function)
@@ -495,6 +552,7 @@ PLOTS: list[tuple[str, str, Callable[[dict, str], str]]] = [
     ("cow", "cow_latency.png", plot_cow_latency),
     ("dedup", "dedup_merge.png", plot_dedup),
     ("density", "density.png", plot_density),
+    ("scale", "scale_steps.png", plot_scale_steps),
 ]
 
 
@@ -543,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plots: {e}", file=sys.stderr)
         return 1
     if not written:
-        print("plots: nothing to draw (no rmap, cow, teardown or dedup result in the JSON)")
+        print("plots: nothing to draw (no rmap, cow, teardown, dedup, density or scale result in the JSON)")
     print(report(written))
     return 0
 

@@ -10,7 +10,7 @@ import sys
 
 from hvcore.process.statedir import child_env
 
-BENCHES = ("rmap", "cow", "teardown", "dedup", "density")
+BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "scale")
 
 
 def test_perf_all_quick_runs_every_bench(tmp_path):
@@ -36,4 +36,4 @@ def test_perf_all_quick_runs_every_bench(tmp_path):
     if with_plots:
         assert sorted(f.name for f in plots.glob("*.png")) == sorted(
             ["rmap_cost.png", "teardown_time.png", "teardown_steps.png", "cow_latency.png",
-             "dedup_merge.png", "density.png"])
+             "dedup_merge.png", "density.png", "scale_steps.png"])
