@@ -30,9 +30,7 @@ The kernels:
 - ``chains_remove``: a batch of removals from the chains of the ``list`` and
   ``buckets`` policies, each found by its scan, with the conversion back to a
   list exactly where a removal would do it (a teardown's chunk);
-- ``walk_chains``: every node of many chains at once (the audit's bulk view);
-- ``relinquish_chunk``: the teardown's walk over a chunk of work units of a
-  p2m, and the shared gfns in it.
+- ``walk_chains``: every node of many chains at once (the audit's bulk view).
 
 Compilation is cached on disk (``cache=True``): in the package's
 ``__pycache__`` when that is writable, else in a per-user directory
@@ -56,11 +54,10 @@ import numpy as np
 #: buckets of a hashed frame (the ``buckets`` policy's RMAP_HASHTAB_SIZE)
 HASH_BUCKETS = 256
 #: seconds a cold compilation of every kernel takes on a typical machine
-COLD_COMPILE_SECONDS = 15
+COLD_COMPILE_SECONDS = 5
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_KERNELS = ("chain_find", "to_hash", "to_list", "chains_remove", "walk_chains",
-            "relinquish_chunk")
+_KERNELS = ("chain_find", "to_hash", "to_list", "chains_remove", "walk_chains")
 
 
 # ----------------------------------------------------------------------------
@@ -238,29 +235,6 @@ def walk_chains_py(nxt, heads, top):
     return chains, nodes
 
 
-def relinquish_chunk_py(typ, start, units, shared_type, shared_cost, other_cost, out):
-    """Xen's relinquish loop over ``units`` work units of p2m types ``typ``
-    from gfn ``start``: each gfn of type ``shared_type`` costs
-    ``shared_cost``, any other ``other_cost``; the loop takes gfns while the
-    units spent stay within ``units`` (at least one gfn). Returns how many
-    gfns it covers; the shared ones among them go to ``out[:k]``, and k is
-    returned too."""
-    npages = len(typ)
-    spent = 0
-    k = 0
-    i = start
-    while i < npages:
-        c = shared_cost if typ[i] == shared_type else other_cost
-        if spent + c > units and i > start:
-            break
-        spent += c
-        if typ[i] == shared_type:
-            out[k] = i
-            k += 1
-        i += 1
-    return i - start, k
-
-
 # The references call each other by the kernels' names: bound here to the
 # references, and in ``compiled()`` to the compiled kernels.
 _REF: dict = dict(globals())
@@ -334,7 +308,6 @@ def warm() -> float:
     k["chains_remove"](head, count, walkers, pool, nxt, prv, dom, gfn, one, one,
                        np.ones(1, np.int64), 64, freed, tables)
     k["walk_chains"](nxt, np.zeros(1, np.int64), 4)
-    k["relinquish_chunk"](np.zeros(4, np.uint8), 0, 16, 2, 16, 1, np.empty(4, np.int64))
     try:
         path = _stamp_path()
         os.makedirs(os.path.dirname(path), exist_ok=True)
