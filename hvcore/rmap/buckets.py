@@ -408,6 +408,7 @@ class BucketsRmap(FrameCounts, Rmap):
         done, nt = kernels.chains_remove(self._headv, self._countv, self._walkersv, self._pool(),
                                          nxt, prv, dom, gfn, m, d, g, RMAP_LIGHT_SHARED_PAGE,
                                          freed, tables)
+        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
         self._arena.release_many(freed[:done])
         for t in tables[:nt].tolist():
             self._free_table(t)

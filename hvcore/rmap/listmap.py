@@ -92,6 +92,7 @@ class ListRmap(FrameCounts, Rmap):
         freed = np.empty(len(m), np.int64)
         done, _ = kernels.chains_remove(self._headv, self._countv, self._countv, _NO_TABLES,
                                         nxt, prv, dom, gfn, m, d, g, -1, freed, freed)
+        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
         self._arena.release_many(freed[:done])
         if done < len(m):
             raise KeyError((int(m[done]), int(d[done]), int(g[done])))

@@ -138,3 +138,17 @@ def test_toolstack_and_guests_do_not_import_numba():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_batch_removal_of_every_node_of_a_big_arena():
+    """The batch that frees the last node of an arena beyond its kept size
+    shrinks it (no view of the arrays may pin them then)."""
+    for policy in ("list", "buckets"):
+        r = make_rmap(policy, 2)
+        n = 10_000
+        r.add_many(np.zeros(n, np.int64), np.ones(n, np.int64), np.arange(n))
+        r.remove(0, 1, 5)
+        r.remove_many(np.zeros(n - 1, np.int64), np.ones(n - 1, np.int64),
+                      np.delete(np.arange(n), 5))
+        assert r._arena.live == 0 and r.count(0) == 0
+        r.check()
