@@ -73,7 +73,7 @@ RMAP_LIGHT_SHARED_PAGE = 64    # remove leaving this count converts hash -> list
 RMAP_HASHTAB_SIZE = 256        # buckets per table (one 4 KiB page in Xen)
 _KEEP_TABLES = 16              # tables the pool keeps once none is in use
 #: a chain expected longer than this is scanned by the compiled ``find``
-LONG_CHAIN = 24
+LONG_CHAIN = 16
 
 _B = RMAP_HASHTAB_SIZE
 _EMPTY_TABLE = array("i", [-1]) * _B

@@ -33,7 +33,7 @@ from .arena import FrameCounts, NodeArena, check_key, checked_batch, compiled_ba
 from .base import Rmap
 
 #: a list longer than this is scanned by the compiled ``find``
-LONG_CHAIN = 24
+LONG_CHAIN = 16
 _NO_TABLES = np.empty(0, np.int32)
 
 
