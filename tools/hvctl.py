@@ -305,6 +305,10 @@ def cmd_start(a) -> object:
     crashed = crash_note(path)
     if crashed and api.running_pid(path) is None:
         print(f"hvctl start: note{crashed}", file=sys.stderr)
+    from hvcore import kernels
+    if not kernels.cache_is_warm():
+        print(f"hvctl: compiling the hypervisor's kernels (first start on this machine, "
+              f"~{kernels.COLD_COMPILE_SECONDS} s)", file=sys.stderr)
     proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched, prefault=a.prefault)
     out = {"pid": proc.pid, "socket": path, "frames": a.frames, "rmap": a.rmap,
            "teardown": a.teardown, "sched": a.sched, "leftovers_removed": proc.cleaned}

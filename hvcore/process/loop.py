@@ -526,6 +526,8 @@ def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
         if ready_fd is None:
             print(f"hvshare: {e}", file=sys.stderr)
         return 1
+    from .. import kernels
+    kernels.warm()                      # compiled, or loaded from the cache
     _notify(ready_fd, f"ready {os.getpid()} {json.dumps(cleaned)}")
     if announce is not None:
         announce(srv, cleaned)

@@ -43,6 +43,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import kernels
+
 MAX_DOMID = 0x7FFF          # domids fit 15 bits (Xen's guests are below 0x7FF0)
 MAX_GFN = 2**31 - 1         # gfns fit int32
 _MIN_CAP = 64
@@ -73,10 +75,24 @@ def checked_batch(mfns, domids, gfns) -> tuple:
     return m, d, g, int(bad.argmax()) if bad.any() else len(m)
 
 
+def compiled_batch(mfns, domids, gfns, nframes: int):
+    """A batch of keys as int64 arrays ``(m, d, g)`` for a compiled kernel,
+    or None when a frame number is outside ``[0, nframes)`` (the kernels do
+    not check bounds: the Python loop then gives the batch its errors)."""
+    m = np.ascontiguousarray(mfns, dtype=np.int64).ravel()
+    d = np.ascontiguousarray(domids, dtype=np.int64).ravel()
+    g = np.ascontiguousarray(gfns, dtype=np.int64).ravel()
+    if not len(m) == len(d) == len(g):
+        raise ValueError("remove_many: arrays of different lengths")
+    if len(m) and (m.min() < 0 or m.max() >= nframes):
+        return None
+    return m, d, g
+
+
 class NodeArena:
     """Parallel flat arrays of rmap nodes, with a free stack of slots."""
 
-    __slots__ = ("nxt", "prv", "dom", "gfn", "free", "top", "live")
+    __slots__ = ("nxt", "prv", "dom", "gfn", "free", "top", "live", "_views")
 
     def __init__(self) -> None:
         self.nxt = _zeros("i", 0)
@@ -86,9 +102,23 @@ class NodeArena:
         self.free = _zeros("i", 0)   # recycled slots, the next one last
         self.top = 0                 # slots [0, top) have been handed out
         self.live = 0
+        self._views = None
+
+    def views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """numpy views ``(nxt, prv, dom, gfn)`` of the whole arrays, for the
+        compiled kernels; kept until the arrays are resized (a view pins an
+        ``array.array``'s size, so ``_resize`` drops them first)."""
+        v = self._views
+        if v is None:
+            v = self._views = (np.frombuffer(self.nxt, dtype=np.int32),
+                               np.frombuffer(self.prv, dtype=np.int32),
+                               np.frombuffer(self.dom, dtype=np.uint16),
+                               np.frombuffer(self.gfn, dtype=np.int32))
+        return v
 
     def _resize(self, cap: int) -> None:
         """Make every array ``cap`` slots long, in place (realloc + copy)."""
+        self._views = None
         for a in (self.nxt, self.prv, self.dom, self.gfn):
             k = len(a)
             if cap > k:
@@ -260,74 +290,34 @@ class NodeArena:
         return out
 
     def walk_chains(self, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What ``chain(heads[c])`` visits for every ``c``, vectorised:
-        ``(chains, nodes)``, node ``nodes[i]`` in the walk of ``heads[chains[i]]``
-        (in node order, not walk order); ``nodes`` None: every slot below
-        ``top``, node ``i`` in the walk of ``heads[chains[i]]``.
+        """What ``chain(heads[c])`` visits for every ``c``: ``(chains, nodes)``,
+        node ``nodes[i]`` in the walk of ``heads[chains[i]]``, in walk order.
 
-        The fast path checks that the live nodes form disjoint chains from
-        exactly ``heads`` (every link of a live node ends the chain or names
-        a live node, no node is named twice, no head is named), then finds
-        each node's head by pointer jumping over the inverted links
-        (log2(longest chain) rounds over the still unresolved nodes). A node
-        on a cycle no head reaches is in no walk. Any other shape (a link to
-        a free slot, a shared successor) is walked chain by chain, each walk
-        cut after ``top`` + 1 nodes: then a walk is still what ``chain`` would
-        give, up to that bound.
+        One compiled walk per chain (``kernels.walk_chains``), each cut at a
+        link outside the arrays or after ``top`` + 1 nodes: a damaged arena
+        (a link to a free slot, a cycle, a shared successor) still gives what
+        ``chain`` would, up to that bound.
         """
         heads = np.asarray(heads, dtype=np.int64)
-        top, k = self.top, len(heads)
-        empty = np.empty(0, np.int64)
-        if k == 0:
+        if len(heads) == 0:
+            empty = np.empty(0, np.int64)
             return empty, empty
-        nxt = np.frombuffer(self.nxt, dtype=np.int32, count=top)
-        free = np.frombuffer(self.free, dtype=np.int32)
-        ok = top > 0 and heads.min() >= 0 and heads.max() < top
-        if ok and len(free):
-            live = np.ones(top, dtype=bool)
-            ok = free.min() >= 0 and free.max() < top
-            if ok:
-                live[free] = False
-                ln = np.flatnonzero(live)
-                ok = len(ln) == top - len(free) and live[heads].all()
+        return kernels.walk_chains(self.views()[0], heads, self.top)
+
+    def find_compiled(self, n: int, domid: int, gfn: int) -> int:
+        """``find``, compiled (``kernels.chain_find``): for long chains, where
+        a visit in Python costs far more than the call."""
+        nxt, _, dom, gf = self.views()
+        return kernels.chain_find(nxt, gf, dom, n, domid, gfn)
+
+    def release_many(self, nodes: np.ndarray) -> None:
+        """``release`` of every node of ``nodes``, in order (unlinked already)."""
+        k = len(nodes)
+        self.live -= k
+        if self.live:
+            self.free.frombytes(np.asarray(nodes, dtype=np.int32).tobytes())
         else:
-            live, ln = None, None
-        if ok:
-            s = nxt if ln is None else nxt[ln]
-            has = s >= 0
-            dst = s[has].astype(np.int64)
-            src = np.flatnonzero(has) if ln is None else ln[has]
-            nlive = top if ln is None else len(ln)
-            ok = (nlive - len(dst) == k and (not len(dst) or dst.max() < top)
-                  and (live is None or live[dst].all()))
-        if ok:
-            src = src.astype(np.int32)          # half the memory traffic
-            pred = np.full(top, -1, dtype=np.int32)
-            pred[dst] = src
-            label = np.full(top, -1, dtype=np.int32)
-            label[heads] = np.arange(k, dtype=np.int32)
-            ok = ((pred[dst] == src).all() and (pred[heads] == -1).all()
-                  and (label[heads] == np.arange(k, dtype=np.int32)).all())
-        if not ok:
-            return self._walk_each(heads)
-        act, p = dst, src               # every non-head node and an ancestor
-        for _ in range(top.bit_length() + 1):
-            if not len(act):
-                break
-            lab = label[p]
-            done = lab >= 0
-            label[act[done]] = lab[done]
-            act, p = act[~done], p[~done]
-            pred[act] = p
-            p = pred[p]
-        if ln is None and not len(act):
-            return label, None          # every slot below top, in order
-        nodes = (np.arange(top) if ln is None else ln)
-        chains = label[nodes]
-        if len(act):                    # cycles: in no walk
-            keep = chains >= 0
-            nodes, chains = nodes[keep], chains[keep]
-        return chains, nodes
+            self.clear()
 
     def keys(self, nodes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``(domids, gfns)`` of ``nodes``, int64 (None: of every slot below
@@ -337,18 +327,6 @@ class NodeArena:
         if nodes is not None:
             dom, gfn = dom[nodes], gfn[nodes]
         return dom.astype(np.int64), gfn.astype(np.int64)
-
-    def _walk_each(self, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``walk_chains`` by walking each chain in Python (a damaged arena)."""
-        nxt, cap, limit = self.nxt, len(self.nxt), self.top + 1
-        cs, ns = [], []
-        for c, n in enumerate(heads.tolist()):
-            steps = 0
-            while 0 <= n < cap and steps < limit:
-                cs.append(c)
-                ns.append(n)
-                n, steps = nxt[n], steps + 1
-        return np.array(cs, dtype=np.int64), np.array(ns, dtype=np.int64)
 
     # -- introspection --------------------------------------------------------
     def nbytes(self) -> int:

@@ -64,13 +64,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .arena import FrameCounts, NodeArena, check_key, checked_batch
+from .. import kernels
+from .arena import FrameCounts, NodeArena, check_key, checked_batch, compiled_batch
 from .base import Rmap
 
 RMAP_HEAVY_SHARED_PAGE = 256   # add at this count converts list -> hash
 RMAP_LIGHT_SHARED_PAGE = 64    # remove leaving this count converts hash -> list
 RMAP_HASHTAB_SIZE = 256        # buckets per table (one 4 KiB page in Xen)
 _KEEP_TABLES = 16              # tables the pool keeps once none is in use
+#: a chain expected longer than this is scanned by the compiled ``find``
+LONG_CHAIN = 16
 
 _B = RMAP_HASHTAB_SIZE
 _EMPTY_TABLE = array("i", [-1]) * _B
@@ -139,12 +142,22 @@ class BucketsRmap(FrameCounts, Rmap):
         self._headv, self._countv, self._walkersv = (
             np.frombuffer(a, dtype=np.int32) for a in (self._head, self._count, self._walkers))
         self._buckets = array("i")          # the tables' bucket heads
+        self._poolv: np.ndarray | None = None   # its numpy view (see _pool)
         self._free_tables: list[int] = []
         self._tables = 0
 
     # -- tables -------------------------------------------------------------
+    def _pool(self) -> np.ndarray:
+        """A numpy view of the bucket pool, kept until the pool changes size
+        (a view pins the size of an ``array.array``)."""
+        v = self._poolv
+        if v is None:
+            v = self._poolv = np.frombuffer(self._buckets, dtype=np.int32)
+        return v
+
     def _new_table(self) -> int:
         """A table number, its 256 buckets empty."""
+        self._poolv = None
         pool, free = self._buckets, self._free_tables
         if free:
             t = free.pop()
@@ -156,6 +169,7 @@ class BucketsRmap(FrameCounts, Rmap):
         return t
 
     def _free_table(self, t: int) -> None:
+        self._poolv = None
         self._free_tables.append(t)
         self._tables -= 1
         if not self._tables and len(self._buckets) > _KEEP_TABLES * _B:
@@ -164,26 +178,17 @@ class BucketsRmap(FrameCounts, Rmap):
 
     # -- conversions --------------------------------------------------------
     def _to_hash(self, mfn: int) -> None:
-        a, pool = self._arena, self._buckets
+        """List -> hash: the list walked from its head, each node
+        head-inserted into its bucket (``kernels.to_hash``)."""
         t = self._new_table()
-        o = t * _B
-        # Walk the list from the head, head-inserting each node in its bucket.
-        for n in a.nodes(self._head[mfn]):
-            b = o + (a.gfn[n] + a.dom[n]) % _B
-            a.link(pool[b], n)
-            pool[b] = n
-        self._head[mfn] = _hashed(t)
+        nxt, prv, dom, gfn = self._arena.views()
+        kernels.to_hash(self._headv, self._pool(), nxt, prv, dom, gfn, mfn, t)
 
     def _to_list(self, mfn: int) -> None:
-        a, pool = self._arena, self._buckets
-        t, head = _table(self._head[mfn]), -1
-        # Bucket by bucket, each from its head, head-inserting into one list.
-        for b in range(t * _B, (t + 1) * _B):
-            for n in a.nodes(pool[b]):
-                a.link(head, n)
-                head = n
-        self._head[mfn] = head
-        self._free_table(t)
+        """Hash -> list: bucket by bucket, each from its head, head-inserted
+        into one list (``kernels.to_list``)."""
+        nxt, prv, _, _ = self._arena.views()
+        self._free_table(kernels.to_list(self._headv, self._pool(), nxt, prv, mfn))
 
     def _converts(self, mfn: int) -> bool:
         """Whether an add to ``mfn`` now would convert it (Xen's check)."""
@@ -373,23 +378,52 @@ class BucketsRmap(FrameCounts, Rmap):
         else:
             heads, b = self._buckets, (-2 - hd) * _B + (gfn + domid) % _B
             h = heads[b]
-        n = a.find(h, domid, gfn)  # scans one bucket
+        c = self._count[mfn]
+        if (c if hd >= -1 else c >> 8) <= LONG_CHAIN:
+            n = a.find(h, domid, gfn)  # scans one bucket
+        else:
+            n = a.find_compiled(h, domid, gfn)
         if n < 0:
             raise KeyError((mfn, domid, gfn))
         x = a.drop(n)
         if x != -2:
             heads[b] = x
-        count = self._count
-        c = count[mfn] - 1
-        count[mfn] = c
+        c -= 1
+        self._count[mfn] = c
         if c <= RMAP_LIGHT_SHARED_PAGE and hd < -1 and convert and not self._walkers[mfn]:
             self._to_list(mfn)
 
+    def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
+        """``remove`` of every entry, in order, in one compiled loop
+        (``kernels.chains_remove``): each entry found by the scan of its
+        chain, a frame converted back to a list at the removal that leaves it
+        light, exactly as one by one."""
+        batch = compiled_batch(mfns, domids, gfns, self.nframes)
+        if batch is None:
+            super().remove_many(mfns, domids, gfns)
+            return
+        m, d, g = batch
+        nxt, prv, dom, gfn = self._arena.views()
+        freed, tables = np.empty(len(m), np.int64), np.empty(len(m), np.int64)
+        done, nt = kernels.chains_remove(self._headv, self._countv, self._walkersv, self._pool(),
+                                         nxt, prv, dom, gfn, m, d, g, RMAP_LIGHT_SHARED_PAGE,
+                                         freed, tables)
+        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
+        self._arena.release_many(freed[:done])
+        for t in tables[:nt].tolist():
+            self._free_table(t)
+        if done < len(m):
+            raise KeyError((int(m[done]), int(d[done]), int(g[done])))
+
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
         h = self._head[mfn]
+        c = self._count[mfn]
         if h < -1:
             h = self._buckets[(-2 - h) * _B + (gfn + domid) % _B]
-        return self._arena.find(h, domid, gfn) >= 0
+            c >>= 8
+        if c <= LONG_CHAIN:
+            return self._arena.find(h, domid, gfn) >= 0
+        return self._arena.find_compiled(h, domid, gfn) >= 0
 
     def count(self, mfn: int) -> int:
         return self._count[mfn]

@@ -28,8 +28,13 @@ from typing import Iterator
 
 import numpy as np
 
-from .arena import FrameCounts, NodeArena, check_key, checked_batch
+from .. import kernels
+from .arena import FrameCounts, NodeArena, check_key, checked_batch, compiled_batch
 from .base import Rmap
+
+#: a list longer than this is scanned by the compiled ``find``
+LONG_CHAIN = 16
+_NO_TABLES = np.empty(0, np.int32)
 
 
 class ListRmap(FrameCounts, Rmap):
@@ -64,7 +69,10 @@ class ListRmap(FrameCounts, Rmap):
 
     def remove(self, mfn: int, domid: int, gfn: int, convert: bool = True) -> None:
         a = self._arena
-        n = a.find(self._head[mfn], domid, gfn)  # O(count)
+        if self._count[mfn] <= LONG_CHAIN:
+            n = a.find(self._head[mfn], domid, gfn)  # O(count)
+        else:
+            n = a.find_compiled(self._head[mfn], domid, gfn)
         if n < 0:
             raise KeyError((mfn, domid, gfn))
         x = a.drop(n)
@@ -72,8 +80,27 @@ class ListRmap(FrameCounts, Rmap):
             self._head[mfn] = x
         self._count[mfn] -= 1
 
+    def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
+        """``remove`` of every entry, in order, in one compiled loop
+        (``kernels.chains_remove``), each entry found by its linear scan."""
+        batch = compiled_batch(mfns, domids, gfns, self.nframes)
+        if batch is None:
+            super().remove_many(mfns, domids, gfns)
+            return
+        m, d, g = batch
+        nxt, prv, dom, gfn = self._arena.views()
+        freed = np.empty(len(m), np.int64)
+        done, _ = kernels.chains_remove(self._headv, self._countv, self._countv, _NO_TABLES,
+                                        nxt, prv, dom, gfn, m, d, g, -1, freed, freed)
+        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
+        self._arena.release_many(freed[:done])
+        if done < len(m):
+            raise KeyError((int(m[done]), int(d[done]), int(g[done])))
+
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
-        return self._arena.find(self._head[mfn], domid, gfn) >= 0
+        if self._count[mfn] <= LONG_CHAIN:
+            return self._arena.find(self._head[mfn], domid, gfn) >= 0
+        return self._arena.find_compiled(self._head[mfn], domid, gfn) >= 0
 
     def count(self, mfn: int) -> int:
         return self._count[mfn]

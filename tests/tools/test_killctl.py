@@ -117,7 +117,7 @@ def test_every_frame_comes_back(rmap, mode):
 def test_guests_fault_during_a_teardown_and_their_writes_land():
     n = 30_000
     pages = 256
-    with api.hvshare_session(frames=n + 4 * pages + 1024, rmap="buckets") as hv:
+    with api.hvshare_session(frames=n + 4 * pages + 1024, rmap="list") as hv:     # a teardown that lasts
         victim, other = heavy_domain(hv, n)
         writers = [hv.create(pages, "zero") for _ in range(2)]
         twin = hv.create(pages, "zero")
@@ -201,7 +201,7 @@ def test_dying_domain_refuses_nominate_and_shows_its_cursor():
 
 def test_two_controllers_on_one_domain_exactly_one_reports_the_teardown():
     n = 20_000
-    with api.hvshare_session(frames=n + 1024, rmap="buckets") as hv:
+    with api.hvshare_session(frames=n + 1024, rmap="list") as hv:     # a teardown that lasts
         d, other = heavy_domain(hv, n)
         results, errors = [], []
 

@@ -1,0 +1,154 @@
+"""The compiled kernels against their Python references, the rmaps' compiled
+batch removal against removal one by one, and the processes that must not
+import numba."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hvcore import kernels as K
+from hvcore.rmap import make_rmap
+
+REF = K.reference()
+JIT = K.compiled()
+B = K.HASH_BUCKETS
+
+
+def arena(seed: int, nodes: int, nchains: int):
+    """Random disjoint doubly linked chains over ``nodes`` slots, some slots
+    left in no chain: (nxt, prv, dom, gfn, heads)."""
+    rng = np.random.default_rng(seed)
+    nxt = np.full(nodes, -1, np.int32)
+    prv = np.full(nodes, -1, np.int32)
+    dom = rng.integers(0, 4, nodes).astype(np.uint16)
+    gfn = rng.integers(0, 50, nodes).astype(np.int32)
+    perm = rng.permutation(nodes)
+    used = perm[: rng.integers(0, nodes + 1)]
+    cuts = np.sort(rng.integers(0, len(used) + 1, max(nchains - 1, 0)))
+    heads = []
+    for part in np.split(used, cuts):
+        h = -1
+        for n in part.tolist():
+            nxt[n], prv[n] = h, -1
+            if h >= 0:
+                prv[h] = n
+            h = n
+        heads.append(h)
+    return nxt, prv, dom, gfn, np.array(heads, np.int64)
+
+
+def copies(*arrays):
+    return [a.copy() for a in arrays]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.integers(1, 8))
+def test_chain_find_and_walk_chains_match_the_reference(seed, nodes, nchains):
+    nxt, prv, dom, gfn, heads = arena(seed, nodes, nchains)
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        h, d, g = int(rng.choice(heads)), int(rng.integers(0, 4)), int(rng.integers(0, 50))
+        assert JIT["chain_find"](nxt, gfn, dom, h, d, g) == REF["chain_find"](nxt, gfn, dom, h, d, g)
+    for a, b in zip(JIT["walk_chains"](nxt, heads, nodes), REF["walk_chains"](nxt, heads, nodes)):
+        assert (a == b).all()
+    # a damaged arena: random links, cycles, links past the end
+    bad = rng.integers(-1, nodes + 3, nodes).astype(np.int32)
+    heads = rng.integers(-1, nodes, nchains).astype(np.int64)
+    for a, b in zip(JIT["walk_chains"](bad, heads, nodes), REF["walk_chains"](bad, heads, nodes)):
+        assert (a == b).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 300))
+def test_conversions_match_the_reference(seed, nodes):
+    nxt, prv, dom, gfn, heads = arena(seed, nodes, 1)
+    head = np.array([-1, heads[0]], np.int32)
+    pool = np.full(3 * B, -1, np.int32)
+    out = []
+    for fn in (JIT, REF):
+        h, p, x, v = copies(head, pool, nxt, prv)
+        fn["to_hash"](h, p, x, v, dom, gfn, 1, 2)
+        hashed = copies(h, p, x, v)
+        t = fn["to_list"](h, p, x, v, 1)
+        out.append((hashed, (h, x, v), t))
+    (h1, l1, t1), (h2, l2, t2) = out
+    assert t1 == t2 == 2
+    for a, b in zip(h1 + list(l1), h2 + list(l2)):
+        assert (a == b).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["list", "buckets"]),
+       st.integers(1, 700), st.integers(1, 3))
+def test_batch_removal_matches_one_by_one(seed, policy, n, nframes):
+    """Removals of random entries of random frames, some of them hashed and
+    converting back mid-batch, one of them maybe missing: the compiled batch
+    leaves exactly the state (and the error) removal one by one leaves."""
+    rng = np.random.default_rng(seed)
+    m = rng.integers(0, nframes, n)
+    d = rng.integers(0, 3, n)
+    g = rng.permutation(n)
+    rs = [make_rmap(policy, nframes) for _ in range(2)]
+    for r in rs:
+        r.add_many(m, d, g)
+    pick = rng.permutation(n)[: rng.integers(0, n + 1)]
+    rm, rd, rg = m[pick], d[pick], g[pick]
+    if len(pick) and rng.random() < 0.3:            # a pair in no rmap
+        at = int(rng.integers(0, len(pick)))
+        rg = rg.copy()
+        rg[at] = n + 5
+    errors = []
+    try:
+        rs[0].remove_many(rm, rd, rg)
+    except KeyError as e:
+        errors.append(e.args)
+    try:
+        for mm, dd, gg in zip(rm.tolist(), rd.tolist(), rg.tolist()):
+            rs[1].remove(mm, dd, gg)
+    except KeyError as e:
+        errors.append(e.args)
+    assert len(errors) in (0, 2) and (not errors or errors[0] == errors[1])
+    for r in rs:
+        r.check()
+    for mfn in range(nframes):
+        assert list(rs[0].entries(mfn)) == list(rs[1].entries(mfn))
+        assert rs[0].representation(mfn) == rs[1].representation(mfn)
+    a, b = rs[0]._arena, rs[1]._arena
+    assert (a.top, a.live, a.free.tolist()) == (b.top, b.live, b.free.tolist())
+    for x, y in zip(rs[0].all_entries(), rs[1].all_entries()):
+        assert sorted(x.tolist()) == sorted(y.tolist())
+
+
+def test_warm_stamps_the_cache():
+    K.warm()
+    assert K.cache_is_warm()
+
+
+def test_toolstack_and_guests_do_not_import_numba():
+    code = ("import sys, tools.hvctl, tools.client, guests.runtime, hvcore.kernels as k\n"
+            "k.cache_is_warm()\n"
+            "assert 'numba' not in sys.modules, 'numba imported'\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_batch_removal_of_every_node_of_a_big_arena():
+    """The batch that frees the last node of an arena beyond its kept size
+    shrinks it (no view of the arrays may pin them then)."""
+    for policy in ("list", "buckets"):
+        r = make_rmap(policy, 2)
+        n = 10_000
+        r.add_many(np.zeros(n, np.int64), np.ones(n, np.int64), np.arange(n))
+        r.remove(0, 1, 5)
+        r.remove_many(np.zeros(n - 1, np.int64), np.ones(n - 1, np.int64),
+                      np.delete(np.arange(n), 5))
+        assert r._arena.live == 0 and r.count(0) == 0
+        r.check()
