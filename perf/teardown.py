@@ -227,7 +227,9 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                 victim, other = heavy_domain(hv, n)
                 build = time.perf_counter() - t0
                 first = 0
-                idle = _Writer(g, first, first + idle_faults, WRITER_RATE, WRITER_BATCH)
+                # the idle case once per asked repeat; added ones only add faults during
+                idle = _Writer(g, first, first + (idle_faults if k <= repeats else 0), WRITER_RATE,
+                               WRITER_BATCH)
                 idle.run()                               # in this thread: nothing else runs
                 if idle.error:
                     raise idle.error
