@@ -43,12 +43,14 @@ class CopyOnWrite:
         m = d.p2m.mfn.item(gfn)
         return self._unshare_one(d, gfn) != m
 
-    def _unshare_one(self, d: Domain, gfn: int, copy: bool = True) -> int:
+    def _unshare_one(self, d: Domain, gfn: int, copy: bool = True, offset: int = 0, data=None) -> int:
         """The CoW fault of one shared gfn; returns the frame that backs it
         now (its old frame if it was the last gfn: no copy). Scalar code with
         Python ints, no numpy batch machinery: a guest fault is the
         latency-critical path. ``copy=False`` leaves a new frame's bytes
-        as they are, for a caller that overwrites the whole page."""
+        as they are, for a caller that overwrites the whole page. ``data``
+        (a byte view) is then written at ``offset`` of the page, inside the
+        same change bracket."""
         pool = self.pool
         p2m = d.p2m
         domid = d.domid
@@ -64,6 +66,9 @@ class CopyOnWrite:
                 pool.owner[m] = domid
                 pool.handle[m] = 0
                 p2m.type[gfn] = RAM_RW
+                if data is not None:
+                    at = m * PAGE_SIZE + offset
+                    (self._pool_bytes or self._bytes())[at:at + len(data)] = data
             finally:
                 p2m.end_change()
             self.nr_shared_mfns -= 1
@@ -72,19 +77,26 @@ class CopyOnWrite:
             new = pool.alloc(domid)                 # ENOMEM before any change
             p2m.begin_change()
             try:
+                b = self._pool_bytes or self._bytes()
+                at = new * PAGE_SIZE
                 if copy:
-                    b = self._bytes()
-                    b[new * PAGE_SIZE:(new + 1) * PAGE_SIZE] = b[m * PAGE_SIZE:(m + 1) * PAGE_SIZE]
+                    b[at:at + PAGE_SIZE] = b[m * PAGE_SIZE:(m + 1) * PAGE_SIZE]
                 self.rmap.remove(m, domid, gfn)
                 pool.type_count[m] = count - 1
                 p2m.mfn[gfn] = new
                 p2m.type[gfn] = RAM_RW
+                if data is not None:
+                    at += offset
+                    b[at:at + len(data)] = data
             finally:
                 p2m.end_change()
             self.nr_saved_mfns -= 1
         d.shr_pages -= 1
         d.tot_pages += 1
         return new
+
+    #: the pool as one flat byte view once :meth:`_bytes` made it
+    _pool_bytes: memoryview | None = None
 
     def _bytes(self) -> memoryview:
         """The pool as one flat writable memoryview: slicing it costs a
@@ -192,19 +204,19 @@ class CopyOnWrite:
             raise HVError(EBUSY, f"domain {domid} is dying")
         p2m = d.p2m
         t = p2m.type.item(gfn)
+        if t == RAM_SHARED:
+            # the fault and the write, in the unshare's one change bracket
+            self._unshare_one(d, gfn, n < PAGE_SIZE, offset, data)
+            return True
         if t == HOLE:
             raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
+        at = p2m.mfn.item(gfn) * PAGE_SIZE + offset
         p2m.begin_change()
         try:
-            if t == RAM_SHARED:
-                m = self._unshare_one(d, gfn, copy=n < PAGE_SIZE)
-            else:
-                m = p2m.mfn.item(gfn)
-            at = m * PAGE_SIZE + offset
-            self._bytes()[at:at + n] = data
+            (self._pool_bytes or self._bytes())[at:at + n] = data
         finally:
             p2m.end_change()
-        return t == RAM_SHARED
+        return False
 
     def write_pages(self, domid: int, gfns, pages) -> int:
         """Write whole pages; returns the number of CoW faults taken.

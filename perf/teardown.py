@@ -74,6 +74,10 @@ WRITER_PAGES = 20_000
 WRITER_RATE = 2000.0
 WRITER_BATCH = 4
 IDLE_FAULTS = 1000
+#: faults each case gathers during teardowns at least: repeats are added
+#: (up to MAX_REPEATS) until the repeats' faults together reach it
+MIN_FAULTS = 1000
+MAX_REPEATS = 40
 
 
 def _cases(quick: bool) -> list[tuple[int, str, str]]:
@@ -200,7 +204,7 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
     from tools import killctl
     from tools.api import GuestClient, HypervisorClient, hvshare_session
     frames = n + 3 * writer_pages + 4096
-    per = writer_pages // repeats                    # writer gfns each repeat may fault
+    per = writer_pages                               # writer gfns each repeat may fault
     out: dict = {"rmap": rmap, "mode": mode, "n": n, "repeats": repeats}
     runs = []
     pooled_during: list[np.ndarray] = []
@@ -214,12 +218,18 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
         out["cpus"] = _pin(hv.pid, entry["pid"], mine)
         with GuestClient(entry["guest_socket"], writer, entry["pid"], timeout=None) as g, \
                 HypervisorClient(hv.socket_path, timeout=None) as ctl:
-            for k in range(repeats):
+            k = 0
+            while k < repeats or (sum(map(len, pooled_during)) < MIN_FAULTS and k < MAX_REPEATS):
+                if k:               # every writer page shared again
+                    hv.range_share(twin, writer, 0, writer_pages - 1)
+                k += 1
                 t0 = time.perf_counter()
                 victim, other = heavy_domain(hv, n)
                 build = time.perf_counter() - t0
-                first = k * per
-                idle = _Writer(g, first, first + idle_faults, WRITER_RATE, WRITER_BATCH)
+                first = 0
+                # the idle case once per asked repeat; added ones only add faults during
+                idle = _Writer(g, first, first + (idle_faults if k <= repeats else 0), WRITER_RATE,
+                               WRITER_BATCH)
                 idle.run()                               # in this thread: nothing else runs
                 if idle.error:
                     raise idle.error
@@ -261,6 +271,7 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
         for d in (writer, twin):
             hv.destroy(d)
         info = hv.info()
+    out["repeats"] = len(runs)
     out["entries"] = n
     for key in runs[0]:
         vals = [x[key] for x in runs if x[key] is not None]
@@ -290,7 +301,7 @@ def run(quick: bool = False) -> dict:
         repeats = 1 if quick or n >= 1_000_000 or (rmap == "list" and n >= 100_000) else 3
         results.append(measure(n, rmap, mode, repeats=repeats,
                                writer_pages=4000 if quick else WRITER_PAGES * repeats,
-                               idle_faults=500 if quick else IDLE_FAULTS))
+                               idle_faults=IDLE_FAULTS))
         print(f"  {rmap:8} {mode:12} N={n:>9,}: {results[-1]['seconds']:.3f} s "
               f"({time.perf_counter() - t0:.1f} s with the set-up, {repeats} repeat(s))", flush=True)
         load.append(os.getloadavg()[0])
@@ -305,7 +316,7 @@ def run(quick: bool = False) -> dict:
             "goals": _goals(results, peers), "quick": quick,
             "loadavg_1min": {"min": min(load), "max": max(load)},
             "writer": {"pages_per_repeat": (4000 if quick else WRITER_PAGES), "rate": WRITER_RATE,
-                       "batch": WRITER_BATCH, "idle_faults": 500 if quick else IDLE_FAULTS}}
+                       "batch": WRITER_BATCH, "idle_faults": IDLE_FAULTS}}
 
 
 def _find(results, rmap, mode, n):

@@ -48,7 +48,7 @@ class ControlOps:
             return
         while c.backlog and not c.waiting and not c.closed and self.running:
             (jlen, blen), body = c.backlog.pop(0)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             op = "?"
             self._preempted = False
             try:
@@ -65,7 +65,7 @@ class ControlOps:
             except errors.ProtocolError as e:
                 c.reply(schema.error(str(e)))
             finally:
-                self.meter.record(time.perf_counter() - t0, op)
+                self.meter.record(time.perf_counter() - t0, op, cpu=time.thread_time() - cpu0)
             if self._preempted:
                 # A teardown step yielded because others wait: they go first,
                 # then this client's requests (the kill controller keeps its
@@ -114,6 +114,7 @@ class ControlOps:
     def _op_info(self, c, payload):
         st = self.hv.stats()
         st.update(teardown=self.teardown, sched=self.sched_applied, max_pause_ms=round(self.meter.max_s * 1e3, 3),
+                  max_pause_cpu_ms=round(self.meter.max_cpu_s * 1e3, 3),
                   max_pause_op=self.meter.max_what, pause_histogram=self.meter.histogram(),
                   steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),

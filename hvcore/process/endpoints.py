@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 #: bytes the hypervisor reads from a guest pipe at once
 GUEST_READ_BYTES = 1 << 16
 REPLY_MSG = pipe.REPLY_MSG
+_REPLY_PACK = REPLY_MSG.pack
+_H_REPLY = pipe.H_REPLY
+_REPLY_SIZE = pipe.REPLY.size
+_write = os.write
 
 
 class Endpoint:
@@ -115,13 +119,26 @@ class GuestEndpoint(Endpoint):
         self.started = time.monotonic()
         self.creator: ControlConnection | None = None
         self.exit: str | None = None
-        self.counters = {"writes": 0, "pages_written": 0, "cow_faults": 0}
+        #: write messages applied, CoW faults taken, and of the batched
+        #: messages among the writes: how many, and the pages they named
+        #: (see :attr:`counters`)
+        self.writes = self.cow_faults = 0
+        self.batch_writes = self.batch_pages = 0
         self.reported: dict = {}
         self.kill_pending = False       # stopped by destroy; SIGKILL at the next tick
         #: what the pause meter calls this guest's steps
         self.step_name = f"guest {domid}"
+        #: where this guest's step times go (:meth:`StepMeter.log`)
+        self.steplog: list = server.meter.log("guest", self.step_name)
         #: the hypervisor's read buffer for this pipe (one read per wake-up)
         self.inbuf = memoryview(bytearray(GUEST_READ_BYTES))
+
+    @property
+    def counters(self) -> dict:
+        """``writes``, ``pages_written`` and ``cow_faults`` so far."""
+        return {"writes": self.writes,
+                "pages_written": self.writes - self.batch_writes + self.batch_pages,
+                "cow_faults": self.cow_faults}
 
     def _send(self, mv) -> int:
         return os.write(self.wfd, mv)
@@ -132,10 +149,10 @@ class GuestEndpoint(Endpoint):
     def reply(self, seq: int, status: int, value: int) -> None:
         """An ``H_REPLY``: one precompiled struct, one write when nothing is
         queued (a 20-byte pipe write is all or nothing), else the queue."""
-        msg = REPLY_MSG.pack(pipe.H_REPLY, seq & 0xFFFF, pipe.REPLY.size, status, value)
+        msg = _REPLY_PACK(_H_REPLY, seq & 0xFFFF, _REPLY_SIZE, status, value)
         if not self.out and not self.closed:
             try:
-                os.write(self.wfd, msg)
+                _write(self.wfd, msg)
                 return
             except (BlockingIOError, InterruptedError):
                 pass

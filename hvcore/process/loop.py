@@ -47,7 +47,9 @@ import collections
 import ctypes
 import fcntl
 import json
+import math
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -89,6 +91,41 @@ _TICK = 0.1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+class LoopSelector(selectors.DefaultSelector):
+    """The loop's selector: a :class:`selectors.DefaultSelector` whose
+    :meth:`ready` hands out ``(data, events)`` of the ready descriptors
+    without building the ``(SelectorKey, events)`` pairs of
+    :meth:`select` (the loop registers callbacks as the data)."""
+
+    def ready(self, timeout: float | None = None) -> list:
+        poll = getattr(self, "_selector", None)
+        if not isinstance(poll, _EPOLL):
+            return [(key.data, ev) for key, ev in self.select(timeout)]
+        if timeout is None:
+            timeout = -1
+        elif timeout > 0:
+            timeout = math.ceil(timeout * 1e3) * 1e-3     # as select(): never early
+        else:
+            timeout = 0
+        keys = self._fd_to_key
+        out = []
+        try:
+            got = poll.poll(timeout, max(len(keys), 1))
+        except InterruptedError:
+            return out
+        for fd, ev in got:
+            key = keys.get(fd)
+            if key is not None:
+                out.append((key.data, ((ev & _EPOLL_READ and selectors.EVENT_READ)
+                                       | (ev & _EPOLL_WRITE and selectors.EVENT_WRITE)) & key.events))
+        return out
+
+
+_EPOLL = getattr(select, "epoll", ())
+_EPOLL_READ = ~getattr(select, "EPOLLOUT", 4)
+_EPOLL_WRITE = ~getattr(select, "EPOLLIN", 1)
+
+
 class StartError(Exception):
     """The hypervisor cannot start (one sentence for the user)."""
 
@@ -115,7 +152,7 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         #: control requests wait (see _pace): guests only until the window ends
         self._pacing = False
         self.hv = None
-        self.sel = selectors.DefaultSelector()
+        self.sel = LoopSelector()
         self.meter = StepMeter()
         self.clients: set[ControlConnection] = set()
         self.guests: dict[int, GuestEndpoint] = {}
@@ -235,32 +272,37 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         self.sel.register(wake_r, selectors.EVENT_READ, lambda mask: os.read(wake_r, 512))
         old_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        ready, monotonic = self.sel.ready, time.monotonic
+        now = monotonic()
         try:
             while self.running:
-                pace_s = self._pace() if self._pace_duty is not None else 0.0
-                self._pacing = pace_s > 0
+                if self._pace_duty is not None:
+                    pace_s = self._pace(now)
+                    self._pacing = pace_s > 0
                 if self._pacing:
                     deferred, timeout = [], min(pace_s, _TICK)   # guests only, meanwhile
                 else:
                     deferred, self._deferred = self._deferred, []
                     timeout = 0 if deferred or self.jobs else _TICK
-                for key, mask in self.sel.select(timeout):
-                    key.data(mask)
+                for callback, mask in ready(timeout):
+                    callback(mask)
                     if self.parked:
                         self._retry_parked()
                     if not self.running:
                         break
                 # after the work a teardown step yielded to: its answer, then
                 # its next request
-                for c in self._deferred if self._pacing else deferred:
-                    if c.deferred_answer:
-                        c.send_deferred()
-                for c in deferred:
-                    self._deferred_set.discard(c)
-                    self._serve_backlog(c)
+                if deferred or self._deferred:
+                    for c in self._deferred if self._pacing else deferred:
+                        if c.deferred_answer:
+                            c.send_deferred()
+                    for c in deferred:
+                        self._deferred_set.discard(c)
+                        self._serve_backlog(c)
                 if self.jobs and not self._pacing and self.running:
                     self._job_step()
-                if self.running and time.monotonic() >= self._next_tick:
+                now = monotonic()
+                if now >= self._next_tick and self.running:
                     self._tick()
         except Exception as e:
             # A bug of the hypervisor: its domains are lost, but not the
@@ -278,12 +320,14 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
             os.close(wake_r)
             os.close(wake_w)
 
-    def _pace(self) -> float:
+    def _pace(self, now: float | None = None) -> float:
         """Seconds control requests must still wait in this window (0.0:
         none): the rest of the window once the loop ran PACE_DUTY of it.
         Guests are served meanwhile; if they take the window past
-        PACE_DUTY + PACE_GUEST_SLACK, this idles out the window."""
-        now = time.monotonic()
+        PACE_DUTY + PACE_GUEST_SLACK, this idles out the window. ``now``:
+        the monotonic clock at the end of the last loop turn (default: now)."""
+        if now is None:
+            now = time.monotonic()
         start, cpu0, _ = self._window
         if now - start >= PACE_WINDOW:
             self._window = (now, self._cpu(), False)
@@ -421,13 +465,13 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         c.sock.close()
 
     def _client_readable(self, c: ControlConnection) -> None:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             try:
                 msgs, eof = c.reader.pump(limit=16)
             finally:
                 # reading is work too: a step of its own
-                self.meter.record(time.perf_counter() - t0, "read", "read")
+                self.meter.record(time.perf_counter() - t0, "read", "read", time.thread_time() - cpu0)
         except errors.ProtocolError as e:
             c.reply(schema.error(f"bad control frame: {e}"))
             self._drop_client(c)
@@ -445,9 +489,10 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
 
     def _tick(self) -> None:
         """Housekeeping, every _TICK seconds: reap guests, time out starts."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         now = time.monotonic()
         self._next_tick = now + _TICK
+        self.meter.fold()
         for g in list(self.zombies):
             if g.kill_pending:
                 g.kill_pending = False          # stopped by destroy: now it dies
@@ -462,7 +507,7 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
                 self._guest_readable(g)
             elif not g.ready and now - g.started > GUEST_START_TIMEOUT:
                 self._crash(g, f"did not start within {GUEST_START_TIMEOUT:g} s")
-        self.meter.record(time.perf_counter() - t0, "tick")
+        self.meter.record(time.perf_counter() - t0, "tick", "tick", time.thread_time() - cpu0)
         if self.parked:
             self._retry_parked(changed_only=True)
 

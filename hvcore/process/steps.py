@@ -33,47 +33,148 @@ class StepMeter:
     under 1 us). Steps are also summed per kind (the control op's name,
     ``guest`` or ``tick``): how long one kind of request holds the CPU is
     what a batch size is chosen by (``info``'s ``pause_by_op``).
+
+    A step's caller may pass its CPU time (``time.thread_time()``) too:
+    the longest per kind is ``max_cpu_ms``, what is left of ``max_ms`` once
+    other processes' share of the CPU is taken out. Guest steps are not
+    CPU-timed (a CPU clock read costs as much as a third of such a step):
+    their ``max_cpu_ms`` is their wall time, an upper bound.
+
+    Guest steps, one per guest message, are only appended to a per-guest
+    list on their path (:meth:`log`) and folded into the figures when the
+    figures are read (or by :meth:`fold`, which the housekeeping tick calls).
     """
 
     def __init__(self):
         self.buckets = [0] * 48
-        self.max_s = 0.0
-        self.max_what = ""
-        self.steps = 0
-        self.busy_s = 0.0                      # all steps together
-        self.by_kind: dict[str, list] = {}     # kind -> [count, total s, max s, buckets]
+        self._max_s = 0.0
+        self._max_what = ""
+        self._max_cpu_s = 0.0
+        self._steps = 0
+        self._busy_s = 0.0                      # all steps together
+        #: kind -> [count, total s, max s, buckets, max CPU s]
+        self.by_kind: dict[str, list] = {}
+        #: (kind, what) -> the durations of its steps not folded in yet
+        self._logs: dict[tuple, list] = {}
 
-    def record(self, seconds: float, what: str, kind: str | None = None) -> None:
-        """One step of ``seconds``; ``kind`` defaults to the first word of
-        ``what`` (callers on the hot path pass it precomputed)."""
-        self.steps += 1
-        self.busy_s += seconds
+    def record(self, seconds: float, what: str, kind: str | None = None,
+               cpu: float | None = None) -> None:
+        """One step of ``seconds`` (``cpu``: its CPU seconds, if measured);
+        ``kind`` defaults to the first word of ``what``."""
+        if kind is None:
+            kind = what.split(" ", 1)[0]
+        self._add(kind, what, seconds, seconds if cpu is None else cpu)
+
+    def _add(self, kind: str, what: str, seconds: float, cpu: float) -> None:
+        self._steps += 1
+        self._busy_s += seconds
         b = int(seconds * 1e6).bit_length()
         if b > 47:
             b = 47
         self.buckets[b] += 1
-        if seconds > self.max_s:
-            self.max_s, self.max_what = seconds, what
-        if kind is None:
-            kind = what.split(" ", 1)[0]
-        k = self.by_kind.get(kind)
-        if k is None:
-            k = self.by_kind[kind] = [0, 0.0, 0.0, [0] * len(self.buckets)]
+        if seconds > self._max_s:
+            self._max_s, self._max_what = seconds, what
+        if cpu > self._max_cpu_s:
+            self._max_cpu_s = cpu
+        k = self._kind(kind)
         k[0] += 1
         k[1] += seconds
         if seconds > k[2]:
             k[2] = seconds
         k[3][b] += 1
+        if cpu > k[4]:
+            k[4] = cpu
+
+    def _kind(self, kind: str) -> list:
+        k = self.by_kind.get(kind)
+        if k is None:
+            k = self.by_kind[kind] = [0, 0.0, 0.0, [0] * len(self.buckets), 0.0]
+        return k
+
+    def log(self, kind: str, what: str) -> list:
+        """The list a hot path appends each step's seconds to (one append
+        per step); its steps count as ``kind`` steps named ``what``."""
+        return self._logs.setdefault((kind, what), [])
+
+    def drop_log(self, kind: str, what: str) -> None:
+        """Fold a log in and forget it (its steps stay counted)."""
+        lg = self._logs.pop((kind, what), None)
+        if lg:
+            self._fold_one(kind, what, lg)
+
+    def fold(self) -> None:
+        """Fold every log's pending steps into the figures."""
+        for (kind, what), lg in self._logs.items():
+            if lg:
+                self._fold_one(kind, what, lg)
+
+    def _fold_one(self, kind: str, what: str, lg: list) -> None:
+        import numpy as np
+        s = np.array(lg, dtype=np.float64)
+        lg.clear()
+        us = (s * 1e6).astype(np.int64)
+        # int.bit_length of each, as in _add (frexp's exponent: exact below 2**53)
+        b = np.frexp(us.astype(np.float64))[1].astype(np.int64)
+        np.minimum(b, 47, out=b)
+        counts = np.bincount(b, minlength=48)
+        total = float(s.sum())
+        i = int(s.argmax())
+        top = float(s[i])
+        self._steps += len(s)
+        self._busy_s += total
+        k = self._kind(kind)
+        k[0] += len(s)
+        k[1] += total
+        for j in np.flatnonzero(counts):
+            self.buckets[j] += int(counts[j])
+            k[3][j] += int(counts[j])
+        if top > k[2]:
+            k[2] = top
+        if top > k[4]:
+            k[4] = top
+        if top > self._max_s:
+            self._max_s, self._max_what = top, what
+        if top > self._max_cpu_s:
+            self._max_cpu_s = top
+
+    @property
+    def max_s(self) -> float:
+        self.fold()
+        return self._max_s
+
+    @property
+    def max_what(self) -> str:
+        self.fold()
+        return self._max_what
+
+    @property
+    def max_cpu_s(self) -> float:
+        """The longest step in CPU time (guest steps: their wall time)."""
+        self.fold()
+        return self._max_cpu_s
+
+    @property
+    def steps(self) -> int:
+        self.fold()
+        return self._steps
+
+    @property
+    def busy_s(self) -> float:
+        self.fold()
+        return self._busy_s
 
     def by_op(self) -> dict:
-        """Per kind of step: ``count``, ``total_ms``, ``max_ms`` and its own
-        ``histogram`` (as :meth:`histogram`)."""
+        """Per kind of step: ``count``, ``total_ms``, ``max_ms``,
+        ``max_cpu_ms`` and its own ``histogram`` (as :meth:`histogram`)."""
+        self.fold()
         return {k: {"count": c, "total_ms": round(t * 1e3, 3), "max_ms": round(m * 1e3, 3),
+                    "max_cpu_ms": round(mc * 1e3, 3),
                     "histogram": [{"lt_us": 1 << i, "count": n} for i, n in enumerate(b) if n]}
-                for k, (c, t, m, b) in self.by_kind.items()}
+                for k, (c, t, m, b, mc) in self.by_kind.items()}
 
     def histogram(self) -> list[dict]:
         """Non-empty buckets as ``{"lt_us": upper bound, "count": n}``."""
+        self.fold()
         return [{"lt_us": 1 << i, "count": c} for i, c in enumerate(self.buckets) if c]
 
 

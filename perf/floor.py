@@ -1,0 +1,149 @@
+"""The floor of a Python CoW fault: the least a hypervisor process could do.
+
+A bare ``selectors`` loop in a child process reads a 9-byte write message
+(gfn, one byte) from a pipe, calls the in-process core's ``write`` on a
+shared page (a CoW fault: allocate, copy, repoint, rmap delete) and answers
+one byte; the parent times each round trip. What ``perf cow`` measures
+beyond this is the hypervisor process's own per-message overhead (its
+dispatch, metering, protocol checks and the guest's bookkeeping).
+
+The child is a fresh interpreter (``python -m perf.floor --serve``), pinned
+with the parent as the placement asks (``same`` or ``cross`` core). Each
+round is a fresh share of every page, so every write is a CoW fault.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .common import latency_percentiles, standalone
+
+PLACEMENTS = ("same", "cross")
+_MSG = struct.Struct("<qB")
+
+
+def _serve(rfd: int, wfd: int, n: int, rounds: int, rmap: str) -> None:
+    """The child: the loop of a round per share of every page."""
+    from hvcore import Hypervisor
+    with Hypervisor(2 * n + 64, rmap=rmap) as hv:
+        a, b = hv.create_domain(n), hv.create_domain(n)
+        buf = bytearray(64)
+        mv = memoryview(buf)
+        sel = selectors.DefaultSelector()
+        sel.register(rfd, selectors.EVENT_READ)
+        write, domid = hv.write, b.domid
+        for _ in range(rounds):
+            hv.range_share(a.domid, b.domid, 0, n - 1)
+            os.write(wfd, b"r")
+            for _ in range(n):
+                sel.select(1.0)
+                os.readv(rfd, (buf,))
+                gfn, = struct.unpack_from("<q", buf, 0)
+                write(domid, gfn, 0, mv[8:9])
+                os.write(wfd, b"k")
+        if hv.audit():
+            sys.exit(1)
+
+
+def _cpus(placement: str):
+    allowed = sorted(os.sched_getaffinity(0))
+    if placement == "same":
+        return allowed[0], allowed[0]
+    if len(allowed) < 2:
+        return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
+    return allowed[0], allowed[1]
+
+
+def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets") -> list:
+    """``rounds`` arrays of ``n`` round trips (int64 ns), the first 10 %
+    of each dropped as warm-up. Raises ValueError for an impossible placement."""
+    cpus = _cpus(placement)
+    if isinstance(cpus, str):
+        raise ValueError(cpus)
+    from hvcore.process.statedir import child_env
+    old = os.sched_getaffinity(0)
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    child = None
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "perf.floor", "--serve", str(to_r), str(from_w),
+                                  str(n), str(rounds), rmap], pass_fds=(to_r, from_w),
+                                 stdin=subprocess.DEVNULL, env=child_env())
+        os.close(to_r)
+        os.close(from_w)
+        to_r = from_w = -1
+        os.sched_setaffinity(child.pid, {cpus[1]})
+        os.sched_setaffinity(0, {cpus[0]})
+        msg = bytearray(_MSG.size)
+        pack, clock, write, read = _MSG.pack_into, time.perf_counter_ns, os.write, os.read
+        out = []
+        for _ in range(rounds):
+            if read(from_r, 1) != b"r":
+                raise RuntimeError("the floor's server did not start")
+            lat = [0] * n
+            for i in range(n):
+                pack(msg, 0, i, 1)
+                t0 = clock()
+                write(to_w, msg)
+                read(from_r, 1)
+                lat[i] = clock() - t0
+            out.append(np.array(lat[n // 10:], dtype=np.int64))
+        return out
+    finally:
+        os.sched_setaffinity(0, old)
+        for fd in (to_r, to_w, from_r, from_w):
+            if fd >= 0:
+                os.close(fd)
+        if child is not None:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def measure(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets") -> dict:
+    """Per round: p50/p99 (us); or ``{"skipped": reason}``."""
+    cpus = _cpus(placement)
+    if isinstance(cpus, str):
+        return {"placement": placement, "skipped": cpus}
+    return {"placement": placement, "cpus": list(cpus), "rmap": rmap,
+            "runs": [{"n": len(r), **latency_percentiles(r / 1e3)} for r in round_trips(placement, n, rounds, rmap)]}
+
+
+def run(quick: bool = False) -> dict:
+    n = 2000 if quick else 20000
+    return {"results": [measure(p, n, rounds=3) for p in PLACEMENTS]}
+
+
+def report(result: dict) -> str:
+    from .common import table
+    rows = []
+    for r in result["results"]:
+        if "skipped" in r:
+            rows.append([r["placement"], "-", "-", r["skipped"]])
+            continue
+        for i, x in enumerate(r["runs"]):
+            rows.append([f"{r['placement']} core, round {i}", x["p50_us"], x["p99_us"], f"n={x['n']:,}"])
+    return "Floor of a CoW fault: bare selectors loop + core write (us)\n" + table(
+        ["", "p50", "p99", "detail"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        rfd, wfd, n, rounds = map(int, argv[1:5])
+        _serve(rfd, wfd, n, rounds, argv[5])
+        return 0
+    return standalone(argv, "python -m perf.floor", "Floor of a CoW fault round trip.",
+                      "2,000 faults a round instead of 20,000", run, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
