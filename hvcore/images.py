@@ -70,14 +70,19 @@ def random_pages(rng: np.random.Generator, k: int) -> np.ndarray:
     return stamp(raw.view(np.uint8).reshape(k, PAGE_SIZE))
 
 
-def clone_kinds(seed: int, npages: int) -> np.ndarray:
-    """Kind of every gfn of a clone: KIND_IMAGE, KIND_ZERO or KIND_PRIVATE."""
+def extent_kinds(seed: int, npages: int) -> np.ndarray:
+    """Kind of every extent of EXTENT gfns of a clone (see :func:`clone_kinds`)."""
     n_ext = -(-npages // EXTENT)
     u = np.random.default_rng([seed, _LAYOUT]).random(n_ext)
     kinds = np.full(n_ext, KIND_IMAGE, dtype=np.uint8)
     kinds[u < ZERO_SHARE + PRIVATE_SHARE] = KIND_PRIVATE
     kinds[u < ZERO_SHARE] = KIND_ZERO
-    return np.repeat(kinds, EXTENT)[:npages]
+    return kinds
+
+
+def clone_kinds(seed: int, npages: int) -> np.ndarray:
+    """Kind of every gfn of a clone: KIND_IMAGE, KIND_ZERO or KIND_PRIVATE."""
+    return np.repeat(extent_kinds(seed, npages), EXTENT)[:npages]
 
 
 def shareable_runs(seed: int, npages: int) -> list[tuple[int, int]]:
@@ -104,7 +109,7 @@ class CloneImage:
 
     def __init__(self, seed: int, instance: int, npages: int):
         self.seed, self.instance, self.npages = seed, instance, npages
-        self.kinds = clone_kinds(seed, npages)
+        self._extents = None        # extent_kinds, made on the first use
         self._tags = ((KIND_IMAGE, [seed, _IMAGE]), (KIND_PRIVATE, [seed, _PRIVATE, instance]))
 
     def __call__(self, start: int, count: int) -> np.ndarray:
@@ -115,7 +120,10 @@ class CloneImage:
     def into(self, dst: np.ndarray, start: int) -> None:
         """Write the pages of gfns ``start..start+len(dst)-1`` into ``dst``."""
         count = len(dst)
-        k = self.kinds[start:start + count]
+        if self._extents is None:
+            self._extents = extent_kinds(self.seed, self.npages)
+        e0 = start // EXTENT
+        k = np.repeat(self._extents[e0:-(-(start + count) // EXTENT)], EXTENT)[start - e0 * EXTENT:][:count]
         for b in range(start // _BLOCK, (start + count - 1) // _BLOCK + 1):
             lo, hi = max(start, b * _BLOCK), min(start + count, (b + 1) * _BLOCK)
             part = dst[lo - start:hi - start]

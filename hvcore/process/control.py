@@ -120,7 +120,6 @@ class ControlOps:
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
                   cow_faults=self.cow_faults,
-                  job_max_cpu_ms={k: round(v * 1e3, 3) for k, v in self._job_cpu_max.items()},
                   jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded())
         st.update(paced=self.paced[0], paced_ms=round(self.paced[1] * 1e3, 3))
         st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),

@@ -28,6 +28,11 @@ from .endpoints import ControlConnection
 from ..budget import MIN_CHUNK_ITEMS, ChunkCost
 from .steps import TEARDOWN_CHUNK_SECONDS
 
+#: a job's chunks are sized to take about this long: half a teardown
+#: chunk, as a job's cost per item varies more (the kernel may take long
+#: to provide a page the first time it is written)
+JOB_CHUNK_SECONDS = TEARDOWN_CHUNK_SECONDS / 2
+
 
 class Job:
     """One preemptible operation: :meth:`step` until it returns True."""
@@ -85,10 +90,8 @@ class Jobs:
             self._job_failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
             done = None
         finally:
-            self.meter.record(time.perf_counter() - t0, job.kind, job.kind)
+            self.meter.record(time.perf_counter() - t0, job.kind, job.kind, time.thread_time() - cpu0)
             job.steps += 1
-            self._job_cpu_max[job.kind] = max(self._job_cpu_max.get(job.kind, 0.0),
-                                              time.thread_time() - cpu0)
         self._preempted = False
         if done is False:
             self.jobs.append(job)
@@ -138,7 +141,11 @@ class CreateJob(Job):
         return f"the create of domain {b.domid} ({b.cursor} of {b.npages} pages populated)"
 
     def step(self, proc, should_yield) -> bool:
-        return proc.hv.build_step(self.build, should_yield, chunk_seconds=TEARDOWN_CHUNK_SECONDS)
+        # the last populating step, then the guest's start: a step of its own
+        if self.build.domid in proc.hv.building:
+            proc.hv.build_step(self.build, should_yield, chunk_seconds=JOB_CHUNK_SECONDS)
+            return False
+        return True
 
     def finish(self, proc) -> None:
         d = proc.hv.domains[self.build.domid]
@@ -186,7 +193,7 @@ class BatchJob(Job):
         clock, cost = time.perf_counter, self.cost
         while self.lo < self.n:
             t0 = clock()
-            k = max(MIN_CHUNK_ITEMS, cost.items(TEARDOWN_CHUNK_SECONDS, TEARDOWN_CHUNK_SECONDS))
+            k = max(MIN_CHUNK_ITEMS, cost.items(JOB_CHUNK_SECONDS, JOB_CHUNK_SECONDS))
             hi = min(self.n, self.lo + k)
             self.parts.append(self.work(self.lo, hi))
             cost.learn(hi - self.lo, clock() - t0)

@@ -59,6 +59,8 @@ import sys
 import time
 import traceback
 
+import numpy as np
+
 from ..wire import control, schema
 from .. import errors, shm
 from ..errors import ECANCELED
@@ -87,6 +89,8 @@ PACE_WINDOW = 0.1
 PACE_DUTY = 0.9
 PACE_GUEST_SLACK = 0.03
 _TICK = 0.1
+#: C heap the hypervisor backs at start for its steps' temporaries
+HEAP_SCRATCH_BYTES = 24 << 20
 #: glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -182,10 +186,8 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         #: cost model of a budgeted batch request's chunks, by op (_bounded)
         self._chunk_cost: dict[str, ChunkCost] = {}
         self.instances = 0
-        #: operations continuing a step at a time (see .jobs), oldest first,
-        #: and the longest CPU time of a step of each kind of job
+        #: operations continuing a step at a time (see .jobs), oldest first
         self.jobs: collections.deque = collections.deque()
-        self._job_cpu_max: dict[str, float] = {}
         self._lsock: socket.socket | None = None
         self._lock_fd: int | None = None
         self._closed = False
@@ -535,7 +537,10 @@ def _keep_scratch_mapped() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):
-        pass
+        return
+    # and back that much heap now, once, rather than in a step
+    scratch = np.ones(HEAP_SCRATCH_BYTES, np.uint8)
+    del scratch
 
 
 def _pace_duty() -> float | None:
