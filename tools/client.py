@@ -84,6 +84,11 @@ class Channel:
                                 f"within {self.timeout:g} s") from None
             except (ConnectionError, BrokenPipeError, OSError, ProtocolError):
                 got = None
+            except BaseException:
+                # interrupted between the request and its answer: the answer
+                # would be read as the next request's, so the connection goes
+                self.close()
+                raise
             if got is None:
                 self.close()
                 raise self.gone(f"the {self.what} on {self.path} closed the connection "

@@ -88,6 +88,13 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
             os.close(ready_w)
     try:
         line = _read_line(ready_r, timeout)
+    except BaseException:
+        # interrupted while it starts: it must not live on unseen
+        proc.kill()
+        proc.wait()
+        cleanup_leftovers(socket_path)
+        _remove_unowned_state(socket_path)
+        raise
     finally:
         os.close(ready_r)
     if line.startswith("ready "):

@@ -45,7 +45,7 @@ def _all_free(hv):
 
 def test_killed_controller_leaves_the_domain_dying_and_a_second_one_finishes():
     n = 40_000
-    with api.hvshare_session(frames=n + 1024, rmap="buckets") as hv:
+    with api.hvshare_session(frames=n + 1024, rmap="list") as hv:     # a teardown that lasts
         d, other = heavy_domain(hv, n)
         guest_pid = _entry(hv, d)["pid"]
         ctl = _hvctl(hv.socket_path, "destroy", str(d), "--json")
@@ -115,7 +115,7 @@ def test_every_frame_comes_back(rmap, mode):
 
 
 def test_guests_fault_during_a_teardown_and_their_writes_land():
-    n = 30_000
+    n = 60_000
     pages = 256
     with api.hvshare_session(frames=n + 4 * pages + 1024, rmap="list") as hv:     # a teardown that lasts
         victim, other = heavy_domain(hv, n)
@@ -216,10 +216,17 @@ def test_two_controllers_on_one_domain_exactly_one_reports_the_teardown():
         for t in threads:
             t.join(120)
         # one controller drives and reports every entry; the other is told
-        # that another controller runs it (or, if it came late, that it is done)
-        assert len(results) == 1 and results[0]["entries"] == n, (results, errors)
-        assert len(errors) == 1 and errors[0].code in (EBUSY, ESRCH), errors
-        assert ("another controller" in str(errors[0])) == (errors[0].code == EBUSY)
+        # that another controller runs it, or, if it came late or stopped
+        # asking for a while (then the other took over), that it is done
+        reports = [r for r in results if not r.get("finished_elsewhere")]
+        assert len(reports) == 1 and reports[0]["entries"] == n, (results, errors)
+        told = errors + [r for r in results if r.get("finished_elsewhere")]
+        assert len(told) == 1, (results, errors)
+        if errors:
+            assert errors[0].code in (EBUSY, ESRCH), errors
+            assert ("another controller" in str(errors[0])) == (errors[0].code == EBUSY)
+        else:
+            assert told[0]["entries"] < n
         assert d not in {x["domid"] for x in hv.list()} and hv.audit() == 0
         hv.destroy(other)
         assert _all_free(hv)
