@@ -1,8 +1,9 @@
 """Scale: ``python -m perf scale [--quick] [--json PATH]``.
 
 Two clone domains of N pages each (``workload clone``, one seed: they share
-the image's content) on a fresh hypervisor per rmap policy and N, through
-the life of a pair of guests:
+the image's content) on a fresh hypervisor per rmap policy and N (its pool
+prefaulted, as a real host's RAM is backed: ``hvctl start --prefault``),
+through the life of a pair of guests:
 
 - **create**: each domain's ``create`` request, first to answer (the
   answer comes when the domain is built);
@@ -184,7 +185,7 @@ def one_life(n: int, rmap: str) -> dict:
     hv = None
     try:
         with _signals_held():
-            hv = HVSession(frames=2 * n + MARGIN, rmap=rmap, timeout=None)
+            hv = HVSession(frames=2 * n + MARGIN, rmap=rmap, timeout=None, prefault=True)
         i0 = hv.info()
         secs = []
         for _ in range(2):

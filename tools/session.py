@@ -279,7 +279,8 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
 
 @contextlib.contextmanager
 def hvshare_session(frames: int = 4096, rmap: str = "buckets", teardown: str = "preemptible",
-                    directory: str | None = None, sched: str = "fifo") -> Iterator[HVSession]:
+                    directory: str | None = None, sched: str = "fifo",
+                    prefault: bool = False) -> Iterator[HVSession]:
     """A real hypervisor process on a private socket, gone on exit::
 
         with hvshare_session(frames=8192) as hv:
@@ -288,7 +289,7 @@ def hvshare_session(frames: int = 4096, rmap: str = "buckets", teardown: str = "
             hv.range_share(a, b, 0, 255)
             hv.guest(b).write(0, b"new")      # a CoW fault
     """
-    s = HVSession(frames, rmap, teardown, directory, sched=sched)
+    s = HVSession(frames, rmap, teardown, directory, sched=sched, prefault=prefault)
     try:
         yield s
     finally:
