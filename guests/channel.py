@@ -200,8 +200,8 @@ class ControlChannel:
     def _op_write_mapping(self, payload, gfn):
         return self.guest.write_mapping(gfn)
 
-    def _op_pipe_send(self, payload, reply):
-        got = self.guest.link.raw(bytes(payload), reply)
+    def _op_pipe_send(self, payload, reply, pieces, gap_us, split_seed):
+        got = self.guest.link.raw(bytes(payload), reply, pieces, gap_us * 1e-6, split_seed)
         if got is None:
             return {"sent": len(payload)}
         seq, status, value = got

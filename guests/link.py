@@ -9,8 +9,10 @@ order; the main thread drains them when the hypervisor rings.
 from __future__ import annotations
 
 import os
+import random
 import select
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from hvcore.wire import pipe
@@ -122,12 +124,21 @@ class HypervisorLink:
             self.lock.release()
         return True
 
-    def raw(self, data: bytes, reply: bool) -> tuple[int, int, int] | None:
+    def raw(self, data: bytes, reply: bool, pieces: int = 1, gap_s: float = 0.0,
+            seed: int = 0) -> tuple[int, int, int] | None:
         """Send bytes verbatim on the pipe (a test of the hypervisor's
-        defences); with ``reply``, wait for the next H_REPLY: (seq, status, value)."""
+        defences); with ``reply``, wait for the next H_REPLY: (seq, status, value).
+        ``pieces``: in that many writes, cut where ``seed`` picks, ``gap_s``
+        apart; the lock is held throughout, so nothing of ours comes between."""
+        cuts = sorted(random.Random(seed).sample(range(1, len(data)), min(pieces, len(data)) - 1))
+        bounds = [0, *cuts, len(data)]
+        view = memoryview(data)
         with self.lock:
             try:
-                pipe.write_all(self.wfd, [data])
+                for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                    if i and gap_s:
+                        time.sleep(gap_s)
+                    pipe.write_all(self.wfd, [view[lo:hi]])
             except OSError:
                 raise HypervisorGone() from None
             while reply:

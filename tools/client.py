@@ -380,11 +380,14 @@ class GuestClient(Requester):
         """Try to store through the read-only mapping from Python (refused)."""
         return self.call("write_mapping", gfn=gfn)
 
-    def pipe_send(self, data: bytes, reply: bool = False) -> dict:
+    def pipe_send(self, data: bytes, reply: bool = False, pieces: int = 1, gap_us: int = 0,
+                  split_seed: int = 0) -> dict:
         """Have the guest put ``data`` verbatim on its pipe to the hypervisor
         (testing what a hostile guest can send); with ``reply`` the answer's
-        ``seq``, ``status`` and ``value`` come back."""
-        return self.request("pipe_send", bytes(data), reply=reply)[0]
+        ``seq``, ``status`` and ``value`` come back. ``pieces``: written in
+        that many parts, cut at points ``split_seed`` picks, ``gap_us`` apart."""
+        return self.request("pipe_send", bytes(data), reply=reply, pieces=pieces, gap_us=gap_us,
+                            split_seed=split_seed)[0]
 
     def raw_write(self, gfn: int) -> None:
         """Store through the mapping with ctypes: the guest dies of SIGSEGV."""

@@ -100,8 +100,11 @@ GUEST_OPS: dict[str, dict[str, _Arg]] = {
     "write_mapping": {"gfn": GFN},
     "raw_write": {"gfn": GFN},
     # tests: the payload goes verbatim onto the guest's pipe to the hypervisor
-    # (anything a guest could send); with reply, the next H_REPLY comes back
-    "pipe_send": {"reply": Bool(False)},
+    # (anything a guest could send); with reply, the next H_REPLY comes back.
+    # pieces: written in that many parts, cut at points chosen by split_seed,
+    # gap_us apart (the hypervisor must join them, whatever the cuts)
+    "pipe_send": {"reply": Bool(False), "pieces": Int(1, 4096, 1), "gap_us": Int(0, 100_000, 0),
+                  "split_seed": Int(0, (1 << 32) - 1, 0)},
     # benchmarks: the guest times its own writes (answer payload: int64 ns each)
     "time_writes": {"first": GFN, "count": Int(1, 1 << 20), "size": Int(1, PAGE_SIZE, 1)},
     "time_write_pages": {"first": GFN, "count": Int(1, 1 << 24), "batch": Int(1, MAX_BATCH_PAGES, 1024)},

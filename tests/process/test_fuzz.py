@@ -544,9 +544,13 @@ def _fuzz_pipe_live(hv, examples: int, garbage_samples: int, counts: Counter) ->
         hv.range_share(a, b, 0, npages - 1)         # shared again: writes are CoW faults
         with hv.guest(b) as g:
             for msg, seq in writes:
-                # one piece: between two pipe_sends the guest's own stats
-                # report may land in the middle (the in-process fuzz splits)
-                r = g.pipe_send(msg, reply=True)
+                # the transport varies: one write, or pieces cut anywhere
+                # (the guest holds its pipe meanwhile), back to back or slow
+                pieces = rng.choice([1, 1, 2, 3, 8, min(len(msg), 64)])
+                gap_us = rng.choice([0, 0, 0, 50, 2000]) if pieces > 1 else 0
+                r = g.pipe_send(msg, reply=True, pieces=pieces, gap_us=gap_us,
+                                split_seed=rng.getrandbits(32))
+                counts.add("split" if pieces > 1 else "whole")
                 assert r["seq"] == seq and r["status"] in (0, errno.EINVAL), r
                 counts.add("answered" if r["status"] == 0 else "refused")
             for body in stats:                       # no answer; NaNs are fine
@@ -595,6 +599,7 @@ def test_guest_pipe_fuzz_live():
         _healthy(hv)
     print(f"\npipe fuzz (live): {counts} in {time.monotonic() - t0:.1f} s")
     assert counts["answered"] + counts["refused"] >= 200
+    assert counts["split"] >= 50
 
 
 @pytest.mark.slow
