@@ -55,7 +55,7 @@ class Hypervisor(DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
         self.domains: dict[int, Domain] = {}
         #: domains being created, by domid (see DomainTable.begin_domain)
         self.building: dict[int, DomainBuild] = {}
-        self._mark = np.zeros(nframes, dtype=np.int64)   # scratch of share_many
+        self._mark = np.full(nframes, 0, dtype=np.int64)   # scratch of share_many (see FramePool)
         self._next_domid = 1
         # Xen: the handle counter starts at 1 and is pre-incremented, so the
         # first handle given out is 2.

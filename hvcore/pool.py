@@ -48,10 +48,13 @@ class FramePool:
         # Unlink the segment even if the owner forgets to close the pool.
         self._finalizer = weakref.finalize(self, shm.release, self._mm, self.name)
         self.data = np.frombuffer(self._mm, dtype=np.uint8).reshape(nframes, PAGE_SIZE)
+        # The frame table is written whole now (np.full, not np.zeros): a
+        # page of it the kernel first provides in the middle of a step can
+        # hold that step for milliseconds.
         self.owner = np.full(nframes, OWNER_FREE, dtype=np.int32)
-        self.type_count = np.zeros(nframes, dtype=np.int64)
-        self.handle = np.zeros(nframes, dtype=np.uint64)
-        self.extra_refs = np.zeros(nframes, dtype=np.int32)
+        self.type_count = np.full(nframes, 0, dtype=np.int64)
+        self.handle = np.full(nframes, 0, dtype=np.uint64)
+        self.extra_refs = np.full(nframes, 0, dtype=np.int32)
         # Free stack: the top is the end; lowest mfns are handed out first.
         self._free = np.arange(nframes - 1, -1, -1, dtype=np.int64)
         self._nfree = nframes

@@ -57,6 +57,7 @@ a reader must hold in mind, and no other module sees it.
 """
 from __future__ import annotations
 
+import mmap
 import sys
 from typing import Iterator
 
@@ -67,6 +68,11 @@ from .base import Rmap
 
 _GROWTH = 1.5               # arena growth factor: modest, to keep bytes/entry low
 _MIN_ARENA = 64
+#: an arena of _RESERVE_FROM nodes or more lives in a reservation (see
+#: IndexRmap._grow) of _RESERVE_FACTOR times its rows, at least _RESERVE_MIN_ROWS
+_RESERVE_FROM = 1 << 16
+_RESERVE_MIN_ROWS = 1 << 22
+_RESERVE_FACTOR = 8
 _KEEP_ARENA = 4096          # an emptied arena up to this size is kept, not freed
 _DENSE_LIMIT = 1 << 22      # lazily grown per-domain index: at most 16 MiB
 _SMALL_BATCH = 8            # below this a batch is a plain loop (less overhead)
@@ -88,6 +94,16 @@ def _batch(mfns, domids, gfns, op: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     if not (k == d.shape[0] == g.shape[0]):
         raise ValueError(f"{op}: arrays of different lengths")
     return m, d, g, k
+
+
+def _reserve(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Arena and domain arrays of ``rows`` rows in fresh anonymous mappings:
+    address space only, backed (zeroed) by the kernel page by page as nodes
+    are first written."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    arena = np.frombuffer(mmap.mmap(-1, rows * 16, flags=flags), np.int32).reshape(rows, 4)
+    dom = np.frombuffer(mmap.mmap(-1, rows * 2, flags=flags), np.int16)
+    return arena, dom
 
 
 def _new_arena(cap: int) -> np.ndarray:
@@ -128,7 +144,7 @@ class IndexRmap(Rmap):
     def __init__(self, nframes: int):
         super().__init__(nframes)
         self._head = np.full(nframes, -1, np.int32)
-        self._count = np.zeros(nframes, np.int32)
+        self._count = np.full(nframes, 0, np.int32)   # written now: see FramePool
         # Single-entry ops go through memoryviews, much cheaper than numpy
         # scalar indexing. Every view is rebuilt whenever its array is replaced.
         self._head_view = memoryview(self._head)
@@ -149,6 +165,7 @@ class IndexRmap(Rmap):
             return
         self._arena = _new_arena(0)
         self._dom = np.zeros(1, np.int16)
+        self._reserved = None
         self._set_free(np.empty(0, np.int32))
         self._make_views()
 
@@ -165,11 +182,29 @@ class IndexRmap(Rmap):
         self._free_view = memoryview(arr)
 
     def _grow(self, need: int) -> None:
+        """Room for ``need`` nodes. A big arena lives in a reservation of
+        untouched anonymous memory (:func:`_reserve`) several times its size:
+        growing within it moves the sentinel row and takes a longer view, so
+        no step copies the arena. Only outgrowing the reservation copies,
+        into one _RESERVE_FACTOR times larger: rarely."""
         cap = max(need, int(self._cap * _GROWTH), _MIN_ARENA)
-        arena = _new_arena(cap)
-        arena[: self._top] = self._arena[: self._top]
-        dom = np.zeros(cap + 1, np.int16)
-        dom[: self._top] = self._dom[: self._top]
+        base = self._reserved
+        if cap < _RESERVE_FROM and base is None:
+            arena = _new_arena(cap)
+            arena[: self._top] = self._arena[: self._top]
+            dom = np.zeros(cap + 1, np.int16)
+            dom[: self._top] = self._dom[: self._top]
+        elif base is not None and cap + 1 <= base[0].shape[0]:
+            arena, dom = base[0][: cap + 1], base[1][: cap + 1]
+            self._dom[self._cap] = 0        # the old sentinel row is a free row now
+            arena[cap] = -1
+        else:
+            rows = max(_RESERVE_MIN_ROWS, _RESERVE_FACTOR * (cap + 1))
+            self._reserved = base = _reserve(rows)
+            arena, dom = base[0][: cap + 1], base[1][: cap + 1]
+            arena[: self._top] = self._arena[: self._top]
+            dom[: self._top] = self._dom[: self._top]
+            arena[cap] = -1
         self._arena, self._dom = arena, dom
         self._make_views()
 
