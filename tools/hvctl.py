@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ordinary process")
     s.add_argument("--prefault", action="store_true",
                    help="back every frame of the pool with memory before serving, as a real "
-                        "host's RAM is (takes a few seconds per million frames): creates and CoW "
-                        "faults then never wait for the kernel to allocate a page")
+                        "host's RAM is, and size the reverse map for as many entries as frames "
+                        "(takes a few seconds per million frames): creates, dedup and CoW faults "
+                        "then rarely wait for the kernel to provide a page")
     s.add_argument("--foreground", action="store_true",
                    help="stay attached: serve until Ctrl-C, log to this terminal")
 

@@ -247,6 +247,7 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
             raise StartError(f"cannot create a pool of {self.frames} frames: {e}") from None
         if self.prefault:
             self.hv.pool.prefault()
+            self.hv.rmap.reserve_nodes(self.frames)
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:

@@ -92,9 +92,10 @@ def compiled_batch(mfns, domids, gfns, nframes: int):
 class NodeArena:
     """Parallel flat arrays of rmap nodes, with a free stack of slots."""
 
-    __slots__ = ("nxt", "prv", "dom", "gfn", "free", "top", "live", "_views")
+    __slots__ = ("nxt", "prv", "dom", "gfn", "free", "top", "live", "_views", "keep")
 
     def __init__(self) -> None:
+        self.keep = _KEEP            # slots an emptied arena keeps
         self.nxt = _zeros("i", 0)
         self.prv = _zeros("i", 0)
         self.dom = _zeros("H", 0)
@@ -254,12 +255,20 @@ class NodeArena:
         else:
             self.clear()
 
+    def reserve(self, n: int) -> None:
+        """At least ``n`` slots from now on, kept when the arena empties
+        (the new slots are written: zero-filled)."""
+        if len(self.nxt) < n:
+            self._resize(n)
+        self.keep = max(self.keep, n)
+
     def clear(self) -> None:
-        """Forget every node; a big arena gives its memory back."""
+        """Forget every node; a big arena gives its memory back (down to
+        what :meth:`reserve` asked for)."""
         self.top = self.live = 0
         del self.free[:]
-        if len(self.nxt) > _KEEP:
-            self._resize(_KEEP)
+        if len(self.nxt) > self.keep:
+            self._resize(self.keep)
 
     # -- walks ----------------------------------------------------------------
     def find(self, n: int, domid: int, gfn: int) -> int:

@@ -56,6 +56,11 @@ class Rmap(ABC):
         for m in mfns.tolist():
             self.release(m)
 
+    def reserve_nodes(self, n: int) -> None:
+        """Have room for ``n`` entries now, written (so no step waits for the
+        kernel to provide it), and keep it when the rmap empties: what a
+        prefaulted hypervisor does at start. Policies with an arena override."""
+
     def domain_created(self, domid: int, npages: int) -> None:
         """A domain with gfns 0..npages-1 exists from now on (policies that
         index per domain size their arrays here)."""

@@ -131,6 +131,9 @@ class BucketsRmap(FrameCounts, Rmap):
 
     name = "buckets"
 
+    def reserve_nodes(self, n: int) -> None:
+        self._arena.reserve(n)
+
     def __init__(self, nframes: int, table_alloc: Callable[[], bool] | None = None):
         super().__init__(nframes)
         # Asked before each list -> hash conversion; False = allocation failed.

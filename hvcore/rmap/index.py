@@ -154,6 +154,7 @@ class IndexRmap(Rmap):
         self._sparse: dict[tuple[int, int], int] = {}
         self._ones = np.ones(0, np.int32)  # per-entry count steps (np.add.at / subtract.at)
         self._arena = _new_arena(0)
+        self._keep_rows = 0         # an emptied arena this big is kept (reserve_nodes)
         self._reset_arena()
 
     # -- arena --------------------------------------------------------------
@@ -161,13 +162,20 @@ class IndexRmap(Rmap):
         """Empty the arena (no node is live). A big arena gives its memory
         back; a small one is kept, so a frame going 0 <-> 1 does not churn."""
         self._nfree = self._top = self._live = 0
-        if 0 < self._arena.shape[0] - 1 <= _KEEP_ARENA:
+        if 0 < self._arena.shape[0] - 1 <= max(_KEEP_ARENA, self._keep_rows):
             return
         self._arena = _new_arena(0)
         self._dom = np.zeros(1, np.int16)
         self._reserved = None
         self._set_free(np.empty(0, np.int32))
         self._make_views()
+
+    def reserve_nodes(self, n: int) -> None:
+        if self._cap < n:
+            self._grow(n)
+        self._arena[self._top:self._cap] = 0        # written now, not in a step
+        self._dom[self._top:self._cap] = 0
+        self._keep_rows = max(self._keep_rows, n)
 
     def _make_views(self) -> None:
         # Column views for the vectorised code, flat memoryviews for the rest.

@@ -42,6 +42,9 @@ class ListRmap(FrameCounts, Rmap):
 
     name = "list"
 
+    def reserve_nodes(self, n: int) -> None:
+        self._arena.reserve(n)
+
     def __init__(self, nframes: int):
         super().__init__(nframes)
         self._head = array("i", [-1]) * nframes     # -1: empty (released)

@@ -1136,3 +1136,22 @@ def test_index_arena_grows_inside_its_reservation_without_losing_a_node(monkeypa
     assert len(reservations) >= 2          # grew within one, then into a larger one
     assert sorted((d, g) for _, d, g in zip(*r.all_entries())) == sorted(live)
     assert r._arena.nbytes == 16 * (r._cap + 1)
+
+
+@pytest.mark.parametrize("policy", ["list", "buckets", "index"])
+def test_reserved_nodes_are_there_at_once_and_kept_when_the_rmap_empties(policy):
+    from hvcore.rmap import make_rmap
+    r = make_rmap(policy, 1024)
+    r.domain_created(1, 20_000)
+
+    def room():
+        return len(r._arena.nxt) if policy != "index" else r._cap
+    r.reserve_nodes(10_000)
+    assert room() >= 10_000
+    for g in range(5000):
+        r.add(g % 1024, 1, g)
+    assert room() >= 10_000
+    for g in range(5000):
+        r.remove(g % 1024, 1, g)
+    assert room() >= 10_000 and not any(r.counts_of(np.arange(1024)))
+    r.check()
