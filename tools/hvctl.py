@@ -404,7 +404,9 @@ def cmd_info(a) -> object:
     lines = [f"{k:<16}{i[k]}" for k in ("frames_total", "frames_free", "nr_shared_mfns",
                                         "nr_saved_mfns", "rmap", "teardown")]
     lines.append(f"{'sched':<16}{i.get('sched', '?')}")
-    lines.append(f"{'max_pause_ms':<16}{i['max_pause_ms']} ({i.get('max_pause_op', '?')})")
+    lines.append(f"{'max_pause_ms':<16}{i['max_pause_ms']} ({i.get('max_pause_op', '?')}; wall time)")
+    if i.get("max_pause_cpu_ms") is not None:
+        lines.append(f"{'max_pause_cpu_ms':<16}{i['max_pause_cpu_ms']} (the longest step in CPU time)")
     lines.append(f"{'cow_faults':<16}{i.get('cow_faults', 0)}")
     for op, why in (i.get("unbounded") or {}).items():
         lines.append(f"{'unbounded':<16}{op}: {why}")
