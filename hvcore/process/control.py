@@ -19,7 +19,7 @@ import numpy as np
 from ..wire import control, pipe, schema
 from .. import errors, images
 from ..constants import WORKLOADS
-from ..errors import EBUSY, EINVAL, ENOMEM, ESRCH, HVError, sentence
+from ..errors import EBUSY, ECANCELED, EINVAL, ENOMEM, ESRCH, HVError, sentence
 from .endpoints import ControlConnection
 from .jobs import BatchJob, CreateJob
 from .steps import TEARDOWN_CHUNK_SECONDS
@@ -217,6 +217,8 @@ class ControlOps:
         a second while guests wait behind it).
         """
         t0, cpu0 = time.perf_counter(), time.thread_time()
+        if domid in self.hv.building:
+            return self._destroy_creating(domid, t0)
         d = self.hv.domains.get(domid)
         if d is None and domid in self.destroyed:
             raise HVError(ESRCH, f"domain {domid} is already destroyed")
@@ -272,6 +274,26 @@ class ControlOps:
                "seconds": round(time.monotonic() - td["started"], 6)}
         if done:
             self.destroyed[domid] = out
+        return out
+
+    def _destroy_creating(self, domid: int, t0: float) -> dict:
+        """Destroy a domain still being created: its create is cancelled
+        (its client is answered ECANCELED) and what it populated goes back."""
+        job = next(j for j in self.jobs if isinstance(j, CreateJob) and j.build.domid == domid)
+        self.jobs.remove(job)
+        b = job.build
+        populated = b.cursor
+        self.hv.cancel_build(b)
+        self._job_failed(job, schema.error(f"domain {domid} was destroyed while being created "
+                                           f"({populated} of {b.npages} pages populated)",
+                                           ECANCELED, "ECANCELED"))
+        step = time.perf_counter() - t0
+        out = {"domid": domid, "done": True, "state": "destroyed", "phase": "gone", "cursor": 0,
+               "npages": b.npages, "entries": 0, "entries_total": 0, "resumed": False, "steps": 1,
+               "continuations": 0, "step_ms": round(step * 1e3, 3), "max_pause_ms": round(step * 1e3, 3),
+               "max_pause_cpu_ms": round(step * 1e3, 3), "hv_seconds": round(step, 6),
+               "seconds": round(step, 6), "was_creating": True}
+        self.destroyed[domid] = out
         return out
 
     def _op_pause(self, c, payload, domid):

@@ -94,3 +94,19 @@ def test_range_share_and_unbudgeted_batches_are_jobs_with_whole_answers(hvs):
     codes = np.frombuffer(data, "<i8", offset=8 * 4096)
     assert (codes == 0).all()
     assert hvs.info()["pause_by_op"]["nominate_many"]["count"] >= 2
+
+
+def test_destroying_a_domain_being_created_cancels_its_create():
+    with api.hvshare_session(frames=4 * PAGES) as s:
+        free = s.info()["frames_free"]
+        t, out = _create_in_background(s, pages=4 * PAGES - 64)
+        assert wait_until(lambda: _creating(s), timeout=30, step=0.002)
+        (entry,) = _creating(s)
+        r = s.destroy(entry["domid"])
+        assert r["domid"] == entry["domid"] and r["entries"] == 0
+        t.join(30)
+        if "answer" in out:     # the create won the race: the destroy then tore it down
+            pytest.skip("the create finished before the destroy arrived")
+        assert out["error"].code_name == "ECANCELED" and "destroyed while being created" in str(out["error"])
+        assert s.list() == [] and s.info()["frames_free"] == free
+        assert s.call("audit")["errors"] == 0
