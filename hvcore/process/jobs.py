@@ -113,12 +113,17 @@ class Jobs:
             c = job.client
             if c is None or c.closed:
                 continue
-            msg = schema.error(f"{reason}: {job.describe()} was cancelled", ECANCELED, "ECANCELED")
-            try:
-                c.sock.settimeout(1.0)
-                control.send_frame(c.sock, msg)
-            except OSError:
-                pass
+            tell_now(c, schema.error(f"{reason}: {job.describe()} was cancelled", ECANCELED, "ECANCELED"))
+
+
+def tell_now(c: ControlConnection, answer: bytes) -> None:
+    """Send ``answer`` to ``c`` at once, blocking up to a second: for the
+    clients of a hypervisor about to close their sockets."""
+    try:
+        c.sock.settimeout(1.0)
+        control.send_frame(c.sock, answer)
+    except OSError:
+        pass
 
 
 def _sentence(job: Job, e: HVError) -> str:

@@ -61,14 +61,14 @@ import traceback
 
 import numpy as np
 
-from ..wire import control, schema
+from ..wire import schema
 from .. import errors, shm
 from ..errors import ECANCELED
 from ..constants import DEFAULT_FRAMES, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES
 from ..budget import ChunkCost
 from .statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .control import ControlOps
-from .jobs import Jobs
+from .jobs import Jobs, tell_now
 from .endpoints import ControlConnection, Endpoint, GuestEndpoint
 from .guests import GUEST_START_TIMEOUT, GuestLifecycle
 from .parking import ParkedWrites, EventRing, Parked
@@ -364,13 +364,8 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         for g in self.guests.values():
             if g.creator is not None and not g.creator.closed:
                 c, g.creator = g.creator, None
-                try:
-                    c.sock.settimeout(1.0)
-                    control.send_frame(c.sock, schema.error(
-                        f"the hypervisor stopped before the guest of domain {g.domid} started",
-                        ECANCELED, "ECANCELED"))
-                except OSError:
-                    pass
+                tell_now(c, schema.error(f"the hypervisor stopped before the guest of domain "
+                                         f"{g.domid} started", ECANCELED, "ECANCELED"))
         for c in list(self.clients):
             self._drop_client(c)
         procs = []

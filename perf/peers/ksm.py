@@ -52,7 +52,7 @@ from hvcore.constants import PAGE_SIZE
 
 from ..common import latency_percentiles, standalone
 from .contents import CONTENTS, duplicate_groups, duplicate_groups_of, expected_counts, page_content
-from .ksm_session import (KsmSession, current_session, fast_scan_knobs, ksm_session, run_scans,
+from .ksm_session import (current_session, fast_scan_knobs, ksm_session, run_scans,
                           sweep_stale, track_region)
 from .ksm_sysfs import CounterPoller, KsmUnavailable, foreign_mergers, ksm_available, read_knob, write_knob
 
@@ -240,22 +240,28 @@ def merge(n_pages: int, content: str = "identical", seed: int = 0, *,
             region.expected_shared, region.expected_sharing = expected_counts(groups, mps)
             region.max_page_sharing = mps
             region.foreign_pids = foreign_mergers()
-            _wait_merged(s, region, timeout, settle_scans, poll_seconds)
+            _wait_merged([region], timeout, settle_scans, poll_seconds)
         except BaseException:
             region.close()
             raise
     return region
 
 
-def _wait_merged(s: KsmSession, region: KsmRegion, timeout: float, settle_scans: int, poll_seconds: float) -> None:
+def _wait_merged(regions: list[KsmRegion], timeout: float, settle_scans: int,
+                 poll_seconds: float) -> None:
+    """Madvise every region, run ksmd until the counters reach what the
+    first region expects or stop changing; the first region keeps what
+    the merge measured."""
+    lead = regions[0]
     poll = CounterPoller(["pages_shared", "pages_sharing", "full_scans"])
     try:
         b_shared, b_sharing, b_scans = poll.read()
-        region._base = (b_shared, b_sharing)
+        lead._base = (b_shared, b_sharing)
         t0 = time.perf_counter()
-        region.mm.madvise(mmap.MADV_MERGEABLE)
-        region.madvise_seconds = time.perf_counter() - t0
-        want = (region.expected_shared, region.expected_sharing)
+        for r in regions:
+            r.mm.madvise(mmap.MADV_MERGEABLE)
+        lead.madvise_seconds = time.perf_counter() - t0
+        want = (lead.expected_shared, lead.expected_sharing)
         last = (0, 0)
         t0 = t_change = time.perf_counter()
         scans_at_change = b_scans
@@ -267,10 +273,10 @@ def _wait_merged(s: KsmSession, region: KsmRegion, timeout: float, settle_scans:
             if cur != last:
                 last, t_change, scans_at_change = cur, now, scans
             if cur == want and want != (0, 0):
-                region.complete = True
+                lead.complete = True
                 break
             if scans - scans_at_change >= settle_scans:
-                region.complete = cur == want
+                lead.complete = cur == want
                 break
             if now - t0 > timeout:
                 break
@@ -278,11 +284,11 @@ def _wait_merged(s: KsmSession, region: KsmRegion, timeout: float, settle_scans:
     finally:
         write_knob("run", 0)
         try:
-            region.full_scans = poll.read()[2] - b_scans
+            lead.full_scans = poll.read()[2] - b_scans
         finally:
             poll.close()
-    region.merge_seconds = t_change - t0
-    region.pages_shared, region.pages_sharing = last
+    lead.merge_seconds = t_change - t0
+    lead.pages_shared, lead.pages_sharing = last
 
 
 
@@ -458,7 +464,7 @@ def merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray], None],
             groups = duplicate_groups_of([r.array for r in regions])
             lead.expected_shared, lead.expected_sharing = expected_counts(groups, lead.max_page_sharing)
             lead.foreign_pids = foreign_mergers()
-            _wait_merged_together(regions, timeout, settle_scans, poll_seconds)
+            _wait_merged(regions, timeout, settle_scans, poll_seconds)
         except BaseException:
             # the interrupted fill's frames still hold views of a region:
             # free them, or the unmap fails (BufferError) and hides the error
@@ -468,49 +474,6 @@ def merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray], None],
                     r.close()
             raise
     return regions
-
-
-def _wait_merged_together(regions: list[KsmRegion], timeout: float, settle_scans: int,
-                          poll_seconds: float) -> None:
-    """:func:`_wait_merged` for several regions: all are madvised before
-    ksmd starts, and the first region keeps what the merge measured."""
-    lead = regions[0]
-    poll = CounterPoller(["pages_shared", "pages_sharing", "full_scans"])
-    try:
-        b_shared, b_sharing, b_scans = poll.read()
-        lead._base = (b_shared, b_sharing)
-        t0 = time.perf_counter()
-        for r in regions:
-            r.mm.madvise(mmap.MADV_MERGEABLE)
-        lead.madvise_seconds = time.perf_counter() - t0
-        want = (lead.expected_shared, lead.expected_sharing)
-        last = (0, 0)
-        t0 = t_change = time.perf_counter()
-        scans_at_change = b_scans
-        write_knob("run", 1)
-        while True:
-            shared, sharing, scans = poll.read()
-            now = time.perf_counter()
-            cur = (shared - b_shared, sharing - b_sharing)
-            if cur != last:
-                last, t_change, scans_at_change = cur, now, scans
-            if cur == want and want != (0, 0):
-                lead.complete = True
-                break
-            if scans - scans_at_change >= settle_scans:
-                lead.complete = cur == want
-                break
-            if now - t0 > timeout:
-                break
-            time.sleep(poll_seconds)
-    finally:
-        write_knob("run", 0)
-        try:
-            lead.full_scans = poll.read()[2] - b_scans
-        finally:
-            poll.close()
-    lead.merge_seconds = t_change - t0
-    lead.pages_shared, lead.pages_sharing = last
 
 
 def measure_merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray], None],
