@@ -129,7 +129,8 @@ def test_headlines_read_every_bench():
     assert all(keys <= set(h) for h in hs)
     h = _by_figure(hs, "rmap delete at degree 65,536")
     assert (h["value"], h["ratio"], h["met"]) == (16000.0, 256.0, True)
-    assert h["anchor"] == "list: 4,096,000 ns" and h["command"] == "python -m perf rmap"
+    assert h["anchor"] == "list: 4,096,000 ns, n=1" and h["command"] == "python -m perf rmap"
+    assert h["stats"] == {"median": 16000.0, "min": 16000.0, "max": 16000.0, "n": 1}     # no repeats kept
     assert _by_figure(hs, "index memory")["value"] == 22.0
     assert _by_figure(hs, "index memory")["met"] is True
     assert _by_figure(hs, "vs 16 (flat)")["met"] is True
@@ -142,7 +143,7 @@ def test_headlines_read_every_bench():
     assert "100,000" in ksm["figure"] and ksm["anchor_value"] == pytest.approx(0.05)
     assert ksm["ratio"] == pytest.approx(1.0) and ksm["met"] is True
     pause = _by_figure(hs, "longest hypervisor step")
-    assert "(buckets, N=10,000)" in pause["figure"] and pause["anchor"] == "monolithic, buckets N=10,000: 10 ms"
+    assert "(buckets, N=10,000)" in pause["figure"] and pause["anchor"] == "monolithic, buckets N=10,000: 10 ms, n=1"
     assert pause["value"] == 0.5 and pause["ratio"] == pytest.approx(20.0) and pause["met"] is True
     fault = _by_figure(hs, "fault p99 during")
     assert "(index, N=10,000)" in fault["figure"]           # the worst case against idle
@@ -213,7 +214,8 @@ def test_markdown_table_has_one_row_per_headline():
     assert rows[0] == "| figure | hvshare | anchor | ratio | goal met | command |"
     assert len(rows) == 1 + len(doc["headlines"])
     assert all(r.count(" | ") == 5 for r in rows)
-    assert "| 20 us | KSM CoW break p50: 4 us | 5x (hvshare/KSM) | no: <= 3x | `python -m perf cow` |" in md
+    assert ("| 20 us, n=1 | KSM CoW break p50: 4 us, n=1 | 5x (hvshare/KSM) | no: <= 3x | `python -m perf cow` |"
+            in md)
     assert "2 cores, 8 GiB" in md and "quick run" in md
 
 
@@ -364,7 +366,7 @@ def test_plots_are_written(tmp_path):
         assert str(p) in written, written
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert written[str(tmp_path / "cow_latency.png")] == "percentiles only where the JSON has no latency samples"
+    assert written[str(tmp_path / "cow_latency.png")] == "percentiles only where the JSON keeps no distribution"
 
 
 def test_plots_draw_what_is_there_and_skip_the_rest(tmp_path):
