@@ -515,6 +515,7 @@ def markdown(doc: dict) -> str:
         f"Measured on {m.get('cores', '?')} cores, {f'{mem / 2**30:.0f} GiB' if mem else '? GiB'}, "
         f"Linux {m.get('kernel', '?')}, Python {m.get('python', '?')}, numpy {m.get('numpy', '?')}"
         + (" (quick run: small sizes, goals are for the full run)" if doc.get("quick") else "") + ".",
+        "Each figure is the bench's value [min–max of the repeats], n = the repeats (n=1: one measurement).",
         "",
         "| figure | hvshare | anchor | ratio | goal met | command |",
         "|---|---|---|---|---|---|",

@@ -399,6 +399,8 @@ def _latency_series(d: Any) -> tuple[str, list[float], list[float]]:
     h = d.get("histogram")
     if isinstance(h, dict) and h.get("n"):
         xs, fs = histogram_cdf(h)
+        if h["lo"][0] > 0:              # the curve rises from 0 at the lowest bucket's edge
+            xs, fs = [h["lo"][0]] + xs, [0.0] + fs
         scale = _TO_US.get(h.get("unit", "us"), 1.0)
         return "histogram", [x * scale for x in xs], fs
     for k in _SAMPLES:
@@ -449,7 +451,7 @@ def plot_cow_latency(result: dict, path: str) -> str:
         p50, st = _p50_stats(d)
         count = num(dig(d, "histogram", "n")) or num(d.get("n"))
         text = f"{label}\np50 {figure_text(p50, 'us', st)}" if p50 is not None else label
-        text += f", {int(count):,} faults" if count and kind != "percentiles" else ""
+        text += f", {int(count):,} samples" if count and kind != "percentiles" else ""
         if kind == "percentiles":
             text += f"; {len(fs)} percentiles, p{fs[0] * 100:g}-p{fs[-1] * 100:g}"
             a.plot(xs, fs, color=color, ls=ls, marker="o", label=text)
