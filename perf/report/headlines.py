@@ -355,7 +355,8 @@ def _cow_headlines(r: Any) -> list[dict]:
         key = f"cow_p50_over_pipe_{p}"
         out.append(_h(f"CoW fault p50 ({where}) vs raw pipe round trip", "us", cmd, "<= 2x",
                       value=f.get("p50_us"), stats=stats_of(f, "p50_us"), anchor=("raw pipe round trip p50", "us"),
-                      anchor_value=q.get("p50_us"), anchor_stats=stats_of(q, "p50_us"), ratio=dig(r, "ratios", key), ratio_of="fault/pipe",
+                      anchor_value=q.get("p50_us"), anchor_stats=stats_of(q, "p50_us"),
+                      ratio=dig(r, "ratios", key), ratio_of="fault/pipe",
                       met=lambda v, q: q <= 2, bench="cow", ratio_key=key, result=r))
     b = dig(res, "hvshare", "batched", "pages_per_second")
     kb = dig(res, "ksm_batched", "pages_per_second")
