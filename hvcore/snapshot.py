@@ -178,7 +178,7 @@ class ProcessSnapshot:
         if not have:
             return
         b = self._breaks
-        cuts = b[(b > start) & (b < start + have)] - start
+        cuts = b[np.searchsorted(b, start, "right"):np.searchsorted(b, start + have, "left")] - start
         bounds = [0, *cuts.tolist(), have]
         for i, j in zip(bounds[:-1], bounds[1:]):
             self._read_run(dst[i:j], int(self.addrs[start + i]))
