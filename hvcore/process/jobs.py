@@ -137,9 +137,9 @@ class CreateJob(Job):
 
     kind = "create"
 
-    def __init__(self, client, build, config: dict):
+    def __init__(self, client, build, config: dict, source=None):
         super().__init__(client)
-        self.build, self.config = build, config
+        self.build, self.config, self.source = build, config, source
 
     def describe(self) -> str:
         b = self.build
@@ -154,6 +154,11 @@ class CreateJob(Job):
 
     def finish(self, proc) -> None:
         d = proc.hv.domains[self.build.domid]
+        if self.source is not None:
+            # what was read, in the create's answer (see guests._answer_creator)
+            report = self.source.report()
+            report.update(source_pages=report.pop("pages"), pages=d.npages)
+            self.config["snapshot"] = report
         try:
             g = proc._spawn_guest(d, self.config)
         except OSError as e:

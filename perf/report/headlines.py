@@ -448,12 +448,31 @@ def _scale_headlines(r: Any) -> list[dict]:
     ]
 
 
+def _real_headlines(r: Any) -> list[dict]:
+    """perf.real: hvshare's dedup on snapshots of real programs against
+    Linux KSM on the programs: frames saved, and scan-and-merge time
+    against KSM's time to settle."""
+    cmd = "python -m perf real"
+    hv, ksm = dig(r, "hvshare"), dig(r, "ksm")
+    return [_h("real programs: frames saved by dedup of their snapshots vs Linux KSM", "frames", cmd,
+               "within 2%", value=dig(hv, "frames_saved"), anchor=("Linux KSM pages_sharing", "frames"),
+               anchor_value=dig(ksm, "pages_sharing"), ratio=dig(r, "ratios", "frames_over_ksm"),
+               ratio_of="hvshare/KSM", met=lambda v, q: abs(q - 1) <= 0.02, bench="real",
+               ratio_key="frames_over_ksm", result=r),
+            _h("real programs: dedup scan-and-merge time vs Linux KSM settle time", "s", cmd, "<= 0.5x",
+               value=dig(hv, "scan_seconds"), anchor=("Linux KSM ksmd until settled", "s"),
+               anchor_value=dig(ksm, "settle_seconds"), ratio=dig(r, "ratios", "time_over_ksm"),
+               ratio_of="hvshare/KSM", met=lambda v, q: q <= 0.5, bench="real",
+               ratio_key="time_over_ksm", result=r)]
+
+
 HEADLINES: dict[str, Callable[[Any], list[dict]]] = {
     "rmap": _rmap_headlines,
     "teardown": _teardown_headlines,
     "cow": _cow_headlines,
     "dedup": _dedup_headlines,
     "density": _density_headlines,
+    "real": _real_headlines,
     "scale": _scale_headlines,
 }
 
