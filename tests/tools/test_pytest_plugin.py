@@ -81,6 +81,36 @@ def test_p_no_hvshare_makes_the_fixture_unknown(user_project):
     result.stdout.fnmatch_lines(["*fixture 'hvshare' not found*"])
 
 
+def test_a_run_is_left_alone_until_a_test_uses_the_plugin(user_project, tmp_path, monkeypatch):
+    user_project.makepyfile("""
+        import ctypes, os
+        from tools import session
+
+        SOCKET_BEFORE = os.environ.get("HVSHARE_SOCKET")
+
+        def subreaper():
+            flag = ctypes.c_int(-1)
+            ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)   # PR_GET_CHILD_SUBREAPER
+            return flag.value
+
+        def test_1_untouched():
+            assert session.SESSION_ROOT is None and subreaper() == 0
+            assert os.environ.get("HVSHARE_SOCKET") == SOCKET_BEFORE
+
+        def test_2_private_root(hvshare):
+            root = session.SESSION_ROOT
+            assert os.path.basename(root).startswith("hvs-pytest-") and subreaper() == 1
+            assert hvshare.socket_path.startswith(root + os.sep)
+            assert os.environ["HVSHARE_SOCKET"].startswith(root + os.sep)
+            with open(os.environ["TEST_ROOT_FILE"], "w") as f:
+                f.write(root)
+    """)
+    root_file = tmp_path / "root"
+    monkeypatch.setenv("TEST_ROOT_FILE", str(root_file))
+    user_project.runpytest_subprocess().assert_outcomes(passed=2)
+    assert not os.path.exists(root_file.read_text())       # removed at the end of the run
+
+
 LEAKS_A_PROCESS = """
     import subprocess, sys
 
