@@ -54,7 +54,7 @@ def test_once_shows_domains_sharing_cow_rates_dedup_and_steps(hvs):
         p = hvctl(hvs.socket_path, "top", "--once", "--interval", "0.1")
         assert p.returncode == 0, p.stderr
         names = [d["name"] for d in hvs.list()]
-        for word in (*names, "running", "SHR_PAGES", "COW/s", "saved", "dedup daemon", "passes",
+        for word in (*names, "running", "SHR_PAGES", "COW/s", "SHR MiB", "saved", "dedup daemon", "passes",
                      "full scans", "pages_sharing", "hypervisor steps", "longest", "< "):
             assert word in p.stdout, word
     finally:

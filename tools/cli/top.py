@@ -91,7 +91,7 @@ def render(f: dict):
         f"({h['cow_faults']:,} in all)")
     doms = Table(box=None, header_style="bold", pad_edge=False)
     for col, right in (("DOMID", True), ("NAME", False), ("STATE", False), ("MiB", True),
-                       ("SHR_PAGES", True), ("SAVED MiB", True), ("COW/s", True), ("WORKLOAD", False)):
+                       ("SHR_PAGES", True), ("SHR MiB", True), ("COW/s", True), ("WORKLOAD", False)):
         doms.add_column(col, justify="right" if right else "left")
     for d in f["domains"]:
         doms.add_row(str(d["domid"]), d["name"], d["state"], f"{d['mib']:.1f}", f"{d['shr_pages']:,}",
