@@ -3,7 +3,7 @@
     python -m perf <bench> [--quick] [--json PATH]     one benchmark
     python -m perf all [--quick] [--json PATH] [--plots DIR] [--markdown] [--from PATH]
     python -m perf compare A.json B.json [--changed] [--threshold F]
-    python -m perf plots RUN.json DIR
+    python -m perf plots [RUN.json DIR]       (default: docs/perf/run.json docs/perf)
 """
 from __future__ import annotations
 

@@ -234,6 +234,12 @@ class HypervisorClient(Requester):
     def audit(self) -> int:
         return self.call("audit")["errors"]
 
+    def sharing_report(self) -> dict:
+        """Where the sharing lies (docs/counters.md): frames saved by zero
+        and other pages, the degree histogram, the split within and across
+        domains, and per domain shr_pages, saved frames and CoW faults."""
+        return self.call("sharing_report")
+
     def stop(self) -> dict:
         return self.call("stop")
 

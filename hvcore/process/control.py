@@ -20,8 +20,9 @@ from ..wire import control, pipe, schema
 from .. import errors, images
 from ..constants import WORKLOADS
 from ..errors import EBUSY, ECANCELED, EINVAL, ENOMEM, ESRCH, HVError, sentence
+from ..sharing_stats import SharingScan
 from .endpoints import ControlConnection
-from .jobs import BatchJob, CreateJob
+from .jobs import BatchJob, CreateJob, ScanJob
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 #: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
@@ -166,6 +167,19 @@ class ControlOps:
         report = self.hv.audit_report()
         seconds = round(time.perf_counter() - t0, 6)
         return {"errors": len(report), "report": report[:20], "seconds": seconds}
+
+    def _op_sharing_report(self, c, payload):
+        """The sharing report (:mod:`hvcore.sharing_stats`): a job over
+        every p2m and the frame table, answered when done, each domain
+        with its guest's CoW faults."""
+        def answer(scan):
+            r = scan.report()
+            for d in r["domains"]:
+                g = self.guests.get(d["domid"])
+                d["cow_faults"] = g.cow_faults if g is not None else None
+            return r
+        self._start_job(ScanJob(c, "sharing_report", SharingScan(self.hv), answer))
+        return None
 
     def _op_stop(self, c, payload):
         # Keep the asking connection out of the clean-up: it gets the answer.

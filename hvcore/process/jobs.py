@@ -220,3 +220,27 @@ class BatchJob(Job):
 
 #: items in the first chunk of a batch job (later chunks follow its rate)
 FIRST_BATCH_CHUNK = 256
+
+
+class ScanJob(Job):
+    """A read-only pass of the core over its state, in chunks (the sharing
+    report, :class:`hvcore.sharing_stats.SharingScan`): ``scan.step`` each
+    turn until it is done, then ``answer(scan)`` is the reply."""
+
+    def __init__(self, client, kind: str, scan, answer):
+        super().__init__(client)
+        self.kind, self.scan, self.answer = kind, scan, answer
+
+    def describe(self) -> str:
+        return f"the {self.kind} ({self.scan.describe()})"
+
+    def step(self, proc, should_yield) -> bool:
+        return self.scan.step(should_yield, JOB_CHUNK_SECONDS)
+
+    def finish(self, proc) -> None:
+        c = self.client
+        if c is None or c.closed:
+            return
+        c.waiting = False
+        c.reply(schema.ok(**self.answer(self.scan)))
+        proc._serve_backlog(c)

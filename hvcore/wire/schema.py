@@ -52,6 +52,9 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     "info": {},
     "list": {},
     "audit": {},
+    # a job: frames saved (zero / other), degree histogram, intra/inter split,
+    # per domain shr_pages, saved, cow_faults (hvcore/sharing_stats.py)
+    "sharing_report": {},
     "stop": {},
     "create": {"pages": Int(1, 1 << 31), "workload": Str("zero"), "seed": Int(0, (1 << 32) - 1, 0),
                "name": Str(None), "paused": Bool(False), "rate": Num(0.0, 1e6, 200.0),

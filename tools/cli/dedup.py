@@ -107,7 +107,9 @@ def dedup(a) -> object:
             if a.watch:
                 return _watch(a, c, sc)
             r = sc.scan_pass(a.domids or None)
+        sharing = c.sharing_report()
     out = _pass_json(r)
+    out["sharing"] = sharing            # where the sharing lies now (docs/counters.md)
     steps = (r.hv_steps or {}).get("all", {})
     ops = ", ".join(f"{r.hv_steps[op]['count']} {op}" for op in scanner.SCANNER_OPS
                     if op in (r.hv_steps or {}))
