@@ -41,6 +41,19 @@ class Domain:
     chunk_cost: object = None
     teardown_phase: str = ""    # "", "shared", "private"
     info: dict = field(default_factory=dict)   # runtime extras (guest pid, counters)
+    #: the domain this one was forked from (None: not a fork; hvcore.fork)
+    parent: int | None = None
+    #: domids of this domain's forks (while any exist it does not run)
+    forks: set = field(default_factory=set)
+    #: the first fork paused it: it runs again once its last fork is gone
+    fork_paused: bool = False
+    #: a fork's populated gfns, each once: ``fork_gfns[:fork_n]``
+    fork_gfns: object = None
+    fork_n: int = 0
+    #: a fork reset under way: entries of the record done, and kept so far
+    reset_cursor: int | None = None
+    reset_kept: int = 0
+    reset_dropped: int = 0
 
     @property
     def dying(self) -> bool:

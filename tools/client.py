@@ -224,12 +224,66 @@ class HypervisorClient(Requester):
             raise out["error"]
         return out["answer"]
 
-    def destroy(self, domid: int, progress=None) -> dict:
+    def destroy(self, domid: int, progress=None, forks: bool = False) -> dict:
         """Destroy a domain to the end with the kill controller
         (:func:`tools.killctl.destroy`): domid, seconds, entries,
-        continuations, max_pause_ms. ``progress(answer)`` sees every step."""
+        continuations, max_pause_ms. ``progress(answer)`` sees every step.
+        A domain with forks is refused (EBUSY) unless ``forks``: then its
+        forks, and theirs, are destroyed first, deepest first (their
+        domids in ``forks_destroyed``)."""
         from .killctl import destroy
-        return destroy(self, domid, progress=progress)
+        if not forks:
+            return destroy(self, domid, progress=progress)
+        gone = []
+        for child in self.descendants(domid):
+            destroy(self, child, progress=progress)
+            gone.append(child)
+        out = destroy(self, domid, progress=progress)
+        out["forks_destroyed"] = gone
+        return out
+
+    def descendants(self, domid: int) -> list[int]:
+        """The forks of ``domid``, their forks and so on, deepest first."""
+        children: dict = {}
+        for d in self.list():
+            if d.get("parent") is not None:
+                children.setdefault(d["parent"], []).append(d["domid"])
+        out: list[int] = []
+
+        def walk(x: int) -> None:
+            for c in sorted(children.get(x, [])):
+                walk(c)
+                out.append(c)
+        walk(domid)
+        return out
+
+    # -- VM fork -----------------------------------------------------------
+    def fork(self, parent: int, name: str | None = None, paused: bool = False,
+             workload: str | None = None, fuzz_writes: int | None = None,
+             fuzz_reads: int | None = None) -> dict:
+        """Fork ``parent`` (docs/semantics.md, "VM fork"): a child of its
+        size with an empty p2m, filled lazily from its ancestors; the
+        parent stays paused while it has forks. Returns domid, parent,
+        seconds (the fork's step in the hypervisor), wall_seconds (until
+        the child's guest ran), pid, name, guest_socket. ``workload``: the
+        child guest's (default: the parent's); ``fuzz_writes`` and
+        ``fuzz_reads``: pages a ``fuzz`` run writes and reads."""
+        args = {k: v for k, v in dict(name=name, workload=workload, fuzz_writes=fuzz_writes,
+                                      fuzz_reads=fuzz_reads).items() if v is not None}
+        return self.call("fork", parent=parent, paused=paused, **args)
+
+    def fork_reset(self, domid: int, run: bool = False) -> dict:
+        """Drop the fork's private pages, so it reads its parent's again:
+        domid, pages_dropped, seconds. ``run``: then one iteration of its
+        ``fuzz`` guest, answered when the guest signals it is done (adds
+        iteration, pages_written, pages_read, run_seconds)."""
+        return self.call("fork_reset", domid=domid, run=run)
+
+    def fuzz_run(self, domid: int) -> dict:
+        """One iteration of the ``fuzz`` guest of ``domid``, answered when
+        it signals done: domid, iteration, pages_written, pages_read,
+        run_seconds."""
+        return self.call("fuzz_run", domid=domid)
 
     def destroy_step(self, domid: int) -> dict:
         """One destroy request: one teardown step and its progress

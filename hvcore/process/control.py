@@ -18,11 +18,12 @@ import numpy as np
 
 from ..wire import control, pipe, schema
 from .. import errors, images, snapshot
-from ..constants import WORKLOADS
+from ..constants import DEFAULT_FUZZ_READS, DEFAULT_FUZZ_WRITES, WORKLOADS
 from ..errors import EBUSY, ECANCELED, EINVAL, ENOMEM, ESRCH, HVError, sentence
 from ..sharing_stats import SharingScan
 from .endpoints import ControlConnection
-from .jobs import BatchJob, CreateJob, ScanJob
+from ..budget import ChunkCost
+from .jobs import FIRST_RESET_CHUNK, BatchJob, CreateJob, ForkJob, ResetJob, ScanJob, reset_steps
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 #: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
@@ -147,6 +148,7 @@ class ControlOps:
         g = self.guests.get(d.domid)
         out = {"domid": d.domid, "name": d.name, "state": d.state, "pages": d.npages,
                "tot_pages": d.tot_pages, "shr_pages": d.shr_pages,
+               "parent": d.parent, "forks": len(d.forks),
                "pid": g.proc.pid if g else None, "p2m": d.p2m.name}
         if d.dying:
             # where an interrupted teardown stands: 'hvctl destroy' resumes here
@@ -257,6 +259,9 @@ class ControlOps:
             raise HVError(ESRCH, f"domain {domid} is already destroyed")
         d = self.hv.domain(domid)
         resumed = d.dying
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks ({', '.join(map(str, sorted(d.forks)))}): "
+                                 f"destroy them first, or destroy it with its forks")
         if not resumed:
             self._stop_guest(domid)
             self.hv.kill(domid)
@@ -307,6 +312,7 @@ class ControlOps:
                "seconds": round(time.monotonic() - td["started"], 6)}
         if done:
             self.destroyed[domid] = out
+            self._fork_parent_check(d.parent)
         return out
 
     def _destroy_creating(self, domid: int, t0: float) -> dict:
@@ -341,6 +347,11 @@ class ControlOps:
             return self._set_paused_parked(domid, paused)
         if d.state not in ("running", "paused"):
             raise HVError(EINVAL, f"domain {domid} is {d.state}")
+        if d.forks:
+            if not paused:
+                raise HVError(EBUSY, f"domain {domid} has forks: it stays paused until they "
+                                     f"are destroyed")
+            d.fork_paused = False          # paused by its user too: it stays paused
         d.state = "paused" if paused else "running"
         g = self.guests.get(domid)
         if g is not None:
@@ -348,6 +359,115 @@ class ControlOps:
         if not paused:
             self._release_paused_writes(domid)
         return {"domid": domid, "state": d.state}
+
+    # -- VM fork ---------------------------------------------------------
+    def _op_fork(self, c, payload, parent, name, paused, workload, fuzz_writes, fuzz_reads):
+        """Fork ``parent``: a job (:class:`.jobs.ForkJob`) that makes the
+        child, then starts its guest; answered once the guest said hello.
+        The child's guest runs ``workload`` (default: the parent's)."""
+        p = self.hv.domain(parent)
+        if p.dying:
+            raise HVError(EBUSY, f"domain {parent} is dying")
+        if parent in self.parked:
+            raise HVError(EBUSY, f"domain {parent} waits for free memory; it cannot be forked now")
+        pg = self.guests.get(parent)
+        pcfg = pg.config if pg is not None else {}
+        workload = workload or pcfg.get("workload", "zero")
+        if workload not in WORKLOADS:
+            raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
+        instance = self.instances + 1
+        self.instances = instance
+        config = dict(workload=workload, seed=pcfg.get("seed", 0), instance=instance, paused=paused,
+                      rate=pcfg.get("rate", 200.0), batch=pcfg.get("batch", 1), fork=True,
+                      fuzz_writes=DEFAULT_FUZZ_WRITES if fuzz_writes is None else fuzz_writes,
+                      fuzz_reads=DEFAULT_FUZZ_READS if fuzz_reads is None else fuzz_reads)
+        self._start_job(ForkJob(c, parent, name, paused, config))
+        return None
+
+    def _fork_parent_paused(self, parent: int) -> None:
+        """A fork was made: the parent's guest stops (if the fork paused it)."""
+        g = self.guests.get(parent)
+        if g is not None and self.hv.domains[parent].fork_paused:
+            g.notify(pipe.H_PAUSE)
+
+    def _fork_parent_check(self, parent: int | None) -> None:
+        """A fork is gone: once its parent has no fork left it runs again
+        (if a fork paused it), its held writes going first."""
+        p = self.hv.domains.get(parent) if parent is not None else None
+        if p is None or p.forks or p.state != "running":
+            return
+        g = self.guests.get(parent)
+        if g is not None:
+            g.notify(pipe.H_UNPAUSE)
+        self._release_paused_writes(parent)
+
+    def _op_fork_reset(self, c, payload, domid, run):
+        """Reset a fork: its private pages go back to holes. The first
+        chunks run in this step; if the record is long the rest is a job
+        (:class:`.jobs.ResetJob`). With ``run``, the fuzz guest then runs one
+        iteration and the answer waits for its G_DONE."""
+        t0 = time.perf_counter()
+        d = self.hv.domain(domid)
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks of its own: a reset would change "
+                                 f"what they read")
+        if run:
+            self._fuzz_guest(domid)
+        d = self.hv.begin_fork_reset(domid)
+        cost = self._chunk_cost.setdefault("fork_reset", ChunkCost.rate(FIRST_RESET_CHUNK))
+        if reset_steps(self.hv, d, cost, self._other_work(c, t0)):
+            return self._reset_done(c, d, run, t0, now=True)
+        self._start_job(ResetJob(c, d, run, t0, cost))
+        return None
+
+    def _reset_done(self, c, d, run: bool, t0: float, now: bool = False):
+        """A reset finished: its answer, or (``run``) the fuzz run it starts.
+        ``now``: still in the request's own step (return the answer)."""
+        answer = {"domid": d.domid, "pages_dropped": d.reset_dropped,
+                  "seconds": round(time.perf_counter() - t0, 6)}
+        if run:
+            self._fuzz_start(c, d.domid, answer)
+            return None
+        if now:
+            return answer
+        if c is not None and not c.closed:
+            c.waiting = False
+            c.reply(schema.ok(**answer))
+            self._serve_backlog(c)
+        return None
+
+    def _op_fuzz_run(self, c, payload, domid):
+        """One iteration of a fuzz guest: answered when it signals done."""
+        self._fuzz_guest(domid)
+        self._fuzz_start(c, domid, {"domid": domid})
+        return None
+
+    def _fuzz_guest(self, domid: int):
+        """The running fuzz guest of ``domid`` with no run in progress."""
+        d = self.hv.domain(domid)
+        g = self.guests.get(domid)
+        if g is None or g.closed or not g.ready:
+            raise HVError(EINVAL, f"domain {domid} has no running guest ({d.state})")
+        if g.config.get("workload") != "fuzz":
+            raise HVError(EINVAL, f"domain {domid} runs the {g.config.get('workload')} workload, "
+                                  f"not fuzz")
+        if domid in self.fuzz_waiters:
+            raise HVError(EBUSY, f"domain {domid} is running a fuzz iteration already")
+        return g
+
+    def _fuzz_start(self, c, domid: int, answer: dict) -> None:
+        """Tell the fuzz guest to run once; ``c`` waits for its G_DONE."""
+        g = self.guests.get(domid)
+        if c is None or c.closed:
+            return
+        if g is None or g.closed:
+            c.waiting = False
+            c.reply(schema.error(f"domain {domid} has no running guest", EINVAL, "EINVAL"))
+            self._serve_backlog(c)
+            return
+        c.waiting = True
+        self.fuzz_waiters[domid] = (c, answer, time.perf_counter())
+        g.notify(pipe.H_RUN)
 
     def _op_nominate(self, c, payload, domid, gfn):
         return {"handle": self.hv.nominate(domid, gfn)}

@@ -87,6 +87,17 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     # when sd/cd are not given; budget_us as for nominate_many
     "share_many": {"sd": Int(0, DOMID_MAX, None), "cd": Int(0, DOMID_MAX, None), "count": Int(0, 1 << 24),
                    "budget_us": Int(1, 1_000_000, None)},
+    # VM fork (hvcore/fork.py): a child of the parent's size with an empty
+    # p2m and a guest running `workload` (default: the parent's); answered
+    # once the guest runs: domid, parent, seconds (the fork in the
+    # hypervisor), wall_seconds (until the guest said hello), pid, name
+    "fork": {"parent": DOMID, "name": Str(None), "paused": Bool(False), "workload": Str(None),
+             "fuzz_writes": Int(0, 1 << 20, None), "fuzz_reads": Int(0, 1 << 20, None)},
+    # drop a fork's private pages: domid, pages_dropped, seconds; with run,
+    # then one fuzz iteration (iteration, run_seconds) before the answer
+    "fork_reset": {"domid": DOMID, "run": Bool(False)},
+    # one iteration of a fuzz guest, answered when it signals done
+    "fuzz_run": {"domid": DOMID},
     # subscribe to the sharing event ring: the answer, the retained events
     # after `since` (none if not given), then one frame per new event
     "events": {"since": Int(0, (1 << 63) - 1, None)},
