@@ -233,12 +233,16 @@ class Forks:
     # -- fork reset ------------------------------------------------------
     def begin_fork_reset(self, domid: int) -> Domain:
         """Start resetting fork ``domid``: EINVAL if it is not a fork,
-        EBUSY if it is dying or a reset of it is under way."""
+        EBUSY if it is dying, has forks of its own, or a reset of it is
+        under way."""
         d = self.domain(domid)
         if d.parent is None:
             raise HVError(EINVAL, f"domain {domid} is not a fork")
         if d.dying:
             raise HVError(EBUSY, f"domain {domid} is dying")
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks of its own: a reset would change "
+                                 f"what they read")
         if d.reset_cursor is not None:
             raise HVError(EBUSY, f"domain {domid} is being reset already")
         d.reset_cursor = d.reset_kept = d.reset_dropped = 0
@@ -319,8 +323,8 @@ class Forks:
             typ = d.p2m.type
             if (typ > RAM_SHARED).any():
                 errs.append(f"fork {d.domid}: a gfn is neither a hole, shared nor private")
-            if d.reset_cursor is not None:
-                continue            # mid-reset: the record is being compacted
+            if d.reset_cursor is not None or d.dying:
+                continue            # mid-reset (being compacted) or torn down: no record
             rec = np.sort(d.fork_gfns[:d.fork_n])
             filled = np.flatnonzero(typ != HOLE)
             if len(rec) != len(filled) or (rec != filled).any():

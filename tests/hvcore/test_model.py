@@ -3,8 +3,11 @@
 The model knows nothing of frames: per domain a dict gfn -> bytes, and the
 sharing groups as sets of (domid, gfn) with their handle. Hypothesis drives
 random sequences of create / nominate / share / add_to_physmap / range_share
-/ unshare / write / destroy; after every step the audit finds nothing, every
-gfn reads what the model says, and the counters equal the model's.
+/ unshare / write / destroy, and VM forks: fork (of a fork too), the read
+and write faults that fill a fork from its nearest ancestor, fork reset, and
+destroy of a child or of a parent (refused, or with its forks first); after
+every step the audit finds nothing, every gfn reads what the model says, a
+fork's other gfns are holes, and the counters equal the model's.
 """
 from __future__ import annotations
 
@@ -33,6 +36,30 @@ class Model:
         self.handle: dict[int, int] = {}                # group -> handle
         self.counter = 1
         self.next_group = 0
+        self.parent: dict[int, int] = {}                # fork -> the domain it was forked from
+
+    def forks(self, d):
+        return sorted(c for c, p in self.parent.items() if p == d)
+
+    def source(self, d, g):
+        """The nearest ancestor of fork ``d`` holding ``g`` (None: none, or not a fork)."""
+        a = self.parent.get(d)
+        while a is not None and g not in self.pages[a]:
+            a = self.parent.get(a)
+        return a
+
+    def populate(self, d, g):
+        """A read fault: share the nearest ancestor's page into the fork."""
+        a = self.source(d, g)
+        h = self.nominate(a, g)
+        self.add_to_physmap(a, g, h, d, g)
+
+    def reset(self, d):
+        """Drop the fork's private pages that an ancestor can give again."""
+        drop = [g for g in self.pages[d] if (d, g) not in self.group_of and self.source(d, g) is not None]
+        for g in drop:
+            del self.pages[d][g]
+        return len(drop)
 
     def nominate(self, d, g):
         if g not in self.pages[d]:
@@ -91,6 +118,7 @@ class Model:
             if (d, g) in self.group_of:
                 self.unshare(d, g)
         del self.pages[d]
+        self.parent.pop(d, None)
 
     def frames_used(self):
         private = sum(1 for d, pg in self.pages.items() for g in pg if (d, g) not in self.group_of)
@@ -229,10 +257,22 @@ class CoreMachine(RuleBasedStateMachine):
     def write(self, data, off, val):
         d = data.draw(st.sampled_from(self._live()))
         g = data.draw(st.integers(0, PAGES - 1))
-        if g not in self.m.pages[d]:
+        if self.m.forks(d):
             with pytest.raises(HVError) as e:
                 self.hv.write(d, g, off, val)
-            assert e.value.code == EINVAL
+            assert e.value.code == EBUSY                # a parent does not run
+            return
+        if g not in self.m.pages[d]:
+            src = self.m.source(d, g)
+            want = EINVAL if src is None else ENOMEM if self.hv.pool.nfree == 0 else 0
+            if want:
+                with pytest.raises(HVError) as e:
+                    self.hv.write(d, g, off, val)
+                assert e.value.code == want
+                return
+            assert self.hv.write(d, g, off, val)        # a fork's write fault: a private copy
+            self.m.pages[d][g] = self.m.pages[src][g]
+            self.m.write(d, g, off, val)
             return
         shared = (d, g) in self.m.group_of
         last = shared and len(self.m.groups[self.m.group_of[(d, g)]]) == 1
@@ -251,6 +291,11 @@ class CoreMachine(RuleBasedStateMachine):
         gfns = data.draw(st.lists(st.sampled_from(sorted(self.m.pages[d]) or [0]),
                                   min_size=1, max_size=n)) if self.m.pages[d] else []
         if not gfns:
+            return
+        if self.m.forks(d):
+            with pytest.raises(HVError) as e:
+                self.hv.write_pages(d, np.array(gfns), pages_array([0] * len(gfns)))
+            assert e.value.code == EBUSY
             return
         vals = data.draw(st.lists(st.integers(0, 255), min_size=len(gfns), max_size=len(gfns)))
         need = 0
@@ -272,11 +317,121 @@ class CoreMachine(RuleBasedStateMachine):
         for g, v in zip(gfns, vals):
             self.m.write(d, g, 0, page(v))
 
+    # -- VM fork -------------------------------------------------------
+    def _fork_ids(self):
+        return sorted(self.m.parent)
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), paused=st.booleans())
+    def fork(self, data, paused):
+        p = data.draw(st.sampled_from(self._live()))
+        c = self.hv.fork(p, paused=paused)
+        assert self.hv.domains[p].state == "paused"
+        assert c.state == ("paused" if paused else "running")
+        self.m.pages[c.domid] = {}
+        self.m.parent[c.domid] = p
+
+    @precondition(lambda self: self.m.parent)
+    @rule(data=st.data())
+    def read_fault(self, data):
+        d = data.draw(st.sampled_from(self._fork_ids()))
+        gfns = data.draw(st.lists(st.integers(0, PAGES - 1), min_size=1, max_size=4))
+        holes = sorted({g for g in gfns if g not in self.m.pages[d]})
+        if any(self.m.source(d, g) is None for g in holes):
+            with pytest.raises(HVError) as e:
+                self.hv.fork_populate(d, gfns)
+            assert e.value.code == EINVAL
+            return
+        assert self.hv.fork_populate(d, gfns) == len(holes)
+        # the core nominates ancestor by ancestor, nearest first (handles in that order)
+        depth = {}
+        for g in holes:
+            a, k = self.m.parent[d], 0
+            while g not in self.m.pages[a]:
+                a, k = self.m.parent[a], k + 1
+            depth[g] = k
+        for g in sorted(holes, key=lambda g: (depth[g], g)):
+            self.m.populate(d, g)
+
+    @precondition(lambda self: self.m.parent)
+    @rule(data=st.data())
+    def fork_write_pages(self, data):
+        d = data.draw(st.sampled_from(self._fork_ids()))
+        gfns = data.draw(st.lists(st.integers(0, PAGES - 1), min_size=1, max_size=4))
+        vals = data.draw(st.lists(st.integers(0, 255), min_size=len(gfns), max_size=len(gfns)))
+        distinct = sorted(set(gfns))
+        holes = [g for g in distinct if g not in self.m.pages[d]]
+        if self.m.forks(d):
+            want = EBUSY
+        elif any(self.m.source(d, g) is None for g in holes):
+            want = EINVAL
+        else:
+            left, need = {}, 0
+            for g in distinct:
+                gid = self.m.group_of.get((d, g))
+                if gid is not None:
+                    left.setdefault(gid, len(self.m.groups[gid]))
+                    left[gid] -= 1
+                    need += left[gid] > 0
+            want = ENOMEM if len(holes) + need > self.hv.pool.nfree else 0
+            if want and len(holes) <= self.hv.pool.nfree:
+                # the holes are filled (copies of the ancestor), then the CoW faults fail
+                for g in holes:
+                    self.m.pages[d][g] = self.m.pages[self.m.source(d, g)][g]
+        if want:
+            with pytest.raises(HVError) as e:
+                self.hv.write_pages(d, np.array(gfns), pages_array(vals))
+            assert e.value.code == want
+            return
+        shared = sum(1 for g in distinct if (d, g) in self.m.group_of)
+        assert self.hv.write_pages(d, np.array(gfns), pages_array(vals)) == shared + len(holes)
+        for g in holes:
+            self.m.pages[d][g] = self.m.pages[self.m.source(d, g)][g]
+        for g, v in zip(gfns, vals):
+            self.m.write(d, g, 0, page(v))
+
+    @precondition(lambda self: self.m.pages)
+    @rule(data=st.data(), chunk=st.integers(1, PAGES))
+    def fork_reset(self, data, chunk):
+        d = data.draw(st.sampled_from(self._live()))
+        want = EINVAL if d not in self.m.parent else EBUSY if self.m.forks(d) else 0
+        if want:
+            with pytest.raises(HVError) as e:
+                self.hv.fork_reset(d)
+            assert e.value.code == want
+            return
+        dd = self.hv.begin_fork_reset(d)
+        while not self.hv.fork_reset_chunk(dd, chunk):
+            assert self.hv.audit_report() == []
+        assert dd.reset_dropped == self.m.reset(d)
+
+    @precondition(lambda self: self.m.parent)
+    @rule(data=st.data())
+    def destroy_with_forks(self, data):
+        root = data.draw(st.sampled_from(sorted(set(self.m.parent.values()))))
+        tree = self.hv.descendants(root)
+        assert sorted(tree) == sorted(self._model_descendants(root))
+        for d in tree + [root]:
+            self.hv.destroy_domain(d)
+            self.m.destroy(d)
+
+    def _model_descendants(self, d):
+        out = []
+        for c in self.m.forks(d):
+            out += self._model_descendants(c) + [c]
+        return out
+
     @precondition(lambda self: self.m.pages)
     @rule(data=st.data(), steps=st.booleans())
     def destroy(self, data, steps):
         d = data.draw(st.sampled_from(self._live()))
         shared = sum(1 for (dd, _g) in self.m.group_of if dd == d)
+        if self.m.forks(d):
+            with pytest.raises(HVError) as e:
+                self.hv.destroy_domain(d)
+            assert e.value.code == EBUSY
+            assert self.hv.domains[d].state == "paused"
+            return
         if steps:
             # preemptible: yield after every chunk, resume until done
             self.hv.kill(d)
@@ -300,6 +455,18 @@ class CoreMachine(RuleBasedStateMachine):
         for d, pages in self.m.pages.items():
             for g, want in pages.items():
                 assert self.hv.read(d, g) == want, (d, g)
+            if d in self.m.parent:
+                typ = self.hv.domains[d].p2m.type
+                assert sorted(np.flatnonzero(typ != 0).tolist()) == sorted(pages), d
+
+    @invariant()
+    def forks_match(self):
+        for d in self.m.pages:
+            dom = self.hv.domains[d]
+            assert dom.parent == self.m.parent.get(d)
+            assert sorted(dom.forks) == self.m.forks(d)
+            if dom.forks:
+                assert dom.state == "paused"
 
     @invariant()
     def counters_match(self):
