@@ -23,7 +23,7 @@ from .. import api
 from .args import Parser, common, resolve
 
 #: the command modules, in the order ``hvctl --help`` lists their commands
-MODULES = ("lifecycle", "domains", "counters", "sharing", "dedup", "top", "events", "demo")
+MODULES = ("lifecycle", "domains", "fork", "counters", "sharing", "dedup", "top", "events", "demo")
 
 EPILOG = """\
 The hypervisor is one process serving a Unix control socket; each domain's

@@ -52,7 +52,8 @@ def register(add) -> None:
                    help="writer: pages per write message (default 1)")
 
     add("list", "list domains", "One line per domain: domid, name, state, pages, shared pages,\n"
-        "guest pid, workload, writes and CoW faults (with the guest's own fault latency).", list_)
+        "the parent it was forked from and its number of forks, guest pid, workload,\n"
+        "writes and CoW faults (with the guest's own fault latency).", list_)
     d = add("destroy", "destroy a domain: stop its guest and free its memory",
             "The kill controller: stop the domain's guest, mark the domain dying, and call\n"
             "the hypervisor's preemptible teardown again while it answers \"restart\" (each\n"
@@ -61,8 +62,11 @@ def register(add) -> None:
             "shared entries relinquished, continuations and the hypervisor's longest\n"
             "teardown step (max_pause_ms).\n\n"
             "Interrupted, it leaves the domain dying with its cursor ('hvctl list' shows\n"
-            "it); running it again finishes the teardown.", destroy)
+            "it); running it again finishes the teardown.\n\n"
+            "A domain with forks is refused unless --forks: then its forks, and theirs,\n"
+            "are destroyed first, deepest first.", destroy)
     d.add_argument("domid", metavar="DOMAIN", type=domain, help="the domain's id or name (see 'hvctl list')")
+    d.add_argument("--forks", action="store_true", help="destroy the domain's forks first")
     for name, what, run in (("pause", "pause a domain's guest (its workload stops writing)", pause),
                             ("unpause", "let a paused domain's guest run", unpause)):
         d = add(name, what, what[0].upper() + what[1:] + ".", run)
@@ -119,8 +123,8 @@ class _CreateBar:
 
 def list_(a) -> object:
     doms = client(a).list()
-    rows = [("DOMID", "NAME", "STATE", "PAGES", "SHARED", "PID", "WORKLOAD", "WRITES", "COW",
-             "FAULT p50/p99 us")]
+    rows = [("DOMID", "NAME", "STATE", "PAGES", "SHARED", "PARENT", "FORKS", "PID", "WORKLOAD",
+             "WRITES", "COW", "FAULT p50/p99 us")]
     for d in doms:
         lat = "-" if d.get("fault_p50_us") is None else f"{d['fault_p50_us']:.0f}/{d['fault_p99_us']:.0f}"
         state = d["state"] + (f" ({d['exit']})" if d["state"] == "crashed" and d.get("exit") else "")
@@ -130,7 +134,9 @@ def list_(a) -> object:
             state += f" ({d['populated']}/{d['pages']})"
         if d.get("waiting_for_memory"):
             state += f" (waiting for memory {d['waiting_ms'] / 1e3:.1f} s)"
-        rows.append((d["domid"], d["name"], state, d["pages"], d["shr_pages"], d["pid"] or "-",
+        parent = "-" if d.get("parent") is None else d["parent"]
+        rows.append((d["domid"], d["name"], state, d["pages"], d["shr_pages"], parent,
+                     d.get("forks", 0), d["pid"] or "-",
                      d.get("workload", "-"), d.get("pages_written", 0), d.get("cow_faults", 0), lat))
     return doms, table(rows) if doms else "no domains"
 
@@ -140,11 +146,20 @@ def destroy(a) -> object:
     # No reply timeout: a monolithic teardown of a long list rmap is one
     # request that may take minutes (that freeze is what it demonstrates).
     with api.HypervisorClient(a.socket, timeout=None) as c:
-        r = killctl.destroy(c, a.domid, progress=None if a.json else killctl.terminal_progress())
+        progress = None if a.json else killctl.terminal_progress()
+        if a.forks:
+            r = c.destroy(a.domid, progress=progress, forks=True)
+        elif c.descendants(a.domid):
+            raise api.HVCtlError(f"domain {a.domid} has forks ({', '.join(map(str, c.descendants(a.domid)))}); "
+                                 f"destroy them first, or add --forks", 16, "EBUSY")
+        else:
+            r = killctl.destroy(c, a.domid, progress=progress)
     resumed = " (resumed a teardown left dying)" if r["resumed"] else ""
     return r, (f"domain {r['domid']} destroyed in {r['seconds']:.3f} s{resumed}: {r['entries']} shared "
                f"entries relinquished, {r['continuations']} continuations, longest pause "
-               f"{r['max_pause_ms']} ms")
+               f"{r['max_pause_ms']} ms" +
+               (f"; forks destroyed first: {', '.join(map(str, r['forks_destroyed']))}"
+                if r.get("forks_destroyed") else ""))
 
 
 def pause(a) -> object:
