@@ -1,7 +1,6 @@
 """``hvctl dedup``: the content-based dedup scanner, one pass or ksmd-like."""
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -9,7 +8,7 @@ import time
 
 from .. import api
 from .. import dedup as scanner
-from .args import count, domain, positive
+from .args import count, domain, positive, print_line
 
 
 def register(add) -> None:
@@ -105,7 +104,7 @@ def _watch(a, sc) -> object:
         stop.set()
 
     def on_pass(r):
-        print(json.dumps(_pass_json(r)) if a.json else _pass_line(r), flush=True)
+        print_line(_pass_json(r)) if a.json else print(_pass_line(r), flush=True)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     gone = None
@@ -122,7 +121,7 @@ def _watch(a, sc) -> object:
     reason = f"{caught[0]}" if caught else "hypervisor gone"
     summary = {"stopped": reason, **totals}
     if a.json:
-        print(json.dumps(summary), flush=True)
+        print_line(summary)
     else:
         print(f"dedup --watch stopped ({reason}): " + ", ".join(f"{k} {v:,}" if isinstance(v, int)
                                                                 else f"{k} {v:.1f}"
