@@ -39,6 +39,7 @@ from .domains import Domain, DomainBuild, DomainTable
 from .pool import FramePool
 from .rmap import make_rmap
 from .sharing import Sharing
+from .sharing_stats import memory_counters
 from .teardown import Teardown
 
 __all__ = ["Hypervisor", "Domain"]
@@ -72,6 +73,7 @@ class Hypervisor(DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
             "frames_free": self.pool.nfree,
             "nr_shared_mfns": self.nr_shared_mfns,
             "nr_saved_mfns": self.nr_saved_mfns,
+            **memory_counters(self),
             "rmap": self.rmap_policy,
             "domains": len(self.domains),
         }

@@ -102,6 +102,13 @@ BUILD_SLAB = 4096
 BUILD_FIRST_CHUNK = 64
 
 
+def _release(content) -> None:
+    """Close a content source that holds something open (a file, a process)."""
+    close = getattr(content, "close", None)
+    if close is not None:
+        close()
+
+
 class DomainTable:
     """Creation and lookup of domains (a part of :class:`hvcore.core.Hypervisor`).
 
@@ -247,6 +254,7 @@ class DomainTable:
 
     def _finish_build(self, b: DomainBuild) -> None:
         del self.building[b.domid]
+        _release(b.content)
         d = Domain(b.domid, b.name, b.npages, b.p2m,
                    state="paused" if b.paused else "running", tot_pages=b.populated)
         self.domains[b.domid] = d
@@ -257,6 +265,7 @@ class DomainTable:
         domid stays used (domids are never reused)."""
         if self.building.pop(b.domid, None) is None:
             return
+        _release(b.content)
         self.pool.free_many(b.mfns[:b.populated])
         self.pool.unreserve(b.reserved)
         b.reserved = b.populated = 0

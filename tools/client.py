@@ -129,9 +129,9 @@ class Requester:
 PROGRESS_INTERVAL = 0.25
 
 
-def _creating(domains: list, pages: int, name: str | None) -> dict | None:
+def _creating(domains: list, pages: int | None, name: str | None) -> dict | None:
     """The newest domain of ``list`` being created with ``pages`` (and ``name``)."""
-    found = [d for d in domains if d.get("state") == "creating" and d["pages"] == pages
+    found = [d for d in domains if d.get("state") == "creating" and pages in (None, d["pages"])
              and (name is None or d["name"] == name)]
     return max(found, key=lambda d: d["domid"]) if found else None
 
@@ -174,25 +174,36 @@ class HypervisorClient(Requester):
         """Create a domain and start its guest; returns the domid."""
         return self.create_domain(pages, workload, seed, name, paused, rate, batch)["domid"]
 
-    def create_domain(self, pages: int, workload: str = "zero", seed: int = 0, name: str | None = None,
+    def create_domain(self, pages: int | None, workload: str = "zero", seed: int = 0, name: str | None = None,
                       paused: bool = False, rate: float | None = None, batch: int | None = None,
-                      progress=None) -> dict:
+                      progress=None, *, from_pid: int | None = None, all_mappings: bool = False,
+                      image: str | None = None) -> dict:
         """Like :meth:`create`, with the whole answer (domid, pid, name, guest_socket).
 
         The hypervisor populates a domain a bounded step at a time and
         answers once its guest runs. ``progress(entry)``, if given, is
         called every PROGRESS_INTERVAL seconds meanwhile with the domain's
         ``list`` entry (state ``creating``, ``populated`` of ``pages``),
-        read over a second connection."""
-        args = {k: v for k, v in dict(rate=rate, batch=batch, name=name).items() if v is not None}
+        read over a second connection.
+
+        ``from_pid``: the memory is a snapshot of that process's present
+        anonymous private pages (``all_mappings``: of every mapping);
+        ``image``: a file's bytes (raw, or an ELF core's PT_LOAD segments).
+        ``pages`` may then be None (the source's size) or cuts it. The
+        answer adds source, source_pages, regions, skipped_regions,
+        skipped_pages, swapped_pages and lost_pages."""
+        args = {k: v for k, v in dict(rate=rate, batch=batch, name=name, pages=pages, from_pid=from_pid,
+                                      image=None if image is None else os.path.abspath(image)).items()
+                if v is not None}
+        if all_mappings:
+            args["all_mappings"] = True
         if progress is None:
-            return self.call("create", pages=pages, workload=workload, seed=seed, paused=paused, **args)
+            return self.call("create", workload=workload, seed=seed, paused=paused, **args)
         out: dict = {}
 
         def create():
             try:
-                out["answer"] = self.call("create", pages=pages, workload=workload, seed=seed,
-                                          paused=paused, **args)
+                out["answer"] = self.call("create", workload=workload, seed=seed, paused=paused, **args)
             except BaseException as e:          # re-raised in the caller's thread
                 out["error"] = e
         worker = threading.Thread(target=create, daemon=True)
@@ -233,6 +244,12 @@ class HypervisorClient(Requester):
 
     def audit(self) -> int:
         return self.call("audit")["errors"]
+
+    def sharing_report(self) -> dict:
+        """Where the sharing lies (docs/counters.md): frames saved by zero
+        and other pages, the degree histogram, the split within and across
+        domains, and per domain shr_pages, saved frames and CoW faults."""
+        return self.call("sharing_report")
 
     def stop(self) -> dict:
         return self.call("stop")

@@ -17,11 +17,12 @@ import traceback
 import numpy as np
 
 from ..wire import control, pipe, schema
-from .. import errors, images
+from .. import errors, images, snapshot
 from ..constants import WORKLOADS
 from ..errors import EBUSY, ECANCELED, EINVAL, ENOMEM, ESRCH, HVError, sentence
+from ..sharing_stats import SharingScan
 from .endpoints import ControlConnection
-from .jobs import BatchJob, CreateJob
+from .jobs import BatchJob, CreateJob, ScanJob
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 #: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
@@ -155,6 +156,7 @@ class ControlOps:
             out.update(self._describe_parked(d.domid))
         if g is not None:
             out.update(workload=g.config["workload"], seed=g.config["seed"],
+                       source=g.config.get("snapshot", {}).get("source"),
                        guest_socket=g.sock_path if g.exit is None else None,
                        exit=g.exit, **g.counters,
                        fault_p50_us=g.reported.get("fault_p50_us"),
@@ -166,6 +168,19 @@ class ControlOps:
         report = self.hv.audit_report()
         seconds = round(time.perf_counter() - t0, 6)
         return {"errors": len(report), "report": report[:20], "seconds": seconds}
+
+    def _op_sharing_report(self, c, payload):
+        """The sharing report (:mod:`hvcore.sharing_stats`): a job over
+        every p2m and the frame table, answered when done, each domain
+        with its guest's CoW faults."""
+        def answer(scan):
+            r = scan.report()
+            for d in r["domains"]:
+                g = self.guests.get(d["domid"])
+                d["cow_faults"] = g.cow_faults if g is not None else None
+            return r
+        self._start_job(ScanJob(c, "sharing_report", SharingScan(self.hv), answer))
+        return None
 
     def _op_stop(self, c, payload):
         # Keep the asking connection out of the clean-up: it gets the answer.
@@ -181,25 +196,43 @@ class ControlOps:
         c.sock.close()
         return None
 
-    def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch):
+    def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch,
+                   from_pid, all_mappings, image):
         """Start creating a domain: a job (:class:`.jobs.CreateJob`) that
         populates it a bounded step at a time, then starts its guest; the
-        request is answered once the guest said hello."""
+        request is answered once the guest said hello.
+
+        With ``from_pid`` or ``image`` the memory is read from that process
+        or file (:mod:`hvcore.snapshot`; ``pages``: its size, or a cut) and
+        the workload only picks what the guest does."""
         if workload not in WORKLOADS:
             raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
-        if pages > self.hv.pool.nfree:
+        if pages is not None and pages > self.hv.pool.nfree:
             # refused before anything is sized by ``pages`` (up to 2**31)
             raise HVError(ENOMEM, f"cannot create a domain of {pages} pages: "
                                   f"{pages} frames asked, {self.hv.pool.nfree} free")
         instance = self.instances + 1
-        content = images.content_for(workload, seed, instance, pages)
+        source = None
+        if from_pid is not None or image is not None or all_mappings:
+            try:
+                source = snapshot.open_source(from_pid, image, all_mappings, pages)
+            except HVError as e:
+                raise HVError(e.code, f"cannot create a domain: {sentence(e)}") from None
+            pages, content = pages or source.npages, source
+        elif pages is None:
+            raise HVError(EINVAL, "a create needs pages unless it reads a process or a file")
+        else:
+            content = images.content_for(workload, seed, instance, pages)
         try:
             b = self.hv.begin_domain(pages, content=content, name=name, paused=paused)
         except HVError as e:
+            if source is not None:
+                source.close()
             raise HVError(e.code, f"cannot create a domain of {pages} pages: {sentence(e)}") from None
         self.instances = instance
-        self._start_job(CreateJob(c, b, dict(workload=workload, seed=seed, instance=instance,
-                                             paused=paused, rate=rate, batch=batch, name=b.name)))
+        config = dict(workload=workload, seed=seed, instance=instance, paused=paused, rate=rate,
+                      batch=batch, name=b.name)
+        self._start_job(CreateJob(c, b, config, source))
         return None
 
     def _op_destroy(self, c, payload, domid, brief):

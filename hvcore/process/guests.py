@@ -251,7 +251,7 @@ class GuestLifecycle:
         c.waiting = False
         if failure is None:
             c.reply(schema.ok(domid=g.domid, pid=g.proc.pid, name=self.hv.domains[g.domid].name,
-                         guest_socket=g.sock_path))
+                         guest_socket=g.sock_path, **g.config.get("snapshot", {})))
         else:
             c.reply(schema.error(failure, EINVAL, "EINVAL"))
         self._serve_backlog(c)

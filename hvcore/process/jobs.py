@@ -137,9 +137,9 @@ class CreateJob(Job):
 
     kind = "create"
 
-    def __init__(self, client, build, config: dict):
+    def __init__(self, client, build, config: dict, source=None):
         super().__init__(client)
-        self.build, self.config = build, config
+        self.build, self.config, self.source = build, config, source
 
     def describe(self) -> str:
         b = self.build
@@ -154,6 +154,11 @@ class CreateJob(Job):
 
     def finish(self, proc) -> None:
         d = proc.hv.domains[self.build.domid]
+        if self.source is not None:
+            # what was read, in the create's answer (see guests._answer_creator)
+            report = self.source.report()
+            report.update(source_pages=report.pop("pages"), pages=d.npages)
+            self.config["snapshot"] = report
         try:
             g = proc._spawn_guest(d, self.config)
         except OSError as e:
@@ -220,3 +225,27 @@ class BatchJob(Job):
 
 #: items in the first chunk of a batch job (later chunks follow its rate)
 FIRST_BATCH_CHUNK = 256
+
+
+class ScanJob(Job):
+    """A read-only pass of the core over its state, in chunks (the sharing
+    report, :class:`hvcore.sharing_stats.SharingScan`): ``scan.step`` each
+    turn until it is done, then ``answer(scan)`` is the reply."""
+
+    def __init__(self, client, kind: str, scan, answer):
+        super().__init__(client)
+        self.kind, self.scan, self.answer = kind, scan, answer
+
+    def describe(self) -> str:
+        return f"the {self.kind} ({self.scan.describe()})"
+
+    def step(self, proc, should_yield) -> bool:
+        return self.scan.step(should_yield, JOB_CHUNK_SECONDS)
+
+    def finish(self, proc) -> None:
+        c = self.client
+        if c is None or c.closed:
+            return
+        c.waiting = False
+        c.reply(schema.ok(**self.answer(self.scan)))
+        proc._serve_backlog(c)

@@ -52,10 +52,16 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     "info": {},
     "list": {},
     "audit": {},
+    # a job: frames saved (zero / other), degree histogram, intra/inter split,
+    # per domain shr_pages, saved, cow_faults (hvcore/sharing_stats.py)
+    "sharing_report": {},
     "stop": {},
-    "create": {"pages": Int(1, 1 << 31), "workload": Str("zero"), "seed": Int(0, (1 << 32) - 1, 0),
+    # pages may be left out when the memory comes from a process (from_pid,
+    # all_mappings) or a file (image, an absolute path): then the source's size
+    "create": {"pages": Int(1, 1 << 31, None), "workload": Str("zero"), "seed": Int(0, (1 << 32) - 1, 0),
                "name": Str(None), "paused": Bool(False), "rate": Num(0.0, 1e6, 200.0),
-               "batch": Int(1, MAX_BATCH_PAGES, 1)},
+               "batch": Int(1, MAX_BATCH_PAGES, 1), "from_pid": Int(1, (1 << 31) - 1, None),
+               "all_mappings": Bool(False), "image": Str(None, maxlen=4096)},
     # one preemptible teardown step (the kill controller repeats it while
     # "done" is false): done, state (dying/destroyed), phase, cursor, npages,
     # entries, entries_total, resumed, steps, continuations, step_ms,

@@ -26,7 +26,7 @@ from .. import api
 from .args import Parser, common, dumps, resolve
 
 #: the command modules, in the order ``hvctl --help`` lists their commands
-MODULES = ("lifecycle", "domains", "counters", "dedup", "events", "demo")
+MODULES = ("lifecycle", "domains", "counters", "sharing", "dedup", "top", "events", "demo")
 
 #: the exit status of an output pipe closed early (``hvctl events | head -1``),
 #: what a shell reports for a process killed by SIGPIPE

@@ -22,9 +22,26 @@ def register(add) -> None:
             "The hypervisor populates the domain a bounded step at a time, serving guests and\n"
             "other requests in between, and answers once the guest runs; meanwhile 'hvctl\n"
             "list' shows it as creating. On a terminal a bar shows the pages populated. If the\n"
-            "hypervisor stops first, the create fails (ECANCELED) and nothing of it is left.",
+            "hypervisor stops first, the create fails (ECANCELED) and nothing of it is left.\n\n"
+            "Snapshots: --from-pid PID fills the domain with that process's present pages of\n"
+            "its anonymous private mappings (--all-mappings: of every readable mapping, file-\n"
+            "backed and shared too), in address order, read by the hypervisor from\n"
+            "/proc/PID/mem; swapped-out pages are counted, not read; regions it cannot read\n"
+            "are skipped and counted; a page unmapped before it was read is zeroed and\n"
+            "counted (lost). --image FILE fills it with a file's bytes (padded to a page), or\n"
+            "with an ELF core file's PT_LOAD segments (gcore, QEMU dump-guest-memory). --pages\n"
+            "is then optional: the source's size, or a cut of it (more pages than the source\n"
+            "has are zero). The workload then only picks what the guest does (zero and clone:\n"
+            "idle; writer: dirties it). Stop the process (SIGSTOP) for a consistent snapshot.",
             create)
-    c.add_argument("--pages", type=count("pages"), required=True, help="pages of 4 KiB")
+    c.add_argument("--pages", type=count("pages"), help="pages of 4 KiB (required without --from-pid or --image)")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--from-pid", type=count("pid"), metavar="PID",
+                     help="a snapshot of that process's memory")
+    src.add_argument("--image", metavar="FILE", help="a raw memory dump or disk image, or an ELF core file")
+    c.add_argument("--all-mappings", action="store_true",
+                   help="--from-pid: also file-backed and shared mappings")
+    c.set_defaults(parser=c)
     c.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=WORKLOADS,
                    help="what the memory holds and what the guest does (default zero)")
     c.add_argument("--seed", type=count("seed", 0), default=0,
@@ -62,30 +79,40 @@ def register(add) -> None:
 
 
 def create(a) -> object:
-    bar = None if a.json else _CreateBar.on_terminal(a.pages)
+    if a.pages is None and a.from_pid is None and a.image is None:
+        a.parser.error("the following arguments are required: --pages (or --from-pid or --image)")
+    if a.all_mappings and a.from_pid is None:
+        a.parser.error("--all-mappings goes with --from-pid")
+    bar = None if a.json else _CreateBar.on_terminal()
     try:
         r = client(a).create_domain(a.pages, a.workload, a.seed, a.name, a.paused, a.write_rate,
-                                    a.write_batch, progress=bar)
+                                    a.write_batch, progress=bar, from_pid=a.from_pid,
+                                    all_mappings=a.all_mappings, image=a.image)
     finally:
         if bar is not None:
             bar.close()
-    return r, str(r["domid"])
+    if "source" not in r:
+        return r, str(r["domid"])
+    return r, (f"{r['domid']}\n{r['source_pages']} pages from {r['source']}: regions read "
+               f"{r['regions']}, skipped {r['skipped_regions']} ({r['skipped_pages']} pages); pages "
+               f"swapped out {r['swapped_pages']}, lost {r['lost_pages']}")
 
 
 class _CreateBar:
     """A tqdm bar of pages populated while a create runs (stderr, a terminal only)."""
 
     @classmethod
-    def on_terminal(cls, pages: int):
+    def on_terminal(cls):
         if not sys.stderr.isatty() or importlib.util.find_spec("tqdm") is None:
             return None
-        return cls(pages)
+        return cls()
 
-    def __init__(self, pages: int):
-        self.pages, self.bar = pages, None
+    def __init__(self):
+        self.pages, self.bar = None, None
 
     def __call__(self, entry: dict) -> None:
         if self.bar is None:
+            self.pages = entry["pages"]
             from tqdm import tqdm
             self.bar = tqdm(total=self.pages, desc=f"create dom{entry['domid']}", unit="page",
                             unit_scale=True, file=sys.stderr, leave=False, dynamic_ncols=True)
