@@ -138,7 +138,7 @@ def test_control_socket_survives_bad_clients(hvs):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(hvs.socket_path)
         s.sendall(struct.pack("<II", 100, 0) + b"{")
-    for bad, match in (({"op": "create"}, "needs the argument 'pages'"),
+    for bad, match in (({"op": "create"}, "needs pages unless it reads a process or a file"),
                        ({"op": "create", "pages": -1}, "between"),
                        ({"op": "create", "pages": 8, "colour": "red"}, "no argument 'colour'"),
                        ({"op": "create", "pages": 8, "workload": "bogus"}, "unknown workload"),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -179,7 +182,27 @@ def test_demo_json():
     assert DESTROY_KEYS <= set(r["teardown"])
     assert r["audit_errors"] == 0 and r["nr_saved_mfns"] > 0 and r["cow_faults"] > 0
     assert r["leftovers"] == {"processes": 0, "segments": 0}
+    # single-page faults taken alone: every write was a fault, its own latency
+    one = r["single_fault"]
+    assert one["writes"] == one["cow_faults"] > 0 and 0 < one["p50_us"] <= one["p99_us"]
+    w = r["writer_during_dedup"]
+    assert w["batch_pages"] == 8 and w["cow_faults"] <= 8 * w["writes"]
+    steps = r["longest_step_by_op"]
+    assert {"create", "destroy", "nominate_many", "share_many"} <= set(steps)
+    assert max(steps.values()) == r["max_pause_ms"]
     assert time.monotonic() - t0 < 60
+
+
+def test_demo_report_labels_each_figure():
+    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "demo", "--guests", "2", "--pages", "512",
+                        "--seconds", "0.3"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = p.stdout[p.stdout.index("hvshare demo:"):]
+    assert "single-page faults taken alone" in report and "writer paused, no scan" in report
+    assert "batches of 8 pages during the dedup pass" in report
+    assert "round trip of a batch that faulted" in report
+    assert "per operation, ms:" in report and "create " in report and "destroy " in report
+    assert "audit        0 errors" in report and "nothing left behind" in report
 
 
 def test_a_domain_name_that_cannot_be_printed_is_refused_and_nothing_is_made(hvctl):
@@ -241,3 +264,114 @@ def test_info_names_the_operations_that_stay_one_step(hvctl):
     assert list(info["unbounded"]) == ["audit"] and info["frames_free"] == 256
     # every frame of the pool is backed by memory before any domain exists
     assert os.stat("/dev/shm" + info["pool"]).st_blocks * 512 >= 256 * 4096
+
+
+def _wait_until(pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_writer_flags_and_the_mib_column(hvctl):
+    assert hvctl("start", "--frames", "1024").returncode == 0
+    p = hvctl("create", "--pages", "64", "--workload", "writer", "--write-rate", "400",
+              "--write-batch", "4", "--name", "w")
+    assert p.returncode == 0, p.stderr
+    # the names before them still work, and say nothing more
+    p = hvctl("create", "--pages", "128", "--workload", "writer", "--rate", "400", "--batch", "2",
+              "--name", "old")
+    assert p.returncode == 0 and p.stderr == "" and p.stdout.strip() == "2"
+
+    def doms():
+        return {d["name"]: d for d in json.loads(hvctl("list", "--json").stdout)}
+    _wait_until(lambda: all(d["writes"] >= 3 for d in doms().values()))
+    d = doms()
+    assert d["w"]["pages_written"] == 4 * d["w"]["writes"]
+    assert d["old"]["pages_written"] == 2 * d["old"]["writes"]
+    assert d["w"]["mib"] == 0.25 and d["old"]["mib"] == 0.5
+    header, *rows = hvctl("list").stdout.splitlines()
+    cols = header.split()
+    assert cols[4] == "MiB" and [r.split()[cols.index("MiB")] for r in rows] == ["0.25", "0.50"]
+    p = hvctl("create", "--pages", "8", "--write-batch", "0")
+    assert p.returncode == 2
+    _one_sentence(p, "--write-batch")
+    helptext = subprocess.run([sys.executable, "-m", "tools.hvctl", "create", "--help"],
+                              capture_output=True, text=True).stdout
+    assert "--write-rate PAGES_PER_SECOND" in helptext and "--write-batch PAGES" in helptext
+    assert "--rate" not in helptext.replace("--write-rate", "")
+
+
+def test_help_lists_every_exit_status_the_code_uses():
+    from tools import cli
+    text = subprocess.run([sys.executable, "-m", "tools.hvctl", "--help"], capture_output=True,
+                          text=True).stdout
+    listed = {int(m) for m in re.findall(r"^  (\d+) ", text.split("Exit status:")[1], re.M)}
+    assert listed == {code for code, _ in cli.EXIT_STATUSES} >= {0, 1, 2, 130, 141}
+    used = set()
+    for path in Path(cli.__file__).parent.glob("*.py"):
+        src = path.read_text()
+        used |= {int(x) for x in re.findall(r"return None, None, (\d+)", src)}
+        used |= {int(x) for x in re.findall(r"\), (\d+)\)$", src, re.M)}
+        used |= {int(x) for x in re.findall(r"^\s+return (\d+)$", src, re.M)}
+        used |= {int(x) for x in re.findall(r"sys\.exit\((\d+)\)", src)}
+    assert used and used <= listed, used - listed
+
+
+def test_a_closed_output_pipe_ends_quietly(hvctl):
+    assert hvctl("start", "--frames", "1024").returncode == 0
+    assert hvctl("create", "--pages", "8", "--name", "a").returncode == 0
+
+    def closed(*args):
+        """Run with stdout a pipe whose reader is already gone."""
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", hvctl.socket],
+                                  stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(w)
+    for args in (["list"], ["list", "--json"], ["info"], ["--help"]):
+        p = closed(*args)
+        assert p.stderr == "" and p.returncode in (141, 0), (args, p)
+        assert p.returncode == 141 or args == ["--help"]
+    # a stream: the sharing event ring, with one enomem event in it
+    for name in ("b", "c"):
+        assert hvctl("create", "--pages", "64", "--name", name, "--workload", "clone",
+                     "--seed", "1").returncode == 0
+    with api.HypervisorClient(hvctl.socket) as c:
+        assert c.range_share(2, 3, 0, 7) == 8
+        filler = c.create(c.info()["frames_free"], name="filler")
+        with c.guest(3) as g:               # its CoW fault waits for a frame
+            t = threading.Thread(target=g.write, args=(0, b"x"), daemon=True)
+            t.start()
+            _wait_until(lambda: c.info()["events_posted"] == 1)
+            p = closed("events")
+            assert (p.returncode, p.stderr) == (141, "")
+            c.destroy(filler)
+            t.join(10)
+            assert not t.is_alive()
+    # a pipeline as a user types it: head leaves after the first line
+    sh = subprocess.run(["bash", "-c", f"'{sys.executable}' -m tools.hvctl dedup --watch --verbose --json "
+                         f"--interval 0.05 --socket '{hvctl.socket}' | head -1; "
+                         f"echo \"status ${{PIPESTATUS[0]}}\""],
+                        capture_output=True, text=True, timeout=60)
+    first, status = sh.stdout.splitlines()
+    assert "scanned" in json.loads(first) and status == "status 141" and sh.stderr == ""
+
+
+def test_shell_completion(tmp_path):
+    def complete(line):
+        out = tmp_path / "out"
+        env = dict(os.environ, _ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)),
+                   _ARGCOMPLETE_STDOUT_FILENAME=str(out))
+        p = subprocess.run([sys.executable, "-m", "tools.hvctl"], env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return set(out.read_text().replace("\v", " ").split())
+    assert complete("hvctl cre") == {"create"}
+    assert complete("hvctl des") == {"destroy"} and "dedup" in complete("hvctl ded")
+    assert complete("hvctl create --wr") == {"--write-rate", "--write-batch"}
+    assert complete("hvctl create --ra") == set()          # the old name works, is not offered
+    assert complete("hvctl create --workload ") == {"zero", "clone", "writer"}
+    assert complete("hvctl start --rmap b") == {"buckets"}

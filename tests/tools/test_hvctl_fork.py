@@ -60,7 +60,7 @@ def test_fork_reset_fuzz_list_and_destroy(hvctl):
     z = _json(hvctl("fuzz", "kid", "--iterations", "5", "--json"))
     assert z["iterations"] == 5 and z["pages_written"] == 5 and z["pages_read"] == 7
     # the pages of the run before, then those of the first four runs
-    assert z["pages_dropped"] == 5 * 5 and z["iterations_per_s"] > 0
+    assert z["pages_dropped"] == 5 * 5 and z["iterations_per_second"] > 0
     assert "iterations in" in hvctl("fuzz", "kid", "--iterations", "2").stdout
     text = hvctl("fork-reset", "kid").stdout
     assert text.startswith(f"domain {kid} reset in") and "5 pages dropped" in text

@@ -2,10 +2,11 @@
 
 Each subcommand is a thin layer over :mod:`tools.api`: parse and check the
 arguments, make one or a few requests on the control socket, print a short
-human answer or, with ``--json``, one JSON object (a list for ``list``) whose
-keys are the contract of the README. Every failure is one sentence on
-stderr and a non-zero exit status: 1 for a failed operation (and for an
-audit that found errors), 2 for a mistake on the command line.
+human answer or, with ``--json``, one JSON document (an object, an array of
+domains for ``list``; streams print one object per line) whose keys are the
+contract of the README and docs/schema/, its floats rounded by one rule
+(:func:`tools.cli.args.rounded`). Every failure is one sentence on stderr
+and a non-zero exit status (:data:`EXIT_STATUSES`).
 
 One module per group of commands (:data:`MODULES`); each has
 ``register(add)``, where ``add(name, help, description, run)`` returns the
@@ -16,14 +17,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
+import signal
 import sys
+import textwrap
 
 from .. import api
-from .args import Parser, common, resolve
+from .args import Parser, common, dumps, resolve
 
 #: the command modules, in the order ``hvctl --help`` lists their commands
 MODULES = ("lifecycle", "domains", "fork", "counters", "sharing", "dedup", "top", "events", "demo")
+
+#: the exit status of an output pipe closed early (``hvctl events | head -1``),
+#: what a shell reports for a process killed by SIGPIPE
+BROKEN_PIPE = 128 + signal.SIGPIPE
+
+EXIT_STATUSES = (
+    (0, "done"),
+    (1, "the operation failed (one sentence on stderr), an audit found errors, or the "
+        "hypervisor went away under a stream (events, dedup --watch)"),
+    (2, "a mistake on the command line"),
+    (130, "interrupted (Ctrl-C)"),
+    (BROKEN_PIPE, "the output pipe was closed early, as 'hvctl events | head -1' does "
+                  "(nothing is printed)"),
+)
 
 EPILOG = """\
 The hypervisor is one process serving a Unix control socket; each domain's
@@ -43,6 +60,13 @@ Examples:
   hvctl info --json
   hvctl stop
   hvctl demo            # everything above, on a private hypervisor
+"""
+
+EPILOG += "\nExit status:\n" + "".join(
+    textwrap.fill(what, 78, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7) + "\n"
+    for code, what in EXIT_STATUSES) + """
+Shell completion (with the argcomplete package installed):
+  eval "$(register-python-argcomplete hvctl)"
 """
 
 
@@ -76,7 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    """Run one command; its exit status. Output to a closed pipe ends it
+    quietly with :data:`BROKEN_PIPE` (socket errors never get here: the
+    client turns them into :class:`api.HVCtlError`)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()          # here, not at exit, so a closed pipe is caught
+    except BrokenPipeError:
+        # the interpreter flushes stdout once more at exit: make that quiet too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer a shell's completion request (``_ARGCOMPLETE`` in the
+    environment) when argcomplete is installed; nothing otherwise."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    _complete(parser)
+    a = parser.parse_args(argv)
     a.socket = getattr(a, "socket", None)
     a.json = getattr(a, "json", False)
     try:
@@ -95,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 if a.command == "create" else "")
         print(f"hvctl {a.command}: interrupted{more}.", file=sys.stderr)
         return 130
+    except BrokenPipeError:             # our output's reader left: see main
+        raise
     except OSError as e:                # a path we cannot create or reach
         where = f"cannot use {e.filename}: " if e.filename else ""
         print(f"hvctl {a.command}: {where}{e.strerror or e}.", file=sys.stderr)
@@ -103,5 +160,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     obj, text, *status = result
     if text is not None:            # None: the command printed its own output
-        print(json.dumps(obj, indent=None if a.command == "list" else 2) if a.json else text)
+        print(dumps(obj, line=a.command == "list") if a.json else text)
     return status[0] if status else 0

@@ -3,6 +3,8 @@ reports a mistake in one sentence, domain names, and the text helpers."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 
 from .. import api
@@ -95,8 +97,69 @@ def common() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
                    help="the hypervisor's control socket (default: see 'hvctl --help')")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="print one JSON object (a list for 'list') instead of text")
+                   help="print JSON instead of text: one document (an object, an array for "
+                        "'list'), or one object per line for streams (events, dedup --watch)")
     return p
+
+
+# -- JSON: one rounding rule for every command's output ----------------------
+
+def _unit(key: str, inherited: str | None) -> str | None:
+    """What a number under ``key`` measures, from its name (see :func:`rounded`)."""
+    k = key.lower()
+    if k.endswith("_ms") or k == "ms":
+        return "ms"
+    if k.endswith("_us") or k == "us":
+        return "us"
+    if k in ("seconds", "time") or k.endswith(("_seconds", "_s", "_time")):
+        return "s"
+    if k.endswith(("ratio", "_fraction", "_factor")):
+        return "ratio"
+    if k == "mib" or k.endswith("_mib"):
+        return "mib"
+    return inherited
+
+
+def _significant(x: float, digits: int) -> float:
+    """``x`` to ``digits`` significant digits, its integer part kept whole."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    whole = math.floor(math.log10(abs(x))) + 1
+    return round(x, max(0, digits - whole))
+
+
+#: decimals or significant digits kept, per unit: ms and MiB to 3 decimals (a
+#: microsecond, a page), us to 1 decimal, seconds to 6 significant digits (an
+#: epoch time stays to the microsecond), ratios to 3 significant digits,
+#: anything else to 6 significant digits.
+_ROUND = {"ms": lambda x: round(x, 3), "mib": lambda x: round(x, 3), "us": lambda x: round(x, 1),
+          "s": lambda x: round(x, 6) if abs(x) >= 1e5 else _significant(x, 6),
+          "ratio": lambda x: _significant(x, 3)}
+
+
+def rounded(obj, unit: str | None = None):
+    """``obj`` with every float rounded to what it measures, told by its key:
+    ``*_ms``, ``*_us``, ``seconds``/``*_s``/``*_seconds``/``time``,
+    ``*ratio``/``*_fraction``/``*_factor``, ``mib``; a dict under such a key
+    (``phase_seconds``) passes its unit on to its values."""
+    if isinstance(obj, float):
+        return _ROUND.get(unit, lambda x: _significant(x, 6))(obj)
+    if isinstance(obj, dict):
+        return {k: rounded(v, _unit(str(k), unit)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, unit) for v in obj]
+    return obj
+
+
+def dumps(obj, line: bool = False) -> str:
+    """The JSON text of one command's answer (indented) or of one line of a
+    stream (``line``: NDJSON), floats :func:`rounded`."""
+    return json.dumps(rounded(obj), indent=None if line else 2)
+
+
+def print_line(obj) -> None:
+    """Print one object of a stream (events, dedup --watch) as one JSON line, now."""
+    print(dumps(obj, line=True), flush=True)
 
 
 def client(a) -> api.HypervisorClient:

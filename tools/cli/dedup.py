@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from .. import dedup as scanner
 from ..dedup import daemon
 from ..dedup.knobs import KNOBS, PAGES_TO_SCAN, SLEEP_MILLISECS, Knobs, check
 from ..session import _log_tail, _read_line
-from .args import count, domain, plural, positive
+from .args import count, domain, plural, positive, print_line
 
 
 def register(add) -> None:
@@ -205,7 +204,7 @@ def _watch(a, c, sc) -> object:
         moved = r.merged or r.skipped or r.mismatched or \
             any(before[k] != r.counters[k] for k in GAUGES)
         if moved or a.verbose:
-            print(json.dumps(_pass_json(r)) if a.json else _pass_line(r), flush=True)
+            print_line(_pass_json(r)) if a.json else print(_pass_line(r), flush=True)
 
     server = daemon.ControlServer(path, knobs, status, lambda: request_stop("dedup --stop"))
     try:
@@ -234,7 +233,7 @@ def _watch(a, c, sc) -> object:
     reason = caught[0] if caught else "hypervisor gone"
     summary = {"stopped": reason, **totals}
     if a.json:
-        print(json.dumps(summary), flush=True)
+        print_line(summary)
     else:
         print(f"dedup --watch stopped ({reason}): " + ", ".join(f"{k} {v:,}" if isinstance(v, int)
                                                                 else f"{k} {v:.1f}"

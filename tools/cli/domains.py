@@ -1,10 +1,11 @@
 """``hvctl create``, ``list``, ``destroy``, ``pause``, ``unpause``: domains."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 
-from hvcore.constants import DEFAULT_WORKLOAD, WORKLOADS
+from hvcore.constants import DEFAULT_WORKLOAD, PAGE_SIZE, WORKLOADS
 
 from .. import api
 from .args import client, count, domain, rate, table
@@ -16,7 +17,8 @@ def register(add) -> None:
             "guest process, and print the new domid.\n\n"
             "Workloads: zero (every page zero), clone (a common image chosen by --seed, some\n"
             "zero and some private pages: VMs booted from one image), writer (a clone whose\n"
-            "guest writes --rate random pages per second, --batch pages per message).\n\n"
+            "guest writes --write-rate random pages per second, --write-batch pages per\n"
+            "message).\n\n"
             "The hypervisor populates the domain a bounded step at a time, serving guests and\n"
             "other requests in between, and answers once the guest runs; meanwhile 'hvctl\n"
             "list' shows it as creating. On a terminal a bar shows the pages populated. If the\n"
@@ -46,14 +48,20 @@ def register(add) -> None:
                    help="selects the common image of clone and writer (default 0)")
     c.add_argument("--name", help="a name for the domain (default domN)")
     c.add_argument("--paused", action="store_true", help="create it paused (see 'hvctl unpause')")
-    c.add_argument("--rate", type=rate, default=200.0,
+    c.add_argument("--write-rate", type=rate, default=200.0, metavar="PAGES_PER_SECOND",
                    help="writer: pages written per second (default 200)")
-    c.add_argument("--batch", type=count("batch"), default=1,
+    c.add_argument("--write-batch", type=count("write-batch"), default=1, metavar="PAGES",
                    help="writer: pages per write message (default 1)")
+    # the names before --write-rate/--write-batch, kept working, not shown
+    c.add_argument("--rate", dest="write_rate", type=rate, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    c.add_argument("--batch", dest="write_batch", type=count("batch"), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
 
-    add("list", "list domains", "One line per domain: domid, name, state, pages, shared pages,\n"
-        "the parent it was forked from and its number of forks, guest pid, workload,\n"
-        "writes and CoW faults (with the guest's own fault latency).", list_)
+    add("list", "list domains", "One line per domain: domid, name, state, pages and their MiB, shared\n"
+        "pages, the parent it was forked from and its number of forks, guest pid,\n"
+        "workload, writes and CoW faults (with the guest's own fault latency).\n"
+        "With --json, an array of one object per domain.", list_)
     d = add("destroy", "destroy a domain: stop its guest and free its memory",
             "The kill controller: stop the domain's guest, mark the domain dying, and call\n"
             "the hypervisor's preemptible teardown again while it answers \"restart\" (each\n"
@@ -81,9 +89,9 @@ def create(a) -> object:
         a.parser.error("--all-mappings goes with --from-pid")
     bar = None if a.json else _CreateBar.on_terminal()
     try:
-        r = client(a).create_domain(a.pages, a.workload, a.seed, a.name, a.paused, a.rate, a.batch,
-                                    progress=bar, from_pid=a.from_pid, all_mappings=a.all_mappings,
-                                    image=a.image)
+        r = client(a).create_domain(a.pages, a.workload, a.seed, a.name, a.paused, a.write_rate,
+                                    a.write_batch, progress=bar, from_pid=a.from_pid,
+                                    all_mappings=a.all_mappings, image=a.image)
     finally:
         if bar is not None:
             bar.close()
@@ -123,9 +131,10 @@ class _CreateBar:
 
 def list_(a) -> object:
     doms = client(a).list()
-    rows = [("DOMID", "NAME", "STATE", "PAGES", "SHARED", "PARENT", "FORKS", "PID", "WORKLOAD",
+    rows = [("DOMID", "NAME", "STATE", "PAGES", "MiB", "SHARED", "PARENT", "FORKS", "PID", "WORKLOAD",
              "WRITES", "COW", "FAULT p50/p99 us")]
     for d in doms:
+        d["mib"] = d["pages"] * PAGE_SIZE / 2 ** 20
         lat = "-" if d.get("fault_p50_us") is None else f"{d['fault_p50_us']:.0f}/{d['fault_p99_us']:.0f}"
         state = d["state"] + (f" ({d['exit']})" if d["state"] == "crashed" and d.get("exit") else "")
         if d["state"] == "dying":
@@ -135,9 +144,9 @@ def list_(a) -> object:
         if d.get("waiting_for_memory"):
             state += f" (waiting for memory {d['waiting_ms'] / 1e3:.1f} s)"
         parent = "-" if d.get("parent") is None else d["parent"]
-        rows.append((d["domid"], d["name"], state, d["pages"], d["shr_pages"], parent,
-                     d.get("forks", 0), d["pid"] or "-",
-                     d.get("workload", "-"), d.get("pages_written", 0), d.get("cow_faults", 0), lat))
+        rows.append((d["domid"], d["name"], state, d["pages"], f"{d['mib']:.2f}", d["shr_pages"],
+                     parent, d.get("forks", 0), d["pid"] or "-", d.get("workload", "-"),
+                     d.get("pages_written", 0), d.get("cow_faults", 0), lat))
     return doms, table(rows) if doms else "no domains"
 
 

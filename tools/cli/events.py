@@ -1,12 +1,11 @@
 """``hvctl events``: the sharing event ring, one JSON object per line."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from .. import api
-from .args import count
+from .args import count, print_line
 
 
 def register(add) -> None:
@@ -29,11 +28,11 @@ def events(a) -> object:
     try:
         with api.HypervisorClient(a.socket).events(since=None if a.new else 0) as stream:
             for ev in stream:
-                print(json.dumps(ev), flush=True)
+                print_line(ev)
                 n += 1
                 if a.count and n >= a.count:
                     return None
-    except (KeyboardInterrupt, BrokenPipeError):
+    except KeyboardInterrupt:
         return None
     path = os.path.abspath(a.socket or api.default_socket_path())
     print(f"hvctl events: the hypervisor on {path} stopped.", file=sys.stderr)

@@ -79,9 +79,9 @@ def fuzz(a) -> object:
             run_s += last["run_seconds"]
         wall = time.perf_counter() - t0
     out = {"domid": a.domid, "iterations": n, "seconds": round(wall, 6),
-           "iterations_per_s": round(n / wall, 1), "pages_written": last["pages_written"],
+           "iterations_per_second": round(n / wall, 1), "pages_written": last["pages_written"],
            "pages_read": last["pages_read"], "pages_dropped": dropped,
-           "reset_ms_mean": round(reset_s / n * 1e3, 3), "run_ms_mean": round(run_s / n * 1e3, 3)}
-    return out, (f"{n} iterations in {wall:.3f} s: {out['iterations_per_s']} per second "
-                 f"(reset {out['reset_ms_mean']} ms, run {out['run_ms_mean']} ms; "
+           "reset_mean_ms": round(reset_s / n * 1e3, 3), "run_mean_ms": round(run_s / n * 1e3, 3)}
+    return out, (f"{n} iterations in {wall:.3f} s: {out['iterations_per_second']} per second "
+                 f"(reset {out['reset_mean_ms']} ms, run {out['run_mean_ms']} ms; "
                  f"{out['pages_written']} pages written and {out['pages_read']} read per run)")
