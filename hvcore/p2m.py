@@ -6,7 +6,8 @@ Layout of a p2m segment (little-endian)::
                      domain's memory, bumped again (even) when done
     8   u64 npages
     16  u64 domid
-    64  i64 mfn[npages]      frame of each gfn (-1 for a hole)
+    64  i64 mfn[npages]      frame of each gfn (-1 for a hole; 0 in a fork's
+                             fresh p2m: readers look at the type first)
     ..  u8  type[npages]     HOLE / RAM_RW / RAM_SHARED
 
 The hypervisor (one thread) is the only writer. Every change a guest could

@@ -373,5 +373,5 @@ def test_shell_completion(tmp_path):
     assert complete("hvctl des") == {"destroy"} and "dedup" in complete("hvctl ded")
     assert complete("hvctl create --wr") == {"--write-rate", "--write-batch"}
     assert complete("hvctl create --ra") == set()          # the old name works, is not offered
-    assert complete("hvctl create --workload ") == {"zero", "clone", "writer"}
+    assert complete("hvctl create --workload ") == {"zero", "clone", "writer", "fuzz"}
     assert complete("hvctl start --rmap b") == {"buckets"}
