@@ -143,15 +143,17 @@ class ParkedWrites:
 
     def _frames_needed(self, domid: int, gfns) -> int:
         """Frames a batched write must allocate: one per shared gfn, less
-        the frames whose every sharer is in the batch (the last takes it)."""
-        from ..p2m import RAM_SHARED
+        the frames whose every sharer is in the batch (the last takes it),
+        and in a fork one per hole it fills."""
+        from ..p2m import HOLE, RAM_SHARED
         d = self.hv.domains.get(domid)
         try:
             gfns = np.unique(np.asarray(gfns, dtype=np.int64))
             gfns = gfns[(gfns >= 0) & (gfns < d.npages)]
             shared = gfns[d.p2m.type[gfns] == RAM_SHARED]
             frames, counts = np.unique(d.p2m.mfn[shared], return_counts=True)
-            return int(len(shared) - (counts == self.hv.pool.type_count[frames]).sum())
+            holes = int(np.count_nonzero(d.p2m.type[gfns] == HOLE)) if d.parent is not None else 0
+            return int(len(shared) - (counts == self.hv.pool.type_count[frames]).sum()) + holes
         except (AttributeError, IndexError, ValueError):
             return 0
 

@@ -201,3 +201,30 @@ def test_destroying_a_fork_during_its_run_answers_the_run(hvs, parent):
     assert got["error"].code_name == "ECANCELED"
     assert _entry(hvs, parent)["state"] == "running"
     assert hvs.audit() == 0
+
+
+def test_a_write_fault_without_memory_waits_for_a_frame(hvs, parent):
+    child = hvs.fork(parent)["domid"]
+    filler = hvs.create(_free(hvs))
+    assert _free(hvs) == 0
+    done = threading.Event()
+
+    def write():
+        hvs.guest(child).write_pages([2, 3], np.full((2, 4096), 7, np.uint8))
+        done.set()
+    with hvs.events(since=None, timeout=10) as ev:
+        t = threading.Thread(target=write)
+        t.start()
+        try:
+            got = ev.wait_for(lambda e: e["event"] == "enomem")
+            assert got["domid"] == child and got["needed"] == 2
+            assert not done.is_set() and _entry(hvs, child)["state"] == "paused"
+            assert hvs.audit() == 0
+            hvs.destroy(filler)
+            assert ev.wait_for(lambda e: e["event"] == "resumed")["domid"] == child
+            assert done.wait(10)
+        finally:
+            t.join(15)
+    assert (hvs.guest(child).read_pages([2, 3]) == 7).all()
+    assert hvs.guest(parent).read(2) != bytes([7]) * 4096
+    assert hvs.audit() == 0
