@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import DOMID_FIRST_RESERVED
+from .constants import DOMID_FIRST_RESERVED, PAGE_SIZE
 from .domains import Domain
 from .errors import EBUSY, EINVAL, ENOMEM, HVError
 from .p2m import HOLE, INVALID_MFN, RAM_RW, RAM_SHARED, P2M
@@ -204,10 +204,10 @@ class Forks:
         """A guest write to a hole of fork ``d`` (the hook of
         :meth:`CopyOnWrite.write`): the gfn gets a private copy of its
         ancestor's page and the write lands on it; True (a fault)."""
-        whole = offset == 0 and len(data) == 4096
+        whole = offset == 0 and len(data) == PAGE_SIZE
         with d.p2m.changing():
             self._fill(d, np.array([gfn], dtype=np.int64), True, not whole)
-            at = d.p2m.mfn.item(gfn) * 4096 + offset
+            at = d.p2m.mfn.item(gfn) * PAGE_SIZE + offset
             (self._pool_bytes or self._bytes())[at:at + len(data)] = data
         return True
 
