@@ -1,5 +1,5 @@
-"""Shared helpers of the benchmarks: machine description, medians,
-latency percentiles, tables and their cells, one-line reasons, SIGTERM."""
+"""Shared helpers of the benchmarks: machine description, medians (and
+their spread over repeats), latency percentiles, tables and their cells, one-line reasons, SIGTERM."""
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +38,14 @@ def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def spread(vals: Sequence[float]) -> dict:
+    """The median of repeats with their spread: ``{"median", "min", "max",
+    "n", "all"}`` (a figure is reported with how far its repeats strayed)."""
+    vals = list(vals)
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals),
+            "all": vals}
 
 
 #: the percentiles every latency result carries: enough points for a CDF
