@@ -17,7 +17,11 @@ The hypervisor spawns it with two pipe ends (``rfd`` from the hypervisor,
   kernel picks, the signal's wake-up byte lands on a pipe the main thread
   polls), or on its half-second watch round; a request in flight handles
   any it meets;
-- runs its **workload** (``writer``: random pages at a set rate) in a thread,
+- a **fork** reads a gfn it does not have yet through a *read fault*: a
+  ``G_POPULATE`` on its pipe (the hypervisor fills the gfn from the fork's
+  ancestors), then the read from the mapping again;
+- runs its **workload** (``writer``: random pages at a set rate; ``fuzz``:
+  one write-and-read iteration per ``H_RUN``) in a thread,
   and sends its counters (writes, CoW faults, fault latency p50/p99) every
   half second when they changed;
 - serves a small **control channel** on a Unix socket in the hypervisor's
@@ -41,8 +45,8 @@ import time
 import numpy as np
 
 from hvcore import constants
-from hvcore.errors import EBUSY, EINVAL, NAMES
-from hvcore.p2m import P2MView
+from hvcore.errors import EBUSY, EINVAL, NAMES, HVError
+from hvcore.p2m import HOLE, P2MView
 from hvcore.shm import attach_readonly
 from hvcore.wire import pipe
 
@@ -66,6 +70,11 @@ class Guest:
         self.p2m = P2MView(cfg["p2m"])
         self.npages = self.p2m.npages
         self.link = HypervisorLink(cfg["rfd"], cfg["wfd"], self)
+        #: a fork reads gfns it does not have yet through read faults
+        self.is_fork = bool(cfg.get("fork"))
+        #: set by H_RUN: the fuzz workload runs one iteration
+        self.run_requested = threading.Event()
+        self.read_faults = 0
         self.unpaused = threading.Event()
         if not cfg.get("paused"):
             self.unpaused.set()
@@ -81,6 +90,8 @@ class Guest:
             self.unpaused.clear()
         elif mtype == pipe.H_UNPAUSE:
             self.unpaused.set()
+        elif mtype == pipe.H_RUN:
+            self.run_requested.set()
         elif mtype == pipe.H_SHUTDOWN:
             _exit(self, 0)
 
@@ -147,10 +158,39 @@ class Guest:
 
     # -- reads (straight from the mapping) -------------------------------
     def read(self, gfn: int) -> bytes:
-        return self.p2m.read_page(self.pool, gfn)
+        while True:
+            try:
+                return self.p2m.read_page(self.pool, gfn)
+            except HVError:
+                if not self._read_fault(np.array([gfn], dtype=np.int64)):
+                    raise
 
     def read_pages(self, gfns) -> np.ndarray:
-        return self.p2m.read_pages(self.pool, gfns)
+        gfns = np.asarray(gfns, dtype=np.int64)
+        while True:
+            try:
+                return self.p2m.read_pages(self.pool, gfns)
+            except HVError:
+                if not self._read_fault(gfns):
+                    raise
+
+    def _read_fault(self, gfns: np.ndarray) -> bool:
+        """A fork read gfns it does not have: ask the hypervisor to fill
+        them from the fork's ancestors (a ``G_POPULATE``, waiting for the
+        answer), then the read is tried again; the p2m's change counter
+        keeps it consistent. False if there is nothing to ask for (not a
+        fork, or a gfn outside the domain): the read's own error stands."""
+        if not self.is_fork or not len(gfns) or gfns.min() < 0 or gfns.max() >= self.npages:
+            return False
+        holes = np.unique(gfns[self.p2m.type[gfns] == HOLE])
+        for lo in range(0, len(holes), constants.MAX_BATCH_PAGES):
+            part = holes[lo:lo + constants.MAX_BATCH_PAGES]
+            status, value = self.link.call(pipe.G_POPULATE, *pipe.encode_populate(part))
+            if status:
+                raise WriteError(status, f"domain {self.domid} could not read gfn {int(part[0])} "
+                                         f"({NAMES.get(status, status)})")
+            self.read_faults += value
+        return True
 
     def stats(self) -> dict:
         return {"domid": self.domid, "pid": os.getpid(), "workload": self.cfg["workload"],
@@ -235,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         guest.link.send(pipe.G_HELLO, pipe.HELLO.pack(os.getpid()))
         if cfg["workload"] == "writer":
             threading.Thread(target=_writer, args=(guest,), name="writer", daemon=True).start()
+        elif cfg["workload"] == "fuzz":
+            threading.Thread(target=_fuzzer, args=(guest,), name="fuzz", daemon=True).start()
         guest.link.drain(block=True)   # what came before we listened for SIGUSR1
         while True:
             rung = bell.poll(500)
@@ -263,6 +305,28 @@ def _writer(guest: Guest) -> None:
 
     workloads.run_writer(write_pages, guest.npages, cfg["seed"], cfg["instance"],
                          cfg["rate"], cfg["batch"], lambda: guest.alive, guest.unpaused.wait)
+
+
+def _fuzzer(guest: Guest) -> None:
+    """The fuzz workload: one iteration per H_RUN, then G_DONE."""
+    cfg = guest.cfg
+
+    def done(iteration: int, written: int, read: int) -> None:
+        guest.link.send(pipe.G_DONE, pipe.DONE.pack(iteration, written, read))
+
+    def write_pages(gfns, pages):
+        try:
+            guest.write_pages(gfns, pages)
+        except WriteError:
+            pass                        # refused (a hole in every ancestor): the run goes on
+
+    try:
+        workloads.run_fuzz(write_pages, guest.read_pages, done, guest.npages, cfg["seed"],
+                           cfg["instance"], cfg.get("fuzz_writes", constants.DEFAULT_FUZZ_WRITES),
+                           cfg.get("fuzz_reads", constants.DEFAULT_FUZZ_READS),
+                           guest.run_requested, lambda: guest.alive, guest.unpaused.wait)
+    except HypervisorGone:
+        _exit(guest, 0)
 
 
 if __name__ == "__main__":

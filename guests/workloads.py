@@ -5,6 +5,12 @@
 - ``writer``: a guest that writes random stamped pages at a set rate
   (``rate`` pages/s in batches of ``batch``) and records the round trip of
   every write, CoW faults apart.
+- ``fuzz``: the child of a fuzzing loop (a VM fork, reset between runs).
+  Each time the hypervisor says run (``H_RUN``) it writes ``fuzz_writes``
+  distinct random pages (whole pages, batched messages), reads
+  ``fuzz_reads`` distinct random pages (read faults fill those the fork
+  does not have), then sends ``G_DONE``: that one message is the signal
+  the toolstack's ``fuzz_run`` / ``fork_reset --run`` waits for.
 
 What a domain's memory holds at create is its content image
 (:mod:`hvcore.images`).
@@ -16,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from hvcore.constants import MAX_BATCH_PAGES
 from hvcore.images import random_pages
 
 class Latencies:
@@ -58,3 +65,34 @@ def run_writer(write_pages: Callable[[np.ndarray, np.ndarray], int], npages: int
             time.sleep(delay)
         elif delay < -1.0:
             due = time.monotonic()      # far behind (paused, slow host): do not burst
+
+
+def run_fuzz(write_pages: Callable[[np.ndarray, np.ndarray], int],
+             read_pages: Callable[[np.ndarray], np.ndarray],
+             done: Callable[[int, int, int], None], npages: int, seed: int, instance: int,
+             writes: int, reads: int, run_requested, running: Callable[[], bool],
+             wait_unpaused: Callable[[], None]) -> None:
+    """The fuzz loop: wait for ``run_requested`` (an Event), write
+    ``writes`` distinct random pages, read ``reads`` distinct random pages,
+    ``done(iteration, written, read)``; again, until ``running()`` is false.
+    The pages written hold the iteration number, so a test can tell runs
+    apart; generating them costs one fill of a reused buffer."""
+    rng = np.random.Generator(np.random.SFC64([seed, instance, 0xF022]))
+    writes, reads = min(writes, npages), min(reads, npages)
+    buf = np.empty((min(max(writes, 1), MAX_BATCH_PAGES), 4096), dtype=np.uint8)
+    iteration = 0
+    while running():
+        if not run_requested.wait(0.5):
+            continue
+        run_requested.clear()
+        wait_unpaused()
+        iteration += 1
+        buf.fill(iteration & 0xFF)
+        if writes:
+            gfns = rng.choice(npages, size=writes, replace=False).astype(np.int64)
+            for lo in range(0, writes, MAX_BATCH_PAGES):
+                part = gfns[lo:lo + MAX_BATCH_PAGES]
+                write_pages(part, buf[:len(part)])
+        if reads:
+            read_pages(rng.choice(npages, size=reads, replace=False).astype(np.int64))
+        done(iteration, writes, reads)

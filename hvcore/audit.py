@@ -120,6 +120,7 @@ class Audit:
         private = sum(d.tot_pages for d in self.domains.values()) + building
         if owned - len(shared) != private:
             errs.append(f"{owned - len(shared)} frames owned by domains, their p2ms map {private}")
+        errs += self.audit_forks()
         return errs
 
     def _first_in_walks(self, domid: int, gfns: np.ndarray, ms: np.ndarray) -> tuple[int, int]:

@@ -29,10 +29,15 @@ DEFAULT_RMAP = "buckets"
 
 #: what a domain's guest process does once it runs, and what its memory
 #: is filled with at create: ``zero`` pages, a ``clone`` image (most
-#: pages shared with other domains of the same seed), or a ``writer``
-#: that dirties its ``clone`` image at a set rate
-WORKLOADS = ("zero", "clone", "writer")
+#: pages shared with other domains of the same seed), a ``writer``
+#: that dirties its ``clone`` image at a set rate, or ``fuzz``: a
+#: ``clone`` image, and on each run (a VM fork's fuzzing loop) it writes
+#: FUZZ_WRITES random pages, reads FUZZ_READS and says it is done
+WORKLOADS = ("zero", "clone", "writer", "fuzz")
 DEFAULT_WORKLOAD = "zero"
+#: pages a fuzz iteration writes and reads unless told otherwise
+DEFAULT_FUZZ_WRITES = 64
+DEFAULT_FUZZ_READS = 64
 
 #: most pages one batched guest write may carry (16 MiB of page data)
 MAX_BATCH_PAGES = 4096

@@ -12,6 +12,7 @@ it a model of one hypervisor CPU. Semantics follow Xen's
   foreign mappings;
 - :mod:`hvcore.cow`: unshare (the CoW fault) and guest writes;
 - :mod:`hvcore.teardown`: kill, the preemptible relinquish loop, destroy;
+- :mod:`hvcore.fork`: fork, filling a fork from its ancestors, fork reset;
 - :mod:`hvcore.audit`: every invariant, checked from scratch.
 
 The state they share lives here: the frame pool (:mod:`hvcore.pool`), the
@@ -36,15 +37,17 @@ from .audit import Audit
 from .constants import DEFAULT_RMAP
 from .cow import CopyOnWrite
 from .domains import Domain, DomainBuild, DomainTable
+from .fork import Forks
 from .pool import FramePool
 from .rmap import make_rmap
 from .sharing import Sharing
+from .sharing_stats import memory_counters
 from .teardown import Teardown
 
 __all__ = ["Hypervisor", "Domain"]
 
 
-class Hypervisor(DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
+class Hypervisor(Forks, DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
     """All frames, domains and rmaps of one emulated host."""
 
     def __init__(self, nframes: int, rmap: str = DEFAULT_RMAP, **rmap_options):
@@ -72,6 +75,7 @@ class Hypervisor(DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
             "frames_free": self.pool.nfree,
             "nr_shared_mfns": self.nr_shared_mfns,
             "nr_saved_mfns": self.nr_saved_mfns,
+            **memory_counters(self),
             "rmap": self.rmap_policy,
             "domains": len(self.domains),
         }

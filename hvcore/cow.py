@@ -202,6 +202,8 @@ class CopyOnWrite:
             raise HVError(EINVAL, "write crosses the page boundary")
         if d.state == "dying":
             raise HVError(EBUSY, f"domain {domid} is dying")
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks: its memory is theirs to read")
         p2m = d.p2m
         t = p2m.type.item(gfn)
         if t == RAM_SHARED:
@@ -209,6 +211,8 @@ class CopyOnWrite:
             self._unshare_one(d, gfn, n < PAGE_SIZE, offset, data)
             return True
         if t == HOLE:
+            if d.parent is not None:
+                return self._fork_write(d, gfn, offset, data)
             raise HVError(EINVAL, f"gfn {gfn} of domain {domid} is a hole")
         at = p2m.mfn.item(gfn) * PAGE_SIZE + offset
         p2m.begin_change()
@@ -237,16 +241,20 @@ class CopyOnWrite:
             gfns, pages = rev_u, pages[pick]
         shared = self._written_shared(d, gfns)
         with d.p2m.changing():
+            filled = self._fork_fill_written(d, gfns) if d.parent is not None else 0
             if len(shared):
                 self._unshare_many(d, shared, copy=False)
             self.pool.data[d.p2m.mfn[gfns]] = pages
-        return len(shared)
+        return len(shared) + filled
 
     def _written_shared(self, d: Domain, gfns: np.ndarray) -> np.ndarray:
         """The shared gfns among the distinct gfns a batched write names;
-        EINVAL, before anything changes, if one is a hole."""
+        EINVAL, before anything changes, if one is a hole (but in a fork,
+        whose holes the write fills from its ancestors: :mod:`hvcore.fork`)."""
+        if d.forks:
+            raise HVError(EBUSY, f"domain {d.domid} has forks: its memory is theirs to read")
         t = d.p2m.type[gfns]
-        if (t == HOLE).any():
+        if d.parent is None and (t == HOLE).any():
             raise HVError(EINVAL, f"write to a hole of domain {d.domid}")
         return gfns[t == RAM_SHARED]
 
@@ -277,6 +285,7 @@ class CopyOnWrite:
         ug = np.unique(gfns)
         shared = self._written_shared(d, ug)
         with d.p2m.changing():
+            filled = self._fork_fill_written(d, ug) if d.parent is not None else 0
             if len(shared):
                 self._unshare_many(d, shared)
             starts = d.p2m.mfn[gfns] * PAGE_SIZE + offsets
@@ -290,7 +299,7 @@ class CopyOnWrite:
                 pos, last = np.unique(pos[::-1], return_index=True)
                 data = data[::-1][last]
             self.pool.data.reshape(-1)[pos] = data
-        return len(shared)
+        return len(shared) + filled
 
     def read(self, domid: int, gfn: int) -> bytes:
         d = self.domain(domid)

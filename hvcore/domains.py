@@ -41,6 +41,19 @@ class Domain:
     chunk_cost: object = None
     teardown_phase: str = ""    # "", "shared", "private"
     info: dict = field(default_factory=dict)   # runtime extras (guest pid, counters)
+    #: the domain this one was forked from (None: not a fork; hvcore.fork)
+    parent: int | None = None
+    #: domids of this domain's forks (while any exist it does not run)
+    forks: set = field(default_factory=set)
+    #: the first fork paused it: it runs again once its last fork is gone
+    fork_paused: bool = False
+    #: a fork's populated gfns, each once: ``fork_gfns[:fork_n]``
+    fork_gfns: object = None
+    fork_n: int = 0
+    #: a fork reset under way: entries of the record done, and kept so far
+    reset_cursor: int | None = None
+    reset_kept: int = 0
+    reset_dropped: int = 0
 
     @property
     def dying(self) -> bool:
@@ -100,6 +113,13 @@ class DomainBuild:
 BUILD_SLAB = 4096
 #: the first chunk of a preemptible create, in gfns (later ones follow the rate)
 BUILD_FIRST_CHUNK = 64
+
+
+def _release(content) -> None:
+    """Close a content source that holds something open (a file, a process)."""
+    close = getattr(content, "close", None)
+    if close is not None:
+        close()
 
 
 class DomainTable:
@@ -247,6 +267,7 @@ class DomainTable:
 
     def _finish_build(self, b: DomainBuild) -> None:
         del self.building[b.domid]
+        _release(b.content)
         d = Domain(b.domid, b.name, b.npages, b.p2m,
                    state="paused" if b.paused else "running", tot_pages=b.populated)
         self.domains[b.domid] = d
@@ -257,6 +278,7 @@ class DomainTable:
         domid stays used (domids are never reused)."""
         if self.building.pop(b.domid, None) is None:
             return
+        _release(b.content)
         self.pool.free_many(b.mfns[:b.populated])
         self.pool.unreserve(b.reserved)
         b.reserved = b.populated = 0

@@ -20,12 +20,15 @@ ESRCH = errno.ESRCH            # no such domain
 EEXIST = errno.EEXIST          # a domain of that name exists
 EIO = errno.EIO                # an internal error of the hypervisor
 ECANCELED = errno.ECANCELED    # the hypervisor stopped before the operation finished
+EACCES = errno.EACCES          # not allowed to read a create's source (a process, a file)
+ENOENT = errno.ENOENT          # a create's source file does not exist
 S_HANDLE_INVALID = -10         # XENMEM_SHARING_OP_S_HANDLE_INVALID
 C_HANDLE_INVALID = -9          # XENMEM_SHARING_OP_C_HANDLE_INVALID
 
 NAMES = {
     EINVAL: "EINVAL", E2BIG: "E2BIG", EBUSY: "EBUSY", ENOMEM: "ENOMEM",
     ESRCH: "ESRCH", EEXIST: "EEXIST", ECANCELED: "ECANCELED", EIO: "EIO",
+    EACCES: "EACCES", ENOENT: "ENOENT",
     S_HANDLE_INVALID: "S_HANDLE_INVALID", C_HANDLE_INVALID: "C_HANDLE_INVALID",
 }
 

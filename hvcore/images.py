@@ -10,8 +10,8 @@ A domain is created with the image of its workload
   the same gfns), *zero*, or *private* (random pages unique to the domain).
   So clones of one seed agree everywhere except on the private extents, and
   :func:`shareable_runs` says which gfn ranges may be shared between them.
-- ``writer``: a clone's memory (its guest then dirties it: see
-  :mod:`guests.workloads`).
+- ``writer`` and ``fuzz``: a clone's memory (their guests then dirty it:
+  see :mod:`guests.workloads`).
 
 Contents are deterministic (a seed sequence per block of 64 pages, so any
 chunking of the generation gives the same bytes) and generated with numpy a
@@ -154,6 +154,6 @@ def content_for(workload: str, seed: int, instance: int, npages: int):
     """What the hypervisor fills a new domain with (None: zero pages)."""
     if workload == "zero":
         return None
-    if workload in ("clone", "writer"):
+    if workload in ("clone", "writer", "fuzz"):
         return clone_content(seed, instance, npages)
     raise ValueError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")

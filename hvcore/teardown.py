@@ -14,7 +14,9 @@ Invariants this module keeps:
   behind the cursor;
 - dropping entries never allocates and cannot fail;
 - a domain is forgotten only when every entry is a hole, so nothing of it
-  is left in any rmap.
+  is left in any rmap;
+- a domain with forks cannot be killed (``EBUSY``); a fork drops its
+  reference on its parent when it is forgotten.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from .budget import ChunkCost
 from .domains import Domain
-from .errors import EINVAL, HVError
+from .errors import EBUSY, EINVAL, HVError
 from .p2m import HOLE, INVALID_MFN, RAM_RW, RAM_SHARED
 
 #: Teardown preemption, as in Xen's relinquish loop: each shared gfn costs
@@ -126,6 +128,9 @@ class Teardown:
         """Mark a domain dying: from now on nominate on it fails with EBUSY,
         so no sharing can appear behind the teardown cursor."""
         d = self.domain(domid)
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks ({', '.join(map(str, sorted(d.forks)))}): "
+                                 f"destroy them first")
         if not d.dying:
             d.state = "dying"
             d.teardown_phase = "shared"
@@ -251,6 +256,8 @@ class Teardown:
         d.p2m.close()
         d.teardown_phase = "gone"
         del self.domains[d.domid]
+        if d.parent is not None:
+            self._fork_released(d)      # the fork's reference on its parent goes last
 
     def destroy_domain(self, domid: int) -> int:
         """Kill and tear down at once; returns shared entries relinquished."""

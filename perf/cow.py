@@ -36,7 +36,7 @@ import statistics
 import numpy as np
 
 from .peers import ksm, pipe
-from .common import fmt_value, latency_percentiles, table
+from .common import fmt_value, latency_percentiles, log_histogram, merge_histograms, table
 
 PLACEMENTS = ("same", "cross")
 
@@ -52,7 +52,7 @@ def _cpus(placement: str, allowed=None):
 
 
 def _stats(lat_ns: np.ndarray) -> dict:
-    return {"n": int(len(lat_ns)), **latency_percentiles(lat_ns / 1e3)}
+    return {"n": int(len(lat_ns)), **latency_percentiles(lat_ns / 1e3), "histogram": log_histogram(lat_ns / 1e3)}
 
 
 class _Faults:
@@ -122,8 +122,12 @@ def _spread(vals: list, key: str) -> dict:
 def _median_of(runs: list[dict], keys=("p50_us", "p99_us", "step_us")) -> dict:
     """The repeat whose p50 is the median one, with each of ``keys`` as
     the median of the repeats (``KEY_all``: every repeat's, ``KEY_min``,
-    ``KEY_max``: their spread)."""
+    ``KEY_max``: their spread) and the latencies of all repeats together
+    (``histogram``)."""
     out = dict(sorted(runs, key=lambda r: r["p50_us"])[len(runs) // 2])
+    pooled = merge_histograms(r.get("histogram") for r in runs)
+    if pooled:
+        out["histogram"] = pooled
     for k in keys:
         vals = [r[k] for r in runs if k in r and r[k] == r[k]]
         if vals:
@@ -154,7 +158,7 @@ def measure(n: int, batch: int, repeats: int) -> dict:
                 fr, pr, lr = [], [], []
                 for _ in range(repeats):           # interleaved: the machine's drift hits all three
                     fr.append(f.repeat(cpus))
-                    pr.append({"n": n, **latency_percentiles(pipe.round_trips(pipe.REQUEST_SIZE, placement, n) / 1e3)})
+                    pr.append(_stats(pipe.round_trips(pipe.REQUEST_SIZE, placement, n)))
                     lr.append(floor.measure(placement, n, rounds=1)["runs"][0])
                 hvs["faults"][placement] = {**_median_of(fr), "cpus": list(cpus)}
                 pipes[placement] = {"size": pipe.REQUEST_SIZE, "placement": placement, "cpus": list(cpus),
@@ -174,7 +178,7 @@ def run(quick: bool = False) -> dict:
     repeats = 3 if quick else 5
     res = measure(n, batch=1024, repeats=repeats)
     hvs, pipes, floors = res["hvshare"], res["pipe"], res["floor"]
-    ksm_cow = ksm.measure_cow_break(n)
+    ksm_cow = ksm.measure_cow_break(n, repeats=repeats)
     ksm_batched = ksm.measure_cow_batched(n, repeats=repeats)
     ratios: dict = {}
     same = hvs["faults"].get("same", {})

@@ -120,10 +120,11 @@ def one_merge(content: np.ndarray, domains: int, rmap: str = "buckets",
 
 
 def _median_run(runs: list[dict], domains: int, rmap: str, n: int) -> dict:
-    """The median of :func:`one_merge` runs (by seconds), with every run's seconds."""
+    """The median of :func:`one_merge` runs (by seconds), with every run's seconds and rate."""
     runs = sorted(runs, key=lambda r: r["seconds"])
     out = dict(runs[len(runs) // 2])
-    out.update(seconds_all=[r["seconds"] for r in runs], repeats=len(runs), domains=domains,
+    out.update(seconds_all=[r["seconds"] for r in runs],
+               pages_per_second_all=[r["pages_per_second"] for r in runs], repeats=len(runs), domains=domains,
                rmap=rmap, n_pages=n)
     return out
 
@@ -157,6 +158,7 @@ def _ksm_median(runs: list[dict]) -> dict:
     runs = sorted(runs, key=lambda r: r["merge_seconds"])
     out = dict(runs[len(runs) // 2])
     out["merge_seconds_all"] = [r["merge_seconds"] for r in runs]
+    out["pages_per_second_all"] = [r["pages_per_second"] for r in runs if "pages_per_second" in r]
     return out
 
 

@@ -8,7 +8,9 @@ four domains, then three per-entry costs are timed at that degree:
 k = min(D, sample), so the list policy (O(D) per operation, the point of the
 benchmark) stays feasible at 262,144. Every repeat uses a fresh build and
 times its k operations in chunks; a cost is the median over the chunks of
-all repeats. Small degrees get more repeats (a few thousand operations each).
+all repeats, its spread (``<op>_ns_stats``: :func:`perf.common.summary`)
+that of the repeats' own medians. Small degrees get more repeats (a few
+thousand operations each).
 Every round of repeats visits every degree and the policies take turns
 within each repeat: side by side, as the machine's noise demands.
 Memory: tracemalloc (it sees numpy's buffers too) around one build, per entry.
@@ -45,7 +47,7 @@ from hvcore.constants import RMAP_POLICIES
 from hvcore.rmap import make_rmap
 from hvcore.rmap.arena import NodeArena
 
-from .common import table
+from .common import summary, table
 
 POLICIES = RMAP_POLICIES
 NDOM = 4                     # domains the entries come from
@@ -231,6 +233,9 @@ def run(quick: bool) -> dict:
                 "delete_ns": round(delete_ns, 1),
                 "bytes_per_entry": round(_bytes_per_entry(policy, degree), 2),
                 "k": plan[degree][0], "repeats": len(samples),
+                # the spread: each repeat's own median per operation
+                **{f"{op}_ns_stats": summary(statistics.median(rep[i]) * 1e9 for rep in samples)
+                   for i, op in enumerate(("add", "lookup", "delete"))},
             })
     ratios = _ratios(results, cfg["degrees"])
     top = cfg["degrees"][-1]

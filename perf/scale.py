@@ -63,7 +63,7 @@ import time
 import numpy as np
 
 
-from .common import sigterm_exits, spread, table
+from .common import sigterm_exits, table
 
 POLICIES = ("buckets", "index")
 OPS = ("create", "dedup", "cow", "destroy")
@@ -241,6 +241,10 @@ def one_life(n: int, rmap: str) -> dict:
     return out
 
 
+def _spread(vals: list[float]) -> dict:
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "all": vals}
+
+
 def _aggregate(runs: list[dict]) -> dict:
     """Medians over repeats per operation, the spread and the summed histogram."""
     ops = {}
@@ -252,10 +256,10 @@ def _aggregate(runs: list[dict]) -> dict:
                 hist[h["lt_us"]] = hist.get(h["lt_us"], 0) + h["count"]
         o = {k: statistics.median([r[k] for r in rs]) for k in ("seconds", "pages_per_second", "pages",
                                                               "max_step_ms", "max_step_cpu_ms")}
-        o.update(seconds_spread=spread([r["seconds"] for r in rs]),
-                 pages_per_second_spread=spread([r["pages_per_second"] for r in rs]),
-                 max_step_ms_spread=spread([r["max_step_ms"] for r in rs]),
-                 max_step_cpu_ms_spread=spread([r["max_step_cpu_ms"] for r in rs]),
+        o.update(seconds_spread=_spread([r["seconds"] for r in rs]),
+                 pages_per_second_spread=_spread([r["pages_per_second"] for r in rs]),
+                 max_step_ms_spread=_spread([r["max_step_ms"] for r in rs]),
+                 max_step_cpu_ms_spread=_spread([r["max_step_cpu_ms"] for r in rs]),
                  cpu_from="cpu" if all(r["cpu_from"] == "cpu" for r in rs) else "wall",
                  steps=statistics.median([r["window"]["steps"] for r in rs]),
                  histogram_all_repeats=[{"lt_us": k, "count": v} for k, v in sorted(hist.items())],
@@ -290,9 +294,9 @@ def measure_fill(n: int, repeats: int) -> dict:
         del dst
     del src
     return {"generate": {"seconds": statistics.median(gen), "pages_per_second": n / statistics.median(gen),
-                         "seconds_spread": spread(gen)},
+                         "seconds_spread": _spread(gen)},
             "copy": {"seconds": statistics.median(copy), "pages_per_second": n / statistics.median(copy),
-                     "seconds_spread": spread(copy)},
+                     "seconds_spread": _spread(copy)},
             "pages": n, "repeats": repeats}
 
 

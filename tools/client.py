@@ -129,9 +129,9 @@ class Requester:
 PROGRESS_INTERVAL = 0.25
 
 
-def _creating(domains: list, pages: int, name: str | None) -> dict | None:
+def _creating(domains: list, pages: int | None, name: str | None) -> dict | None:
     """The newest domain of ``list`` being created with ``pages`` (and ``name``)."""
-    found = [d for d in domains if d.get("state") == "creating" and d["pages"] == pages
+    found = [d for d in domains if d.get("state") == "creating" and pages in (None, d["pages"])
              and (name is None or d["name"] == name)]
     return max(found, key=lambda d: d["domid"]) if found else None
 
@@ -174,25 +174,36 @@ class HypervisorClient(Requester):
         """Create a domain and start its guest; returns the domid."""
         return self.create_domain(pages, workload, seed, name, paused, rate, batch)["domid"]
 
-    def create_domain(self, pages: int, workload: str = "zero", seed: int = 0, name: str | None = None,
+    def create_domain(self, pages: int | None, workload: str = "zero", seed: int = 0, name: str | None = None,
                       paused: bool = False, rate: float | None = None, batch: int | None = None,
-                      progress=None) -> dict:
+                      progress=None, *, from_pid: int | None = None, all_mappings: bool = False,
+                      image: str | None = None) -> dict:
         """Like :meth:`create`, with the whole answer (domid, pid, name, guest_socket).
 
         The hypervisor populates a domain a bounded step at a time and
         answers once its guest runs. ``progress(entry)``, if given, is
         called every PROGRESS_INTERVAL seconds meanwhile with the domain's
         ``list`` entry (state ``creating``, ``populated`` of ``pages``),
-        read over a second connection."""
-        args = {k: v for k, v in dict(rate=rate, batch=batch, name=name).items() if v is not None}
+        read over a second connection.
+
+        ``from_pid``: the memory is a snapshot of that process's present
+        anonymous private pages (``all_mappings``: of every mapping);
+        ``image``: a file's bytes (raw, or an ELF core's PT_LOAD segments).
+        ``pages`` may then be None (the source's size) or cuts it. The
+        answer adds source, source_pages, regions, skipped_regions,
+        skipped_pages, swapped_pages and lost_pages."""
+        args = {k: v for k, v in dict(rate=rate, batch=batch, name=name, pages=pages, from_pid=from_pid,
+                                      image=None if image is None else os.path.abspath(image)).items()
+                if v is not None}
+        if all_mappings:
+            args["all_mappings"] = True
         if progress is None:
-            return self.call("create", pages=pages, workload=workload, seed=seed, paused=paused, **args)
+            return self.call("create", workload=workload, seed=seed, paused=paused, **args)
         out: dict = {}
 
         def create():
             try:
-                out["answer"] = self.call("create", pages=pages, workload=workload, seed=seed,
-                                          paused=paused, **args)
+                out["answer"] = self.call("create", workload=workload, seed=seed, paused=paused, **args)
             except BaseException as e:          # re-raised in the caller's thread
                 out["error"] = e
         worker = threading.Thread(target=create, daemon=True)
@@ -213,12 +224,66 @@ class HypervisorClient(Requester):
             raise out["error"]
         return out["answer"]
 
-    def destroy(self, domid: int, progress=None) -> dict:
+    def destroy(self, domid: int, progress=None, forks: bool = False) -> dict:
         """Destroy a domain to the end with the kill controller
         (:func:`tools.killctl.destroy`): domid, seconds, entries,
-        continuations, max_pause_ms. ``progress(answer)`` sees every step."""
+        continuations, max_pause_ms. ``progress(answer)`` sees every step.
+        A domain with forks is refused (EBUSY) unless ``forks``: then its
+        forks, and theirs, are destroyed first, deepest first (their
+        domids in ``forks_destroyed``)."""
         from .killctl import destroy
-        return destroy(self, domid, progress=progress)
+        if not forks:
+            return destroy(self, domid, progress=progress)
+        gone = []
+        for child in self.descendants(domid):
+            destroy(self, child, progress=progress)
+            gone.append(child)
+        out = destroy(self, domid, progress=progress)
+        out["forks_destroyed"] = gone
+        return out
+
+    def descendants(self, domid: int) -> list[int]:
+        """The forks of ``domid``, their forks and so on, deepest first."""
+        children: dict = {}
+        for d in self.list():
+            if d.get("parent") is not None:
+                children.setdefault(d["parent"], []).append(d["domid"])
+        out: list[int] = []
+
+        def walk(x: int) -> None:
+            for c in sorted(children.get(x, [])):
+                walk(c)
+                out.append(c)
+        walk(domid)
+        return out
+
+    # -- VM fork -----------------------------------------------------------
+    def fork(self, parent: int, name: str | None = None, paused: bool = False,
+             workload: str | None = None, fuzz_writes: int | None = None,
+             fuzz_reads: int | None = None) -> dict:
+        """Fork ``parent`` (docs/semantics.md, "VM fork"): a child of its
+        size with an empty p2m, filled lazily from its ancestors; the
+        parent stays paused while it has forks. Returns domid, parent,
+        seconds (the fork's step in the hypervisor), wall_seconds (until
+        the child's guest ran), pid, name, guest_socket. ``workload``: the
+        child guest's (default: the parent's); ``fuzz_writes`` and
+        ``fuzz_reads``: pages a ``fuzz`` run writes and reads."""
+        args = {k: v for k, v in dict(name=name, workload=workload, fuzz_writes=fuzz_writes,
+                                      fuzz_reads=fuzz_reads).items() if v is not None}
+        return self.call("fork", parent=parent, paused=paused, **args)
+
+    def fork_reset(self, domid: int, run: bool = False) -> dict:
+        """Drop the fork's private pages, so it reads its parent's again:
+        domid, pages_dropped, seconds. ``run``: then one iteration of its
+        ``fuzz`` guest, answered when the guest signals it is done (adds
+        iteration, pages_written, pages_read, run_seconds)."""
+        return self.call("fork_reset", domid=domid, run=run)
+
+    def fuzz_run(self, domid: int) -> dict:
+        """One iteration of the ``fuzz`` guest of ``domid``, answered when
+        it signals done: domid, iteration, pages_written, pages_read,
+        run_seconds."""
+        return self.call("fuzz_run", domid=domid)
 
     def destroy_step(self, domid: int) -> dict:
         """One destroy request: one teardown step and its progress
@@ -233,6 +298,12 @@ class HypervisorClient(Requester):
 
     def audit(self) -> int:
         return self.call("audit")["errors"]
+
+    def sharing_report(self) -> dict:
+        """Where the sharing lies (docs/counters.md): frames saved by zero
+        and other pages, the degree histogram, the split within and across
+        domains, and per domain shr_pages, saved frames and CoW faults."""
+        return self.call("sharing_report")
 
     def stop(self) -> dict:
         return self.call("stop")

@@ -17,11 +17,13 @@ import traceback
 import numpy as np
 
 from ..wire import control, pipe, schema
-from .. import errors, images
-from ..constants import WORKLOADS
+from .. import errors, images, snapshot
+from ..constants import DEFAULT_FUZZ_READS, DEFAULT_FUZZ_WRITES, WORKLOADS
 from ..errors import EBUSY, ECANCELED, EINVAL, ENOMEM, ESRCH, HVError, sentence
+from ..sharing_stats import SharingScan
 from .endpoints import ControlConnection
-from .jobs import BatchJob, CreateJob
+from ..budget import ChunkCost
+from .jobs import FIRST_RESET_CHUNK, BatchJob, CreateJob, ForkJob, ResetJob, ScanJob, reset_steps
 from .steps import TEARDOWN_CHUNK_SECONDS
 
 #: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
@@ -146,6 +148,7 @@ class ControlOps:
         g = self.guests.get(d.domid)
         out = {"domid": d.domid, "name": d.name, "state": d.state, "pages": d.npages,
                "tot_pages": d.tot_pages, "shr_pages": d.shr_pages,
+               "parent": d.parent, "forks": len(d.forks),
                "pid": g.proc.pid if g else None, "p2m": d.p2m.name}
         if d.dying:
             # where an interrupted teardown stands: 'hvctl destroy' resumes here
@@ -155,6 +158,7 @@ class ControlOps:
             out.update(self._describe_parked(d.domid))
         if g is not None:
             out.update(workload=g.config["workload"], seed=g.config["seed"],
+                       source=g.config.get("snapshot", {}).get("source"),
                        guest_socket=g.sock_path if g.exit is None else None,
                        exit=g.exit, **g.counters,
                        fault_p50_us=g.reported.get("fault_p50_us"),
@@ -166,6 +170,19 @@ class ControlOps:
         report = self.hv.audit_report()
         seconds = round(time.perf_counter() - t0, 6)
         return {"errors": len(report), "report": report[:20], "seconds": seconds}
+
+    def _op_sharing_report(self, c, payload):
+        """The sharing report (:mod:`hvcore.sharing_stats`): a job over
+        every p2m and the frame table, answered when done, each domain
+        with its guest's CoW faults."""
+        def answer(scan):
+            r = scan.report()
+            for d in r["domains"]:
+                g = self.guests.get(d["domid"])
+                d["cow_faults"] = g.cow_faults if g is not None else None
+            return r
+        self._start_job(ScanJob(c, "sharing_report", SharingScan(self.hv), answer))
+        return None
 
     def _op_stop(self, c, payload):
         # Keep the asking connection out of the clean-up: it gets the answer.
@@ -181,25 +198,43 @@ class ControlOps:
         c.sock.close()
         return None
 
-    def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch):
+    def _op_create(self, c, payload, pages, workload, seed, name, paused, rate, batch,
+                   from_pid, all_mappings, image):
         """Start creating a domain: a job (:class:`.jobs.CreateJob`) that
         populates it a bounded step at a time, then starts its guest; the
-        request is answered once the guest said hello."""
+        request is answered once the guest said hello.
+
+        With ``from_pid`` or ``image`` the memory is read from that process
+        or file (:mod:`hvcore.snapshot`; ``pages``: its size, or a cut) and
+        the workload only picks what the guest does."""
         if workload not in WORKLOADS:
             raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
-        if pages > self.hv.pool.nfree:
+        if pages is not None and pages > self.hv.pool.nfree:
             # refused before anything is sized by ``pages`` (up to 2**31)
             raise HVError(ENOMEM, f"cannot create a domain of {pages} pages: "
                                   f"{pages} frames asked, {self.hv.pool.nfree} free")
         instance = self.instances + 1
-        content = images.content_for(workload, seed, instance, pages)
+        source = None
+        if from_pid is not None or image is not None or all_mappings:
+            try:
+                source = snapshot.open_source(from_pid, image, all_mappings, pages)
+            except HVError as e:
+                raise HVError(e.code, f"cannot create a domain: {sentence(e)}") from None
+            pages, content = pages or source.npages, source
+        elif pages is None:
+            raise HVError(EINVAL, "a create needs pages unless it reads a process or a file")
+        else:
+            content = images.content_for(workload, seed, instance, pages)
         try:
             b = self.hv.begin_domain(pages, content=content, name=name, paused=paused)
         except HVError as e:
+            if source is not None:
+                source.close()
             raise HVError(e.code, f"cannot create a domain of {pages} pages: {sentence(e)}") from None
         self.instances = instance
-        self._start_job(CreateJob(c, b, dict(workload=workload, seed=seed, instance=instance,
-                                             paused=paused, rate=rate, batch=batch, name=b.name)))
+        config = dict(workload=workload, seed=seed, instance=instance, paused=paused, rate=rate,
+                      batch=batch, name=b.name)
+        self._start_job(CreateJob(c, b, config, source))
         return None
 
     def _op_destroy(self, c, payload, domid, brief):
@@ -224,6 +259,9 @@ class ControlOps:
             raise HVError(ESRCH, f"domain {domid} is already destroyed")
         d = self.hv.domain(domid)
         resumed = d.dying
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks ({', '.join(map(str, sorted(d.forks)))}): "
+                                 f"destroy them first, or destroy it with its forks")
         if not resumed:
             self._stop_guest(domid)
             self.hv.kill(domid)
@@ -274,6 +312,7 @@ class ControlOps:
                "seconds": round(time.monotonic() - td["started"], 6)}
         if done:
             self.destroyed[domid] = out
+            self._fork_parent_check(d.parent)
         return out
 
     def _destroy_creating(self, domid: int, t0: float) -> dict:
@@ -308,6 +347,11 @@ class ControlOps:
             return self._set_paused_parked(domid, paused)
         if d.state not in ("running", "paused"):
             raise HVError(EINVAL, f"domain {domid} is {d.state}")
+        if d.forks:
+            if not paused:
+                raise HVError(EBUSY, f"domain {domid} has forks: it stays paused until they "
+                                     f"are destroyed")
+            d.fork_paused = False          # paused by its user too: it stays paused
         d.state = "paused" if paused else "running"
         g = self.guests.get(domid)
         if g is not None:
@@ -315,6 +359,115 @@ class ControlOps:
         if not paused:
             self._release_paused_writes(domid)
         return {"domid": domid, "state": d.state}
+
+    # -- VM fork ---------------------------------------------------------
+    def _op_fork(self, c, payload, parent, name, paused, workload, fuzz_writes, fuzz_reads):
+        """Fork ``parent``: a job (:class:`.jobs.ForkJob`) that makes the
+        child, then starts its guest; answered once the guest said hello.
+        The child's guest runs ``workload`` (default: the parent's)."""
+        p = self.hv.domain(parent)
+        if p.dying:
+            raise HVError(EBUSY, f"domain {parent} is dying")
+        if parent in self.parked:
+            raise HVError(EBUSY, f"domain {parent} waits for free memory; it cannot be forked now")
+        pg = self.guests.get(parent)
+        pcfg = pg.config if pg is not None else {}
+        workload = workload or pcfg.get("workload", "zero")
+        if workload not in WORKLOADS:
+            raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
+        instance = self.instances + 1
+        self.instances = instance
+        config = dict(workload=workload, seed=pcfg.get("seed", 0), instance=instance, paused=paused,
+                      rate=pcfg.get("rate", 200.0), batch=pcfg.get("batch", 1), fork=True,
+                      fuzz_writes=DEFAULT_FUZZ_WRITES if fuzz_writes is None else fuzz_writes,
+                      fuzz_reads=DEFAULT_FUZZ_READS if fuzz_reads is None else fuzz_reads)
+        self._start_job(ForkJob(c, parent, name, paused, config))
+        return None
+
+    def _fork_parent_paused(self, parent: int) -> None:
+        """A fork was made: the parent's guest stops (if the fork paused it)."""
+        g = self.guests.get(parent)
+        if g is not None and self.hv.domains[parent].fork_paused:
+            g.notify(pipe.H_PAUSE)
+
+    def _fork_parent_check(self, parent: int | None) -> None:
+        """A fork is gone: once its parent has no fork left it runs again
+        (if a fork paused it), its held writes going first."""
+        p = self.hv.domains.get(parent) if parent is not None else None
+        if p is None or p.forks or p.state != "running":
+            return
+        g = self.guests.get(parent)
+        if g is not None:
+            g.notify(pipe.H_UNPAUSE)
+        self._release_paused_writes(parent)
+
+    def _op_fork_reset(self, c, payload, domid, run):
+        """Reset a fork: its private pages go back to holes. The first
+        chunks run in this step; if the record is long the rest is a job
+        (:class:`.jobs.ResetJob`). With ``run``, the fuzz guest then runs one
+        iteration and the answer waits for its G_DONE."""
+        t0 = time.perf_counter()
+        d = self.hv.domain(domid)
+        if d.forks:
+            raise HVError(EBUSY, f"domain {domid} has forks of its own: a reset would change "
+                                 f"what they read")
+        if run:
+            self._fuzz_guest(domid)
+        d = self.hv.begin_fork_reset(domid)
+        cost = self._chunk_cost.setdefault("fork_reset", ChunkCost.rate(FIRST_RESET_CHUNK))
+        if reset_steps(self.hv, d, cost, self._other_work(c, t0)):
+            return self._reset_done(c, d, run, t0, now=True)
+        self._start_job(ResetJob(c, d, run, t0, cost))
+        return None
+
+    def _reset_done(self, c, d, run: bool, t0: float, now: bool = False):
+        """A reset finished: its answer, or (``run``) the fuzz run it starts.
+        ``now``: still in the request's own step (return the answer)."""
+        answer = {"domid": d.domid, "pages_dropped": d.reset_dropped,
+                  "seconds": round(time.perf_counter() - t0, 6)}
+        if run:
+            self._fuzz_start(c, d.domid, answer)
+            return None
+        if now:
+            return answer
+        if c is not None and not c.closed:
+            c.waiting = False
+            c.reply(schema.ok(**answer))
+            self._serve_backlog(c)
+        return None
+
+    def _op_fuzz_run(self, c, payload, domid):
+        """One iteration of a fuzz guest: answered when it signals done."""
+        self._fuzz_guest(domid)
+        self._fuzz_start(c, domid, {"domid": domid})
+        return None
+
+    def _fuzz_guest(self, domid: int):
+        """The running fuzz guest of ``domid`` with no run in progress."""
+        d = self.hv.domain(domid)
+        g = self.guests.get(domid)
+        if g is None or g.closed or not g.ready:
+            raise HVError(EINVAL, f"domain {domid} has no running guest ({d.state})")
+        if g.config.get("workload") != "fuzz":
+            raise HVError(EINVAL, f"domain {domid} runs the {g.config.get('workload')} workload, "
+                                  f"not fuzz")
+        if domid in self.fuzz_waiters:
+            raise HVError(EBUSY, f"domain {domid} is running a fuzz iteration already")
+        return g
+
+    def _fuzz_start(self, c, domid: int, answer: dict) -> None:
+        """Tell the fuzz guest to run once; ``c`` waits for its G_DONE."""
+        g = self.guests.get(domid)
+        if c is None or c.closed:
+            return
+        if g is None or g.closed:
+            c.waiting = False
+            c.reply(schema.error(f"domain {domid} has no running guest", EINVAL, "EINVAL"))
+            self._serve_backlog(c)
+            return
+        c.waiting = True
+        self.fuzz_waiters[domid] = (c, answer, time.perf_counter())
+        g.notify(pipe.H_RUN)
 
     def _op_nominate(self, c, payload, domid, gfn):
         return {"handle": self.hv.nominate(domid, gfn)}

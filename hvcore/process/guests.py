@@ -66,6 +66,8 @@ class GuestLifecycle:
         os.set_blocking(g2h_r, False)
         os.set_blocking(h2g_w, False)
         g = GuestEndpoint(self, d.domid, proc, g2h_r, h2g_w, sock_path, config)
+        #: a fork's read faults (gfns filled by G_POPULATE), fuzz iterations done
+        g.read_faults = g.iterations = 0
         self.guests[d.domid] = g
         self.sel.register(g2h_r, selectors.EVENT_READ, functools.partial(self._guest_readable, g))
         return g
@@ -186,8 +188,11 @@ class GuestLifecycle:
         self._guest_gone(g)
 
     def _guest_message(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
-        if mtype == pipe.G_WRITE or mtype == pipe.G_WRITE_PAGES or mtype == pipe.G_WRITE_MANY:
+        if (mtype == pipe.G_WRITE or mtype == pipe.G_WRITE_PAGES or mtype == pipe.G_WRITE_MANY
+                or mtype == pipe.G_POPULATE):
             self._guest_write(g, mtype, seq, body)
+        elif mtype == pipe.G_DONE:
+            self._fuzz_done(g, *pipe.decode_done(body))
         elif mtype == pipe.G_STATS:
             g.reported = pipe.decode_stats(body)
         elif mtype == pipe.G_HELLO:
@@ -228,6 +233,11 @@ class GuestLifecycle:
         if mtype == pipe.G_WRITE:
             gfn, offset, data = pipe.decode_write(body)
             value = 1 if self.hv.write(g.domid, gfn, offset, data) else 0
+        elif mtype == pipe.G_POPULATE:
+            # a read fault: not a write, and not a CoW fault
+            value = self.hv.fork_populate(g.domid, pipe.decode_populate(body))
+            g.read_faults += value
+            return value
         elif mtype == pipe.G_WRITE_MANY:
             gfns, offsets, lengths, data = pipe.decode_write_many(body)
             value = int(self.hv.write_many(g.domid, gfns, offsets, lengths, data))
@@ -244,14 +254,32 @@ class GuestLifecycle:
             self.cow_faults += value
         return value
 
+    def _fuzz_done(self, g: GuestEndpoint, iteration: int, written: int, read: int) -> None:
+        """A fuzz guest ended an iteration: the run waiting for it is answered."""
+        g.iterations += 1
+        waiter = self.fuzz_waiters.pop(g.domid, None)
+        if waiter is None:
+            return
+        c, answer, t0 = waiter
+        if c.closed:
+            return
+        c.waiting = False
+        c.reply(schema.ok(**answer, iteration=iteration, pages_written=written, pages_read=read,
+                          run_seconds=round(time.perf_counter() - t0, 6)))
+        self._serve_backlog(c)
+
     def _answer_creator(self, g: GuestEndpoint, failure: str | None) -> None:
         c, g.creator = g.creator, None
         if c is None:
             return
         c.waiting = False
         if failure is None:
-            c.reply(schema.ok(domid=g.domid, pid=g.proc.pid, name=self.hv.domains[g.domid].name,
-                         guest_socket=g.sock_path))
+            d = self.hv.domains[g.domid]
+            extra = d.info.pop("answer", {})
+            if "started" in extra:          # a fork: also the time until its guest ran
+                extra["wall_seconds"] = round(time.monotonic() - extra.pop("started"), 6)
+            c.reply(schema.ok(domid=g.domid, pid=g.proc.pid, name=d.name,
+                         guest_socket=g.sock_path, **g.config.get("snapshot", {}), **extra))
         else:
             c.reply(schema.error(failure, EINVAL, "EINVAL"))
         self._serve_backlog(c)
@@ -262,6 +290,13 @@ class GuestLifecycle:
             return
         g.closed = True
         self.paused_writes.pop(g.domid, None)
+        waiter = self.fuzz_waiters.pop(g.domid, None)
+        if waiter is not None and not waiter[0].closed:
+            c = waiter[0]
+            c.waiting = False
+            c.reply(schema.error(f"the guest of domain {g.domid} is gone ({g.exit or 'destroyed'}) "
+                                 f"before its fuzz iteration ended", errors.ECANCELED, "ECANCELED"))
+            self._serve_backlog(c)
         if g.domid in self.parked:
             self._cancel_parked(g.domid, g.exit or "the guest exited")
         self.meter.drop_log("guest", g.step_name)
@@ -286,7 +321,9 @@ class GuestLifecycle:
         g.exit = g.exit or "exited"
         self._reap(g)
         if g.creator is not None:
+            parent = self.hv.domains[g.domid].parent if g.domid in self.hv.domains else None
             self.hv.destroy_domain(g.domid)
+            self._fork_parent_check(parent)
             self.guests.pop(g.domid, None)
             self._answer_creator(g, f"the guest process of domain {g.domid} {g.exit} while starting")
 

@@ -14,6 +14,10 @@ metered like any step under the job's kind (``create``, ``range_share``).
 Jobs take turns, oldest first. A stop cancels every job and tells each
 waiting client why.
 
+A VM fork and a fork reset are jobs too (:class:`ForkJob`,
+:class:`ResetJob`); a reset that ends in its first step is answered at
+once, without waiting for a loop turn.
+
 Teardown is not a job: its steps are driven by the kill controller's
 repeated destroy requests, as Xen's domain_kill is by the toolstack.
 """
@@ -137,9 +141,9 @@ class CreateJob(Job):
 
     kind = "create"
 
-    def __init__(self, client, build, config: dict):
+    def __init__(self, client, build, config: dict, source=None):
         super().__init__(client)
-        self.build, self.config = build, config
+        self.build, self.config, self.source = build, config, source
 
     def describe(self) -> str:
         b = self.build
@@ -154,18 +158,12 @@ class CreateJob(Job):
 
     def finish(self, proc) -> None:
         d = proc.hv.domains[self.build.domid]
-        try:
-            g = proc._spawn_guest(d, self.config)
-        except OSError as e:
-            proc.hv.destroy_domain(d.domid)
-            proc._job_failed(self, schema.error(f"cannot start the guest process: {e.strerror}",
-                                                EINVAL, "EINVAL"))
-            return
-        c = self.client
-        if c is not None and not c.closed:
-            g.creator = c           # answered once the guest says hello
-        else:
-            g.creator = None
+        if self.source is not None:
+            # what was read, in the create's answer (see guests._answer_creator)
+            report = self.source.report()
+            report.update(source_pages=report.pop("pages"), pages=d.npages)
+            self.config["snapshot"] = report
+        start_guest(self, proc, d, self.config)
 
     def cancel(self, proc, reason: str) -> None:
         proc.hv.cancel_build(self.build)
@@ -176,6 +174,112 @@ class CreateJob(Job):
                 "populated": b.cursor, "tot_pages": b.populated, "shr_pages": 0, "pid": None,
                 "p2m": b.p2m.name, "steps": self.steps,
                 "seconds": round(time.monotonic() - self.started, 3)}
+
+
+def start_guest(job: Job, proc, d, config: dict) -> None:
+    """The last step of a create or a fork: start the domain's guest; its
+    client is answered once the guest says hello (see :mod:`.guests`)."""
+    try:
+        g = proc._spawn_guest(d, config)
+    except OSError as e:
+        parent = d.parent
+        proc.hv.destroy_domain(d.domid)
+        proc._fork_parent_check(parent)
+        proc._job_failed(job, schema.error(f"cannot start the guest process: {e.strerror}",
+                                           EINVAL, "EINVAL"))
+        return
+    c = job.client
+    g.creator = c if c is not None and not c.closed else None
+
+
+class ForkJob(Job):
+    """A VM fork (:meth:`hvcore.fork.Forks.fork`): one step makes the
+    child (O(1) in the parent's size), the next starts its guest. The fork
+    request is answered once the guest said hello, with ``seconds``: the
+    fork's own step in the hypervisor."""
+
+    kind = "fork"
+
+    def __init__(self, client, parent: int, name, paused: bool, config: dict):
+        super().__init__(client)
+        self.parent, self.name, self.paused, self.config = parent, name, paused, config
+        self.domid = None
+        self.seconds = 0.0
+
+    def describe(self) -> str:
+        child = "" if self.domid is None else f" into domain {self.domid}"
+        return f"the fork of domain {self.parent}{child}"
+
+    def step(self, proc, should_yield) -> bool:
+        if self.domid is None:
+            t0 = time.perf_counter()
+            d = proc.hv.fork(self.parent, self.name, self.paused)
+            self.seconds = time.perf_counter() - t0
+            self.domid = d.domid
+            proc._fork_parent_paused(self.parent)
+            return False
+        return True
+
+    def finish(self, proc) -> None:
+        d = proc.hv.domains.get(self.domid)
+        if d is None or d.dying:
+            proc._job_failed(self, schema.error(f"domain {self.domid} was destroyed while being "
+                                                f"forked", ECANCELED, "ECANCELED"))
+            return
+        d.info["answer"] = {"parent": self.parent, "seconds": round(self.seconds, 6),
+                            "started": self.started}
+        self.config.update(name=d.name)
+        start_guest(self, proc, d, self.config)
+
+    def cancel(self, proc, reason: str) -> None:
+        if self.domid in proc.hv.domains:
+            proc.hv.destroy_domain(self.domid)
+
+
+class ResetJob(Job):
+    """A fork reset (:meth:`hvcore.fork.Forks.fork_reset_chunk`) over the
+    fork's record of populated gfns, a bounded step at a time; with
+    ``run``, then one fuzz iteration before the answer."""
+
+    kind = "fork_reset"
+
+    def __init__(self, client, d, run: bool, t0: float, cost):
+        super().__init__(client)
+        self.d, self.run, self.t0, self.cost = d, run, t0, cost
+
+    def describe(self) -> str:
+        d = self.d
+        return f"the reset of domain {d.domid} ({d.reset_cursor or 0} of {d.fork_n} entries done)"
+
+    def step(self, proc, should_yield) -> bool:
+        return reset_steps(proc.hv, self.d, self.cost, should_yield)
+
+    def finish(self, proc) -> None:
+        proc._reset_done(self.client, self.d, self.run, self.t0)
+
+    def cancel(self, proc, reason: str) -> None:
+        self.d.reset_cursor = None
+
+
+def reset_steps(hv, d, cost: ChunkCost, should_yield) -> bool:
+    """Chunks of a fork reset until it is done (True) or ``should_yield()``."""
+    clock = time.perf_counter
+    if d.domid not in hv.domains or d.dying:
+        d.reset_cursor = None
+        raise HVError(ECANCELED, f"domain {d.domid} was destroyed during its reset")
+    while True:
+        t0 = clock()
+        k = max(MIN_CHUNK_ITEMS, cost.items(JOB_CHUNK_SECONDS, JOB_CHUNK_SECONDS))
+        done = hv.fork_reset_chunk(d, k)
+        cost.learn(k, clock() - t0)
+        if done:
+            return True
+        if should_yield():
+            return False
+
+
+#: record entries in the first chunk of a fork reset (later ones follow its rate)
+FIRST_RESET_CHUNK = 1024
 
 
 class BatchJob(Job):
@@ -220,3 +324,27 @@ class BatchJob(Job):
 
 #: items in the first chunk of a batch job (later chunks follow its rate)
 FIRST_BATCH_CHUNK = 256
+
+
+class ScanJob(Job):
+    """A read-only pass of the core over its state, in chunks (the sharing
+    report, :class:`hvcore.sharing_stats.SharingScan`): ``scan.step`` each
+    turn until it is done, then ``answer(scan)`` is the reply."""
+
+    def __init__(self, client, kind: str, scan, answer):
+        super().__init__(client)
+        self.kind, self.scan, self.answer = kind, scan, answer
+
+    def describe(self) -> str:
+        return f"the {self.kind} ({self.scan.describe()})"
+
+    def step(self, proc, should_yield) -> bool:
+        return self.scan.step(should_yield, JOB_CHUNK_SECONDS)
+
+    def finish(self, proc) -> None:
+        c = self.client
+        if c is None or c.closed:
+            return
+        c.waiting = False
+        c.reply(schema.ok(**self.answer(self.scan)))
+        proc._serve_backlog(c)

@@ -177,6 +177,8 @@ class HypervisorProcess(ControlOps, Jobs, BudgetedSteps, GuestLifecycle, ParkedW
         self.parked: dict[int, Parked] = {}
         #: writes of paused domains' guests, answered once unpaused
         self.paused_writes: dict[int, collections.deque] = {}
+        #: fuzz runs waiting for their guest's G_DONE: domid -> (client, answer, t0)
+        self.fuzz_waiters: dict[int, tuple] = {}
         self._parked_free = 0          # fewest free frames seen since a retry failed
         self._parked_mark: tuple = ()  # (free, shared, saved) when the last retry failed
         self.enomem_waits = 0

@@ -112,6 +112,10 @@ class ParkedWrites:
         if mtype == pipe.G_WRITE:
             gfn, _, _ = pipe.decode_write(body)            # refuses garbage before keeping it
             pages, needed = 1, 1
+        elif mtype == pipe.G_POPULATE:
+            gfns = pipe.decode_populate(body)
+            gfn, pages = int(gfns[0]), len(gfns)
+            needed = len(gfns)
         elif mtype == pipe.G_WRITE_MANY:
             gfns = pipe.decode_write_many(body)[0]
             gfn, pages = int(gfns[0]), len(gfns)

@@ -18,13 +18,21 @@ from .reader import MessageReader
 
 PIPE_HDR = struct.Struct("<HHI")        # type, seq, body length
 G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS, G_WRITE_MANY = 1, 2, 3, 4, 5
+#: a fork's read fault (gfns to populate from its ancestors), and the end
+#: of one iteration of the fuzz workload (no answer)
+G_POPULATE, G_DONE = 6, 7
 H_REPLY, H_PAUSE, H_UNPAUSE, H_SHUTDOWN = 0x81, 0x82, 0x83, 0x84
+#: run one iteration of the fuzz workload
+H_RUN = 0x85
 
 HELLO = struct.Struct("<I")
 WRITE = struct.Struct("<QI")
 WRITE_PAGES = struct.Struct("<I4x")
 REPLY = struct.Struct("<iq")
 WRITE_MANY = struct.Struct("<I4x")
+POPULATE = struct.Struct("<I4x")
+#: iteration number, pages written, pages read
+DONE = struct.Struct("<QII")
 #: header and body of a G_WRITE in one struct (the hypervisor's fast path)
 WRITE_MSG = struct.Struct("<HHIQI")
 #: header and body of an H_REPLY in one struct
@@ -35,8 +43,8 @@ STATS_FIELDS = ("writes", "pages_written", "cow_faults", "fault_p50_us", "fault_
                 "write_p50_us")
 
 MAX_GUEST_BODY = WRITE_PAGES.size + MAX_BATCH_PAGES * (8 + PAGE_SIZE)
-_BODIES_TO_HV = {G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS, G_WRITE_MANY}
-_BODIES_TO_GUEST = {H_REPLY: REPLY.size, H_PAUSE: 0, H_UNPAUSE: 0, H_SHUTDOWN: 0}
+_BODIES_TO_HV = {G_HELLO, G_WRITE, G_WRITE_PAGES, G_STATS, G_WRITE_MANY, G_POPULATE, G_DONE}
+_BODIES_TO_GUEST = {H_REPLY: REPLY.size, H_PAUSE: 0, H_UNPAUSE: 0, H_SHUTDOWN: 0, H_RUN: 0}
 
 
 def pipe_message(mtype: int, seq: int, *parts) -> list:
@@ -114,6 +122,36 @@ def decode_write_many(body):
         raise ProtocolError(f"write_many of {total} bytes needs {head + total} bytes, got {len(body)}")
     data = np.frombuffer(body, dtype=np.uint8, count=total, offset=head)
     return gfns, offsets, lengths, data
+
+
+def decode_populate(body):
+    """``G_POPULATE`` body -> gfns int64[k] (a view of ``body``)."""
+    import numpy as np
+    if len(body) < POPULATE.size:
+        raise ProtocolError("populate message too short")
+    (count,) = POPULATE.unpack_from(body)
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise ProtocolError(f"populate of {count} gfns (allowed 1..{MAX_BATCH_PAGES})")
+    if len(body) != POPULATE.size + 8 * count:
+        raise ProtocolError(f"populate of {count} gfns needs {POPULATE.size + 8 * count} bytes, "
+                            f"got {len(body)}")
+    return np.frombuffer(body, dtype="<i8", count=count, offset=POPULATE.size)
+
+
+def encode_populate(gfns) -> list:
+    """Body parts of a ``G_POPULATE`` message."""
+    import numpy as np
+    gfns = np.ascontiguousarray(gfns, dtype="<i8")
+    if not 1 <= len(gfns) <= MAX_BATCH_PAGES:
+        raise ValueError(f"a populate names 1..{MAX_BATCH_PAGES} gfns, not {len(gfns)}")
+    return [POPULATE.pack(len(gfns)), memoryview(gfns).cast("B")]
+
+
+def decode_done(body) -> tuple[int, int, int]:
+    """``G_DONE`` body -> (iteration, pages written, pages read)."""
+    if len(body) != DONE.size:
+        raise ProtocolError(f"done message has {len(body)} bytes, expected {DONE.size}")
+    return DONE.unpack(body)
 
 
 def encode_write_many(gfns, offsets, lengths, data) -> list:

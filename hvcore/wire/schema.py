@@ -52,10 +52,16 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     "info": {},
     "list": {},
     "audit": {},
+    # a job: frames saved (zero / other), degree histogram, intra/inter split,
+    # per domain shr_pages, saved, cow_faults (hvcore/sharing_stats.py)
+    "sharing_report": {},
     "stop": {},
-    "create": {"pages": Int(1, 1 << 31), "workload": Str("zero"), "seed": Int(0, (1 << 32) - 1, 0),
+    # pages may be left out when the memory comes from a process (from_pid,
+    # all_mappings) or a file (image, an absolute path): then the source's size
+    "create": {"pages": Int(1, 1 << 31, None), "workload": Str("zero"), "seed": Int(0, (1 << 32) - 1, 0),
                "name": Str(None), "paused": Bool(False), "rate": Num(0.0, 1e6, 200.0),
-               "batch": Int(1, MAX_BATCH_PAGES, 1)},
+               "batch": Int(1, MAX_BATCH_PAGES, 1), "from_pid": Int(1, (1 << 31) - 1, None),
+               "all_mappings": Bool(False), "image": Str(None, maxlen=4096)},
     # one preemptible teardown step (the kill controller repeats it while
     # "done" is false): done, state (dying/destroyed), phase, cursor, npages,
     # entries, entries_total, resumed, steps, continuations, step_ms,
@@ -81,6 +87,17 @@ CONTROL_OPS: dict[str, dict[str, _Arg]] = {
     # when sd/cd are not given; budget_us as for nominate_many
     "share_many": {"sd": Int(0, DOMID_MAX, None), "cd": Int(0, DOMID_MAX, None), "count": Int(0, 1 << 24),
                    "budget_us": Int(1, 1_000_000, None)},
+    # VM fork (hvcore/fork.py): a child of the parent's size with an empty
+    # p2m and a guest running `workload` (default: the parent's); answered
+    # once the guest runs: domid, parent, seconds (the fork in the
+    # hypervisor), wall_seconds (until the guest said hello), pid, name
+    "fork": {"parent": DOMID, "name": Str(None), "paused": Bool(False), "workload": Str(None),
+             "fuzz_writes": Int(0, 1 << 20, None), "fuzz_reads": Int(0, 1 << 20, None)},
+    # drop a fork's private pages: domid, pages_dropped, seconds; with run,
+    # then one fuzz iteration (iteration, run_seconds) before the answer
+    "fork_reset": {"domid": DOMID, "run": Bool(False)},
+    # one iteration of a fuzz guest, answered when it signals done
+    "fuzz_run": {"domid": DOMID},
     # subscribe to the sharing event ring: the answer, the retained events
     # after `since` (none if not given), then one frame per new event
     "events": {"since": Int(0, (1 << 63) - 1, None)},

@@ -50,7 +50,7 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE
 
-from ..common import latency_percentiles, standalone
+from ..common import latency_percentiles, log_histogram, standalone
 from .contents import CONTENTS, duplicate_groups, duplicate_groups_of, expected_counts, page_content
 from .ksm_session import (current_session, fast_scan_knobs, ksm_session, run_scans,
                           sweep_stale, track_region)
@@ -353,26 +353,35 @@ def measure_merge(n_pages: int = 50_000, content: str = "identical", seed: int =
     return out
 
 
-def measure_cow_break(n_pages: int = 50_000, content: str = "identical", seed: int = 0) -> dict:
-    """Per-page CoW break latencies on a freshly merged region.
+def measure_cow_break(n_pages: int = 50_000, content: str = "identical", seed: int = 0,
+                      repeats: int = 1) -> dict:
+    """Per-page CoW break latencies on ``repeats`` freshly merged regions.
 
     Only pages that really are KSM pages are written (``ksm_mask``).  Returns
-    ``p50_ns``/``p99_ns``/``mean_ns`` of the timed writes, ``floor_p50_ns``
-    (the same writes again, no fault: the timing overhead), ``pages``
-    written, the counter deltas ``before`` and ``after`` a rescan, and the
-    merge summary under ``merge``.
+    ``p50_ns``/``p99_ns``/``mean_ns`` of the timed writes of all repeats
+    together, their ``histogram`` (every write), ``p50_ns_all`` and
+    ``p99_ns_all`` (each repeat's), ``floor_p50_ns`` (the same writes
+    again, no fault: the timing overhead), ``pages`` written,
+    ``still_ksm_after`` and the last merge's summary under ``merge``.
     """
     out: dict = {"n_pages": n_pages, "content": content}
     with _skippable(out), ksm_session():
-        with merge(n_pages, content, seed) as region:
+        lats, floors, each = [], [], []
+        for region in _fresh_merges(n_pages, content, seed, repeats):
             targets = np.flatnonzero(region.ksm_mask())
-            lat = region.cow_break(targets)
-            floor = region.write_floor(targets)
+            lats.append(region.cow_break(targets))
+            floors.append(region.write_floor(targets))
+            each.append(latency_stats(lats[-1]))
             out["pages"] = int(len(targets))
-            out.update(latency_stats(lat))
-            out["floor_p50_ns"] = latency_stats(floor)["p50_ns"]
             out["still_ksm_after"] = int(region.ksm_mask().sum())
             out["merge"] = region.summary()
+        lat = np.concatenate(lats)
+        out.update(latency_stats(lat))
+        out["histogram"] = log_histogram(lat, "ns")
+        for key in ("p50_ns", "p99_ns"):
+            out[f"{key}_all"] = [e[key] for e in each]
+        out["floor_p50_ns"] = latency_stats(np.concatenate(floors))["p50_ns"]
+        out["repeats"] = repeats
     return out
 
 

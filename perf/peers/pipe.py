@@ -36,7 +36,7 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
 
-from ..common import latency_percentiles, standalone
+from ..common import latency_percentiles, log_histogram, standalone
 
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
 PLACEMENTS = ("same", "cross")
@@ -139,13 +139,14 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
 
 def measure(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000) -> dict:
     """Round-trip statistics: ``{"size", "placement", "n", "cpus",
-    "p50_us", "p99_us", "mean_us", the other ``CDF_PERCENTILES``}``, or ``{"size", "placement",
+    "p50_us", "p99_us", "mean_us", the other ``CDF_PERCENTILES``, "histogram"}``, or ``{"size", "placement",
     "skipped": reason}`` where the placement is impossible."""
     cpus = _cpus(placement)
     if isinstance(cpus, str):
         return {"size": size, "placement": placement, "skipped": cpus}
     lat = round_trips(size, placement, n) / 1e3
-    return {"size": size, "placement": placement, "n": n, "cpus": list(cpus), **latency_percentiles(lat)}
+    return {"size": size, "placement": placement, "n": n, "cpus": list(cpus), **latency_percentiles(lat),
+            "histogram": log_histogram(lat)}
 
 
 def run(quick: bool = False) -> dict:

@@ -9,7 +9,8 @@ are paired by name.
 Each result is flattened to ``path -> number``. Lists of per-case dicts are
 keyed by the case's identity (``policy=list,degree=4096``) rather than by
 position, so a case added or dropped does not shift every row after it.
-Lists of numbers (raw repeats, samples) are left out: their medians are the
+Lists of numbers (raw repeats, samples), the repeats' summaries
+(``..._stats``) and latency histograms are left out: their medians are the
 figures. A field moving by more than the threshold (10 % by default) is
 flagged, and named ``slower``/``faster``/``larger``/``smaller`` where its
 name says which way is better (times, rates, bytes); settings (sizes,
@@ -34,6 +35,8 @@ ID_KEYS = ("bench", "policy", "rmap", "mode", "placement", "content", "workload"
 #: subtrees that are context, not figures
 SKIP_KEYS = {"machine", "cpus", "foreign_pids", "error", "started", "headlines", "skipped",
              "seed", "pid", "pids"}
+#: subtrees that hold the repeats behind a figure, not figures of their own
+SKIP_SUFFIXES = ("_stats", "histogram")
 #: numeric fields that are settings of the run: a difference is not a result
 SETTING_KEYS = {"repeats", "k", "n", "pages", "n_pages", "batch", "size", "degree", "entries",
                 "min_ops", "sample", "domains", "max_page_sharing", "expected_shared",
@@ -55,7 +58,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in SKIP_KEYS:
+            if k in SKIP_KEYS or str(k).endswith(SKIP_SUFFIXES):
                 continue
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     elif isinstance(obj, list):

@@ -11,6 +11,13 @@ nothing to draw: the benches evolve separately from these plots, so a
 missing key must cost a plot (or a panel), never the run. Figures are drawn
 through ``matplotlib.figure.Figure`` directly (no pyplot), so no GUI
 backend or global state is involved.
+
+Every figure shows its repeats: a point or bar is the bench's figure with
+an error bar from the min to the max of its repeats
+(:func:`perf.common.stats_of`) and n in the legend or the title; a figure
+whose repeats the JSON does not keep is drawn with n = 1 and no bar.
+Texts that quote a figure use :func:`perf.report.headlines.figure_text`,
+as the table does, on the same field of the same JSON.
 """
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ from typing import Any, Callable
 
 from hvcore.constants import TEARDOWN_MODES
 
-from .headlines import (SEED_BUCKETS_SECONDS, SEED_LIST_SECONDS, benches_of, cases, dig, find_dicts,
-                        merge_rates, num)
+from ..common import histogram_cdf, stats_of
+from .headlines import (SEED_BUCKETS_SECONDS, SEED_LIST_SECONDS, benches_of, cases, dig, figure_text,
+                        find_dicts, merge_rates, num, scaled)
 
 POLICY_STYLE = {"list": ("tab:red", "o"), "buckets": ("tab:blue", "s"), "index": ("tab:green", "^")}
 MODE_LINE = {"preemptible": "-", "preempt": "-", "monolithic": "--"}
@@ -76,6 +84,33 @@ def _log(a, axis: str = "y", base: float = 10) -> None:
         ax.set_minor_formatter(NullFormatter())
 
 
+def _yerr(ys: list[float], stats: list[dict | None]) -> list[list[float]] | None:
+    """Error bar lengths (below, above) of ``ys`` from the min and max of
+    each one's repeats; 0 where there is one measurement, None (no bars
+    at all) where every point is one."""
+    if not any(s and s.get("n", 1) > 1 for s in stats):
+        return None
+    lo = [max(y - s["min"], 0.0) if s and s.get("n", 1) > 1 else 0.0 for y, s in zip(ys, stats)]
+    hi = [max(s["max"] - y, 0.0) if s and s.get("n", 1) > 1 else 0.0 for y, s in zip(ys, stats)]
+    return [lo, hi]
+
+
+def _n_text(stats: list[dict | None]) -> str:
+    """``n=5``, or ``n=1-40`` when the points' repeats differ."""
+    ns = sorted({s.get("n", 1) if s else 1 for s in stats})
+    return f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+
+
+def _errorbar(a, xs, ys, stats, label: str, **style):
+    """Points (with lines) and their min-max bars; n joins the label."""
+    return a.errorbar(xs, ys, yerr=_yerr(ys, stats), capsize=3, elinewidth=1,
+                      label=f"{label} ({_n_text(stats)})", **style)
+
+
+#: the caption line of a plot with error bars
+BARS_NOTE = "bars: min-max of the repeats, n in the legend (n=1: one measurement)"
+
+
 def _save(fig, path: str) -> None:
     fig.savefig(path, dpi=110)
 
@@ -111,12 +146,14 @@ def plot_rmap(result: dict, path: str) -> str:
     for a, (field, name) in zip(ax.flat, panels):
         for policy in sorted({r["policy"] for r in rows}, key=lambda p: list(POLICY_STYLE).index(p)
                              if p in POLICY_STYLE else 9):
-            pts = sorted((num(r["degree"]), num(r.get(field))) for r in rows if r["policy"] == policy)
-            pts = [(x, y) for x, y in pts if y is not None and y > 0]
+            pts = sorted(((num(r["degree"]), num(r.get(field)), stats_of(r, field))
+                          for r in rows if r["policy"] == policy), key=lambda p: p[0])
+            pts = [p for p in pts if p[1] is not None and p[1] > 0]
             if not pts:
                 continue
             color, marker = POLICY_STYLE.get(policy, (None, "x"))
-            a.plot(*zip(*pts), marker=marker, color=color, label=policy)
+            xs, ys, st = zip(*pts)
+            _errorbar(a, list(xs), list(ys), list(st), policy, marker=marker, color=color)
             drawn += 1
         _log(a, "x", 2)
         _log(a, "y")
@@ -145,7 +182,7 @@ def plot_rmap(result: dict, path: str) -> str:
         (x0, y0), x1 = lst[0], lst[-1][0]
         ax[1, 0].plot([x0, x1], [y0, y0 * x1 / x0], color="gray", ls=":", lw=1, label="O(D) guide")
         ax[1, 0].legend(fontsize=8)
-    _title(fig, "Reverse map: cost per entry against sharing degree", result)
+    _title(fig, "Reverse map: cost per entry against sharing degree", result, BARS_NOTE)
     _save(fig, path)
     return ""
 
@@ -154,16 +191,17 @@ def plot_rmap(result: dict, path: str) -> str:
 # teardown
 
 def _ksm_munmap_points(result: dict) -> tuple[list, list]:
-    """(merged, private) munmap points (pages, seconds) of Linux KSM found
-    anywhere in the result (the shape of ``perf.peers.ksm.measure_munmap``)."""
-    merged, private = [], []
+    """(merged, private) munmap points (pages, seconds, stats of the
+    repeats) of Linux KSM found anywhere in the result (the shape of
+    ``perf.peers.ksm.measure_munmap``), one per number of pages."""
+    merged, private = {}, {}
     for d in find_dicts(result, "n_pages", "seconds", "baseline_seconds"):
         n, s, b = num(d.get("n_pages")), num(d.get("seconds")), num(d.get("baseline_seconds"))
         if n and s:
-            merged.append((n, s))
+            merged[n] = (n, s, stats_of(d, "seconds"))
         if n and b:
-            private.append((n, b))
-    return sorted(set(merged)), sorted(set(private))
+            private[n] = (n, b, stats_of(d, "baseline_seconds"))
+    return [merged[k] for k in sorted(merged)], [private[k] for k in sorted(private)]
 
 
 def _teardown_rows(result: dict) -> list[dict]:
@@ -182,18 +220,19 @@ def plot_teardown_time(result: dict, path: str) -> str:
     series: dict[tuple, list] = {}
     for c in rows:
         series.setdefault((c.get("rmap", "?"), c.get("mode", "")), []).append(
-            (num(c["entries"]), num(c["seconds"])))
+            (num(c["entries"]), num(c["seconds"]), stats_of(c, "seconds")))
     for (policy, mode), pts in sorted(series.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-        pts = sorted(pts)
+        xs, ys, st = zip(*sorted(pts, key=lambda p: p[0]))
         color, marker = POLICY_STYLE.get(policy, (None, "x"))
-        a.plot(*zip(*pts), marker=marker, color=color, ls=MODE_LINE.get(mode, "-."), ms=8,
-               markerfacecolor="none" if mode == "monolithic" else color,     # hollow: monolithic
-               label=f"{policy}, {mode}" if mode else str(policy))
+        _errorbar(a, list(xs), list(ys), list(st), f"{policy}, {mode}" if mode else str(policy),
+                  marker=marker, color=color, ls=MODE_LINE.get(mode, "-."), ms=8,
+                  markerfacecolor="none" if mode == "monolithic" else color)     # hollow: monolithic
     merged, private = _ksm_munmap_points(result)
-    if merged:
-        a.plot(*zip(*merged), marker="D", color="black", label="Linux KSM munmap (one KSM page)")
-    if private:
-        a.plot(*zip(*private), marker=".", color="gray", ls=":", label="Linux munmap, private pages")
+    for pts, label, style in ((merged, "Linux KSM munmap (one KSM page)", dict(marker="D", color="black")),
+                              (private, "Linux munmap, private pages", dict(marker=".", color="gray", ls=":"))):
+        if pts:
+            xs, ys, st = zip(*pts)
+            _errorbar(a, list(xs), list(ys), list(st), label, **style)
     notes = []
     if max(n for c in rows for n in [num(c["entries"])]) >= 50_000:
         a.scatter([100_000, 100_000], [SEED_LIST_SECONDS, SEED_BUCKETS_SECONDS], marker="*", s=120,
@@ -209,7 +248,7 @@ def plot_teardown_time(result: dict, path: str) -> str:
     if not merged:
         notes.append("Linux KSM munmap not in the JSON")
     note = "; ".join(notes)
-    _title(fig, "Teardown time against shared entries", result, note)
+    _title(fig, "Teardown time against shared entries", result, "; ".join(notes + [BARS_NOTE]))
     _save(fig, path)
     return note
 
@@ -229,7 +268,10 @@ def plot_teardown_steps(result: dict, path: str) -> str:
     """The hypervisor's step durations during a preemptible and a monolithic
     teardown: the freeze made visible. Needs ``steps_ms`` per case (and
     ``steps_start_ms`` for a true timeline); without them the longest pause
-    and the guests' fault p99 per case are drawn instead, and the note says so."""
+    and the guests' fault p99 per case are drawn instead, and the note says so.
+    The steps drawn are one repeat's (the last); the longest step quoted,
+    and drawn as a line with its min-max band, is the case's
+    ``max_pause_ms`` over all repeats: the table's figure."""
     rows = _teardown_rows(result)
     with_steps = [c for c in rows if _steps(c)[0]]
     if with_steps:
@@ -243,6 +285,8 @@ def plot_teardown_steps(result: dict, path: str) -> str:
         fig, ax = _figure(len(picked), 1, (9, 2.8 * len(picked) + 1))
         note = ""
         top = max(max(_steps(c)[0]) for c in picked)
+        for c in picked:
+            top = max(top, (stats_of(c, "max_pause_ms") or {}).get("max", 0.0))
         right = 0.0
         for a, c in zip(ax[:, 0], picked):
             durs, starts = _steps(c)
@@ -258,10 +302,20 @@ def plot_teardown_steps(result: dict, path: str) -> str:
             # log scale: sub-millisecond steps and a seconds-long freeze on one axis
             a.set_yscale("log", nonpositive="clip")
             a.set_ylabel("step duration (ms, log)")
+            pause = stats_of(c, "max_pause_ms")
+            if pause:
+                if pause["n"] > 1:
+                    a.axhspan(pause["min"], pause["max"], color="black", alpha=0.08, lw=0)
+                a.axhline(num(c["max_pause_ms"]), color="black", ls="--", lw=1,
+                          label=f"longest step: {figure_text(c['max_pause_ms'], 'ms', pause)}"
+                                + (" (band: min-max)" if pause["n"] > 1 else ""))
+                a.legend(fontsize=8, loc="lower right")
             a.set_ylim(min(0.01, top / 10), top * 2)
             right = max(right, max(t + d for t, d in zip(starts, durs)))
+            reps = num(c.get("repeats"))
             a.set_title(f"{c.get('rmap', '?')}, {c.get('mode', '?')}, {_n(c.get('entries'))} entries: "
-                        f"{len(durs):,} step{'s' if len(durs) != 1 else ''}, longest {max(durs):.3g} ms")
+                        f"{len(durs):,} step{'s' if len(durs) != 1 else ''}"
+                        + (f" of the last of {int(reps)} repeats" if reps and reps > 1 else ""), fontsize=10)
             a.grid(True, alpha=0.3)
         for a in ax[:, 0]:        # same scales: the freeze is the difference in shape
             a.set_xlim(0, right * 1.02)
@@ -284,8 +338,11 @@ def plot_teardown_steps(result: dict, path: str) -> str:
     labels = [f"{p}\n{m}\n{_n(top[(p, m)].get('entries'))}" for p, m in keys]
     p99 = [num(top[k].get("p99_step_ms")) for k in keys]
     w = 0.4 if any(v is not None for v in p99) else 0.8
-    a.bar([i - (w / 2 if w < 0.8 else 0) for i in range(len(keys))], [num(top[k]["max_pause_ms"]) for k in keys],
-          w, color=["tab:red" if k[1] == "monolithic" else "tab:blue" for k in keys], label="longest step")
+    longest = [num(top[k]["max_pause_ms"]) for k in keys]
+    st = [stats_of(top[k], "max_pause_ms") for k in keys]
+    a.bar([i - (w / 2 if w < 0.8 else 0) for i in range(len(keys))], longest, w, yerr=_yerr(longest, st),
+          capsize=3, color=["tab:red" if k[1] == "monolithic" else "tab:blue" for k in keys],
+          label=f"longest step ({_n_text(st)})")
     if w < 0.8:
         a.bar([i + w / 2 for i in range(len(keys))], [v or 0 for v in p99], w, color="tab:gray",
               label="p99 step")
@@ -298,11 +355,15 @@ def plot_teardown_steps(result: dict, path: str) -> str:
     if faults:
         b = ax[0, 1]
         x = range(len(faults))
-        b.bar([i - 0.2 for i in x], [num(top[k]["fault_p99_us"]) for k in faults], 0.4,
-              label="during the teardown", color="tab:orange")
+        during = [num(top[k]["fault_p99_us"]) for k in faults]
+        st = [stats_of(top[k], "fault_p99_us") for k in faults]
+        b.bar([i - 0.2 for i in x], during, 0.4, yerr=_yerr(during, st), capsize=3,
+              label=f"during the teardown ({_n_text(st)})", color="tab:orange")
         idle = [num(top[k].get("idle_fault_p99_us")) or 0 for k in faults]
         if any(idle):
-            b.bar([i + 0.2 for i in x], idle, 0.4, label="idle hypervisor", color="tab:gray")
+            st = [stats_of(top[k], "idle_fault_p99_us") for k in faults]
+            b.bar([i + 0.2 for i in x], idle, 0.4, yerr=_yerr(idle, st), capsize=3,
+                  label=f"idle hypervisor ({_n_text(st)})", color="tab:gray")
         b.set_xticks(list(x), [f"{p}\n{m}" for p, m in faults], fontsize=8)
         _log(b, "y")
         b.set_ylabel("guest CoW fault p99 (us)")
@@ -310,7 +371,7 @@ def plot_teardown_steps(result: dict, path: str) -> str:
         b.legend(fontsize=8)
         b.grid(True, axis="y", which="both", alpha=0.3)
     note = "per-step durations (steps_ms) not in the JSON: longest pause per case instead"
-    _title(fig, "Teardown freeze: preemptible against monolithic", result, note)
+    _title(fig, "Teardown freeze: preemptible against monolithic", result, f"{note}; {BARS_NOTE}")
     _save(fig, path)
     return note
 
@@ -325,31 +386,52 @@ def _n(x: Any) -> str:
 
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)_(us|ns)$")
 _SAMPLES = ("samples_us", "lat_us", "latencies_us", "samples_ns", "lat_ns", "latencies_ns")
+_TO_US = {"us": 1.0, "ns": 1e-3, "ms": 1e3}
 
 
-def _latency_series(d: Any) -> tuple[list[float], list[tuple[float, float]]]:
-    """(samples in us, [(percentile, us)]) of one latency dict."""
+def _latency_series(d: Any) -> tuple[str, list[float], list[float]]:
+    """(kind, x in us, fraction at most x) of one latency dict: the CDF of
+    its whole distribution (``histogram``, else raw samples), else the
+    points of its percentiles; kind is "histogram", "samples",
+    "percentiles" or "" (nothing)."""
     if not isinstance(d, dict) or "skipped" in d:
-        return [], []
-    samples: list[float] = []
+        return "", [], []
+    h = d.get("histogram")
+    if isinstance(h, dict) and h.get("n"):
+        xs, fs = histogram_cdf(h)
+        if h["lo"][0] > 0:              # the curve rises from 0 at the lowest bucket's edge
+            xs, fs = [h["lo"][0]] + xs, [0.0] + fs
+        scale = _TO_US.get(h.get("unit", "us"), 1.0)
+        return "histogram", [x * scale for x in xs], fs
     for k in _SAMPLES:
         v = d.get(k)
         if isinstance(v, list) and v:
-            scale = 1e-3 if k.endswith("_ns") else 1.0
-            samples = [x * scale for x in (num(y) for y in v) if x is not None]
-            break
+            scale = _TO_US[k.rsplit("_", 1)[1]]
+            xs = sorted(x * scale for x in (num(y) for y in v) if x is not None)
+            return "samples", xs, [(i + 1) / len(xs) for i in range(len(xs))]
     pcts = []
     for k, v in d.items():
         m = _PCT.match(k)
         if m and num(v) is not None:
-            pcts.append((float(m.group(1)), num(v) * (1e-3 if m.group(2) == "ns" else 1.0)))
-    return samples, sorted(pcts)
+            pcts.append((float(m.group(1)), num(v) * _TO_US[m.group(2)]))
+    pcts.sort()
+    return ("percentiles" if pcts else ""), [v for _, v in pcts], [p / 100 for p, _ in pcts]
+
+
+def _p50_stats(d: dict) -> tuple[float | None, dict | None]:
+    """The p50 of a latency dict in us and the stats of its repeats' p50s."""
+    for key, factor in (("p50_us", 1.0), ("p50_ns", 1e-3)):
+        if num(d.get(key)) is not None:
+            return num(d[key]) * factor, scaled(stats_of(d, key), factor)
+    return None, None
 
 
 def plot_cow_latency(result: dict, path: str) -> str:
     """CDF of the CoW fault round trip (same core, other core), the raw
-    pipe round trip under it, and Linux KSM's CoW break. From latency
-    samples when the JSON has them, else from its percentiles."""
+    pipe round trip under it, and Linux KSM's CoW break: every fault of all
+    repeats (from the JSON's histogram or samples; else through its
+    percentiles), and at the half-way line each series' p50 with the
+    min-max of the repeats' p50s. The legend, outside the axes, gives n."""
     r = dig(result, "results") or {}
     series = [
         ("hvshare CoW fault, same core", dig(r, "hvshare", "faults", "same"), "tab:blue", "-"),
@@ -358,35 +440,40 @@ def plot_cow_latency(result: dict, path: str) -> str:
         ("raw pipe round trip, other core", dig(r, "pipe", "cross"), "silver", ":"),
         ("Linux KSM CoW break", dig(r, "ksm_cow"), "black", "--"),
     ]
-    fig, ax = _figure(1, 1, (8.5, 5.5))
+    fig, ax = _figure(1, 1, (12, 5.5))
     a = ax[0, 0]
-    only_pcts = with_samples = False
-    drawn = 0
+    kinds = set()
     for label, d, color, ls in series:
-        samples, pcts = _latency_series(d)
-        if samples:
-            xs = sorted(samples)
-            n = len(xs)
-            a.plot(xs, [(i + 1) / n for i in range(n)], color=color, ls=ls, drawstyle="steps-post",
-                   label=f"{label} (n={n:,})")
-            drawn += 1
-            with_samples = True
-        elif pcts:
-            only_pcts = True
-            a.plot([v for _, v in pcts], [p / 100 for p, _ in pcts], color=color, ls=ls, marker="o",
-                   label=label + " (" + ", ".join(f"p{p:g}" for p, _ in pcts) + ")")
-            drawn += 1
-    if not drawn:
-        raise Skip("no latency samples or percentiles in the cow result")
+        kind, xs, fs = _latency_series(d)
+        if not kind:
+            continue
+        kinds.add(kind)
+        p50, st = _p50_stats(d)
+        count = num(dig(d, "histogram", "n")) or num(d.get("n"))
+        text = f"{label}\np50 {figure_text(p50, 'us', st)}" if p50 is not None else label
+        text += f", {int(count):,} samples" if count and kind != "percentiles" else ""
+        if kind == "percentiles":
+            text += f"; {len(fs)} percentiles, p{fs[0] * 100:g}-p{fs[-1] * 100:g}"
+            a.plot(xs, fs, color=color, ls=ls, marker="o", label=text)
+        else:
+            a.plot(xs, fs, color=color, ls=ls, drawstyle="steps-post", label=text)
+        if p50 is not None:
+            a.errorbar([p50], [0.5], xerr=_yerr([p50], [st]), fmt="o", color=color, capsize=4, ms=4)
+    if not kinds:
+        raise Skip("no latency histogram, samples or percentiles in the cow result")
     _log(a, "x")
+    a.axhline(0.5, color="gray", lw=0.5)
     a.set_xlabel("round trip / fault latency (us)")
     a.set_ylabel("fraction of faults at most this long")
     a.set_ylim(0, 1.02)
     a.grid(True, which="both", alpha=0.3)
-    a.legend(fontsize=8, loc="lower right")
-    note = ("" if not only_pcts else "drawn through each series' percentiles (the JSON keeps no samples)"
-            if not with_samples else "percentiles only where the JSON has no latency samples")
-    _title(fig, "Copy-on-write fault latency, CDF", result, note)
+    a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))    # outside: no curve hidden
+    whole = kinds & {"histogram", "samples"}
+    note = ("" if "percentiles" not in kinds else
+            "drawn through each series' percentiles (the JSON keeps no distribution)" if not whole
+            else "percentiles only where the JSON keeps no distribution")
+    _title(fig, "Copy-on-write fault latency, CDF of all repeats", result,
+           "; ".join(filter(None, [note, "dots at 0.5: p50, bars: min-max of the repeats' p50s, n in the legend"])))
     _save(fig, path)
     return note
 
@@ -397,10 +484,15 @@ def plot_cow_latency(result: dict, path: str) -> str:
 def plot_dedup(result: dict, path: str) -> str:
     """Merge rate of hvshare's dedup scanner against Linux KSM's ksmd per
     page content (as ratios when the rates are not in the JSON), and the
-    scanner's rate against its batch size when the bench swept it."""
-    from matplotlib.ticker import FuncFormatter
+    scanner's rate against its batch size (a log2 axis: the sizes are
+    powers of two) when the bench swept it, with ksmd's rate on the same
+    content in the same run as a line."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
     contents = ("identical", "clone")
     rates = {c: merge_rates(result, c) for c in contents}
+    which = ("hvshare", "ksm", "hvshare_index")          # merge_rates' order
+    rate_stats = {c: [stats_of(dig(result, "results", c, w), "pages_per_second") for w in which]
+                  for c in contents}
     sweep = [s for s in (dig(result, "sweep") or []) if isinstance(s, dict)
              and num(s.get("batch_pages")) and num(s.get("pages_per_second"))]
     fig, ax = _figure(1, 2 if sweep else 1, (12 if sweep else 7, 5))
@@ -412,8 +504,10 @@ def plot_dedup(result: dict, path: str) -> str:
         series = [s for s in series if any(rates[c][s[1]] is not None for c in contents)]
         w = 0.8 / len(series)
         for i, (label, j, color) in enumerate(series):
-            a.bar([xi - 0.4 + w * (i + 0.5) for xi in x], [rates[c][j] or 0 for c in contents], w,
-                  label=label, color=color)
+            ys = [rates[c][j] or 0 for c in contents]
+            st = [rate_stats[c][j] for c in contents]
+            a.bar([xi - 0.4 + w * (i + 0.5) for xi in x], ys, w, yerr=_yerr(ys, st), capsize=3,
+                  label=f"{label} ({_n_text(st)})", color=color)
         a.set_xticks(x, [f"{c} pages" for c in contents])
         a.set_ylabel("pages merged per second")
         a.yaxis.set_major_formatter(FuncFormatter(_compact))
@@ -434,18 +528,32 @@ def plot_dedup(result: dict, path: str) -> str:
     a.grid(True, axis="y", alpha=0.3)
     if sweep:
         b = ax[0, 1]
+        colors = {"clone": "tab:blue", "identical": "tab:purple"}
         for content in sorted({s.get("content", "?") for s in sweep}):
-            pts = sorted((num(s["batch_pages"]), num(s["pages_per_second"])) for s in sweep
-                         if s.get("content", "?") == content)
-            b.plot(*zip(*pts), marker="o", label=f"{content} pages")
-        b.set_xlabel("pages per nominate/share request (batch_pages)")
+            mine = sorted((s for s in sweep if s.get("content", "?") == content), key=lambda s: num(s["batch_pages"]))
+            xs = [num(s["batch_pages"]) for s in mine]
+            ys = [num(s["pages_per_second"]) for s in mine]
+            color = colors.get(content)
+            _errorbar(b, xs, ys, [stats_of(s, "pages_per_second") for s in mine], f"hvshare, {content} pages",
+                      marker="o", color=color)
+            ksm_rate, ksm_st = rates.get(content, (None,) * 3)[1], rate_stats.get(content, (None,) * 3)[1]
+            if ksm_rate is not None:
+                b.axhline(ksm_rate, color=color, ls="--", lw=1.2,
+                          label=f"Linux KSM, {content} pages: {figure_text(ksm_rate, 'pages/s', ksm_st)}")
+                if ksm_st and ksm_st["n"] > 1:
+                    b.axhspan(ksm_st["min"], ksm_st["max"], color=color, alpha=0.1, lw=0)
+        sizes = sorted({num(s["batch_pages"]) for s in sweep})
+        b.set_xscale("log", base=2)
+        b.set_xticks(sizes, [f"{int(v):,}" for v in sizes])
+        b.xaxis.set_minor_locator(NullLocator())
+        b.set_xlabel("pages per nominate/share request (batch_pages, log2)")
         b.set_ylabel("pages merged per second")
         b.yaxis.set_major_formatter(FuncFormatter(_compact))
         b.set_ylim(bottom=0)
-        b.set_title("hvshare: merge rate against batch size")
-        b.legend(fontsize=9)
+        b.set_title("hvshare: merge rate against batch size; ksmd in the same run")
+        b.legend(fontsize=8)
         b.grid(True, alpha=0.3)
-    _title(fig, "Dedup merge rate: hvshare against Linux KSM", result, note)
+    _title(fig, "Dedup merge rate: hvshare against Linux KSM", result, "; ".join(filter(None, [note, BARS_NOTE])))
     _save(fig, path)
     return note
 
@@ -457,17 +565,20 @@ def plot_density(result: dict, path: str) -> str:
     """Clone guests that fit in one pool without and with dedup, next to
     what the content predicts."""
     r = dig(result, "results") or {}
-    bars = [(label, num(dig(r, key, "guests")), num(dig(r, key, "predicted")))
-            for key, label in (("without", "without dedup"), ("with", "dedup after each boot"))]
-    bars = [b for b in bars if b[1] is not None]
+    found = [(label, num(dig(r, key, "guests")), num(dig(r, key, "predicted")), stats_of(dig(r, key), "guests"))
+             for key, label in (("without", "without dedup"), ("with", "dedup after each boot"))]
+    found = [b for b in found if b[1] is not None]
+    bars, st = [b[:3] for b in found], [b[3] for b in found]
     if not bars:
         raise Skip("no results.with/without guests in the density result")
     fig, ax = _figure(1, 1, (7, 5))
     a = ax[0, 0]
     x = range(len(bars))
-    a.bar(x, [g for _, g, _ in bars], 0.6, color=["tab:gray", "tab:blue"][:len(bars)], label="guests created")
+    ys = [g for _, g, _ in bars]
+    a.bar(x, ys, 0.6, yerr=_yerr(ys, st), capsize=4, color=["tab:gray", "tab:blue"][:len(bars)],
+          label=f"guests created ({_n_text(st)})")
     for i, (_, g, _) in enumerate(bars):
-        a.annotate(f"{int(g)}", (i, g), ha="center", va="bottom", fontsize=10)
+        a.annotate(figure_text(g, "", st[i]), (i, g), ha="center", va="bottom", fontsize=10)
     for k, (i, p) in enumerate((i, p) for i, (_, _, p) in enumerate(bars) if p is not None):
         a.hlines(p, i - 0.4, i + 0.4, colors="black", linestyles="--", zorder=3,
                  label="predicted by the content" if k == 0 else None)
@@ -505,17 +616,22 @@ def plot_scale_steps(result: dict, path: str) -> str:
     for a, policy in zip(ax[0], policies):
         mine = [c for c in rows if c.get("rmap", "?") == policy]
         for op, color in SCALE_OPS.items():
-            wall = sorted((num(c["pages"]), num(dig(c, "ops", op, "max_step_ms"))) for c in mine)
-            wall = [(x, y) for x, y in wall if y]
-            cpu = sorted((num(c["pages"]), num(dig(c, "ops", op, "max_step_cpu_ms")),
-                          dig(c, "ops", op, "cpu_from")) for c in mine)
-            cpu = [(x, y) for x, y, src in cpu if y and src == "cpu"]
+            mine = sorted(mine, key=lambda c: num(c["pages"]))
+            wall = [(num(c["pages"]), num(dig(c, "ops", op, "max_step_ms")), stats_of(dig(c, "ops", op), "max_step_ms"))
+                    for c in mine]
+            wall = [p for p in wall if p[1]]
+            cpu = [(num(c["pages"]), num(dig(c, "ops", op, "max_step_cpu_ms")),
+                    stats_of(dig(c, "ops", op), "max_step_cpu_ms")) for c in mine
+                   if dig(c, "ops", op, "cpu_from") == "cpu"]
+            cpu = [p for p in cpu if p[1]]
             wall_only = wall_only or len(cpu) < len(wall)
             if wall:
-                a.plot(*zip(*wall), color=color, marker="o", label=f"{op}, wall")
+                xs, ys, st = zip(*wall)
+                _errorbar(a, list(xs), list(ys), list(st), f"{op}, wall", color=color, marker="o")
             if cpu:
-                a.plot(*zip(*cpu), color=color, marker="o", ls="--", markerfacecolor="none",
-                       label=f"{op}, CPU")
+                xs, ys, st = zip(*cpu)
+                _errorbar(a, list(xs), list(ys), list(st), f"{op}, CPU", color=color, marker="o", ls="--",
+                          markerfacecolor="none")
         a.axhline(1.0, color="gray", ls=":", lw=1)
         a.annotate("1 ms", (0.01, 1.0), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
                    color="gray")
@@ -536,7 +652,8 @@ def plot_scale_steps(result: dict, path: str) -> str:
     for a in ax[0]:                   # one scale: the policies compare at a glance
         a.set_ylim(lo, hi)
     note = "CPU time per step not reported for some operations: wall time only there" if wall_only else ""
-    _title(fig, "Longest hypervisor step per operation against domain size", result, note)
+    _title(fig, "Longest hypervisor step per operation against domain size", result,
+           "; ".join(filter(None, [note, BARS_NOTE])))
     _save(fig, path)
     return note
 
@@ -554,6 +671,11 @@ PLOTS: list[tuple[str, str, Callable[[dict, str], str]]] = [
     ("density", "density.png", plot_density),
     ("scale", "scale_steps.png", plot_scale_steps),
 ]
+
+
+#: the run behind the README's table and plots, and where its plots go
+RUN_JSON = os.path.join("docs", "perf", "run.json")
+PLOTS_DIR = os.path.join("docs", "perf")
 
 
 def write_all(doc: dict, out_dir: str) -> list[tuple[str, str | None, str]]:
@@ -590,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     p = argparse.ArgumentParser(prog="python -m perf plots",
                                 description="Draw the plots of a JSON written by 'python -m perf all' or one bench.")
-    p.add_argument("json", help="result JSON")
-    p.add_argument("out_dir", help="directory for the PNG files")
+    p.add_argument("json", nargs="?", default=RUN_JSON, help=f"result JSON (default: {RUN_JSON})")
+    p.add_argument("out_dir", nargs="?", default=PLOTS_DIR,
+                   help=f"directory for the PNG files (default: {PLOTS_DIR}, the README's plots)")
     a = p.parse_args(argv)
     with open(a.json) as f:
         doc = json.load(f)

@@ -44,3 +44,42 @@ def test_linux_fork_peer_holds_its_pages_and_gives_sane_numbers():
 def test_linux_fork_peer_refuses_more_writes_than_pages():
     with pytest.raises(ValueError, match="k <= pages"):
         linux_fork.measure(16, loop_ks=(64,))
+
+
+def test_fork_bench_quick_emits_every_key_and_its_frames_check_holds(tmp_path):
+    from perf import fork
+    from perf.report import headlines
+    out = tmp_path / "fork.json"
+    p = subprocess.run([sys.executable, "-m", "perf", "fork", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=child_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fork: N=4,096" in p.stderr and "Goals:" in p.stdout
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "fork" and doc["sizes"] == list(fork.QUICK_SIZES)
+    assert [r["pages"] for r in doc["results"]] == list(fork.QUICK_SIZES)
+    for r in doc["results"]:
+        n = r["pages"]
+        assert r["audit_errors"] == 0 and r["max_step_ms"] > 0
+        _sane(r["fork"]["seconds_spread"], doc["repeats"]["fork"])
+        assert r["fork"]["max_step_ms"] > 0
+        reset = r["reset"]
+        assert reset["dropped_all"] and reset["reset"]["pages_dropped"] == [fork.RESET_DIRTY] * doc["repeats"]["reset"]
+        _sane(reset["reset"]["seconds_spread"], doc["repeats"]["reset"])
+        _sane(reset["destroy_and_fork"]["seconds_spread"], doc["repeats"]["reset"])
+        assert set(r["loop"]) == {str(k) for k in fork.LOOP_KS}
+        for lo in r["loop"].values():
+            _sane(lo["iterations_per_second_spread"], doc["repeats"]["loop"])
+        for k, f in r["frames"].items():
+            # the check itself: a fork takes one frame per page written, none for reads
+            assert (f["frames_used"], f["frames_at_fork"], f["ok"], f["frames_back"]) == (int(k), 0, True, True)
+        peer = doc["peers"][str(n)]
+        assert peer["resident_pages"] >= n and set(peer["loop"]) == set(r["loop"])
+        for key in ("fork_over_linux", "reset_over_destroy_fork", "loop_over_linux_k64"):
+            assert doc["ratios"][f"{key}_{n}"] > 0
+    goals = {g["goal"]: g["met"] for g in doc["goals"]}
+    assert goals["fork of 1,048,576 pages <= 1x Linux fork"] is None        # not judged in --quick
+    assert goals["frames used by a fork that wrote K and read M pages == K"] is True
+    assert goals["audit 0 after every N"] is True
+    hs = [h for h in headlines.headlines(doc) if h["bench"] == "fork"]
+    assert len(hs) == 5 and all(h["value"] is not None for h in hs)
+    assert hs[0]["met"] is None and hs[3]["met"] is True

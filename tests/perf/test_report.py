@@ -129,7 +129,8 @@ def test_headlines_read_every_bench():
     assert all(keys <= set(h) for h in hs)
     h = _by_figure(hs, "rmap delete at degree 65,536")
     assert (h["value"], h["ratio"], h["met"]) == (16000.0, 256.0, True)
-    assert h["anchor"] == "list: 4,096,000 ns" and h["command"] == "python -m perf rmap"
+    assert h["anchor"] == "list: 4,096,000 ns, n=1" and h["command"] == "python -m perf rmap"
+    assert h["stats"] == {"median": 16000.0, "min": 16000.0, "max": 16000.0, "n": 1}     # no repeats kept
     assert _by_figure(hs, "index memory")["value"] == 22.0
     assert _by_figure(hs, "index memory")["met"] is True
     assert _by_figure(hs, "vs 16 (flat)")["met"] is True
@@ -142,7 +143,7 @@ def test_headlines_read_every_bench():
     assert "100,000" in ksm["figure"] and ksm["anchor_value"] == pytest.approx(0.05)
     assert ksm["ratio"] == pytest.approx(1.0) and ksm["met"] is True
     pause = _by_figure(hs, "longest hypervisor step")
-    assert "(buckets, N=10,000)" in pause["figure"] and pause["anchor"] == "monolithic, buckets N=10,000: 10 ms"
+    assert "(buckets, N=10,000)" in pause["figure"] and pause["anchor"] == "monolithic, buckets N=10,000: 10 ms, n=1"
     assert pause["value"] == 0.5 and pause["ratio"] == pytest.approx(20.0) and pause["met"] is True
     fault = _by_figure(hs, "fault p99 during")
     assert "(index, N=10,000)" in fault["figure"]           # the worst case against idle
@@ -213,7 +214,8 @@ def test_markdown_table_has_one_row_per_headline():
     assert rows[0] == "| figure | hvshare | anchor | ratio | goal met | command |"
     assert len(rows) == 1 + len(doc["headlines"])
     assert all(r.count(" | ") == 5 for r in rows)
-    assert "| 20 us | KSM CoW break p50: 4 us | 5x (hvshare/KSM) | no: <= 3x | `python -m perf cow` |" in md
+    assert ("| 20 us, n=1 | KSM CoW break p50: 4 us, n=1 | 5x (hvshare/KSM) | no: <= 3x | `python -m perf cow` |"
+            in md)
     assert "2 cores, 8 GiB" in md and "quick run" in md
 
 
@@ -364,7 +366,7 @@ def test_plots_are_written(tmp_path):
         assert str(p) in written, written
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert written[str(tmp_path / "cow_latency.png")] == "percentiles only where the JSON has no latency samples"
+    assert written[str(tmp_path / "cow_latency.png")] == "percentiles only where the JSON keeps no distribution"
 
 
 def test_plots_draw_what_is_there_and_skip_the_rest(tmp_path):
@@ -394,3 +396,247 @@ def test_plots_say_clearly_when_matplotlib_is_missing(monkeypatch, tmp_path):
         plots.write_all(combined(), str(tmp_path))
     assert not any(tmp_path.iterdir())
 
+
+
+# -- repeats: the statistics behind every figure
+
+from perf import common  # noqa: E402
+
+
+def test_summary_on_known_samples():
+    assert common.summary([3, 1, 2, 5, 4]) == {"median": 3.0, "min": 1.0, "max": 5.0, "n": 5}
+    assert common.summary([2.0, None, float("nan"), 4.0]) == {"median": 3.0, "min": 2.0, "max": 4.0, "n": 2}
+    assert common.summary([]) is None and common.summary([None]) is None
+    ten = common.summary(range(10, 0, -1))
+    assert (ten["median"], ten["n"], ten["ci95"]) == (5.5, 10, [2.0, 9.0])      # ranks 2 and 9 of 10
+
+
+def test_median_interval_ranks_reach_95_percent_and_no_narrower_does():
+    from math import comb
+
+    def coverage(n, lo):       # P(X_(lo) <= median <= X_(n+1-lo))
+        return 1 - 2 * sum(comb(n, i) for i in range(lo)) / 2 ** n
+    assert common.median_ci_ranks(5) is None            # min..max covers 94 % only
+    assert common.median_ci_ranks(6) == (1, 6) and common.median_ci_ranks(100) == (40, 61)
+    for n in range(6, 80):
+        lo, hi = common.median_ci_ranks(n)
+        assert hi == n + 1 - lo and coverage(n, lo) >= 0.95 > coverage(n, lo + 1), n
+
+
+def test_stats_of_reads_every_way_a_bench_keeps_repeats():
+    five = {"median": 3.0, "min": 1.0, "max": 5.0, "n": 5}
+    assert common.stats_of({"x_ms": 3.0, "x_ms_all": [5, 1, 3, 2, 4]}, "x_ms") == five
+    assert common.stats_of({"x_ms": 3.0, "x_ms_each": [5, 1, 3, 2, 4]}, "x_ms") == five
+    assert common.stats_of({"x_ms": 3.0, "x_ms_spread": {"all": [5, 1, 3, 2, 4]}}, "x_ms") == five
+    assert common.stats_of({"x_ms": 3.0, "all": {"x_ms": [5, 1, 3, 2, 4]}}, "x_ms") == five
+    assert common.stats_of({"x_ms": 9.0, "x_ms_stats": five}, "x_ms") == five
+    # a rate kept only as the time of each repeat: the same work over each time
+    rate = common.stats_of({"pages_per_second": 100.0, "seconds": 2.0, "seconds_all": [1.0, 2.0, 4.0]},
+                           "pages_per_second")
+    assert (rate["min"], rate["median"], rate["max"], rate["n"]) == (50.0, 100.0, 200.0, 3)
+    assert common.stats_of({"x_ms": 3.0}, "x_ms") == {"median": 3.0, "min": 3.0, "max": 3.0, "n": 1}
+    assert common.stats_of({"x_ms": None}, "x_ms") is None and common.stats_of(None, "x_ms") is None
+
+
+def test_log_histogram_keeps_the_whole_distribution():
+    import numpy as np
+    x = np.random.default_rng(7).lognormal(3.0, 0.6, 50_000)
+    h = common.log_histogram(x)
+    assert h["n"] == 50_000 and sum(h["count"]) == 50_000 and h["lo"] == sorted(h["lo"])
+    assert len(h["lo"]) < 400                     # a few hundred numbers, not 50,000
+    xs, fs = common.histogram_cdf(h)
+    assert fs[-1] == 1.0 and xs[-1] >= x.max()
+    for q in (0.01, 0.5, 0.99, 0.999):            # every percentile within one bucket (1/32)
+        edge = xs[next(i for i, f in enumerate(fs) if f >= q)]
+        assert np.quantile(x, q) <= edge <= np.quantile(x, q) * (1 + 1 / 16), q
+    exact = common.log_histogram([0.0, 1.0, 1.5, 3.0, 3.0])
+    assert (exact["lo"], exact["count"]) == ([0.0, 1.0, 1.5, 3.0], [1, 1, 1, 2])
+    both = common.merge_histograms([exact, common.log_histogram([1.5, 8.0])])
+    assert (both["n"], both["lo"], both["count"]) == (7, [0.0, 1.0, 1.5, 3.0, 8.0], [1, 1, 2, 2, 1])
+    assert common.merge_histograms([None, {"n": 0}]) is None
+
+
+# -- headlines with their repeats
+
+def with_repeats(doc: dict) -> dict:
+    """``doc`` as benches that keep their repeats write it (each shape they use)."""
+    b = doc["benches"]
+    same = b["cow"]["results"]["hvshare"]["faults"]["same"]
+    same["p50_us_all"] = [18.0, 20.0, 25.0, 19.0, 21.0]
+    b["cow"]["results"]["ksm_cow"]["p50_ns_all"] = [3500.0, 4000.0, 4500.0]
+    for c in b["teardown"]["results"]:
+        c["repeats"] = 3
+        c["all"] = {"seconds": [c["seconds"] * f for f in (0.9, 1.0, 1.2)],
+                    "max_pause_ms": [c["max_pause_ms"] * f for f in (0.8, 1.0, 1.2)]}
+    for c in b["rmap"]["results"]:
+        c["delete_ns_stats"] = common.summary([c["delete_ns"] * f for f in (0.9, 1.0, 1.1, 1.3)])
+    for case in b["dedup"]["results"].values():
+        case["hvshare"]["pages_per_second_all"] = [case["hvshare"]["pages_per_second"] * f for f in (0.5, 1, 2)]
+    doc["headlines"] = headlines.headlines(doc)
+    return doc
+
+
+def test_figure_text_gives_value_spread_and_n():
+    s = common.summary([1.50, 1.58, 1.62, 1.70, 1.81])
+    assert headlines.figure_text(1.62, "ms", s) == "1.62 ms [1.5–1.81], n=5"
+    assert headlines.figure_text(1.62, "ms") == "1.62 ms, n=1"
+    assert headlines.figure_text(250_000.0, "pages/s", common.summary([2e5, 2.5e5, 3e5])) == \
+        "250,000 pages/s [200,000–300,000], n=3"
+    assert headlines.figure_text(None, "ms") == "?"
+
+
+def test_headlines_carry_the_repeats_and_the_table_shows_them():
+    doc = with_repeats(combined())
+    hs = doc["headlines"]
+    cow = _by_figure(hs, "vs Linux KSM CoW break")
+    assert cow["value"] == 20.0 and cow["stats"] == {"median": 20.0, "min": 18.0, "max": 25.0, "n": 5}
+    assert cow["anchor"] == "KSM CoW break p50: 4 us [3.5–4.5], n=3"
+    pause = _by_figure(hs, "longest hypervisor step")
+    assert (pause["stats"]["min"], pause["stats"]["max"], pause["stats"]["n"]) == (0.4, 0.6, 3)
+    assert _by_figure(hs, "rmap delete at degree")["stats"]["n"] == 4
+    assert _by_figure(hs, "identical pages")["stats"]["min"] == 150_000.0
+    md = headlines.markdown(doc)
+    assert "| 20 us [18–25], n=5 | KSM CoW break p50: 4 us [3.5–4.5], n=3 |" in md
+    assert "| 0.5 ms [0.4–0.6], n=3 |" in md
+    assert "min–max of the repeats" in md
+    text = headlines.headline_table(doc)
+    assert "20 us [18–25], n=5" in text
+
+
+def test_every_figure_of_the_readme_table_appears_with_n():
+    """The table ``python -m perf all --from docs/perf/run.json --markdown``
+    prints gives every measured figure with n, and the README's table is
+    that table: each of its figures from a bench with headlines is one of
+    the run's."""
+    root = Path(__file__).resolve().parents[2]
+    doc = json.loads((root / "docs" / "perf" / "run.json").read_text())
+    doc["headlines"] = headlines.headlines(doc)
+    rows = [r.split(" | ") for r in headlines.markdown(doc).splitlines() if r.startswith("| ")][1:]
+    assert rows and len(rows) == len(doc["headlines"])
+    for figure, value, anchor, *_ in rows:
+        assert value == "-" or ", n=" in value, (figure, value)
+        assert not any(ch.isdigit() for ch in anchor.split(":")[-1]) or ", n=" in anchor \
+            or "seed" in anchor, (figure, anchor)
+    ours = {r[0].lstrip("| ") for r in rows}
+    readme = (root / "README.md").read_text().split("## Performance", 1)[1].split("\n## ", 1)[0]
+    for line in readme.splitlines():
+        cells = line.split(" | ")
+        if line.startswith("| ") and len(cells) == 6 and cells[-1].startswith("`python -m perf "):
+            bench = cells[-1].split()[3].rstrip("`")
+            if bench in headlines.HEADLINES:
+                assert cells[0].lstrip("| ") in ours, cells[0]
+
+
+# -- compare leaves the repeats' summaries and histograms out
+
+def test_compare_skips_stats_and_histograms():
+    a, b = cow_result(), cow_result()
+    for r in (a, b):
+        r["results"]["hvshare"]["faults"]["same"]["histogram"] = common.log_histogram([1.0, 2.0, 3.0])
+        r["results"]["hvshare"]["faults"]["same"]["p50_us_stats"] = common.summary([19.0, 20.0, 21.0])
+    b["results"]["hvshare"]["faults"]["same"]["histogram"] = common.log_histogram([5.0] * 9)
+    paths = {r["path"] for r in compare.compare(a, b)["benches"]["cow"]["rows"]}
+    assert "results.hvshare.faults.same.p50_us" in paths
+    assert not any("histogram" in p or "_stats" in p for p in paths)
+
+
+# -- plots: drawn from the same JSON as the table, with their repeats
+
+def _drawn(monkeypatch, doc, tmp_path) -> dict:
+    """Draw every plot of ``doc``; ``{file name: every text of its figure}``
+    (titles, legends, annotations), the figure kept under ``"fig"``."""
+    from perf.report import plots
+    figs = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figs[Path(path).name] = fig
+        save(fig, path)
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.write_all(doc, str(tmp_path))
+    out = {}
+    for name, fig in figs.items():
+        texts = [fig.get_suptitle()]
+        for a in fig.axes:
+            texts += [a.get_title()] + [t.get_text() for t in a.texts]
+            if a.get_legend():
+                texts += [t.get_text() for t in a.get_legend().get_texts()]
+        out[name] = {"text": "\n".join(texts), "fig": fig}
+    return out
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_plots_draw_with_and_without_repeats_and_show_n(monkeypatch, tmp_path, repeats):
+    pytest.importorskip("matplotlib")
+    doc = with_repeats(combined()) if repeats else combined()
+    drawn = _drawn(monkeypatch, doc, tmp_path)
+    assert set(drawn) == {"rmap_cost.png", "teardown_time.png", "teardown_steps.png", "cow_latency.png",
+                          "dedup_merge.png", "density.png"}
+    for name, d in drawn.items():
+        assert "n=" in d["text"], name                 # every figure says how many repeats
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    if repeats:
+        assert "n=5" in drawn["cow_latency.png"]["text"] and "n=4" in drawn["rmap_cost.png"]["text"]
+        assert "n=3" in drawn["teardown_time.png"]["text"] and "n=3" in drawn["dedup_merge.png"]["text"]
+        # the rmap delete panel has min-max bars: an errorbar container with bar lines
+        delete = drawn["rmap_cost.png"]["fig"].axes[2]
+        assert any(c.has_yerr for c in delete.containers)
+    else:
+        assert "n=1" in drawn["cow_latency.png"]["text"] and "n=1" in drawn["rmap_cost.png"]["text"]
+        assert not any(getattr(c, "has_yerr", False) for a in drawn["rmap_cost.png"]["fig"].axes
+                       for c in a.containers)
+
+
+def test_teardown_steps_quote_the_tables_figure(monkeypatch, tmp_path):
+    """The longest step the plot quotes is the headline's, text for text,
+    not the longest of the one repeat whose steps are drawn."""
+    pytest.importorskip("matplotlib")
+    doc = with_repeats(combined())
+    for c in doc["benches"]["teardown"]["results"]:
+        if c["mode"] == "preemptible" and c["rmap"] == "buckets":
+            c["steps_ms"] = [0.2, 0.3, 0.7]           # the last repeat: longest 0.7, the median is 0.5
+    doc["headlines"] = headlines.headlines(doc)
+    pause = _by_figure(doc["headlines"], "longest hypervisor step")
+    table_text = headlines.figure_text(pause["value"], pause["unit"], pause["stats"])
+    assert table_text == "0.5 ms [0.4–0.6], n=3" and table_text in headlines.markdown(doc)
+    text = _drawn(monkeypatch, doc, tmp_path)["teardown_steps.png"]["text"]
+    assert f"longest step: {table_text}" in text and "0.7 ms" not in text
+    assert "buckets, preemptible, 100,000 entries: 3 steps of the last of 3 repeats" in text
+
+
+def test_cow_latency_from_histograms_legend_outside(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    doc = with_repeats(combined())
+    same = doc["benches"]["cow"]["results"]["hvshare"]["faults"]["same"]
+    same["histogram"] = common.log_histogram([18.0] * 500 + [20.0] * 1000 + [60.0] * 300)
+    d = _drawn(monkeypatch, doc, tmp_path)["cow_latency.png"]
+    fig = d["fig"]
+    a = fig.axes[0]
+    fig.canvas.draw()
+    legend, axes = a.get_legend().get_window_extent(), a.get_window_extent()
+    assert legend.x0 >= axes.x1                      # beside the data, not over it
+    assert "1,800 samples" in d["text"] and "p50 20 us [18–25], n=5" in d["text"]
+    cdf = next(line for line in a.get_lines() if line.get_label().startswith("hvshare CoW fault, same core"))
+    xs, fs = cdf.get_data()
+    assert (xs[0], fs[0], fs[-1]) == (18.0, 0.0, 1.0) and 60.0 < xs[-1] <= 60.0 * (1 + 1 / 32)
+
+
+def test_dedup_sweep_log2_axis_with_the_runs_ksm_line(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    d = _drawn(monkeypatch, combined(), tmp_path)["dedup_merge.png"]
+    sweep = d["fig"].axes[1]
+    assert sweep.get_xscale() == "log" and sweep.xaxis.get_transform().base == 2
+    ksm = [line for line in sweep.get_lines() if line.get_label().startswith("Linux KSM, clone pages")]
+    assert len(ksm) == 1 and set(ksm[0].get_ydata()) == {100_000.0}    # the same run's ksmd rate
+    assert "Linux KSM, clone pages: 100,000 pages/s, n=1" in d["text"]
+
+
+def test_plots_command_defaults_to_the_readmes_run(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from perf.report import plots
+    (tmp_path / "docs" / "perf").mkdir(parents=True)
+    (tmp_path / "docs" / "perf" / "run.json").write_text(json.dumps(combined()))
+    monkeypatch.chdir(tmp_path)
+    assert perf_main(["plots"]) == 0
+    assert (tmp_path / "docs" / "perf" / "teardown_steps.png").exists()
+    assert plots.RUN_JSON == "docs/perf/run.json" and "plot docs/perf/cow_latency.png" in capsys.readouterr().out

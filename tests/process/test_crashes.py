@@ -163,7 +163,7 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
             with hv.guest(d) as g:
                 before.append(g.checksum(0, pages))
         # small requests: hundreds of steps, so the kill lands mid-pass
-        proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "dedup", "--json", "--batch", "8",
+        proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "dedup", "--json", "--share-batch", "8",
                                  "--socket", hv.socket_path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:

@@ -147,7 +147,9 @@ def test_options_before_the_command(hvctl):
     p = subprocess.run([sys.executable, "-m", "tools.hvctl", "--socket", hvctl.socket, "--json", "start",
                         "--frames", "256"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["socket"] == hvctl.socket
+    started = json.loads(p.stdout)
+    assert started["socket"] == hvctl.socket
+    assert os.path.isfile(started["log"]) and started["log"].endswith("hypervisor.log")
     assert json.loads(hvctl("info", "--json").stdout)["frames_total"] == 256
 
 

@@ -11,11 +11,12 @@ changing). docs/design.md, "Dedup", explains a pass phase by phase.
   :class:`SocketBackend`: budgeted, pipelined requests);
 - :mod:`.pages`: the zero test, the hash, byte equality, p2m snapshots;
 - :mod:`.scanner`: :class:`Scanner`, a pass (plan, then execute);
-- :mod:`.watch`: watch mode, the scanner as ksmd.
+- :mod:`.watch`: watch mode, the scanner as ksmd; :mod:`.knobs`, its
+  tunables; :mod:`.daemon`, its control socket.
 
 Tunables
 --------
-- ``batch_pages`` (:class:`Scanner`, ``hvctl dedup --batch``, default
+- ``batch_pages`` (:class:`Scanner`, ``hvctl dedup --share-batch``, default
   :data:`BATCH_PAGES` = 1024): most pairs per ``share_many`` request; a
   cap, the hypervisor's step budget decides a step's size.
 - :data:`NOMINATE_FACTOR` (3): a ``nominate_many`` request carries up to
@@ -28,10 +29,12 @@ Tunables
   members nominated, verified and shared together.
 - ``skip_volatile`` (:class:`Scanner`, default True): skip pages whose
   checksum changed since their last scan.
-- ``interval`` and ``pages_per_second`` (:meth:`Scanner.watch`, ``hvctl
-  dedup --watch --interval/--rate``, defaults :data:`WATCH_INTERVAL` =
-  0.1 s and :data:`WATCH_PAGES_PER_SECOND` = 200,000): watch mode's tick
-  and rate limit.
+- :class:`Knobs` (:meth:`Scanner.watch`, :mod:`.knobs`): watch mode's
+  ``pages_to_scan`` per pass (default :data:`PAGES_TO_SCAN` = 20,000),
+  ``sleep_millisecs`` after each (default :data:`SLEEP_MILLISECS` = 100)
+  and ``share_batch`` (``batch_pages`` of each pass), changed while it
+  runs; ``hvctl dedup-set`` changes them through the daemon's control
+  socket (:mod:`.daemon`).
 - :data:`CHUNK_PAGES` (1024): pages per vectorised chunk of the zero test.
 
 Counters (:attr:`Scanner.counters`, KSM's names where they exist)
@@ -52,9 +55,9 @@ from .backend import (PIPELINE_DEPTH, SCANNER_OPS, STEP_BUDGET_MS, Backend, InPr
                       SocketBackend, step_delta)
 from .pages import CHUNK_PAGES, ZERO_SUM, page_hashes, zero_pages
 from .scanner import BATCH_PAGES, NOMINATE_FACTOR, ROUND_PAGES, Batch, PassResult, Plan, Scanner
-from .watch import WATCH_INTERVAL, WATCH_PAGES_PER_SECOND
+from .knobs import KNOBS, PAGES_TO_SCAN, SLEEP_MILLISECS, Knobs
 
 __all__ = ["Backend", "InProcessBackend", "SocketBackend", "Scanner", "Plan", "Batch", "PassResult",
            "step_delta", "page_hashes", "zero_pages", "BATCH_PAGES", "NOMINATE_FACTOR",
-           "ROUND_PAGES", "CHUNK_PAGES", "WATCH_INTERVAL", "WATCH_PAGES_PER_SECOND", "ZERO_SUM",
+           "ROUND_PAGES", "CHUNK_PAGES", "Knobs", "KNOBS", "PAGES_TO_SCAN", "SLEEP_MILLISECS", "ZERO_SUM",
            "SCANNER_OPS", "STEP_BUDGET_MS", "PIPELINE_DEPTH"]

@@ -262,7 +262,9 @@ def test_hvctl_dedup_one_pass(hvs):
     assert "frames saved" in p.stdout and "longest step" in p.stdout
     assert (types(hvs, c) == RAM_SHARED).any()
     for args, status, words in ((["dedup", "99"], 1, "no domain with id 99"),
-                                (["dedup", "--rate", "10"], 2, "only applies with --watch"),
+                                (["dedup", "--scan-rate", "10"], 2, "only applies with --watch"),
+                                (["dedup", "-v"], 2, "only applies with --watch"),
+                                (["dedup", "--stop", "--watch"], 2, "--stop takes no --watch"),
                                 (["dedup", "--watch", "--interval", "0"], 2, "--interval")):
         p = hvctl(hvs.socket_path, *args)
         assert p.returncode == status, p
@@ -276,12 +278,18 @@ def _watch(sock: str, *extra) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _unique(pairs):
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), keys        # one copy of each counter
+    return dict(pairs)
+
+
 def test_hvctl_dedup_watch_stops_on_sigterm(hvs):
     a = hvs.create(256, "clone", seed=4)
     b = hvs.create(256, "writer", seed=4, rate=500, batch=4)
-    proc = _watch(hvs.socket_path, "--rate", "4000")     # 200 gfns per pass: several per full scan
+    proc = _watch(hvs.socket_path, "--scan-rate", "4000", "-v")  # 200 gfns per pass: several per full scan
     try:
-        passes = [json.loads(proc.stdout.readline()) for _ in range(8)]
+        passes = [json.loads(proc.stdout.readline(), object_pairs_hook=_unique) for _ in range(8)]
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     finally:
@@ -294,7 +302,7 @@ def test_hvctl_dedup_watch_stops_on_sigterm(hvs):
         assert PASS_KEYS <= set(r) and r["scanned"] <= 200
     assert passes[-1]["full_scans"] >= 2
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["stopped"] == "SIGTERM" and summary["ticks"] >= 8
+    assert summary["stopped"] == "SIGTERM" and summary["passes"] >= 8
     assert hvs.info()["nr_saved_mfns"] > 0 and hvs.audit() == 0
     assert {a, b} <= {d["domid"] for d in hvs.list()}
 
@@ -302,7 +310,7 @@ def test_hvctl_dedup_watch_stops_on_sigterm(hvs):
 def test_hvctl_dedup_watch_exits_when_the_hypervisor_goes_away():
     with api.hvshare_session(frames=1024) as hv:
         hv.create(64, "zero")
-        proc = _watch(hv.socket_path)
+        proc = _watch(hv.socket_path, "-v")
         try:
             assert "scanned" in proc.stdout.readline()
             hv.stop()
@@ -321,6 +329,7 @@ def test_hvctl_dedup_help_documents_the_daemon_knobs():
     p = subprocess.run([sys.executable, "-m", "tools.hvctl", "dedup", "--help"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0
-    for word in ("--watch", "--rate", "PAGES_PER_SECOND", "--interval", "SECONDS", "--batch",
-                 "200,000", "0.1", "SIGTERM", "--json", "--socket"):
+    for word in ("--watch", "--scan-rate", "PAGES_PER_SECOND", "--interval", "SECONDS", "--share-batch",
+                 "200,000", "0.1", "SIGTERM", "--json", "--socket", "--detach", "--stop", "-v",
+                 "dedup-show", "dedup-set"):
         assert word in p.stdout, word

@@ -1,0 +1,378 @@
+"""Content sources read from outside: a live process's memory, or a file.
+
+A domain made with ``create --from-pid`` or ``create --image`` is filled
+by the hypervisor the way a domain builder fills one, a bounded chunk at
+a time (:meth:`hvcore.domains.DomainTable.build_step`). Its size must be
+known when the create begins (the frames are reserved then), so each
+source settles what it will read when it opens, and then reads it chunk
+by chunk through :meth:`into`:
+
+- :class:`ProcessSnapshot`: the process's anonymous private mappings
+  (every readable mapping with ``all_mappings``) from ``/proc/PID/maps``;
+  of those, the pages ``/proc/PID/pagemap`` says are present, in address
+  order. Swapped-out pages are counted, not read. Regions that cannot be
+  read (no read permission, ``[vvar]``, ``[vsyscall]``) are skipped and
+  counted. The bytes come from ``/proc/PID/mem``; a page that was unmapped
+  between the listing and its read is zeroed and counted (``lost_pages``):
+  a snapshot that loses such a race keeps what it read and says so. A
+  process that is gone (exited, or its memory replaced by ``exec``) fails
+  the create.
+- :class:`FileImage`: a raw memory dump or disk image (its bytes, padded
+  to a page) or an ELF core file (``gcore``, QEMU ``dump-guest-memory``):
+  the file bytes of its ``PT_LOAD`` segments in header order, each padded
+  to a page.
+
+Both read with ``os.preadv`` straight into the frames, and both have
+:meth:`report` (what the create answers) and :meth:`close`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+
+import numpy as np
+
+from .constants import PAGE_SIZE
+from .errors import EACCES, EINVAL, EIO, ENOENT, ESRCH, HVError
+
+#: pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PRESENT = np.uint64(1 << 63)
+PM_SWAPPED = np.uint64(1 << 62)
+#: pagemap entries read per call while listing a region
+PAGEMAP_CHUNK = 1 << 18
+#: special mappings /proc/PID/mem cannot read
+_UNREADABLE = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
+#: offsets of /proc/PID/mem are signed: addresses past this cannot be read
+_MAX_OFFSET = (1 << 63) - 1
+
+
+class ProcessSnapshot:
+    """The present pages of process ``pid`` as a domain's content.
+
+    Opening lists the pages (maps and pagemap) and keeps ``/proc/PID/mem``
+    open; :meth:`into` reads them. ``max_pages`` cuts the snapshot to its
+    first pages in address order. Raises HVError: ESRCH (no such process,
+    or it exited), EACCES (not allowed to read its memory), EINVAL (it has
+    no present page to take).
+    """
+
+    def __init__(self, pid: int, all_mappings: bool = False, max_pages: int | None = None):
+        self.pid, self.all_mappings = pid, all_mappings
+        self.source = f"pid {pid}"
+        self.regions = self.skipped_regions = self.skipped_pages = self.swapped_pages = 0
+        self.lost_pages = 0
+        self._mem = self._pagemap = None
+        try:
+            maps = self._open_proc("maps", text=True)
+            if not maps:
+                self._no_memory()
+            self._mem = self._open_proc("mem")
+            self._pagemap = self._open_proc("pagemap")
+            self.addrs = self._list_pages(maps, max_pages)
+        except BaseException:
+            self.close()
+            raise
+        if not len(self.addrs):
+            self.close()
+            what = "mapping" if all_mappings else "anonymous private mapping"
+            raise HVError(EINVAL, f"process {pid} has no present page in any readable {what}")
+        self.npages = len(self.addrs)
+        # where the address runs break: one read per run of adjacent pages
+        self._breaks = np.flatnonzero(np.diff(self.addrs) != PAGE_SIZE) + 1
+
+    def _open_proc(self, what: str, text: bool = False):
+        path = f"/proc/{self.pid}/{what}"
+        try:
+            if text:
+                with open(path) as f:
+                    return f.read()
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise HVError(ESRCH, f"no process {self.pid}") from None
+        except PermissionError:
+            raise HVError(EACCES, f"not allowed to read the memory of process {self.pid} "
+                                  f"(another user's process, or one that is not dumpable)") from None
+        except ProcessLookupError:
+            raise HVError(ESRCH, f"process {self.pid} exited before its snapshot") from None
+
+    def _no_memory(self) -> None:
+        stat_line = self._open_proc("stat", text=True)
+        if stat_line[stat_line.rfind(")") + 2:].startswith("Z"):
+            raise HVError(ESRCH, f"process {self.pid} exited before its snapshot")
+        raise HVError(EINVAL, f"process {self.pid} has no memory of its own (a kernel thread)")
+
+    def _list_pages(self, maps: str, max_pages: int | None) -> np.ndarray:
+        """Addresses of the pages to take, in address order."""
+        parts = []
+        taken = 0
+        for line in maps.splitlines():
+            if max_pages is not None and taken >= max_pages:
+                break
+            f = line.split(maxsplit=5)
+            if len(f) < 5:
+                continue
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            perms, inode = f[1], int(f[4])
+            path = f[5].strip() if len(f) > 5 else ""
+            anonymous = inode == 0 and (path in ("", "[heap]") or path.startswith(("[stack", "[anon:")))
+            if not self.all_mappings and not (anonymous and perms[3] == "p"):
+                continue
+            if perms[0] != "r" or path in _UNREADABLE or hi > _MAX_OFFSET:
+                self.skipped_regions += 1
+                self.skipped_pages += (hi - lo) // PAGE_SIZE
+                continue
+            present = self._present(lo, hi)
+            if present is None:
+                self.skipped_regions += 1
+                self.skipped_pages += (hi - lo) // PAGE_SIZE
+                continue
+            self.regions += 1
+            parts.append(present)
+            taken += len(present)
+        addrs = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return addrs[:max_pages] if max_pages is not None else addrs
+
+    def _present(self, lo: int, hi: int) -> np.ndarray | None:
+        """Addresses of the present pages of ``[lo, hi)`` (swapped ones are
+        counted); None if its pagemap cannot be read."""
+        out = []
+        first, last = lo // PAGE_SIZE, hi // PAGE_SIZE
+        for p0 in range(first, last, PAGEMAP_CHUNK):
+            n = min(PAGEMAP_CHUNK, last - p0)
+            entries = self._pagemap_entries(p0, n)
+            if entries is None:
+                return None
+            present = (entries & PM_PRESENT) != 0
+            self.swapped_pages += int(np.count_nonzero(~present & ((entries & PM_SWAPPED) != 0)))
+            out.append((np.flatnonzero(present) + p0) * PAGE_SIZE)
+        return np.concatenate(out).astype(np.int64) if out else np.empty(0, dtype=np.int64)
+
+    def _pagemap_entries(self, page: int, n: int) -> np.ndarray | None:
+        try:
+            raw = os.pread(self._pagemap, 8 * n, 8 * page)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise HVError(ESRCH, f"process {self.pid} exited during its snapshot") from None
+            return None
+        if not raw:
+            raise HVError(ESRCH, f"process {self.pid} exited during its snapshot")
+        entries = np.frombuffer(raw, dtype=np.uint64)
+        if len(entries) < n:
+            entries = np.concatenate([entries, np.zeros(n - len(entries), dtype=np.uint64)])
+        return entries
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
+        out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
+        self.into(out, start)
+        return out
+
+    def into(self, dst: np.ndarray, start: int) -> None:
+        """Read the snapshot's pages ``start..start+len(dst)-1`` into ``dst``
+        (past its end: zero pages), one read per run of adjacent pages."""
+        n = len(dst)
+        have = max(0, min(n, self.npages - start))
+        if have < n:
+            dst[have:] = 0
+        if not have:
+            return
+        b = self._breaks
+        cuts = b[np.searchsorted(b, start, "right"):np.searchsorted(b, start + have, "left")] - start
+        bounds = [0, *cuts.tolist(), have]
+        for i, j in zip(bounds[:-1], bounds[1:]):
+            self._read_run(dst[i:j], int(self.addrs[start + i]))
+
+    def _read_run(self, dst: np.ndarray, addr: int) -> None:
+        """Read adjacent pages at ``addr`` into ``dst``; what cannot be read
+        is zeroed and counted, what is present again is read again."""
+        got = self._read(dst, addr)
+        if got == len(dst):
+            return
+        rest, base = dst[got:], addr + got * PAGE_SIZE
+        entries = self._pagemap_entries(base // PAGE_SIZE, len(rest))
+        present = np.zeros(len(rest), dtype=bool) if entries is None else (entries & PM_PRESENT) != 0
+        rest[~present] = 0
+        self.lost_pages += int(np.count_nonzero(~present))
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], present.view(np.int8), [0]])))
+        for i, j in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            part = rest[i:j]
+            k = self._read(part, base + i * PAGE_SIZE)
+            if k < len(part):
+                part[k:] = 0
+                self.lost_pages += len(part) - k
+
+    def _read(self, dst: np.ndarray, addr: int) -> int:
+        """Whole pages read into ``dst`` from ``addr`` (a short read keeps
+        what came; the partial page is read again by the caller)."""
+        try:
+            got = os.preadv(self._mem, [dst], addr)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise HVError(ESRCH, f"process {self.pid} exited during its snapshot") from None
+            return 0
+        if got == 0 and self._gone():
+            raise HVError(ESRCH, f"process {self.pid} exited during its snapshot")
+        return got // PAGE_SIZE
+
+    def _gone(self) -> bool:
+        """True if the process's memory is gone (it exited or ran exec):
+        its pagemap reads as nothing then."""
+        try:
+            return not os.pread(self._pagemap, 8, 0)
+        except OSError:
+            return True
+
+    def report(self) -> dict:
+        return {"source": self.source, "pages": self.npages, "regions": self.regions,
+                "skipped_regions": self.skipped_regions, "skipped_pages": self.skipped_pages,
+                "swapped_pages": self.swapped_pages, "lost_pages": self.lost_pages}
+
+    def close(self) -> None:
+        for fd in (self._mem, self._pagemap):
+            if fd is not None:
+                os.close(fd)
+        self._mem = self._pagemap = None
+
+
+#: ELF constants: ET_CORE, PT_LOAD
+_ET_CORE, _PT_LOAD = 4, 1
+
+
+class FileImage:
+    """A file's bytes as a domain's content: raw, or an ELF core's
+    ``PT_LOAD`` segments. ``extents`` are ``(file offset, bytes, first
+    page)``, each starting on a page of its own. Raises HVError: ENOENT
+    (no such file), EACCES, EINVAL (empty, a directory, a broken core)."""
+
+    def __init__(self, path: str, max_pages: int | None = None):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise HVError(ENOENT, f"no file {path}") from None
+        except PermissionError:
+            raise HVError(EACCES, f"not allowed to read {path}") from None
+        except OSError as e:
+            raise HVError(EINVAL, f"cannot open {path}: {e.strerror}") from None
+        try:
+            self._describe(max_pages)
+        except BaseException:
+            self.close()
+            raise
+
+    def _describe(self, max_pages: int | None) -> None:
+        st = os.fstat(self._fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise HVError(EINVAL, f"{self.path} is a directory")
+        size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(self._fd)
+        if size == 0:
+            raise HVError(EINVAL, f"{self.path} is empty")
+        segments = _core_segments(os.pread(self._fd, 64, 0), self._fd, size, self.path)
+        self.kind = "raw" if segments is None else "elf-core"
+        if segments is None:
+            segments = [(0, size)]
+        self.extents, page = [], 0
+        for off, nbytes in segments:
+            self.extents.append((off, nbytes, page))
+            page += -(-nbytes // PAGE_SIZE)
+        if page == 0:
+            raise HVError(EINVAL, f"{self.path} is an ELF core file without memory in its PT_LOAD segments")
+        self.segments = len(segments)
+        self.source_pages = page
+        self.npages = page if max_pages is None else min(page, max_pages)
+        self.source = f"{self.kind} {self.path}"
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
+        out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
+        self.into(out, start)
+        return out
+
+    def into(self, dst: np.ndarray, start: int) -> None:
+        """Pages ``start..start+len(dst)-1`` of the image into ``dst`` (past
+        its end and in segments' padding: zeros)."""
+        n = len(dst)
+        flat = dst.reshape(-1)
+        covered = 0                     # bytes of dst written from the file, from its start
+        for off, nbytes, first in self.extents:
+            pages = -(-nbytes // PAGE_SIZE)
+            lo, hi = max(start, first), min(start + n, first + pages)
+            if lo >= hi:
+                continue
+            a = (lo - start) * PAGE_SIZE
+            if a > covered:
+                flat[covered:a] = 0
+            skip = (lo - first) * PAGE_SIZE
+            want = min(nbytes - skip, (hi - lo) * PAGE_SIZE)
+            got = os.preadv(self._fd, [flat[a:a + want]], off + skip)
+            if got < want:
+                raise HVError(EIO, f"{self.path} shrank while it was read")
+            covered = a + want
+        flat[covered:] = 0
+
+    def report(self) -> dict:
+        return {"source": self.source, "pages": self.npages, "regions": self.segments,
+                "skipped_regions": 0, "skipped_pages": 0, "swapped_pages": 0, "lost_pages": 0}
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _device_size(fd: int) -> int:
+    """The size of a block device (or 0 for what has none)."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return 0
+
+
+def _core_segments(head: bytes, fd: int, size: int, path: str) -> list[tuple[int, int]] | None:
+    """``(offset, bytes)`` of each PT_LOAD segment of an ELF core file with
+    file bytes, in header order; None if the file is not an ELF core."""
+    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return None
+    e = "<" if head[5] == 1 else ">"
+    wide = head[4] == 2
+    (e_type,) = struct.unpack_from(e + "H", head, 16)
+    if e_type != _ET_CORE:
+        return None
+    if wide:
+        (phoff,), (phentsize, phnum) = struct.unpack_from(e + "Q", head, 32), struct.unpack_from(e + "HH", head, 54)
+        fmt, need = e + "IIQQQQQQ", 56
+    else:
+        (phoff,), (phentsize, phnum) = struct.unpack_from(e + "I", head, 28), struct.unpack_from(e + "HH", head, 42)
+        fmt, need = e + "IIIIIIII", 32
+    if phentsize < need or phoff + phentsize * phnum > size:
+        raise HVError(EINVAL, f"{path} is an ELF core file whose program headers are cut off")
+    table = os.pread(fd, phentsize * phnum, phoff)
+    out = []
+    for i in range(phnum):
+        h = struct.unpack_from(fmt, table, i * phentsize)
+        if wide:
+            p_type, p_offset, p_filesz = h[0], h[2], h[5]
+        else:
+            p_type, p_offset, p_filesz = h[0], h[1], h[4]
+        if p_type != _PT_LOAD or p_filesz == 0:
+            continue
+        if p_offset + p_filesz > size:
+            raise HVError(EINVAL, f"{path} is an ELF core file cut off inside segment {i}")
+        out.append((p_offset, p_filesz))
+    return out
+
+
+def open_source(from_pid: int | None = None, image: str | None = None, all_mappings: bool = False,
+                max_pages: int | None = None):
+    """The content source of a create: a process snapshot or a file image."""
+    if from_pid is not None and image is not None:
+        raise HVError(EINVAL, "a create reads a process or a file, not both")
+    if from_pid is None and image is None:
+        raise HVError(EINVAL, "all_mappings is for a process snapshot")
+    if from_pid is not None:
+        return ProcessSnapshot(from_pid, all_mappings, max_pages)
+    if all_mappings:
+        raise HVError(EINVAL, "all_mappings is for a process snapshot, not a file")
+    if not os.path.isabs(image):
+        raise HVError(EINVAL, f"the image path must be absolute, not {image!r}")
+    return FileImage(image, max_pages)

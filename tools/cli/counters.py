@@ -1,0 +1,67 @@
+"""``hvctl info`` and ``hvctl audit``: the hypervisor's counters and invariants."""
+from __future__ import annotations
+
+from .args import client, micros
+
+
+def register(add) -> None:
+    add("info", "show the hypervisor's counters",
+        "Frames, sharing counters (nr_shared_mfns, nr_saved_mfns, and as 'xl info' prints\n"
+        "them in MiB: sharing_freed_memory, sharing_used_memory), rmap policy, teardown\n"
+        "mode, and the longest step the hypervisor ran without serving anything else\n"
+        "(max_pause_ms) with a log2 histogram of step lengths.\n\n"
+        "Then the sharing report (under \"sharing\" with --json): the frames saved by\n"
+        "zero pages and by other pages, how many shared frames have 1, 2, 3-4, 5-8, ...\n"
+        "references, and how much of the saving lies within one domain and how much\n"
+        "across domains. docs/counters.md defines every counter.", info)
+    add("audit", "check every sharing invariant",
+        "Run the hypervisor's audit; print its error count. Exit status 1 when it is not 0.", audit)
+
+
+def info(a) -> object:
+    with client(a) as c:
+        i = c.info()
+        i["sharing"] = c.sharing_report()
+    lines = [f"{k:<16}{i[k]}" for k in ("frames_total", "frames_free", "nr_shared_mfns",
+                                        "nr_saved_mfns")]
+    lines += [f"{k:<22}{i[k]} MiB" for k in ("sharing_freed_memory", "sharing_used_memory")]
+    lines += [f"{k:<16}{i[k]}" for k in ("rmap", "teardown")]
+    lines.append(f"{'sched':<16}{i.get('sched', '?')}")
+    lines.append(f"{'max_pause_ms':<16}{i['max_pause_ms']} ({i.get('max_pause_op', '?')}; wall time)")
+    if i.get("max_pause_cpu_ms") is not None:
+        lines.append(f"{'max_pause_cpu_ms':<16}{i['max_pause_cpu_ms']} (the longest step in CPU time)")
+    lines.append(f"{'cow_faults':<16}{i.get('cow_faults', 0)}")
+    for op, why in (i.get("unbounded") or {}).items():
+        lines.append(f"{'unbounded':<16}{op}: {why}")
+    lines.append(f"{'hypervisor':<16}pid {i['pid']}, {i['steps']} steps, {i['requests']} requests, "
+                 f"up {i['uptime_s']:.0f} s")
+    lines += _sharing_lines(i["sharing"])
+    hist = i.get("pause_histogram") or []
+    if hist:
+        top = max(h["count"] for h in hist)
+        lines.append("step lengths:")
+        for h in hist:
+            bar = "#" * max(1, round(30 * h["count"] / top))
+            lines.append(f"  < {micros(h['lt_us']):>8}  {h['count']:>8}  {bar}")
+    return i, "\n".join(lines)
+
+
+def audit(a) -> object:
+    r = client(a).call("audit")
+    took = f" in {r['seconds']:.3f} s" if "seconds" in r else ""
+    text = f"audit: {r['errors']} errors{took}" + "".join(f"\n  {x}" for x in r.get("report", []))
+    return r, text, (1 if r["errors"] else 0)
+
+
+def _sharing_lines(r: dict) -> list[str]:
+    """The sharing report in a few lines (docs/counters.md)."""
+    out = [f"{'saved':<16}{r['saved_frames']:,} frames ({r['saved_mib']:.1f} MiB): zero pages "
+           f"{r['zero']['saved']:,}, other pages {r['other']['saved']:,}",
+           f"{'':<16}within a domain {r['intra']['saved']:,}, across domains {r['inter']['saved']:,}"
+           + (f", changed while counted {r['unsettled']['saved']:,}" if r["unsettled"]["frames"] else "")]
+    hist = [h for h in r["degree"]["histogram"] if h["frames"]]
+    if hist:
+        cells = ", ".join(f"{h['min']}" + (f"-{h['max']}" if h["max"] > h["min"] else "")
+                          + f": {h['frames']:,}" for h in hist)
+        out.append(f"{'references':<16}{cells} frames (most {r['degree']['max']:,})")
+    return out
