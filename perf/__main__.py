@@ -3,7 +3,7 @@
     python -m perf <bench> [--quick] [--json PATH]     one benchmark
     python -m perf all [--quick] [--json PATH] [--plots DIR] [--markdown] [--from PATH]
     python -m perf compare A.json B.json [--changed] [--threshold F]
-    python -m perf plots RUN.json DIR
+    python -m perf plots [RUN.json DIR]       (default: docs/perf/run.json docs/perf)
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "ksm", "pipe")
+BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "real", "fork", "ksm", "pipe")
 #: commands that are not benchmarks: name -> module with main(argv)
 COMMANDS = {"all": "perf.report.suite", "compare": "perf.report.compare", "plots": "perf.report.plots"}
 

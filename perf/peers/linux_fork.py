@@ -20,7 +20,7 @@ What is measured is the kernel's work, not Python's set-up:
   ``waitpid`` in the parent, which holds the same ``pages`` touched pages.
 
 The helper prints one JSON document and exits; its repeats give medians
-with their spread (:func:`perf.common.spread`).
+with their spread (:func:`perf.common.summary`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 
-from ..common import spread, standalone, table
+from ..common import standalone, summary, table
 
 _HELPER = r"""
 import gc, json, mmap, os, sys, time
@@ -96,8 +96,8 @@ def measure(pages: int, fork_repeats: int = 10, loop_ks=(1, 64, 1024), loop_iter
     touched anonymous pages (see the module's docstring)::
 
         {"pages", "resident_pages",
-         "fork": {"seconds", "seconds_spread", "helper_alone_seconds", "helper_alone_spread"},
-         "loop": {"<k>": {"iterations_per_second", "iterations_per_second_spread",
+         "fork": {"seconds", "seconds_stats", "helper_alone_seconds", "helper_alone_stats"},
+         "loop": {"<k>": {"iterations_per_second", "iterations_per_second_stats",
                           "iterations", "k"}}}
 
     Raises RuntimeError with the helper's reason if it fails."""
@@ -113,15 +113,15 @@ def measure(pages: int, fork_repeats: int = 10, loop_ks=(1, 64, 1024), loop_iter
         raise RuntimeError(f"the Linux fork helper failed: {lines[-1] if lines else f'status {p.returncode}'}")
     raw = json.loads(p.stdout)
     secs = [ns / 1e9 for ns in raw["fork_ns"]]
-    fork, empty = spread(secs), spread([ns / 1e9 for ns in raw["empty_fork_ns"]])
+    fork, empty = summary(secs), summary([ns / 1e9 for ns in raw["empty_fork_ns"]])
     out = {"pages": pages, "resident_pages": raw["resident_pages"], "helper_pages": raw["helper_pages"],
-           "fork": {"seconds": fork["median"], "seconds_spread": fork,
-                    "helper_alone_seconds": empty["median"], "helper_alone_spread": empty},
+           "fork": {"seconds": fork["median"], "seconds_stats": fork,
+                    "helper_alone_seconds": empty["median"], "helper_alone_stats": empty},
            "loop": {}}
     for k, rates in raw["loops"].items():
-        s = spread(rates)
+        s = summary(rates)
         out["loop"][k] = {"k": int(k), "iterations": loop_iterations, "iterations_per_second": s["median"],
-                          "iterations_per_second_spread": s}
+                          "iterations_per_second_stats": s}
     return out
 
 
@@ -134,11 +134,11 @@ def run(quick: bool = False) -> dict:
 def report(result: dict) -> str:
     rows = []
     for r in result["results"]:
-        f = r["fork"]["seconds_spread"]
+        f = r["fork"]["seconds_stats"]
         rows.append([f"{r['pages']:,}", f"{r['resident_pages']:,}", "fork until the child runs",
                      f"{f['median'] * 1e3:.3g} ms", f"{f['min'] * 1e3:.3g}..{f['max'] * 1e3:.3g}", f["n"]])
         for k, lo in r["loop"].items():
-            s = lo["iterations_per_second_spread"]
+            s = lo["iterations_per_second_stats"]
             rows.append([f"{r['pages']:,}", "", f"fork + {int(k):,} writes + exit + wait",
                          f"{s['median']:,.0f} /s", f"{s['min']:,.0f}..{s['max']:,.0f}", s["n"]])
     return "Linux fork() of a process holding N touched anonymous pages (medians, spread min..max)\n" + table(

@@ -13,13 +13,22 @@ them.  The goals mirror those the benchmarks check themselves (perf.rmap's,
 perf.teardown's at N = 100,000); where a bench states none, the goal here
 is this suite's.  A bench may also carry ``"goals": {ratio_key: {"goal":
 text, "met": bool}}``, which then wins over the goal written here.
+
+Every figure carries its repeats: a headline's ``stats`` (and
+``anchor_stats`` for a measured anchor) is the :func:`perf.common.summary`
+of the repeats behind it, ``{"median", "min", "max", "n"}``, read by
+:func:`perf.common.stats_of` from however the bench kept them; the value
+shown is the bench's own figure (the median of the repeats, or a
+percentile of all repeats' samples together) and the table prints it as
+``1.62 ms [1.50–1.81], n=5`` (min–max of the repeats). A figure given
+without ``stats`` is one measurement: n = 1.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable
 
-from ..common import one_line
+from ..common import one_line, stats_of
 
 
 # ---------------------------------------------------------------------------
@@ -114,12 +123,14 @@ SEED_BUCKETS_SECONDS = 2.0      # ...under 2 seconds with the hash table
 def _h(figure: str, unit: str, command: str, goal: str, *, value=None, anchor=None,
        anchor_value=None, ratio=None, ratio_of: str | None = None,
        met: Callable[[float | None, float | None], bool | None] | None = None,
-       bench: str = "", ratio_key: str | None = None, result: Any = None) -> dict:
+       bench: str = "", ratio_key: str | None = None, result: Any = None,
+       stats: dict | None = None, anchor_stats: dict | None = None) -> dict:
     value, anchor_value, ratio = num(value), num(anchor_value), num(ratio)
+    stats, anchor_stats = _stats_for(value, stats), _stats_for(anchor_value, anchor_stats)
     if isinstance(anchor, tuple):          # (label, unit): "label: value unit" once measured
         label, aunit = anchor
-        anchor = (f"{label}: {_fmt(anchor_value)} {aunit}".rstrip() if anchor_value is not None
-                  else f"{label}: not measured")
+        anchor = (f"{label}: {figure_text(anchor_value, aunit, anchor_stats)}"
+                  if anchor_value is not None else f"{label}: not measured")
     try:
         ok = met(value, ratio) if met else None
     except TypeError:          # a None in the comparison
@@ -129,10 +140,49 @@ def _h(figure: str, unit: str, command: str, goal: str, *, value=None, anchor=No
     if isinstance(own, dict):
         goal = own.get("goal", goal)
         ok = own.get("met", ok)
-    return {"figure": figure, "value": value, "unit": unit, "anchor": anchor,
-            "anchor_value": anchor_value, "ratio": ratio, "ratio_of": ratio_of,
+    return {"figure": figure, "value": value, "stats": stats, "unit": unit, "anchor": anchor,
+            "anchor_value": anchor_value, "anchor_stats": anchor_stats, "ratio": ratio, "ratio_of": ratio_of,
             "goal": goal, "met": None if ok is None else bool(ok),
             "command": command, "bench": bench}
+
+
+def _stats_for(value: float | None, stats: dict | None) -> dict | None:
+    """The repeats of a figure: ``stats`` as given, else (a figure with no
+    recorded repeats) n = 1; None without a value."""
+    if value is None:
+        return None
+    if isinstance(stats, dict) and isinstance(stats.get("n"), int) and stats["n"] >= 1:
+        return stats
+    return {"median": value, "min": value, "max": value, "n": 1}
+
+
+def scaled(stats: dict | None, factor: float) -> dict | None:
+    """``stats`` in another unit (``factor`` times every figure, n kept)."""
+    if not isinstance(stats, dict):
+        return None
+    out = {k: v * factor for k, v in stats.items() if k in ("median", "min", "max")}
+    if isinstance(stats.get("ci95"), list):
+        out["ci95"] = [v * factor for v in stats["ci95"]]
+    out["n"] = stats.get("n")
+    return out
+
+
+def spread_text(stats: dict | None) -> str:
+    """`` [min–max], n=N`` of a figure's repeats (only ``, n=1`` for one)."""
+    if not isinstance(stats, dict) or not stats.get("n"):
+        return ""
+    if stats["n"] == 1 or num(stats.get("min")) is None or num(stats.get("max")) is None:
+        return f", n={stats['n']}"
+    return f" [{_fmt(num(stats['min']))}–{_fmt(num(stats['max']))}], n={stats['n']}"
+
+
+def figure_text(value: float | None, unit: str = "", stats: dict | None = None) -> str:
+    """A figure as the table prints it, ``1.62 ms [1.50–1.81], n=5`` (the
+    plots print the same text, so a plot and the table cannot disagree)."""
+    value = num(value)
+    if value is None:
+        return "?"
+    return f"{_fmt(value)} {unit}".rstrip() + spread_text(_stats_for(value, stats))
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -156,8 +206,11 @@ def _rmap_headlines(r: Any) -> list[dict]:
     top = max((num(c.get("degree")) or 0 for c in rows), default=None) or None
     top_s = f"{int(top):,}" if top else "D"
 
+    def row(policy, degree):
+        return pick(rows, "degree", policy=policy, degree=degree)
+
     def at(policy, degree, field):
-        return dig(pick(rows, "degree", policy=policy, degree=degree), field)
+        return dig(row(policy, degree), field)
 
     lob_key = _ratio_key(r, "list_over_buckets_delete_at_")
     list_ns, buck_ns = at("list", top, "delete_ns"), at("buckets", top, "delete_ns")
@@ -167,12 +220,14 @@ def _rmap_headlines(r: Any) -> list[dict]:
     return [
         _h(f"rmap delete at degree {top_s}: buckets vs list", "ns", cmd,
            ">= 200x (seed: ~256x in theory, 7 min -> 2 s = 210x measured)", value=buck_ns,
-           anchor=("list", "ns"), anchor_value=list_ns,
+           stats=stats_of(row("buckets", top), "delete_ns"),
+           anchor=("list", "ns"), anchor_value=list_ns, anchor_stats=stats_of(row("list", top), "delete_ns"),
            ratio=dig(r, "ratios", lob_key) if lob_key else None, ratio_of="list/buckets",
            met=lambda v, q: q >= 200, bench="rmap", ratio_key=lob_key, result=r),
         _h(f"rmap index delete at degree {top_s} vs 16 (flat)", "ns", cmd,
-           "<= 2x, O(1)", value=idx_top, anchor=("index at degree 16", "ns"),
-           anchor_value=idx_lo, ratio=dig(r, "ratios", "index_delete_flatness"),
+           "<= 2x, O(1)", value=idx_top, stats=stats_of(row("index", top), "delete_ns"),
+           anchor=("index at degree 16", "ns"), anchor_value=idx_lo,
+           anchor_stats=stats_of(row("index", 16), "delete_ns"), ratio=dig(r, "ratios", "index_delete_flatness"),
            ratio_of=f"{top_s}/16", met=lambda v, q: q <= 2, bench="rmap",
            ratio_key="index_delete_flatness", result=r),
         _h(f"rmap index memory at degree {top_s}", "B/entry", cmd, "<= 32 B/entry",
@@ -234,34 +289,37 @@ def _teardown_headlines(r: Any) -> list[dict]:
     fworst = max(fr, key=lambda c: num(c["fault_p99_us"]) / num(c["idle_fault_p99_us"])) if fr else None
     return [
         _h(f"teardown of {_n(n_b)} shared entries on one frame, buckets", "s", cmd,
-           f"< 2 s at N={SEED_N:,}, as the seed", value=dig(buck, "seconds"),
+           f"< 2 s at N={SEED_N:,}, as the seed", value=dig(buck, "seconds"), stats=stats_of(buck, "seconds"),
            anchor="seed (Xen, 2012): under 2 s", anchor_value=SEED_BUCKETS_SECONDS,
            ratio=(num(dig(buck, "seconds")) / SEED_BUCKETS_SECONDS) if num(dig(buck, "seconds")) else None,
            ratio_of="hvshare/seed", met=judged(n_b, lambda v, q: v < SEED_BUCKETS_SECONDS),
            bench="teardown", result=r),
         _h(f"teardown of {_n(n_lb)} shared entries: list vs buckets", "s", cmd,
            f">= 200x at N={SEED_N:,} (seed: 7 min -> 2 s)", value=dig(lst, "seconds"),
-           anchor=("buckets", "s"), anchor_value=dig(buck_lb, "seconds"),
+           stats=stats_of(lst, "seconds"), anchor=("buckets", "s"), anchor_value=dig(buck_lb, "seconds"),
+           anchor_stats=stats_of(buck_lb, "seconds"),
            ratio=dig(r, "ratios", "list_over_buckets"), ratio_of="list/buckets",
            met=judged(n_lb, lambda v, q: q >= 200), bench="teardown", ratio_key="list_over_buckets", result=r),
         _h(f"teardown of {_n(n_ik)} shared entries, index vs Linux munmap (one KSM page)", "s", cmd,
-           f"<= 3x at N={SEED_N:,}", value=idx_s, anchor=("Linux munmap", "s"), anchor_value=mun_s,
+           f"<= 3x at N={SEED_N:,}", value=idx_s, stats=stats_of(idx, "seconds"),
+           anchor=("Linux munmap", "s"), anchor_value=mun_s, anchor_stats=stats_of(peer, "seconds"),
            ratio=(idx_s / mun_s) if idx_s and mun_s else dig(r, "ratios", "index_over_ksm"),
            ratio_of="index/munmap", met=judged(n_ik, lambda v, q: q <= 3), bench="teardown",
            ratio_key="index_over_ksm", result=r),
         _h("longest hypervisor step, preemptible teardown"
            + (f" ({worst.get('rmap')}, N={_n(worst.get('entries'))})" if worst else ""), "ms", cmd,
-           "<= 1 ms at every N", value=dig(worst, "max_pause_ms"),
+           "<= 1 ms at every N", value=dig(worst, "max_pause_ms"), stats=stats_of(worst, "max_pause_ms"),
            anchor=("monolithic, buckets" + (f" N={_n(mono.get('entries'))}" if mono else ""), "ms"),
-           anchor_value=dig(mono, "max_pause_ms"),
+           anchor_value=dig(mono, "max_pause_ms"), anchor_stats=stats_of(mono, "max_pause_ms"),
            ratio=(num(dig(mono, "max_pause_ms")) / num(worst["max_pause_ms"]))
            if num(dig(mono, "max_pause_ms")) and worst and num(worst["max_pause_ms"]) else None,
            ratio_of="monolithic/preemptible", met=lambda v, q: v <= 1.0, bench="teardown",
            ratio_key="max_pause_ms", result=r),
         _h("guest CoW fault p99 during a preemptible teardown"
            + (f" ({fworst.get('rmap')}, N={_n(fworst.get('entries'))})" if fworst else ""), "us", cmd,
-           "<= 2x idle at every N", value=dig(fworst, "fault_p99_us"), anchor=("idle hypervisor", "us"),
-           anchor_value=dig(fworst, "idle_fault_p99_us"),
+           "<= 2x idle at every N", value=dig(fworst, "fault_p99_us"), stats=stats_of(fworst, "fault_p99_us"),
+           anchor=("idle hypervisor", "us"), anchor_value=dig(fworst, "idle_fault_p99_us"),
+           anchor_stats=stats_of(fworst, "idle_fault_p99_us"),
            ratio=(num(fworst["fault_p99_us"]) / num(fworst["idle_fault_p99_us"])) if fworst else None,
            ratio_of="teardown/idle", met=lambda v, q: q <= 2, bench="teardown",
            ratio_key="fault_p99_us", result=r),
@@ -286,7 +344,8 @@ def _cow_headlines(r: Any) -> list[dict]:
     ksm_us = ksm_p50 / 1e3 if ksm_p50 is not None else None
     out = [
         _h("CoW fault p50 (same core) vs Linux KSM CoW break", "us", cmd, "<= 3x",
-           value=same.get("p50_us"), anchor=("KSM CoW break p50", "us"), anchor_value=ksm_us,
+           value=same.get("p50_us"), stats=stats_of(same, "p50_us"), anchor=("KSM CoW break p50", "us"),
+           anchor_value=ksm_us, anchor_stats=scaled(stats_of(dig(res, "ksm_cow"), "p50_ns"), 1e-3),
            ratio=dig(r, "ratios", "cow_p50_over_ksm"), ratio_of="hvshare/KSM",
            met=lambda v, q: q <= 3, bench="cow", ratio_key="cow_p50_over_ksm", result=r),
     ]
@@ -295,13 +354,16 @@ def _cow_headlines(r: Any) -> list[dict]:
         q = dig(res, "pipe", p) or {}
         key = f"cow_p50_over_pipe_{p}"
         out.append(_h(f"CoW fault p50 ({where}) vs raw pipe round trip", "us", cmd, "<= 2x",
-                      value=f.get("p50_us"), anchor=("raw pipe round trip p50", "us"),
-                      anchor_value=q.get("p50_us"), ratio=dig(r, "ratios", key), ratio_of="fault/pipe",
+                      value=f.get("p50_us"), stats=stats_of(f, "p50_us"), anchor=("raw pipe round trip p50", "us"),
+                      anchor_value=q.get("p50_us"), anchor_stats=stats_of(q, "p50_us"),
+                      ratio=dig(r, "ratios", key), ratio_of="fault/pipe",
                       met=lambda v, q: q <= 2, bench="cow", ratio_key=key, result=r))
     b = dig(res, "hvshare", "batched", "pages_per_second")
     kb = dig(res, "ksm_batched", "pages_per_second")
     out.append(_h("batched unshare (CoW) rate vs Linux KSM batched CoW break", "pages/s", cmd, ">= 1x",
-                  value=b, anchor=("KSM, one write over all pages", "pages/s"), anchor_value=kb,
+                  value=b, stats=stats_of(dig(res, "hvshare", "batched"), "pages_per_second"),
+                  anchor=("KSM, one write over all pages", "pages/s"), anchor_value=kb,
+                  anchor_stats=stats_of(dig(res, "ksm_batched"), "pages_per_second"),
                   ratio=dig(r, "ratios", "batched_over_ksm"), ratio_of="hvshare/KSM",
                   met=lambda v, q: q >= 1, bench="cow", ratio_key="batched_over_ksm", result=r))
     return out
@@ -313,7 +375,9 @@ def _dedup_headlines(r: Any) -> list[dict]:
     for content, key in (("identical", "merge_rate_over_ksm"), ("clone", "merge_rate_over_ksm_clone")):
         hv, ksm = merge_rates(r, content)[:2]
         out.append(_h(f"dedup merge rate vs Linux KSM ({content} pages)", "pages/s", cmd, ">= 1x",
-                      value=hv, anchor=("Linux KSM ksmd, same pages", "pages/s"), anchor_value=ksm,
+                      value=hv, stats=stats_of(dig(r, "results", content, "hvshare"), "pages_per_second"),
+                      anchor=("Linux KSM ksmd, same pages", "pages/s"), anchor_value=ksm,
+                      anchor_stats=stats_of(dig(r, "results", content, "ksm"), "pages_per_second"),
                       ratio=dig(r, "ratios", key), ratio_of="hvshare/KSM",
                       met=lambda v, q: q >= 1, bench="dedup", ratio_key=key, result=r))
     return out
@@ -336,7 +400,8 @@ def _density_headlines(r: Any) -> list[dict]:
     pred = num(dig(w, "predicted"))
     return [_h("guest density: clone guests in one pool, dedup after each boot vs none", "guests", cmd,
                f"as many as the content predicts ({_n(pred) if pred else '?'})",
-               value=dig(w, "guests"), anchor=("without dedup", "guests"), anchor_value=dig(wo, "guests"),
+               value=dig(w, "guests"), stats=stats_of(w, "guests"), anchor=("without dedup", "guests"),
+               anchor_value=dig(wo, "guests"), anchor_stats=stats_of(wo, "guests"),
                ratio=dig(r, "ratios", "density"), ratio_of="with/without",
                met=lambda v, q: v >= pred, bench="density", ratio_key="density", result=r)]
 
@@ -360,20 +425,100 @@ def _scale_headlines(r: Any) -> list[dict]:
     return [
         _h(f"scale: longest step of any operation, two clones of {_n(n)} pages ({rmap}"
            + (f", {longest[0]}" if longest[0] else "") + ")", "ms", cmd, "<= 1 ms in every operation",
-           value=longest[1], anchor=("longest destroy step", "ms"), anchor_value=dig(ops, "destroy", "max_step_ms"),
+           value=longest[1], stats=stats_of(ops.get(longest[0]), "max_step_ms"),
+           anchor=("longest destroy step", "ms"), anchor_value=dig(ops, "destroy", "max_step_ms"),
+           anchor_stats=stats_of(ops.get("destroy"), "max_step_ms"),
            met=lambda v, q: v <= 1.0, bench="scale", result=r),
         _h(f"scale: create of a {_n(n)}-page clone vs numpy generating the same bytes ({rmap})", "s", cmd,
-           "none stated (the floor)", value=dig(ops, "create", "seconds"), anchor=("numpy fill", "s"),
-           anchor_value=dig(peer, "fill", "generate", "seconds"), ratio=ratio("create_over_fill"),
+           "none stated (the floor)", value=dig(ops, "create", "seconds"), stats=stats_of(ops.get("create"), "seconds"),
+           anchor=("numpy fill", "s"), anchor_value=dig(peer, "fill", "generate", "seconds"),
+           anchor_stats=stats_of(dig(peer, "fill", "generate"), "seconds"), ratio=ratio("create_over_fill"),
            ratio_of="create/fill", bench="scale", result=r),
         _h(f"scale: one dedup pass over two {_n(n)}-page clones, merge rate vs ksmd ({rmap})", "pages/s", cmd, ">= 1x",
-           value=dig(ops, "dedup", "pages_per_second"), anchor=("Linux KSM ksmd, same pages", "pages/s"),
-           anchor_value=dig(peer, "ksm", "pages_per_second"), ratio=ratio("dedup_over_ksm"),
+           value=dig(ops, "dedup", "pages_per_second"), stats=stats_of(ops.get("dedup"), "pages_per_second"),
+           anchor=("Linux KSM ksmd, same pages", "pages/s"), anchor_value=dig(peer, "ksm", "pages_per_second"),
+           anchor_stats=stats_of(dig(peer, "ksm"), "pages_per_second"), ratio=ratio("dedup_over_ksm"),
            ratio_of="hvshare/KSM", met=lambda v, q: q >= 1, bench="scale", result=r),
         _h(f"scale: destroy of a {_n(n)}-page clone (index) vs Linux munmap of the KSM-merged region", "s", cmd,
            "<= 3x", value=dig(pick(rows, "pages", rmap="index", pages=n), "ops", "destroy", "seconds"),
-           anchor=("Linux munmap", "s"), anchor_value=dig(peer, "ksm", "munmap_seconds"), ratio=dst,
+           stats=stats_of(dig(pick(rows, "pages", rmap="index", pages=n), "ops", "destroy"), "seconds"),
+           anchor=("Linux munmap", "s"), anchor_value=dig(peer, "ksm", "munmap_seconds"),
+           anchor_stats=stats_of(dig(peer, "ksm"), "munmap_seconds"), ratio=dst,
            ratio_of="index/munmap", met=lambda v, q: q <= 3, bench="scale", result=r),
+    ]
+
+
+def _real_headlines(r: Any) -> list[dict]:
+    """perf.real: hvshare's dedup on snapshots of real programs against
+    Linux KSM on the programs: frames saved, and scan-and-merge time
+    against KSM's time to settle."""
+    cmd = "python -m perf real"
+    hv, ksm = dig(r, "hvshare"), dig(r, "ksm")
+    return [_h("real programs: frames saved by dedup of their snapshots vs Linux KSM", "frames", cmd,
+               "within 2%", value=dig(hv, "frames_saved"), anchor=("Linux KSM pages_sharing", "frames"),
+               anchor_value=dig(ksm, "pages_sharing"), ratio=dig(r, "ratios", "frames_over_ksm"),
+               ratio_of="hvshare/KSM", met=lambda v, q: abs(q - 1) <= 0.02, bench="real",
+               ratio_key="frames_over_ksm", result=r),
+            _h("real programs: dedup scan-and-merge time vs Linux KSM settle time", "s", cmd, "<= 0.5x",
+               value=dig(hv, "scan_seconds"), anchor=("Linux KSM ksmd until settled", "s"),
+               anchor_value=dig(ksm, "settle_seconds"), ratio=dig(r, "ratios", "time_over_ksm"),
+               ratio_of="hvshare/KSM", met=lambda v, q: q <= 0.5, bench="real",
+               ratio_key="time_over_ksm", result=r)]
+
+
+def _fork_headlines(r: Any) -> list[dict]:
+    """perf.fork: ``results`` rows per N (pages, fork, reset, loop, frames,
+    max_step_ms), the Linux ``peers`` by N and ``ratios``; the fork goal is
+    judged at 1,048,576 pages only, the others at the largest N measured."""
+    cmd = "python -m perf fork"
+    goal_n = 1_048_576
+    rows = [c for c in cases(r) if num(c.get("pages"))]
+    top = pick(rows, "pages")
+    at_goal = pick(rows, "pages", pages=goal_n)
+    row = at_goal or top
+    n, n_top = dig(row, "pages"), dig(top, "pages")
+
+    def peer(n_, *path):
+        return dig(r, "peers", str(int(n_)), *path) if num(n_) else None
+
+    def ratio(key, n_):
+        return dig(r, "ratios", f"{key}_{int(n_)}") if num(n_) else None
+
+    fork_s, linux_s = num(dig(row, "fork", "seconds")), num(peer(n, "fork", "seconds"))
+    reset_s = num(dig(top, "reset", "reset", "seconds"))
+    redo_s = num(dig(top, "reset", "destroy_and_fork", "seconds"))
+    k = dig(top, "reset", "k") or 64
+    frames = [f for c in rows for f in (dig(c, "frames") or {}).values() if isinstance(f, dict)]
+    f64 = dig(top, "frames", "64") or {}
+    steps = [(c, num(c.get("max_step_ms"))) for c in rows if num(c.get("max_step_ms")) is not None]
+    worst = max(steps, key=lambda t: t[1], default=(None, None))
+    return [
+        _h(f"fork of a {_n(n)}-page parent vs Linux fork() of {_n(n)} touched pages", "s", cmd,
+           f"<= 1x at N={goal_n:,}", value=fork_s, stats=stats_of(dig(row, "fork"), "seconds"),
+           anchor=("Linux fork until the child runs", "s"), anchor_value=linux_s,
+           anchor_stats=stats_of(peer(n, "fork"), "seconds"),
+           ratio=ratio("fork_over_linux", n), ratio_of="hvshare/Linux",
+           met=lambda v, q: q <= 1 if num(n) == goal_n else None, bench="fork", result=r),
+        _h(f"fork_reset after {_n(k)} dirty pages vs destroy + new fork ({_n(n_top)} pages)", "s", cmd,
+           "<= 0.5x", value=reset_s, stats=stats_of(dig(top, "reset", "reset"), "seconds"),
+           anchor=("destroy + new fork", "s"), anchor_value=redo_s,
+           anchor_stats=stats_of(dig(top, "reset", "destroy_and_fork"), "seconds"),
+           ratio=ratio("reset_over_destroy_fork", n_top), ratio_of="reset/(destroy+fork)",
+           met=lambda v, q: q <= 0.5, bench="fork", result=r),
+        _h(f"fork + 64 writes + reset loop vs Linux fork + 64 writes + exit ({_n(n_top)} pages)", "iterations/s",
+           cmd, ">= 1x", value=dig(top, "loop", "64", "iterations_per_second"),
+           stats=stats_of(dig(top, "loop", "64"), "iterations_per_second"),
+           anchor=("Linux loop", "iterations/s"), anchor_value=peer(n_top, "loop", "64", "iterations_per_second"),
+           anchor_stats=stats_of(peer(n_top, "loop", "64"), "iterations_per_second"),
+           ratio=ratio("loop_over_linux_k64", n_top), ratio_of="hvshare/Linux",
+           met=lambda v, q: q >= 1, bench="fork", result=r),
+        _h(f"frames used by a fork that wrote 64 pages and read {_n(f64.get('m'))} ({_n(n_top)} pages)", "frames",
+           cmd, "== K at every N and K", value=f64.get("frames_used"), anchor="the pages it wrote (K)",
+           met=lambda v, q: all(f.get("ok") is True for f in frames) if frames else None,
+           bench="fork", result=r),
+        _h("fork: the hypervisor's longest step in fork, fork_reset and the loops"
+           + (f" (N={_n(worst[0].get('pages'))})" if worst[0] else ""), "ms", cmd, "<= 1 ms at every N",
+           value=worst[1], met=lambda v, q: v <= 1.0, bench="fork", result=r),
     ]
 
 
@@ -383,7 +528,9 @@ HEADLINES: dict[str, Callable[[Any], list[dict]]] = {
     "cow": _cow_headlines,
     "dedup": _dedup_headlines,
     "density": _density_headlines,
+    "real": _real_headlines,
     "scale": _scale_headlines,
+    "fork": _fork_headlines,
 }
 
 
@@ -420,7 +567,7 @@ def _value_text(h: dict) -> str:
     v = h.get("value")
     if v is None:
         return "-" if not h.get("skipped") else "skipped"
-    return f"{_fmt(v)} {h.get('unit', '')}".strip()
+    return figure_text(v, h.get("unit", ""), h.get("stats"))
 
 
 def _ratio_text(h: dict) -> str:
@@ -445,6 +592,7 @@ def markdown(doc: dict) -> str:
         f"Measured on {m.get('cores', '?')} cores, {f'{mem / 2**30:.0f} GiB' if mem else '? GiB'}, "
         f"Linux {m.get('kernel', '?')}, Python {m.get('python', '?')}, numpy {m.get('numpy', '?')}"
         + (" (quick run: small sizes, goals are for the full run)" if doc.get("quick") else "") + ".",
+        "Each figure is the bench's value [min–max of the repeats], n = the repeats (n=1: one measurement).",
         "",
         "| figure | hvshare | anchor | ratio | goal met | command |",
         "|---|---|---|---|---|---|",
