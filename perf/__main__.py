@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "real", "ksm", "pipe")
+BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "real", "fork", "ksm", "pipe")
 #: commands that are not benchmarks: name -> module with main(argv)
 COMMANDS = {"all": "perf.report.suite", "compare": "perf.report.compare", "plots": "perf.report.plots"}
 

@@ -466,6 +466,62 @@ def _real_headlines(r: Any) -> list[dict]:
                ratio_key="time_over_ksm", result=r)]
 
 
+def _fork_headlines(r: Any) -> list[dict]:
+    """perf.fork: ``results`` rows per N (pages, fork, reset, loop, frames,
+    max_step_ms), the Linux ``peers`` by N and ``ratios``; the fork goal is
+    judged at 1,048,576 pages only, the others at the largest N measured."""
+    cmd = "python -m perf fork"
+    goal_n = 1_048_576
+    rows = [c for c in cases(r) if num(c.get("pages"))]
+    top = pick(rows, "pages")
+    at_goal = pick(rows, "pages", pages=goal_n)
+    row = at_goal or top
+    n, n_top = dig(row, "pages"), dig(top, "pages")
+
+    def peer(n_, *path):
+        return dig(r, "peers", str(int(n_)), *path) if num(n_) else None
+
+    def ratio(key, n_):
+        return dig(r, "ratios", f"{key}_{int(n_)}") if num(n_) else None
+
+    fork_s, linux_s = num(dig(row, "fork", "seconds")), num(peer(n, "fork", "seconds"))
+    reset_s = num(dig(top, "reset", "reset", "seconds"))
+    redo_s = num(dig(top, "reset", "destroy_and_fork", "seconds"))
+    k = dig(top, "reset", "k") or 64
+    frames = [f for c in rows for f in (dig(c, "frames") or {}).values() if isinstance(f, dict)]
+    f64 = dig(top, "frames", "64") or {}
+    steps = [(c, num(c.get("max_step_ms"))) for c in rows if num(c.get("max_step_ms")) is not None]
+    worst = max(steps, key=lambda t: t[1], default=(None, None))
+    return [
+        _h(f"fork of a {_n(n)}-page parent vs Linux fork() of {_n(n)} touched pages", "s", cmd,
+           f"<= 1x at N={goal_n:,}", value=fork_s, stats=stats_of(dig(row, "fork"), "seconds"),
+           anchor=("Linux fork until the child runs", "s"), anchor_value=linux_s,
+           anchor_stats=stats_of(peer(n, "fork"), "seconds"),
+           ratio=ratio("fork_over_linux", n), ratio_of="hvshare/Linux",
+           met=lambda v, q: q <= 1 if num(n) == goal_n else None, bench="fork", result=r),
+        _h(f"fork_reset after {_n(k)} dirty pages vs destroy + new fork ({_n(n_top)} pages)", "s", cmd,
+           "<= 0.5x", value=reset_s, stats=stats_of(dig(top, "reset", "reset"), "seconds"),
+           anchor=("destroy + new fork", "s"), anchor_value=redo_s,
+           anchor_stats=stats_of(dig(top, "reset", "destroy_and_fork"), "seconds"),
+           ratio=ratio("reset_over_destroy_fork", n_top), ratio_of="reset/(destroy+fork)",
+           met=lambda v, q: q <= 0.5, bench="fork", result=r),
+        _h(f"fork + 64 writes + reset loop vs Linux fork + 64 writes + exit ({_n(n_top)} pages)", "iterations/s",
+           cmd, ">= 1x", value=dig(top, "loop", "64", "iterations_per_second"),
+           stats=stats_of(dig(top, "loop", "64"), "iterations_per_second"),
+           anchor=("Linux loop", "iterations/s"), anchor_value=peer(n_top, "loop", "64", "iterations_per_second"),
+           anchor_stats=stats_of(peer(n_top, "loop", "64"), "iterations_per_second"),
+           ratio=ratio("loop_over_linux_k64", n_top), ratio_of="hvshare/Linux",
+           met=lambda v, q: q >= 1, bench="fork", result=r),
+        _h(f"frames used by a fork that wrote 64 pages and read {_n(f64.get('m'))} ({_n(n_top)} pages)", "frames",
+           cmd, "== K at every N and K", value=f64.get("frames_used"), anchor="the pages it wrote (K)",
+           met=lambda v, q: all(f.get("ok") is True for f in frames) if frames else None,
+           bench="fork", result=r),
+        _h("fork: the hypervisor's longest step in fork, fork_reset and the loops"
+           + (f" (N={_n(worst[0].get('pages'))})" if worst[0] else ""), "ms", cmd, "<= 1 ms at every N",
+           value=worst[1], met=lambda v, q: v <= 1.0, bench="fork", result=r),
+    ]
+
+
 HEADLINES: dict[str, Callable[[Any], list[dict]]] = {
     "rmap": _rmap_headlines,
     "teardown": _teardown_headlines,
@@ -474,6 +530,7 @@ HEADLINES: dict[str, Callable[[Any], list[dict]]] = {
     "density": _density_headlines,
     "real": _real_headlines,
     "scale": _scale_headlines,
+    "fork": _fork_headlines,
 }
 
 

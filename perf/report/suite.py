@@ -34,7 +34,7 @@ from .headlines import dig, headline_table, headlines, markdown
 
 #: benchmarks of ``python -m perf all``, in running order (ksm and pipe are
 #: measured inside cow, teardown and dedup, side by side with hvshare)
-SUITE = ("rmap", "cow", "teardown", "dedup", "density", "real", "scale")
+SUITE = ("rmap", "cow", "teardown", "dedup", "density", "real", "scale", "fork")
 #: benchmarks whose module is not ``perf.<name>``: the peers
 BENCH_MODULES = {"ksm": "perf.peers.ksm", "pipe": "perf.peers.pipe"}
 #: wall-time budgets of the suite on a 2-core machine

@@ -10,7 +10,7 @@ import sys
 
 from hvcore.process.statedir import child_env
 
-BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "scale")
+BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "scale", "fork")
 
 
 def test_perf_all_quick_runs_every_bench(tmp_path):
