@@ -129,6 +129,8 @@ def test_output_matches_its_schema(hvctl, path):
         errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
         assert not errors, "; ".join(f"{list(e.path)}: {e.message}" for e in errors)
         _check_rounding(doc, path.name)
+    for args in how.get("teardown", []):
+        hvctl.run(args)
 
 
 def test_a_schema_rejects_what_breaks_the_contract():
