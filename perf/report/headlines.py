@@ -464,7 +464,7 @@ def _real_headlines(r: Any) -> list[dict]:
                anchor_value=dig(ksm, "settle_seconds"), ratio=dig(r, "ratios", "time_over_ksm"),
                ratio_of="hvshare/KSM", met=lambda v, q: q <= 0.5, bench="real",
                ratio_key="time_over_ksm", result=r),
-            _h(f"longest hypervisor step while it snapshots a stopped process of "
+            _h(f"real programs: the hypervisor's longest step while it snapshots a stopped process of "
                f"{_pages(dig(r, 'big_snapshot', 'pages'))} pages", "ms", cmd, "<= 1 ms",
                value=dig(r, "big_snapshot", "max_step_ms"),
                anchor=("the snapshot's create", "s"), anchor_value=dig(r, "big_snapshot", "seconds"),
