@@ -3,28 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
-from tools import session
-
-
-@pytest.fixture
-def hvctl():
-    d = tempfile.mkdtemp(prefix="cli-", dir=session.SESSION_ROOT)
-    sock = os.path.join(d, "hv.sock")
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
-                              capture_output=True, text=True, timeout=60)
-    yield run
-    run("stop")
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _json(p):
