@@ -7,7 +7,6 @@ import json
 import pytest
 
 
-
 def _json(p):
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
