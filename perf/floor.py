@@ -66,7 +66,7 @@ def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap:
     cpus = _cpus(placement)
     if isinstance(cpus, str):
         raise ValueError(cpus)
-    from hvcore.process.statedir import child_env
+    from hvcore.statedir import child_env
     old = os.sched_getaffinity(0)
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()

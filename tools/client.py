@@ -25,7 +25,7 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE
 from hvcore.errors import ProtocolError
-from hvcore.process.statedir import crash_note
+from hvcore.statedir import crash_note
 from hvcore.wire import control
 from hvcore.wire.schema import MAX_READ_PAGES
 

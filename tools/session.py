@@ -27,7 +27,7 @@ from typing import Iterator
 
 from hvcore import shm
 from hvcore.constants import DEFAULT_FRAMES
-from hvcore.process.statedir import (CRASH_NAME, LOG_NAME, child_env, cleanup_leftovers, make_private_dirs, not_a_socket,
+from hvcore.statedir import (CRASH_NAME, LOG_NAME, child_env, cleanup_leftovers, make_private_dirs, not_a_socket,
                                      socket_path_problem, state_dir_for)
 
 from .client import HypervisorClient, default_socket_path
@@ -57,12 +57,16 @@ PREFAULT_SECONDS_PER_FRAME = 50e-6
 
 def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAMES,
                      rmap: str = "buckets", teardown: str = "preemptible",
-                     timeout: float = 60.0, sched: str = "fifo", prefault: bool = False) -> subprocess.Popen:
-    """Start a detached hypervisor and return once it serves.
+                     timeout: float = 60.0, sched: str = "fifo", prefault: bool = False,
+                     detach: bool = True) -> subprocess.Popen:
+    """Start a hypervisor process and return once it serves.
 
-    The caller owns the returned Popen only to reap it (it runs in its own
-    session, so a terminal's Ctrl-C does not reach it). Raises HVCtlError
-    when it cannot start, with the hypervisor's reason.
+    Detached (the default), it runs in its own session with its output in
+    the state directory's log, and the caller owns the returned Popen only
+    to reap it: a terminal's Ctrl-C does not reach it. Attached
+    (``detach=False``), it shares the caller's terminal and process group,
+    so Ctrl-C stops it, and the caller waits for it. Raises HVCtlError when
+    it cannot start, with the hypervisor's reason.
     """
     socket_path = os.path.abspath(socket_path or default_socket_path())
     refused = socket_path_problem(socket_path)
@@ -81,9 +85,9 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
         if prefault:
             cmd.append("--prefault")
             timeout += frames * PREFAULT_SECONDS_PER_FRAME
+        out = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True) if detach else {}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, start_new_session=True, env=child_env(), cwd="/")
+            proc = subprocess.Popen(cmd, pass_fds=(ready_w,), env=child_env(), cwd="/", **out)
         finally:
             os.close(ready_w)
     try:

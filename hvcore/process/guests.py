@@ -22,7 +22,7 @@ import traceback
 from ..wire import pipe, schema
 from .. import constants, errors
 from ..errors import EINVAL, ENOMEM, HVError
-from .statedir import child_env, guest_socket_path
+from ..statedir import child_env, guest_socket_path
 from .endpoints import GuestEndpoint
 
 #: how long a new guest may take to map its memory and say hello

@@ -36,8 +36,8 @@ retried, and the domain runs again once its writes are done.
 The process is :class:`HypervisorProcess`, composed of one part per
 concern: :mod:`.control` (the op table), :mod:`.steps` (the step meter and
 budget), :mod:`.guests` (guest processes), :mod:`.parking` (parked writes
-and the event ring), :mod:`.endpoints` (the peers) and :mod:`.statedir`
-(its files). This module holds the loop itself: the selector, the tick,
+and the event ring), :mod:`.endpoints` (the peers); its files are laid out by
+:mod:`hvcore.statedir`. This module holds the loop itself: the selector, the tick,
 signals, pacing under real-time scheduling, and start and stop.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ from .. import errors, shm
 from ..errors import ECANCELED
 from ..constants import DEFAULT_FRAMES, RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES
 from ..budget import ChunkCost
-from .statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
+from ..statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .control import ControlOps
 from .jobs import Jobs, tell_now
 from .endpoints import ControlConnection, Endpoint, GuestEndpoint
@@ -557,14 +557,13 @@ def _pace_duty() -> float | None:
 
 
 def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
-          teardown: str = "preemptible", ready_fd: int | None = None, announce=None,
+          teardown: str = "preemptible", ready_fd: int | None = None,
           sched: str = "fifo", prefault: bool = False) -> int:
     """Run a hypervisor on ``socket_path`` until it is stopped.
 
     ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
     or why it could not start -- ``error SENTENCE`` -- and is closed: the
-    launcher waits on it. ``announce(server, cleaned)`` is called once
-    serving (the foreground start prints there).
+    launcher waits on it.
     """
     srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched, prefault)
     try:
@@ -577,8 +576,6 @@ def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = "buckets",
     from .. import kernels
     kernels.warm()                      # compiled, or loaded from the cache
     _notify(ready_fd, f"ready {os.getpid()} {json.dumps(cleaned)}")
-    if announce is not None:
-        announce(srv, cleaned)
     quiet_collector()
     _keep_scratch_mapped()
     srv.run()

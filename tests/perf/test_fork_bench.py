@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from hvcore.process.statedir import child_env
+from hvcore.statedir import child_env
 from perf.peers import linux_fork
 
 

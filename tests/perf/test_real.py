@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from hvcore.process.statedir import child_env
+from hvcore.statedir import child_env
 from perf.peers import ksm_sysfs
 from perf.real import predicted
 

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from hvcore.process.statedir import child_env
+from hvcore.statedir import child_env
 from perf import scale
 from perf.peers.ksm_sysfs import KSM_DIR
 from perf.report import headlines

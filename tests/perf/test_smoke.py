@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from hvcore.process.statedir import child_env
+from hvcore.statedir import child_env
 
 BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "scale", "fork")
 

@@ -25,7 +25,7 @@ import pytest
 
 from hvcore.wire import pipe
 from hvcore import shm
-from hvcore.process.statedir import state_dir_for
+from hvcore.statedir import state_dir_for
 from tools import api
 
 PAGE = 4096

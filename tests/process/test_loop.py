@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from hvcore import shm
-from hvcore.process.statedir import state_dir_for
+from hvcore.statedir import state_dir_for
 from tools import api
 
 

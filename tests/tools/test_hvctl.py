@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,25 @@ def test_foreground_start(hvctl):
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+def test_foreground_start_ends_on_ctrl_c(hvctl):
+    """Ctrl-C reaches the hypervisor hvctl runs in the foreground: it stops,
+    cleans up, and hvctl ends with it."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "start", "--foreground", "--frames", "256",
+                             "--socket", hvctl.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert "serving on" in proc.stdout.readline()
+        hv_pid = api.running_pid(hvctl.socket)
+        assert hv_pid != proc.pid                   # a process of its own, not hvctl's loop
+        os.killpg(proc.pid, signal.SIGINT)          # as a terminal's Ctrl-C does
+        assert proc.wait(timeout=20) == 0
+        assert not os.path.exists(f"/proc/{hv_pid}") and not os.path.exists(hvctl.socket)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from hvcore.process.statedir import child_env
+from hvcore.statedir import child_env
 
 from .. import api
 from .. import dedup as scanner

@@ -6,7 +6,7 @@ import sys
 
 from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMAP_POLICIES,
                               SCHED_MODES, TEARDOWN_MODES)
-from hvcore.process.statedir import LOG_NAME, crash_note, state_dir_for
+from hvcore.statedir import LOG_NAME, crash_note, state_dir_for
 
 from .. import api
 from .args import client, count, plural
@@ -49,17 +49,7 @@ def register(add) -> None:
 def start(a) -> object:
     path = os.path.abspath(a.socket or api.default_socket_path())
     if a.foreground:
-        from hvcore.process.loop import serve
-
-        def announce(srv, cleaned):
-            print(_started_line(srv.socket_path, os.getpid(), a, cleaned), flush=True)
-        pid = api.running_pid(path)
-        if pid is not None:
-            raise api.HVCtlError(f"a hypervisor (pid {pid}) is already running on {path}")
-        if serve(path, a.frames, a.rmap, a.teardown, announce=announce, sched=a.sched,
-                 prefault=a.prefault):
-            raise api.HVCtlError(f"the hypervisor could not start on {path}")
-        return None
+        return _start_attached(path, a)
     crashed = crash_note(path)
     if crashed and api.running_pid(path) is None:
         print(f"hvctl start: note{crashed}", file=sys.stderr)
@@ -72,6 +62,23 @@ def start(a) -> object:
     out = {"pid": proc.pid, "socket": path, "log": log, "frames": a.frames, "rmap": a.rmap,
            "teardown": a.teardown, "sched": a.sched, "leftovers_removed": proc.cleaned}
     return out, _started_line(path, proc.pid, a, proc.cleaned) + f"\nlog: {log}"
+
+
+def _start_attached(path: str, a) -> None:
+    """``start --foreground``: the hypervisor process on this terminal until
+    it stops (Ctrl-C stops it, and it cleans up before this returns)."""
+    proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched,
+                                prefault=a.prefault, detach=False)
+    print(_started_line(path, proc.pid, a, proc.cleaned), flush=True)
+    while True:
+        try:
+            status = proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue                    # it got the same SIGINT and is stopping
+    if status not in (0, -2, 130):
+        raise api.HVCtlError(f"the hypervisor on {path} exited with status {status}")
+    return None
 
 
 def _started_line(path, pid, a, cleaned) -> str:

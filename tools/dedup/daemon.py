@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 from hvcore.errors import ProtocolError
-from hvcore.process.statedir import state_dir_for
+from hvcore.statedir import state_dir_for
 from hvcore.wire import control
 
 from ..client import Channel, Requester

@@ -16,8 +16,8 @@ import os
 import stat
 from pathlib import Path
 
-from .. import shm
-from ..constants import DOMID_MAX
+from . import shm
+from .constants import DOMID_MAX
 
 #: the longest path a Unix socket can bind (sun_path, less the NUL)
 SOCKET_PATH_MAX = 107
@@ -28,7 +28,7 @@ CRASH_NAME = "crash"
 #: set to 1 to accept a socket directory others could write to (not advised)
 INSECURE_DIR_ENV = "HVSHARE_INSECURE_SOCKET_DIR"
 #: the directory that holds the hvshare packages
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def state_dir_for(socket_path: str) -> str:
