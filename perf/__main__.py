@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-BENCHES = ("rmap", "cow", "teardown", "dedup", "density", "real", "fork", "ksm", "pipe")
+from .registry import BENCHES, help_text
+
 #: commands that are not benchmarks: name -> module with main(argv)
 COMMANDS = {"all": "perf.report.suite", "compare": "perf.report.compare", "plots": "perf.report.plots"}
 
@@ -23,18 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     p = argparse.ArgumentParser(
-        prog="python -m perf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", help="benchmark to run: " + ", ".join(BENCHES)
-                   + "; or one of: " + ", ".join(COMMANDS) + " (each has its own --help)")
+        prog="python -m perf", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + "\nbenchmarks:\n" + help_text()
+        + "\n\ncommands (each has its own --help): " + ", ".join(COMMANDS))
+    p.add_argument("bench", help="a benchmark (listed above) or a command")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     a = p.parse_args(argv)
     from .common import write_json
-    from .report.suite import bench_file, load_bench, stamp
-    mod = load_bench(a.bench) if a.bench.isidentifier() else f"no benchmark named {a.bench!r}"
-    if isinstance(mod, str) or not callable(getattr(mod, "report", None)):
-        why = mod if isinstance(mod, str) else f"{bench_file(a.bench)} has no report(result)"
-        print(f"python -m perf: {why} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
+    from .report.suite import stamp
+    bench = BENCHES.get(a.bench)
+    mod = bench.load() if bench else f"no benchmark named {a.bench!r}"
+    if isinstance(mod, str):
+        print(f"python -m perf: {mod} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
     t0 = time.perf_counter()

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from .common import machine_info, median_time, standalone, table
+from .common import repeat_times, standalone, table
+from .figure import Figures, text_of
 
 
 def build(policy: str, pages: int, heavy: int):
@@ -47,7 +48,7 @@ def run(quick: bool = False, pages: int | None = None, heavy: int | None = None,
     pages = pages or (20_000 if quick else 1_000_000)
     heavy = heavy if heavy is not None else (2_000 if quick else 100_000)
     repeats = repeats or (1 if quick else 5)
-    rows = []
+    rows, figs = [], Figures()
     for policy in (policies.split(",") if policies else RMAP_POLICIES):
         t0 = time.perf_counter()
         hv = build(policy, pages, heavy)
@@ -57,22 +58,23 @@ def run(quick: bool = False, pages: int | None = None, heavy: int | None = None,
             assert found == [], found
             p2m = sum(d.npages for d in hv.domains.values())
             rmap = hv.nr_shared_mfns + hv.nr_saved_mfns
-            s = median_time(hv.audit_report, repeats=repeats)
+            times = repeat_times(hv.audit_report, repeats=repeats)
         finally:
             hv.close()
+        figs.add("seconds", times, "s", policy=policy)
+        figs.add("ns_per_entry", [t * 1e9 / (p2m + rmap) for t in times], "ns", policy=policy)
         rows.append({"policy": policy, "p2m_entries": p2m, "rmap_entries": rmap,
-                     "shared_frames": hv.nr_shared_mfns, "seconds": s,
-                     "ns_per_entry": s * 1e9 / (p2m + rmap), "setup_seconds": setup})
-    return {"pages": pages, "heavy": heavy, "repeats": repeats, "machine": machine_info(),
-            "rows": rows}
+                     "shared_frames": hv.nr_shared_mfns, "setup_seconds": setup})
+    return {"figures": figs.dicts(), "pages": pages, "heavy": heavy, "repeats": repeats, "rows": rows}
 
 
 def report(result: dict) -> str:
     head = (f"audit_report() at {result['pages']:,} p2m entries, one frame of "
             f"{result['heavy']:,} gfns (median of {result['repeats']})")
     rows = [(r["policy"], f"{r['p2m_entries']:,}", f"{r['rmap_entries']:,}",
-             f"{r['seconds'] * 1e3:.1f}", f"{r['ns_per_entry']:.1f}") for r in result["rows"]]
-    return head + "\n" + table(["policy", "p2m entries", "rmap entries", "ms", "ns/entry"], rows)
+             text_of(result, "seconds", policy=r["policy"]), text_of(result, "ns_per_entry", policy=r["policy"]))
+            for r in result["rows"]]
+    return head + "\n" + table(["policy", "p2m entries", "rmap entries", "time", "per entry"], rows)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
-"""Shared helpers of the benchmarks: machine description, repeats and
-their statistics (median, spread, n), latency percentiles and whole
-distributions (log-linear histograms), tables and their cells, one-line
-reasons, SIGTERM."""
+"""Shared helpers of the benchmarks: machine description, timed repeats,
+latency percentiles and whole distributions (log-linear histograms), the
+one table renderer and its cells, one-line reasons, SIGTERM. A repeat's
+figures are :class:`perf.figure.Figure` s."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import signal
-import statistics
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -43,81 +42,36 @@ def repeat_times(fn: Callable[[], object], repeats: int = 5) -> list[float]:
     return times
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, in seconds."""
-    return statistics.median(repeat_times(fn, repeats))
+#: where a round trip's two processes run: one core, or two
+PLACEMENTS = ("same", "cross")
 
 
-# ---------------------------------------------------------------------------
-# repeats: a figure is the median of its repeats, with their spread and n
-
-#: confidence of the interval of the median that :func:`summary` gives
-CI_LEVEL = 0.95
-
-
-def median_ci_ranks(n: int, level: float = CI_LEVEL) -> tuple[int, int] | None:
-    """1-based ranks (lo, hi) of the order statistics that bracket the
-    median with at least ``level`` confidence whatever the distribution
-    (the number of samples below the median is Binomial(n, 1/2)); None
-    when ``n`` is too small for any pair to reach ``level`` (n < 6 at 95 %)."""
-    from math import comb
-    tail, lo = 0.0, 0
-    for i in range(n + 1):        # P(B <= i) while it stays within the allowed tail
-        tail += comb(n, i) / 2 ** n
-        if tail > (1 - level) / 2:
-            break
-        lo = i + 1
-    return (lo, n + 1 - lo) if lo >= 1 else None
+def placement_cpus(placement: str) -> tuple[int, int] | str:
+    """(this process's CPU, the other process's) for a placement, or a
+    one-line reason it is impossible here."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if placement == "same":
+        return allowed[0], allowed[0]
+    if placement != "cross":
+        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+    if len(allowed) < 2:
+        return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
+    return allowed[0], allowed[1]
 
 
-def summary(samples) -> dict | None:
-    """``{"median", "min", "max", "n"}`` of the repeats ``samples`` (NaN and
-    None dropped), plus ``"ci95": [lo, hi]``, the order-statistic 95 %
-    interval of the median, where n is large enough (:func:`median_ci_ranks`).
-    None when there is no sample."""
-    vals = sorted(float(v) for v in samples if v is not None and v == v)
-    if not vals:
-        return None
-    out = {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals)}
-    ranks = median_ci_ranks(len(vals))
-    if ranks:
-        out["ci95"] = [vals[ranks[0] - 1], vals[ranks[1] - 1]]
-    return out
-
-
-def stats_of(d: Any, key: str) -> dict | None:
-    """The :func:`summary` of figure ``key`` of the result dict ``d``, read
-    from whichever way the bench kept its repeats: ``KEY_stats`` (a summary),
-    ``KEY_spread`` (``{"all": [...]}``), ``KEY_all`` or ``KEY_each`` (every
-    repeat's value), or ``d["all"][KEY]``; a rate (``..._per_second``) kept
-    only as the time of each repeat (``seconds_all``, ``merge_seconds_all``)
-    is the same work over each repeat's time. A figure with none of them is
-    one measurement as far as the JSON shows: n = 1, its value as min and
-    max. None when ``d`` has no such figure."""
-    if not isinstance(d, dict):
-        return None
-    s = d.get(f"{key}_stats")
-    if isinstance(s, dict) and isinstance(s.get("n"), int) and s["n"] > 0:
-        return s
-    spread = d.get(f"{key}_spread")
-    lists = [spread.get("all") if isinstance(spread, dict) else None, d.get(f"{key}_all"),
-             d.get(f"{key}_each"), d["all"].get(key) if isinstance(d.get("all"), dict) else None]
-    for vals in lists:
-        if isinstance(vals, list):
-            s = summary(v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool))
-            if s:
-                return s
-    v = d.get(key)
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v):
-        return None
-    if key.endswith("per_second"):
-        for t in ("seconds", "merge_seconds"):
-            times, median = d.get(f"{t}_all"), d.get(t)
-            if isinstance(times, list) and isinstance(median, (int, float)) and median > 0:
-                s = summary(v * median / x for x in times if isinstance(x, (int, float)) and x > 0)
-                if s:
-                    return s
-    return {"median": float(v), "min": float(v), "max": float(v), "n": 1}
+def close_and_reap(fds, child, timeout: float) -> None:
+    """Close the pipe ends ``fds`` still open (>= 0) so the child sees EOF,
+    then wait for it, killing it if it lingers past ``timeout`` s."""
+    import subprocess
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+    if child is not None:
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -194,11 +148,17 @@ def latency_percentiles(lat, unit: str = "us") -> dict[str, float]:
             f"mean_{unit}": float(lat.mean())}
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain fixed-width text table."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "r") -> str:
+    """A plain fixed-width text table: cells right-aligned (``align="r"``),
+    or the first and last columns left-aligned (``"l"``: long names read
+    from the left)."""
     cells = [[str(h) for h in headers]] + [[fmt_value(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    last = len(headers) - 1
+
+    def cell(i, c, w):
+        return c.ljust(w) if align == "l" and i in (0, last) else c.rjust(w)
+    lines = ["  ".join(cell(i, c, w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

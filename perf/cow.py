@@ -21,34 +21,22 @@ What is measured, all in one run on one machine:
   pages, pages per second). Skipped, with the reason, where KSM cannot be
   driven.
 
-Ratios (the result; absolute times are context on a shared machine):
-``cow_p50_over_ksm`` (same-core hvshare fault p50 / KSM CoW-break p50),
-``batched_over_ksm`` (hvshare batched pages/s / KSM batched pages/s, one
-byte per page both), ``batched_pages_over_ksm`` (the same with whole pages),
-``cow_p50_over_pipe`` per placement (what the fault costs on top of a bare
-round trip).
+Figures (:mod:`perf.figure`): ``fault_p50``/``fault_p99``, ``pipe_*``,
+``floor_*`` per placement, ``fault_step``, ``ksm_cow_p50``/``_p99``,
+``batched_rate`` per write kind and ``ksm_batched_rate``; the goals they
+are judged by are :mod:`perf.goals`' (ratios of medians, side by side).
 """
 from __future__ import annotations
 
 import os
-import statistics
 
 import numpy as np
 
+from .common import PLACEMENTS, latency_percentiles, log_histogram, merge_histograms, placement_cpus, table
+from .figure import Figures, text_of
 from .peers import ksm, pipe
-from .common import fmt_value, latency_percentiles, log_histogram, merge_histograms, table
+from .report.headlines import report_goals
 
-PLACEMENTS = ("same", "cross")
-
-
-def _cpus(placement: str, allowed=None):
-    """(hypervisor and this process's CPU, the guest's), or why not."""
-    allowed = sorted(allowed or os.sched_getaffinity(0))
-    if placement == "same":
-        return allowed[0], allowed[0]
-    if len(allowed) < 2:
-        return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
-    return allowed[0], allowed[1]
 
 
 def _stats(lat_ns: np.ndarray) -> dict:
@@ -95,10 +83,11 @@ class _Faults:
         os.sched_setaffinity(self.hv.pid, old)
         os.sched_setaffinity(self.guest_pid, old)
 
-    def batched(self, batch: int, repeats: int) -> dict:
+    def batched(self, batch: int, repeats: int, figs: Figures) -> None:
+        """Pages per second of a write to every shared page, ``batch``
+        writes per message: one byte each, then whole pages."""
         hv, n, g = self.hv, self.n, self.g
-        out = {}
-        for key, timed in (("batched", g.time_write_many), ("batched_pages", g.time_write_pages)):
+        for write, timed in (("one byte", g.time_write_many), ("whole page", g.time_write_pages)):
             hv.range_share(self.src, self.dst, 0, n - 1)
             timed(0, min(n, batch), batch)              # warm-up: first-use costs
             rates = []
@@ -107,143 +96,86 @@ class _Faults:
                 r = timed(0, n, batch)
                 assert r["cow_faults"] == n, r
                 rates.append(n / r["seconds"])
-            out[key] = {"pages": n, "batch": batch, "pages_per_second": statistics.median(rates),
-                        "pages_per_second_all": rates, **_spread(rates, "pages_per_second")}
-        return out
+            figs.add("batched_rate", rates, "pages/s", write=write, batch=batch)
 
 
-def _spread(vals: list, key: str) -> dict:
-    vals = [v for v in vals if v == v]
-    if not vals:
-        return {}
-    return {f"{key}_min": min(vals), f"{key}_max": max(vals)}
-
-
-def _median_of(runs: list[dict], keys=("p50_us", "p99_us", "step_us")) -> dict:
-    """The repeat whose p50 is the median one, with each of ``keys`` as
-    the median of the repeats (``KEY_all``: every repeat's, ``KEY_min``,
-    ``KEY_max``: their spread) and the latencies of all repeats together
-    (``histogram``)."""
-    out = dict(sorted(runs, key=lambda r: r["p50_us"])[len(runs) // 2])
+def _add(figs: Figures, hists: list, prefix: str, runs: list[dict], placement: str) -> None:
+    """The repeats' p50 and p99 as figures, and their latencies together as one histogram."""
+    for p in (50, 99):
+        figs.add(f"{prefix}_p{p}", [r[f"p{p}_us"] for r in runs], "us", placement=placement)
     pooled = merge_histograms(r.get("histogram") for r in runs)
     if pooled:
-        out["histogram"] = pooled
-    for k in keys:
-        vals = [r[k] for r in runs if k in r and r[k] == r[k]]
-        if vals:
-            out[k] = statistics.median(vals)
-            out[f"{k}_all"] = vals
-            out.update(_spread(vals, k))
-    out["repeats"] = len(runs)
-    return out
+        hists.append({"name": prefix, "labels": {"placement": placement}, **pooled})
 
 
-def measure(n: int, batch: int, repeats: int) -> dict:
+def measure(n: int, batch: int, repeats: int, figs: Figures, hists: list) -> dict:
     """Per placement, ``repeats`` rounds of, side by side: the hvshare
-    fault, the raw pipe round trip and the floor probe; then batched CoW."""
+    fault, the raw pipe round trip and the floor probe; then batched CoW.
+    Returns what is not a figure: the CPUs, skipped placements, the audit."""
     from tools.api import hvshare_session
     from . import floor
-    hvs: dict = {"faults": {}}
-    pipes, floors = {}, {}
+    out: dict = {"cpus": {}, "skipped_placements": {}}
     with hvshare_session(frames=2 * n + 1024) as hv:
         f = _Faults(hv, n)
         try:
             for placement in PLACEMENTS:
-                cpus = _cpus(placement)
+                cpus = placement_cpus(placement)
                 if isinstance(cpus, str):
-                    hvs["faults"][placement] = {"skipped": cpus}
-                    pipes[placement] = {"size": pipe.REQUEST_SIZE, "placement": placement, "skipped": cpus}
-                    floors[placement] = {"placement": placement, "skipped": cpus}
+                    out["skipped_placements"][placement] = cpus
                     continue
                 fr, pr, lr = [], [], []
                 for _ in range(repeats):           # interleaved: the machine's drift hits all three
                     fr.append(f.repeat(cpus))
                     pr.append(_stats(pipe.round_trips(pipe.REQUEST_SIZE, placement, n)))
                     lr.append(floor.measure(placement, n, rounds=1)["runs"][0])
-                hvs["faults"][placement] = {**_median_of(fr), "cpus": list(cpus)}
-                pipes[placement] = {"size": pipe.REQUEST_SIZE, "placement": placement, "cpus": list(cpus),
-                                    **_median_of(pr, ("p50_us", "p99_us"))}
-                floors[placement] = {"placement": placement, "cpus": list(cpus),
-                                     **_median_of(lr, ("p50_us", "p99_us"))}
+                for prefix, runs in (("fault", fr), ("pipe", pr), ("floor", lr)):
+                    _add(figs, hists, prefix, runs, placement)
+                figs.add("fault_step", [r["step_us"] for r in fr], "us", placement=placement)
+                out["cpus"][placement] = list(cpus)
             f.unpin()
-            hvs.update(f.batched(batch, repeats))
-            hvs["audit_errors"] = hv.audit()
+            f.batched(batch, repeats, figs)
+            out["audit_errors"] = hv.audit()
         finally:
             f.g.close()
-    return {"hvshare": hvs, "pipe": pipes, "floor": floors}
+    return out
 
 
 def run(quick: bool = False) -> dict:
     n = 2000 if quick else 20000
     repeats = 3 if quick else 5
-    res = measure(n, batch=1024, repeats=repeats)
-    hvs, pipes, floors = res["hvshare"], res["pipe"], res["floor"]
-    ksm_cow = ksm.measure_cow_break(n, repeats=repeats)
-    ksm_batched = ksm.measure_cow_batched(n, repeats=repeats)
-    ratios: dict = {}
-    same = hvs["faults"].get("same", {})
-    if "p50_us" in same and "p50_ns" in ksm_cow:
-        ratios["cow_p50_over_ksm"] = same["p50_us"] * 1e3 / ksm_cow["p50_ns"]
-    if "pages_per_second" in ksm_batched:
-        for key in ("batched", "batched_pages"):
-            ratios[f"{key}_over_ksm"] = hvs[key]["pages_per_second"] / ksm_batched["pages_per_second"]
-    for p in PLACEMENTS:
-        f, q, fl = hvs["faults"].get(p, {}), pipes[p], floors[p]
-        if "p50_us" in f and "p50_us" in q:
-            ratios[f"cow_p50_over_pipe_{p}"] = f["p50_us"] / q["p50_us"]
-            ratios[f"cow_p99_over_pipe_{p}"] = f["p99_us"] / q["p99_us"]
-        if "p50_us" in f and "p50_us" in fl:
-            ratios[f"cow_p50_over_floor_{p}"] = f["p50_us"] / fl["p50_us"]
-        if "p50_us" in fl and "p50_us" in q:
-            ratios[f"floor_p50_over_pipe_{p}"] = fl["p50_us"] / q["p50_us"]
-    out = {"results": {"hvshare": hvs, "pipe": pipes, "floor": floors, "ksm_cow": ksm_cow,
-                       "ksm_batched": ksm_batched},
-           "ratios": ratios, "pages": n, "repeats": repeats}
-    skipped = ksm_cow.get("skipped") or ksm_batched.get("skipped")
+    figs, hists = Figures(), []
+    out = measure(n, batch=1024, repeats=repeats, figs=figs, hists=hists)
+    k = ksm.measure_cow_break(n, repeats=repeats)
+    kb = ksm.measure_cow_batched(n, repeats=repeats)
+    if "skipped" not in k:
+        for p in (50, 99):
+            figs.add(f"ksm_cow_p{p}", [v / 1e3 for v in k[f"p{p}_ns_all"]], "us")
+        hists.append({"name": "ksm_cow", "labels": {}, **k["histogram"]})
+    if "skipped" not in kb:
+        figs.add("ksm_batched_rate", kb["pages_per_second_all"], "pages/s")
+    out.update(figures=figs.dicts(), histograms=hists, pages=n, repeats=repeats, batch=1024)
+    skipped = k.get("skipped") or kb.get("skipped")
     if skipped:
         out["ksm_skipped"] = skipped
     return out
 
 
 def report(result: dict) -> str:
-    r = result["results"]
     rows = []
     for p in PLACEMENTS:
-        f = r["hvshare"]["faults"].get(p, {})
-        rows.append([f"hvshare CoW fault, {p} core", *_lat(f)])
-        rows.append([f"  its hypervisor step, {p} core", *(_range(f, "step_us") if "step_us" in f else ["-"]),
-                     "-", "-", "pause_by_op guest, per fault"])
-        rows.append([f"floor probe (perf.floor), {p} core", *_lat(r.get("floor", {}).get(p, {}))])
-        rows.append([f"raw pipe round trip, {p} core", *_lat(r["pipe"][p])])
-    k = r["ksm_cow"]
-    rows.append(["KSM CoW break (kernel)", *(["-", "-", "-", "-", k["skipped"]] if "skipped" in k else
-                                             [k["p50_ns"] / 1e3, "-", k["p99_ns"] / 1e3, "-",
-                                              f"{k['pages']:,} pages"])])
+        for prefix, what in (("fault", "hvshare CoW fault"), ("floor", "floor probe (perf.floor)"),
+                             ("pipe", "raw pipe round trip")):
+            rows.append([f"{what}, {p} core", text_of(result, f"{prefix}_p50", placement=p),
+                         text_of(result, f"{prefix}_p99", placement=p)])
+        rows.append([f"  its hypervisor step, {p} core", text_of(result, "fault_step", placement=p), "-"])
+    rows.append(["Linux KSM CoW break", text_of(result, "ksm_cow_p50"), text_of(result, "ksm_cow_p99")])
     lines = [f"CoW fault round trip as a guest sees it ({result['pages']:,} pages; medians of "
-             f"{result['repeats']} interleaved repeats, [min..max])",
-             table(["", "p50 us", "p50 spread", "p99 us", "p99 spread", "detail"], rows), ""]
-    b, bp, kb = r["hvshare"]["batched"], r["hvshare"].get("batched_pages"), r["ksm_batched"]
-    rows = [[f"hvshare, 1 byte x {b['batch']} pages per message", *_range(b, "pages_per_second"),
-             f"{b['pages']:,} pages"],
-            *([[f"hvshare, {bp['batch']} whole pages per message", *_range(bp, "pages_per_second"),
-                f"{bp['pages']:,} pages"]] if bp else []),
-            ["KSM, one write over all merged pages",
-             *(["-", "-", kb["skipped"]] if "skipped" in kb else
-               [kb["pages_per_second"], "-", f"{kb['pages']:,} pages"])]]
-    lines += ["Batched CoW", table(["", "pages/s", "spread", "detail"], rows), ""]
-    lines.append("Ratios: " + (", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()) or "none"))
+             f"{result['repeats']} interleaved repeats [min–max])", table(["", "p50", "p99"], rows, "l"), ""]
+    rows = [[f"hvshare, {w} x {result['batch']} per message", text_of(result, "batched_rate", write=w)]
+            for w in ("one byte", "whole page")]
+    rows.append(["Linux KSM, one write over all merged pages", text_of(result, "ksm_batched_rate")])
+    lines += ["Batched CoW", table(["", "pages/s"], rows, "l"), "", report_goals("cow", result)]
+    if result.get("ksm_skipped"):
+        lines.append(f"KSM: {result['ksm_skipped']}")
     return "\n".join(lines)
 
-
-def _range(d: dict, key: str) -> list:
-    lo, hi = d.get(f"{key}_min"), d.get(f"{key}_max")
-    spread = f"[{fmt_value(float(lo))}..{fmt_value(float(hi))}]" if lo is not None else "-"
-    return [d[key], spread]
-
-
-def _lat(d: dict) -> list:
-    if "skipped" in d or "p50_us" not in d:
-        return ["-", "-", "-", "-", d.get("skipped", "not measured")]
-    cpus = d.get("cpus")
-    return [*_range(d, "p50_us"), *_range(d, "p99_us"),
-            (f"cpus {cpus[0]}/{cpus[1]}, " if cpus else "") + f"n={d['n']:,}"]

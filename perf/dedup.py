@@ -50,8 +50,9 @@ A second hypervisor configuration, ``--rmap index`` (the O(1) rmap), is
 measured in the full run: the default ``buckets`` rmap's per-entry cost is
 most of the hypervisor's share of a pass.
 
-Ratios: ``merge_rate_over_ksm`` (identical), ``merge_rate_over_ksm_clone``
-(clone mix), and the same with the index rmap.
+Figures: ``merge_rate``/``merge_seconds`` per content and rmap,
+``ksm_merge_rate``/``ksm_merge_seconds`` per content, ``sweep_merge_rate``
+per content and batch size; the goals: :mod:`perf.goals`.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ import time
 import numpy as np
 
 from .common import sigterm_exits, table
+from .figure import Figures, text_of
 from .peers import contents, ksm
+from .report.headlines import report_goals
 
 #: pages per guest-channel write while filling guest memory (the protocol's limit)
 _FILL_BATCH = 4096
@@ -119,13 +122,13 @@ def one_merge(content: np.ndarray, domains: int, rmap: str = "buckets",
     }
 
 
-def _median_run(runs: list[dict], domains: int, rmap: str, n: int) -> dict:
-    """The median of :func:`one_merge` runs (by seconds), with every run's seconds and rate."""
-    runs = sorted(runs, key=lambda r: r["seconds"])
-    out = dict(runs[len(runs) // 2])
-    out.update(seconds_all=[r["seconds"] for r in runs],
-               pages_per_second_all=[r["pages_per_second"] for r in runs], repeats=len(runs), domains=domains,
-               rmap=rmap, n_pages=n)
+def _median_run(runs: list[dict], figs: Figures, labels: dict) -> dict:
+    """The median of :func:`one_merge` runs (by seconds), whose every run's
+    seconds and rate are figures."""
+    figs.add("merge_seconds", [r["seconds"] for r in runs], "s", **labels)
+    figs.add("merge_rate", [r["pages_per_second"] for r in runs], "pages/s", **labels)
+    out = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2], repeats=len(runs), **labels)
+    del out["seconds"], out["pages_per_second"]          # figures now
     return out
 
 
@@ -149,16 +152,18 @@ def run(quick: bool = False) -> dict:
         return _run(quick)
 
 
-def _ksm_median(runs: list[dict]) -> dict:
-    """The median of single-repeat :func:`perf.peers.ksm.measure_merge` results
-    (by merge time), with every run's time; a skip if one was skipped."""
+def _ksm_median(runs: list[dict], figs: Figures, labels: dict) -> dict:
+    """The median of single-repeat :func:`perf.peers.ksm.measure_merge`
+    results (by merge time), whose every run's time and rate are figures;
+    a skip if one was skipped."""
     skipped = [r for r in runs if "skipped" in r]
     if skipped:
         return skipped[0]
-    runs = sorted(runs, key=lambda r: r["merge_seconds"])
-    out = dict(runs[len(runs) // 2])
-    out["merge_seconds_all"] = [r["merge_seconds"] for r in runs]
-    out["pages_per_second_all"] = [r["pages_per_second"] for r in runs if "pages_per_second" in r]
+    figs.add("ksm_merge_seconds", [r["merge_seconds"] for r in runs], "s", **labels)
+    figs.add("ksm_merge_rate", [r["pages_per_second"] for r in runs], "pages/s", **labels)
+    out = dict(sorted(runs, key=lambda r: r["merge_seconds"])[len(runs) // 2])
+    for key in ("merge_seconds", "merge_seconds_all", "pages_per_second"):
+        out.pop(key, None)                               # figures now
     return out
 
 
@@ -168,7 +173,7 @@ def _run(quick: bool) -> dict:
     repeats = 3 if quick else 5
     cases = {"identical": 1, "clone": 4}        # content -> hvshare domains
     results: dict = {}
-    ratios: dict = {}
+    figs = Figures()
     for content, domains in cases.items():
         pages = contents.page_content(content, n, seed=0)
         groups = np.array([n]) if content == "identical" else contents.duplicate_groups(pages)
@@ -178,19 +183,14 @@ def _run(quick: bool) -> dict:
         for _ in range(repeats):
             hv_runs.append(one_merge(pages, domains))
             k_runs.append(ksm.measure_merge(n, content, seed=0, repeats=1))
-        hv = _median_run(hv_runs, domains, "buckets", n)
-        k = _ksm_median(k_runs)
-        r = {"hvshare": hv, "ksm": k, "savings": savings(groups, hv, k)}
+        hv = _median_run(hv_runs, figs, {"content": content, "rmap": "buckets", "pages": n})
+        k = _ksm_median(k_runs, figs, {"content": content, "pages": n})
+        r = {"hvshare": dict(hv, domains=domains), "ksm": k, "savings": savings(groups, hv, k)}
         if not quick:
-            r["hvshare_index"] = _median_run([one_merge(pages, domains, rmap="index") for _ in range(3)],
-                                             domains, "index", n)
+            r["hvshare_index"] = dict(_median_run([one_merge(pages, domains, rmap="index") for _ in range(3)],
+                                                  figs, {"content": content, "rmap": "index", "pages": n}),
+                                      domains=domains)
         results[content] = r
-        suffix = "" if content == "identical" else "_clone"
-        if "pages_per_second" in k:
-            ratios[f"merge_rate_over_ksm{suffix}"] = hv["pages_per_second"] / k["pages_per_second"]
-            if "hvshare_index" in r:
-                ratios[f"merge_rate_over_ksm{suffix}_index"] = (r["hvshare_index"]["pages_per_second"]
-                                                                / k["pages_per_second"])
         del pages
     # batch sizes: the hypervisor's step per request kind
     sweep_sizes = sorted({BATCH_PAGES, 256} if quick else {32, 64, BATCH_PAGES, 128, 256})
@@ -200,10 +200,11 @@ def _run(quick: bool) -> dict:
         pages = contents.page_content(content, n, seed=0)
         for bs in sweep_sizes:
             r = one_merge(pages, cases[content], batch_pages=bs)
-            sweep.append({"content": content, "batch_pages": bs, "seconds": r["seconds"],
-                          "pages_per_second": r["pages_per_second"], "steps": r["steps"],
+            figs.add("sweep_merge_rate", [r["pages_per_second"]], "pages/s", content=content, batch_pages=bs,
+                     pages=n)
+            sweep.append({"content": content, "batch_pages": bs, "steps": r["steps"],
                           "hv_seconds": r["hv_seconds"]})
-    out = {"results": results, "sweep": sweep, "ratios": ratios, "pages": n, "repeats": repeats,
+    out = {"figures": figs.dicts(), "results": results, "sweep": sweep, "pages": n, "repeats": repeats,
            "batch_pages": BATCH_PAGES, "step_budget_ms": STEP_BUDGET_MS}
     skipped = next((r["ksm"]["skipped"] for r in results.values() if "skipped" in r["ksm"]), None)
     if skipped:
@@ -221,9 +222,10 @@ def report(result: dict) -> str:
     for content, r in result["results"].items():
         for key, label in (("hvshare", "hvshare, rmap buckets"), ("hvshare_index", "hvshare, rmap index")):
             h = r.get(key)
+            lab = {"content": content, "rmap": h and h.get("rmap")}
             if h:
-                rows.append([f"{content}: {label} ({h['domains']} dom)", h["seconds"],
-                             h["pages_per_second"], h["nr_saved_mfns"],
+                rows.append([f"{content}: {label} ({h['domains']} dom)", text_of(result, "merge_seconds", **lab),
+                             text_of(result, "merge_rate", **lab), h["nr_saved_mfns"],
                              f"hypervisor {h['hv_seconds']:.2f} s, hash {h['hash_seconds']:.2f} s, "
                              f"rest {h['other_seconds']:.2f} s; {h['requests']} requests, "
                              f"longest step {h.get('max_step_ms', 0):.2f} ms"])
@@ -231,7 +233,8 @@ def report(result: dict) -> str:
         if "skipped" in k:
             rows.append([f"{content}: Linux KSM", "-", "-", "-", k["skipped"]])
         else:
-            rows.append([f"{content}: Linux KSM", k["merge_seconds"], k["pages_per_second"],
+            rows.append([f"{content}: Linux KSM", text_of(result, "ksm_merge_seconds", content=content),
+                         text_of(result, "ksm_merge_rate", content=content),
                          k["pages_sharing"], f"{k['pages_shared']:,} KSM pages"
                          + ("" if k["complete"] else ", INCOMPLETE")])
     lines.append(table(["", "seconds", "pages/s", "frames saved", "detail"], rows))
@@ -251,11 +254,12 @@ def report(result: dict) -> str:
         for op, st in s["steps"].items():
             rows.append([s["content"], s["batch_pages"], op, st["count"], st["mean_ms"],
                          st["max_ms"] if st["max_ms"] is not None else f"<{st['max_lt_ms']:g}",
-                         st["over_1ms"], s["pages_per_second"]])
+                         st["over_1ms"], text_of(result, "sweep_merge_rate", content=s["content"],
+                                                 batch_pages=s["batch_pages"])])
     lines.append(table(["content", "batch", "request", "count", "mean ms", "max ms", ">= 1 ms",
                         "pass pages/s"], rows))
     lines.append("")
-    lines.append("Ratios: " + (", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()) or "none"))
+    lines.append(report_goals("dedup", result))
     if "ksm_skipped" in result:
         lines.append(f"KSM: {result['ksm_skipped']}")
     return "\n".join(lines)

@@ -26,6 +26,8 @@ import time
 from hvcore.errors import ENOMEM
 
 from .common import sigterm_exits, table
+from .figure import Figures
+from .report.headlines import report_goals
 
 
 def _predicted(frames: int, pages: int, seed: int, scan: bool) -> int:
@@ -88,8 +90,11 @@ def _run(quick: bool) -> dict:
     seed = 1
     without = fill(frames, pages, seed, scan=False, limit=frames // pages + 1)
     with_ = fill(frames, pages, seed, scan=True, limit=10 * frames // pages)
-    return {"results": {"without": without, "with": with_},
-            "ratios": {"density": with_["guests"] / max(1, without["guests"])},
+    figs = Figures()
+    for key, r in (("without", without), ("with", with_)):
+        figs.add("guests", [r["guests"]], "guests", dedup=key)
+        figs.add("predicted_guests", [r["predicted"]], "guests", dedup=key)
+    return {"figures": figs.dicts(), "results": {"without": without, "with": with_},
             "frames": frames, "pages": pages, "seed": seed}
 
 
@@ -102,6 +107,4 @@ def report(result: dict) -> str:
         f"Clone guests of {result['pages']:,} pages in a pool of {result['frames']:,} frames "
         f"(image {result['seed']}), created until the pool is full",
         table(["", "guests", "predicted", "frames saved", "frames free", "scan s", "total s"], rows),
-        "",
-        f"Ratios: density {result['ratios']['density']:.2f}",
-    ])
+        "", report_goals("density", result)])

@@ -24,11 +24,14 @@ import time
 
 import numpy as np
 
-from .common import machine_info, standalone, table
+from hvcore.constants import PAGE_SIZE
+
+from .common import standalone, table
+from .figure import Figures
 
 
 def _chunks(buf, pages: int, chunk: int) -> np.ndarray:
-    a = np.frombuffer(buf, np.uint8, count=pages * 4096).reshape(pages, 4096)
+    a = np.frombuffer(buf, np.uint8, count=pages * PAGE_SIZE).reshape(pages, PAGE_SIZE)
     out = np.empty(-(-pages // chunk))
     clock = time.thread_time
     for i, lo in enumerate(range(0, pages, chunk)):
@@ -55,19 +58,24 @@ def run(quick: bool = False, pages: int | None = None, chunk: int = 16, repeats:
     rows = []
     for r in range(repeats):
         name = f"/{shm.PREFIX}probe-{time.monotonic_ns()}"
-        seg = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=pages * 4096)
+        seg = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=pages * PAGE_SIZE)
         try:
-            mm = mmap.mmap(seg.fd, pages * 4096)
+            mm = mmap.mmap(seg.fd, pages * PAGE_SIZE)
             rows.append(dict(_row("shm, first touch", _chunks(mm, pages, chunk), pages, chunk), repeat=r))
             rows.append(dict(_row("shm, backed", _chunks(mm, pages, chunk), pages, chunk), repeat=r))
             mm.close()
         finally:
             seg.close_fd()
             seg.unlink()
-        anon = mmap.mmap(-1, pages * 4096)
+        anon = mmap.mmap(-1, pages * PAGE_SIZE)
         rows.append(dict(_row("anonymous, first touch", _chunks(anon, pages, chunk), pages, chunk), repeat=r))
         anon.close()
-    return {"pages": pages, "chunk": chunk, "repeats": repeats, "machine": machine_info(), "rows": rows}
+    figs = Figures()
+    for kind in dict.fromkeys(r["memory"] for r in rows):
+        mine = [r for r in rows if r["memory"] == kind]
+        figs.add("us_per_page", [r["us_per_page"] for r in mine], "us", memory=kind, chunk=chunk)
+        figs.add("chunk_max", [r["chunk_max_ms"] for r in mine], "ms", memory=kind, chunk=chunk)
+    return {"figures": figs.dicts(), "pages": pages, "chunk": chunk, "repeats": repeats, "rows": rows}
 
 
 def report(result: dict) -> str:

@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from .common import latency_percentiles, standalone
+from .figure import Figures
+from .common import PLACEMENTS, close_and_reap, latency_percentiles, placement_cpus, standalone
 
-PLACEMENTS = ("same", "cross")
 _MSG = struct.Struct("<qB")
 
 
@@ -51,19 +51,10 @@ def _serve(rfd: int, wfd: int, n: int, rounds: int, rmap: str) -> None:
             sys.exit(1)
 
 
-def _cpus(placement: str):
-    allowed = sorted(os.sched_getaffinity(0))
-    if placement == "same":
-        return allowed[0], allowed[0]
-    if len(allowed) < 2:
-        return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
-    return allowed[0], allowed[1]
-
-
 def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets") -> list:
     """``rounds`` arrays of ``n`` round trips (int64 ns), the first 10 %
     of each dropped as warm-up. Raises ValueError for an impossible placement."""
-    cpus = _cpus(placement)
+    cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         raise ValueError(cpus)
     from hvcore.statedir import child_env
@@ -97,20 +88,12 @@ def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap:
         return out
     finally:
         os.sched_setaffinity(0, old)
-        for fd in (to_r, to_w, from_r, from_w):
-            if fd >= 0:
-                os.close(fd)
-        if child is not None:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        close_and_reap((to_r, to_w, from_r, from_w), child, 30)
 
 
 def measure(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets") -> dict:
     """Per round: p50/p99 (us); or ``{"skipped": reason}``."""
-    cpus = _cpus(placement)
+    cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         return {"placement": placement, "skipped": cpus}
     return {"placement": placement, "cpus": list(cpus), "rmap": rmap,
@@ -119,7 +102,12 @@ def measure(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str
 
 def run(quick: bool = False) -> dict:
     n = 2000 if quick else 20000
-    return {"results": [measure(p, n, rounds=3) for p in PLACEMENTS]}
+    results = [measure(p, n, rounds=3) for p in PLACEMENTS]
+    figs = Figures()
+    for r in results:
+        for p in (50, 99):
+            figs.add(f"p{p}", [x[f"p{p}_us"] for x in r.get("runs", ())], "us", placement=r["placement"])
+    return {"results": results, "figures": figs.dicts()}
 
 
 def report(result: dict) -> str:

@@ -61,8 +61,10 @@ from hvcore.images import checksums
 from hvcore.snapshot import PM_PRESENT, ProcessSnapshot
 
 from .common import sigterm_exits, table
+from .figure import Figures
 from .peers.ksm_session import fast_scan_knobs, ksm_session, sweep_stale
-from .peers.ksm_sysfs import CounterPoller, foreign_mergers, ksm_available, read_knob, write_knob
+from .report.headlines import report_goals
+from .peers.ksm_sysfs import CounterPoller, foreign_mergers, ksm_available, read_knob, run_until_settled
 
 #: prctl option: KSM may merge every compatible mapping of the process
 PR_SET_MEMORY_MERGE = 67
@@ -211,33 +213,16 @@ def _ksm(progs: Programs, session) -> dict:
     """ksmd at full speed until pages_sharing stops changing."""
     session.set(**fast_scan_knobs(session, 20000))
     poll = CounterPoller(["pages_shared", "pages_sharing", "full_scans"])
-    timeout = 600.0
     try:
-        b_shared, b_sharing, b_scans = poll.read()
-        last, scans_at_change = (0, 0), b_scans
-        t0 = t_change = time.perf_counter()
-        session.set(run=1)
-        while True:
-            shared, sharing, scans = poll.read()
-            now = time.perf_counter()
-            cur = (shared - b_shared, sharing - b_sharing)
-            if cur != last:
-                last, t_change, scans_at_change = cur, now, scans
-            if scans - scans_at_change >= SETTLE_SCANS and scans - b_scans > SETTLE_SCANS:
-                break
-            if now - t0 > timeout:
-                break
-            time.sleep(0.001)
-        settled = scans - scans_at_change >= SETTLE_SCANS
+        got = run_until_settled(poll, lambda: session.set(run=1), SETTLE_SCANS, 600.0, min_scans=SETTLE_SCANS)
     finally:
-        write_knob("run", 0)
         poll.close()
     merging = {}
     for pid in progs.pids:
         with open(f"/proc/{pid}/ksm_merging_pages") as f:
             merging[pid] = int(f.read())
-    return {"settle_seconds": t_change - t0, "settled": settled, "pages_shared": last[0],
-            "pages_sharing": last[1], "full_scans": scans - b_scans,
+    return {"settle_seconds": got["seconds"], "settled": got["settled"], "pages_shared": got["counts"][0],
+            "pages_sharing": got["counts"][1], "full_scans": got["full_scans"],
             "max_page_sharing": int(read_knob("max_page_sharing")),
             "use_zero_pages": int(read_knob("use_zero_pages")),
             "ksm_merging_pages": merging, "foreign_pids": foreign_mergers()}
@@ -318,21 +303,20 @@ def _run(quick: bool) -> dict:
     diff = {"zero_pages": content["zero_pages"], "max_page_sharing": cap,
             "max_page_sharing_frames": content["max_page_sharing_frames"],
             "changed_pages": changed - lost, "lost_pages": lost, "ksm_only_pages": sum(scope)}
+    figs = Figures()
+    figs.add("frames_saved", [hv["frames_saved"]], "frames")
+    figs.add("scan_seconds", [hv["scan_seconds"]], "s")
     if "pages_sharing" in ksm:
         diff["frames_difference"] = hv["frames_saved"] - ksm["pages_sharing"]
         diff["unexplained"] = diff["frames_difference"] - content["max_page_sharing_frames"]
-        frames = hv["frames_saved"] / ksm["pages_sharing"] if ksm["pages_sharing"] else None
-        speed = hv["scan_seconds"] / ksm["settle_seconds"] if ksm["settle_seconds"] > 0 else None
-        result["ratios"] = {"frames_over_ksm": frames, "time_over_ksm": speed}
-        result["goals"] = {
-            "frames_over_ksm": {"goal": "within 2%", "met": frames is not None and abs(frames - 1) <= 0.02},
-            "time_over_ksm": {"goal": "<= 0.5x", "met": speed is not None and speed <= 0.5}}
+        figs.add("ksm_pages_sharing", [ksm["pages_sharing"]], "frames")
+        figs.add("ksm_settle_seconds", [ksm["settle_seconds"]], "s")
     result["differences"] = diff
     big = big_snapshot(16384 if quick else 262144)
     result["big_snapshot"] = big
-    result.setdefault("goals", {})["big_snapshot_step"] = {
-        "goal": "longest step <= 1 ms while snapshotting a 1 GiB process",
-        "met": big["max_step_ms"] <= 1.0 and not quick}
+    figs.add("snapshot_max_step", [big["max_step_ms"]], "ms", pages=big["pages"])
+    figs.add("snapshot_seconds", [big["seconds"]], "s", pages=big["pages"])
+    result["figures"] = figs.dicts()
     return result
 
 
@@ -357,10 +341,6 @@ def report(result: dict) -> str:
              f"costs KSM {d['max_page_sharing_frames']:,} frames; changed after the snapshot "
              f"{d['changed_pages']:,} (gone {d['lost_pages']:,}); anonymous pages in private file "
              f"mappings (KSM only) {d['ksm_only_pages']:,}")
-    if "ratios" in result:
-        r, g = result["ratios"], result["goals"]
-        text += "\n" + "; ".join(
-            f"{name} {r[name]:.3f} (goal {g[name]['goal']}: {'met' if g[name]['met'] else 'NOT met'})"
-            if r[name] is not None else f"{name} ?" for name in ("frames_over_ksm", "time_over_ksm"))
+    text += "\n" + report_goals("real", result)
     return text
 

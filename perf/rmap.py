@@ -47,7 +47,9 @@ from hvcore.constants import RMAP_POLICIES
 from hvcore.rmap import make_rmap
 from hvcore.rmap.arena import NodeArena
 
-from .common import summary, table
+from .common import table
+from .figure import Figures, text_of
+from .report.headlines import report_goals
 
 POLICIES = RMAP_POLICIES
 NDOM = 4                     # domains the entries come from
@@ -221,86 +223,30 @@ def run(quick: bool) -> dict:
             for _ in range(per_round):
                 for policy in POLICIES:
                     runs[policy, degree].append(_one_repeat(policy, degree, k, rng))
-    results = []
+    figs = Figures()
     for policy in POLICIES:
         for degree in cfg["degrees"]:
             samples = runs[policy, degree]
-            add_ns, lookup_ns, delete_ns = (statistics.median(c for rep in samples for c in rep[i]) * 1e9
-                                            for i in range(3))
-            results.append({
-                "policy": policy, "degree": degree,
-                "add_ns": round(add_ns, 1), "lookup_ns": round(lookup_ns, 1),
-                "delete_ns": round(delete_ns, 1),
-                "bytes_per_entry": round(_bytes_per_entry(policy, degree), 2),
-                "k": plan[degree][0], "repeats": len(samples),
-                # the spread: each repeat's own median per operation
-                **{f"{op}_ns_stats": summary(statistics.median(rep[i]) * 1e9 for rep in samples)
-                   for i, op in enumerate(("add", "lookup", "delete"))},
-            })
-    ratios = _ratios(results, cfg["degrees"])
+            labels = {"policy": policy, "degree": degree}
+            # each repeat's own median per operation: chunks spoilt by a noisy spell drop out
+            for i, op in enumerate(("add", "lookup", "delete")):
+                figs.add(op, [statistics.median(rep[i]) * 1e9 for rep in samples], "ns", **labels)
+            figs.add("bytes_per_entry", [_bytes_per_entry(policy, degree)], "B", **labels)
     top = cfg["degrees"][-1]
-    ratios[f"index_arena_regrow_ms_at_{top}"] = round(_regrow_ms(top), 3)
     visit = _visit_ns(top, 5)
-    ratios["arena_strided_over_sequential_visit"] = round(visit["strided_256"] / visit["sequential"], 2)
-    return {"results": results, "ratios": ratios, "visit_ns": visit, "batches": _batches(quick),
-            "config": {**cfg, "domains": NDOM}}
-
-
-def _get(results, policy, degree, field):
-    return next(r[field] for r in results if r["policy"] == policy and r["degree"] == degree)
-
-
-def _ratios(results, degrees) -> dict:
-    lo, mid, top = degrees[0], 4096, degrees[-1]
-    list_top = _get(results, "list", top, "delete_ns")
-    return {
-        f"list_over_buckets_delete_at_{top}": round(list_top / _get(results, "buckets", top, "delete_ns"), 1),
-        f"list_over_index_delete_at_{top}": round(list_top / _get(results, "index", top, "delete_ns"), 1),
-        # log-log slope of the list's delete cost from 4096 to the top degree (1 = linear)
-        "list_delete_slope": round(math.log(list_top / _get(results, "list", mid, "delete_ns"))
-                                   / math.log(top / mid), 3),
-        "index_delete_flatness": round(_get(results, "index", top, "delete_ns")
-                                       / _get(results, "index", lo, "delete_ns"), 3),
-        f"index_bytes_per_entry_at_{top}": _get(results, "index", top, "bytes_per_entry"),
-        # A lookup scans half the list, or half of one of 256 buckets: the
-        # cost per entry scanned shows how much of the gap is memory locality.
-        "list_ns_per_entry_scanned": round(_get(results, "list", top, "lookup_ns") / (top / 2), 1),
-        "buckets_ns_per_entry_scanned": round(_get(results, "buckets", top, "lookup_ns") / (top / 512), 1),
-    }
-
-
-def _goals(result) -> str:
-    r = result["ratios"]
-    top = max(x["degree"] for x in result["results"])
-    slope = r["list_delete_slope"]
-    lob = r[f"list_over_buckets_delete_at_{top}"]
-    flat = r["index_delete_flatness"]
-    bpe = r[f"index_bytes_per_entry_at_{top}"]
-
-    def mark(ok):
-        return "ok" if ok else "MISSED"
-
-    # The list's time grows a bit faster than its work (slope > 1) once it
-    # outgrows the caches: each entry scanned then costs a memory access.
-    return (f"goals at degree {top}: list linear (log-log slope {slope:.2f}) {mark(0.8 <= slope <= 1.5)}; "
-            f"buckets {lob:.0f}x better than list (seed: ~256x) {mark(lob >= 200)}"
-            f" [per entry scanned: list {r['list_ns_per_entry_scanned']} ns,"
-            f" buckets {r['buckets_ns_per_entry_scanned']} ns]; "
-            f"index flat (delete {flat:.2f}x of degree 16) {mark(flat <= 2)}; "
-            f"index {bpe:.1f} B/entry (<= 32) {mark(bpe <= 32)}"
-            + ("" if top >= 262144 else "; the targets are for 262,144: run without --quick"))
+    return {"figures": figs.dicts(), "index_arena_regrow_ms": round(_regrow_ms(top), 3), "visit_ns": visit,
+            "batches": _batches(quick), "config": {**cfg, "domains": NDOM}}
 
 
 def report(result) -> str:
-    rows = [(x["policy"], x["degree"], x["add_ns"], x["lookup_ns"], x["delete_ns"],
-             x["bytes_per_entry"], x["k"], x["repeats"]) for x in result["results"]]
+    degrees = result["config"]["degrees"]
+    rows = [(p, d, *(text_of(result, op, policy=p, degree=d) for op in ("add", "lookup", "delete", "bytes_per_entry")))
+            for p in POLICIES for d in degrees]
     lines = [
-        "rmap: per-entry cost (ns, median) and memory at each sharing degree",
-        table(["policy", "degree", "add ns", "lookup ns", "delete ns", "bytes/entry", "k", "repeats"], rows),
-        "",
-        "ratios: " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()),
-        _goals(result),
-    ]
+        "rmap: per-entry cost (ns: median of the repeats' medians [min–max]) and memory at each sharing degree",
+        table(["policy", "degree", "add", "lookup", "delete", "bytes/entry"], rows),
+        "", f"index arena regrowth at degree {degrees[-1]:,}: {result['index_arena_regrow_ms']} ms (once, O(D))",
+        report_goals("rmap", result)]
     if "visit_ns" in result:
         v = result["visit_ns"]
         lines.append(f"arena walk, ns per node visited: sequential chain {v['sequential']},"

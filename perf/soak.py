@@ -32,6 +32,7 @@ import numpy as np
 from hvcore.constants import PAGE_SIZE
 
 from .common import table
+from .figure import Figures
 
 VERSIONS = 4                 # few versions: writers often write pages alike
 BIG_PAGES = 250_000          # each of the two clone domains of the full soak
@@ -150,7 +151,13 @@ def run(quick: bool = False) -> dict:
         kinds = {k: v["max_ms"] for k, v in end["pause_by_op"].items() if k != "create"}
         window = _window_steps(start, end)
     faults = end["cow_faults"] - start["cow_faults"]
+    figs = Figures()
+    figs.add("faults_rate", [faults / duration], "faults/s")
+    figs.add("lost_writes", [lost], "pages")
+    figs.add("max_step", [max(kinds.values())] if kinds else [], "ms")
+    figs.add("teardown_seconds", [teardown.get("seconds")], "s")
     return {
+        "figures": figs.dicts(),
         "guests": nguests, "pages_per_guest": pages, "seconds": round(duration, 3),
         "big_domains": len(bigs), "big_pages": big_pages, "big_shared_pages": big_shared,
         "writes": sum(w.writes for w in writers), "pages_written": sum(w.pages_written for w in writers),

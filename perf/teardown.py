@@ -29,26 +29,23 @@ rmap policy and each teardown mode:
 Peer, in the same run: Linux munmap of N pages all merged into ONE KSM page
 (:func:`perf.peers.ksm.measure_munmap`), the kernel doing the same job.
 
-``ratios`` in the JSON: ``list_over_buckets`` and ``index_over_ksm`` at the
-largest N measured, for the preemptible teardown, and the same with
-``_monolithic`` for the monolithic one (``list`` at 100,000 runs preemptible
-only; its time stands in: the walks are the same).
+Figures (:mod:`perf.figure`) per case (``rmap``, ``mode``, ``entries``):
+``seconds``, ``max_step``, ``max_step_cpu``, ``p99_step``, ``fault_p99``,
+``idle_fault_p99``; ``munmap_ksm`` and ``munmap_private`` per N; the
+faults' histograms and the last repeat's steps (a trace).
 
 Each case runs ``repeats`` times on one hypervisor (3 in the full run, 1 at
 1,000,000 and for ``list`` at 100,000, 1 in ``--quick``); medians are shown,
-every repeat's under ``all``, and fault percentiles over the faults of all
+every repeat's in the figures, and fault percentiles over the faults of all
 repeats together, whose whole distribution is kept as ``fault_histogram``
 and ``idle_fault_histogram`` (:func:`perf.common.log_histogram`).
 
-Goals (the seed's and hvshare's), checked and printed met / not met:
-at N = 100,000 ``list`` is minutes-class and ``buckets`` at least 200x
-faster (the seed: over 7 minutes -> under 2 seconds), ``index`` within 3x of
-Linux's munmap; preemptible: the longest step at most 1 ms at every N and
-the writer's fault p99 during teardown at most 2x its idle p99; monolithic:
-the longest step is the whole teardown. The step and fault goals are
-judged apart for ``list``: one removal from a list of N entries scans it,
-which at N = 10,000 already takes a millisecond or more, so no chunking can
-bring its steps under 1 ms (the seed's point).
+Goals: :mod:`perf.goals` (the seed's: at N = 100,000 ``buckets`` at least
+200x faster than ``list``; hvshare's: ``index`` at most Linux's munmap, a
+preemptible step at most 1 ms, the writer's fault p99 during a teardown
+at most 2x idle). They are judged apart for ``list``: one removal from a
+list of N entries scans it, which at N = 10,000 already takes a
+millisecond or more, so no chunking can bring its steps under 1 ms.
 
 ``list`` at 100,000 takes many minutes: it runs once, preemptible only, and
 not in ``--quick`` (N = 10,000 only, ``list`` preemptible only: well under
@@ -66,6 +63,9 @@ import numpy as np
 from hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
 
 from .common import log_histogram, table
+from .figure import Figures
+from .goals import SEED_N
+from .report.headlines import report_goals
 
 POLICIES = RMAP_POLICIES
 MODES = TEARDOWN_MODES
@@ -283,9 +283,8 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
     out.update(fault_p50_us=_pct(during, 50), fault_p99_us=_pct(during, 99), faults_during=len(during),
                idle_fault_p50_us=_pct(idle_us, 50), idle_fault_p99_us=_pct(idle_us, 99),
                fault_histogram=log_histogram(during), idle_fault_histogram=log_histogram(idle_us))
-    out["all"] = {key: [x[key] for x in runs] for key in ("seconds", "max_pause_ms", "fault_p99_us",
-                                                           "idle_fault_p99_us")}
-    out.update(timeline)
+    out["runs"] = runs
+    out["timeline"] = timeline
     out["audit_errors"] = audit
     out["frames_back"] = info["frames_free"] == info["frames_total"] and info["nr_shared_mfns"] == 0
     return out
@@ -315,95 +314,56 @@ def run(quick: bool = False) -> dict:
         m = peers[str(n)]
         print(f"  Linux munmap N={n:>9,}: " + (m["skipped"] if "skipped" in m else f"{m['seconds']:.4f} s"),
               flush=True)
-    return {"results": results, "munmap": peers, "ratios": _ratios(results, peers),
-            "goals": _goals(results, peers), "quick": quick,
+    figs, hists, traces = Figures(), [], []
+    for r in results:
+        labels = {"rmap": r["rmap"], "mode": r["mode"], "entries": r["n"]}
+        runs = r.pop("runs")
+        for key, name, unit in FIGURES:
+            figs.add(name, [x[key] for x in runs], unit, **labels)
+        hists += [{"name": name, "labels": labels, **r.pop(f"{name}_histogram")} for name in ("fault", "idle_fault")]
+        t = r.pop("timeline")
+        traces.append({"name": "steps", "labels": labels, "unit": "ms", "x": t["steps_start_ms"], "y": t["steps_ms"]})
+    for n, m in peers.items():
+        if "skipped" not in m:
+            figs.add("munmap_ksm", m.pop("seconds_all"), "s", entries=int(n))
+            figs.add("munmap_private", m.pop("baseline_seconds_all"), "s", entries=int(n))
+    return {"figures": figs.dicts(), "histograms": hists, "traces": traces, "results": results,
+            "munmap": peers, "checks": _checks(results), "quick": quick,
             "loadavg_1min": {"min": min(load), "max": max(load)},
             "writer": {"pages_per_repeat": (4000 if quick else WRITER_PAGES), "rate": WRITER_RATE,
                        "batch": WRITER_BATCH, "idle_faults": IDLE_FAULTS}}
+
+
+#: (key of a repeat, figure, unit) of every repeated measure of a case
+FIGURES = (("seconds", "seconds", "s"), ("max_pause_ms", "max_step", "ms"),
+           ("max_pause_cpu_ms", "max_step_cpu", "ms"), ("p99_step_ms", "p99_step", "ms"),
+           ("fault_p99_us", "fault_p99", "us"), ("idle_fault_p99_us", "idle_fault_p99", "us"))
 
 
 def _find(results, rmap, mode, n):
     return next((r for r in results if (r["rmap"], r["mode"], r["n"]) == (rmap, mode, n)), None)
 
 
-def _ratios(results, peers) -> dict:
-    out: dict = {}
-    both = [n for n in sorted({r["n"] for r in results})
-            if _find(results, "list", "preemptible", n) and _find(results, "buckets", "preemptible", n)]
-    if both:
-        n = both[-1]
-        lp = _find(results, "list", "preemptible", n)
-        out["list_over_buckets"] = lp["seconds"] / _find(results, "buckets", "preemptible", n)["seconds"]
-        out["list_over_buckets_n"] = n
-        # list monolithic is not run at the largest N (it would take as long
-        # again): there its preemptible teardown stands in, the same walks
-        lm, bm = _find(results, "list", "monolithic", n), _find(results, "buckets", "monolithic", n)
-        if bm:
-            out["list_over_buckets_monolithic"] = (lm or lp)["seconds"] / bm["seconds"]
-    ksm_ok = [n for n in sorted({r["n"] for r in results})
-              if _find(results, "index", "preemptible", n) and "seconds" in peers.get(str(n), {})]
-    if ksm_ok:
-        n = ksm_ok[-1]
-        munmap = peers[str(n)]["seconds"]
-        out["index_over_ksm"] = _find(results, "index", "preemptible", n)["seconds"] / munmap
-        out["index_over_ksm_n"] = n
-        mono = _find(results, "index", "monolithic", n)
-        if mono:
-            out["index_over_ksm_monolithic"] = mono["seconds"] / munmap
-    return out
+def _checks(results) -> list[dict]:
+    """What must hold besides the goals (:mod:`perf.goals`): the seed's list
+    is minutes-class, a monolithic teardown is one step, nothing leaks;
+    ``met`` None when it could not be measured."""
+    checks = []
 
+    def check(what, met, detail):
+        checks.append({"check": what, "met": met, "detail": detail})
 
-def _goals(results, peers) -> list[dict]:
-    """Every goal with its verdict; ``met`` None when it could not be measured."""
-    goals = []
-
-    def goal(what, met, detail):
-        goals.append({"goal": what, "met": met, "detail": detail})
-
-    lst = _find(results, "list", "preemptible", 100_000)
-    bkt = _find(results, "buckets", "preemptible", 100_000)
-    idx = _find(results, "index", "preemptible", 100_000)
-    mun = peers.get("100000", {})
-    goal("list at N=100,000 is minutes-class (>= 60 s)", None if not lst else lst["seconds"] >= 60,
-         f"{lst['seconds']:.1f} s" if lst else "not run (--quick)")
-    goal("buckets >= 200x faster than list at N=100,000",
-         None if not (lst and bkt) else lst["seconds"] / bkt["seconds"] >= 200,
-         f"{lst['seconds'] / bkt['seconds']:.0f}x ({lst['seconds']:.1f} s / {bkt['seconds']:.2f} s)"
-         if lst and bkt else "not run (--quick)")
-    if idx and "seconds" in mun:
-        mono = _find(results, "index", "monolithic", 100_000)
-        goal("index within 3x of Linux munmap at N=100,000 (preemptible)",
-             idx["seconds"] <= 3 * mun["seconds"],
-             f"{idx['seconds'] / mun['seconds']:.1f}x ({idx['seconds'] * 1e3:.1f} ms / "
-             f"{mun['seconds'] * 1e3:.1f} ms); monolithic "
-             + (f"{mono['seconds'] / mun['seconds']:.1f}x" if mono else "-"))
-    else:
-        goal("index within 3x of Linux munmap at N=100,000", None,
-             mun.get("skipped", "not run (--quick)") if idx or mun else "not run (--quick)")
-    for which in (("buckets", "index"), ("list",)):
-        pre = [r for r in results if r["mode"] == "preemptible" and r["rmap"] in which]
-        if not pre:
-            continue
-        names = "/".join(which)
-        bad = [r for r in pre if r["max_pause_ms"] > 1.0]
-        goal(f"preemptible {names}: longest step <= 1 ms at every N", not bad,
-             "all met (" + ", ".join(f"{r['rmap']} N={r['n']:,} {r['max_pause_ms']:.2f} ms" for r in pre) + ")"
-             if not bad else "; ".join(f"{r['rmap']} N={r['n']:,}: {r['max_pause_ms']:.2f} ms (cpu "
-                                       f"{r['max_pause_cpu_ms']:.2f} ms, p99 step {r['p99_step_ms']:.2f} ms)"
-                                       for r in bad))
-        slow = [r for r in pre if r["fault_p99_us"] is None or r["idle_fault_p99_us"] is None
-                or r["fault_p99_us"] > 2 * r["idle_fault_p99_us"]]
-        goal(f"preemptible {names}: writer fault p99 during teardown <= 2x idle p99", not slow,
-             "all met" if not slow else "; ".join(
-                 f"{r['rmap']} N={r['n']:,}: {r['fault_p99_us']} vs {r['idle_fault_p99_us']} us" for r in slow))
+    lst = _find(results, "list", "preemptible", SEED_N)
+    check(f"list at N={SEED_N:,} is minutes-class (>= 60 s)", None if not lst else lst["seconds"] >= 60,
+          f"{lst['seconds']:.1f} s" if lst else "not run (--quick)")
     mono = [r for r in results if r["mode"] == "monolithic"]
     off = [r for r in mono if r["continuations"] or r["max_pause_ms"] < 0.95 * r["hv_seconds"] * 1e3]
-    goal("monolithic: the longest step is the whole teardown", not off,
-         "all met" if not off else "; ".join(f"{r['rmap']} N={r['n']:,}" for r in off))
+    check("monolithic: the longest step is the whole teardown", not off,
+          "all met" if not off else "; ".join(f"{r['rmap']} N={r['n']:,}" for r in off))
     leaks = [r for r in results if not r["frames_back"] or r["audit_errors"]]
-    goal("every frame back and audit 0 after every case", not leaks,
-         "all met" if not leaks else "; ".join(f"{r['rmap']} {r['mode']} N={r['n']:,}" for r in leaks))
-    return goals
+    check("every frame back and audit 0 after every case", not leaks,
+          "all met" if not leaks else "; ".join(f"{r['rmap']} {r['mode']} N={r['n']:,}" for r in leaks))
+    return checks
 
 
 def report(result: dict) -> str:
@@ -422,25 +382,15 @@ def report(result: dict) -> str:
                      "-" if "skipped" in m else m["baseline_seconds"]])
     lines += ["Linux munmap of N pages merged into one KSM page (private pages beside it)",
               table(["N", "seconds", "private s"], rows), ""]
-    ra = result["ratios"]
-    parts = []
-    if "list_over_buckets" in ra:
-        parts.append(f"list/buckets at N={ra['list_over_buckets_n']:,} {ra['list_over_buckets']:.0f}x preemptible"
-                     + (f", {ra['list_over_buckets_monolithic']:.0f}x monolithic"
-                        if "list_over_buckets_monolithic" in ra else ""))
-    if "index_over_ksm" in ra:
-        parts.append(f"index/munmap at N={ra['index_over_ksm_n']:,} {ra['index_over_ksm']:.1f}x preemptible"
-                     + (f", {ra['index_over_ksm_monolithic']:.1f}x monolithic"
-                        if "index_over_ksm_monolithic" in ra else ""))
-    lines.append("Ratios: " + ("; ".join(parts) or "none"))
     la = result.get("loadavg_1min")
     if la:
         lines.append(f"Machine load (1-min average) during the run: {la['min']:.1f} .. {la['max']:.1f} "
                      f"on {os.cpu_count()} cores")
-    lines.append("Goals:")
-    for g in result["goals"]:
-        verdict = "not measured" if g["met"] is None else ("met" if g["met"] else "NOT MET")
-        lines.append(f"  [{verdict}] {g['goal']}: {g['detail']}")
+    lines.append(report_goals("teardown", result))
+    lines.append("Checks:")
+    for c in result["checks"]:
+        verdict = "not measured" if c["met"] is None else ("met" if c["met"] else "NOT MET")
+        lines.append(f"  [{verdict}] {c['check']}: {c['detail']}")
     return "\n".join(lines)
 
 

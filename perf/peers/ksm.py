@@ -51,10 +51,12 @@ import numpy as np
 from hvcore.constants import PAGE_SIZE
 
 from ..common import latency_percentiles, log_histogram, standalone
+from ..figure import Figures
 from .contents import CONTENTS, duplicate_groups, duplicate_groups_of, expected_counts, page_content
 from .ksm_session import (current_session, fast_scan_knobs, ksm_session, run_scans,
                           sweep_stale, track_region)
-from .ksm_sysfs import CounterPoller, KsmUnavailable, foreign_mergers, ksm_available, read_knob, write_knob
+from .ksm_sysfs import (CounterPoller, KsmUnavailable, foreign_mergers, ksm_available, read_knob,
+                        run_until_settled, write_knob)
 
 _KPF_KSM = 1 << 21          # /proc/kpageflags bit of a KSM page
 _PM_PRESENT = 1 << 63       # /proc/self/pagemap: page present
@@ -255,40 +257,17 @@ def _wait_merged(regions: list[KsmRegion], timeout: float, settle_scans: int,
     lead = regions[0]
     poll = CounterPoller(["pages_shared", "pages_sharing", "full_scans"])
     try:
-        b_shared, b_sharing, b_scans = poll.read()
-        lead._base = (b_shared, b_sharing)
+        lead._base = poll.read()[:2]
         t0 = time.perf_counter()
         for r in regions:
             r.mm.madvise(mmap.MADV_MERGEABLE)
         lead.madvise_seconds = time.perf_counter() - t0
-        want = (lead.expected_shared, lead.expected_sharing)
-        last = (0, 0)
-        t0 = t_change = time.perf_counter()
-        scans_at_change = b_scans
-        write_knob("run", 1)
-        while True:
-            shared, sharing, scans = poll.read()
-            now = time.perf_counter()
-            cur = (shared - b_shared, sharing - b_sharing)
-            if cur != last:
-                last, t_change, scans_at_change = cur, now, scans
-            if cur == want and want != (0, 0):
-                lead.complete = True
-                break
-            if scans - scans_at_change >= settle_scans:
-                lead.complete = cur == want
-                break
-            if now - t0 > timeout:
-                break
-            time.sleep(poll_seconds)
+        got = run_until_settled(poll, lambda: write_knob("run", 1), settle_scans, timeout,
+                                want=(lead.expected_shared, lead.expected_sharing), poll_seconds=poll_seconds)
     finally:
-        write_knob("run", 0)
-        try:
-            lead.full_scans = poll.read()[2] - b_scans
-        finally:
-            poll.close()
-    lead.merge_seconds = t_change - t0
-    lead.pages_shared, lead.pages_sharing = last
+        poll.close()
+    lead.complete, lead.full_scans, lead.merge_seconds = got["complete"], got["full_scans"], got["seconds"]
+    lead.pages_shared, lead.pages_sharing = got["counts"]
 
 
 
@@ -359,7 +338,7 @@ def measure_cow_break(n_pages: int = 50_000, content: str = "identical", seed: i
 
     Only pages that really are KSM pages are written (``ksm_mask``).  Returns
     ``p50_ns``/``p99_ns``/``mean_ns`` of the timed writes of all repeats
-    together, their ``histogram`` (every write), ``p50_ns_all`` and
+    together, their ``histogram`` (every write, in us), ``p50_ns_all`` and
     ``p99_ns_all`` (each repeat's), ``floor_p50_ns`` (the same writes
     again, no fault: the timing overhead), ``pages`` written,
     ``still_ksm_after`` and the last merge's summary under ``merge``.
@@ -377,7 +356,7 @@ def measure_cow_break(n_pages: int = 50_000, content: str = "identical", seed: i
             out["merge"] = region.summary()
         lat = np.concatenate(lats)
         out.update(latency_stats(lat))
-        out["histogram"] = log_histogram(lat, "ns")
+        out["histogram"] = log_histogram(lat / 1e3, "us")
         for key in ("p50_ns", "p99_ns"):
             out[f"{key}_all"] = [e[key] for e in each]
         out["floor_p50_ns"] = latency_stats(np.concatenate(floors))["p50_ns"]
@@ -556,7 +535,19 @@ def run(quick: bool = False, munmap_pages: int | None = None) -> dict:
         "munmap": measure_munmap(m, repeats=1 if quick else 3),
     }
     skipped = next((r["skipped"] for r in res.values() if "skipped" in r), None)
-    out = {"results": res}
+    figs = Figures()
+    for m in (res["merge"], res["merge_clone"]):
+        if "skipped" not in m:
+            figs.add("merge_seconds", m["merge_seconds_all"], "s", content=m["content"], pages=m["n_pages"])
+    c, b, u = res["cow_break"], res["cow_batched"], res["munmap"]
+    if "skipped" not in c:
+        figs.add("cow_break_p50", [v / 1e3 for v in c["p50_ns_all"]], "us", pages=c["pages"])
+    if "skipped" not in b:
+        figs.add("cow_batched_rate", b["pages_per_second_all"], "pages/s", pages=b["pages"])
+    if "skipped" not in u:
+        figs.add("munmap_seconds", u["seconds_all"], "s", pages=u["n_pages"], merged="one KSM page")
+        figs.add("munmap_seconds", u["baseline_seconds_all"], "s", pages=u["n_pages"], merged="none")
+    out = {"results": res, "figures": figs.dicts()}
     if skipped:
         out["skipped"] = skipped
     return out

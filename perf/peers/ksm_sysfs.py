@@ -134,3 +134,38 @@ class CounterPoller:
             os.close(fd)
         self.fds = []
 
+
+
+def run_until_settled(poll: CounterPoller, start, settle_scans: int, timeout: float,
+                      want: tuple[int, int] | None = None, poll_seconds: float = 0.001,
+                      min_scans: int = 0) -> dict:
+    """Run ksmd (``start()`` turns it on) until the ``pages_shared`` and
+    ``pages_sharing`` deltas (``poll`` reads those and ``full_scans``) reach
+    ``want``, or stay still for ``settle_scans`` full scans once more than
+    ``min_scans`` passed, or ``timeout`` s pass; ksmd is stopped again.
+
+    Returns ``{"counts": (shared, sharing) deltas, "seconds": from start to
+    the last change, "full_scans", "settled", "complete" (``want`` reached)}``."""
+    import time
+    b_shared, b_sharing, b_scans = poll.read()
+    last, scans_at_change, scans = (0, 0), b_scans, b_scans
+    t0 = t_change = time.perf_counter()
+    try:
+        start()
+        while True:
+            shared, sharing, scans = poll.read()
+            now = time.perf_counter()
+            cur = (shared - b_shared, sharing - b_sharing)
+            if cur != last:
+                last, t_change, scans_at_change = cur, now, scans
+            if want is not None and cur == want and want != (0, 0):
+                break
+            if scans - scans_at_change >= settle_scans and scans - b_scans > min_scans:
+                break
+            if now - t0 > timeout:
+                break
+            time.sleep(poll_seconds)
+    finally:
+        write_knob("run", 0)
+    return {"counts": last, "seconds": t_change - t0, "full_scans": poll.read()[2] - b_scans,
+            "settled": scans - scans_at_change >= settle_scans, "complete": want is not None and last == want}

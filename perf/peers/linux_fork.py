@@ -20,7 +20,7 @@ What is measured is the kernel's work, not Python's set-up:
   ``waitpid`` in the parent, which holds the same ``pages`` touched pages.
 
 The helper prints one JSON document and exits; its repeats give medians
-with their spread (:func:`perf.common.summary`).
+as :class:`perf.figure.Figure` s (every repeat, median, spread).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import os
 import subprocess
 import sys
 
-from ..common import standalone, summary, table
+from ..common import standalone, table
+from ..figure import Figure, select, text_of
 
 _HELPER = r"""
 import gc, json, mmap, os, sys, time
@@ -95,10 +96,8 @@ def measure(pages: int, fork_repeats: int = 10, loop_ks=(1, 64, 1024), loop_iter
     """Fork latency and fork-loop rates of a process holding ``pages``
     touched anonymous pages (see the module's docstring)::
 
-        {"pages", "resident_pages",
-         "fork": {"seconds", "seconds_stats", "helper_alone_seconds", "helper_alone_stats"},
-         "loop": {"<k>": {"iterations_per_second", "iterations_per_second_stats",
-                          "iterations", "k"}}}
+        {"pages", "resident_pages", "helper_pages", "loop_iterations",
+         "fork_seconds": Figure, "helper_alone_seconds": Figure, "loop_rate": {k: Figure}}
 
     Raises RuntimeError with the helper's reason if it fails."""
     ks = [int(k) for k in loop_ks]
@@ -112,37 +111,35 @@ def measure(pages: int, fork_repeats: int = 10, loop_ks=(1, 64, 1024), loop_iter
         lines = p.stderr.strip().splitlines()
         raise RuntimeError(f"the Linux fork helper failed: {lines[-1] if lines else f'status {p.returncode}'}")
     raw = json.loads(p.stdout)
-    secs = [ns / 1e9 for ns in raw["fork_ns"]]
-    fork, empty = summary(secs), summary([ns / 1e9 for ns in raw["empty_fork_ns"]])
-    out = {"pages": pages, "resident_pages": raw["resident_pages"], "helper_pages": raw["helper_pages"],
-           "fork": {"seconds": fork["median"], "seconds_stats": fork,
-                    "helper_alone_seconds": empty["median"], "helper_alone_stats": empty},
-           "loop": {}}
-    for k, rates in raw["loops"].items():
-        s = summary(rates)
-        out["loop"][k] = {"k": int(k), "iterations": loop_iterations, "iterations_per_second": s["median"],
-                          "iterations_per_second_stats": s}
-    return out
+    return {"pages": pages, "resident_pages": raw["resident_pages"], "helper_pages": raw["helper_pages"],
+            "loop_iterations": loop_iterations,
+            "fork_seconds": Figure.of("fork_seconds", [ns / 1e9 for ns in raw["fork_ns"]], "s", pages=pages),
+            "helper_alone_seconds": Figure.of("helper_alone_seconds", [ns / 1e9 for ns in raw["empty_fork_ns"]],
+                                              "s", pages=pages),
+            "loop_rate": {int(k): Figure.of("loop_rate", rates, "iterations/s", pages=pages, k=int(k))
+                          for k, rates in raw["loops"].items()}}
 
 
 def run(quick: bool = False) -> dict:
     sizes = (4096, 16_384) if quick else (16_384, 262_144, 1_048_576)
-    return {"results": [measure(n, fork_repeats=5 if quick else 10, loop_iterations=10 if quick else 20)
-                        for n in sizes]}
+    results, figs = [], []
+    for n in sizes:
+        r = measure(n, fork_repeats=5 if quick else 10, loop_iterations=10 if quick else 20)
+        figs += [r.pop("fork_seconds"), r.pop("helper_alone_seconds"), *r.pop("loop_rate").values()]
+        results.append(r)
+    return {"figures": [f.to_dict() for f in figs], "results": results}
 
 
 def report(result: dict) -> str:
     rows = []
     for r in result["results"]:
-        f = r["fork"]["seconds_stats"]
-        rows.append([f"{r['pages']:,}", f"{r['resident_pages']:,}", "fork until the child runs",
-                     f"{f['median'] * 1e3:.3g} ms", f"{f['min'] * 1e3:.3g}..{f['max'] * 1e3:.3g}", f["n"]])
-        for k, lo in r["loop"].items():
-            s = lo["iterations_per_second_stats"]
-            rows.append([f"{r['pages']:,}", "", f"fork + {int(k):,} writes + exit + wait",
-                         f"{s['median']:,.0f} /s", f"{s['min']:,.0f}..{s['max']:,.0f}", s["n"]])
-    return "Linux fork() of a process holding N touched anonymous pages (medians, spread min..max)\n" + table(
-        ["N", "resident", "what", "median", "spread", "n"], rows)
+        n = r["pages"]
+        rows.append([f"{n:,}", f"{r['resident_pages']:,}", "fork until the child runs",
+                     text_of(result, "fork_seconds", pages=n)])
+        for f in select(result, "loop_rate", pages=n):
+            rows.append([f"{n:,}", "", f"fork + {f.labels['k']:,} writes + exit + wait", f.text()])
+    return "Linux fork() of a process holding N touched anonymous pages (medians [min–max])\n" + table(
+        ["N", "resident", "what", "figure"], rows, "l")
 
 
 def main(argv: list[str] | None = None) -> int:

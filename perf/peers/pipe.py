@@ -36,10 +36,10 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
 
-from ..common import latency_percentiles, log_histogram, standalone
+from ..figure import Figures
+from ..common import PLACEMENTS, close_and_reap, latency_percentiles, log_histogram, placement_cpus, standalone
 
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
-PLACEMENTS = ("same", "cross")
 
 _ECHO = """
 import os, sys
@@ -56,18 +56,6 @@ while True:
         buf += more
     os.write(w, buf)
 """
-
-
-def _cpus(placement: str) -> tuple[int, int] | str:
-    """(parent cpu, child cpu) for a placement, or a reason it is impossible."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if placement == "same":
-        return allowed[0], allowed[0]
-    if placement == "cross":
-        if len(allowed) < 2:
-            return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
-        return allowed[0], allowed[1]
-    raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
 
 
 def _read_exact(fd: int, n: int) -> bytes:
@@ -87,7 +75,7 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
     Raises ``ValueError`` for an impossible placement (see :func:`measure`
     for the non-raising form).
     """
-    cpus = _cpus(placement)
+    cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         raise ValueError(cpus)
     if not 1 <= size <= 65536:
@@ -126,22 +114,14 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
         return np.array(lat, dtype=np.int64)
     finally:
         os.sched_setaffinity(0, old_affinity)
-        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
-            if fd >= 0:
-                os.close(fd)
-        if child is not None:
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        close_and_reap((to_child_r, to_child_w, from_child_r, from_child_w), child, 5)
 
 
 def measure(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000) -> dict:
     """Round-trip statistics: ``{"size", "placement", "n", "cpus",
     "p50_us", "p99_us", "mean_us", the other ``CDF_PERCENTILES``, "histogram"}``, or ``{"size", "placement",
     "skipped": reason}`` where the placement is impossible."""
-    cpus = _cpus(placement)
+    cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         return {"size": size, "placement": placement, "skipped": cpus}
     lat = round_trips(size, placement, n) / 1e3
@@ -152,8 +132,15 @@ def measure(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000) 
 def run(quick: bool = False) -> dict:
     """Every (size, placement) pair as a ``perf`` benchmark result."""
     n = 2_000 if quick else 20_000
-    return {"results": [measure(size, placement, n)
-                        for size in (REQUEST_SIZE, PAGE_SIZE) for placement in PLACEMENTS]}
+    results = [measure(size, placement, n) for size in (REQUEST_SIZE, PAGE_SIZE) for placement in PLACEMENTS]
+    figs = Figures()
+    for r in results:
+        if "skipped" not in r:
+            for p in (50, 99):
+                figs.add(f"round_trip_p{p}", [r[f"p{p}_us"]], "us", size=r["size"], placement=r["placement"])
+    hists = [{"name": "round_trip", "labels": {"size": r["size"], "placement": r["placement"]},
+              **r.pop("histogram")} for r in results if "histogram" in r]
+    return {"results": results, "figures": figs.dicts(), "histograms": hists}
 
 
 def report(result: dict) -> str:

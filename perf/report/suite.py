@@ -1,42 +1,39 @@
 """The whole benchmark suite in one run: ``python -m perf all``.
 
-Runs every benchmark of :data:`SUITE` in this process, one after the other,
-and gathers their results in one JSON document::
+Runs every benchmark of :data:`perf.registry.SUITE` in this process, one
+after the other, and gathers their results in one JSON document, the
+result contract (docs/schema/perf/result.schema.json)::
 
-    {"machine": {...}, "quick": bool, "started": "...", "wall_seconds": s,
+    {"schema": 1, "machine": {...}, "quick": bool, "started": "...", "wall_seconds": s,
      "budget_seconds": s, "over_budget": bool, "skipped": {name: reason},
      "benches": {name: result}, "headlines": [headline, ...]}
 
-A benchmark that is missing or raises is skipped with a one-line reason
-(kept in its result as ``skipped``, with the traceback under ``error``) so
-that one broken benchmark cannot cost the numbers of the others.  This
-module also holds what running one benchmark needs (:func:`load_bench`,
-:func:`stamp`, used by ``python -m perf <bench>``) and
-the live :class:`Progress` line; the headline figures are
-:mod:`perf.report.headlines`' and the plots :mod:`perf.report.plots`'.
+A benchmark that fails to import or raises is skipped with a one-line
+reason (kept in its result as ``skipped``, with the traceback under
+``error``) so that one broken benchmark cannot cost the numbers of the
+others. This module also stamps one bench's result (:func:`stamp`, used
+by ``python -m perf <bench>``) and draws the live :class:`Progress` line.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
-import importlib
 import io
 import json
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from ..common import machine_info, one_line, write_json
-from .headlines import dig, headline_table, headlines, markdown
+from ..registry import BENCHES, SUITE
+from .headlines import headline_table, headlines, markdown
 
-#: benchmarks of ``python -m perf all``, in running order (ksm and pipe are
-#: measured inside cow, teardown and dedup, side by side with hvshare)
-SUITE = ("rmap", "cow", "teardown", "dedup", "density", "real", "scale", "fork")
-#: benchmarks whose module is not ``perf.<name>``: the peers
-BENCH_MODULES = {"ksm": "perf.peers.ksm", "pipe": "perf.peers.pipe"}
+#: the version of the result contract a run is written in
+SCHEMA_VERSION = 1
+
 #: wall-time budgets of the suite on a 2-core machine
 BUDGET_SECONDS = {True: 180.0, False: 1800.0}
 
@@ -45,50 +42,14 @@ BUDGET_SECONDS = {True: 180.0, False: 1800.0}
 # running
 
 def stamp(result: dict, name: str, quick: bool, seconds: float) -> dict:
-    """What every result records besides its numbers: which bench, the
-    settings, the repeats and the machine it ran on."""
-    result.setdefault("bench", name)
-    result.setdefault("quick", quick)
-    result.setdefault("repeats", _repeats(result))
+    """What every result records besides its figures: which bench, the
+    setting, the machine it ran on and its wall time."""
+    result["bench"] = name
+    result["quick"] = quick
+    result.setdefault("figures", [])
     result["machine"] = machine_info()
     result["wall_seconds"] = round(seconds, 3)
     return result
-
-
-def _repeats(result: dict) -> Any:
-    for path in (("repeats",), ("config", "repeats"), ("settings", "repeats")):
-        v = dig(result, *path)
-        if v is not None:
-            return v
-    return None
-
-
-def bench_module(name: str) -> str:
-    """The module that holds benchmark ``name``: ``perf.<name>``, or a
-    peer's module (:data:`BENCH_MODULES`)."""
-    return BENCH_MODULES.get(name, f"perf.{name}")
-
-
-def bench_file(name: str) -> str:
-    """Benchmark ``name``'s source file, as messages name it (``perf/rmap.py``)."""
-    return bench_module(name).replace(".", "/") + ".py"
-
-
-def load_bench(name: str):
-    """The module of benchmark ``name`` (:func:`bench_module`), or a
-    one-line reason why there is none."""
-    module, path = bench_module(name), bench_file(name)
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name in (module, "perf"):
-            return f"no benchmark {path}"
-        return f"{path} does not import: {e}"
-    except Exception as e:  # a syntax error or a failing import-time statement
-        return f"{path} does not import: {type(e).__name__}: {e}"
-    if not callable(getattr(mod, "run", None)):
-        return f"{path} has no run(quick)"
-    return mod
 
 
 class Progress:
@@ -149,13 +110,13 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
     names = list(names)
     progress = progress or Progress(len(names))
     t_suite = time.perf_counter()
-    out: dict = {"machine": machine_info(), "quick": quick,
+    out: dict = {"schema": SCHEMA_VERSION, "machine": machine_info(), "quick": quick,
                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "benches": {}, "skipped": {}}
     for i, name in enumerate(names, 1):
         progress.start(i, name)
         t0 = time.perf_counter()
-        mod = load_bench(name)
+        mod = BENCHES[name].load() if name in BENCHES else f"no benchmark named {name!r}"
         text = ""
         if isinstance(mod, str):
             result = {"skipped": mod}
@@ -175,7 +136,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
                           "error": traceback.format_exc()}
             text = captured.getvalue()
         stamp(result, name, quick, time.perf_counter() - t0)
-        if "skipped" in result and "results" not in result:
+        if "skipped" in result and not result["figures"]:
             out["skipped"][name] = result["skipped"]
             status = f"SKIPPED: {result['skipped']}"
         elif "skipped" in result:
@@ -187,7 +148,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
         if echo is not None:
             if text.strip():
                 echo(text.rstrip())
-            if "results" in result and hasattr(mod, "report"):
+            if result["figures"] and not isinstance(mod, str):
                 try:
                     echo(mod.report(result) + "\n")
                 except Exception as e:
@@ -202,9 +163,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
 
 
 # ---------------------------------------------------------------------------
-# JSON and command line
-
-
+# command line
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -227,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_json:
         with open(a.from_json) as f:
             doc = json.load(f)
-        # from the benches' results, by this version's rules
-        doc["headlines"] = headlines(doc)
+        doc["headlines"] = headlines(doc)       # by this version's goals
     else:
         names = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else list(SUITE)
         names = [n for n in names if n not in {s.strip() for s in a.skip.split(",")}]

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from perf.peers import ksm_sysfs
+
+try:                                   # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:            # Python 3.10: the same parser, as tomli
+    tomllib = pytest.importorskip("tomli")
 
 pytest_plugins = ["pytester"]
 
@@ -210,6 +214,11 @@ def test_a_ksm_test_on_the_real_knobs_leaves_them_as_they_were(user_project):
     user_project.makepyfile(f"""
         import pytest
         from perf.peers import ksm_sysfs
+
+try:                                   # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:            # Python 3.10: the same parser, as tomli
+    tomllib = pytest.importorskip("tomli")
 
         @pytest.mark.ksm(pages_to_scan={changed})
         def test_knobs():
