@@ -22,8 +22,6 @@ KEYS = {
     "content": {"pages", "distinct", "hvshare_saves", "ksm_saves", "max_page_sharing_frames", "zero_pages"},
     "differences": {"zero_pages", "max_page_sharing", "max_page_sharing_frames", "changed_pages",
                     "lost_pages", "ksm_only_pages", "frames_difference", "unexplained"},
-    "ratios": {"frames_over_ksm", "time_over_ksm"},
-    "goals": {"frames_over_ksm", "time_over_ksm"},
 }
 PROCESS_KEYS = {"group", "pid", "pages", "regions", "swapped_pages", "skipped_pages", "ksm_only_pages",
                 "ksm_merging_pages"}
@@ -33,7 +31,7 @@ def _knobs() -> dict:
     return {k: ksm_sysfs.read_knob(k) for k in ksm_sysfs.writable_knobs()} if KSM_REASON is None else {}
 
 
-def test_quick_run_has_every_key_and_restores_the_knobs(tmp_path):
+def test_quick_run_has_every_key_and_restores_the_knobs(tmp_path, contract):
     before = _knobs()
     out = tmp_path / "real.json"
     p = subprocess.run([sys.executable, "-m", "perf", "real", "--quick", "--json", str(out)],
@@ -44,7 +42,7 @@ def test_quick_run_has_every_key_and_restores_the_knobs(tmp_path):
     assert doc["bench"] == "real" and doc["quick"] is True and doc["config"]["k"] == 2
     if KSM_REASON is not None:
         assert doc["ksm"] == {"skipped": KSM_REASON}
-        keys = {k: v for k, v in KEYS.items() if k not in ("ksm", "ratios", "goals")}
+        keys = {k: v for k, v in KEYS.items() if k != "ksm"}
         keys["differences"] = KEYS["differences"] - {"frames_difference", "unexplained"}
     else:
         keys = KEYS
@@ -57,6 +55,9 @@ def test_quick_run_has_every_key_and_restores_the_knobs(tmp_path):
     # the domains hold what this benchmark read: the scanner saves what the content predicts
     assert doc["hvshare"]["frames_saved"] == doc["content"]["hvshare_saves"]
     assert doc["content"]["pages"] == sum(q["pages"] for q in doc["processes"])
+    names = {f["name"] for f in contract(doc)}
+    want = {"frames_saved", "scan_seconds", "snapshot_max_step", "snapshot_seconds"}
+    assert want | ({"ksm_pages_sharing", "ksm_settle_seconds"} if KSM_REASON is None else set()) == names
 
 
 def test_content_predictions_count_groups_and_the_cap():
