@@ -238,7 +238,8 @@ def plot_cow_latency(result: dict):
                    label=f"{text}\np50 {p50.text() if p50 else '-'}, {hs[0]['n']:,} samples")
             drawn += 1
         if p50:
-            a.errorbar([p50.median], [0.5], xerr=_yerr([p50]), fmt="o", color=color, capsize=4, ms=4)
+            a.errorbar([p50.median], [0.5], xerr=_yerr([p50]), fmt="o", color=color, capsize=4, ms=4,
+                       label=None if hs else f"{text}\np50 {p50.text()} (percentiles only)")
     if not drawn:
         raise Skip("no latency histograms in the cow result")
     _log(a, "x")
