@@ -215,11 +215,6 @@ def test_a_ksm_test_on_the_real_knobs_leaves_them_as_they_were(user_project):
         import pytest
         from perf.peers import ksm_sysfs
 
-try:                                   # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:            # Python 3.10: the same parser, as tomli
-    tomllib = pytest.importorskip("tomli")
-
         @pytest.mark.ksm(pages_to_scan={changed})
         def test_knobs():
             assert ksm_sysfs.read_knob("pages_to_scan") == "{changed}"
