@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from .figure import Figures
 from .common import PLACEMENTS, close_and_reap, latency_percentiles, placement_cpus, standalone
+from .figure import Figures
 
 _MSG = struct.Struct("<qB")
 

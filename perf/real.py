@@ -63,8 +63,8 @@ from hvcore.snapshot import PM_PRESENT, ProcessSnapshot
 from .common import sigterm_exits, table
 from .figure import Figures
 from .peers.ksm_session import fast_scan_knobs, ksm_session, sweep_stale
-from .report.headlines import report_goals
 from .peers.ksm_sysfs import CounterPoller, foreign_mergers, ksm_available, read_knob, run_until_settled
+from .report.headlines import report_goals
 
 #: prctl option: KSM may merge every compatible mapping of the process
 PR_SET_MEMORY_MERGE = 67

@@ -36,26 +36,29 @@ class Bench:
         return mod
 
 
-BENCHES: dict[str, Bench] = {b.name: b for b in (
-    Bench("rmap", "perf.rmap", "reverse-map policies: cost per entry and memory against sharing degree", True),
-    Bench("cow", "perf.cow", "CoW fault round trip beside the raw pipe, the floor probe and Linux KSM", True),
-    Bench("teardown", "perf.teardown", "teardown of N entries on one frame under a faulting writer; Linux munmap",
-          True),
-    Bench("dedup", "perf.dedup", "dedup merge rate through the hypervisor against Linux KSM", True),
-    Bench("density", "perf.density", "clone guests that fit in one pool with and without dedup", True),
-    Bench("real", "perf.real", "dedup of snapshots of real programs against Linux KSM on them", True),
-    Bench("scale", "perf.scale", "create, dedup, CoW and destroy of big clones: times and longest steps", True),
-    Bench("fork", "perf.fork", "VM fork, fork_reset and fuzzing loops against Linux fork()", True),
-    Bench("soak", "perf.soak", "writers, dedup passes and a teardown at once: lost writes, longest step", False),
-    Bench("firsttouch", "perf.firsttouch", "the kernel's first touch of a page: the floor of a create's steps",
-          False),
-    Bench("floor", "perf.floor", "the floor of a CoW fault: a bare selectors loop over the core's write", False),
-    Bench("audit", "perf.audit", "the audit's cost per entry checked, per rmap policy", False),
-    Bench("onemillion", "perf.onemillion", "a dedup pass and a teardown at 1,000,000 pages", False),
-    Bench("ksm", "perf.peers.ksm", "Linux KSM alone: merge, CoW break, batched break, munmap", False),
-    Bench("pipe", "perf.peers.pipe", "the raw pipe round trip of two Python processes", False),
-    Bench("linux_fork", "perf.peers.linux_fork", "Linux fork() and fork loops of a process of N pages", False),
-)}
+#: name, module, "suite" (in ``python -m perf all``, in this order) or "alone", one line about it
+_TABLE = """\
+rmap        perf.rmap              suite  reverse-map policies: cost per entry and memory against sharing degree
+cow         perf.cow               suite  CoW fault round trip beside the raw pipe, the floor probe and Linux KSM
+teardown    perf.teardown          suite  teardown of N entries on one frame under a faulting writer; Linux munmap
+dedup       perf.dedup             suite  dedup merge rate through the hypervisor against Linux KSM
+density     perf.density           suite  clone guests that fit in one pool with and without dedup
+real        perf.real              suite  dedup of snapshots of real programs against Linux KSM on them
+scale       perf.scale             suite  create, dedup, CoW and destroy of big clones: times and longest steps
+fork        perf.fork              suite  VM fork, fork_reset and fuzzing loops against Linux fork()
+soak        perf.soak              alone  writers, dedup passes and a teardown at once: lost writes, longest step
+firsttouch  perf.firsttouch        alone  the kernel's first touch of a page: the floor of a create's steps
+floor       perf.floor             alone  the floor of a CoW fault: a bare selectors loop over the core's write
+audit       perf.audit             alone  the audit's cost per entry checked, per rmap policy
+onemillion  perf.onemillion        alone  a dedup pass and a teardown at 1,000,000 pages
+ksm         perf.peers.ksm         alone  Linux KSM alone: merge, CoW break, batched break, munmap
+pipe        perf.peers.pipe        alone  the raw pipe round trip of two Python processes
+linux_fork  perf.peers.linux_fork  alone  Linux fork() and fork loops of a process of N pages
+"""
+
+BENCHES: dict[str, Bench] = {
+    name: Bench(name, module, about, where == "suite")
+    for name, module, where, about in (line.split(None, 3) for line in _TABLE.splitlines())}
 
 #: the benches of ``python -m perf all``, in running order
 SUITE = tuple(name for name, b in BENCHES.items() if b.suite)

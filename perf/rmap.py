@@ -7,19 +7,19 @@ four domains, then three per-entry costs are timed at that degree:
 - add: k further entries (degree D .. D+k-1).
 k = min(D, sample), so the list policy (O(D) per operation, the point of the
 benchmark) stays feasible at 262,144. Every repeat uses a fresh build and
-times its k operations in chunks; a cost is the median over the chunks of
-all repeats, its spread (``<op>_ns_stats``: :func:`perf.common.summary`)
-that of the repeats' own medians. Small degrees get more repeats (a few
-thousand operations each).
+times its k operations in chunks; each repeat's cost is the median of its
+chunks (a chunk spoilt by a noisy spell drops out), and the figure
+(:mod:`perf.figure`: ``add``, ``lookup``, ``delete`` in ns per policy and
+degree) is every repeat's. Small degrees get more repeats (a few thousand
+operations each).
 Every round of repeats visits every degree and the policies take turns
 within each repeat: side by side, as the machine's noise demands.
 Memory: tracemalloc (it sees numpy's buffers too) around one build, per entry.
 
-Goals checked: the list grows linearly with the degree and the 256-bucket
-table is ~256x better than it at high degree (the seed's claims); the index
-is flat (delete at the top degree within 2x of at 16) with at most 32 bytes
-per entry at 262,144 (hvshare's). The ratios also give the cost per entry
-scanned of the list and of a bucket. Both policies keep their nodes as
+Goals (:mod:`perf.goals`): the 256-bucket table at least 200x better than
+the list at degree 262,144 (the seed's claim: ~256x); the index flat
+(delete at the top degree within 2x of at 16) with at most 32 bytes per
+entry (``bytes_per_entry``) at 262,144 (hvshare's). Both policies keep their nodes as
 C-like structs in one flat arena (``hvcore/rmap/arena.py``), so a visit
 costs about the same whether the chain runs through memory in allocation
 order (a list built in one go) or jumps ~256 nodes at a time (a bucket):

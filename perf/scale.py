@@ -41,9 +41,11 @@ while no hypervisor is up:
   then ``munmap`` of the first region while the second still maps the KSM
   pages (:func:`perf.peers.ksm.measure_merge_regions`).
 
-Ratios: ``create_over_fill_<rmap>_<N>`` (create seconds / generating fill),
-``create_over_copy_<rmap>_<N>``, ``dedup_over_ksm_<rmap>_<N>`` (merge rates)
-and ``destroy_index_over_munmap_<N>``.
+Figures (:mod:`perf.figure`): per rmap, N and operation ``seconds``,
+``rate`` (pages/s), ``max_step`` and ``max_step_cpu``; per N the peers'
+``fill_generate_seconds``, ``fill_copy_seconds``, ``ksm_merge_seconds``,
+``ksm_merge_rate``, ``ksm_munmap_seconds``, ``ksm_munmap_rest_seconds``.
+Goals: :mod:`perf.goals`.
 
 Sizes: N = 250,000 and 1,000,000 (65,536 with ``--quick``; the environment
 variable ``HVSHARE_SCALE_PAGES``, comma-separated, overrides both).
@@ -63,9 +65,9 @@ import time
 import numpy as np
 
 
+from .common import sigterm_exits, table
 from .figure import Figures, text_of
 from .report.headlines import report_goals
-from .common import sigterm_exits, table
 
 POLICIES = ("buckets", "index")
 OPS = ("create", "dedup", "cow", "destroy")

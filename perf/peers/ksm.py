@@ -302,6 +302,16 @@ def latency_stats(lat_ns: np.ndarray) -> dict[str, float]:
     return latency_percentiles(lat_ns, "ns")
 
 
+def _memory_short(pages: int, margin: float) -> str | None:
+    """Why ``pages`` pages (times ``margin``) do not fit in the memory
+    available now, or None."""
+    import psutil
+    need, avail = pages * PAGE_SIZE, psutil.virtual_memory().available
+    if need * margin > avail:
+        return f"not enough memory: {need >> 20} MiB needed, {avail >> 20} MiB available"
+    return None
+
+
 def _fresh_merges(n_pages: int, content: str, seed: int, repeats: int) -> Iterator[KsmRegion]:
     """``repeats`` regions merged afresh, one after the other (each is
     unmapped before the next is made)."""
@@ -394,14 +404,8 @@ def measure_munmap(n_pages: int = 100_000, seed: int = 0, repeats: int = 1) -> d
     if reason := ksm_available():
         return {"n_pages": n_pages, "skipped": reason}
     out: dict = {"n_pages": n_pages}
-    need = n_pages * PAGE_SIZE
-    try:
-        import psutil
-        avail = psutil.virtual_memory().available
-    except Exception:
-        avail = None
-    if avail is not None and need * 1.5 > avail:
-        return {"n_pages": n_pages, "skipped": f"not enough memory: {need >> 20} MiB needed, {avail >> 20} MiB available"}
+    if short := _memory_short(n_pages, 1.5):
+        return dict(out, skipped=short)
     with _skippable(out), ksm_session(max_page_sharing=max(n_pages, 2)):
         base, merged = [], []
         for _ in range(repeats):
@@ -483,14 +487,8 @@ def measure_merge_regions(sizes: Sequence[int], fill: Callable[[int, np.ndarray]
     out: dict = {"n_pages": total, "content": content, "sizes": list(sizes)}
     if reason := ksm_available():
         return dict(out, skipped=reason)
-    try:
-        import psutil
-        avail = psutil.virtual_memory().available
-    except Exception:
-        avail = None
-    need = total * PAGE_SIZE
-    if avail is not None and need * 1.3 > avail:
-        return dict(out, skipped=f"not enough memory: {need >> 20} MiB needed, {avail >> 20} MiB available")
+    if short := _memory_short(total, 1.3):
+        return dict(out, skipped=short)
     with _skippable(out), ksm_session():
         merges, rates, unmaps, rest = [], [], [], []
         for k in range(repeats):

@@ -36,8 +36,8 @@ import numpy as np
 
 from hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
 
-from ..figure import Figures
 from ..common import PLACEMENTS, close_and_reap, latency_percentiles, log_histogram, placement_cpus, standalone
+from ..figure import Figures
 
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
 
