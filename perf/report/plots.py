@@ -61,18 +61,24 @@ def _compact(v: float, _pos=None) -> str:
 
 
 def _log(a, axis: str = "y", base: float = 10) -> None:
-    """A log axis with plain tick labels."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    """A log axis with plain tick labels (on the minor ticks too when the
+    data span under two decades, else the axis could have a single label)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     getattr(a, f"set_{axis}scale")("log", base=base)
     ax = a.yaxis if axis == "y" else a.xaxis
     ax.set_major_formatter(FuncFormatter(_compact))
-    ax.set_minor_formatter(NullFormatter())
+    lo, hi = sorted(a.get_ylim() if axis == "y" else a.get_xlim())
+    if base == 10 and hi / max(lo, 1e-300) < 100:
+        ax.set_minor_locator(LogLocator(base, subs=(2, 5)))
+        ax.set_minor_formatter(FuncFormatter(_compact))
+    else:
+        ax.set_minor_formatter(NullFormatter())
 
 
 def _ticks(a, xs) -> None:
     from matplotlib.ticker import NullLocator
     xs = sorted(set(xs))
-    a.set_xticks(xs, [_compact(x) for x in xs], fontsize=8)
+    a.set_xticks(xs, [f"{x:,}" if x < 1e6 else _compact(x) for x in xs], fontsize=8)
     a.xaxis.set_minor_locator(NullLocator())
 
 
