@@ -122,12 +122,13 @@ def one_merge(content: np.ndarray, domains: int, rmap: str = "buckets",
     }
 
 
-def _median_run(runs: list[dict], figs: Figures, labels: dict) -> dict:
-    """The median of :func:`one_merge` runs (by seconds), whose every run's
-    seconds and rate are figures."""
+def _hv_runs(runs: list[dict], figs: Figures, labels: dict) -> dict:
+    """Every :func:`one_merge` run's seconds and rate as figures; the last
+    run's counts and steps as the detail (the same content merges the same
+    way every time)."""
     figs.add("merge_seconds", [r["seconds"] for r in runs], "s", **labels)
     figs.add("merge_rate", [r["pages_per_second"] for r in runs], "pages/s", **labels)
-    out = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2], repeats=len(runs), **labels)
+    out = dict(runs[-1], repeats=len(runs), **labels)
     del out["seconds"], out["pages_per_second"]          # figures now
     return out
 
@@ -152,16 +153,16 @@ def run(quick: bool = False) -> dict:
         return _run(quick)
 
 
-def _ksm_median(runs: list[dict], figs: Figures, labels: dict) -> dict:
-    """The median of single-repeat :func:`perf.peers.ksm.measure_merge`
-    results (by merge time), whose every run's time and rate are figures;
-    a skip if one was skipped."""
+def _ksm_runs(runs: list[dict], figs: Figures, labels: dict) -> dict:
+    """Every single-repeat :func:`perf.peers.ksm.measure_merge` result's
+    time and rate as figures, the last one's counts as the detail; a skip
+    if one was skipped."""
     skipped = [r for r in runs if "skipped" in r]
     if skipped:
         return skipped[0]
     figs.add("ksm_merge_seconds", [r["merge_seconds"] for r in runs], "s", **labels)
     figs.add("ksm_merge_rate", [r["pages_per_second"] for r in runs], "pages/s", **labels)
-    out = dict(sorted(runs, key=lambda r: r["merge_seconds"])[len(runs) // 2])
+    out = dict(runs[-1])
     for key in ("merge_seconds", "merge_seconds_all", "pages_per_second"):
         out.pop(key, None)                               # figures now
     return out
@@ -183,11 +184,11 @@ def _run(quick: bool) -> dict:
         for _ in range(repeats):
             hv_runs.append(one_merge(pages, domains))
             k_runs.append(ksm.measure_merge(n, content, seed=0, repeats=1))
-        hv = _median_run(hv_runs, figs, {"content": content, "rmap": "buckets", "pages": n})
-        k = _ksm_median(k_runs, figs, {"content": content, "pages": n})
+        hv = _hv_runs(hv_runs, figs, {"content": content, "rmap": "buckets", "pages": n})
+        k = _ksm_runs(k_runs, figs, {"content": content, "pages": n})
         r = {"hvshare": dict(hv, domains=domains), "ksm": k, "savings": savings(groups, hv, k)}
         if not quick:
-            r["hvshare_index"] = dict(_median_run([one_merge(pages, domains, rmap="index") for _ in range(3)],
+            r["hvshare_index"] = dict(_hv_runs([one_merge(pages, domains, rmap="index") for _ in range(3)],
                                                   figs, {"content": content, "rmap": "index", "pages": n}),
                                       domains=domains)
         results[content] = r

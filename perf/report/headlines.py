@@ -117,7 +117,7 @@ def markdown(doc: dict) -> str:
     m = doc.get("machine") or {}
     mem = m.get("memory_bytes")
     lines = [f"Measured on {m.get('cores', '?')} cores, {mem / 2**30:.0f} GiB, Linux {m.get('kernel', '?')}, "
-             f"Python {m.get('python', '?')}, numpy {m.get('numpy', '?')}"
+             f"Python {m.get('python', '?')}, numpy {m.get('numpy', '?')}."
              if mem else "Machine not recorded", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for h in doc.get("headlines") or headlines(doc):
