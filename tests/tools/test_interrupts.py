@@ -7,13 +7,13 @@ import threading
 
 import pytest
 
-from tools import api, session
+from tools import api, launch, session
 
 
 def test_an_interrupted_start_leaves_no_hypervisor(tmp_path, monkeypatch):
     sock = os.path.join(session.SESSION_ROOT, f"int-{os.getpid()}.sock")
     started = []
-    real_popen = session.subprocess.Popen
+    real_popen = launch.subprocess.Popen
 
     def popen(*a, **kw):
         p = real_popen(*a, **kw)
@@ -22,8 +22,8 @@ def test_an_interrupted_start_leaves_no_hypervisor(tmp_path, monkeypatch):
 
     def interrupted(fd, timeout):
         raise KeyboardInterrupt
-    monkeypatch.setattr(session.subprocess, "Popen", popen)
-    monkeypatch.setattr(session, "_read_line", interrupted)
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch, "read_line", interrupted)
     with pytest.raises(KeyboardInterrupt):
         api.start_hypervisor(sock, frames=64)
     (p,) = started
