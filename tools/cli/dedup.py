@@ -12,6 +12,7 @@ from .. import api
 from .. import dedup as scanner
 from ..dedup import daemon
 from ..dedup.knobs import KNOBS, PAGES_TO_SCAN, SLEEP_MILLISECS, Knobs, check
+from ..interrupts import INTERRUPTED
 from ..launch import launch
 from .args import count, domain, plural, positive, print_line
 
@@ -169,8 +170,8 @@ def _pass_line(r) -> str:
 
 
 def _watch(a, c, sc) -> object:
-    """ksmd: passes until SIGINT/SIGTERM or 'dedup --stop' (status 0) or
-    the hypervisor goes away (status 1); a line (or JSON object) per pass
+    """ksmd: passes until SIGTERM or 'dedup --stop' (status 0), Ctrl-C
+    (status 130) or the hypervisor goes away (status 1); a line (or JSON object) per pass
     that changed something (every pass with -v), then a summary. Serves
     the control socket (:mod:`tools.dedup.daemon`) meanwhile."""
     path = os.path.abspath(a.socket or api.default_socket_path())
@@ -243,7 +244,7 @@ def _watch(a, c, sc) -> object:
     if gone:
         print(f"hvctl dedup: {gone}; stopping.", file=sys.stderr)
         return None, None, 1
-    return None
+    return (None, None, INTERRUPTED) if reason == "SIGINT" else None
 
 
 def _tell(fd: int, line: str) -> None:

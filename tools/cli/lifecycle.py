@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMAP_POLICIES,
@@ -9,6 +10,7 @@ from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMA
 from hvcore.statedir import LOG_NAME, crash_note, state_dir_for
 
 from .. import api
+from ..interrupts import INTERRUPTED, armed
 from .args import client, count, plural
 
 
@@ -70,15 +72,17 @@ def _start_attached(path: str, a) -> None:
     proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched,
                                 prefault=a.prefault, detach=False)
     print(_started_line(path, proc.pid, a, proc.cleaned), flush=True)
+    interrupted = False
     while True:
         try:
-            status = proc.wait()
+            with armed():
+                status = proc.wait()
             break
         except KeyboardInterrupt:
-            continue                    # it got the same SIGINT and is stopping
-    if status not in (0, -2, 130):
+            interrupted = True          # it got the same SIGINT and is stopping
+    if status not in (0, -signal.SIGINT, INTERRUPTED):
         raise api.HVCtlError(f"the hypervisor on {path} exited with status {status}")
-    return None
+    return (None, None, INTERRUPTED) if interrupted else None
 
 
 def _started_line(path, pid, a, cleaned) -> str:
