@@ -4,7 +4,8 @@ One place for each: the page size, the domid space, the rmap policies, the
 workloads a domain can run, the hypervisor process's modes, and the one
 step budget that bounds every preemptible operation (with the share of it
 a dedup request may take). The hypervisor, the guests, the toolstack and
-the benchmarks import them from here; nothing defines them again. ``docs/semantics.md`` explains where each comes from.
+the benchmarks import them from here; nothing defines them again.
+``docs/semantics.md`` explains where each comes from.
 """
 from __future__ import annotations
 
