@@ -10,7 +10,7 @@ from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMA
 from hvcore.statedir import LOG_NAME, crash_note, state_dir_for
 
 from .. import api
-from ..interrupts import INTERRUPTED, armed
+from ..interrupts import INTERRUPTED
 from .args import client, count, plural
 
 
@@ -71,15 +71,14 @@ def _start_attached(path: str, a) -> None:
     it stops (Ctrl-C stops it, and it cleans up before this returns)."""
     proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched,
                                 prefault=a.prefault, detach=False)
-    print(_started_line(path, proc.pid, a, proc.cleaned), flush=True)
-    interrupted = False
-    while True:
-        try:
-            with armed():
-                status = proc.wait()
-            break
-        except KeyboardInterrupt:
-            interrupted = True          # it got the same SIGINT and is stopping
+    # the terminal's Ctrl-C reaches the hypervisor too: wait for it to stop
+    interrupted = []
+    before = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        print(_started_line(path, proc.pid, a, proc.cleaned), flush=True)
+        status = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, before)
     if status not in (0, -signal.SIGINT, INTERRUPTED):
         raise api.HVCtlError(f"the hypervisor on {path} exited with status {status}")
     return (None, None, INTERRUPTED) if interrupted else None

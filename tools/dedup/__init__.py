@@ -52,15 +52,17 @@ Counters (:attr:`Scanner.counters`, KSM's names where they exist)
 """
 from __future__ import annotations
 
-from .backend import (PIPELINE_DEPTH, SCANNER_OPS, REQUEST_BUDGET_MS, Backend, InProcessBackend,
+from .backend import (PIPELINE_DEPTH, REQUEST_BUDGET_MS, SCANNER_OPS, Backend, InProcessBackend,
                       SocketBackend, step_delta)
 from .pages import CHUNK_PAGES, ZERO_SUM, page_hashes, zero_pages
 from .knobs import BATCH_PAGES, KNOBS, PAGES_TO_SCAN, SLEEP_MILLISECS, Knobs
 from .scanner import NOMINATE_FACTOR, ROUND_PAGES, Batch, PassResult, Plan, Scanner
 from .watch import Watcher
 
+#: the name perf/dedup.py imports REQUEST_BUDGET_MS by
+STEP_BUDGET_MS = REQUEST_BUDGET_MS
+
 __all__ = ["Backend", "InProcessBackend", "SocketBackend", "Scanner", "Watcher", "Plan", "Batch",
-           "PassResult",
-           "step_delta", "page_hashes", "zero_pages", "BATCH_PAGES", "NOMINATE_FACTOR",
+           "PassResult", "step_delta", "page_hashes", "zero_pages", "BATCH_PAGES", "NOMINATE_FACTOR",
            "ROUND_PAGES", "CHUNK_PAGES", "Knobs", "KNOBS", "PAGES_TO_SCAN", "SLEEP_MILLISECS", "ZERO_SUM",
            "SCANNER_OPS", "REQUEST_BUDGET_MS", "PIPELINE_DEPTH"]
