@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from hvcore.constants import MAX_BATCH_PAGES
+from hvcore.constants import MAX_BATCH_PAGES, PAGE_SIZE
 from hvcore.images import random_pages
 
 class Latencies:
@@ -79,7 +79,7 @@ def run_fuzz(write_pages: Callable[[np.ndarray, np.ndarray], int],
     apart; generating them costs one fill of a reused buffer."""
     rng = np.random.Generator(np.random.SFC64([seed, instance, 0xF022]))
     writes, reads = min(writes, npages), min(reads, npages)
-    buf = np.empty((min(max(writes, 1), MAX_BATCH_PAGES), 4096), dtype=np.uint8)
+    buf = np.empty((min(max(writes, 1), MAX_BATCH_PAGES), PAGE_SIZE), dtype=np.uint8)
     iteration = 0
     while running():
         if not run_requested.wait(0.5):

@@ -2,9 +2,10 @@
 
 One place for each: the page size, the domid space, the rmap policies, the
 workloads a domain can run, the hypervisor process's modes, and the one
-step budget that bounds every preemptible operation. The hypervisor, the
-guests, the toolstack and the benchmarks import them from here; nothing
-defines them again. ``docs/semantics.md`` explains where each comes from.
+step budget that bounds every preemptible operation (with the share of it
+a dedup request may take). The hypervisor, the guests, the toolstack and
+the benchmarks import them from here; nothing defines them again.
+``docs/semantics.md`` explains where each comes from.
 """
 from __future__ import annotations
 
@@ -54,11 +55,18 @@ DEFAULT_TEARDOWN = "preemptible"
 SCHED_MODES = ("fifo", "normal")
 DEFAULT_SCHED = "fifo"
 
-#: The step budget: a preemptible operation (a teardown step, a budgeted
-#: nominate_many or share_many) stops and answers once this much time is
-#: spent, or sooner when other work waits. ``docs/design.md``, "Steps".
+#: The step budget (default 0.8 ms): the hypervisor's bound on one step.
+#: A preemptible operation (a teardown step, a create or range_share
+#: chunk, a budgeted nominate_many or share_many) stops and answers once
+#: this much work time is spent, or sooner when other work waits; between
+#: steps it serves guests and other clients. ``docs/design.md``, "Steps".
 STEP_BUDGET_SECONDS = 0.0008
-#: The budget the dedup scanner asks for each of its batch requests: less
-#: than the step budget, so that framing (0.1-0.2 ms) and the fixed cost of
-#: a chunk that starts just before the budget is spent still end inside it.
-SCAN_BUDGET_SECONDS = 0.0005
+#: The share of a step one dedup request may ask for (default 5/8): a
+#: request's ``budget_us`` stays below the step budget so that its framing
+#: (0.1-0.2 ms) and the fixed cost of a chunk started just before the
+#: budget is spent still end inside the step.
+DEDUP_REQUEST_SHARE = 0.625
+#: The dedup request budget (default 0.5 ms = 0.8 ms x 5/8): the work time
+#: the hypervisor may spend on one of the scanner's nominate_many or
+#: share_many requests before it answers with what it did.
+DEDUP_REQUEST_BUDGET_SECONDS = STEP_BUDGET_SECONDS * DEDUP_REQUEST_SHARE

@@ -39,7 +39,7 @@ what the content predicts).
 rest (the scanner's merge work and the socket round trips).
 
 **Steps**: the hypervisor bounds each ``nominate_many`` / ``share_many``
-step by the scanner's budget (``tools.dedup.STEP_BUDGET_MS``) and answers
+step by the scanner's budget (``tools.dedup.REQUEST_BUDGET_MS``) and answers
 how many pages it did; per run, the hypervisor-side duration of each
 request kind (count, mean, longest, how many took 1 ms or more).
 **Batch sizes**: the same pass at several ``batch_pages``, now the most
@@ -169,7 +169,7 @@ def _ksm_runs(runs: list[dict], figs: Figures, labels: dict) -> dict:
 
 
 def _run(quick: bool) -> dict:
-    from tools.dedup import BATCH_PAGES, STEP_BUDGET_MS
+    from tools.dedup import BATCH_PAGES, REQUEST_BUDGET_MS
     n = 10_000 if quick else 50_000
     repeats = 3 if quick else 5
     cases = {"identical": 1, "clone": 4}        # content -> hvshare domains
@@ -206,7 +206,7 @@ def _run(quick: bool) -> dict:
             sweep.append({"content": content, "batch_pages": bs, "steps": r["steps"],
                           "hv_seconds": r["hv_seconds"]})
     out = {"figures": figs.dicts(), "results": results, "sweep": sweep, "pages": n, "repeats": repeats,
-           "batch_pages": BATCH_PAGES, "step_budget_ms": STEP_BUDGET_MS}
+           "batch_pages": BATCH_PAGES, "request_budget_ms": REQUEST_BUDGET_MS}
     skipped = next((r["ksm"]["skipped"] for r in results.values() if "skipped" in r["ksm"]), None)
     if skipped:
         out["ksm_skipped"] = skipped
@@ -215,7 +215,7 @@ def _run(quick: bool) -> dict:
 
 def report(result: dict) -> str:
     n = result["pages"]
-    budget = result.get("step_budget_ms")
+    budget = result.get("request_budget_ms")
     lines = [f"Merge from nothing shared to fully merged, {n:,} pages, through the hypervisor "
              f"process (median of {result['repeats']}; up to {result['batch_pages']} pages per request"
              + (f", steps of {budget:g} ms of work" if budget else "") + ")"]

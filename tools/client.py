@@ -248,13 +248,19 @@ class HypervisorClient(Requester):
         for d in self.list():
             if d.get("parent") is not None:
                 children.setdefault(d["parent"], []).append(d["domid"])
+        # a walk with a stack of its own: a fork chain can be deeper than
+        # Python's recursion limit
         out: list[int] = []
-
-        def walk(x: int) -> None:
-            for c in sorted(children.get(x, [])):
-                walk(c)
-                out.append(c)
-        walk(domid)
+        stack = [(domid, iter(sorted(children.get(domid, []))))]
+        while stack:
+            node, todo = stack[-1]
+            child = next(todo, None)
+            if child is not None:
+                stack.append((child, iter(sorted(children.get(child, [])))))
+                continue
+            stack.pop()
+            if stack:
+                out.append(node)
         return out
 
     # -- VM fork -----------------------------------------------------------

@@ -16,22 +16,21 @@ import contextlib
 import fcntl
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Iterator
 
 from hvcore import shm
-from hvcore.constants import DEFAULT_FRAMES
-from hvcore.statedir import (CRASH_NAME, LOG_NAME, child_env, cleanup_leftovers, make_private_dirs, not_a_socket,
-                                     socket_path_problem, state_dir_for)
+from hvcore.constants import DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN
+from hvcore.statedir import (CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, not_a_socket,
+                             socket_path_problem, state_dir_for)
 
 from .client import HypervisorClient, default_socket_path
 from .errors import HVCtlError, NoHypervisor
+from .launch import launch
 
 __all__ = ["start_hypervisor", "running_pid", "cleanup_dead", "HVSession", "hvshare_session",
            "SESSION_ROOT"]
@@ -56,8 +55,8 @@ PREFAULT_SECONDS_PER_FRAME = 50e-6
 
 
 def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAMES,
-                     rmap: str = "buckets", teardown: str = "preemptible",
-                     timeout: float = 60.0, sched: str = "fifo", prefault: bool = False,
+                     rmap: str = DEFAULT_RMAP, teardown: str = DEFAULT_TEARDOWN,
+                     timeout: float = 60.0, sched: str = DEFAULT_SCHED, prefault: bool = False,
                      detach: bool = True) -> subprocess.Popen:
     """Start a hypervisor process and return once it serves.
 
@@ -77,69 +76,30 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
         raise HVCtlError(f"a hypervisor (pid {pid}) is already running on {socket_path}", 16, "EBUSY")
     state = state_dir_for(socket_path)
     make_private_dirs(state)
-    log_path = os.path.join(state, LOG_NAME)
-    ready_r, ready_w = os.pipe()
-    with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
-        cmd = [sys.executable, "-m", "hvcore.process", "--socket", socket_path, "--frames", str(frames),
-               "--rmap", rmap, "--teardown", teardown, "--sched", sched, "--ready-fd", str(ready_w)]
-        if prefault:
-            cmd.append("--prefault")
-            timeout += frames * PREFAULT_SECONDS_PER_FRAME
-        out = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True) if detach else {}
-        try:
-            proc = subprocess.Popen(cmd, pass_fds=(ready_w,), env=child_env(), cwd="/", **out)
-        finally:
-            os.close(ready_w)
+    cmd = [sys.executable, "-m", "hvcore.process", "--socket", socket_path, "--frames", str(frames),
+           "--rmap", rmap, "--teardown", teardown, "--sched", sched]
+    if prefault:
+        cmd.append("--prefault")
+        timeout += frames * PREFAULT_SECONDS_PER_FRAME
     try:
-        line = _read_line(ready_r, timeout)
+        proc, ready = launch(cmd, os.path.join(state, LOG_NAME), timeout, "the hypervisor",
+                             detach=detach)
+    except HVCtlError as e:
+        busy = "already running" in str(e)
+        if not busy:
+            _remove_unowned_state(socket_path)
+        raise HVCtlError(str(e), *((16, "EBUSY") if busy else (22, "EINVAL"))) from None
     except BaseException:
-        # interrupted while it starts: it must not live on unseen
-        proc.kill()
-        proc.wait()
+        # interrupted while it starts: nothing of it may live on unseen
         cleanup_leftovers(socket_path)
         _remove_unowned_state(socket_path)
         raise
-    finally:
-        os.close(ready_r)
-    if line.startswith("ready "):
-        # "ready PID {leftovers removed}"
-        try:
-            proc.cleaned = json.loads(line.split(" ", 2)[2])
-        except (IndexError, ValueError):
-            proc.cleaned = None
-        return proc
-    if proc.poll() is None and not line:
-        proc.kill()
-    proc.wait()
-    reason = line[len("error "):] if line.startswith("error ") else _log_tail(log_path) or \
-        f"the hypervisor exited with status {proc.returncode} before serving"
-    if not line.startswith("error ") or "already running" not in reason:
-        _remove_unowned_state(socket_path)
-    raise HVCtlError(reason, 16 if "already running" in reason else 22,
-                     "EBUSY" if "already running" in reason else "EINVAL")
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    buf = b""
-    end = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = end - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
-
-
-def _log_tail(path: str) -> str:
+    # "ready PID {leftovers removed}"
     try:
-        with open(path, "rb") as f:
-            lines = f.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
+        proc.cleaned = json.loads(ready.split(" ", 1)[1])
+    except (IndexError, ValueError):
+        proc.cleaned = None
+    return proc
 
 
 def _remove_unowned_state(socket_path: str) -> None:
@@ -208,8 +168,8 @@ class HVSession(HypervisorClient):
     """A hypervisor this process started on a private socket; :meth:`close`
     stops it and removes every trace (processes, segments, files)."""
 
-    def __init__(self, frames: int = 4096, rmap: str = "buckets", teardown: str = "preemptible",
-                 directory: str | None = None, timeout: float | None = 120.0, sched: str = "fifo",
+    def __init__(self, frames: int = 4096, rmap: str = DEFAULT_RMAP, teardown: str = DEFAULT_TEARDOWN,
+                 directory: str | None = None, timeout: float | None = 120.0, sched: str = DEFAULT_SCHED,
                  prefault: bool = False):
         self._own_dir = directory is None
         # Short paths: a Unix socket path must fit in 107 bytes.
@@ -282,8 +242,8 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def hvshare_session(frames: int = 4096, rmap: str = "buckets", teardown: str = "preemptible",
-                    directory: str | None = None, sched: str = "fifo",
+def hvshare_session(frames: int = 4096, rmap: str = DEFAULT_RMAP, teardown: str = DEFAULT_TEARDOWN,
+                    directory: str | None = None, sched: str = DEFAULT_SCHED,
                     prefault: bool = False) -> Iterator[HVSession]:
     """A real hypervisor process on a private socket, gone on exit::
 

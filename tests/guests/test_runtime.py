@@ -11,9 +11,8 @@ import psutil
 import pytest
 
 from hvcore import images
+from hvcore.constants import PAGE_SIZE
 from tools import api
-
-PAGE = 4096
 
 
 from waiting import wait_until as _wait  # noqa: E402
@@ -31,14 +30,14 @@ def _pair(hvs, pages=128, seed=5):
 def test_guest_reads_what_it_wrote(hvs):
     d = hvs.create(64, "zero")
     with hvs.guest(d) as g:
-        assert g.read(3) == bytes(PAGE)
+        assert g.read(3) == bytes(PAGE_SIZE)
         assert g.write(3, b"hello, guest", offset=100) is False     # private page: no fault
         page = g.read(3)
         assert page[100:112] == b"hello, guest" and page[:100] == bytes(100)
         assert hvs.read(d, 3) == page                               # the hypervisor agrees
         rng = np.random.default_rng(1)
         gfns = np.array([0, 7, 63, 9])
-        pages = rng.integers(0, 256, (4, PAGE), dtype=np.uint8)
+        pages = rng.integers(0, 256, (4, PAGE_SIZE), dtype=np.uint8)
         assert g.write_pages(gfns, pages) == 0
         assert (g.read_pages(gfns) == pages).all()
         st = g.stats()

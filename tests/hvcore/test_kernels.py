@@ -130,7 +130,7 @@ def test_warm_stamps_the_cache():
 
 
 def test_toolstack_and_guests_do_not_import_numba():
-    code = ("import sys, tools.hvctl, tools.client, guests.runtime, hvcore.kernels as k\n"
+    code = ("import sys, tools.hvctl, tools.cli, tools.dedup, tools.client, guests.runtime, hvcore.kernels as k\n"
             "k.cache_is_warm()\n"
             "assert 'numba' not in sys.modules, 'numba imported'\n")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+
+from tools import api
 
 
 def _json(p):
@@ -63,3 +66,25 @@ def test_fork_refusals(hvctl):
     p = hvctl("fork", "1", "--fuzz-writes", "-1")
     assert p.returncode == 2
     assert "Xen's VM fork" in hvctl("fork", "--help").stdout
+
+
+def _client_listing(monkeypatch, domains):
+    """A client whose ``list`` answers ``domains``: the tree walk is the
+    client's own work, whatever the hypervisor holds."""
+    c = api.HypervisorClient("/nonexistent/hv.sock")
+    monkeypatch.setattr(c, "list", lambda: [dict(d) for d in domains])
+    return c
+
+
+def test_descendants_deepest_first(monkeypatch):
+    tree = {1: None, 2: 1, 3: 2, 4: 2, 5: 1, 6: 5, 7: None, 8: 7}
+    c = _client_listing(monkeypatch, [{"domid": d, "parent": p} for d, p in tree.items()])
+    assert c.descendants(1) == [3, 4, 2, 6, 5]
+    assert c.descendants(2) == [3, 4] and c.descendants(7) == [8] and c.descendants(6) == []
+
+
+def test_descendants_of_a_fork_chain_deeper_than_the_recursion_limit(monkeypatch):
+    depth = 2 * sys.getrecursionlimit()
+    chain = [{"domid": 1, "parent": None}] + [{"domid": d, "parent": d - 1} for d in range(2, depth + 2)]
+    c = _client_listing(monkeypatch, chain)
+    assert c.descendants(1) == list(range(depth + 1, 1, -1))

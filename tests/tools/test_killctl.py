@@ -20,7 +20,6 @@ from hvcore.errors import EBUSY, ESRCH
 from perf.teardown import heavy_domain
 from tools import api, killctl
 
-PAGE = 4096
 DESTROY_KEYS = {"domid", "seconds", "entries", "continuations", "max_pause_ms"}
 
 from waiting import wait_until as _wait  # noqa: E402

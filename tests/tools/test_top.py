@@ -78,7 +78,7 @@ def test_ctrl_c_ends_it_cleanly(hvs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0 and err == ""
+    assert proc.returncode == 130 and err == ""
 
 
 def test_it_ends_when_the_hypervisor_goes_away():

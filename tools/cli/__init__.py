@@ -23,6 +23,7 @@ import sys
 import textwrap
 
 from .. import api
+from ..interrupts import INTERRUPTED, armed
 from .args import Parser, common, dumps, resolve
 
 #: the command modules, in the order ``hvctl --help`` lists their commands
@@ -37,7 +38,8 @@ EXIT_STATUSES = (
     (1, "the operation failed (one sentence on stderr), an audit found errors, or the "
         "hypervisor went away under a stream (events, dedup --watch)"),
     (2, "a mistake on the command line"),
-    (130, "interrupted (Ctrl-C)"),
+    (INTERRUPTED, "interrupted (Ctrl-C), also a stream (events, top, dedup --watch, start "
+                  "--foreground) that Ctrl-C ends"),
     (BROKEN_PIPE, "the output pipe was closed early, as 'hvctl events | head -1' does "
                   "(nothing is printed)"),
 )
@@ -135,8 +137,9 @@ def _main(argv: list[str] | None) -> int:
     a.socket = getattr(a, "socket", None)
     a.json = getattr(a, "json", False)
     try:
-        resolve(a)
-        result = a.run(a)
+        with armed():               # the command's handlers see Ctrl-C (tools.interrupts)
+            resolve(a)
+            result = a.run(a)
     except api.HVCtlError as e:
         msg = str(e).rstrip(".")
         if isinstance(e, api.NoHypervisor) and a.command != "start":
@@ -149,7 +152,7 @@ def _main(argv: list[str] | None) -> int:
                 "; the hypervisor still finishes the create ('hvctl list' shows it)"
                 if a.command == "create" else "")
         print(f"hvctl {a.command}: interrupted{more}.", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:             # our output's reader left: see main
         raise
     except OSError as e:                # a path we cannot create or reach

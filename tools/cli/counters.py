@@ -22,19 +22,18 @@ def info(a) -> object:
     with client(a) as c:
         i = c.info()
         i["sharing"] = c.sharing_report()
-    lines = [f"{k:<16}{i[k]}" for k in ("frames_total", "frames_free", "nr_shared_mfns",
-                                        "nr_saved_mfns")]
-    lines += [f"{k:<22}{i[k]} MiB" for k in ("sharing_freed_memory", "sharing_used_memory")]
-    lines += [f"{k:<16}{i[k]}" for k in ("rmap", "teardown")]
-    lines.append(f"{'sched':<16}{i.get('sched', '?')}")
-    lines.append(f"{'max_pause_ms':<16}{i['max_pause_ms']} ({i.get('max_pause_op', '?')}; wall time)")
+    lines = [_row(k, i[k]) for k in ("frames_total", "frames_free", "nr_shared_mfns", "nr_saved_mfns")]
+    lines += [_row(k, f"{i[k]} MiB") for k in ("sharing_freed_memory", "sharing_used_memory")]
+    lines += [_row(k, i[k]) for k in ("rmap", "teardown")]
+    lines.append(_row("sched", i.get("sched", "?")))
+    lines.append(_row("max_pause_ms", f"{i['max_pause_ms']} ({i.get('max_pause_op', '?')}; wall time)"))
     if i.get("max_pause_cpu_ms") is not None:
-        lines.append(f"{'max_pause_cpu_ms':<16}{i['max_pause_cpu_ms']} (the longest step in CPU time)")
-    lines.append(f"{'cow_faults':<16}{i.get('cow_faults', 0)}")
+        lines.append(_row("max_pause_cpu_ms", f"{i['max_pause_cpu_ms']} (the longest step in CPU time)"))
+    lines.append(_row("cow_faults", i.get("cow_faults", 0)))
     for op, why in (i.get("unbounded") or {}).items():
-        lines.append(f"{'unbounded':<16}{op}: {why}")
-    lines.append(f"{'hypervisor':<16}pid {i['pid']}, {i['steps']} steps, {i['requests']} requests, "
-                 f"up {i['uptime_s']:.0f} s")
+        lines.append(_row("unbounded", f"{op}: {why}"))
+    lines.append(_row("hypervisor", f"pid {i['pid']}, {i['steps']} steps, {i['requests']} requests, "
+                                    f"up {i['uptime_s']:.0f} s"))
     lines += _sharing_lines(i["sharing"])
     hist = i.get("pause_histogram") or []
     if hist:
@@ -53,15 +52,25 @@ def audit(a) -> object:
     return r, text, (1 if r["errors"] else 0)
 
 
+#: the width of the name column of ``hvctl info``: the longest name's
+_LABEL = len("sharing_freed_memory")
+
+
+def _row(name: str, value: object) -> str:
+    """One line of ``hvctl info``: the name, at least one space, the value."""
+    return f"{name:<{_LABEL}} {value}"
+
+
 def _sharing_lines(r: dict) -> list[str]:
     """The sharing report in a few lines (docs/counters.md)."""
-    out = [f"{'saved':<16}{r['saved_frames']:,} frames ({r['saved_mib']:.1f} MiB): zero pages "
-           f"{r['zero']['saved']:,}, other pages {r['other']['saved']:,}",
-           f"{'':<16}within a domain {r['intra']['saved']:,}, across domains {r['inter']['saved']:,}"
-           + (f", changed while counted {r['unsettled']['saved']:,}" if r["unsettled"]["frames"] else "")]
+    out = [_row("saved", f"{r['saved_frames']:,} frames ({r['saved_mib']:.1f} MiB): zero pages "
+                         f"{r['zero']['saved']:,}, other pages {r['other']['saved']:,}"),
+           _row("", f"within a domain {r['intra']['saved']:,}, across domains {r['inter']['saved']:,}"
+                    + (f", changed while counted {r['unsettled']['saved']:,}"
+                       if r["unsettled"]["frames"] else ""))]
     hist = [h for h in r["degree"]["histogram"] if h["frames"]]
     if hist:
         cells = ", ".join(f"{h['min']}" + (f"-{h['max']}" if h["max"] > h["min"] else "")
                           + f": {h['frames']:,}" for h in hist)
-        out.append(f"{'references':<16}{cells} frames (most {r['degree']['max']:,})")
+        out.append(_row("references", f"{cells} frames (most {r['degree']['max']:,})"))
     return out

@@ -4,18 +4,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-
-from hvcore.statedir import child_env
 
 from .. import api
 from .. import dedup as scanner
 from ..dedup import daemon
 from ..dedup.knobs import KNOBS, PAGES_TO_SCAN, SLEEP_MILLISECS, Knobs, check
-from ..session import _log_tail, _read_line
+from ..interrupts import INTERRUPTED
+from ..launch import launch
 from .args import count, domain, plural, positive, print_line
 
 
@@ -56,8 +54,8 @@ def register(add) -> None:
                    metavar="PAGES",
                    help=f"most page pairs per share request, {scanner.NOMINATE_FACTOR}x as many pages "
                         f"per nominate request (default {scanner.BATCH_PAGES}); the hypervisor ends "
-                        f"each step when its budget ({scanner.STEP_BUDGET_MS:g} ms of work) is spent "
-                        f"and the scanner sends the rest, so this only caps a request's size")
+                        f"each request's step when its budget ({scanner.REQUEST_BUDGET_MS:g} ms of work) "
+                        f"is spent and the scanner sends the rest, so this only caps a request's size")
     x.add_argument("-v", "--verbose", action="store_true",
                    help="--watch: print every pass, not only those that changed something")
     x.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)    # a detached watch's child
@@ -172,8 +170,8 @@ def _pass_line(r) -> str:
 
 
 def _watch(a, c, sc) -> object:
-    """ksmd: passes until SIGINT/SIGTERM or 'dedup --stop' (status 0) or
-    the hypervisor goes away (status 1); a line (or JSON object) per pass
+    """ksmd: passes until SIGTERM or 'dedup --stop' (status 0), Ctrl-C
+    (status 130) or the hypervisor goes away (status 1); a line (or JSON object) per pass
     that changed something (every pass with -v), then a summary. Serves
     the control socket (:mod:`tools.dedup.daemon`) meanwhile."""
     path = os.path.abspath(a.socket or api.default_socket_path())
@@ -220,8 +218,8 @@ def _watch(a, c, sc) -> object:
     try:
         if a.ready_fd is not None:
             _tell(a.ready_fd, f"ready {os.getpid()}")
-        totals = sc.watch(knobs, stop_event=stop, on_pass=on_pass, domids=a.domids or None,
-                          idle=c.ping)
+        totals = scanner.Watcher(sc).watch(knobs, stop_event=stop, on_pass=on_pass,
+                                           domids=a.domids or None, idle=c.ping)
     except api.NoHypervisor as e:
         gone = str(e).rstrip(".")
         totals = {k: sc.counters[k] for k in ("passes", "pages_scanned", "pages_merged", "full_scans")}
@@ -246,7 +244,7 @@ def _watch(a, c, sc) -> object:
     if gone:
         print(f"hvctl dedup: {gone}; stopping.", file=sys.stderr)
         return None, None, 1
-    return None
+    return (None, None, INTERRUPTED) if reason == "SIGINT" else None
 
 
 def _tell(fd: int, line: str) -> None:
@@ -273,29 +271,7 @@ def _detach(a) -> object:
             cmd += [opt, repr(v)]
     if a.verbose:
         cmd.append("-v")
-    ready_r, ready_w = os.pipe()
-    try:
-        with open(os.open(files["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
-            proc = subprocess.Popen(cmd + ["--ready-fd", str(ready_w)], pass_fds=(ready_w,),
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True, env=child_env(), cwd="/")
-    finally:
-        os.close(ready_w)
-    try:
-        line = _read_line(ready_r, DETACH_TIMEOUT)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        os.close(ready_r)
-    if not line.startswith("ready "):
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        reason = line[len("error "):] if line.startswith("error ") else _log_tail(files["log"]) or \
-            f"the dedup daemon exited with status {proc.returncode} before serving"
-        raise api.HVCtlError(reason.rstrip("."))
+    proc, _ = launch(cmd, files["log"], DETACH_TIMEOUT, "the dedup daemon")
     out = {"pid": proc.pid, "socket": path, "control": files["sock"], "log": files["log"],
            "knobs": knobs, "domids": a.domids or None}
     return out, (f"dedup daemon {proc.pid} watching the hypervisor on {path} ("

@@ -5,6 +5,7 @@ import os
 import sys
 
 from .. import api
+from ..interrupts import INTERRUPTED
 from .args import count, print_line
 
 
@@ -23,7 +24,8 @@ def register(add) -> None:
 
 
 def events(a) -> object:
-    """Print events as they come; Ctrl-C is the normal way out."""
+    """Print events as they come; Ctrl-C is the normal way out (quietly,
+    with the status of an interrupted command)."""
     n = 0
     try:
         with api.HypervisorClient(a.socket).events(since=None if a.new else 0) as stream:
@@ -33,7 +35,7 @@ def events(a) -> object:
                 if a.count and n >= a.count:
                     return None
     except KeyboardInterrupt:
-        return None
+        return None, None, INTERRUPTED
     path = os.path.abspath(a.socket or api.default_socket_path())
     print(f"hvctl events: the hypervisor on {path} stopped.", file=sys.stderr)
     return None, None, 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMAP_POLICIES,
@@ -9,6 +10,7 @@ from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMA
 from hvcore.statedir import LOG_NAME, crash_note, state_dir_for
 
 from .. import api
+from ..interrupts import INTERRUPTED
 from .args import client, count, plural
 
 
@@ -69,16 +71,17 @@ def _start_attached(path: str, a) -> None:
     it stops (Ctrl-C stops it, and it cleans up before this returns)."""
     proc = api.start_hypervisor(path, a.frames, a.rmap, a.teardown, sched=a.sched,
                                 prefault=a.prefault, detach=False)
-    print(_started_line(path, proc.pid, a, proc.cleaned), flush=True)
-    while True:
-        try:
-            status = proc.wait()
-            break
-        except KeyboardInterrupt:
-            continue                    # it got the same SIGINT and is stopping
-    if status not in (0, -2, 130):
+    # the terminal's Ctrl-C reaches the hypervisor too: wait for it to stop
+    interrupted = []
+    before = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        print(_started_line(path, proc.pid, a, proc.cleaned), flush=True)
+        status = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if status not in (0, -signal.SIGINT, INTERRUPTED):
         raise api.HVCtlError(f"the hypervisor on {path} exited with status {status}")
-    return None
+    return (None, None, INTERRUPTED) if interrupted else None
 
 
 def _started_line(path, pid, a, cleaned) -> str:

@@ -13,6 +13,7 @@ import time
 
 from .. import api
 from ..dedup import daemon
+from ..interrupts import INTERRUPTED
 from .args import micros, positive
 
 #: MiB per 4 KiB page
@@ -169,7 +170,7 @@ def top(a) -> object:
             _show(a, frame_data(prev, now), live)
             prev = now
     except KeyboardInterrupt:
-        pass
+        return None, None, INTERRUPTED
     except api.NoHypervisor:
         if live is not None:
             live.stop()

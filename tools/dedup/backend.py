@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 import numpy as np
 
 from hvcore.budget import BATCH_OVERRUN, ChunkCost
-from hvcore.constants import SCAN_BUDGET_SECONDS
+from hvcore.constants import DEDUP_REQUEST_BUDGET_SECONDS
 from hvcore.errors import ESRCH, HVError, ProtocolError
 from hvcore.wire import control
 
@@ -31,13 +31,14 @@ from ..errors import HVCtlError, NoHypervisor, check_answer, timed_out
 if TYPE_CHECKING:
     from hvcore import Hypervisor
 
-__all__ = ["Backend", "InProcessBackend", "SocketBackend", "SCANNER_OPS", "STEP_BUDGET_MS",
+__all__ = ["Backend", "InProcessBackend", "SocketBackend", "SCANNER_OPS", "REQUEST_BUDGET_MS",
            "PIPELINE_DEPTH", "step_delta"]
 
 #: The work time the hypervisor may spend on one batch request (its
-#: ``budget_us``) before it answers with what it did, in ms
-#: (:data:`hvcore.constants.SCAN_BUDGET_SECONDS`).
-STEP_BUDGET_MS = SCAN_BUDGET_SECONDS * 1e3
+#: ``budget_us``) before it answers with what it did, in ms: the dedup
+#: request budget, :data:`hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`
+#: (a share of the hypervisor's step budget).
+REQUEST_BUDGET_MS = DEDUP_REQUEST_BUDGET_SECONDS * 1e3
 #: Batch requests in flight on :class:`SocketBackend`'s connection: with
 #: two, the hypervisor starts the next step as soon as it answers one.
 PIPELINE_DEPTH = 2
@@ -169,7 +170,7 @@ class SocketBackend:
       connection of their own, ``depth`` of them in flight.
 
     **Budgeted, pipelined requests.** Each batch request carries
-    ``budget_us`` (``step_budget_ms``): the hypervisor works on it until
+    ``budget_us`` (``request_budget_ms``): the hypervisor works on it until
     that much time is spent or other work (a guest's fault) is waiting,
     and answers how many items it did (``done``); the rest are sent again
     at the head of the next request, Xen's "restart" as the kill
@@ -196,12 +197,12 @@ class SocketBackend:
     :class:`tools.client.HypervisorClient`, which stays the caller's to close.
     """
 
-    def __init__(self, socket=None, step_budget_ms: float | None = STEP_BUDGET_MS,
+    def __init__(self, socket=None, request_budget_ms: float | None = REQUEST_BUDGET_MS,
                  depth: int = PIPELINE_DEPTH):
         self._own = not isinstance(socket, HypervisorClient)
         self.client = HypervisorClient(socket) if self._own else socket
         self.gone: str | None = None        # why the hypervisor is gone, once it is
-        self.step_budget_ms = step_budget_ms
+        self.request_budget_ms = request_budget_ms
         self.depth = max(1, int(depth))
         self.requests = 0
         self.max_request_s = 0.0
@@ -294,7 +295,7 @@ class SocketBackend:
         if self.gone:
             raise NoHypervisor(self.gone)
         limit = limit or n
-        budget = None if self.step_budget_ms is None else max(1, int(self.step_budget_ms * 1e3))
+        budget = None if self.request_budget_ms is None else max(1, int(self.request_budget_ms * 1e3))
         cost = self._cost.setdefault(op, ChunkCost())
         sock = self._connection()
         frames = self._frames

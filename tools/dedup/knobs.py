@@ -10,12 +10,17 @@ ksmd.
 """
 from __future__ import annotations
 
+import re
 import threading
 
-from .scanner import BATCH_PAGES
+__all__ = ["Knobs", "KNOBS", "check", "BATCH_PAGES", "PAGES_TO_SCAN", "SLEEP_MILLISECS"]
 
-__all__ = ["Knobs", "KNOBS", "check", "PAGES_TO_SCAN", "SLEEP_MILLISECS"]
-
+#: Most pairs per share_many request (``share_batch``; and, times the
+#: scanner's NOMINATE_FACTOR, gfns per nominate_many). Through a hypervisor
+#: process this is only a cap: the hypervisor bounds each step by its
+#: budget (:data:`hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`) and
+#: requests are sized by what the last steps did.
+BATCH_PAGES = 1024
 #: gfns per pass by default (KSM's pages_to_scan is 100; our pass is cheaper)
 PAGES_TO_SCAN = 20_000
 #: the sleep after each pass by default, in ms (KSM's is 20)
@@ -29,6 +34,11 @@ KNOBS = {
 }
 
 
+#: a value given as text: the digits 0-9 only (``int()`` would also take
+#: other scripts' digits and underscores)
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def check(changes: dict) -> tuple[dict, list[str]]:
     """``changes`` (values as integers or as text) parsed: (the values, one
     sentence per unknown knob or bad value)."""
@@ -39,13 +49,11 @@ def check(changes: dict) -> tuple[dict, list[str]]:
             continue
         lo, hi, what = KNOBS[key]
         v = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
-        if isinstance(raw, str):
-            try:
-                v = int(raw.replace("_", ""), 10)
-            except ValueError:
-                v = None
+        if isinstance(raw, str) and _DIGITS.fullmatch(raw):
+            v = int(raw)
         if v is None or not lo <= v <= hi:
-            errors.append(f"{key} ({what}) must be an integer from {lo:,} to {hi:,}, not {raw!r}")
+            errors.append(f"{key} ({what}) must be a whole number from {lo:,} to {hi:,} "
+                          f"in the digits 0-9, not {raw!r}")
             continue
         values[key] = v
     return values, errors

@@ -22,7 +22,7 @@ CHUNK_PAGES = 1024
 
 #: 8-byte words per page: the pool seen as (nframes, WORDS_PER_PAGE) uint64
 WORDS_PER_PAGE = PAGE_SIZE // 8
-#: The checksum of a zero page: what xxh3_64 gives for 4096 zero bytes, so a
+#: The checksum of a zero page: what xxh3_64 gives for PAGE_SIZE zero bytes, so a
 #: page that becomes zero, or stops being zero, looks changed.
 ZERO_SUM = np.uint64(xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE)))
 

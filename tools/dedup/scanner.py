@@ -31,16 +31,11 @@ from hvcore.errors import C_HANDLE_INVALID, ESRCH, S_HANDLE_INVALID
 from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
 
 from .backend import Backend, step_delta
+from .knobs import BATCH_PAGES
 from .pages import WORDS_PER_PAGE, checksums, rows_equal, snapshot
-from .watch import UNSHARED, VOLATILE, Watching
 
-__all__ = ["Scanner", "Plan", "Batch", "PassResult", "BATCH_PAGES", "NOMINATE_FACTOR", "ROUND_PAGES"]
+__all__ = ["Scanner", "Plan", "Batch", "PassResult", "NOMINATE_FACTOR", "ROUND_PAGES"]
 
-#: Most pairs per share_many request (and, times NOMINATE_FACTOR, gfns per
-#: nominate_many). Through a hypervisor process (:class:`SocketBackend`)
-#: this is only a cap: the hypervisor bounds each step by its budget
-#: (STEP_BUDGET_MS) and requests are sized by what the last steps did.
-BATCH_PAGES = 1024
 #: A nominate_many request carries up to this many times ``batch_pages``
 #: gfns: per page, nominate costs the hypervisor a third to a half of what
 #: share does.
@@ -51,6 +46,8 @@ NOMINATE_FACTOR = 3
 ROUND_PAGES = 4096
 # entry kinds, in source-preference order
 _SHARED_FRAME, _CANDIDATE = 0, 1
+# a private page's status as of its last scan (for the gauges)
+UNKNOWN, UNSHARED, VOLATILE = 0, 1, 2
 
 
 @dataclass(eq=False)
@@ -134,13 +131,14 @@ class PassResult:
 # the scanner
 
 
-class Scanner(Watching):
+class Scanner:
     """Finds identical pages of running domains and shares them.
 
     ``after_nominate(batch)`` and ``before_share(batch)``, if set, are
     called in every merge batch right after its nominate requests and right
     before its share request: a seam for tests that interleave guest writes
-    with the merge (and for tracing).
+    with the merge (and for tracing). Watch mode (:class:`.watch.Watcher`)
+    drives one scanner a window at a time.
     """
 
     COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
@@ -165,8 +163,6 @@ class Scanner(Watching):
         self._fsum = np.zeros(nframes, dtype=np.uint64)
         self._fknown = np.zeros(nframes, dtype=bool)
         self._doms: dict[int, _Domain] = {}
-        self._cursor: tuple[int, int] | None = None     # watch mode: (domid, gfn)
-        self._stop: threading.Event | None = None       # watch mode's stop event
 
     # -- domains ---------------------------------------------------------
     def _refresh(self) -> list[_Domain]:
@@ -195,14 +191,16 @@ class Scanner(Watching):
 
     # -- phases 1-4: snapshot, hash, group ------------------------------
     def plan(self, domids: Iterable[int] | None = None, *,
-             windows: dict[int, tuple[int, int]] | None = None) -> Plan:
+             windows: dict[int, tuple[int, int]] | None = None,
+             new_scan: bool | None = None) -> Plan:
         """Snapshot, hash and group: the merge batches of one pass.
 
         ``domids`` limits the candidates to those domains (default: every
         running domain); frames shared by any running domain are merge
         targets either way. ``windows`` (watch mode) limits candidates to
         ``{domid: (first_gfn, end_gfn)}``; without it the pass is a full
-        scan.
+        scan. ``new_scan`` (default: a full scan) forgets the hashes of
+        shared frames, which are kept within one full scan.
         """
         t0 = time.perf_counter()
         steps = getattr(self.backend, "steps", None)
@@ -210,13 +208,15 @@ class Scanner(Watching):
         saved_before = int(self.backend.nr_saved_mfns())
         doms = self._refresh()
         full = windows is None
+        if new_scan is None:
+            new_scan = full
         if windows is None:
             want = set(self._doms) if domids is None else {int(d) for d in domids}
             windows = {st.domid: (0, st.npages) for st in doms if st.domid in want}
         else:
             windows = {int(d): (max(0, int(lo)), min(self._doms[int(d)].npages, int(hi)))
                        for d, (lo, hi) in windows.items() if int(d) in self._doms}
-        if full:
+        if new_scan:
             self._fknown[:] = False     # a new full scan re-hashes shared frames
         t1 = time.perf_counter()
 
@@ -342,15 +342,16 @@ class Scanner(Watching):
                 st.status[g[d == domid]] = status
 
     # -- phase 5: merge ---------------------------------------------------
-    def execute(self, plan: Plan) -> PassResult:
-        """Nominate, verify and share every round of ``plan``."""
+    def execute(self, plan: Plan, stop: threading.Event | None = None) -> PassResult:
+        """Nominate, verify and share every round of ``plan``; once ``stop``
+        (if given) is set, the rounds left wait for a later pass."""
         t0 = time.perf_counter()
         be = self.backend
         requests0, be.max_request_s = be.requests, 0.0
         merged = skipped = mismatched = unmatched = rounds = 0
         for batch in plan.batches:
-            if self._stop is not None and self._stop.is_set():
-                break                   # watch mode stopping: the rest waits
+            if stop is not None and stop.is_set():
+                break
             rounds += 1
             m, s, x, u = self._merge_batch(batch)
             merged += m

@@ -1,12 +1,12 @@
 """Watch mode: the scanner as ksmd, a rate-limited scan that never ends.
 
-Each pass of :meth:`Watching.watch` scans the next ``pages_to_scan`` gfns,
-then sleeps ``sleep_millisecs`` (:mod:`.knobs`, KSM's names): a cursor over
-the running domains in domid order. Each wrap of the cursor is a full
-scan. A window's candidates are also grouped with private pages of earlier
-windows whose remembered checksums match (KSM's unstable tree); those are
-re-hashed before they are used. A stop request is honoured between merge
-rounds.
+A :class:`Watcher` holds a :class:`~tools.dedup.scanner.Scanner` and a
+cursor. Each pass of :meth:`Watcher.watch` scans the next ``pages_to_scan``
+gfns, then sleeps ``sleep_millisecs`` (:mod:`.knobs`, KSM's names): the
+cursor runs over the running domains in domid order, and each wrap of it is
+a full scan. The scanner groups a window's candidates with private pages of
+earlier windows whose remembered checksums match (KSM's unstable tree). A
+stop request is honoured between merge rounds.
 """
 from __future__ import annotations
 
@@ -14,25 +14,29 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from .knobs import Knobs
+
 if TYPE_CHECKING:
-    from .knobs import Knobs
-    from .scanner import PassResult
+    from .scanner import PassResult, Scanner
 
-__all__ = ["Watching"]
-
-# page status, as of its last scan (for the gauges)
-UNKNOWN, UNSHARED, VOLATILE = 0, 1, 2
+__all__ = ["Watcher"]
 
 
-class Watching:
-    """Watch mode (a part of :class:`tools.dedup.scanner.Scanner`)."""
+class Watcher:
+    """Watch mode over one scanner: the scanner does the passes, the
+    watcher chooses each pass's window and paces them."""
+
+    def __init__(self, scanner: Scanner):
+        self.scanner = scanner
+        #: (domid, gfn) where the next pass starts; None: a new full scan
+        self._cursor: tuple[int, int] | None = None
 
     def _next_windows(self, budget: int, domids: set[int] | None = None
                       ) -> tuple[dict[int, tuple[int, int]], bool]:
         """The next ``budget`` gfns from the cursor, over the running domains
         (those of ``domids`` only, if given) in domid order; True if they
         reach the end (a full scan is done)."""
-        doms = sorted((int(d), int(n)) for d, _, n in self.backend.domains()
+        doms = sorted((int(d), int(n)) for d, _, n in self.scanner.backend.domains()
                       if domids is None or int(d) in domids)
         domid, gfn = self._cursor or (-1, 0)
         windows = {}
@@ -77,25 +81,23 @@ class Watching:
         seconds. Exceptions of the backend or of ``idle`` (a hypervisor
         gone) end the watch and propagate.
         """
-        from .knobs import Knobs
         knobs = knobs or Knobs()
         stop = stop_event or threading.Event()
         only = None if domids is None else {int(d) for d in domids}
+        sc = self.scanner
         totals = {"passes": 0, "pages_scanned": 0, "pages_merged": 0, "full_scans": 0, "seconds": 0.0}
         t_start = time.monotonic()
-        self._stop = stop
         try:
             while not stop.is_set():
                 knobs.changed.clear()
                 k = knobs.values()
-                self.batch_pages = k["share_batch"]
-                self.round_pages = max(self.round_pages, self.batch_pages)
-                if self._cursor is None:
-                    self._fknown[:] = False     # a new full scan re-hashes shared frames
+                sc.batch_pages = k["share_batch"]
+                sc.round_pages = max(sc.round_pages, sc.batch_pages)
+                new_scan = self._cursor is None
                 windows, wrapped = self._next_windows(k["pages_to_scan"], only)
-                plan = self.plan(windows=windows)
+                plan = sc.plan(windows=windows, new_scan=new_scan)
                 plan.full = wrapped
-                res = self.execute(plan)
+                res = sc.execute(plan, stop=stop)
                 totals["passes"] += 1
                 totals["pages_scanned"] += res.scanned
                 totals["pages_merged"] += res.merged
@@ -110,6 +112,5 @@ class Watching:
                     if idle is not None:
                         idle()
         finally:
-            self._stop = None
             totals["seconds"] = round(time.monotonic() - t_start, 4)
         return totals

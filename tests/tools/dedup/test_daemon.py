@@ -176,3 +176,30 @@ def test_verbose_watch_prints_every_pass(hvs):
     *passes, summary = [json.loads(x, object_pairs_hook=unique_keys) for x in out.strip().splitlines()]
     assert summary["stopped"] == "SIGTERM" and len(passes) == summary["passes"] >= 5
     assert [p["passes"] for p in passes] == list(range(1, len(passes) + 1))
+
+
+def test_knob_values_are_ascii_digits_only(hvs):
+    """``int()`` also reads other scripts' digits and underscores: a knob
+    takes the digits 0-9 only, from hvctl and on the control socket, and a
+    refused value changes nothing."""
+    p = hvctl(hvs.socket_path, "dedup", "--detach", "--scan-rate", "2000", "--interval", "0.5")
+    assert p.returncode == 0, p.stderr
+    knobs = {"pages_to_scan": 1000, "sleep_millisecs": 500, "share_batch": 1024}
+    try:
+        for bad in ("\u0661\u0662", "1_000", "\uff11\uff12", " 12", "+12", "12\n"):
+            p = hvctl(hvs.socket_path, "dedup-set", f"pages_to_scan={bad}", "sleep_millisecs=20")
+            assert p.returncode == 2
+            one_sentence(p.stderr, "in the digits 0-9")
+            assert "nothing was changed" in p.stderr
+            with daemon.DaemonClient(hvs.socket_path) as d:
+                try:
+                    d.set(pages_to_scan=bad, sleep_millisecs="20")
+                except api.HVCtlError as e:
+                    assert "in the digits 0-9" in str(e)
+                else:
+                    raise AssertionError(f"the daemon took pages_to_scan={bad!r}")
+            assert show(hvs.socket_path)["knobs"] == knobs
+        p = hvctl(hvs.socket_path, "dedup-set", "pages_to_scan=12")
+        assert p.returncode == 0 and "pages_to_scan 1000 -> 12" in p.stdout, p.stderr
+    finally:
+        assert hvctl(hvs.socket_path, "dedup", "--stop").returncode == 0

@@ -19,17 +19,15 @@ from hypothesis import strategies as st
 
 from hvcore import Hypervisor
 from hvcore.p2m import RAM_RW, RAM_SHARED
-from hvcore.constants import RMAP_POLICIES as POLICIES
+from hvcore.constants import PAGE_SIZE, RMAP_POLICIES as POLICIES
 from perf.peers.contents import ksm_clone_pages
 from tools import dedup
 from tools.dedup import InProcessBackend, Scanner
 
-PAGE = 4096
-
 
 def page(byte: int, tag: int | None = None) -> np.ndarray:
     """A page of ``byte``; ``tag`` makes it differ in its last word only."""
-    p = np.full(PAGE, byte, dtype=np.uint8)
+    p = np.full(PAGE_SIZE, byte, dtype=np.uint8)
     if tag is not None:
         p[-8:] = np.frombuffer(np.uint64(tag).tobytes(), dtype=np.uint8)
     return p
@@ -63,14 +61,14 @@ def contents(hv, domid) -> np.ndarray:
 def saved_from_content(*memories: np.ndarray) -> int:
     """Frames saved if every set of identical pages shares one frame."""
     rows = np.concatenate(memories)
-    _, counts = np.unique(rows.view(np.dtype((np.void, PAGE))).ravel(), return_counts=True)
+    _, counts = np.unique(rows.view(np.dtype((np.void, PAGE_SIZE))).ravel(), return_counts=True)
     return int((counts - 1).sum())
 
 
 def unique_mask(*memories: np.ndarray) -> list[np.ndarray]:
     """Per memory, which of its pages have no identical page anywhere."""
     rows = np.concatenate(memories)
-    _, inv, counts = np.unique(rows.view(np.dtype((np.void, PAGE))).ravel(),
+    _, inv, counts = np.unique(rows.view(np.dtype((np.void, PAGE_SIZE))).ravel(),
                                return_inverse=True, return_counts=True)
     alone = counts[inv.ravel()] == 1
     return np.split(alone, np.cumsum([len(m) for m in memories])[:-1])
@@ -130,8 +128,8 @@ def test_new_clone_merges_into_existing_frames(hv, scanner):
     # image and zero pages of the new clone joined the existing frames: only
     # image pages the first two never used can have made new frames
     new_frames = hv.nr_shared_mfns - shared_before
-    ab = set(np.concatenate([a, b]).view(np.dtype((np.void, PAGE))).ravel().tolist())
-    fresh = {r for r in c.view(np.dtype((np.void, PAGE))).ravel().tolist() if r not in ab}
+    ab = set(np.concatenate([a, b]).view(np.dtype((np.void, PAGE_SIZE))).ravel().tolist())
+    fresh = {r for r in c.view(np.dtype((np.void, PAGE_SIZE))).ravel().tolist() if r not in ab}
     assert new_frames <= len(fresh)
     assert res.merged > 0
     check(hv, {da: a, db: b, dc: c})
@@ -357,7 +355,7 @@ def test_watch_scans_at_the_rate_limit_and_matches_across_windows(hv, scanner):
     # twins far apart: gfn i of domain 1 equals gfn n-1-i of domain 2
     a = ksm_clone_pages(n, seed=1, image_pages=30)
     b = a[::-1].copy()
-    b[:10] = np.random.default_rng(5).integers(0, 256, (10, PAGE), dtype=np.uint8)
+    b[:10] = np.random.default_rng(5).integers(0, 256, (10, PAGE_SIZE), dtype=np.uint8)
     da = hv.create_domain(n, content=a).domid
     db = hv.create_domain(n, content=b).domid
     stop = threading.Event()
@@ -367,8 +365,8 @@ def test_watch_scans_at_the_rate_limit_and_matches_across_windows(hv, scanner):
         ticks.append(res)
         if res.full_scan and sum(t.full_scan for t in ticks) == 2:
             stop.set()
-    totals = scanner.watch(dedup.Knobs(pages_to_scan=60, sleep_millisecs=1), stop_event=stop,
-                           on_pass=on_pass)
+    totals = dedup.Watcher(scanner).watch(dedup.Knobs(pages_to_scan=60, sleep_millisecs=1),
+                                          stop_event=stop, on_pass=on_pass)
     budget = 60                                 # gfns per tick
     assert all(t.scanned <= budget for t in ticks)
     assert totals["full_scans"] == 2 == scanner.counters["full_scans"]

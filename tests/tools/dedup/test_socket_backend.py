@@ -16,12 +16,12 @@ import threading
 import numpy as np
 
 from hvcore import images
+from hvcore.constants import PAGE_SIZE
 from hvcore.errors import ESRCH
 from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
 from tools import api
 from tools.dedup import Scanner, SocketBackend
 
-PAGE = 4096
 PASS_KEYS = {"scanned", "merged", "seconds", "nr_saved_mfns", "pages_shared", "pages_sharing",
              "pages_unshared", "pages_volatile", "full_scans"}
 
@@ -45,7 +45,7 @@ def types(hv, domid: int) -> np.ndarray:
 def saved_from_content(*memories: np.ndarray) -> int:
     """Frames saved if every set of identical pages shares one frame."""
     rows = np.concatenate(memories)
-    _, counts = np.unique(rows.view(np.dtype((np.void, PAGE))).ravel(), return_counts=True)
+    _, counts = np.unique(rows.view(np.dtype((np.void, PAGE_SIZE))).ravel(), return_counts=True)
     return int((counts - 1).sum())
 
 
@@ -95,7 +95,7 @@ def test_racing_writer_reads_what_it_wrote(hvs):
     expect = memory(hvs, w)
     lock = threading.Lock()
     rng = np.random.default_rng(11)
-    candidates = [ref_mem[g] for g in range(0, pages, 7)] + [np.zeros(PAGE, np.uint8)]
+    candidates = [ref_mem[g] for g in range(0, pages, 7)] + [np.zeros(PAGE_SIZE, np.uint8)]
     problems: list[str] = []
     writes = [0]
 
@@ -113,7 +113,7 @@ def test_racing_writer_reads_what_it_wrote(hvs):
         # pages the scanner would love to merge (twins of the reference's or
         # zero) and pages it must not (random)
         out = np.stack([candidates[i] for i in rng.integers(0, len(candidates), k)])
-        out[k // 2:] = rng.integers(0, 256, (k - k // 2, PAGE), dtype=np.uint8)
+        out[k // 2:] = rng.integers(0, 256, (k - k // 2, PAGE_SIZE), dtype=np.uint8)
         return out
 
     stop = threading.Event()
@@ -175,11 +175,11 @@ def test_rescan_after_writes_merges_only_what_is_identical_again(hvs):
     with Scanner(SocketBackend(hvs)) as sc:
         sc.scan_pass()
         saved = hvs.info()["nr_saved_mfns"]
-        new = rng.integers(0, 256, (1, PAGE), dtype=np.uint8)
+        new = rng.integers(0, 256, (1, PAGE_SIZE), dtype=np.uint8)
         with hvs.guest(a) as ga, hvs.guest(b) as gb:
             ga.write_pages([g], new)                  # g: identical again in a and b
             gb.write_pages([g], new)
-            ga.write_pages([h], rng.integers(0, 256, (1, PAGE), dtype=np.uint8))   # h: unique now
+            ga.write_pages([h], rng.integers(0, 256, (1, PAGE_SIZE), dtype=np.uint8))   # h: unique now
         assert hvs.info()["nr_saved_mfns"] == saved - 2
         r2 = sc.scan_pass()                           # changed since the last scan: volatile
         assert r2.volatile == 3 and r2.merged == 0
@@ -232,7 +232,7 @@ def test_a_pass_in_tiny_steps_merges_what_a_whole_pass_does(hvs):
     # sent again, two in flight: the pass ends as one without budgets.
     doms = [hvs.create(512, "clone", seed=3) for _ in range(2)]
     before = [memory(hvs, d) for d in doms]
-    with Scanner(SocketBackend(hvs, step_budget_ms=0.001)) as sc:
+    with Scanner(SocketBackend(hvs, request_budget_ms=0.001)) as sc:
         r = sc.scan_pass()
     assert r.nr_saved_mfns == saved_from_content(*before) > 0
     # whole requests would be 3 (a nominate per domain, one share)
@@ -240,7 +240,7 @@ def test_a_pass_in_tiny_steps_merges_what_a_whole_pass_does(hvs):
     assert r.hv_steps["share_many"]["count"] + r.hv_steps["nominate_many"]["count"] == r.requests
     for d, mem in zip(doms, before):
         assert np.array_equal(memory(hvs, d), mem)
-    with Scanner(SocketBackend(hvs, step_budget_ms=None)) as sc:
+    with Scanner(SocketBackend(hvs, request_budget_ms=None)) as sc:
         again = sc.scan_pass()
     assert again.merged == 0 and again.requests == 0
 
