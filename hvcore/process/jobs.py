@@ -284,7 +284,9 @@ class ResetJob(Job):
 
     def __init__(self, client, d, cost, done):
         super().__init__(client)
-        self.d, self.cost, self.done = d, cost, done
+        #: the fork, the cost model of its reset chunks, and what answers
+        self.d = d
+        self.cost, self.done = cost, done
 
     def describe(self) -> str:
         d = self.d

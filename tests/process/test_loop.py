@@ -224,9 +224,7 @@ def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_i
     assert 0 < pacer.hold() <= hold               # the same hold, counted once
     assert pacer.paced[0] == 1
     cpu[0] += PACE_GUEST_SLACK * PACE_WINDOW
-    t0 = time.monotonic()
     assert pacer.hold() == 0.0                    # guests alone past the slack: idles
     assert len(slept) == 1 and 0 < slept[0] <= hold           # the rest of the window
-    assert time.monotonic() - t0 >= 0.5 * hold
     assert pacer.hold() == 0.0                    # a new window: goes on
     assert pacer.paced[0] == 1
