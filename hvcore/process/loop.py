@@ -271,7 +271,7 @@ class HypervisorProcess:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         ready, monotonic = self.sel.ready, time.monotonic
         clients, pacer, jobs, writes = self.clients, self.pacer, self.jobs, self.writes
-        parked = self.lot.parked
+        parked, pending = self.lot.parked, jobs.jobs        # tested every turn: plain containers
         now = monotonic()
         try:
             while self.running:
@@ -282,7 +282,7 @@ class HypervisorProcess:
                     deferred, timeout = [], min(pace_s, _TICK)   # guests only, meanwhile
                 else:
                     deferred, clients.deferred = clients.deferred, []
-                    timeout = 0 if deferred or jobs else _TICK
+                    timeout = 0 if deferred or pending else _TICK
                 for callback, mask in ready(timeout):
                     callback(mask)
                     if parked:
@@ -293,7 +293,7 @@ class HypervisorProcess:
                 # its next request
                 if deferred or clients.deferred:
                     clients.serve_deferred(deferred)
-                if jobs and not clients.paced and self.running:
+                if pending and not clients.paced and self.running:
                     jobs.step()
                 now = monotonic()
                 if now >= self._next_tick and self.running:

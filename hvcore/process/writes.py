@@ -144,6 +144,8 @@ class WritePath:
         self.hv, self.lot, self.meter, self.chunk = hv, lot, meter, chunk
         #: CoW faults the guests' writes took (``info``'s ``cow_faults``)
         self.cow_faults = 0
+        # what a single write looks at, bound once (the fault path)
+        self._parked, self._domains, self._write = lot.parked, hv.domains, hv.write
 
     # -- entries -----------------------------------------------------------
     def single(self, g: GuestEndpoint, seq: int, gfn: int, offset: int, data) -> None:
@@ -151,11 +153,11 @@ class WritePath:
         Applied at once when its domain runs and has nothing parked; else,
         and on any error, the general way (:meth:`submit`, :meth:`_failed`)."""
         domid = g.domid
-        if domid in self.lot.parked or self.hv.domains[domid].state == "paused":
+        if domid in self._parked or self._domains[domid].state == "paused":
             self.submit(g, GuestWrite(_G_WRITE, seq, gfn, offset, None, data))
             return
         try:
-            faults = 1 if self.hv.write(domid, gfn, offset, data) else 0
+            faults = 1 if self._write(domid, gfn, offset, data) else 0
         except HVError as e:
             self._failed(g, GuestWrite(_G_WRITE, seq, gfn, offset, None, data), e)
             return
