@@ -315,7 +315,7 @@ class HypervisorProcess:
             os.close(wake_w)
 
     def _on_signal(self, signum, frame) -> None:
-        self.running = False
+        self.running = self.clients.running = False
 
     def close(self) -> dict:
         """Stop every guest, free every segment, remove our files (idempotent)."""
