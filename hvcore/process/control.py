@@ -1,10 +1,9 @@
 """Control operations: the op table of the control socket.
 
 Each ``_op_NAME`` serves one operation of :data:`hvcore.wire.schema.CONTROL_OPS`
-with its checked arguments, calls the core, and answers. Requests are
-parsed and checked before anything acts on them; identical small requests
-(the kill controller sends one destroy request thousands of times) are
-parsed once and remembered.
+with its checked arguments, calls the core, and answers. The clients
+(:mod:`.clients`) read, parse and check the requests before anything acts
+on them and hand them to :meth:`ControlOps.serve`.
 """
 from __future__ import annotations
 
@@ -26,71 +25,40 @@ from ..budget import ChunkCost
 from .jobs import FIRST_RESET_CHUNK, BatchJob, CreateJob, ForkJob, ResetJob, ScanJob, reset_steps
 from .steps import TEARDOWN_CHUNK_SECONDS
 
-#: A brief destroy "restart" (see HypervisorProcess._op_destroy): the keys of the
+#: A brief destroy "restart" (see ControlOps._op_destroy): the keys of the
 #: full answer that change between steps; the values are ints, floats and
 #: a phase name, which %d, %r and %s write as JSON does.
 _RESTART_JSON = ('{"ok":true,"domid":%d,"done":false,"phase":"%s","cursor":%d,"entries":%d,'
                  '"steps":%d,"continuations":%d,"step_ms":%r,"max_pause_ms":%r,'
                  '"max_pause_cpu_ms":%r,"hv_seconds":%r}')
-#: frames without payload whose checked request is remembered (see
-#: HypervisorProcess._check), and the longest such frame
-KNOWN_FRAMES = 64
-KNOWN_BYTES = 256
+#: bytes an event subscriber may fall behind before it is dropped
+EVENTS_MAX_QUEUE = 1 << 20
 
 
 class ControlOps:
-    """The control requests, as methods of the hypervisor process."""
+    """The op table: one ``_op_NAME`` per control operation.
 
-    def _serve_backlog(self, c: ControlConnection) -> None:
-        if c in self._deferred_set:
-            return          # read, not served: the loop serves it after the others
-        if self._pacing:   # paced: served once the window ends
-            self._deferred_set.add(c)
-            self._deferred.append(c)
-            return
-        while c.backlog and not c.waiting and not c.closed and self.running:
-            (jlen, blen), body = c.backlog.pop(0)
-            t0, cpu0 = time.perf_counter(), time.thread_time()
-            op = "?"
-            self._preempted = False
-            try:
-                # Only small frames without payload are remembered; a large
-                # body arrives in a bytearray of its own and is never a key.
-                memo = not blen and len(body) <= KNOWN_BYTES
-                known = self._known.get(body) if memo else None
-                if known is None:
-                    obj, payload = control.parse_frame(jlen, body)
-                    op = str(obj.get("op"))
-                    known = self._check(obj, payload, bytes(body) if memo else None)
-                op = known[0]
-                self._request(c, *known)
-            except errors.ProtocolError as e:
-                c.reply(schema.error(str(e)))
-            finally:
-                self.meter.record(time.perf_counter() - t0, op, cpu=time.thread_time() - cpu0)
-            if self._preempted:
-                # A teardown step yielded because others wait: they go first,
-                # then this client's requests (the kill controller keeps its
-                # next destroys queued), also those that arrive meanwhile.
-                self._preempted = False
-                self._deferred_set.add(c)
-                self._deferred.append(c)
-                break
+    Its context is explicit: the core (``hv``), the parts it drives (the
+    guest table, the write path and its parking lot, the job queue, the
+    budget, the step meter, the clients it answers through) and the
+    process's settings; ``stop`` closes the whole process (the ``stop``
+    op). It is the one part that sees most others, as an op of Xen's
+    toolstack interface reaches most of the hypervisor.
+    """
 
-    # -- control requests ----------------------------------------------
-    def _check(self, obj: dict, payload, body: bytes | None) -> tuple[str, dict, memoryview]:
-        """(op, arguments, payload) of a parsed request (ProtocolError if
-        it is not a valid one). Remembered by its frame ``body`` when given
-        (a frame without payload): parsing and checking are pure, and the
-        kill controller sends one destroy request thousands of times."""
-        op, args = schema.check_request(obj, schema.CONTROL_OPS)
-        if body is not None:
-            if len(self._known) >= KNOWN_FRAMES:
-                self._known.clear()
-            self._known[body] = (op, args, payload)
-        return op, args, payload
+    def __init__(self, hv, *, guests, writes, lot, jobs, budget, meter, clients,
+                 teardown: str, sched: str, socket_path: str, started: float, pacer, stop):
+        self.hv, self.guests, self.writes, self.lot, self.jobs = hv, guests, writes, lot, jobs
+        self.budget, self.meter, self.clients, self.pacer, self.stop = budget, meter, clients, pacer, stop
+        self.teardown, self.sched, self.socket_path, self.started = teardown, sched, socket_path, started
+        self.requests = 0
+        #: domains created or forked so far (each gets the next as its instance)
+        self.instances = 0
+        #: final teardown record of every domain destroy finished (domids
+        #: are never reused, so a second destroy can say "already destroyed")
+        self.destroyed: dict[int, dict] = {}
 
-    def _request(self, c: ControlConnection, op: str, args: dict, payload) -> None:
+    def serve(self, c: ControlConnection, op: str, args: dict, payload) -> None:
         """Serve one checked request (arguments are passed as a copy)."""
         self.requests += 1
         try:
@@ -115,17 +83,19 @@ class ControlOps:
 
     def _op_info(self, c, payload):
         st = self.hv.stats()
-        st.update(teardown=self.teardown, sched=self.sched_applied, max_pause_ms=round(self.meter.max_s * 1e3, 3),
+        st.update(teardown=self.teardown, sched=self.sched, max_pause_ms=round(self.meter.max_s * 1e3, 3),
                   max_pause_cpu_ms=round(self.meter.max_cpu_s * 1e3, 3),
                   max_pause_op=self.meter.max_what, pause_histogram=self.meter.histogram(),
                   steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
-                  cow_faults=self.cow_faults,
+                  cow_faults=self.writes.cow_faults,
                   jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded())
-        st.update(paced=self.paced[0], paced_ms=round(self.paced[1] * 1e3, 3))
-        st.update(enomem_waits=self.enomem_waits, parked=sorted(self.parked),
-                  events_posted=self.ring.posted, event_subscribers=self.ring.live())
+        paced = self.pacer.paced
+        st.update(paced=paced[0], paced_ms=round(paced[1] * 1e3, 3))
+        ring = self.lot.ring
+        st.update(enomem_waits=self.lot.enomem_waits, parked=sorted(self.lot.parked),
+                  events_posted=ring.posted, event_subscribers=ring.live())
         return st
 
     def _unbounded(self) -> dict:
@@ -154,8 +124,8 @@ class ControlOps:
             # where an interrupted teardown stands: 'hvctl destroy' resumes here
             out.update(phase=d.teardown_phase, cursor=d.relinquish_cursor,
                        relinquished=d.relinquished)
-        if d.domid in self.parked:
-            out.update(self._describe_parked(d.domid))
+        if d.domid in self.lot.parked:
+            out.update(self.lot.describe(d.domid))
         if g is not None:
             out.update(workload=g.config["workload"], seed=g.config["seed"],
                        source=g.config.get("snapshot", {}).get("source"),
@@ -181,15 +151,13 @@ class ControlOps:
                 g = self.guests.get(d["domid"])
                 d["cow_faults"] = g.cow_faults if g is not None else None
             return r
-        self._start_job(ScanJob(c, "sharing_report", SharingScan(self.hv), answer))
+        self.jobs.start(ScanJob(c, "sharing_report", SharingScan(self.hv), answer))
         return None
 
     def _op_stop(self, c, payload):
         # Keep the asking connection out of the clean-up: it gets the answer.
-        self.clients.discard(c)
-        self.sel.unregister(c.sock)
-        c.closed = True
-        summary = self.close()
+        self.clients.detach(c)
+        summary = self.stop()
         try:
             c.sock.setblocking(True)
             control.send_frame(c.sock, schema.ok(stopped=True, **summary))
@@ -234,7 +202,7 @@ class ControlOps:
         self.instances = instance
         config = dict(workload=workload, seed=seed, instance=instance, paused=paused, rate=rate,
                       batch=batch, name=b.name)
-        self._start_job(CreateJob(c, b, config, source))
+        self.jobs.start(CreateJob(c, b, config, source))
         return None
 
     def _op_destroy(self, c, payload, domid, brief):
@@ -263,7 +231,7 @@ class ControlOps:
             raise HVError(EBUSY, f"domain {domid} has forks ({', '.join(map(str, sorted(d.forks)))}): "
                                  f"destroy them first, or destroy it with its forks")
         if not resumed:
-            self._stop_guest(domid)
+            self.guests.stop(domid)
             self.hv.kill(domid)
         td = d.info.get("teardown")
         if td is None:
@@ -282,7 +250,7 @@ class ControlOps:
         if self.teardown == "monolithic":
             done = self.hv.relinquish(domid)
         else:
-            done = self.hv.relinquish(domid, self._other_work(c, t0),
+            done = self.hv.relinquish(domid, self.budget.other_work(c, t0),
                                       chunk_seconds=TEARDOWN_CHUNK_SECONDS)
         step = time.perf_counter() - t0
         td["steps"] += 1
@@ -297,7 +265,7 @@ class ControlOps:
                 domid, d.teardown_phase, d.relinquish_cursor, d.relinquished, td["steps"],
                 td["continuations"], round(step * 1e3, 3), round(td["max_step_s"] * 1e3, 3),
                 round(td["max_step_cpu_s"] * 1e3, 3), round(td["busy_s"], 6))).encode()
-            if self._preempted or c.deferred_answer:      # (answers keep their order)
+            if self.budget.preempted or c.deferred_answer:      # (answers keep their order)
                 c.deferred_answer += (control.FRAME_HDR.pack(len(js), 0), js)
             else:
                 c.queue((control.FRAME_HDR.pack(len(js), 0), js))
@@ -312,18 +280,17 @@ class ControlOps:
                "seconds": round(time.monotonic() - td["started"], 6)}
         if done:
             self.destroyed[domid] = out
-            self._fork_parent_check(d.parent)
+            self.guests.fork_gone(d.parent)
         return out
 
     def _destroy_creating(self, domid: int, t0: float) -> dict:
         """Destroy a domain still being created: its create is cancelled
         (its client is answered ECANCELED) and what it populated goes back."""
-        job = next(j for j in self.jobs if isinstance(j, CreateJob) and j.build.domid == domid)
-        self.jobs.remove(job)
+        job = self.jobs.take_create(domid)
         b = job.build
         populated = b.cursor
         self.hv.cancel_build(b)
-        self._job_failed(job, schema.error(f"domain {domid} was destroyed while being created "
+        self.jobs.failed(job, schema.error(f"domain {domid} was destroyed while being created "
                                            f"({populated} of {b.npages} pages populated)",
                                            ECANCELED, "ECANCELED"))
         step = time.perf_counter() - t0
@@ -343,8 +310,8 @@ class ControlOps:
 
     def _set_paused(self, domid: int, paused: bool) -> dict:
         d = self.hv.domain(domid)
-        if domid in self.parked and d.state == "paused":
-            return self._set_paused_parked(domid, paused)
+        if domid in self.lot.parked and d.state == "paused":
+            return self.writes.pause_parked(domid, paused)
         if d.state not in ("running", "paused"):
             raise HVError(EINVAL, f"domain {domid} is {d.state}")
         if d.forks:
@@ -357,7 +324,7 @@ class ControlOps:
         if g is not None:
             g.notify(pipe.H_PAUSE if paused else pipe.H_UNPAUSE)
         if not paused:
-            self._release_paused_writes(domid)
+            self.writes.release_held(domid)
         return {"domid": domid, "state": d.state}
 
     # -- VM fork ---------------------------------------------------------
@@ -368,7 +335,7 @@ class ControlOps:
         p = self.hv.domain(parent)
         if p.dying:
             raise HVError(EBUSY, f"domain {parent} is dying")
-        if parent in self.parked:
+        if parent in self.lot.parked:
             raise HVError(EBUSY, f"domain {parent} waits for free memory; it cannot be forked now")
         pg = self.guests.get(parent)
         pcfg = pg.config if pg is not None else {}
@@ -381,25 +348,8 @@ class ControlOps:
                       rate=pcfg.get("rate", 200.0), batch=pcfg.get("batch", 1), fork=True,
                       fuzz_writes=DEFAULT_FUZZ_WRITES if fuzz_writes is None else fuzz_writes,
                       fuzz_reads=DEFAULT_FUZZ_READS if fuzz_reads is None else fuzz_reads)
-        self._start_job(ForkJob(c, parent, name, paused, config))
+        self.jobs.start(ForkJob(c, parent, name, paused, config))
         return None
-
-    def _fork_parent_paused(self, parent: int) -> None:
-        """A fork was made: the parent's guest stops (if the fork paused it)."""
-        g = self.guests.get(parent)
-        if g is not None and self.hv.domains[parent].fork_paused:
-            g.notify(pipe.H_PAUSE)
-
-    def _fork_parent_check(self, parent: int | None) -> None:
-        """A fork is gone: once its parent has no fork left it runs again
-        (if a fork paused it), its held writes going first."""
-        p = self.hv.domains.get(parent) if parent is not None else None
-        if p is None or p.forks or p.state != "running":
-            return
-        g = self.guests.get(parent)
-        if g is not None:
-            g.notify(pipe.H_UNPAUSE)
-        self._release_paused_writes(parent)
 
     def _op_fork_reset(self, c, payload, domid, run):
         """Reset a fork: its private pages go back to holes. The first
@@ -408,12 +358,12 @@ class ControlOps:
         iteration and the answer waits for its G_DONE."""
         t0 = time.perf_counter()
         if run:
-            self._fuzz_guest(domid)
+            self.guests.fuzz_target(domid)
         d = self.hv.begin_fork_reset(domid)
-        cost = self._chunk_cost.setdefault("fork_reset", ChunkCost.rate(FIRST_RESET_CHUNK))
-        if reset_steps(self.hv, d, cost, self._other_work(c, t0)):
+        cost = self.budget.chunk_cost.setdefault("fork_reset", ChunkCost.rate(FIRST_RESET_CHUNK))
+        if reset_steps(self.hv, d, cost, self.budget.other_work(c, t0)):
             return self._reset_done(c, d, run, t0, now=True)
-        self._start_job(ResetJob(c, d, run, t0, cost))
+        self.jobs.start(ResetJob(c, d, cost, lambda: self._reset_done(c, d, run, t0)))
         return None
 
     def _reset_done(self, c, d, run: bool, t0: float, now: bool = False):
@@ -422,48 +372,41 @@ class ControlOps:
         answer = {"domid": d.domid, "pages_dropped": d.reset_dropped,
                   "seconds": round(time.perf_counter() - t0, 6)}
         if run:
-            self._fuzz_start(c, d.domid, answer)
+            self.guests.start_fuzz(c, d.domid, answer)
             return None
         if now:
             return answer
-        if c is not None and not c.closed:
-            c.waiting = False
-            c.reply(schema.ok(**answer))
-            self._serve_backlog(c)
+        self.clients.answer(c, schema.ok(**answer))
         return None
 
     def _op_fuzz_run(self, c, payload, domid):
         """One iteration of a fuzz guest: answered when it signals done."""
-        self._fuzz_guest(domid)
-        self._fuzz_start(c, domid, {"domid": domid})
+        self.guests.fuzz_target(domid)
+        self.guests.start_fuzz(c, domid, {"domid": domid})
         return None
 
-    def _fuzz_guest(self, domid: int):
-        """The running fuzz guest of ``domid`` with no run in progress."""
-        d = self.hv.domain(domid)
-        g = self.guests.get(domid)
-        if g is None or g.closed or not g.ready:
-            raise HVError(EINVAL, f"domain {domid} has no running guest ({d.state})")
-        if g.config.get("workload") != "fuzz":
-            raise HVError(EINVAL, f"domain {domid} runs the {g.config.get('workload')} workload, "
-                                  f"not fuzz")
-        if domid in self.fuzz_waiters:
-            raise HVError(EBUSY, f"domain {domid} is running a fuzz iteration already")
-        return g
+    def _op_events(self, c, payload, since):
+        """Subscribe this connection to the sharing event ring: an answer,
+        the retained events after ``since`` (none if not given), then every
+        new event as its own frame, until either side closes. Pushing only
+        queues bytes, so a slow subscriber never holds the loop; one that
+        falls :data:`EVENTS_MAX_QUEUE` bytes behind is dropped."""
+        ring = self.lot.ring
+        c.reply(schema.ok(subscribed=True, seq=ring.seq, parked=sorted(self.lot.parked)))
+        drop = self.clients.drop
 
-    def _fuzz_start(self, c, domid: int, answer: dict) -> None:
-        """Tell the fuzz guest to run once; ``c`` waits for its G_DONE."""
-        g = self.guests.get(domid)
-        if c is None or c.closed:
-            return
-        if g is None or g.closed:
-            c.waiting = False
-            c.reply(schema.error(f"domain {domid} has no running guest", EINVAL, "EINVAL"))
-            self._serve_backlog(c)
-            return
-        c.waiting = True
-        self.fuzz_waiters[domid] = (c, answer, time.perf_counter())
-        g.notify(pipe.H_RUN)
+        def push(ev, c=c) -> bool:
+            if c.closed:
+                return False
+            if len(c.out) > EVENTS_MAX_QUEUE:
+                drop(c)
+                return False
+            c.reply(ev)
+            return not c.closed
+        for ev in (ring.since(since) if since is not None else ()):
+            push(ev)
+        ring.subscribe(push, lambda c=c: not c.closed)
+        return None
 
     def _op_nominate(self, c, payload, domid, gfn):
         return {"handle": self.hv.nominate(domid, gfn)}
@@ -481,7 +424,7 @@ class ControlOps:
         same way): checked whole, then shared a piece per chunk."""
         self.hv.check_range(sd, cd, first, last)
         t0 = time.monotonic()
-        self._start_job(BatchJob(
+        self.jobs.start(BatchJob(
             c, "range_share", last - first + 1,
             lambda lo, hi: self.hv.range_share(sd, cd, first + lo, first + hi - 1),
             lambda parts: {"shared": sum(parts), "seconds": round(time.monotonic() - t0, 6)},
@@ -511,9 +454,9 @@ class ControlOps:
                 np.concatenate([handles.astype("<u8").view(np.uint8),
                                 codes.astype("<i8").view(np.uint8)]).tobytes()
         if budget_us is None:
-            self._start_job(BatchJob(c, "nominate_many", count, work, answer, f"{count} gfns of domain {domid}"))
+            self.jobs.start(BatchJob(c, "nominate_many", count, work, answer, f"{count} gfns of domain {domid}"))
             return None
-        parts, done = self._bounded(c, "nominate_many", count, budget_us, work)
+        parts, done = self.budget.bounded(c, "nominate_many", count, budget_us, work)
         return answer(parts, done)
 
     def _op_share_many(self, c, payload, sd, cd, count, budget_us):
@@ -538,9 +481,9 @@ class ControlOps:
             return {"count": count, "done": done, "shared": int((codes == 0).sum()),
                     "work_ms": round((time.perf_counter() - t0) * 1e3, 3)}, codes.astype("<i8").tobytes()
         if budget_us is None:
-            self._start_job(BatchJob(c, "share_many", count, work, answer, f"{count} pairs"))
+            self.jobs.start(BatchJob(c, "share_many", count, work, answer, f"{count} pairs"))
             return None
-        parts, done = self._bounded(c, "share_many", count, budget_us, work)
+        parts, done = self.budget.bounded(c, "share_many", count, budget_us, work)
         return answer(parts, done)
 
 

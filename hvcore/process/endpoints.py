@@ -5,6 +5,10 @@
 is one guest's pipe pair (binary messages, :mod:`hvcore.wire.pipe`). Both
 queue their answers and flush them when the descriptor is writable, so a
 slow peer never blocks the loop.
+
+An endpoint knows only its :class:`PeerHost`, the part that registered it
+(the clients for a connection, the guest table for a guest): the host
+watches its descriptor for writability and hears when the peer is lost.
 """
 from __future__ import annotations
 
@@ -14,11 +18,9 @@ import socket
 import subprocess
 import time
 
-from ..wire import control, pipe
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .loop import HypervisorProcess
+from ..wire import control, pipe
 
 #: bytes the hypervisor reads from a guest pipe at once
 GUEST_READ_BYTES = 1 << 16
@@ -29,11 +31,21 @@ _REPLY_SIZE = pipe.REPLY.size
 _write = os.write
 
 
+class PeerHost(Protocol):
+    """What an endpoint needs of the part that serves it."""
+
+    def want_write(self, ep: "Endpoint", on: bool) -> None:
+        """Watch (or stop watching) ``ep`` for writability: its queue waits."""
+
+    def lost(self, ep: "Endpoint") -> None:
+        """The peer went away while we wrote to it."""
+
+
 class Endpoint:
     """A non-blocking descriptor with an output queue, registered in the loop."""
 
-    def __init__(self, server: "HypervisorProcess", fd: int):
-        self.server = server
+    def __init__(self, host: PeerHost, fd: int):
+        self.host = host
         self.fd = fd
         self.out = bytearray()
         self.closed = False
@@ -52,7 +64,7 @@ class Endpoint:
             except (BlockingIOError, InterruptedError):
                 n = 0
             except (BrokenPipeError, ConnectionResetError):
-                self.server.lost(self)
+                self.host.lost(self)
                 return
             if n == len(data):
                 return
@@ -60,7 +72,7 @@ class Endpoint:
         else:
             for p in parts:
                 self.out += p
-        self.server.want_write(self, True)
+        self.host.want_write(self, True)
 
     def flush(self) -> None:
         if self.closed:
@@ -72,22 +84,22 @@ class Endpoint:
         except (BlockingIOError, InterruptedError):
             return
         except (BrokenPipeError, ConnectionResetError):
-            self.server.lost(self)
+            self.host.lost(self)
             return
-        self.server.want_write(self, False)
+        self.host.want_write(self, False)
 
 
 class ControlConnection(Endpoint):
     """One toolstack connection on the control socket."""
 
-    def __init__(self, server, sock: socket.socket):
-        super().__init__(server, sock.fileno())
+    def __init__(self, host: PeerHost, sock: socket.socket):
+        super().__init__(host, sock.fileno())
         self.sock = sock
         self.reader = control.frame_reader(sock)
         self.waiting = False            # a deferred answer (create) is pending
         self.backlog: list = []
         #: the answer of a step that yielded to other work, deferred until that
-        #: work is served (see HypervisorProcess.run): sent at once it would wake this
+        #: work is served (see .loop): sent at once it would wake this
         #: client first, on a core the waiting guest may share
         self.deferred_answer: list = []
 
@@ -106,9 +118,9 @@ class ControlConnection(Endpoint):
 class GuestEndpoint(Endpoint):
     """The hypervisor's side of one guest: its process and its two pipes."""
 
-    def __init__(self, server, domid: int, proc: subprocess.Popen, rfd: int, wfd: int,
-                 sock_path: str, config: dict):
-        super().__init__(server, rfd)
+    def __init__(self, host: PeerHost, domid: int, proc: subprocess.Popen, rfd: int, wfd: int,
+                 sock_path: str, config: dict, steplog: list):
+        super().__init__(host, rfd)
         self.domid = domid
         self.proc = proc
         self.wfd = wfd
@@ -124,12 +136,16 @@ class GuestEndpoint(Endpoint):
         #: (see :attr:`counters`)
         self.writes = self.cow_faults = 0
         self.batch_writes = self.batch_pages = 0
+        #: a fork's read faults (gfns filled by G_POPULATE), fuzz iterations done
+        self.read_faults = self.iterations = 0
+        #: the writable end is watched (its queue waits)
+        self.wregistered = False
         self.reported: dict = {}
         self.kill_pending = False       # stopped by destroy; SIGKILL at the next tick
         #: what the pause meter calls this guest's steps
         self.step_name = f"guest {domid}"
-        #: where this guest's step times go (:meth:`StepMeter.log`)
-        self.steplog: list = server.meter.log("guest", self.step_name)
+        #: where this guest's step times go (:meth:`.steps.StepMeter.log`)
+        self.steplog: list = steplog
         #: the hypervisor's read buffer for this pipe (one read per wake-up)
         self.inbuf = memoryview(bytearray(GUEST_READ_BYTES))
 
@@ -157,7 +173,7 @@ class GuestEndpoint(Endpoint):
             except (BlockingIOError, InterruptedError):
                 pass
             except (BrokenPipeError, ConnectionResetError):
-                self.server.lost(self)
+                self.host.lost(self)
                 return
         self.queue((msg,))
 

@@ -3,9 +3,10 @@
 A guest is a real process (``python -m guests.runtime``) spawned at create
 with two pipe ends after its domain's memory is filled; create is answered
 once it has mapped its memory and said hello. Its writes and CoW faults
-arrive on its pipe and are applied through the core; a write that finds no
-free frame is parked (:mod:`.parking`). A guest that exits leaves its
-domain ``crashed`` with its memory kept until destroy.
+arrive on its pipe; the :class:`GuestTable` decodes them and hands every
+write to the one write path (:mod:`.writes`), which applies it, parks it
+when no frame is free and answers. A guest that exits leaves its domain
+``crashed`` with its memory kept until destroy.
 """
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ import sys
 import time
 import traceback
 
+from typing import Callable
+
 from ..wire import pipe, schema
 from .. import constants, errors
-from ..errors import EINVAL, ENOMEM, HVError
+from ..errors import EBUSY, EINVAL, HVError
 from ..statedir import child_env, guest_socket_path
-from .endpoints import GuestEndpoint
+from .endpoints import ControlConnection, GuestEndpoint
+from .parking import ParkingLot
+from .steps import StepMeter
+from .writes import WRITE_MESSAGES, WritePath
 
 #: how long a new guest may take to map its memory and say hello
 GUEST_START_TIMEOUT = 30.0
@@ -34,17 +40,53 @@ PIPE_HDR = pipe.PIPE_HDR
 _clock = time.perf_counter
 _WRITE_MSG_UNPACK = WRITE_MSG.unpack_from
 _WRITE_SIZE = WRITE_MSG.size
-_WRITE_MAX = WRITE_MSG.size + constants.PAGE_SIZE
 _HDR_SIZE = PIPE_HDR.size
 _G_WRITE = pipe.G_WRITE
 _PAGE = constants.PAGE_SIZE
+_WRITE_MAX = _WRITE_SIZE + _PAGE
 
 
-class GuestLifecycle:
-    """The guests of the hypervisor process: spawn, writes, exit."""
+class GuestTable:
+    """The guest processes of the hypervisor: spawn, read and dispatch
+    their messages as timed steps, reap, crash, stop.
 
-    # -- guests --------------------------------------------------------
-    def _spawn_guest(self, d, config: dict) -> GuestEndpoint:
+    Depends on the core (``hv``), the loop's selector, the step meter, the
+    write path (every write message), the parking lot (a gone guest's
+    parked writes are cancelled) and ``answer`` (the clients' call that
+    answers a waiting client and serves its next requests: a create, a
+    fuzz run).
+    """
+
+    def __init__(self, hv, sel, meter: StepMeter, writes: WritePath, lot: ParkingLot,
+                 answer: Callable, state_dir: str):
+        self.hv, self.sel, self.meter, self.writes, self.lot = hv, sel, meter, writes, lot
+        self.answer, self.state_dir = answer, state_dir
+        self._single = writes.single
+        #: domid -> the guest of a live domain
+        self.by_domid: dict[int, GuestEndpoint] = {}
+        #: guests whose process has not been reaped yet
+        self.zombies: list[GuestEndpoint] = []
+        #: fuzz runs waiting for their guest's G_DONE: domid -> (client, answer, t0)
+        self.fuzz_waiters: dict[int, tuple] = {}
+
+    def get(self, domid: int) -> GuestEndpoint | None:
+        return self.by_domid.get(domid)
+
+    # -- the endpoints' host ---------------------------------------------
+    def want_write(self, g: GuestEndpoint, on: bool) -> None:
+        if on and not g.wregistered:
+            self.sel.register(g.wfd, selectors.EVENT_WRITE, lambda mask, g=g: g.flush())
+            g.wregistered = True
+        elif not on and g.wregistered:
+            self.sel.unregister(g.wfd)
+            g.wregistered = False
+
+    def lost(self, g: GuestEndpoint) -> None:
+        self.gone(g)
+
+    # -- spawn -------------------------------------------------------------
+    def spawn(self, d, config: dict) -> GuestEndpoint:
+        """Start the guest process of domain ``d`` (OSError if it cannot)."""
         g2h_r, g2h_w = os.pipe()
         h2g_r, h2g_w = os.pipe()
         for fd in (g2h_r, h2g_r):
@@ -65,14 +107,14 @@ class GuestLifecycle:
                 os.close(h2g_w)
         os.set_blocking(g2h_r, False)
         os.set_blocking(h2g_w, False)
-        g = GuestEndpoint(self, d.domid, proc, g2h_r, h2g_w, sock_path, config)
-        #: a fork's read faults (gfns filled by G_POPULATE), fuzz iterations done
-        g.read_faults = g.iterations = 0
-        self.guests[d.domid] = g
-        self.sel.register(g2h_r, selectors.EVENT_READ, functools.partial(self._guest_readable, g))
+        g = GuestEndpoint(self, d.domid, proc, g2h_r, h2g_w, sock_path, config,
+                          self.meter.log("guest", f"guest {d.domid}"))
+        self.by_domid[d.domid] = g
+        self.sel.register(g2h_r, selectors.EVENT_READ, functools.partial(self.readable, g))
         return g
 
-    def _guest_readable(self, g: GuestEndpoint, mask: int = 0) -> None:
+    # -- messages ----------------------------------------------------------
+    def readable(self, g: GuestEndpoint, mask: int = 0) -> None:
         if g.closed:
             # Destroyed by an earlier event of the same select() batch: its
             # descriptor is closed (and its number may already be reused).
@@ -83,13 +125,14 @@ class GuestLifecycle:
             try:
                 msgs, eof = reader.pump(limit=32)
             except errors.ProtocolError as e:
-                self._crash(g, f"protocol violation: {e}")
+                self.crash(g, f"protocol violation: {e}")
                 return
             finally:
                 self.meter.record(time.perf_counter() - t0, "read", "read", time.thread_time() - cpu0)
         else:
             # One read; what a waiting guest sends is one message, usually
-            # a small G_WRITE, served here without the reader's machinery.
+            # a small G_WRITE, decoded here without the reader's machinery
+            # and handed to the write path as it is.
             buf = g.inbuf
             try:
                 n = os.readv(g.fd, (buf,))
@@ -98,13 +141,19 @@ class GuestLifecycle:
             except (ConnectionResetError, BrokenPipeError):
                 n = 0
             if n == 0:
-                self._guest_eof(g)
+                self._eof(g)
                 return
             if _WRITE_SIZE < n <= _WRITE_MAX:
                 mtype, seq, blen, gfn, offset = _WRITE_MSG_UNPACK(buf)
-                if mtype == _G_WRITE and blen == n - _HDR_SIZE:
-                    # the common case, one small write in one read
-                    self._fast_write(g, seq, gfn, offset, buf, n)
+                if mtype == _G_WRITE and blen == n - _HDR_SIZE and offset + n - _WRITE_SIZE <= _PAGE:
+                    # the fault path: _step's timing, without its dispatch
+                    t0 = _clock()
+                    try:
+                        self._single(g, seq, gfn, offset, buf[_WRITE_SIZE:n])
+                    except Exception as e:
+                        self._failed(g, e, t0)
+                        return
+                    g.steplog.append(_clock() - t0)
                     return
             try:
                 msgs = reader.feed(buf[:n])
@@ -113,84 +162,45 @@ class GuestLifecycle:
                     more, eof = reader.pump(limit=32)
                     msgs += more
             except errors.ProtocolError as e:
-                self._crash(g, f"protocol violation: {e}")
+                self.crash(g, f"protocol violation: {e}")
                 return
         for (mtype, seq, _), body in msgs:
-            self._guest_step(g, mtype, seq, body)
+            self._step(g, self._message, mtype, seq, body)
             if g.closed:
                 return
         if reader.failed is not None:
-            self._crash(g, f"protocol violation: {reader.failed}")
+            self.crash(g, f"protocol violation: {reader.failed}")
         elif eof:
-            self._guest_eof(g)
+            self._eof(g)
 
-    def _fast_write(self, g: GuestEndpoint, seq: int, gfn: int, offset: int, buf, n: int) -> None:
-        """One ``G_WRITE`` that came alone in one read (``buf[:n]``): the
-        CoW fault path, as one guest step. What :meth:`_guest_step` would
-        do, without its general dispatch: a write of a domain that is
-        paused or has parked writes, or one that does not fit in its page
-        (a protocol violation), goes the general way."""
-        t0 = _clock()
-        domid = g.domid
-        if offset + n - _WRITE_SIZE > _PAGE or domid in self.parked or self.hv.domains[domid].state == "paused":
-            self._guest_step(g, _G_WRITE, seq, buf[_HDR_SIZE:n])
-            return
-        status = value = 0
-        try:
-            cow = self.hv.write(domid, gfn, offset, buf[_WRITE_SIZE:n])
-            g.writes += 1
-            if cow:
-                value = 1
-                g.cow_faults += 1
-                self.cow_faults += 1
-        except HVError as e:
-            if e.code == ENOMEM:
-                try:
-                    self._park(g, _G_WRITE, seq, buf[_HDR_SIZE:n])
-                finally:
-                    g.steplog.append(_clock() - t0)
-                return
-            status = e.code
-        except Exception as e:
-            traceback.print_exc()
-            self._crash(g, f"internal error: {e!r}")
-            self.meter.record(_clock() - t0, g.step_name, "guest")
-            return
-        g.reply(seq, status, value)
-        g.steplog.append(_clock() - t0)
-
-    def _guest_step(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+    def _step(self, g: GuestEndpoint, handler, *args) -> None:
         """One guest message, as one timed step. A message the protocol does
         not allow crashes the domain; so does a bug, and the host goes on."""
         t0 = _clock()
         try:
-            self._guest_message(g, mtype, seq, body)
-        except errors.ProtocolError as e:
-            self._crash(g, f"protocol violation: {e}")
+            handler(g, *args)
         except Exception as e:
+            self._failed(g, e, t0)
+            return
+        if g.closed:        # crashed by the message (a bad hello): its log is gone
+            self.meter.record(_clock() - t0, g.step_name, "guest")
+        else:
+            g.steplog.append(_clock() - t0)
+
+    def _failed(self, g: GuestEndpoint, e: Exception, t0: float) -> None:
+        """A guest step that raised: a message the protocol does not allow,
+        or a bug. Either crashes the domain (the step is metered with the
+        rest, its guest's log being gone)."""
+        if isinstance(e, errors.ProtocolError):
+            self.crash(g, f"protocol violation: {e}")
+        else:
             traceback.print_exc()
-            self._crash(g, f"internal error: {e!r}")
-        finally:
-            if g.closed:        # crashed: its log is folded in and gone
-                self.meter.record(_clock() - t0, g.step_name, "guest")
-            else:
-                g.steplog.append(_clock() - t0)
+            self.crash(g, f"internal error: {e!r}")
+        self.meter.record(_clock() - t0, g.step_name, "guest")
 
-    def _guest_eof(self, g: GuestEndpoint) -> None:
-        """EOF on a guest's pipe: a dying process closes its files a moment
-        before the kernel has its exit status; wait that moment (bounded,
-        once per guest) so that the domain's ``exit`` says how it died."""
-        if g.proc.poll() is None:
-            try:
-                g.proc.wait(timeout=GUEST_EXIT_WAIT)
-            except subprocess.TimeoutExpired:
-                pass                    # alive without its pipe: reaped later
-        self._guest_gone(g)
-
-    def _guest_message(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
-        if (mtype == pipe.G_WRITE or mtype == pipe.G_WRITE_PAGES or mtype == pipe.G_WRITE_MANY
-                or mtype == pipe.G_POPULATE):
-            self._guest_write(g, mtype, seq, body)
+    def _message(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+        if mtype in WRITE_MESSAGES:
+            self.writes.message(g, mtype, seq, body)
         elif mtype == pipe.G_DONE:
             self._fuzz_done(g, *pipe.decode_done(body))
         elif mtype == pipe.G_STATS:
@@ -201,58 +211,42 @@ class GuestLifecycle:
             g.ready = True
             self._answer_creator(g, None)
 
-    def _guest_write(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
-        """The one path of a guest's write message, answered on its pipe.
+    def _eof(self, g: GuestEndpoint) -> None:
+        """EOF on a guest's pipe: a dying process closes its files a moment
+        before the kernel has its exit status; wait that moment (bounded,
+        once per guest) so that the domain's ``exit`` says how it died."""
+        if g.proc.poll() is None:
+            try:
+                g.proc.wait(timeout=GUEST_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                pass                    # alive without its pipe: reaped later
+        self.gone(g)
 
-        A domain with parked writes queues this one behind them, in order;
-        a paused domain's write waits until the domain is unpaused.
-        A write that finds no free frame is parked (:mod:`.parking`): the
-        vCPU pauses, the sharing ring says why, and the write is answered
-        once frames are free again. ``body`` may be a view of the read
-        buffer: it is copied only when the write is parked.
-        """
-        if g.domid in self.parked:
-            self._park(g, mtype, seq, body)
-            return
-        if self.hv.domains[g.domid].state == "paused":
-            self._hold_until_unpause(g, mtype, seq, body)
-            return
-        status = value = 0
-        try:
-            value = self._apply_write(g, mtype, body)
-        except HVError as e:
-            if e.code == ENOMEM:
-                self._park(g, mtype, seq, body)
-                return
-            status = e.code
-        g.reply(seq, status, value)
+    # -- fuzz runs -----------------------------------------------------------
+    def fuzz_target(self, domid: int) -> GuestEndpoint:
+        """The running fuzz guest of ``domid`` with no run in progress."""
+        d = self.hv.domain(domid)
+        g = self.by_domid.get(domid)
+        if g is None or g.closed or not g.ready:
+            raise HVError(EINVAL, f"domain {domid} has no running guest ({d.state})")
+        if g.config.get("workload") != "fuzz":
+            raise HVError(EINVAL, f"domain {domid} runs the {g.config.get('workload')} workload, "
+                                  f"not fuzz")
+        if domid in self.fuzz_waiters:
+            raise HVError(EBUSY, f"domain {domid} is running a fuzz iteration already")
+        return g
 
-    def _apply_write(self, g: GuestEndpoint, mtype: int, body) -> int:
-        """Decode and apply one guest write message; the CoW faults it took.
-        Raises HVError (ENOMEM: nothing changed) or ProtocolError."""
-        if mtype == pipe.G_WRITE:
-            gfn, offset, data = pipe.decode_write(body)
-            value = 1 if self.hv.write(g.domid, gfn, offset, data) else 0
-        elif mtype == pipe.G_POPULATE:
-            # a read fault: not a write, and not a CoW fault
-            value = self.hv.fork_populate(g.domid, pipe.decode_populate(body))
-            g.read_faults += value
-            return value
-        elif mtype == pipe.G_WRITE_MANY:
-            gfns, offsets, lengths, data = pipe.decode_write_many(body)
-            value = int(self.hv.write_many(g.domid, gfns, offsets, lengths, data))
-            g.batch_pages += len(gfns)
-            g.batch_writes += 1
-        else:
-            gfns, pages = pipe.decode_write_pages(body)
-            value = int(self.hv.write_pages(g.domid, gfns, pages))
-            g.batch_pages += len(gfns)
-            g.batch_writes += 1
-        g.writes += 1
-        if value:
-            g.cow_faults += value
-            self.cow_faults += value
-        return value
+    def start_fuzz(self, c: ControlConnection | None, domid: int, answer: dict) -> None:
+        """Tell the fuzz guest to run once; ``c`` waits for its G_DONE."""
+        g = self.by_domid.get(domid)
+        if c is None or c.closed:
+            return
+        if g is None or g.closed:
+            self.answer(c, schema.error(f"domain {domid} has no running guest", EINVAL, "EINVAL"))
+            return
+        c.waiting = True
+        self.fuzz_waiters[domid] = (c, answer, time.perf_counter())
+        g.notify(pipe.H_RUN)
 
     def _fuzz_done(self, g: GuestEndpoint, iteration: int, written: int, read: int) -> None:
         """A fuzz guest ended an iteration: the run waiting for it is answered."""
@@ -261,47 +255,58 @@ class GuestLifecycle:
         if waiter is None:
             return
         c, answer, t0 = waiter
-        if c.closed:
-            return
-        c.waiting = False
-        c.reply(schema.ok(**answer, iteration=iteration, pages_written=written, pages_read=read,
-                          run_seconds=round(time.perf_counter() - t0, 6)))
-        self._serve_backlog(c)
+        self.answer(c, schema.ok(**answer, iteration=iteration, pages_written=written, pages_read=read,
+                                 run_seconds=round(time.perf_counter() - t0, 6)))
 
+    # -- forks ---------------------------------------------------------------
+    def fork_made(self, parent: int) -> None:
+        """A fork was made: the parent's guest stops (if the fork paused it)."""
+        g = self.by_domid.get(parent)
+        if g is not None and self.hv.domains[parent].fork_paused:
+            g.notify(pipe.H_PAUSE)
+
+    def fork_gone(self, parent: int | None) -> None:
+        """A fork is gone: once its parent has no fork left it runs again
+        (if a fork paused it), its held writes going first."""
+        p = self.hv.domains.get(parent) if parent is not None else None
+        if p is None or p.forks or p.state != "running":
+            return
+        g = self.by_domid.get(parent)
+        if g is not None:
+            g.notify(pipe.H_UNPAUSE)
+        self.writes.release_held(parent)
+
+    # -- start, exit and stop ------------------------------------------------
     def _answer_creator(self, g: GuestEndpoint, failure: str | None) -> None:
         c, g.creator = g.creator, None
         if c is None:
             return
-        c.waiting = False
         if failure is None:
             d = self.hv.domains[g.domid]
             extra = d.info.pop("answer", {})
             if "started" in extra:          # a fork: also the time until its guest ran
                 extra["wall_seconds"] = round(time.monotonic() - extra.pop("started"), 6)
-            c.reply(schema.ok(domid=g.domid, pid=g.proc.pid, name=d.name,
-                         guest_socket=g.sock_path, **g.config.get("snapshot", {}), **extra))
+            self.answer(c, schema.ok(domid=g.domid, pid=g.proc.pid, name=d.name,
+                                     guest_socket=g.sock_path, **g.config.get("snapshot", {}), **extra))
         else:
-            c.reply(schema.error(failure, EINVAL, "EINVAL"))
-        self._serve_backlog(c)
+            self.answer(c, schema.error(failure, EINVAL, "EINVAL"))
 
-    def _detach_guest(self, g: GuestEndpoint) -> None:
+    def detach(self, g: GuestEndpoint) -> None:
         """Close our pipe ends and forget the descriptors (idempotent)."""
         if g.closed:
             return
         g.closed = True
-        self.paused_writes.pop(g.domid, None)
+        self.lot.held.pop(g.domid, None)
         waiter = self.fuzz_waiters.pop(g.domid, None)
-        if waiter is not None and not waiter[0].closed:
-            c = waiter[0]
-            c.waiting = False
-            c.reply(schema.error(f"the guest of domain {g.domid} is gone ({g.exit or 'destroyed'}) "
-                                 f"before its fuzz iteration ended", errors.ECANCELED, "ECANCELED"))
-            self._serve_backlog(c)
-        if g.domid in self.parked:
-            self._cancel_parked(g.domid, g.exit or "the guest exited")
+        if waiter is not None:
+            self.answer(waiter[0], schema.error(
+                f"the guest of domain {g.domid} is gone ({g.exit or 'destroyed'}) "
+                f"before its fuzz iteration ended", errors.ECANCELED, "ECANCELED"))
+        if g.domid in self.lot.parked:
+            self.lot.cancel(g.domid, g.exit or "the guest exited")
         self.meter.drop_log("guest", g.step_name)
         self.sel.unregister(g.fd)
-        if getattr(g, "_wregistered", False):
+        if g.wregistered:
             self.sel.unregister(g.wfd)
         os.close(g.fd)
         os.close(g.wfd)
@@ -310,11 +315,11 @@ class GuestLifecycle:
         except FileNotFoundError:
             pass
 
-    def _guest_gone(self, g: GuestEndpoint) -> None:
+    def gone(self, g: GuestEndpoint) -> None:
         """The guest's pipe hit EOF: its process is exiting or gone."""
         if g.closed:
             return
-        self._detach_guest(g)
+        self.detach(g)
         d = self.hv.domains.get(g.domid)
         if d is not None and d.state in ("running", "paused"):
             d.state = "crashed"
@@ -323,8 +328,8 @@ class GuestLifecycle:
         if g.creator is not None:
             parent = self.hv.domains[g.domid].parent if g.domid in self.hv.domains else None
             self.hv.destroy_domain(g.domid)
-            self._fork_parent_check(parent)
-            self.guests.pop(g.domid, None)
+            self.fork_gone(parent)
+            self.by_domid.pop(g.domid, None)
             self._answer_creator(g, f"the guest process of domain {g.domid} {g.exit} while starting")
 
     def _reap(self, g: GuestEndpoint) -> None:
@@ -338,7 +343,7 @@ class GuestLifecycle:
         if g.exit in (None, "exited"):
             g.exit = describe_exit(rc)
 
-    def _crash(self, g: GuestEndpoint, why: str) -> None:
+    def crash(self, g: GuestEndpoint, why: str) -> None:
         """Crash a domain: its guest is killed, its memory kept until destroy."""
         d = self.hv.domains.get(g.domid)
         if d is not None and d.state in ("running", "paused"):
@@ -346,10 +351,10 @@ class GuestLifecycle:
         g.exit = why
         if g.proc.poll() is None:
             g.proc.kill()
-        self._guest_gone(g)
+        self.gone(g)
         print(f"hvshare: domain {g.domid} crashed: {why}", file=sys.stderr, flush=True)
 
-    def _stop_guest(self, domid: int) -> None:
+    def stop(self, domid: int) -> None:
         """Stop a domain's guest now and forget its pipes (destroy).
 
         SIGSTOP stops it at once: from here on it neither reads nor writes.
@@ -357,20 +362,63 @@ class GuestLifecycle:
         wakes the guest to die and a busy scheduler may run that exit in
         the middle of our step, where the stop costs almost nothing.
         """
-        g = self.guests.pop(domid, None)
+        g = self.by_domid.pop(domid, None)
         if g is None:
             return
-        self._cancel_parked(domid, "destroyed")
+        self.lot.cancel(domid, "destroyed")
         if g.proc.poll() is None:
             try:
                 os.kill(g.proc.pid, signal.SIGSTOP)
             except ProcessLookupError:
                 pass
             g.kill_pending = True
-        self._detach_guest(g)
+        self.detach(g)
         if g.creator is not None:
             self._answer_creator(g, f"domain {domid} was destroyed while its guest started")
         self._reap(g)
+
+    def housekeeping(self, now: float) -> None:
+        """The tick's share: kill the guests destroy stopped, reap the dead,
+        crash the ones that did not start in time."""
+        for g in list(self.zombies):
+            if g.kill_pending:
+                g.kill_pending = False          # stopped by destroy: now it dies
+                if g.proc.poll() is None:
+                    g.proc.kill()
+            self._reap(g)
+        for g in list(self.by_domid.values()):
+            if g.closed:
+                continue
+            if g.proc.poll() is not None:
+                # Dead without us seeing EOF yet: the pipe will say so too.
+                self.readable(g)
+            elif not g.ready and now - g.started > GUEST_START_TIMEOUT:
+                self.crash(g, f"did not start within {GUEST_START_TIMEOUT:g} s")
+
+    def abandon_starts(self, tell) -> None:
+        """The hypervisor stops: each pending create's client is told at
+        once, by ``tell(c, answer)``."""
+        for g in self.by_domid.values():
+            if g.creator is not None and not g.creator.closed:
+                c, g.creator = g.creator, None
+                tell(c, schema.error(f"the hypervisor stopped before the guest of domain "
+                                     f"{g.domid} started", errors.ECANCELED, "ECANCELED"))
+
+    def close(self) -> int:
+        """Kill every guest and wait for them (the hypervisor stops); the
+        number of guest processes."""
+        procs = []
+        for g in list(self.by_domid.values()) + self.zombies:
+            self.detach(g)
+            if g.proc.poll() is None:
+                g.proc.kill()
+            procs.append(g.proc)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not wait
+                pass
+        return len(procs)
 
 
 def describe_exit(rc: int) -> str:

@@ -9,10 +9,14 @@ turn, between the guests' messages and the other clients' requests, and the
 request is answered when the job is done.
 
 Each step is one call into the core with the one step check of
-:class:`.steps.BudgetedSteps` (the step budget, or any other work ready),
+:class:`.steps.Budget` (the step budget, or any other work ready),
 metered like any step under the job's kind (``create``, ``range_share``).
-Jobs take turns, oldest first. A stop cancels every job and tells each
-waiting client why.
+Jobs take turns, oldest first, in the :class:`JobQueue`. A stop cancels
+every job and tells each waiting client why.
+
+A job sees the process only through a :class:`JobHost`: the core, how to
+answer a waiting client, and the guest table's three calls a create or a
+fork makes.
 
 A VM fork and a fork reset are jobs too (:class:`ForkJob`,
 :class:`ResetJob`); a reset that ends in its first step is answered at
@@ -23,19 +27,40 @@ repeated destroy requests, as Xen's domain_kill is by the toolstack.
 """
 from __future__ import annotations
 
+import collections
 import time
 import traceback
+from typing import Protocol
 
 from ..wire import control, schema
 from ..errors import ECANCELED, EINVAL, EIO, HVError, sentence
 from .endpoints import ControlConnection
 from ..budget import MIN_CHUNK_ITEMS, ChunkCost
-from .steps import TEARDOWN_CHUNK_SECONDS
+from .steps import TEARDOWN_CHUNK_SECONDS, Budget, StepMeter
 
 #: a job's chunks are sized to take about this long: half a teardown
 #: chunk, as a job's cost per item varies more (the kernel may take long
 #: to provide a page the first time it is written)
 JOB_CHUNK_SECONDS = TEARDOWN_CHUNK_SECONDS / 2
+
+
+class JobHost(Protocol):
+    """What a job may use of the hypervisor process."""
+
+    #: the core
+    hv: object
+
+    def answer(self, c: ControlConnection | None, obj: dict, data=b"") -> None:
+        """Answer a waiting client (if still connected), then serve its next requests."""
+
+    def spawn_guest(self, d, config: dict):
+        """Start the guest process of domain ``d`` (OSError if it cannot)."""
+
+    def fork_made(self, parent: int) -> None:
+        """A fork of ``parent`` was made (its guest stops if the fork paused it)."""
+
+    def fork_gone(self, parent: int | None) -> None:
+        """A fork of ``parent`` is gone (it may run again)."""
 
 
 class Job:
@@ -53,74 +78,88 @@ class Job:
         """What the job is, for a sentence ("the create of domain 3 ...")."""
         return self.kind
 
-    def step(self, proc, should_yield) -> bool:
+    def step(self, host: JobHost, should_yield) -> bool:
         """Do some work; True when done (then :meth:`finish` answers)."""
         raise NotImplementedError
 
-    def finish(self, proc) -> None:
+    def finish(self, host: JobHost) -> None:
         """The job is done: answer its client (or hand it on)."""
 
-    def cancel(self, proc, reason: str) -> None:
+    def cancel(self, host: JobHost, reason: str) -> None:
         """The job will not finish (the hypervisor stops): undo it."""
 
     def progress(self) -> dict:
         return {}
 
 
-class Jobs:
-    """The job queue of the hypervisor process (a part of HypervisorProcess)."""
+class JobQueue:
+    """The jobs of the hypervisor process, oldest first; the loop runs one
+    step of the oldest per turn (:meth:`step`)."""
 
-    def _start_job(self, job: Job) -> None:
+    def __init__(self, host: JobHost, budget: Budget, meter: StepMeter):
+        self.host, self.budget, self.meter = host, budget, meter
+        self.jobs: collections.deque = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
+
+    def __iter__(self):
+        return iter(self.jobs)
+
+    def start(self, job: Job) -> None:
         """Run ``job`` from the next loop turn on; its client waits."""
         if job.client is not None:
             job.client.waiting = True
         self.jobs.append(job)
 
-    def _job_step(self) -> None:
+    def step(self) -> None:
         """One step of the oldest job (then it goes to the back of the queue)."""
         job = self.jobs.popleft()
         c = job.client if job.client is not None and not job.client.closed else None
         t0, cpu0 = time.perf_counter(), time.thread_time()
-        self._preempted = False
+        budget = self.budget
+        budget.preempted = False
         try:
-            done = job.step(self, self._other_work(c, t0))
+            done = job.step(self.host, budget.other_work(c, t0))
             if done:
-                job.finish(self)
+                job.finish(self.host)
         except HVError as e:
-            self._job_failed(job, schema.error(_sentence(job, e), e.code, e.name))
+            self.failed(job, schema.error(_sentence(job, e), e.code, e.name))
             done = None
         except Exception as e:           # a bug must not take every guest down
             traceback.print_exc()
-            self._job_failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
+            self.failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
             done = None
         finally:
             self.meter.record(time.perf_counter() - t0, job.kind, job.kind, time.thread_time() - cpu0)
             job.steps += 1
-        self._preempted = False
+        budget.preempted = False
         if done is False:
             self.jobs.append(job)
 
-    def _job_failed(self, job: Job, answer: bytes) -> None:
-        c = job.client
-        if c is None or c.closed:
-            return
-        c.waiting = False
-        c.reply(answer)
-        self._serve_backlog(c)
+    def failed(self, job: Job, answer: dict) -> None:
+        """The job ends with ``answer`` (an error) to its client."""
+        self.host.answer(job.client, answer)
 
-    def _cancel_jobs(self, reason: str) -> None:
+    def take_create(self, domid: int) -> "CreateJob":
+        """Remove and return the create job of ``domid``."""
+        job = next(j for j in self.jobs if isinstance(j, CreateJob) and j.build.domid == domid)
+        self.jobs.remove(job)
+        return job
+
+    def cancel_all(self, reason: str) -> None:
         """Cancel every job; each waiting client gets ``reason`` at once
         (a blocking send: the hypervisor is about to close their sockets)."""
         while self.jobs:
             job = self.jobs.popleft()
-            job.cancel(self, reason)
+            job.cancel(self.host, reason)
             c = job.client
             if c is None or c.closed:
                 continue
             tell_now(c, schema.error(f"{reason}: {job.describe()} was cancelled", ECANCELED, "ECANCELED"))
 
 
-def tell_now(c: ControlConnection, answer: bytes) -> None:
+def tell_now(c: ControlConnection, answer: dict) -> None:
     """Send ``answer`` to ``c`` at once, blocking up to a second: for the
     clients of a hypervisor about to close their sockets."""
     try:
@@ -149,24 +188,24 @@ class CreateJob(Job):
         b = self.build
         return f"the create of domain {b.domid} ({b.cursor} of {b.npages} pages populated)"
 
-    def step(self, proc, should_yield) -> bool:
+    def step(self, host, should_yield) -> bool:
         # the last populating step, then the guest's start: a step of its own
-        if self.build.domid in proc.hv.building:
-            proc.hv.build_step(self.build, should_yield, chunk_seconds=JOB_CHUNK_SECONDS)
+        if self.build.domid in host.hv.building:
+            host.hv.build_step(self.build, should_yield, chunk_seconds=JOB_CHUNK_SECONDS)
             return False
         return True
 
-    def finish(self, proc) -> None:
-        d = proc.hv.domains[self.build.domid]
+    def finish(self, host) -> None:
+        d = host.hv.domains[self.build.domid]
         if self.source is not None:
             # what was read, in the create's answer (see guests._answer_creator)
             report = self.source.report()
             report.update(source_pages=report.pop("pages"), pages=d.npages)
             self.config["snapshot"] = report
-        start_guest(self, proc, d, self.config)
+        start_guest(self, host, d, self.config)
 
-    def cancel(self, proc, reason: str) -> None:
-        proc.hv.cancel_build(self.build)
+    def cancel(self, host, reason: str) -> None:
+        host.hv.cancel_build(self.build)
 
     def progress(self) -> dict:
         b = self.build
@@ -176,17 +215,17 @@ class CreateJob(Job):
                 "seconds": round(time.monotonic() - self.started, 3)}
 
 
-def start_guest(job: Job, proc, d, config: dict) -> None:
+def start_guest(job: Job, host: JobHost, d, config: dict) -> None:
     """The last step of a create or a fork: start the domain's guest; its
     client is answered once the guest says hello (see :mod:`.guests`)."""
     try:
-        g = proc._spawn_guest(d, config)
+        g = host.spawn_guest(d, config)
     except OSError as e:
         parent = d.parent
-        proc.hv.destroy_domain(d.domid)
-        proc._fork_parent_check(parent)
-        proc._job_failed(job, schema.error(f"cannot start the guest process: {e.strerror}",
-                                           EINVAL, "EINVAL"))
+        host.hv.destroy_domain(d.domid)
+        host.fork_gone(parent)
+        host.answer(job.client, schema.error(f"cannot start the guest process: {e.strerror}",
+                                             EINVAL, "EINVAL"))
         return
     c = job.client
     g.creator = c if c is not None and not c.closed else None
@@ -210,54 +249,56 @@ class ForkJob(Job):
         child = "" if self.domid is None else f" into domain {self.domid}"
         return f"the fork of domain {self.parent}{child}"
 
-    def step(self, proc, should_yield) -> bool:
+    def step(self, host, should_yield) -> bool:
         if self.domid is None:
             t0 = time.perf_counter()
-            d = proc.hv.fork(self.parent, self.name, self.paused)
+            d = host.hv.fork(self.parent, self.name, self.paused)
             self.seconds = time.perf_counter() - t0
             self.domid = d.domid
-            proc._fork_parent_paused(self.parent)
+            host.fork_made(self.parent)
             return False
         return True
 
-    def finish(self, proc) -> None:
-        d = proc.hv.domains.get(self.domid)
+    def finish(self, host) -> None:
+        d = host.hv.domains.get(self.domid)
         if d is None or d.dying:
-            proc._job_failed(self, schema.error(f"domain {self.domid} was destroyed while being "
-                                                f"forked", ECANCELED, "ECANCELED"))
+            host.answer(self.client, schema.error(f"domain {self.domid} was destroyed while being "
+                                                  f"forked", ECANCELED, "ECANCELED"))
             return
         d.info["answer"] = {"parent": self.parent, "seconds": round(self.seconds, 6),
                             "started": self.started}
         self.config.update(name=d.name)
-        start_guest(self, proc, d, self.config)
+        start_guest(self, host, d, self.config)
 
-    def cancel(self, proc, reason: str) -> None:
-        if self.domid in proc.hv.domains:
-            proc.hv.destroy_domain(self.domid)
+    def cancel(self, host, reason: str) -> None:
+        if self.domid in host.hv.domains:
+            host.hv.destroy_domain(self.domid)
 
 
 class ResetJob(Job):
     """A fork reset (:meth:`hvcore.fork.Forks.fork_reset_chunk`) over the
-    fork's record of populated gfns, a bounded step at a time; with
-    ``run``, then one fuzz iteration before the answer."""
+    fork's record of populated gfns, a bounded step at a time; then
+    ``done()`` answers (or starts the fuzz run the reset asked for)."""
 
     kind = "fork_reset"
 
-    def __init__(self, client, d, run: bool, t0: float, cost):
+    def __init__(self, client, d, cost, done):
         super().__init__(client)
-        self.d, self.run, self.t0, self.cost = d, run, t0, cost
+        #: the fork, the cost model of its reset chunks, and what answers
+        self.d = d
+        self.cost, self.done = cost, done
 
     def describe(self) -> str:
         d = self.d
         return f"the reset of domain {d.domid} ({d.reset_cursor or 0} of {d.fork_n} entries done)"
 
-    def step(self, proc, should_yield) -> bool:
-        return reset_steps(proc.hv, self.d, self.cost, should_yield)
+    def step(self, host, should_yield) -> bool:
+        return reset_steps(host.hv, self.d, self.cost, should_yield)
 
-    def finish(self, proc) -> None:
-        proc._reset_done(self.client, self.d, self.run, self.t0)
+    def finish(self, host) -> None:
+        self.done()
 
-    def cancel(self, proc, reason: str) -> None:
+    def cancel(self, host, reason: str) -> None:
         self.d.reset_cursor = None
 
 
@@ -298,7 +339,7 @@ class BatchJob(Job):
     def describe(self) -> str:
         return f"the {self.kind} of {self.what} ({self.lo} of {self.n} done)"
 
-    def step(self, proc, should_yield) -> bool:
+    def step(self, host, should_yield) -> bool:
         clock, cost = time.perf_counter, self.cost
         while self.lo < self.n:
             t0 = clock()
@@ -311,15 +352,13 @@ class BatchJob(Job):
                 return False
         return True
 
-    def finish(self, proc) -> None:
+    def finish(self, host) -> None:
         c = self.client
         result = self.answer(self.parts)
         if c is None or c.closed:
             return
         obj, data = result if isinstance(result, tuple) else (result, b"")
-        c.waiting = False
-        c.reply(schema.ok(**obj), data)
-        proc._serve_backlog(c)
+        host.answer(c, schema.ok(**obj), data)
 
 
 #: items in the first chunk of a batch job (later chunks follow its rate)
@@ -338,13 +377,11 @@ class ScanJob(Job):
     def describe(self) -> str:
         return f"the {self.kind} ({self.scan.describe()})"
 
-    def step(self, proc, should_yield) -> bool:
+    def step(self, host, should_yield) -> bool:
         return self.scan.step(should_yield, JOB_CHUNK_SECONDS)
 
-    def finish(self, proc) -> None:
+    def finish(self, host) -> None:
         c = self.client
         if c is None or c.closed:
             return
-        c.waiting = False
-        c.reply(schema.ok(**self.answer(self.scan)))
-        proc._serve_backlog(c)
+        host.answer(c, schema.ok(**self.answer(self.scan)))

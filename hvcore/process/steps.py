@@ -3,10 +3,11 @@
 A step is one control request or one guest message, run to completion
 while nothing else is served. :class:`StepMeter` times every step (the
 longest is ``max_pause_ms`` in ``info``, with a log2 histogram per kind).
-:class:`BudgetedSteps` holds the one check a preemptible step makes between
+:class:`Budget` holds the one check a preemptible step makes between
 chunks (is the step budget, :data:`hvcore.constants.STEP_BUDGET_SECONDS`,
 spent, or does other work wait?) and runs budgeted batches in chunks sized
-by :class:`hvcore.budget.ChunkCost`. See ``docs/design.md``, "Steps".
+by :class:`hvcore.budget.ChunkCost`; it needs only the loop's selector.
+See ``docs/design.md``, "Steps".
 """
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ TEARDOWN_CHUNK_SECONDS = 0.0002
 GC_YOUNG_THRESHOLD = 20_000
 
 
+def _folded(name: str, doc: str) -> property:
+    """A figure of :class:`StepMeter`, read after the pending logs are folded in."""
+    def get(self):
+        self.fold()
+        return getattr(self, name)
+    return property(get, doc=doc)
+
+
 class StepMeter:
     """Longest uninterrupted step, and how long all steps took (log2 buckets).
 
@@ -37,7 +46,8 @@ class StepMeter:
     A step's caller may pass its CPU time (``time.thread_time()``) too:
     the longest per kind is ``max_cpu_ms``, what is left of ``max_ms`` once
     other processes' share of the CPU is taken out. Guest steps are not
-    CPU-timed (a CPU clock read costs as much as a third of such a step):
+    CPU-timed (a CPU clock read is a system call, not a vDSO read, and two
+    of them would add a tenth to such a step: ``docs/design.md``, "Steps"):
     their ``max_cpu_ms`` is their wall time, an upper bound.
 
     Guest steps, one per guest message, are only appended to a per-guest
@@ -137,31 +147,11 @@ class StepMeter:
         if top > self._max_cpu_s:
             self._max_cpu_s = top
 
-    @property
-    def max_s(self) -> float:
-        self.fold()
-        return self._max_s
-
-    @property
-    def max_what(self) -> str:
-        self.fold()
-        return self._max_what
-
-    @property
-    def max_cpu_s(self) -> float:
-        """The longest step in CPU time (guest steps: their wall time)."""
-        self.fold()
-        return self._max_cpu_s
-
-    @property
-    def steps(self) -> int:
-        self.fold()
-        return self._steps
-
-    @property
-    def busy_s(self) -> float:
-        self.fold()
-        return self._busy_s
+    max_s = _folded("_max_s", "The longest step (wall time).")
+    max_what = _folded("_max_what", "What the longest step was.")
+    max_cpu_s = _folded("_max_cpu_s", "The longest step in CPU time (guest steps: their wall time).")
+    steps = _folded("_steps", "Steps so far.")
+    busy_s = _folded("_busy_s", "All steps together (s).")
 
     def by_op(self) -> dict:
         """Per kind of step: ``count``, ``total_ms``, ``max_ms``,
@@ -178,11 +168,19 @@ class StepMeter:
         return [{"lt_us": 1 << i, "count": c} for i, c in enumerate(self.buckets) if c]
 
 
-class BudgetedSteps:
-    """What a step does when its budget is spent or other work waits: the check
-    teardown steps and budgeted batches share, and the batch runner."""
+class Budget:
+    """What a step does when its budget is spent or other work waits: the
+    check teardown steps, jobs and budgeted batches share, and the batch
+    runner. ``preempted`` says the last check gave way to other work (the
+    asking client's next requests then wait behind that work)."""
 
-    def _others_ready(self, c: ControlConnection | None) -> bool:
+    def __init__(self, sel):
+        self.sel = sel
+        self.preempted = False
+        #: cost model of a budgeted batch request's chunks, by op (:meth:`bounded`)
+        self.chunk_cost: dict[str, ChunkCost] = {}
+
+    def others_ready(self, c: ControlConnection | None) -> bool:
         """Is anything but client ``c``'s connection ready (a guest's fault,
         another request, a new connection, a signal)? A zero-timeout poll:
         where a preemptible step asks whether to give way. (``c`` None:
@@ -190,7 +188,7 @@ class BudgetedSteps:
         mine = c.sock if c is not None else None
         return any(key.fileobj is not mine for key, _ in self.sel.select(0))
 
-    def _other_work(self, c: ControlConnection | None, t0: float):
+    def other_work(self, c: ControlConnection | None, t0: float):
         """The ``should_yield`` of a preemptible teardown or job step: true when another
         chunk as long as the last one would end past the step's budget, or
         anything but the asking connection is ready (a guest's fault,
@@ -200,7 +198,7 @@ class BudgetedSteps:
         zero-timeout poll of the selector.
         """
         deadline = t0 + STEP_BUDGET_SECONDS
-        clock, others_ready = time.perf_counter, self._others_ready
+        clock, others_ready = time.perf_counter, self.others_ready
         last = [t0]
 
         def should_yield() -> bool:
@@ -210,12 +208,12 @@ class BudgetedSteps:
             if now + max(chunk, TEARDOWN_CHUNK_SECONDS) >= deadline:
                 return True
             if others_ready(c):
-                self._preempted = True
+                self.preempted = True
                 return True
             return False
         return should_yield
 
-    def _bounded(self, c: ControlConnection, op: str, n: int, budget_us: int | None,
+    def bounded(self, c: ControlConnection, op: str, n: int, budget_us: int | None,
                  work: Callable[[int, int], object]) -> tuple[list, int]:
         """Run ``work(lo, hi)`` over items ``[0, n)`` in order, in chunks,
         within one step: (the chunks' results, items done).
@@ -236,17 +234,17 @@ class BudgetedSteps:
         clock = time.perf_counter
         budget = budget_us * 1e-6
         deadline = clock() + budget
-        cost = self._chunk_cost.get(op)
+        cost = self.chunk_cost.get(op)
         if cost is None:
-            cost = self._chunk_cost[op] = ChunkCost()
+            cost = self.chunk_cost[op] = ChunkCost()
         out, lo = [], 0
         while lo < n:
             now = clock()
             left = deadline - now
             if lo:
-                others = self._others_ready(c)
+                others = self.others_ready(c)
                 if others or left < budget / 2:
-                    self._preempted = others
+                    self.preempted = others
                     break
             hi = min(n, lo + cost.items(left, BATCH_OVERRUN * budget))
             out.append(work(lo, hi))

@@ -114,7 +114,7 @@ def test_reset_brings_back_the_parent_and_frees_the_frames(hvs, parent):
     g.write_pages(np.arange(4, 12), np.full((8, 4096), 0xAB, np.uint8))
     assert _free(hvs) == free - 8
     r = hvs.fork_reset(child)
-    assert r["domid"] == child and r["pages_dropped"] == 8 and r["seconds"] >= 0
+    assert r["domid"] == child and r["pages_dropped"] == 8
     assert _free(hvs) == free
     # gfns 0-3 stay shared; 4-7 were shared, then written: dropped like 8-11
     assert _entry(hvs, child)["tot_pages"] == 0 and _entry(hvs, child)["shr_pages"] == 4

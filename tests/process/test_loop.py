@@ -182,48 +182,49 @@ def test_sharing_hypercalls_over_the_socket(hvs):
 def test_a_repeated_request_frame_is_checked_once_and_the_memo_stays_bounded(tmp_path):
     # The kill controller sends one destroy frame thousands of times.
     from hvcore import errors
-    from hvcore.process.control import KNOWN_FRAMES as _KNOWN_FRAMES
+    from hvcore.process.clients import KNOWN_FRAMES as _KNOWN_FRAMES
     from hvcore.process.loop import HypervisorProcess
-    srv = HypervisorProcess(str(tmp_path / "hv.sock"))
+    clients = HypervisorProcess(str(tmp_path / "hv.sock")).clients
     empty = memoryview(b"")
     body = b'{"op":"destroy","domid":3,"brief":true}'
-    first = srv._check({"op": "destroy", "domid": 3, "brief": True}, empty, body)
-    assert first[:2] == ("destroy", {"domid": 3, "brief": True}) and srv._known[body] == first
+    first = clients.check({"op": "destroy", "domid": 3, "brief": True}, empty, body)
+    assert first[:2] == ("destroy", {"domid": 3, "brief": True}) and clients.known[body] == first
     for i in range(3 * _KNOWN_FRAMES):
-        srv._check({"op": "destroy", "domid": i}, empty, b'{"op":"destroy","domid":%d}' % i)
-        assert len(srv._known) <= _KNOWN_FRAMES
+        clients.check({"op": "destroy", "domid": i}, empty, b'{"op":"destroy","domid":%d}' % i)
+        assert len(clients.known) <= _KNOWN_FRAMES
     with pytest.raises(errors.ProtocolError):
-        srv._check({"op": "destroy"}, empty, b'{"op":"destroy"}')
-    assert b'{"op":"destroy"}' not in srv._known
-    srv._check({"op": "ping"}, empty, None)                 # a frame with a payload: not kept
-    assert all(v[0] == "destroy" for v in srv._known.values())
+        clients.check({"op": "destroy"}, empty, b'{"op":"destroy"}')
+    assert b'{"op":"destroy"}' not in clients.known
+    clients.check({"op": "ping"}, empty, None)              # a frame with a payload: not kept
+    assert all(v[0] == "destroy" for v in clients.known.values())
 
 
-def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_it(tmp_path):
+def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_it():
     # The kernel stops real-time tasks that run more than its share of a
     # second; the hypervisor holds control requests first, between steps,
     # not in one, and goes on serving guests; only guest work past the
     # slack idles the whole loop.
-    from hvcore.process.loop import PACE_GUEST_SLACK, PACE_WINDOW, HypervisorProcess
-    srv = HypervisorProcess(str(tmp_path / "hv.sock"))
-    srv._pace_duty = 0.5
+    from hvcore.process.pacing import PACE_GUEST_SLACK, PACE_WINDOW, Pacer
     cpu = [0.0]
-    srv._cpu = lambda: cpu[0]                     # the loop's CPU time, simulated
-    assert srv._pace() == 0.0                     # opens a window
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        time.sleep(s)
+    pacer = Pacer(0.5, cpu=lambda: cpu[0], sleep=sleep)     # the loop's CPU time, simulated
+    assert pacer.hold() == 0.0                    # opens a window
     time.sleep(0.6 * PACE_WINDOW)
     cpu[0] += 0.4 * PACE_WINDOW
-    assert srv._pace() == 0.0                     # 40 %: goes on
-    assert srv.paced == [0, 0.0]
+    assert pacer.hold() == 0.0                    # 40 %: goes on
+    assert pacer.paced == [0, 0.0]
     cpu[0] += 0.12 * PACE_WINDOW
-    t0 = time.monotonic()
-    hold = srv._pace()                            # 52 %: control waits out the window
-    assert time.monotonic() - t0 < 0.01 and 0 < hold <= 0.4 * PACE_WINDOW
-    assert srv.paced[0] == 1 and 0 < srv.paced[1] <= hold
-    assert 0 < srv._pace() <= hold                # the same hold, counted once
-    assert srv.paced[0] == 1
+    hold = pacer.hold()                           # 52 %: control waits out the window
+    assert slept == [] and 0 < hold <= 0.4 * PACE_WINDOW      # held, not idled
+    assert pacer.paced[0] == 1 and 0 < pacer.paced[1] <= hold
+    assert 0 < pacer.hold() <= hold               # the same hold, counted once
+    assert pacer.paced[0] == 1
     cpu[0] += PACE_GUEST_SLACK * PACE_WINDOW
-    t0 = time.monotonic()
-    assert srv._pace() == 0.0                     # guests alone past the slack: idles
-    assert time.monotonic() - t0 >= 0.5 * hold
-    assert srv._pace() == 0.0                     # a new window: goes on
-    assert srv.paced[0] == 1
+    assert pacer.hold() == 0.0                    # guests alone past the slack: idles
+    assert len(slept) == 1 and 0 < slept[0] <= hold           # the rest of the window
+    assert pacer.hold() == 0.0                    # a new window: goes on
+    assert pacer.paced[0] == 1

@@ -54,9 +54,11 @@ def test_cpu_time_per_kind_and_overall():
 def test_info_reports_cpu_times(hvs):
     hvs.list()
     info = hvs.info()
-    assert info["max_pause_cpu_ms"] >= 0
-    assert all("max_cpu_ms" in k for k in info["pause_by_op"].values())
-    assert info["pause_by_op"]["list"]["max_cpu_ms"] <= info["pause_by_op"]["list"]["max_ms"] + 1.0
+    ops = info["pause_by_op"]
+    # the overall figure is the longest of every kind's, in CPU time
+    assert info["max_pause_cpu_ms"] == max(k["max_cpu_ms"] for k in ops.values())
+    # a request is CPU-timed: some CPU time, no more than its wall time
+    assert 0 < ops["list"]["max_cpu_ms"] <= ops["list"]["max_ms"] + 0.01
 
 
 def test_loop_selector_hands_out_the_data_and_events():

@@ -1,0 +1,271 @@
+"""The guest write path: the one way a guest's write reaches the core.
+
+Every write message of a guest -- a single write (``G_WRITE``), a batch
+of small writes (``G_WRITE_MANY``), whole pages (``G_WRITE_PAGES``) and a
+fork's read fault (``G_POPULATE``) -- is decoded into a :class:`GuestWrite`
+and applied by :class:`WritePath`, which alone decides where a write goes
+(applied now, queued behind parked writes, held while its domain is
+paused), counts what it did, parks it when no frame is free and answers
+the guest.
+
+A :class:`GuestWrite` carries a cursor: :meth:`GuestWrite.advance`
+applies chunks of its items from the cursor and returns where it stopped.
+A chunk is one call into the core, which either applies the whole chunk
+or, on ENOMEM, changes nothing; so a write parked for want of frames
+resumes at the chunk that failed, and no item is applied twice or lost.
+By default a message is one chunk (a batch is applied in one step, as
+the core does it fastest); :class:`WritePath` takes a smaller chunk, and
+``advance`` a ``stop`` check, for a batch that continues across steps.
+
+The fast decoder of :mod:`.guests` hands a lone ``G_WRITE`` to
+:meth:`WritePath.single` without building a message object: the common
+outcome (applied at once) is counted and answered by the same helpers as
+every other write, and anything else becomes a :class:`GuestWrite`.
+"""
+from __future__ import annotations
+
+from time import perf_counter as _clock, thread_time as _cpu
+from typing import Callable
+
+import numpy as np
+
+from ..wire import pipe
+from ..errors import ENOMEM, HVError
+from .endpoints import GuestEndpoint
+from .parking import ParkingLot
+from .steps import StepMeter
+
+_G_WRITE, _G_WRITE_MANY, _G_WRITE_PAGES, _G_POPULATE = (
+    pipe.G_WRITE, pipe.G_WRITE_MANY, pipe.G_WRITE_PAGES, pipe.G_POPULATE)
+#: the guest messages that are writes (a read fault fills holes: it goes the same way)
+WRITE_MESSAGES = frozenset((_G_WRITE, _G_WRITE_MANY, _G_WRITE_PAGES, _G_POPULATE))
+
+
+class GuestWrite:
+    """One decoded guest write message and its cursor: items ``[0, done)``
+    are applied and took ``faults`` CoW faults (a populate: holes filled).
+
+    ``gfns`` is an int for a single write, else an array; ``data`` the
+    bytes of a single write or of a batch of small writes, or the pages of
+    a whole-page write. Its buffers may be views of the read buffer until
+    :meth:`keep` copies them (a parked or held write outlives the read).
+    """
+
+    __slots__ = ("mtype", "seq", "gfns", "offsets", "lengths", "data", "items", "done",
+                 "faults", "_starts")
+
+    def __init__(self, mtype: int, seq: int, gfns, offsets=None, lengths=None, data=None):
+        self.mtype, self.seq, self.gfns = mtype, seq, gfns
+        self.offsets, self.lengths, self.data = offsets, lengths, data
+        self.items = 1 if mtype == _G_WRITE else len(gfns)
+        self.done = self.faults = 0
+        self._starts = None
+
+    @classmethod
+    def decode(cls, mtype: int, seq: int, body) -> "GuestWrite":
+        """The write message ``mtype`` with ``body`` (ProtocolError if malformed)."""
+        if mtype == _G_WRITE:
+            gfn, offset, data = pipe.decode_write(body)
+            return cls(mtype, seq, gfn, offset, None, data)
+        if mtype == _G_WRITE_MANY:
+            return cls(mtype, seq, *pipe.decode_write_many(body))
+        if mtype == _G_WRITE_PAGES:
+            gfns, pages = pipe.decode_write_pages(body)
+            return cls(mtype, seq, gfns, None, None, pages)
+        return cls(mtype, seq, pipe.decode_populate(body))
+
+    @property
+    def batched(self) -> bool:
+        """A message of many writes (counted apart: ``pages_written``)."""
+        return self.mtype == _G_WRITE_MANY or self.mtype == _G_WRITE_PAGES
+
+    def keep(self) -> "GuestWrite":
+        """Own copies of the buffers (they may be views of a read buffer)."""
+        if self.mtype == _G_WRITE:
+            self.data = bytes(self.data)
+        else:
+            self.gfns = np.array(self.gfns)
+            for name in ("offsets", "lengths", "data"):
+                v = getattr(self, name)
+                if v is not None:
+                    setattr(self, name, np.array(v))
+        return self
+
+    def rest(self) -> np.ndarray:
+        """The gfns not applied yet."""
+        if self.mtype == _G_WRITE:
+            return np.array([self.gfns], dtype=np.int64)
+        return np.asarray(self.gfns[self.done:], dtype=np.int64)
+
+    def advance(self, hv, domid: int, chunk: int | None = None,
+                stop: Callable[[], bool] | None = None) -> int:
+        """Apply chunks of ``chunk`` items (None: all that is left) from the
+        cursor until every item is done or ``stop()`` says to stop after a
+        chunk; the cursor. An HVError stops it at the chunk that failed
+        (ENOMEM: a chunk that changed nothing; it is applied again next)."""
+        n = self.items
+        while self.done < n:
+            lo = self.done
+            hi = n if chunk is None else min(n, lo + chunk)
+            self.faults += self._apply(hv, domid, lo, hi)
+            self.done = hi
+            if stop is not None and hi < n and stop():
+                break
+        return self.done
+
+    def _apply(self, hv, domid: int, lo: int, hi: int) -> int:
+        """Items ``[lo, hi)``, one call into the core; their CoW faults."""
+        mtype = self.mtype
+        if mtype == _G_WRITE:
+            return 1 if hv.write(domid, self.gfns, self.offsets, self.data) else 0
+        if mtype == _G_POPULATE:
+            return hv.fork_populate(domid, self.gfns[lo:hi])
+        if mtype == _G_WRITE_PAGES:
+            return int(hv.write_pages(domid, self.gfns[lo:hi], self.data[lo:hi]))
+        data = self.data
+        if lo or hi < self.items:
+            if self._starts is None:
+                self._starts = np.concatenate(([0], np.cumsum(self.lengths, dtype=np.int64)))
+            data = data[self._starts[lo]:self._starts[hi]]
+        return int(hv.write_many(domid, self.gfns[lo:hi], self.offsets[lo:hi], self.lengths[lo:hi], data))
+
+
+class WritePath:
+    """Where a guest's write goes, and the bookkeeping every write shares:
+    counters, ENOMEM parking, resumption and the guest's answer.
+
+    Depends on the core (``hv``), the parking lot (parked and held writes,
+    the event ring) and the step meter (a retry of parked writes is a step
+    of its own, ``resume``). ``chunk``: items per call into the core
+    (None: a whole message).
+    """
+
+    def __init__(self, hv, lot: ParkingLot, meter: StepMeter, chunk: int | None = None):
+        self.hv, self.lot, self.meter, self.chunk = hv, lot, meter, chunk
+        #: CoW faults the guests' writes took (``info``'s ``cow_faults``)
+        self.cow_faults = 0
+        # what a single write looks at, bound once (the fault path)
+        self._parked, self._domains, self._write = lot.parked, hv.domains, hv.write
+
+    # -- entries -----------------------------------------------------------
+    def single(self, g: GuestEndpoint, seq: int, gfn: int, offset: int, data) -> None:
+        """A lone ``G_WRITE`` from the fast decoder (it fits in its page).
+        Applied at once when its domain runs and has nothing parked; else,
+        and on any error, the general way (:meth:`submit`, :meth:`_failed`)."""
+        domid = g.domid
+        if domid in self._parked or self._domains[domid].state == "paused":
+            self.submit(g, GuestWrite(_G_WRITE, seq, gfn, offset, None, data))
+            return
+        try:
+            faults = 1 if self._write(domid, gfn, offset, data) else 0
+        except HVError as e:
+            self._failed(g, GuestWrite(_G_WRITE, seq, gfn, offset, None, data), e)
+            return
+        self._count(g, 1, faults, False)
+        g.reply(seq, 0, faults)
+
+    def message(self, g: GuestEndpoint, mtype: int, seq: int, body) -> None:
+        """A write message from the general decoder (ProtocolError if malformed)."""
+        self.submit(g, GuestWrite.decode(mtype, seq, body))
+
+    def submit(self, g: GuestEndpoint, w: GuestWrite) -> None:
+        """Route a write: behind its domain's parked writes (in order), held
+        while its domain is paused (a paused vCPU does not run), else run."""
+        if g.domid in self.lot.parked:
+            self.lot.park(g, w)
+        elif self.hv.domains[g.domid].state == "paused":
+            self.lot.hold(g, w)
+        else:
+            self.run(g, w)
+
+    def run(self, g: GuestEndpoint, w: GuestWrite) -> bool:
+        """Apply ``w`` from its cursor; True once answered, False if parked."""
+        try:
+            w.advance(self.hv, g.domid, self.chunk)
+        except HVError as e:
+            return self._failed(g, w, e)
+        self._finish(g, w, 0)
+        return True
+
+    # -- the one bookkeeping -----------------------------------------------
+    def _failed(self, g: GuestEndpoint, w: GuestWrite, e: HVError) -> bool:
+        """A write the core refused: parked if no frame was free (the guest
+        waits for its answer), else answered with the error."""
+        if e.code == ENOMEM:
+            self.lot.park(g, w)
+            return False
+        self._finish(g, w, e.code)
+        return True
+
+    def _finish(self, g: GuestEndpoint, w: GuestWrite, status: int) -> None:
+        if w.mtype == _G_POPULATE:
+            g.read_faults += w.faults           # a read fault: not a write, not a CoW fault
+        elif w.done:
+            self._count(g, w.done, w.faults, w.batched)
+        g.reply(w.seq, status, w.faults)
+
+    def _count(self, g: GuestEndpoint, pages: int, faults: int, batched: bool) -> None:
+        g.writes += 1
+        if batched:
+            g.batch_writes += 1
+            g.batch_pages += pages
+        if faults:
+            g.cow_faults += faults
+            self.cow_faults += faults
+
+    # -- parked and held writes ----------------------------------------------
+    def retry(self, changed_only: bool = False) -> None:
+        """Give parked writes another go, oldest domain first, when the lot
+        says frames may have come back (:meth:`ParkingLot.worth_retry`)."""
+        lot = self.lot
+        if not lot.worth_retry(changed_only):
+            return
+        t0, cpu0 = _clock(), _cpu()
+        for domid in list(lot.parked):
+            self.resume(domid)
+        lot.tried()
+        self.meter.record(_clock() - t0, "resume", "resume", _cpu() - cpu0)
+
+    def resume(self, domid: int) -> bool:
+        """Apply a domain's parked writes in order, each from its cursor;
+        True once none is left. The last answer goes after the unpause, so
+        the guest runs on at once."""
+        lot = self.lot
+        p = lot.parked.get(domid)
+        if p is None:
+            return True
+        g, d = p.guest, self.hv.domains.get(domid)
+        if g.closed or d is None or d.dying:
+            lot.cancel(domid, "the domain is gone")
+            return True
+        while p.writes:
+            w = p.writes[0]
+            status = 0
+            try:
+                w.advance(self.hv, domid, self.chunk)
+            except HVError as e:
+                if e.code == ENOMEM:
+                    return False
+                status = e.code
+            p.writes.popleft()
+            if not p.writes:
+                lot.unpark(domid)
+            self._finish(g, w, status)
+        return True
+
+    def release_held(self, domid: int) -> None:
+        """The domain runs again: its held writes go, in order, as if they
+        arrived now (one may still find no free frame and be parked)."""
+        g, held = self.lot.take_held(domid)
+        while held and not g.closed:
+            self.submit(g, held.popleft())
+
+    def pause_parked(self, domid: int, paused: bool) -> dict:
+        """pause/unpause of a domain that waits for memory: pause makes it
+        stay paused once its write is done; unpause retries now and says
+        so if there is still no frame."""
+        self.lot.parked[domid].user_paused = paused
+        if not paused and not self.resume(domid):
+            raise HVError(ENOMEM, f"domain {domid} waits for free memory for a copy-on-write "
+                                  f"fault; it resumes by itself once frames are freed")
+        return {"domid": domid, "state": self.hv.domains[domid].state}
