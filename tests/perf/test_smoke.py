@@ -9,12 +9,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hvcore.statedir import child_env
 from perf.goals import GOALS
 from perf.registry import SUITE
 from perf.report.plots import PLOTS
 
 
+@pytest.mark.timeout(900)
 def test_perf_all_quick_runs_every_bench(tmp_path, contract):
     out, plots = tmp_path / "run.json", tmp_path / "plots"
     args = [sys.executable, "-m", "perf", "all", "--quick", "--json", str(out)]
