@@ -92,12 +92,18 @@ class Forks:
         """The forks of ``domid``, their forks and so on, deepest first
         (the order they can be destroyed in)."""
         out: list[int] = []
-
-        def walk(x: int) -> None:
-            for c in sorted(self.domains[x].forks):
-                walk(c)
-                out.append(c)
-        walk(domid)
+        # A post-order walk with an explicit stack: a chain of forks may be
+        # deeper than Python's recursion limit.
+        stack = [(domid, iter(sorted(self.domains[domid].forks)))]
+        while stack:
+            x, children = stack[-1]
+            c = next(children, None)
+            if c is None:
+                stack.pop()
+                if stack:
+                    out.append(x)
+            else:
+                stack.append((c, iter(sorted(self.domains[c].forks))))
         return out
 
     # -- filling a fork --------------------------------------------------

@@ -297,3 +297,21 @@ def test_reset_drops_a_page_dedup_merged_with_another_domain(hv, parent):
         assert hv.read(c.domid, g) == pages_of(1)[g].tobytes()
     assert hv.read(other.domid, 5) == x.tobytes()   # the other domain keeps its page
     assert hv.audit_report() == []
+
+
+def test_descendants_of_a_chain_deeper_than_the_recursion_limit():
+    import sys
+    from hvcore import Hypervisor
+    depth = 1500
+    assert depth > sys.getrecursionlimit() // 2
+    with Hypervisor(16, rmap="index") as h:
+        root = h.create_domain(2)
+        chain = [root.domid]
+        for _ in range(depth):
+            chain.append(h.fork(chain[-1]).domid)
+        side = h.fork(chain[1]).domid                   # a sibling branch
+        tree = h.descendants(root.domid)
+        assert tree == chain[:1:-1] + [side, chain[1]]  # deepest first, children in order
+        for d in tree + [root.domid]:
+            h.destroy_domain(d)
+        assert h.domains == {} and h.audit_report() == []
