@@ -255,7 +255,12 @@ class FileImage:
 
     def __init__(self, path: str, max_pages: int | None = None):
         self.path = path
+        self._fd = None
         try:
+            # What is plainly no image is not even opened (opening a device
+            # may act on it); the descriptor's type is what counts below.
+            if not _may_be_image(os.stat(path).st_mode):
+                raise _not_an_image(path, path)
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except FileNotFoundError:
             raise HVError(ENOENT, f"no file {path}") from None
@@ -273,7 +278,7 @@ class FileImage:
 
     def _describe(self, max_pages: int | None) -> None:
         st = os.fstat(self._fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        if not _may_be_image(st.st_mode):
             raise _not_an_image(self.path, self._fd)
         size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(self._fd)
         if size == 0:
@@ -336,6 +341,11 @@ class FileImage:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _may_be_image(mode: int) -> bool:
+    """Only a regular file or a block device has a size and never blocks a read."""
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
 
 def _not_an_image(path: str, file: int | str) -> HVError:
