@@ -9,7 +9,9 @@ effect of add_to_physmap; a write, or a read whose sharing failed (the
 ancestor's page has extra references), takes a private frame with a copy of
 the ancestor's page. :meth:`Forks.fork_reset_chunk` is Xen's
 ``mem_sharing_fork_reset``: the child's private pages go back to holes, so
-the next access takes them from the parent again; shared entries stay.
+the next access takes them from the parent again; so do its shared entries
+that are not the parent's frame (pages dedup merged elsewhere), where Xen
+keeps them (docs/semantics.md, "VM fork").
 
 Every fork keeps a record of its populated gfns (``Domain.fork_gfns``,
 the first ``fork_n`` entries): each gfn it holds, once. A gfn enters the
@@ -90,12 +92,18 @@ class Forks:
         """The forks of ``domid``, their forks and so on, deepest first
         (the order they can be destroyed in)."""
         out: list[int] = []
-
-        def walk(x: int) -> None:
-            for c in sorted(self.domains[x].forks):
-                walk(c)
-                out.append(c)
-        walk(domid)
+        # A post-order walk with an explicit stack: a chain of forks may be
+        # deeper than Python's recursion limit.
+        stack = [(domid, iter(sorted(self.domains[domid].forks)))]
+        while stack:
+            x, children = stack[-1]
+            c = next(children, None)
+            if c is None:
+                stack.pop()
+                if stack:
+                    out.append(x)
+            else:
+                stack.append((c, iter(sorted(self.domains[c].forks))))
         return out
 
     # -- filling a fork --------------------------------------------------
@@ -249,31 +257,41 @@ class Forks:
         return d
 
     def fork_reset_chunk(self, d: Domain, k: int) -> bool:
-        """Reset the next ``k`` entries of the fork's record: a private page
-        that can be populated from an ancestor again (no extra references,
-        an ancestor holds the gfn) goes back to a hole and its frame is
-        freed; every other entry stays and is kept in the record, which is
-        compacted in place. True once the whole record is done."""
+        """Reset the next ``k`` entries of the fork's record, so the fork
+        reads its nearest ancestor's page at each of them again:
+
+        - a private page (no extra references) becomes a hole and its
+          frame is freed;
+        - a shared entry that is not the ancestor's frame (a private page
+          of the fork that dedup merged with another domain's) is dropped
+          from its frame's rmap and becomes a hole: it read the fork's
+          old content, not the ancestor's;
+        - a shared entry of the ancestor's own frame stays.
+
+        Only gfns an ancestor holds are reset. Every other entry stays and
+        is kept in the record, which is compacted in place. True once the
+        whole record is done."""
         r, w = d.reset_cursor, d.reset_kept
         hi = min(d.fork_n, r + k)
         rec = d.fork_gfns
         g = rec[r:hi]
         t = d.p2m.type[g]
-        drop = t == RAM_RW
-        if drop.any():
-            gp = g[drop]
-            ms = d.p2m.mfn[gp]
-            ok = self.pool.extra_refs[ms] == 0
-            ok &= self._ancestor_has(d, gp)
-            drop[drop] = ok
-            gd, md = gp[ok], ms[ok]
-            if len(gd):
-                with d.p2m.changing():
-                    d.p2m.mfn[gd] = INVALID_MFN
-                    d.p2m.type[gd] = HOLE
-                self.pool.free_many(md)
-                d.tot_pages -= len(gd)
-                d.reset_dropped += len(gd)
+        has, theirs = self._ancestor_frames(d, g)
+        mine = d.p2m.mfn[g]
+        private = (t == RAM_RW) & has
+        private[private] = self.pool.extra_refs[mine[private]] == 0
+        merged = (t == RAM_SHARED) & has & (mine != theirs)
+        gd, md = g[private], mine[private]
+        if len(gd):
+            with d.p2m.changing():
+                d.p2m.mfn[gd] = INVALID_MFN
+                d.p2m.type[gd] = HOLE
+            self.pool.free_many(md)
+            d.tot_pages -= len(gd)
+        if merged.any():
+            self.drop_shared(d.domid, g[merged])
+        drop = private | merged
+        d.reset_dropped += int(np.count_nonzero(drop))
         keep = g[~drop]
         rec[w:w + len(keep)] = keep
         d.reset_kept = w + len(keep)
@@ -284,13 +302,18 @@ class Forks:
         d.reset_cursor = None
         return True
 
-    def _ancestor_has(self, d: Domain, gfns: np.ndarray) -> np.ndarray:
+    def _ancestor_frames(self, d: Domain, gfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each gfn of fork ``d``: whether an ancestor holds it, and the
+        frame of the nearest one that does (INVALID_MFN where none)."""
         has = np.zeros(len(gfns), dtype=bool)
+        frames = np.full(len(gfns), INVALID_MFN, dtype=np.int64)
         a = d
         while a.parent is not None and not has.all():
             a = self.domains[a.parent]
-            has |= a.p2m.type[gfns] != HOLE
-        return has
+            new = ~has & (a.p2m.type[gfns] != HOLE)
+            frames[new] = a.p2m.mfn[gfns[new]]
+            has |= new
+        return has, frames
 
     def fork_reset(self, domid: int) -> int:
         """Reset fork ``domid`` in one call; the private pages dropped."""

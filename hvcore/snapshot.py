@@ -28,13 +28,14 @@ Both read with ``os.preadv`` straight into the frames, and both have
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
-import struct
 
 import numpy as np
 
 from .constants import PAGE_SIZE
+from .elfcore import core_segments
 from .errors import EACCES, EINVAL, EIO, ENOENT, ESRCH, HVError
 
 #: pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
@@ -46,6 +47,8 @@ PAGEMAP_CHUNK = 1 << 18
 _UNREADABLE = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
 #: offsets of /proc/PID/mem are signed: addresses past this cannot be read
 _MAX_OFFSET = (1 << 63) - 1
+#: most pages an image may hold: their byte offsets fit a signed 64-bit int
+_MAX_IMAGE_PAGES = _MAX_OFFSET // PAGE_SIZE
 
 
 class ProcessSnapshot:
@@ -235,25 +238,37 @@ class ProcessSnapshot:
         self._mem = self._pagemap = None
 
 
-#: ELF constants: ET_CORE, PT_LOAD
-_ET_CORE, _PT_LOAD = 4, 1
-
-
 class FileImage:
     """A file's bytes as a domain's content: raw, or an ELF core's
-    ``PT_LOAD`` segments. ``extents`` are ``(file offset, bytes, first
-    page)``, each starting on a page of its own. Raises HVError: ENOENT
-    (no such file), EACCES, EINVAL (empty, a directory, a broken core)."""
+    ``PT_LOAD`` segments (:mod:`hvcore.elfcore`), each extent starting on a
+    page of its own.
+
+    Only a regular file or a block device is an image: anything else (a
+    FIFO, a socket, a tty, a character device such as ``/dev/zero``) may
+    block a read or has no size, and the hypervisor must never wait on a
+    file. So the file is opened without blocking (``O_NONBLOCK``: a FIFO
+    with no writer opens at once; ``O_NOCTTY``: a tty never becomes the
+    hypervisor's terminal), and its type is taken from the open descriptor,
+    not the path, so no rename can slip another file in between. Raises
+    HVError: ENOENT (no such file), EACCES, EINVAL (empty, not a regular
+    file or block device, a broken core)."""
 
     def __init__(self, path: str, max_pages: int | None = None):
         self.path = path
+        self._fd = None
         try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # What is plainly no image is not even opened (opening a device
+            # may act on it); the descriptor's type is what counts below.
+            if not _may_be_image(os.stat(path).st_mode):
+                raise _not_an_image(path, path)
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except FileNotFoundError:
             raise HVError(ENOENT, f"no file {path}") from None
         except PermissionError:
             raise HVError(EACCES, f"not allowed to read {path}") from None
         except OSError as e:
+            if e.errno == errno.ENXIO:      # a socket, or a device with nothing behind it
+                raise _not_an_image(path, path) from None
             raise HVError(EINVAL, f"cannot open {path}: {e.strerror}") from None
         try:
             self._describe(max_pages)
@@ -263,19 +278,24 @@ class FileImage:
 
     def _describe(self, max_pages: int | None) -> None:
         st = os.fstat(self._fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise HVError(EINVAL, f"{self.path} is a directory")
+        if not _may_be_image(st.st_mode):
+            raise _not_an_image(self.path, self._fd)
         size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(self._fd)
         if size == 0:
             raise HVError(EINVAL, f"{self.path} is empty")
-        segments = _core_segments(os.pread(self._fd, 64, 0), self._fd, size, self.path)
+        segments = core_segments(self._fd, size, self.path)
         self.kind = "raw" if segments is None else "elf-core"
         if segments is None:
             segments = [(0, size)]
-        self.extents, page = [], 0
-        for off, nbytes in segments:
-            self.extents.append((off, nbytes, page))
-            page += -(-nbytes // PAGE_SIZE)
+        firsts = list(itertools.accumulate((-(-n // PAGE_SIZE) for _, n in segments), initial=0))
+        page = firsts[-1]
+        if page > _MAX_IMAGE_PAGES:         # overlapping segments of a huge sparse core
+            raise HVError(EINVAL, f"{self.path} holds {page} pages, more than any domain can have")
+        # per extent: file offset, bytes, first page (arrays: a core may have
+        # thousands, and a read finds its own by bisection)
+        self._off = np.array([o for o, _ in segments], dtype=np.int64)
+        self._bytes = np.array([n for _, n in segments], dtype=np.int64)
+        self._first = np.array(firsts, dtype=np.int64)
         if page == 0:
             raise HVError(EINVAL, f"{self.path} is an ELF core file without memory in its PT_LOAD segments")
         self.segments = len(segments)
@@ -294,15 +314,18 @@ class FileImage:
         n = len(dst)
         flat = dst.reshape(-1)
         covered = 0                     # bytes of dst written from the file, from its start
-        for off, nbytes, first in self.extents:
-            pages = -(-nbytes // PAGE_SIZE)
-            lo, hi = max(start, first), min(start + n, first + pages)
+        first = self._first
+        lo_i = max(0, int(np.searchsorted(first, start, "right")) - 1)
+        hi_i = int(np.searchsorted(first, start + n, "left"))
+        for i in range(lo_i, min(hi_i, len(self._off))):
+            f0, off, nbytes = int(first[i]), int(self._off[i]), int(self._bytes[i])
+            lo, hi = max(start, f0), min(start + n, int(first[i + 1]))
             if lo >= hi:
                 continue
             a = (lo - start) * PAGE_SIZE
             if a > covered:
                 flat[covered:a] = 0
-            skip = (lo - first) * PAGE_SIZE
+            skip = (lo - f0) * PAGE_SIZE
             want = min(nbytes - skip, (hi - lo) * PAGE_SIZE)
             got = os.preadv(self._fd, [flat[a:a + want]], off + skip)
             if got < want:
@@ -320,46 +343,35 @@ class FileImage:
             self._fd = None
 
 
+def _may_be_image(mode: int) -> bool:
+    """Only a regular file or a block device has a size and never blocks a read."""
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def _not_an_image(path: str, file: int | str) -> HVError:
+    """The sentence for ``path`` (open as ``file``, a descriptor or the
+    path), which is neither a regular file nor a block device."""
+    try:
+        mode = os.stat(file).st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISCHR(mode):
+        return HVError(EINVAL, f"{path} is a character device, which has no fixed size: "
+                               f"an image must be a regular file or a block device")
+    kind = "not a regular file"
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            kind = words
+    return HVError(EINVAL, f"{path} is {kind}, not a regular file or a block device")
+
+
 def _device_size(fd: int) -> int:
     """The size of a block device (or 0 for what has none)."""
     try:
         return os.lseek(fd, 0, os.SEEK_END)
     except OSError:
         return 0
-
-
-def _core_segments(head: bytes, fd: int, size: int, path: str) -> list[tuple[int, int]] | None:
-    """``(offset, bytes)`` of each PT_LOAD segment of an ELF core file with
-    file bytes, in header order; None if the file is not an ELF core."""
-    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
-        return None
-    e = "<" if head[5] == 1 else ">"
-    wide = head[4] == 2
-    (e_type,) = struct.unpack_from(e + "H", head, 16)
-    if e_type != _ET_CORE:
-        return None
-    if wide:
-        (phoff,), (phentsize, phnum) = struct.unpack_from(e + "Q", head, 32), struct.unpack_from(e + "HH", head, 54)
-        fmt, need = e + "IIQQQQQQ", 56
-    else:
-        (phoff,), (phentsize, phnum) = struct.unpack_from(e + "I", head, 28), struct.unpack_from(e + "HH", head, 42)
-        fmt, need = e + "IIIIIIII", 32
-    if phentsize < need or phoff + phentsize * phnum > size:
-        raise HVError(EINVAL, f"{path} is an ELF core file whose program headers are cut off")
-    table = os.pread(fd, phentsize * phnum, phoff)
-    out = []
-    for i in range(phnum):
-        h = struct.unpack_from(fmt, table, i * phentsize)
-        if wide:
-            p_type, p_offset, p_filesz = h[0], h[2], h[5]
-        else:
-            p_type, p_offset, p_filesz = h[0], h[1], h[4]
-        if p_type != _PT_LOAD or p_filesz == 0:
-            continue
-        if p_offset + p_filesz > size:
-            raise HVError(EINVAL, f"{path} is an ELF core file cut off inside segment {i}")
-        out.append((p_offset, p_filesz))
-    return out
 
 
 def open_source(from_pid: int | None = None, image: str | None = None, all_mappings: bool = False,

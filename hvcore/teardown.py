@@ -55,9 +55,10 @@ class Teardown:
     """
 
     def drop_shared(self, domid: int, gfns: np.ndarray) -> int:
-        """Drop shared gfns of a dying domain from their frames' rmaps and
-        clear them from its p2m. A frame whose last pair goes is freed. Never
-        allocates, cannot fail. Returns the number of frames freed."""
+        """Drop distinct shared gfns of a domain from their frames' rmaps and
+        clear them from its p2m (a dying domain's teardown, a fork's reset).
+        A frame whose last pair goes is freed. Never allocates, cannot
+        fail. Returns the number of frames freed."""
         d = self.domains[domid]
         k = len(gfns)
         if k == 0:
@@ -88,7 +89,6 @@ class Teardown:
         self.nr_shared_mfns -= len(freed)
         self.nr_saved_mfns -= k - len(freed)
         d.shr_pages -= k
-        d.relinquished += k
         return len(freed)
 
     def _drop_few(self, d: Domain, gfns: np.ndarray, ms: np.ndarray) -> int:
@@ -121,7 +121,6 @@ class Teardown:
         self.nr_shared_mfns -= len(freed)
         self.nr_saved_mfns -= k - len(freed)
         d.shr_pages -= k
-        d.relinquished += k
         return len(freed)
 
     def kill(self, domid: int) -> Domain:
@@ -203,6 +202,7 @@ class Teardown:
             t0 = time.perf_counter()
             n, shared = self._chunk(typ, start, units)
             self.drop_shared(domid, shared)
+            d.relinquished += len(shared)
             d.relinquish_cursor = start + n
             if chunk_seconds:
                 d.chunk_cost.learn(units, time.perf_counter() - t0)
@@ -224,6 +224,7 @@ class Teardown:
             shared = np.flatnonzero(d.p2m.type[start:] == RAM_SHARED) + start
             for lo in range(0, len(shared), RELINQUISH_SLAB):
                 self.drop_shared(d.domid, shared[lo:lo + RELINQUISH_SLAB])
+            d.relinquished += len(shared)
             d.teardown_phase = "private"
             d.relinquish_cursor = 0
         while d.relinquish_cursor < d.npages:

@@ -39,7 +39,7 @@ Invariants:
 from __future__ import annotations
 
 from array import array
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -327,6 +327,33 @@ class NodeArena:
             self.free.frombytes(np.asarray(nodes, dtype=np.int32).tobytes())
         else:
             self.clear()
+
+    def remove_chains(self, mfns, domids, gfns, nframes: int, head: np.ndarray, count: np.ndarray,
+                      walkers: np.ndarray, tables: np.ndarray, light: int,
+                      free_table: Callable[[int], None] | None = None) -> bool:
+        """``remove_many`` of a chain policy (list, buckets) on this arena:
+        every key, in order, in one compiled loop (``kernels.chains_remove``:
+        ``head``/``count`` per frame; a frame left with ``light`` entries or
+        fewer whose head is one of ``tables`` goes back to a list unless it
+        has ``walkers``, its table given to ``free_table``). The removed
+        nodes are released; a key that is absent stops the loop and raises
+        KeyError, the keys before it removed. False, nothing done, if the
+        batch cannot go to the kernel (see :func:`compiled_batch`)."""
+        batch = compiled_batch(mfns, domids, gfns, nframes)
+        if batch is None:
+            return False
+        m, d, g = batch
+        nxt, prv, dom, gfn = self.views()
+        freed, freed_tables = np.empty(len(m), np.int64), np.empty(len(m), np.int64)
+        done, nt = kernels.chains_remove(head, count, walkers, tables, nxt, prv, dom, gfn,
+                                         m, d, g, light, freed, freed_tables)
+        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
+        self.release_many(freed[:done])
+        for t in freed_tables[:nt].tolist():
+            free_table(t)
+        if done < len(m):
+            raise KeyError((int(m[done]), int(d[done]), int(g[done])))
+        return True
 
     def keys(self, nodes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``(domids, gfns)`` of ``nodes``, int64 (None: of every slot below

@@ -65,7 +65,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import kernels
-from .arena import FrameCounts, NodeArena, check_key, checked_batch, compiled_batch
+from .arena import FrameCounts, NodeArena, check_key, checked_batch
 from .base import Rmap
 
 RMAP_HEAVY_SHARED_PAGE = 256   # add at this count converts list -> hash
@@ -401,22 +401,10 @@ class BucketsRmap(FrameCounts, Rmap):
         (``kernels.chains_remove``): each entry found by the scan of its
         chain, a frame converted back to a list at the removal that leaves it
         light, exactly as one by one."""
-        batch = compiled_batch(mfns, domids, gfns, self.nframes)
-        if batch is None:
-            super().remove_many(mfns, domids, gfns)
-            return
-        m, d, g = batch
-        nxt, prv, dom, gfn = self._arena.views()
-        freed, tables = np.empty(len(m), np.int64), np.empty(len(m), np.int64)
-        done, nt = kernels.chains_remove(self._headv, self._countv, self._walkersv, self._pool(),
-                                         nxt, prv, dom, gfn, m, d, g, RMAP_LIGHT_SHARED_PAGE,
-                                         freed, tables)
-        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
-        self._arena.release_many(freed[:done])
-        for t in tables[:nt].tolist():
-            self._free_table(t)
-        if done < len(m):
-            raise KeyError((int(m[done]), int(d[done]), int(g[done])))
+        if not self._arena.remove_chains(mfns, domids, gfns, self.nframes, self._headv, self._countv,
+                                         self._walkersv, self._pool(), RMAP_LIGHT_SHARED_PAGE,
+                                         self._free_table):
+            super().remove_many(mfns, domids, gfns)       # the loop gives the errors
 
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
         h = self._head[mfn]

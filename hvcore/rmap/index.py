@@ -23,21 +23,11 @@ Layout (numpy arrays, so the memory is flat and the batch forms vectorise):
   where Xen needs 32 per gfn_info plus a 4 KiB table per heavy frame. An
   arena with no live node left is freed (or, if small, just emptied).
 
-Single-entry operations are plain Python on memoryviews of these arrays.
-The batch forms are vectorised, and cost a fixed number of numpy calls plus
-O(k) work for k entries - never O(arena) or O(frames), so a teardown that
-removes a huge frame chunk by chunk pays per chunk, not per frame size:
-- ``add_many`` takes the common batch (one domain, covered by its dense
-  index) through ~20 numpy calls; it writes each node's whole row at once
-  and links the new nodes in front of their frames' old heads, with fast
-  cases for one frame and for distinct frames;
-- ``remove_many`` marks the batch's nodes in their frame column (``-2 -
-  position``: "being removed"), finds each one's surviving neighbours -
-  isolated nodes at once, runs that are contiguous in the batch (a teardown
-  removes gfns in order, which a list holds in order) in one step, anything
-  else by pointer jumping - and relinks around every run;
-- ``move_all`` splices the whole list in O(1) and retags its nodes in one
-  vectorised store.
+Single-entry operations are plain Python on memoryviews of these arrays,
+behind small accessors (``_find``/``_store``/``_clear`` for the index,
+``_alloc1``/``_release1`` for nodes, ``_unlink_run`` for the links) and
+one iterator, ``entries``, so nothing outside sees the representation. The
+batch forms, vectorised over the same arrays, are in :mod:`.index_batch`.
 
 Invariants:
 - node ``n`` is live iff ``_frm[n] >= 0``; live nodes of frame ``m`` form
@@ -49,11 +39,8 @@ Invariants:
 - a (domid, gfn) is in at most one frame's rmap (a gfn maps one frame), and
   its index slot holds its node; the slot lives in the domain's array iff the
   array covers the gfn, else in ``_sparse``.
-Batch forms check every pair first and raise before changing anything.
-
-The module is long because every operation, scalar and batch, works on the
-same flat representation; kept together, the layout above is the one thing
-a reader must hold in mind, and no other module sees it.
+Batch forms check every pair first and raise before changing anything
+(:mod:`.index_batch`).
 """
 from __future__ import annotations
 
@@ -63,8 +50,10 @@ from typing import Iterator
 
 import numpy as np
 
+from . import index_batch as batch
 from .arena import MAX_DOMID, MAX_GFN
 from .base import Rmap
+from .index_batch import FRM, GFN, NONE, NXT, PRV, any_of, max_of
 
 _GROWTH = 1.5               # arena growth factor: modest, to keep bytes/entry low
 _MIN_ARENA = 64
@@ -75,25 +64,9 @@ _RESERVE_MIN_ROWS = 1 << 22
 _RESERVE_FACTOR = 8
 _KEEP_ARENA = 4096          # an emptied arena up to this size is kept, not freed
 _DENSE_LIMIT = 1 << 22      # lazily grown per-domain index: at most 16 MiB
-_SMALL_BATCH = 8            # below this a batch is a plain loop (less overhead)
 _WALK_RATIO = 128           # collect a frame by walking if count * this < arena
-NXT, PRV, FRM, GFN = 0, 1, 2, 3  # columns of an arena row
 
 __all__ = ["IndexRmap", "MAX_DOMID", "MAX_GFN"]
-
-
-def _ints(a) -> np.ndarray:
-    a = np.asarray(a, dtype=np.int64)
-    return a if a.ndim == 1 else a.ravel()
-
-
-def _batch(mfns, domids, gfns, op: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A batch's three columns as int64 arrays, and its length."""
-    m, d, g = _ints(mfns), _ints(domids), _ints(gfns)
-    k = m.shape[0]
-    if not (k == d.shape[0] == g.shape[0]):
-        raise ValueError(f"{op}: arrays of different lengths")
-    return m, d, g, k
 
 
 def _reserve(rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,29 +84,6 @@ def _new_arena(cap: int) -> np.ndarray:
     a = np.empty((cap + 1, 4), np.int32)
     a[cap] = -1
     return a
-
-
-# The batch forms run a fixed series of numpy calls, and at 64 entries the
-# calls' fixed costs are the whole bill. numpy's reductions (any, min, ...)
-# and ufuncs with a Python-int operand cost more per call than
-# count_nonzero, argmin/argmax and 0-d array operands, hence these.
-def _any(b: np.ndarray) -> bool:
-    return np.count_nonzero(b) > 0
-
-
-def _min(a: np.ndarray) -> int:
-    return int(a[a.argmin()])
-
-
-def _max(a: np.ndarray) -> int:
-    return int(a[a.argmax()])
-
-
-_NONE = np.array(-1, np.int32)      # "no node" / "free"
-_ZERO = np.array(0, np.int32)
-_MARK0 = np.array(-2, np.int64)     # batch position p of a node being removed: frame -2 - p
-_B32 = np.array(32, np.int64)
-_LOW32 = np.array(2**32 - 1, np.int64)
 
 
 class IndexRmap(Rmap):
@@ -266,7 +216,7 @@ class IndexRmap(Rmap):
     def _free_nodes(self, nodes: np.ndarray, nodes32: np.ndarray) -> None:
         """Return unlinked nodes to the free stack (their keys already cleared)."""
         k = nodes.shape[0]
-        self._frm[nodes] = _NONE
+        self._frm[nodes] = NONE
         self._live -= k
         if self._live == 0:
             self._reset_arena()
@@ -319,23 +269,13 @@ class IndexRmap(Rmap):
         else:
             self._sparse.pop((domid, gfn), None)
 
-    def _one_index(self, d: np.ndarray, nonneg: np.ndarray) -> np.ndarray | None:
-        """The dense index of the batch's one domain, or None if the batch
-        needs the general path (several domains, a negative key, no index).
-        Batches nearly always come from one domain. The caller still finds
-        gfns past the index by the IndexError of looking them up."""
-        arr = self._dense.get(int(d[0]))
-        if arr is None or _min(nonneg) < 0 or _any(d != d[:1]):
-            return None
-        return arr
-
     @staticmethod
     def _groups(domids: np.ndarray) -> list:
         """[(domid, positions or None for all)] for each distinct domid
         (domids already range-checked)."""
         if domids.shape[0] == 0:
             return []
-        if not _any(domids != domids[:1]):
+        if not any_of(domids != domids[:1]):
             return [(int(domids[0]), None)]
         # Batches span few domains: a bincount and one mask per domain beat a sort.
         present = np.bincount(domids).nonzero()[0]
@@ -390,8 +330,8 @@ class IndexRmap(Rmap):
                     pass
             if not clear:
                 small = g[g < _DENSE_LIMIT]
-                if small.shape[0] and (arr is None or _max(small) >= arr.shape[0]):
-                    arr = self._grow_dense(d, _max(small) + 1)
+                if small.shape[0] and (arr is None or max_of(small) >= arr.shape[0]):
+                    arr = self._grow_dense(d, max_of(small) + 1)
             cov = g < (arr.shape[0] if arr is not None else 0)
             if arr is not None:
                 arr[g[cov]] = v if clear else v[cov]
@@ -403,10 +343,6 @@ class IndexRmap(Rmap):
 
     def _clear_many(self, domids: np.ndarray, gfns: np.ndarray, groups=None) -> None:
         self._store_many(domids, gfns, -1, groups)
-
-    def _in_range(self, m: np.ndarray, d: np.ndarray, g: np.ndarray) -> bool:
-        return (_min(m | d | g) >= 0 and _max(m) < self.nframes and _max(d) <= MAX_DOMID
-                and _max(g) <= MAX_GFN)
 
     # -- domains ------------------------------------------------------------
     def domain_created(self, domid: int, npages: int) -> None:
@@ -514,7 +450,16 @@ class IndexRmap(Rmap):
             self._count[mfn] = 0
             self._free_nodes(nodes, nodes.astype(np.int32))
 
-    # -- batch forms ----------------------------------------------------------
+    # -- batch forms (vectorised: see index_batch) ------------------------------
+    def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
+        batch.add_many(self, mfns, domids, gfns)
+
+    def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
+        batch.remove_many(self, mfns, domids, gfns)
+
+    def move_all(self, src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+        return batch.move_all(self, src, dst)
+
     def _frame_nodes(self, mfn: int) -> np.ndarray:
         """All nodes of frame ``mfn``: walk a short list, scan ``_frm`` otherwise."""
         k = int(self._count[mfn])
@@ -525,263 +470,6 @@ class IndexRmap(Rmap):
                 n = va[n << 2]
             return np.array(out, np.int64)
         return np.flatnonzero(self._frm[: self._top] == mfn)
-
-    def _slots(self, m: np.ndarray, d: np.ndarray, g: np.ndarray, out_of_range: Exception):
-        """The node in each pair's index slot (-1: none), as ``(nodes, arr,
-        groups)``: from ``arr``, the one domain's dense index, when the
-        batch names one domain that index covers (``groups`` None), else by
-        lookup (``arr`` None). Raises ``out_of_range`` for a key no index
-        can hold, a frame past the pool included."""
-        arr = self._one_index(d, m | g)
-        if arr is not None:
-            try:
-                nodes = arr[g]                  # IndexError: a gfn past the index
-                if _max(m) < self._head.shape[0]:
-                    return nodes, arr, None
-            except IndexError:
-                pass
-        if not self._in_range(m, d, g):
-            raise out_of_range
-        groups = self._groups(d)
-        return self._lookup_many(d, g, groups), None, groups
-
-    def add_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
-        m, d, g, k = _batch(mfns, domids, gfns, "add_many")
-        if k < _SMALL_BATCH:
-            if len(set(zip(d.tolist(), g.tolist()))) < k:
-                raise ValueError("add_many: a pair appears twice")
-            for mm, dd, gg in zip(m.tolist(), d.tolist(), g.tolist()):
-                self.add(mm, dd, gg)  # add() checks presence before changing anything
-            return
-        # -- check every pair before changing anything --
-        cur, arr, groups = self._slots(m, d, g, ValueError("add_many: rmap key out of range"))
-        old = self._head[m]
-        if arr is None:
-            key = np.sort((d << 31) | g)
-            if _any(key[1:] == key[:-1]):
-                raise ValueError("add_many: a pair appears twice")
-        if _max(cur) >= 0:
-            raise ValueError("add_many: a pair is already in an rmap")
-        nodes32, nodes = self._alloc(k)
-        if arr is None:
-            self._store_many(d, g, nodes32, groups)
-        else:
-            arr[g] = nodes32
-            if _any(arr[g] != nodes32):
-                # A pair appears twice in the batch: a later write hid an earlier one.
-                arr[g] = _NONE
-                self._live += k  # _free_nodes counts them down again
-                self._free_nodes(nodes, nodes32)
-                raise ValueError("add_many: a pair appears twice")
-        # -- link: as k head insertions in batch order would --
-        self._dom[nodes] = d[:1] if arr is not None else d
-        self._gfn[nodes] = g.astype(np.int32)
-        self._link_new(m, nodes32, nodes, old)
-        self._live += k
-
-    def _link_new(self, m: np.ndarray, nodes32: np.ndarray, nodes: np.ndarray,
-                  old: np.ndarray) -> None:
-        """Link new nodes (keys set) in front of their frames' old heads
-        ``old``; within a frame a later entry goes in front of an earlier one."""
-        k = m.shape[0]
-        nxt, prv, head = self._nxt, self._prv, self._head
-        m0 = int(m[0])
-        if m0 == int(m[-1]) and not _any(m != m[:1]):
-            # One frame: a chain from the last entry to the first, which
-            # goes in front of the old head.
-            h, first, last = int(old[0]), int(nodes32[0]), int(nodes32[-1])
-            self._frm[nodes] = m0
-            nxt[nodes[1:]] = nodes32[:-1]
-            prv[nodes[:-1]] = nodes32[1:]
-            va = self._arena_view
-            va[(first << 2) + NXT] = h
-            va[(last << 2) + PRV] = -1
-            if h >= 0:
-                va[(h << 2) + PRV] = first
-            self._head_view[m0] = last
-            self._count_view[m0] += k
-            return
-        self._frm[nodes] = m.astype(np.int32)
-        head[m] = nodes32
-        if not _any(head[m] != nodes32):
-            # Distinct frames (no write hid another): one new node per frame.
-            nxt[nodes] = old
-            prv[nodes] = _NONE
-            prv[old] = nodes32        # old head -1: lands on the sentinel row
-            self._count[m] += self._ones_k(k)
-            return
-        # Mixed: group by frame, batch order kept within a group (the sort
-        # keys are unique, so any sort is stable here). In a group entry j
-        # goes in front of entry j - 1, the group's first in front of the
-        # old head; the group's last becomes the head.
-        order = np.sort((m << _B32) | np.arange(k)) & _LOW32
-        ms, ns, nodes, os = m[order], nodes32[order], nodes[order], old[order]
-        edge = np.empty(k + 1, bool)             # edge[j]: a group starts at j
-        edge[0] = edge[k] = True
-        np.not_equal(ms[1:], ms[:-1], out=edge[1:k])
-        first, last = edge[:k], edge[1:]
-        shifted = np.empty(k, np.int32)
-        shifted[0], shifted[1:] = -1, ns[:-1]
-        nxt[nodes] = np.where(first, os, shifted)
-        shifted[-1], shifted[:-1] = -1, ns[1:]
-        prv[nodes] = np.where(last, _NONE, shifted)
-        prv[os[first]] = ns[first]                # old head -1: the sentinel row
-        head[ms[last]] = ns[last]
-        np.add.at(self._count, m, self._ones_k(k))
-
-    def _surviving(self, nodes: np.ndarray, link: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each node being removed (frame marked ``-2 - position``), the
-        first node along ``link`` that stays (-1: none), int32 and int64."""
-        frm = self._frm
-        t32 = link[nodes]
-        t = t32.astype(np.int64)
-        f = frm[t]                               # the sentinel answers for -1
-        if _min(f) >= -1:
-            return t32, t                        # no neighbour leaves: done
-        k = t.shape[0]
-        idx = np.arange(k)
-        pos = _MARK0 - f                         # batch position of the target
-        # A run contiguous in the batch, either way round, in one step: jump
-        # to the target of the run's far end.
-        back = pos[1:] == idx[:-1]               # entry i+1's target is entry i
-        if _any(back):
-            far = idx.copy()
-            far[1:][back] = 0
-            np.maximum.accumulate(far, out=far)
-            t = t[far]
-            pos = _MARK0 - frm[t]
-        ahead = pos[:-1] == idx[1:]              # entry i's target is entry i+1
-        if _any(ahead):
-            far = idx.copy()
-            far[:-1][ahead] = k
-            t = t[np.minimum.accumulate(far[::-1])[::-1]]
-        # Anything else by pointer jumping: a target that is itself leaving
-        # is replaced by its own target, so a run of L needs log2(L) rounds.
-        act = (frm[t] < _NONE).nonzero()[0]
-        while act.shape[0]:
-            t[act] = t[_MARK0 - frm[t[act]]]
-            act = act[frm[t[act]] < _NONE]
-        return t.astype(np.int32), t
-
-    def _unlink(self, nodes: np.ndarray, m: np.ndarray) -> None:
-        """Take nodes marked ``-2 - position`` (``m``: their frames) out of
-        their lists: every run of them is bridged from its surviving
-        predecessor to its surviving successor."""
-        succ32, succ = self._surviving(nodes, self._nxt)
-        pred32, pred = self._surviving(nodes, self._prv)
-        # Every node of a run writes the same pair; a -1 lands on the sentinel.
-        self._nxt[pred] = succ32
-        self._prv[succ] = pred32
-        front = pred32 == _NONE                   # the run began at the head
-        if _any(front):
-            self._head[m[front]] = succ32[front]
-
-    def _remove_run(self, m: np.ndarray, nodes: np.ndarray, nodes32: np.ndarray) -> bool:
-        """Unlink the batch if it is one run of one frame's list, in list
-        order either way round (a teardown chunk), and not the whole list:
-        the run is bridged in O(1). False (nothing changed) otherwise.
-
-        The checks suffice: every node is a live node of the frame (an
-        absent pair's -1 reaches the sentinel, frame -1), and a chain of
-        links in an acyclic list has no node twice."""
-        k = nodes.shape[0]
-        m0 = int(m[0])
-        va = self._arena_view
-        if (m0 != int(m[-1]) or self._count_view[m0] <= k or _any(m != m[:1])
-                or _any(self._frm[nodes] != m0)):
-            return False
-        a, b = int(nodes[0]), int(nodes[-1])
-        if va[(b << 2) + PRV] == nodes32[k - 2] and not _any(self._nxt[nodes[:-1]] != nodes32[1:]):
-            first, last = a, b                   # head ... a -> ... -> b ... tail
-        elif va[(b << 2) + NXT] == nodes32[k - 2] and not _any(self._prv[nodes[:-1]] != nodes32[1:]):
-            first, last = b, a                   # head ... b -> ... -> a ... tail
-        else:
-            return False
-        self._unlink_run(m0, first, last, k)
-        return True
-
-    def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
-        m, d, g, k = _batch(mfns, domids, gfns, "remove_many")
-        if k < _SMALL_BATCH:
-            pairs = list(zip(m.tolist(), d.tolist(), g.tolist()))
-            for p in pairs:
-                if not self.contains(*p):
-                    raise KeyError(p)
-            if len(set(pairs)) < k:
-                raise KeyError("remove_many: a pair appears twice")
-            for p in pairs:
-                self.remove(*p)
-            return
-        # -- check every pair before changing anything --
-        nodes32, arr, groups = self._slots(m, d, g, KeyError("remove_many: rmap key out of range"))
-        nodes32 = nodes32.astype(np.int32, copy=False)
-        nodes = nodes32.astype(np.int64)
-        if arr is not None and self._remove_run(m, nodes, nodes32):
-            arr[g] = _NONE
-            self._free_nodes(nodes, nodes32)
-            return
-        # Mark the batch: node of entry p gets frame -2 - p. Then every entry
-        # must have found a node of its frame (an absent pair finds -1: the
-        # sentinel, frame -1), and must still see its own mark (a pair
-        # given twice shows as a mark hidden by a later one).
-        frm = self._frm
-        before = frm[nodes]
-        mark = _MARK0 - np.arange(k, dtype=np.int32)
-        frm[nodes] = mark
-        wrong = before != m
-        if _any(wrong | (frm[nodes] != mark)):
-            frm[nodes] = before
-            if _any(wrong):
-                i = int(wrong.argmax())
-                raise KeyError((int(m[i]), int(d[i]), int(g[i])))
-            raise KeyError("remove_many: a pair appears twice")
-        # -- unlink (frames losing every entry need no relinking) --
-        m0 = int(m[0])
-        if m0 == int(m[-1]) and not _any(m != m[:1]):
-            left = self._count_view[m0] - k
-            self._count_view[m0] = left
-            if left == 0:
-                self._head_view[m0] = -1
-            else:
-                self._unlink(nodes, m)
-        else:
-            count = self._count
-            np.subtract.at(count, m, self._ones_k(k))
-            whole = count[m] == _ZERO
-            if not _any(whole):
-                self._unlink(nodes, m)
-            else:
-                self._head[m[whole]] = _NONE
-                part = ~whole
-                if _any(part):
-                    rest = nodes[part]
-                    frm[rest] = _MARK0 - np.arange(rest.shape[0], dtype=np.int32)
-                    self._unlink(rest, m[part])
-        if arr is not None:
-            arr[g] = _NONE
-        else:
-            self._clear_many(d, g, groups)
-        self._free_nodes(nodes, nodes32)
-
-    def move_all(self, src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
-        """Splice src's whole list in front of dst's: O(1) relinking, plus
-        O(k) vectorised work to retag the nodes and return the pairs."""
-        nodes = self._frame_nodes(src)
-        doms = self._dom[nodes].astype(np.int64)
-        gfns = self._gfn[nodes].astype(np.int64)
-        if src == dst or nodes.shape[0] == 0:
-            return doms, gfns
-        self._frm[nodes] = dst
-        tail = int(nodes[np.argmax(self._nxt[nodes] < 0)])
-        hd = int(self._head[dst])
-        self._nxt[tail] = hd
-        if hd >= 0:
-            self._prv[hd] = tail
-        self._head[dst] = self._head[src]
-        self._count[dst] += nodes.shape[0]
-        self._head[src] = -1
-        self._count[src] = 0
-        return doms, gfns
 
     # -- introspection --------------------------------------------------------
     def nbytes(self) -> int:

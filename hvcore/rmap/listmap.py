@@ -28,8 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import kernels
-from .arena import FrameCounts, NodeArena, check_key, checked_batch, compiled_batch
+from .arena import FrameCounts, NodeArena, check_key, checked_batch
 from .base import Rmap
 
 #: a list longer than this is scanned by the compiled ``find``
@@ -86,19 +85,9 @@ class ListRmap(FrameCounts, Rmap):
     def remove_many(self, mfns: np.ndarray, domids: np.ndarray, gfns: np.ndarray) -> None:
         """``remove`` of every entry, in order, in one compiled loop
         (``kernels.chains_remove``), each entry found by its linear scan."""
-        batch = compiled_batch(mfns, domids, gfns, self.nframes)
-        if batch is None:
-            super().remove_many(mfns, domids, gfns)
-            return
-        m, d, g = batch
-        nxt, prv, dom, gfn = self._arena.views()
-        freed = np.empty(len(m), np.int64)
-        done, _ = kernels.chains_remove(self._headv, self._countv, self._countv, _NO_TABLES,
-                                        nxt, prv, dom, gfn, m, d, g, -1, freed, freed)
-        del nxt, prv, dom, gfn          # (views pin the arena's size: clear may shrink it)
-        self._arena.release_many(freed[:done])
-        if done < len(m):
-            raise KeyError((int(m[done]), int(d[done]), int(g[done])))
+        if not self._arena.remove_chains(mfns, domids, gfns, self.nframes, self._headv, self._countv,
+                                         self._countv, _NO_TABLES, -1):
+            super().remove_many(mfns, domids, gfns)       # the loop gives the errors
 
     def contains(self, mfn: int, domid: int, gfn: int) -> bool:
         if self._count[mfn] <= LONG_CHAIN:

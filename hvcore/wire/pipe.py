@@ -81,14 +81,20 @@ def decode_write(body) -> tuple[int, int, memoryview]:
     return gfn, offset, data
 
 
+def _batch_count(body, head: struct.Struct, what: str, unit: str) -> int:
+    """The count that opens a batch body (``head``), checked to be 1..MAX_BATCH_PAGES."""
+    if len(body) < head.size:
+        raise ProtocolError(f"{what} message too short")
+    (count,) = head.unpack_from(body)
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise ProtocolError(f"{what} of {count} {unit} (allowed 1..{MAX_BATCH_PAGES})")
+    return count
+
+
 def decode_write_pages(body):
     """``G_WRITE_PAGES`` body -> (gfns int64[k], pages uint8[k, 4096]) as views."""
     import numpy as np
-    if len(body) < WRITE_PAGES.size:
-        raise ProtocolError("write_pages message too short")
-    (count,) = WRITE_PAGES.unpack_from(body)
-    if not 1 <= count <= MAX_BATCH_PAGES:
-        raise ProtocolError(f"write_pages of {count} pages (allowed 1..{MAX_BATCH_PAGES})")
+    count = _batch_count(body, WRITE_PAGES, "write_pages", "pages")
     want = WRITE_PAGES.size + count * (8 + PAGE_SIZE)
     if len(body) != want:
         raise ProtocolError(f"write_pages of {count} pages needs {want} bytes, got {len(body)}")
@@ -103,11 +109,7 @@ def decode_write_many(body):
     """``G_WRITE_MANY`` body -> (gfns int64[k], offsets uint32[k], lengths
     uint32[k], data uint8[sum(lengths)]) as views of ``body``."""
     import numpy as np
-    if len(body) < WRITE_MANY.size:
-        raise ProtocolError("write_many message too short")
-    (count,) = WRITE_MANY.unpack_from(body)
-    if not 1 <= count <= MAX_BATCH_PAGES:
-        raise ProtocolError(f"write_many of {count} writes (allowed 1..{MAX_BATCH_PAGES})")
+    count = _batch_count(body, WRITE_MANY, "write_many", "writes")
     off = WRITE_MANY.size
     head = off + 16 * count
     if len(body) < head:
@@ -127,11 +129,7 @@ def decode_write_many(body):
 def decode_populate(body):
     """``G_POPULATE`` body -> gfns int64[k] (a view of ``body``)."""
     import numpy as np
-    if len(body) < POPULATE.size:
-        raise ProtocolError("populate message too short")
-    (count,) = POPULATE.unpack_from(body)
-    if not 1 <= count <= MAX_BATCH_PAGES:
-        raise ProtocolError(f"populate of {count} gfns (allowed 1..{MAX_BATCH_PAGES})")
+    count = _batch_count(body, POPULATE, "populate", "gfns")
     if len(body) != POPULATE.size + 8 * count:
         raise ProtocolError(f"populate of {count} gfns needs {POPULATE.size + 8 * count} bytes, "
                             f"got {len(body)}")

@@ -238,9 +238,11 @@ def test_dedup_and_add_to_physmap_on_a_fork(hv, parent):
     assert hv.read(c.domid, 9) == pages_of(3)[9].tobytes()
     assert hv.audit_report() == []
     hv.write(c.domid, 9, 0, b"q")                   # a CoW fault, then a private page
-    assert hv.fork_reset(c.domid) == 1              # the parent holds gfn 9: it goes
-    hv.fork_populate(c.domid, [9])
-    assert hv.read(c.domid, 9) == pages_of(1)[9].tobytes()
+    # the parent holds gfns 0, 1 and 9: the merged pair and the private page go
+    assert hv.fork_reset(c.domid) == 3
+    hv.fork_populate(c.domid, [0, 1, 9])
+    for g in (0, 1, 9):
+        assert hv.read(c.domid, g) == pages_of(1)[g].tobytes()
     hv.destroy_domain(c.domid)
     hv.destroy_domain(other.domid)
     assert parent.state == "running"
@@ -275,3 +277,41 @@ def test_preemptible_teardown_of_a_fork(hv, parent):
     for g in range(PAGES):
         assert hv.read(parent.domid, g) == pages_of(1)[g].tobytes()
     hv.write(parent.domid, 0, 0, b"p")
+
+
+def test_reset_drops_a_page_dedup_merged_with_another_domain(hv, parent):
+    """After a reset a fork reads exactly its parent, whatever dedup did:
+    its written page, merged with another domain's identical page, is no
+    longer its parent's entry and goes too."""
+    c = hv.fork(parent.domid)
+    x = np.full((1, 4096), ord("X"), np.uint8)
+    hv.write_pages(c.domid, [0], x)
+    other = hv.create_domain(PAGES, content=np.repeat(x, PAGES, axis=0))
+    hv.share(other.domid, 5, hv.nominate(other.domid, 5), c.domid, 0, hv.nominate(c.domid, 0))
+    assert c.p2m.type[0] == RAM_SHARED and c.p2m.mfn[0] == other.p2m.mfn[5]
+    hv.fork_populate(c.domid, [1])                  # the parent's own frame: it stays
+    assert hv.fork_reset(c.domid) == 1
+    assert c.p2m.type[0] == HOLE and c.p2m.type[1] == RAM_SHARED and c.shr_pages == 1
+    hv.fork_populate(c.domid, [0])
+    for g in (0, 1):
+        assert hv.read(c.domid, g) == pages_of(1)[g].tobytes()
+    assert hv.read(other.domid, 5) == x.tobytes()   # the other domain keeps its page
+    assert hv.audit_report() == []
+
+
+def test_descendants_of_a_chain_deeper_than_the_recursion_limit():
+    import sys
+    from hvcore import Hypervisor
+    depth = 1500
+    assert depth > sys.getrecursionlimit() // 2
+    with Hypervisor(16, rmap="index") as h:
+        root = h.create_domain(2)
+        chain = [root.domid]
+        for _ in range(depth):
+            chain.append(h.fork(chain[-1]).domid)
+        side = h.fork(chain[1]).domid                   # a sibling branch
+        tree = h.descendants(root.domid)
+        assert tree == chain[:1:-1] + [side, chain[1]]  # deepest first, children in order
+        for d in tree + [root.domid]:
+            h.destroy_domain(d)
+        assert h.domains == {} and h.audit_report() == []

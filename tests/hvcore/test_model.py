@@ -4,7 +4,9 @@ The model knows nothing of frames: per domain a dict gfn -> bytes, and the
 sharing groups as sets of (domid, gfn) with their handle. Hypothesis drives
 random sequences of create / nominate / share / add_to_physmap / range_share
 / unshare / write / destroy, and VM forks: fork (of a fork too), the read
-and write faults that fill a fork from its nearest ancestor, fork reset, and
+and write faults that fill a fork from its nearest ancestor, dedup between
+a fork and any domain, fork reset (after which a fork reads exactly its
+nearest ancestor), and
 destroy of a child or of a parent (refused, or with its forks first); after
 every step the audit finds nothing, every gfn reads what the model says, a
 fork's other gfns are holes, and the counters equal the model's.
@@ -55,9 +57,18 @@ class Model:
         self.add_to_physmap(a, g, h, d, g)
 
     def reset(self, d):
-        """Drop the fork's private pages that an ancestor can give again."""
-        drop = [g for g in self.pages[d] if (d, g) not in self.group_of and self.source(d, g) is not None]
+        """Drop every page of the fork that is not its nearest ancestor's
+        (where an ancestor holds the gfn): its private pages, and shared
+        entries outside the ancestor's group (dedup merged them elsewhere)."""
+        drop = []
+        for g in self.pages[d]:
+            a = self.source(d, g)
+            gid = self.group_of.get((d, g))
+            if a is not None and (gid is None or gid != self.group_of.get((a, g))):
+                drop.append(g)
         for g in drop:
+            if (d, g) in self.group_of:
+                self.unshare(d, g)
             del self.pages[d][g]
         return len(drop)
 
@@ -391,9 +402,14 @@ class CoreMachine(RuleBasedStateMachine):
             self.m.write(d, g, 0, page(v))
 
     @precondition(lambda self: self.m.pages)
-    @rule(data=st.data(), chunk=st.integers(1, PAGES))
-    def fork_reset(self, data, chunk):
-        d = data.draw(st.sampled_from(self._live()))
+    @rule(data=st.data(), chunk=st.integers(1, PAGES), dedup=st.integers(0, 2))
+    def fork_reset(self, data, chunk, dedup):
+        # mostly a fork (the rest: refusals), often just after dedup on it
+        forks = self._fork_ids()
+        d = data.draw(st.one_of(st.sampled_from(forks), st.sampled_from(forks), st.sampled_from(self._live()))
+                      if forks else st.sampled_from(self._live()))
+        for _ in range(dedup if d in self.m.parent else 0):
+            self._dedup(data, d)
         want = EINVAL if d not in self.m.parent else EBUSY if self.m.forks(d) else 0
         if want:
             with pytest.raises(HVError) as e:
@@ -404,6 +420,36 @@ class CoreMachine(RuleBasedStateMachine):
         while not self.hv.fork_reset_chunk(dd, chunk):
             assert self.hv.audit_report() == []
         assert dd.reset_dropped == self.m.reset(d)
+        # whatever dedup did, the fork reads exactly its nearest ancestor
+        for g in range(PAGES):
+            a = self.m.source(d, g)
+            if a is not None and g in self.m.pages[d]:
+                assert self.hv.read(d, g) == self.hv.read(a, g), (d, g)
+
+    @precondition(lambda self: self.m.parent)
+    @rule(data=st.data())
+    def dedup_with_a_fork(self, data):
+        """Sharing as the dedup scanner does it, between a page a fork
+        holds and a page of any domain (a sibling, its parent, a stranger):
+        nominate both, share."""
+        self._dedup(data, data.draw(st.sampled_from(self._fork_ids())))
+
+    def _dedup(self, data, d):
+        o = data.draw(st.sampled_from(self._live()))
+        if not self.m.pages[d] or not self.m.pages[o]:
+            return
+        g = data.draw(st.sampled_from(sorted(self.m.pages[d])))
+        og = data.draw(st.sampled_from(sorted(self.m.pages[o])))
+        handles = []
+        for dom, gfn in ((o, og), (d, g)):
+            r = self._expect(lambda dom=dom, gfn=gfn: self.hv.nominate(dom, gfn),
+                             lambda dom=dom, gfn=gfn: self.m.nominate(dom, gfn))
+            if r is None:
+                return
+            handles.append(r[0])
+        sh, ch = handles
+        self._expect(lambda: self.hv.share(o, og, sh, d, g, ch),
+                     lambda: self.m.share(o, og, sh, d, g, ch))
 
     @precondition(lambda self: self.m.parent)
     @rule(data=st.data())

@@ -243,3 +243,51 @@ def test_a_file_that_shrinks_while_read_fails_the_read(tmp_path):
         assert e.value.code == EIO
     finally:
         img.close()
+
+
+def _file_types(tmp) -> list[tuple[str, str]]:
+    """(path, words of its sentence) for a file of every type that is no
+    image, and a symlink to each; made under ``tmp``."""
+    import socket
+    fifo, sock, empty = os.path.join(tmp, "fifo"), os.path.join(tmp, "sock"), os.path.join(tmp, "empty")
+    os.mkfifo(fifo)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sock)
+    s.close()
+    open(empty, "wb").close()
+    cases = [(fifo, "is a FIFO"), (sock, "is a socket"), (empty, "is empty"), (tmp, "is a directory"),
+             ("/dev/null", "no fixed size"), ("/dev/zero", "no fixed size"),
+             ("/dev/urandom", "no fixed size"), ("/proc/self/status", "is empty")]
+    for i, (path, words) in enumerate(list(cases)):
+        link = os.path.join(tmp, f"link{i}")
+        os.symlink(path, link)
+        cases.append((link, words))
+    return cases
+
+
+def test_only_regular_files_and_block_devices_are_images(tmp_path):
+    """Nothing that could block the hypervisor is opened blocking or read:
+    each other type of file gets one sentence at once."""
+    d = tmp_path / "types"
+    d.mkdir()
+    master, slave = os.openpty()
+    try:
+        cases = _file_types(str(d)) + [(os.ttyname(slave), "no fixed size")]
+        if os.path.exists("/dev/tty"):
+            cases.append(("/dev/tty", "is a character device"))
+        for path, words in cases:
+            with pytest.raises(HVError) as e:
+                open_source(image=path)
+            assert e.value.code == EINVAL and words in str(e.value), (path, e.value)
+            assert "\n" not in str(e.value)
+    finally:
+        os.close(master)
+        os.close(slave)
+    sparse = tmp_path / "sparse"
+    sparse.write_bytes(b"\1" * 10)
+    os.truncate(sparse, 64 * PAGE)
+    img = open_source(image=str(sparse))
+    try:
+        assert img.npages == 64 and img(0, 1)[0, 9] == 1 and not img(63, 1).any()
+    finally:
+        img.close()

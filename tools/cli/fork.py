@@ -34,7 +34,8 @@ def register(add) -> None:
     r = add("fork-reset", "reset a fork: drop its private pages",
             "Reset the fork DOMAIN (Xen's fork reset): its private pages go back to the\n"
             "free pool, so its next access takes them from its parent again; pages it\n"
-            "shares stay. The reset costs what the child holds, not the domain's size, and\n"
+            "shares with its parent stay, and pages dedup merged elsewhere are dropped\n"
+            "too, so it reads exactly its parent afterwards. The reset costs what the child holds, not the domain's size, and\n"
             "runs a bounded step at a time. --json gives domid, pages_dropped, seconds.\n"
             "--run: then run one iteration of its fuzz guest (the answer waits for it).", reset)
     r.add_argument("domid", metavar="DOMAIN", type=domain, help="the fork's id or name")
