@@ -1,10 +1,10 @@
 """The guest's control channel: a Unix socket for tests and tools.
 
 It lives in the hypervisor's 0700 state directory and serves framed JSON
-(:mod:`hvcore.wire.control`), one thread per connection: write, read,
+(:mod:`hvshare.hvcore.wire.control`), one thread per connection: write, read,
 checksum, verify, stats, timed write loops, and the probes of a hostile
 guest (a store through the read-only mapping, raw bytes on the pipe). The
-operations and their arguments are ``hvcore.wire.schema.GUEST_OPS``.
+operations and their arguments are ``hvshare.hvcore.wire.schema.GUEST_OPS``.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hvcore import constants, errors, images
-from hvcore.errors import NAMES
-from hvcore.wire import control, pipe, schema
+from hvshare.hvcore import constants, errors, images
+from hvshare.hvcore.errors import NAMES
+from hvshare.hvcore.wire import control, pipe, schema
 
 from .link import HypervisorGone, WriteError
 

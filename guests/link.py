@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from hvcore.wire import pipe
+from hvshare.hvcore.wire import pipe
 
 if TYPE_CHECKING:
     from .runtime import Guest

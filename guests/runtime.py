@@ -1,10 +1,10 @@
-"""The guest process: one per running domain (``python -m guests.runtime CONFIG``).
+"""The guest process: one per running domain (``python -m hvshare.guests.runtime CONFIG``).
 
 The hypervisor spawns it with two pipe ends (``rfd`` from the hypervisor,
 ``wfd`` to it) and a JSON config naming its frame pool and p2m segments. It
 
 - maps the pool and its own p2m **read-only**: reads come straight from the
-  mapping through :class:`hvcore.p2m.P2MView`, whose sequence counter makes
+  mapping through :class:`hvshare.hvcore.p2m.P2MView`, whose sequence counter makes
   every read consistent while the hypervisor changes the p2m under it; a
   store through the mapping is refused by the kernel (SIGSEGV);
 - **writes by message**: ``G_WRITE`` / ``G_WRITE_PAGES`` on its pipe, and
@@ -26,7 +26,7 @@ The hypervisor spawns it with two pipe ends (``rfd`` from the hypervisor,
   half second when they changed;
 - serves a small **control channel** on a Unix socket in the hypervisor's
   0700 state directory, for tests and tools (write, read, checksum, verify,
-  stats, ...; see ``hvcore.wire.schema.GUEST_OPS``; :mod:`guests.channel`);
+  stats, ...; see ``hvshare.hvcore.wire.schema.GUEST_OPS``; :mod:`hvshare.guests.channel`);
 - **dies with its hypervisor**: the kernel sends it SIGKILL when its parent
   dies (PR_SET_PDEATHSIG), and, should that be missed, EOF on its pipe or a
   changed parent pid ends it within half a second.
@@ -44,11 +44,11 @@ import time
 
 import numpy as np
 
-from hvcore import constants
-from hvcore.errors import EBUSY, EINVAL, NAMES, HVError
-from hvcore.p2m import HOLE, P2MView
-from hvcore.shm import attach_readonly
-from hvcore.wire import pipe
+from hvshare.hvcore import constants
+from hvshare.hvcore.errors import EBUSY, EINVAL, NAMES, HVError
+from hvshare.hvcore.p2m import HOLE, P2MView
+from hvshare.hvcore.shm import attach_readonly
+from hvshare.hvcore.wire import pipe
 
 from . import workloads
 from .channel import ControlChannel
@@ -256,7 +256,7 @@ def _set_pdeathsig() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m guests.runtime CONFIG-JSON (the hypervisor starts guests)", file=sys.stderr)
+        print("usage: python -m hvshare.guests.runtime CONFIG-JSON (the hypervisor starts guests)", file=sys.stderr)
         return 2
     cfg = json.loads(argv[0])
     _set_pdeathsig()

@@ -13,7 +13,7 @@
   the toolstack's ``fuzz_run`` / ``fork_reset --run`` waits for.
 
 What a domain's memory holds at create is its content image
-(:mod:`hvcore.images`).
+(:mod:`hvshare.hvcore.images`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from hvcore.constants import MAX_BATCH_PAGES, PAGE_SIZE
-from hvcore.images import random_pages
+from hvshare.hvcore.constants import MAX_BATCH_PAGES, PAGE_SIZE
+from hvshare.hvcore.images import random_pages
 
 class Latencies:
     """The last ``keep`` round trips (seconds) of one kind, for p50/p99."""

@@ -14,7 +14,7 @@ from .p2m import RAM_RW, RAM_SHARED
 
 
 class Audit:
-    """Checking the invariants (a part of :class:`hvcore.core.Hypervisor`)."""
+    """Checking the invariants (a part of :class:`hvshare.hvcore.core.Hypervisor`)."""
 
     def audit(self) -> int:
         """Check every invariant of docs/semantics.md, "Audit invariants"; return the error count."""

@@ -1,22 +1,22 @@
 """The memory-sharing core: one emulated host's frames, domains and rmaps.
 
 This is the hypervisor's state machine, with no I/O: the hypervisor process
-(:mod:`hvcore.process`) calls it one request at a time, which is what makes
+(:mod:`hvshare.hvcore.process`) calls it one request at a time, which is what makes
 it a model of one hypervisor CPU. Semantics follow Xen's
 ``XENMEM_sharing_op`` (docs/semantics.md).
 
 :class:`Hypervisor` is assembled from one part per concern:
 
-- :mod:`hvcore.domains`: create, look up, check gfns;
-- :mod:`hvcore.sharing`: nominate, share, add_to_physmap, range_share,
+- :mod:`hvshare.hvcore.domains`: create, look up, check gfns;
+- :mod:`hvshare.hvcore.sharing`: nominate, share, add_to_physmap, range_share,
   foreign mappings;
-- :mod:`hvcore.cow`: unshare (the CoW fault) and guest writes;
-- :mod:`hvcore.teardown`: kill, the preemptible relinquish loop, destroy;
-- :mod:`hvcore.fork`: fork, filling a fork from its ancestors, fork reset;
-- :mod:`hvcore.audit`: every invariant, checked from scratch.
+- :mod:`hvshare.hvcore.cow`: unshare (the CoW fault) and guest writes;
+- :mod:`hvshare.hvcore.teardown`: kill, the preemptible relinquish loop, destroy;
+- :mod:`hvshare.hvcore.fork`: fork, filling a fork from its ancestors, fork reset;
+- :mod:`hvshare.hvcore.audit`: every invariant, checked from scratch.
 
-The state they share lives here: the frame pool (:mod:`hvcore.pool`), the
-rmap of the chosen policy (:mod:`hvcore.rmap`), the domains, the handle
+The state they share lives here: the frame pool (:mod:`hvshare.hvcore.pool`), the
+rmap of the chosen policy (:mod:`hvshare.hvcore.rmap`), the domains, the handle
 counter, and the two counters Xen reports:
 
 - ``nr_shared_mfns``: frames currently shared (owned by ``dom_cow``);

@@ -29,7 +29,7 @@ from .p2m import HOLE, RAM_RW, RAM_SHARED
 
 
 class CopyOnWrite:
-    """Breaking sharing (a part of :class:`hvcore.core.Hypervisor`).
+    """Breaking sharing (a part of :class:`hvshare.hvcore.core.Hypervisor`).
 
     Uses the core's ``pool``, ``rmap``, ``domains`` and the frame counters.
     """
@@ -250,7 +250,7 @@ class CopyOnWrite:
     def _written_shared(self, d: Domain, gfns: np.ndarray) -> np.ndarray:
         """The shared gfns among the distinct gfns a batched write names;
         EINVAL, before anything changes, if one is a hole (but in a fork,
-        whose holes the write fills from its ancestors: :mod:`hvcore.fork`)."""
+        whose holes the write fills from its ancestors: :mod:`hvshare.hvcore.fork`)."""
         if d.forks:
             raise HVError(EBUSY, f"domain {d.domid} has forks: its memory is theirs to read")
         t = d.p2m.type[gfns]

@@ -1,6 +1,6 @@
 """Domains: the per-domain record, creation, lookup and gfn checks.
 
-A domain is a p2m table (:mod:`hvcore.p2m`) plus the counters Xen keeps
+A domain is a p2m table (:mod:`hvshare.hvcore.p2m`) plus the counters Xen keeps
 for it. :class:`DomainTable` is the part of the core that makes domains
 and finds them: :meth:`~DomainTable.create_domain` takes frames from the
 pool and fills them from a content image (in bounded chunks, through
@@ -8,7 +8,7 @@ pool and fills them from a content image (in bounded chunks, through
 turns a domid into its record (``ESRCH`` otherwise), and the gfn checks
 every operation starts with live here.
 
-Invariants (checked by :mod:`hvcore.audit`): ``tot_pages`` is the number
+Invariants (checked by :mod:`hvshare.hvcore.audit`): ``tot_pages`` is the number
 of the domain's ``ram_rw`` entries, each on a frame the domain owns;
 ``shr_pages`` is the number of its ``ram_shared`` entries.
 """
@@ -37,7 +37,7 @@ class Domain:
     #: teardown cursor: next gfn to relinquish (Xen's next_shared_gfn_to_relinquish)
     relinquish_cursor: int = 0
     relinquished: int = 0       # shared entries dropped so far by teardown
-    #: teardown chunk sizing (a :class:`hvcore.budget.ChunkCost`), once adaptive
+    #: teardown chunk sizing (a :class:`hvshare.hvcore.budget.ChunkCost`), once adaptive
     chunk_cost: object = None
     teardown_phase: str = ""    # "", "shared", "private"
     info: dict = field(default_factory=dict)   # runtime extras (guest pid, counters)
@@ -123,7 +123,7 @@ def _release(content) -> None:
 
 
 class DomainTable:
-    """Creation and lookup of domains (a part of :class:`hvcore.core.Hypervisor`).
+    """Creation and lookup of domains (a part of :class:`hvshare.hvcore.core.Hypervisor`).
 
     Uses the core's ``pool``, ``rmap``, ``domains``, ``building`` and ``_next_domid``.
     """
@@ -188,7 +188,7 @@ class DomainTable:
 
         Without ``should_yield``, everything at once. Otherwise chunk by
         chunk, each sized to take about ``chunk_seconds`` (see
-        :meth:`hvcore.budget.ChunkCost.rate`), asking ``should_yield()``
+        :meth:`hvshare.hvcore.budget.ChunkCost.rate`), asking ``should_yield()``
         after each; the first chunk always runs, so every step progresses.
         A content error cancels the create (nothing of it is left) and is
         raised.

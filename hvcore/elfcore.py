@@ -15,7 +15,7 @@ allocated by it. In particular:
 - a segment's file bytes must lie inside the file (no sum may overflow:
   the checks subtract instead of adding).
 
-Any of these failing is an ``EINVAL`` :class:`hvcore.errors.HVError`, one
+Any of these failing is an ``EINVAL`` :class:`hvshare.hvcore.errors.HVError`, one
 sentence naming the file. A file that is not an ELF core (no ELF magic, an
 unknown class or byte order, another ``e_type``) is not parsed at all: it
 is taken as raw bytes by the caller.

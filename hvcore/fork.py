@@ -19,7 +19,7 @@ record when a hole of the fork is filled (here, or by add_to_physmap) and
 leaves it when a reset drops it, so a reset costs O(pages the child has),
 never O(pages of the domain). The audit checks the record against the p2m.
 
-Invariants this module keeps (checked by :mod:`hvcore.audit`):
+Invariants this module keeps (checked by :mod:`hvshare.hvcore.audit`):
 
 - a fork's parent exists, is not dying, lists the fork, and does not run;
 - a fork has its parent's size; each of its gfns is a hole, a shared
@@ -40,7 +40,7 @@ FORK_RECORD_FIRST = 64
 
 
 class Forks:
-    """Forks of a domain (a part of :class:`hvcore.core.Hypervisor`).
+    """Forks of a domain (a part of :class:`hvshare.hvcore.core.Hypervisor`).
 
     Uses the core's ``pool``, ``rmap``, ``domains``, the domid and handle
     counters and the frame counters; and the nominate and CoW machinery of

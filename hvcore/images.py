@@ -1,7 +1,7 @@
 """Content images: the bytes the hypervisor fills a new domain with.
 
 A domain is created with the image of its workload
-(:data:`hvcore.constants.WORKLOADS`):
+(:data:`hvshare.hvcore.constants.WORKLOADS`):
 
 - ``zero``: every page zero (the heavy-sharing case: one frame can back all).
 - ``clone``: a VM booted from a common image. The gfns are cut into extents
@@ -11,7 +11,7 @@ A domain is created with the image of its workload
   So clones of one seed agree everywhere except on the private extents, and
   :func:`shareable_runs` says which gfn ranges may be shared between them.
 - ``writer`` and ``fuzz``: a clone's memory (their guests then dirty it:
-  see :mod:`guests.workloads`).
+  see :mod:`hvshare.guests.workloads`).
 
 Contents are deterministic (a seed sequence per block of 64 pages, so any
 chunking of the generation gives the same bytes) and generated with numpy a

@@ -27,7 +27,7 @@ from .p2m import HOLE, RAM_RW, RAM_SHARED
 
 
 class Sharing:
-    """Making frames shared (a part of :class:`hvcore.core.Hypervisor`).
+    """Making frames shared (a part of :class:`hvshare.hvcore.core.Hypervisor`).
 
     Uses the core's ``pool``, ``rmap``, ``domains``, the handle counter,
     the share scratch ``_mark`` and the two frame counters.

@@ -47,7 +47,7 @@ PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
 #: 2**(b-1)+1 .. 2**b (2, 3-4, 5-8, ...); 33 covers every int32 degree
 DEGREE_BUCKETS = 33
 #: items in the first chunk of each phase; later chunks follow the last
-#: one's rate (:meth:`hvcore.budget.ChunkCost.rate`)
+#: one's rate (:meth:`hvshare.hvcore.budget.ChunkCost.rate`)
 FIRST_CHUNK = 256
 #: in the last phase, the weight of a shared frame whose first and last
 #: words are zero (it is then read whole) against one that is not

@@ -2,7 +2,7 @@
 
 A domain made with ``create --from-pid`` or ``create --image`` is filled
 by the hypervisor the way a domain builder fills one, a bounded chunk at
-a time (:meth:`hvcore.domains.DomainTable.build_step`). Its size must be
+a time (:meth:`hvshare.hvcore.domains.DomainTable.build_step`). Its size must be
 known when the create begins (the frames are reserved then), so each
 source settles what it will read when it opens, and then reads it chunk
 by chunk through :meth:`into`:
@@ -240,7 +240,7 @@ class ProcessSnapshot:
 
 class FileImage:
     """A file's bytes as a domain's content: raw, or an ELF core's
-    ``PT_LOAD`` segments (:mod:`hvcore.elfcore`), each extent starting on a
+    ``PT_LOAD`` segments (:mod:`hvshare.hvcore.elfcore`), each extent starting on a
     page of its own.
 
     Only a regular file or a block device is an image: anything else (a

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from . import shm
 from .constants import DOMID_MAX
@@ -27,8 +26,6 @@ LOG_NAME = "hypervisor.log"
 CRASH_NAME = "crash"
 #: set to 1 to accept a socket directory others could write to (not advised)
 INSECURE_DIR_ENV = "HVSHARE_INSECURE_SOCKET_DIR"
-#: the directory that holds the hvshare packages
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def state_dir_for(socket_path: str) -> str:
@@ -39,13 +36,6 @@ def state_dir_for(socket_path: str) -> str:
 
 def guest_socket_path(state_dir: str, domid: int) -> str:
     return os.path.join(state_dir, f"guest-{domid}.sock")
-
-
-def child_env() -> dict:
-    """Environment for our child processes: the project importable as is."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def crash_note(socket_path: str) -> str:

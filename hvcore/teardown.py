@@ -49,7 +49,7 @@ _ALL_SHARED = bytes([RAM_SHARED]) * 4096
 
 
 class Teardown:
-    """Giving a dying domain's memory back (a part of :class:`hvcore.core.Hypervisor`).
+    """Giving a dying domain's memory back (a part of :class:`hvshare.hvcore.core.Hypervisor`).
 
     Uses the core's ``pool``, ``rmap``, ``domains`` and the frame counters.
     """

@@ -1,9 +1,9 @@
 """Command line of the benchmark suite (see ``perf/__init__.py``).
 
-    python -m perf <bench> [--quick] [--json PATH]     one benchmark
-    python -m perf all [--quick] [--json PATH] [--plots DIR] [--markdown] [--from PATH]
-    python -m perf compare A.json B.json [--changed] [--threshold F]
-    python -m perf plots [RUN.json DIR]       (default: docs/perf/run.json docs/perf)
+    python -m hvshare.perf <bench> [--quick] [--json PATH]     one benchmark
+    python -m hvshare.perf all [--quick] [--json PATH] [--plots DIR] [--markdown] [--from PATH]
+    python -m hvshare.perf compare A.json B.json [--changed] [--threshold F]
+    python -m hvshare.perf plots [RUN.json DIR]       (default: docs/perf/run.json docs/perf)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 from .registry import BENCHES, help_text
 
 #: commands that are not benchmarks: name -> module with main(argv)
-COMMANDS = {"all": "perf.report.suite", "compare": "perf.report.compare", "plots": "perf.report.plots"}
+COMMANDS = {"all": "hvshare.perf.report.suite", "compare": "hvshare.perf.report.compare", "plots": "hvshare.perf.report.plots"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     p = argparse.ArgumentParser(
-        prog="python -m perf", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m hvshare.perf", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__ + "\nbenchmarks:\n" + help_text()
         + "\n\ncommands (each has its own --help): " + ", ".join(COMMANDS))
     p.add_argument("bench", help="a benchmark (listed above) or a command")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = BENCHES.get(a.bench)
     mod = bench.load() if bench else f"no benchmark named {a.bench!r}"
     if isinstance(mod, str):
-        print(f"python -m perf: {mod} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
+        print(f"python -m hvshare.perf: {mod} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
     t0 = time.perf_counter()
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main() -> int:
     try:
         return main()
-    except BrokenPipeError:          # `python -m perf ... | head`: not an error
+    except BrokenPipeError:          # `python -m hvshare.perf ... | head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 

@@ -7,7 +7,7 @@ which share one frame (``heavy`` gfns on it). So the audit checks
 wall time of ``audit_report()`` and the nanoseconds per entry checked
 (p2m entries + rmap entries).
 
-    python -m perf.audit [--quick] [--pages N] [--heavy N] [--policies list,index]
+    python -m hvshare.perf.audit [--quick] [--pages N] [--heavy N] [--policies list,index]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .figure import Figures, text_of
 
 def build(policy: str, pages: int, heavy: int):
     """The host described in the module docstring, audited clean."""
-    from hvcore import Hypervisor
+    from hvshare.hvcore import Hypervisor
     half, hh = pages // 2, heavy // 2
     hv = Hypervisor(pages + 16, rmap=policy)
     a = hv.create_domain(half).domid
@@ -44,7 +44,7 @@ def build(policy: str, pages: int, heavy: int):
 
 def run(quick: bool = False, pages: int | None = None, heavy: int | None = None,
         policies: str | None = None, repeats: int | None = None) -> dict:
-    from hvcore.constants import RMAP_POLICIES
+    from hvshare.hvcore.constants import RMAP_POLICIES
     pages = pages or (20_000 if quick else 1_000_000)
     heavy = heavy if heavy is not None else (2_000 if quick else 100_000)
     repeats = repeats or (1 if quick else 5)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     opts = [(("--pages",), {"type": int, "help": "p2m entries in all (default 1,000,000)"}),
             (("--heavy",), {"type": int, "help": "gfns on the one heavy frame (default 100,000)"}),
             (("--policies",), {"help": "comma-separated rmap policies (default all)"})]
-    return standalone(sys.argv[1:] if argv is None else argv, "python -m perf.audit",
+    return standalone(sys.argv[1:] if argv is None else argv, "python -m hvshare.perf.audit",
                       __doc__.splitlines()[0], "20,000 pages, one repeat", run, report, opts)
 
 

@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: machine description, timed repeats,
 latency percentiles and whole distributions (log-linear histograms), the
 one table renderer and its cells, one-line reasons, SIGTERM. A repeat's
-figures are :class:`perf.figure.Figure` s."""
+figures are :class:`hvshare.perf.figure.Figure` s."""
 from __future__ import annotations
 
 import contextlib
@@ -132,7 +132,7 @@ def histogram_cdf(h: dict) -> tuple[list[float], list[float]]:
 
 
 #: the percentiles every latency result carries: enough points for a CDF
-#: plot (``perf.report.plots``) without keeping every sample in the JSON
+#: plot (``hvshare.perf.report.plots``) without keeping every sample in the JSON
 CDF_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
 
@@ -229,7 +229,7 @@ def write_json(doc: dict, path: str) -> None:
 
 def standalone(argv, prog: str, description: str, quick_help: str, run, report,
                options=(), unavailable=None) -> int:
-    """The command line of a module run on its own (``python -m perf.peers.ksm``):
+    """The command line of a module run on its own (``python -m hvshare.perf.peers.ksm``):
     ``--quick``, the module's ``options`` (``(flags, argparse keywords)``),
     ``--json PATH``; ``run(**arguments)`` then ``report(result)``. When
     ``unavailable()`` gives a reason, that is printed and nothing runs."""

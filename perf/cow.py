@@ -14,17 +14,17 @@ What is measured, all in one run on one machine:
   ``batch`` writes per ``G_WRITE_MANY`` message (one vectorised unshare and
   one scatter per message): pages per second, KSM's batched case. Also
   whole pages (``batched_pages``): ``batch`` pages per ``G_WRITE_PAGES``.
-- **raw pipe round trip** of two Python processes (``perf.peers.pipe``), same and
+- **raw pipe round trip** of two Python processes (``hvshare.perf.peers.pipe``), same and
   cross core: the floor any hvshare request pays.
-- **Linux KSM** (``perf.peers.ksm``): the kernel's CoW break of a merged page
+- **Linux KSM** (``hvshare.perf.peers.ksm``): the kernel's CoW break of a merged page
   (p50/p99 per page) and a batched break (one numpy write over all merged
   pages, pages per second). Skipped, with the reason, where KSM cannot be
   driven.
 
-Figures (:mod:`perf.figure`): ``fault_p50``/``fault_p99``, ``pipe_*``,
+Figures (:mod:`hvshare.perf.figure`): ``fault_p50``/``fault_p99``, ``pipe_*``,
 ``floor_*`` per placement, ``fault_step``, ``ksm_cow_p50``/``_p99``,
 ``batched_rate`` per write kind and ``ksm_batched_rate``; the goals they
-are judged by are :mod:`perf.goals`' (ratios of medians, side by side).
+are judged by are :mod:`hvshare.perf.goals`' (ratios of medians, side by side).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def measure(n: int, batch: int, repeats: int, figs: Figures, hists: list) -> dic
     """Per placement, ``repeats`` rounds of, side by side: the hvshare
     fault, the raw pipe round trip and the floor probe; then batched CoW.
     Returns what is not a figure: the CPUs, skipped placements, the audit."""
-    from tools.api import hvshare_session
+    from hvshare.tools.api import hvshare_session
     from . import floor
     out: dict = {"cpus": {}, "skipped_placements": {}}
     with hvshare_session(frames=2 * n + 1024) as hv:

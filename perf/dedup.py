@@ -1,21 +1,21 @@
 """Dedup merge rate: the scanner through the real hypervisor, next to Linux KSM.
 
-``python -m perf dedup [--quick] [--json PATH]``
+``python -m hvshare.perf dedup [--quick] [--json PATH]``
 
 What is measured, in one run on one machine:
 
 - **hvshare**: guest memory is filled with exactly the bytes KSM gets
-  (:func:`perf.peers.contents.page_content`: ``identical`` -- one random page repeated
-  -- and ``clone`` -- :func:`perf.peers.contents.ksm_clone_pages`'s image, zero and
+  (:func:`hvshare.perf.peers.contents.page_content`: ``identical`` -- one random page repeated
+  -- and ``clone`` -- :func:`hvshare.perf.peers.contents.ksm_clone_pages`'s image, zero and
   private pages), split over ``domains`` domains of a fresh hypervisor
   process (``clone``: four guests, ``identical``: one). Then, from nothing
-  shared to fully merged, end to end: a :class:`tools.dedup.Scanner` over
-  :class:`tools.dedup.SocketBackend` (mapping the pool, one pass: hash,
+  shared to fully merged, end to end: a :class:`hvshare.tools.dedup.Scanner` over
+  :class:`hvshare.tools.dedup.SocketBackend` (mapping the pool, one pass: hash,
   group, nominate, verify, share through the control socket), as
   ``hvctl dedup`` runs it. Median of ``repeats`` fresh hypervisors (3
   with ``--quick``, 5 otherwise), alternating with KSM's repeats so that
   a change in the machine's load weighs on both.
-- **Linux KSM** (:func:`perf.peers.ksm.measure_merge`, which sets and restores
+- **Linux KSM** (:func:`hvshare.perf.peers.ksm.measure_merge`, which sets and restores
   the knobs): ksmd merging the same content at full speed
   (``sleep_millisecs=0``, ``pages_to_scan=20000``). Skipped, with the
   reason, where KSM cannot be driven.
@@ -28,7 +28,7 @@ against KSM's ``pages_sharing``. KSM caps one KSM page at
 ``max_page_sharing`` (256) mappings and starts a duplicate KSM page beyond
 that, so on content with big groups (every zero page, the all-identical
 case) it frees fewer frames by design: ``ksm_cap_frames`` is that
-difference, computed from the content (:func:`perf.peers.contents.expected_counts`
+difference, computed from the content (:func:`hvshare.perf.peers.contents.expected_counts`
 with the real cap and with none). The savings match when hvshare's frames
 saved equal KSM's ``pages_sharing`` plus ``ksm_cap_frames`` (and equal
 what the content predicts).
@@ -39,7 +39,7 @@ what the content predicts).
 rest (the scanner's merge work and the socket round trips).
 
 **Steps**: the hypervisor bounds each ``nominate_many`` / ``share_many``
-step by the scanner's budget (``tools.dedup.REQUEST_BUDGET_MS``) and answers
+step by the scanner's budget (``hvshare.tools.dedup.REQUEST_BUDGET_MS``) and answers
 how many pages it did; per run, the hypervisor-side duration of each
 request kind (count, mean, longest, how many took 1 ms or more).
 **Batch sizes**: the same pass at several ``batch_pages``, now the most
@@ -52,7 +52,7 @@ most of the hypervisor's share of a pass.
 
 Figures: ``merge_rate``/``merge_seconds`` per content and rmap,
 ``ksm_merge_rate``/``ksm_merge_seconds`` per content, ``sweep_merge_rate``
-per content and batch size; the goals: :mod:`perf.goals`.
+per content and batch size; the goals: :mod:`hvshare.perf.goals`.
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def _fill(hv, content: np.ndarray, domains: int) -> list[int]:
 def one_merge(content: np.ndarray, domains: int, rmap: str = "buckets",
               batch_pages: int | None = None) -> dict:
     """One pass from nothing shared to fully merged on a fresh hypervisor."""
-    from tools.api import hvshare_session
-    from tools.dedup import BATCH_PAGES, SCANNER_OPS, Scanner, SocketBackend
+    from hvshare.tools.api import hvshare_session
+    from hvshare.tools.dedup import BATCH_PAGES, SCANNER_OPS, Scanner, SocketBackend
     batch_pages = batch_pages or BATCH_PAGES
     n = len(content)
     with hvshare_session(frames=n + 64 * domains + 256, rmap=rmap) as hv:
@@ -154,7 +154,7 @@ def run(quick: bool = False) -> dict:
 
 
 def _ksm_runs(runs: list[dict], figs: Figures, labels: dict) -> dict:
-    """Every single-repeat :func:`perf.peers.ksm.measure_merge` result's
+    """Every single-repeat :func:`hvshare.perf.peers.ksm.measure_merge` result's
     time and rate as figures, the last one's counts as the detail; a skip
     if one was skipped."""
     skipped = [r for r in runs if "skipped" in r]
@@ -169,7 +169,7 @@ def _ksm_runs(runs: list[dict], figs: Figures, labels: dict) -> dict:
 
 
 def _run(quick: bool) -> dict:
-    from tools.dedup import BATCH_PAGES, REQUEST_BUDGET_MS
+    from hvshare.tools.dedup import BATCH_PAGES, REQUEST_BUDGET_MS
     n = 10_000 if quick else 50_000
     repeats = 3 if quick else 5
     cases = {"identical": 1, "clone": 4}        # content -> hvshare domains

@@ -1,6 +1,6 @@
 """Guest density: how many clone guests fit in a pool, with and without dedup.
 
-``python -m perf density [--quick] [--json PATH]``
+``python -m hvshare.perf density [--quick] [--json PATH]``
 
 A fresh hypervisor process with a pool of ``frames`` frames; ``clone``
 guests of ``pages`` pages each, all booted from one image (the ``clone``
@@ -8,8 +8,8 @@ workload: image, zero and private extents), are created one after another
 until a create fails for lack of frames (ENOMEM). Twice:
 
 - **without** the scanner: every guest keeps a private frame per page;
-- **with** the scanner: one pass of :class:`tools.dedup.Scanner` over
-  :class:`tools.dedup.SocketBackend` after each boot (``hvctl dedup``), so
+- **with** the scanner: one pass of :class:`hvshare.tools.dedup.Scanner` over
+  :class:`hvshare.tools.dedup.SocketBackend` after each boot (``hvctl dedup``), so
   the image and zero pages of a new guest join the frames already shared
   and only its private pages stay its own.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-from hvcore.errors import ENOMEM
+from hvshare.hvcore.errors import ENOMEM
 
 from .common import sigterm_exits, table
 from .figure import Figures
@@ -32,7 +32,7 @@ from .report.headlines import report_goals
 
 def _predicted(frames: int, pages: int, seed: int, scan: bool) -> int:
     """Guests that fit by the content alone."""
-    from hvcore import images
+    from hvshare.hvcore import images
     if not scan:
         return frames // pages
     kinds = images.clone_kinds(seed, pages)
@@ -47,8 +47,8 @@ def _predicted(frames: int, pages: int, seed: int, scan: bool) -> int:
 def fill(frames: int, pages: int, seed: int, scan: bool, limit: int) -> dict:
     """Create clone guests until ENOMEM (or ``limit`` guests); scan after
     each boot if ``scan``."""
-    from tools import api
-    from tools.dedup import Scanner, SocketBackend
+    from hvshare.tools import api
+    from hvshare.tools.dedup import Scanner, SocketBackend
     t0 = time.perf_counter()
     scan_s = 0.0
     with api.hvshare_session(frames=frames) as hv:

@@ -7,7 +7,7 @@ shows, its min and max the spread, ``n`` the repeats. Every bench reports
 every figure it measures this way, in its result's ``figures`` list
 (docs/schema/perf/result.schema.json); headlines, plots and ``compare``
 read nothing else of a bench's figures. A whole latency distribution is a
-histogram (:func:`perf.common.log_histogram`) in ``histograms``, a
+histogram (:func:`hvshare.perf.common.log_histogram`) in ``histograms``, a
 sequence of events (a teardown's steps) a trace in ``traces``; both carry
 ``name`` and ``labels`` the same way.
 """

@@ -14,7 +14,7 @@ with one numpy assignment per chunk, and reports per chunk the CPU time of
 the thread (median, p99.9, max, and how many chunks took over 1 ms) and
 the cost per page. Side by side in one run, ``--repeats`` times.
 
-    python -m perf.firsttouch [--quick] [--pages N] [--chunk K]
+    python -m hvshare.perf.firsttouch [--quick] [--pages N] [--chunk K]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.constants import PAGE_SIZE
 
 from .common import standalone, table
 from .figure import Figures
@@ -52,7 +52,7 @@ def _row(kind: str, per_chunk: np.ndarray, pages: int, chunk: int) -> dict:
 
 def run(quick: bool = False, pages: int | None = None, chunk: int = 16, repeats: int | None = None) -> dict:
     import posix_ipc
-    from hvcore import shm
+    from hvshare.hvcore import shm
     pages = pages or (65_536 if quick else 500_000)
     repeats = repeats or (1 if quick else 3)
     rows = []
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     opts = [(("--pages",), {"type": int, "help": "pages written (default 500,000)"}),
             (("--chunk",), {"type": int, "default": 16, "help": "pages per chunk (default 16)"}),
             (("--repeats",), {"type": int, "help": "repeats (default 3, 1 with --quick)"})]
-    return standalone(argv, "python -m perf.firsttouch", __doc__.split("\n\n")[0],
+    return standalone(argv, "python -m hvshare.perf.firsttouch", __doc__.split("\n\n")[0],
                       "65,536 pages, one repeat", run, report, opts)
 
 

@@ -7,7 +7,7 @@ one byte; the parent times each round trip. What ``perf cow`` measures
 beyond this is the hypervisor process's own per-message overhead (its
 dispatch, metering, protocol checks and the guest's bookkeeping).
 
-The child is a fresh interpreter (``python -m perf.floor --serve``), pinned
+The child is a fresh interpreter (``python -m hvshare.perf.floor --serve``), pinned
 with the parent as the placement asks (``same`` or ``cross`` core). Each
 round is a fresh share of every page, so every write is a CoW fault.
 """
@@ -30,7 +30,7 @@ _MSG = struct.Struct("<qB")
 
 def _serve(rfd: int, wfd: int, n: int, rounds: int, rmap: str) -> None:
     """The child: the loop of a round per share of every page."""
-    from hvcore import Hypervisor
+    from hvshare.hvcore import Hypervisor
     with Hypervisor(2 * n + 64, rmap=rmap) as hv:
         a, b = hv.create_domain(n), hv.create_domain(n)
         buf = bytearray(64)
@@ -57,15 +57,14 @@ def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap:
     cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         raise ValueError(cpus)
-    from hvcore.statedir import child_env
     old = os.sched_getaffinity(0)
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     child = None
     try:
-        child = subprocess.Popen([sys.executable, "-m", "perf.floor", "--serve", str(to_r), str(from_w),
+        child = subprocess.Popen([sys.executable, "-m", "hvshare.perf.floor", "--serve", str(to_r), str(from_w),
                                   str(n), str(rounds), rmap], pass_fds=(to_r, from_w),
-                                 stdin=subprocess.DEVNULL, env=child_env())
+                                 stdin=subprocess.DEVNULL)
         os.close(to_r)
         os.close(from_w)
         to_r = from_w = -1
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         rfd, wfd, n, rounds = map(int, argv[1:5])
         _serve(rfd, wfd, n, rounds, argv[5])
         return 0
-    return standalone(argv, "python -m perf.floor", "Floor of a CoW fault round trip.",
+    return standalone(argv, "python -m hvshare.perf.floor", "Floor of a CoW fault round trip.",
                       "2,000 faults a round instead of 20,000", run, report)
 
 

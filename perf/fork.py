@@ -1,15 +1,15 @@
-"""VM fork: ``python -m perf fork [--quick] [--json PATH]``.
+"""VM fork: ``python -m hvshare.perf fork [--quick] [--json PATH]``.
 
 A parent domain of N pages (``zero``: one frame per page, as a guest's
 touched RAM) on a fresh hypervisor per N (its pool prefaulted, as
-``perf.scale``'s: ``hvctl start --prefault``; rmap ``index``), forked by
+``hvshare.perf.scale``'s: ``hvctl start --prefault``; rmap ``index``), forked by
 the client API (``fork``, ``fork_reset``). Per N, medians of repeats with
 their spread (min..max) and n:
 
 - **fork**: ``fork(parent)`` from the request until its answer (the
   child's guest runs), against Linux ``fork()`` of a process holding N
   touched anonymous pages until the child runs
-  (:mod:`perf.peers.linux_fork`); each fork is destroyed untimed;
+  (:mod:`hvshare.perf.peers.linux_fork`); each fork is destroyed untimed;
 - **reset**: ``fork_reset`` of a fork whose guest dirtied K = 64 pages
   first, against destroying such a fork and making a new one (the kill
   controller's destroy, then ``fork``);
@@ -23,11 +23,11 @@ their spread (min..max) and n:
   none.
 
 Beside each, the longest hypervisor step in the phase (wall time), from
-``info``'s step meters before and after it (:func:`perf.scale.step_window`:
+``info``'s step meters before and after it (:func:`hvshare.perf.scale.step_window`:
 the cumulative histograms' difference; the ``info`` steps themselves left
 out); destroys report their own longest teardown step.
 
-Goals: :mod:`perf.goals` (the fork against Linux's at 1,048,576 pages;
+Goals: :mod:`hvshare.perf.goals` (the fork against Linux's at 1,048,576 pages;
 fork_reset, the loop at K = 64 and the frames at the largest N measured;
 the longest step at every N). Checks, in ``checks``: every frames check
 exact, every reset dropped what was written, audit 0.
@@ -44,7 +44,7 @@ import sys
 import time
 
 
-from hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.constants import PAGE_SIZE
 
 from .common import sigterm_exits, table
 from .figure import Figures, text_of
@@ -99,8 +99,8 @@ def shm_problem(frames: int) -> str | None:
 
 @contextlib.contextmanager
 def _hypervisor(frames: int):
-    from tools.client import HypervisorClient
-    from tools.session import HVSession
+    from hvshare.tools.client import HypervisorClient
+    from hvshare.tools.session import HVSession
     hv = None
     try:
         with _signals_held():
@@ -293,7 +293,7 @@ def _run(quick: bool) -> dict:
 
 
 def _checks(results: list[dict]) -> list[dict]:
-    """What must hold besides the goals (:mod:`perf.goals`): every frames
+    """What must hold besides the goals (:mod:`hvshare.perf.goals`): every frames
     check exact, every reset dropped what was written, audit 0."""
     frames = [(r["pages"], f) for r in results for f in r["frames"].values()]
     bad = [(n, f) for n, f in frames if not f["ok"]]

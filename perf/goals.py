@@ -1,7 +1,7 @@
 """The project's performance goals, each stated once: the one table the
 benches' reports, the headlines, the README table and the plots judge by.
 
-A goal names a figure of a bench's result (:mod:`perf.figure`: a name and
+A goal names a figure of a bench's result (:mod:`hvshare.perf.figure`: a name and
 labels) and, for a ratio, the anchor it is divided by (a peer measured
 side by side, or hvshare itself in another case); it holds when the
 figure's median (or the ratio of the medians) is ``op`` ``target``.

@@ -1,4 +1,4 @@
-"""A dedup pass and a teardown at 1,000,000 pages: ``python -m perf onemillion``.
+"""A dedup pass and a teardown at 1,000,000 pages: ``python -m hvshare.perf onemillion``.
 
 Two clone domains of 500,000 pages each (50,000 with ``--quick``) on one
 hypervisor process: one scanner pass over the socket merges them, then the
@@ -17,9 +17,9 @@ PAGES = 500_000
 
 
 def run(quick: bool = False, rmap: str = "buckets") -> dict:
-    from tools import killctl
-    from tools.api import HypervisorClient, hvshare_session
-    from tools.dedup import Scanner, SocketBackend
+    from hvshare.tools import killctl
+    from hvshare.tools.api import HypervisorClient, hvshare_session
+    from hvshare.tools.dedup import Scanner, SocketBackend
     pages = PAGES // 10 if quick else PAGES
     figs = Figures()
     out: dict = {"rmap": rmap, "pages": 2 * pages}

@@ -4,7 +4,7 @@ Installed as the ``pytest11`` entry point ``hvshare``, so it loads in every
 pytest run once hvshare is installed (``-p no:hvshare`` turns it off,
 ``-p hvshare`` loads it where autoloading is disabled). It provides:
 
-- ``hvshare``: a running hypervisor (:func:`tools.api.hvshare_session`, 8192
+- ``hvshare``: a running hypervisor (:func:`hvshare.tools.api.hvshare_session`, 8192
   frames) whose audit must find no error when the test ends. Options come
   from ``@pytest.mark.hvshare(frames=65536, rmap="index")`` (the closest
   marker wins) and from an indirect parameter, a dict that overrides the
@@ -16,18 +16,18 @@ pytest run once hvshare is installed (``-p no:hvshare`` turns it off,
   ``hvshare_leak_check = true`` applies it to every test.
 - ``@pytest.mark.ksm(**knobs)``: the test needs Linux KSM; it is skipped
   with the reason when ``/sys/kernel/mm/ksm`` cannot be driven, otherwise
-  it runs inside :func:`perf.peers.ksm_session.ksm_session` (``knobs`` set
+  it runs inside :func:`hvshare.perf.peers.ksm_session.ksm_session` (``knobs`` set
   on entry, every knob restored after the test's fixtures are torn down).
 
 Being loaded changes nothing in the process. A run that opts in (the ini
 option, or the first test that uses ``hvshare`` or ``hvshare_leaks``)
 becomes a child subreaper, so a detached hypervisor or an orphaned guest is
 re-parented to pytest where the leak check sees it, and gets a private
-session root (``tools.session.SESSION_ROOT`` and ``$HVSHARE_SOCKET``), so no
+session root (``hvshare.tools.session.SESSION_ROOT`` and ``$HVSHARE_SOCKET``), so no
 test reaches a user's own hypervisor; the end of the run undoes both.
 
 It lives in ``perf`` because it combines the toolstack's sessions with the
-KSM knobs of :mod:`perf.peers`, and imports point perf -> tools. Modules
+KSM knobs of :mod:`hvshare.perf.peers`, and imports point perf -> tools. Modules
 beyond the standard library are imported when a test needs them: every
 pytest run on a machine with hvshare installed imports this one.
 """
@@ -44,8 +44,8 @@ import time
 
 import pytest
 
-from perf.peers.ksm_session import ksm_session
-from perf.peers.ksm_sysfs import KsmUnavailable
+from hvshare.perf.peers.ksm_session import ksm_session
+from hvshare.perf.peers.ksm_sysfs import KsmUnavailable
 
 #: pool size of the ``hvshare`` fixture unless a marker or parameter says otherwise
 HVSHARE_FRAMES = 8192
@@ -93,7 +93,7 @@ class _RunEnvironment:
 
     def activate(self) -> str:
         if self.root is None:
-            from tools import session
+            from hvshare.tools import session
             _set_child_subreaper(True)
             self.root = tempfile.mkdtemp(prefix="hvs-pytest-", dir="/tmp" if os.path.isdir("/tmp") else None)
             self._saved = (session.SESSION_ROOT, os.environ.get("HVSHARE_SOCKET"))
@@ -104,7 +104,7 @@ class _RunEnvironment:
     def deactivate(self) -> None:
         if self.root is None:
             return
-        from tools import session
+        from hvshare.tools import session
         session.SESSION_ROOT, old_socket = self._saved
         if old_socket is None:
             os.environ.pop("HVSHARE_SOCKET", None)
@@ -133,7 +133,7 @@ def _set_child_subreaper(on: bool) -> None:
 def hvshare(request):
     """A real hypervisor process on a private socket; its audit must be 0
     when the test ends (unless the test stopped or killed it)."""
-    from tools import api
+    from hvshare.tools import api
     request.config.stash[_RUN].activate()
     options = {"frames": HVSHARE_FRAMES}
     marker = request.node.get_closest_marker("hvshare")
@@ -181,7 +181,7 @@ def _leak_check(root: str):
     """Yields a list that, after the block, names what it left behind
     (everything named is already killed or removed)."""
     import psutil
-    from hvcore import shm
+    from hvshare.hvcore import shm
     before_procs = {p.pid for p in _descendants()}
     before_segs = set(shm.list_segments())
     before_socks = _sockets(root)
@@ -257,7 +257,7 @@ def _owned_by_us(segment: str, pids: set[int]) -> bool:
     """A segment this run made: its owner is us, a process we started, or
     dead (other users of the machine own live hypervisors)."""
     import psutil
-    from hvcore import shm
+    from hvshare.hvcore import shm
     pid = shm.owner_pid(segment)
     if pid is None:
         return False

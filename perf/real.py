@@ -1,6 +1,6 @@
 """Real programs: hvshare's dedup on snapshots of live processes, next to Linux KSM on the processes.
 
-``python -m perf real [--quick] [--json PATH]``
+``python -m hvshare.perf real [--quick] [--json PATH]``
 
 Two groups of real programs, each started K times (K = 4; 2 with
 ``--quick``): ``imports``, a Python interpreter that imports numpy, json,
@@ -15,7 +15,7 @@ present anonymous private pages) and by this benchmark (the same pages'
 checksums, which say what the content predicts). Then they run again
 (SIGCONT).
 
-- **hvshare**: one :class:`tools.dedup.Scanner` pass over those domains
+- **hvshare**: one :class:`hvshare.tools.dedup.Scanner` pass over those domains
   (scan and merge, as ``hvctl dedup`` runs it): its seconds, the frames it
   saved (``nr_saved_mfns``) and the zero pages among the pages it scanned.
 - **Linux KSM**: ksmd at full speed (``sleep_millisecs=0``,
@@ -24,7 +24,7 @@ checksums, which say what the content predicts). Then they run again
   time to settle, ``pages_shared``, ``pages_sharing`` and each process's
   ``/proc/PID/ksm_merging_pages``. Skipped, with the reason, where KSM
   cannot be driven. The knobs are restored afterwards
-  (:func:`perf.peers.ksm_session.ksm_session`).
+  (:func:`hvshare.perf.peers.ksm_session.ksm_session`).
 
 Where the frames saved differ, the counts that explain it
 (``differences``):
@@ -56,9 +56,9 @@ import time
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
-from hvcore.images import checksums
-from hvcore.snapshot import PM_PRESENT, ProcessSnapshot
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.images import checksums
+from hvshare.hvcore.snapshot import PM_PRESENT, ProcessSnapshot
 
 from .common import sigterm_exits, table
 from .figure import Figures
@@ -191,8 +191,8 @@ def predicted(sums: np.ndarray, cap: int) -> dict:
 def _hvshare(progs: Programs, snaps: list[ProcessSnapshot]) -> tuple[dict, list[dict]]:
     """Snapshots by the hypervisor (the programs are stopped), then one
     dedup pass over them."""
-    from tools.api import hvshare_session
-    from tools.dedup import Scanner, SocketBackend
+    from hvshare.tools.api import hvshare_session
+    from hvshare.tools.dedup import Scanner, SocketBackend
     frames = sum(s.npages for s in snaps) + 4096
     with hvshare_session(frames=frames) as hv:
         t0 = time.perf_counter()
@@ -241,7 +241,7 @@ def big_snapshot(pages: int) -> dict:
     """The longest hypervisor step while it snapshots one stopped process
     of ``pages`` touched pages (the goal: 1 ms at 1 GiB), and the create's
     wall time, on a prefaulted hypervisor as for ``perf scale``."""
-    from tools.session import HVSession
+    from hvshare.tools.session import HVSession
     from .scale import step_window
     progs = Programs({"big": _BIG.format(pages=pages)}, 1)
     try:

@@ -1,10 +1,10 @@
-"""The one list of benchmarks: what ``python -m perf <bench>``, ``python -m
-perf all``, ``--help`` and the tests run.
+"""The one list of benchmarks: what ``python -m hvshare.perf <bench>``, ``python -m
+hvshare.perf all``, ``--help`` and the tests run.
 
 Each bench is a module with ``run(quick: bool) -> dict`` (the result, whose
-measured figures are :class:`perf.figure.Figure` s in ``figures``) and
+measured figures are :class:`hvshare.perf.figure.Figure` s in ``figures``) and
 ``report(result) -> str`` (the human table). ``suite`` benches run in
-``python -m perf all``, in this order; the others are run on their own
+``python -m hvshare.perf all``, in this order; the others are run on their own
 (the peers are measured inside the suite's benches already).
 """
 from __future__ import annotations
@@ -25,10 +25,15 @@ class Bench:
         """The source file, as messages name it (``perf/rmap.py``)."""
         return self.module.replace(".", "/") + ".py"
 
+    @property
+    def qualname(self) -> str:
+        """The installed module's name (``hvshare.perf.rmap``)."""
+        return "hvshare." + self.module
+
     def load(self):
         """The module, or a one-line reason why it cannot be used."""
         try:
-            mod = importlib.import_module(self.module)
+            mod = importlib.import_module(self.qualname)
         except Exception as e:
             return f"{self.file} does not import: {type(e).__name__}: {e}"
         if not callable(getattr(mod, "run", None)) or not callable(getattr(mod, "report", None)):
@@ -36,7 +41,7 @@ class Bench:
         return mod
 
 
-#: name, module, "suite" (in ``python -m perf all``, in this order) or "alone", one line about it
+#: name, module, "suite" (in ``python -m hvshare.perf all``, in this order) or "alone", one line about it
 _TABLE = """\
 rmap        perf.rmap              suite  reverse-map policies: cost per entry and memory against sharing degree
 cow         perf.cow               suite  CoW fault round trip beside the raw pipe, the floor probe and Linux KSM
@@ -60,7 +65,7 @@ BENCHES: dict[str, Bench] = {
     name: Bench(name, module, about, where == "suite")
     for name, module, where, about in (line.split(None, 3) for line in _TABLE.splitlines())}
 
-#: the benches of ``python -m perf all``, in running order
+#: the benches of ``python -m hvshare.perf all``, in running order
 SUITE = tuple(name for name, b in BENCHES.items() if b.suite)
 
 

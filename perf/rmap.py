@@ -1,4 +1,4 @@
-"""Reverse-map policies against sharing degree: ``python -m perf rmap``.
+"""Reverse-map policies against sharing degree: ``python -m hvshare.perf rmap``.
 
 For each policy and degree D, one frame's rmap is built with D entries from
 four domains, then three per-entry costs are timed at that degree:
@@ -9,14 +9,14 @@ k = min(D, sample), so the list policy (O(D) per operation, the point of the
 benchmark) stays feasible at 262,144. Every repeat uses a fresh build and
 times its k operations in chunks; each repeat's cost is the median of its
 chunks (a chunk spoilt by a noisy spell drops out), and the figure
-(:mod:`perf.figure`: ``add``, ``lookup``, ``delete`` in ns per policy and
+(:mod:`hvshare.perf.figure`: ``add``, ``lookup``, ``delete`` in ns per policy and
 degree) is every repeat's. Small degrees get more repeats (a few thousand
 operations each).
 Every round of repeats visits every degree and the policies take turns
 within each repeat: side by side, as the machine's noise demands.
 Memory: tracemalloc (it sees numpy's buffers too) around one build, per entry.
 
-Goals (:mod:`perf.goals`): the 256-bucket table at least 200x better than
+Goals (:mod:`hvshare.perf.goals`): the 256-bucket table at least 200x better than
 the list at degree 262,144 (the seed's claim: ~256x); the index flat
 (delete at the top degree within 2x of at 16) with at most 32 bytes per
 entry (``bytes_per_entry``) at 262,144 (hvshare's). Both policies keep their nodes as
@@ -43,9 +43,9 @@ import tracemalloc
 
 import numpy as np
 
-from hvcore.constants import RMAP_POLICIES
-from hvcore.rmap import make_rmap
-from hvcore.rmap.arena import NodeArena
+from hvshare.hvcore.constants import RMAP_POLICIES
+from hvshare.hvcore.rmap import make_rmap
+from hvshare.hvcore.rmap.arena import NodeArena
 
 from .common import table
 from .figure import Figures, text_of

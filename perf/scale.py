@@ -1,4 +1,4 @@
-"""Scale: ``python -m perf scale [--quick] [--json PATH]``.
+"""Scale: ``python -m hvshare.perf scale [--quick] [--json PATH]``.
 
 Two clone domains of N pages each (``workload clone``, one seed: they share
 the image's content) on a fresh hypervisor per rmap policy and N (its pool
@@ -8,13 +8,13 @@ through the life of a pair of guests:
 - **create**: each domain's ``create`` request, first to answer (the
   answer comes when the domain is built);
 - **dedup**: one full pass of the dedup scanner over both
-  (:class:`tools.dedup.Scanner` over :class:`tools.dedup.SocketBackend`,
+  (:class:`hvshare.tools.dedup.Scanner` over :class:`hvshare.tools.dedup.SocketBackend`,
   as ``hvctl dedup`` runs it); pages/s is pages merged
   (``pages_shared + pages_sharing``) per second;
 - **cow**: a CoW burst: the second domain's guest writes one byte to each
   of its pages, 1,024 writes per message (``time_write_many``); every
   shared one takes a CoW fault; pages/s is faults per second;
-- **destroy**: the kill controller (:func:`tools.killctl.destroy`) tears
+- **destroy**: the kill controller (:func:`hvshare.tools.killctl.destroy`) tears
   the first domain down, preemptibly; its shared entries are those the
   scanner merged (the second domain's writes left them on frames of their
   own).
@@ -30,22 +30,22 @@ hypervisor reports it; where it does not, the wall time stands in and the
 result says so (``cpu_from``). The destroy's own answer carries its longest
 step in both.
 
-Peers, on the same bytes (:func:`perf.peers.contents.hv_clone_pages`), run
+Peers, on the same bytes (:func:`hvshare.perf.peers.contents.hv_clone_pages`), run
 while no hypervisor is up:
 
 - **numpy fill**, the floor of a create: (a) generating one domain's clone
-  bytes with :func:`hvcore.images.clone_content` into a fresh array, (b) a
+  bytes with :func:`hvshare.hvcore.images.clone_content` into a fresh array, (b) a
   plain copy of those bytes into fresh memory;
 - **Linux KSM** merging two regions of N pages holding the two domains'
   bytes (``MADV_MERGEABLE``, ksmd at full speed until the counters stop),
   then ``munmap`` of the first region while the second still maps the KSM
-  pages (:func:`perf.peers.ksm.measure_merge_regions`).
+  pages (:func:`hvshare.perf.peers.ksm.measure_merge_regions`).
 
-Figures (:mod:`perf.figure`): per rmap, N and operation ``seconds``,
+Figures (:mod:`hvshare.perf.figure`): per rmap, N and operation ``seconds``,
 ``rate`` (pages/s), ``max_step`` and ``max_step_cpu``; per N the peers'
 ``fill_generate_seconds``, ``fill_copy_seconds``, ``ksm_merge_seconds``,
 ``ksm_merge_rate``, ``ksm_munmap_seconds``, ``ksm_munmap_rest_seconds``.
-Goals: :mod:`perf.goals`.
+Goals: :mod:`hvshare.perf.goals`.
 
 Sizes: N = 250,000 and 1,000,000 (65,536 with ``--quick``; the environment
 variable ``HVSHARE_SCALE_PAGES``, comma-separated, overrides both).
@@ -181,10 +181,10 @@ def _signals_held():
 def one_life(n: int, rmap: str) -> dict:
     """The four operations on two clone domains of ``n`` pages, on a fresh
     hypervisor (pool of 2n + MARGIN frames); per operation its figures."""
-    from tools import killctl
-    from tools.client import HypervisorClient
-    from tools.dedup import Scanner, SocketBackend
-    from tools.session import HVSession
+    from hvshare.tools import killctl
+    from hvshare.tools.client import HypervisorClient
+    from hvshare.tools.dedup import Scanner, SocketBackend
+    from hvshare.tools.session import HVSession
     out: dict = {}
     hv = None
     try:

@@ -1,4 +1,4 @@
-"""Soak: ``python -m perf soak [--quick] [--json PATH]``.
+"""Soak: ``python -m hvshare.perf soak [--quick] [--json PATH]``.
 
 N writer guests (32; 8 with ``--quick``) write batches of pages for D
 seconds (60; 10 with ``--quick``), each from its own thread through its
@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.constants import PAGE_SIZE
 
 from .common import table
 from .figure import Figures
@@ -84,8 +84,8 @@ class _Writer(threading.Thread):
 
 def _dedup_loop(socket_path: str, stop: threading.Event, out: dict) -> None:
     try:
-        from tools.api import HypervisorClient
-        from tools.dedup import Scanner, SocketBackend
+        from hvshare.tools.api import HypervisorClient
+        from hvshare.tools.dedup import Scanner, SocketBackend
     except ImportError:                 # pragma: no cover - the scanner ships with hvshare
         out["skipped"] = "no dedup scanner"
         return
@@ -97,7 +97,7 @@ def _dedup_loop(socket_path: str, stop: threading.Event, out: dict) -> None:
 
 
 def run(quick: bool = False) -> dict:
-    from tools.api import hvshare_session
+    from hvshare.tools.api import hvshare_session
     nguests, seconds, pages = (8, 10.0, 256) if quick else (32, 60.0, 512)
     victim_pages = 8192 if quick else 32768
     big_pages = 0 if quick else BIG_PAGES
@@ -203,7 +203,7 @@ def _window_steps(start: dict, end: dict) -> dict:
 
 
 def _destroy(socket_path: str, domid: int) -> dict:
-    from tools.api import HypervisorClient
+    from hvshare.tools.api import HypervisorClient
     with HypervisorClient(socket_path, timeout=None) as c:
         r = c.destroy(domid)
     r["finished_at"] = time.monotonic()
@@ -211,8 +211,8 @@ def _destroy(socket_path: str, domid: int) -> dict:
 
 
 def _dedup_loop_once(socket_path: str) -> None:
-    from tools.api import HypervisorClient
-    from tools.dedup import Scanner, SocketBackend
+    from hvshare.tools.api import HypervisorClient
+    from hvshare.tools.dedup import Scanner, SocketBackend
     with HypervisorClient(socket_path) as c, Scanner(SocketBackend(c)) as sc:
         sc.scan_pass()
 

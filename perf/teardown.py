@@ -1,10 +1,10 @@
-"""Domain teardown: ``python -m perf teardown [--quick] [--json PATH]``.
+"""Domain teardown: ``python -m hvshare.perf teardown [--quick] [--json PATH]``.
 
 The seed's case, on a real hypervisor process: one ``zero`` domain whose N
 gfns all point at ONE shared frame, a second domain sharing that frame too
 (so the frame outlives the teardown and its rmap keeps a few entries), and a
 writer guest that keeps taking CoW faults while the heavy domain is
-destroyed by the kill controller (:mod:`tools.killctl`). For each N, each
+destroyed by the kill controller (:mod:`hvshare.tools.killctl`). For each N, each
 rmap policy and each teardown mode:
 
 - **seconds**: the kill controller's wall time, first request to "gone";
@@ -27,9 +27,9 @@ rmap policy and each teardown mode:
   the controller's window.
 
 Peer, in the same run: Linux munmap of N pages all merged into ONE KSM page
-(:func:`perf.peers.ksm.measure_munmap`), the kernel doing the same job.
+(:func:`hvshare.perf.peers.ksm.measure_munmap`), the kernel doing the same job.
 
-Figures (:mod:`perf.figure`) per case (``rmap``, ``mode``, ``entries``):
+Figures (:mod:`hvshare.perf.figure`) per case (``rmap``, ``mode``, ``entries``):
 ``seconds``, ``max_step``, ``max_step_cpu``, ``p99_step``, ``fault_p99``,
 ``idle_fault_p99``; ``munmap_ksm`` and ``munmap_private`` per N; the
 faults' histograms and the last repeat's steps (a trace).
@@ -38,9 +38,9 @@ Each case runs ``repeats`` times on one hypervisor (3 in the full run, 1 at
 1,000,000 and for ``list`` at 100,000, 1 in ``--quick``); medians are shown,
 every repeat's in the figures, and fault percentiles over the faults of all
 repeats together, whose whole distribution is kept as ``fault_histogram``
-and ``idle_fault_histogram`` (:func:`perf.common.log_histogram`).
+and ``idle_fault_histogram`` (:func:`hvshare.perf.common.log_histogram`).
 
-Goals: :mod:`perf.goals` (the seed's: at N = 100,000 ``buckets`` at least
+Goals: :mod:`hvshare.perf.goals` (the seed's: at N = 100,000 ``buckets`` at least
 200x faster than ``list``; hvshare's: ``index`` at most Linux's munmap, a
 preemptible step at most 1 ms, the writer's fault p99 during a teardown
 at most 2x idle). They are judged apart for ``list``: one removal from a
@@ -60,7 +60,7 @@ import time
 
 import numpy as np
 
-from hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
+from hvshare.hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
 
 from .common import log_histogram, table
 from .figure import Figures
@@ -203,8 +203,8 @@ def measure(n: int, rmap: str, mode: str, repeats: int = 1, writer_pages: int = 
 
 
 def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
-    from tools import killctl
-    from tools.api import GuestClient, HypervisorClient, hvshare_session
+    from hvshare.tools import killctl
+    from hvshare.tools.api import GuestClient, HypervisorClient, hvshare_session
     frames = n + 3 * writer_pages + 4096
     per = writer_pages                               # writer gfns each repeat may fault
     out: dict = {"rmap": rmap, "mode": mode, "n": n, "repeats": repeats}
@@ -345,7 +345,7 @@ def _find(results, rmap, mode, n):
 
 
 def _checks(results) -> list[dict]:
-    """What must hold besides the goals (:mod:`perf.goals`): the seed's list
+    """What must hold besides the goals (:mod:`hvshare.perf.goals`): the seed's list
     is minutes-class, a monolithic teardown is one step, nothing leaks;
     ``met`` None when it could not be measured."""
     checks = []

@@ -1,4 +1,4 @@
-"""The project's own choices on top of its pytest plugin (:mod:`perf.pytest_plugin`).
+"""The project's own choices on top of its pytest plugin (:mod:`hvshare.perf.pytest_plugin`).
 
 - Every test runs under the leak check (``no_leftovers``): no test may
   leave a process, a segment or a socket behind.
@@ -6,21 +6,10 @@
 """
 from __future__ import annotations
 
-import sys
-from importlib import metadata
-from pathlib import Path
-
 import pytest
 
-try:
-    import perf  # noqa: F401
-except ImportError:  # run as plain `pytest` without the project installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# A checkout run without installing hvshare (or installed before the plugin
-# existed) has no entry point to load the plugin by.
-if not any(ep.name == "hvshare" for ep in metadata.entry_points(group="pytest11")):
-    pytest_plugins = ["perf.pytest_plugin"]
+# The tests run against the installed package (``pip install -e '.[test]'``),
+# whose entry point loads the plugin.
 
 
 @pytest.fixture(autouse=True)

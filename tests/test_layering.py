@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("hvcore", "guests", "tools", "perf")
 #: the hypervisor process: only its own package (and nothing installed
 #: above hvcore) imports it
-SERVER = "hvcore.process"
+SERVER = "hvshare.hvcore.process"
 
 
 def _modules() -> dict[str, Path]:
@@ -28,7 +28,7 @@ def _modules() -> dict[str, Path]:
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
-            out[".".join(parts)] = path
+            out[".".join(["hvshare", *parts])] = path
     return out
 
 
@@ -90,9 +90,9 @@ def test_layers_point_one_way():
     mods, _, every = _graph()
     wrong = []
     for m, targets in every.items():
-        rank = LAYERS.index(m.split(".")[0])
+        rank = LAYERS.index(m.split(".")[1])
         for t in targets:
-            if LAYERS.index(t.split(".")[0]) > rank:
+            if LAYERS.index(t.split(".")[1]) > rank:
                 wrong.append(f"{m} imports {t}")
     assert not wrong, "imports point perf -> tools -> guests -> hvcore only:\n" + "\n".join(sorted(wrong))
 

@@ -1,2 +1,2 @@
-"""The toolstack: the ``hvctl`` command line (:mod:`tools.hvctl`) and the
-Python API it is built on (:mod:`tools.api`)."""
+"""The toolstack: the ``hvctl`` command line (:mod:`hvshare.tools.hvctl`) and the
+Python API it is built on (:mod:`hvshare.tools.api`)."""

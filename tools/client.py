@@ -1,7 +1,7 @@
 """Clients of the control sockets: the hypervisor's and each guest's.
 
 :class:`HypervisorClient` speaks the hypervisor's control socket (framed
-JSON, :mod:`hvcore.wire.control`): the ``hvctl`` operations plus the
+JSON, :mod:`hvshare.hvcore.wire.control`): the ``hvctl`` operations plus the
 sharing hypercalls tests need (nominate, share, range_share, unshare...).
 :meth:`HypervisorClient.guest` opens a :class:`GuestClient` on a guest's
 own control channel (write, read, checksum, verify, stats, raw_write).
@@ -11,7 +11,7 @@ own.
 Each client holds one :class:`Channel`: a blocking connection opened on
 first use, one request at a time, its answers read by one
 :class:`~hvcore.wire.control.FrameReader`. Every failure arrives as
-:class:`~tools.errors.HVCtlError` (:func:`tools.errors.check_answer`).
+:class:`~tools.errors.HVCtlError` (:func:`hvshare.tools.errors.check_answer`).
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import time
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
-from hvcore.errors import ProtocolError
-from hvcore.statedir import crash_note
-from hvcore.wire import control
-from hvcore.wire.schema import MAX_READ_PAGES
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.errors import ProtocolError
+from hvshare.hvcore.statedir import crash_note
+from hvshare.hvcore.wire import control
+from hvshare.hvcore.wire.schema import MAX_READ_PAGES
 
 from .errors import GuestGone, HVCtlError, NoHypervisor, check_answer, timed_out
 
@@ -226,7 +226,7 @@ class HypervisorClient(Requester):
 
     def destroy(self, domid: int, progress=None, forks: bool = False) -> dict:
         """Destroy a domain to the end with the kill controller
-        (:func:`tools.killctl.destroy`): domid, seconds, entries,
+        (:func:`hvshare.tools.killctl.destroy`): domid, seconds, entries,
         continuations, max_pause_ms. ``progress(answer)`` sees every step.
         A domain with forks is refused (EBUSY) unless ``forks``: then its
         forks, and theirs, are destroyed first, deepest first (their

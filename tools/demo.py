@@ -29,8 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from hvcore import shm
-from hvcore.images import KIND_PRIVATE, clone_kinds
+from hvshare.hvcore import shm
+from hvshare.hvcore.images import KIND_PRIVATE, clone_kinds
 
 from . import api, dedup
 

@@ -33,9 +33,9 @@ import sys
 import time
 from typing import Callable
 
-from hvcore.wire import control
-from hvcore import errors
-from hvcore.errors import ESRCH
+from hvshare.hvcore.wire import control
+from hvshare.hvcore import errors
+from hvshare.hvcore.errors import ESRCH
 
 from .errors import HVCtlError, NoHypervisor, check_answer
 
@@ -48,11 +48,11 @@ AHEAD = 3
 
 def destroy(client, domid: int, progress: Callable[[dict], None] | None = None) -> dict:
     """Call destroy for ``domid`` on the hypervisor of ``client`` (a
-    :class:`tools.client.HypervisorClient`) while it answers "restart"; return
+    :class:`hvshare.tools.client.HypervisorClient`) while it answers "restart"; return
     the teardown's summary.
 
     ``progress(answer)`` is called after every step. An unknown or
-    already-destroyed domain raises :class:`tools.errors.HVCtlError` (ESRCH)
+    already-destroyed domain raises :class:`hvshare.tools.errors.HVCtlError` (ESRCH)
     before anything is done.
 
     The first request goes alone and gets the full answer; after it,

@@ -14,7 +14,6 @@ import select
 import subprocess
 import time
 
-from hvcore.statedir import child_env
 
 from .errors import HVCtlError
 
@@ -41,7 +40,7 @@ def launch(cmd: list[str], log_path: str, timeout: float, what: str, *,
             out = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True) \
                 if detach else {}
             proc = subprocess.Popen([*cmd, "--ready-fd", str(ready_w)], pass_fds=(ready_w,),
-                                    env=child_env(), cwd="/", **out)
+                                    cwd="/", **out)
     except BaseException:
         os.close(ready_r)
         raise

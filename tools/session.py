@@ -1,6 +1,6 @@
 """Starting hypervisors, and sessions that leave nothing behind.
 
-:func:`start_hypervisor` launches ``python -m hvcore.process`` detached (a
+:func:`start_hypervisor` launches ``python -m hvshare.hvcore.process`` detached (a
 new session, stdio to the state directory's log) and returns once it
 serves, or raises :class:`~tools.errors.HVCtlError` with the hypervisor's
 own reason. :func:`cleanup_dead` removes what a dead hypervisor left.
@@ -23,9 +23,9 @@ import sys
 import tempfile
 from typing import Iterator
 
-from hvcore import shm
-from hvcore.constants import DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN
-from hvcore.statedir import (CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, not_a_socket,
+from hvshare.hvcore import shm
+from hvshare.hvcore.constants import DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN
+from hvshare.hvcore.statedir import (CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, not_a_socket,
                              socket_path_problem, state_dir_for)
 
 from .client import HypervisorClient, default_socket_path
@@ -76,7 +76,7 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
         raise HVCtlError(f"a hypervisor (pid {pid}) is already running on {socket_path}", 16, "EBUSY")
     state = state_dir_for(socket_path)
     make_private_dirs(state)
-    cmd = [sys.executable, "-m", "hvcore.process", "--socket", socket_path, "--frames", str(frames),
+    cmd = [sys.executable, "-m", "hvshare.hvcore.process", "--socket", socket_path, "--frames", str(frames),
            "--rmap", rmap, "--teardown", teardown, "--sched", sched]
     if prefault:
         cmd.append("--prefault")

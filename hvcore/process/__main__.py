@@ -1,4 +1,4 @@
-"""``python -m hvcore.process``: run a hypervisor process (``hvctl start`` does)."""
+"""``python -m hvshare.hvcore.process``: run a hypervisor process (``hvctl start`` does)."""
 import sys
 
 from .loop import main

@@ -1,6 +1,6 @@
 """Control operations: the op table of the control socket.
 
-Each ``_op_NAME`` serves one operation of :data:`hvcore.wire.schema.CONTROL_OPS`
+Each ``_op_NAME`` serves one operation of :data:`hvshare.hvcore.wire.schema.CONTROL_OPS`
 with its checked arguments, calls the core, and answers. The clients
 (:mod:`.clients`) read, parse and check the requests before anything acts
 on them and hand them to :meth:`ControlOps.serve`.
@@ -142,7 +142,7 @@ class ControlOps:
         return {"errors": len(report), "report": report[:20], "seconds": seconds}
 
     def _op_sharing_report(self, c, payload):
-        """The sharing report (:mod:`hvcore.sharing_stats`): a job over
+        """The sharing report (:mod:`hvshare.hvcore.sharing_stats`): a job over
         every p2m and the frame table, answered when done, each domain
         with its guest's CoW faults."""
         def answer(scan):
@@ -173,7 +173,7 @@ class ControlOps:
         request is answered once the guest said hello.
 
         With ``from_pid`` or ``image`` the memory is read from that process
-        or file (:mod:`hvcore.snapshot`; ``pages``: its size, or a cut) and
+        or file (:mod:`hvshare.hvcore.snapshot`; ``pages``: its size, or a cut) and
         the workload only picks what the guest does."""
         if workload not in WORKLOADS:
             raise HVError(EINVAL, f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")

@@ -1,8 +1,8 @@
 """Endpoints: the two kinds of peer the hypervisor loop serves.
 
 :class:`ControlConnection` is a toolstack client on the control socket
-(framed JSON requests, :mod:`hvcore.wire.control`); :class:`GuestEndpoint`
-is one guest's pipe pair (binary messages, :mod:`hvcore.wire.pipe`). Both
+(framed JSON requests, :mod:`hvshare.hvcore.wire.control`); :class:`GuestEndpoint`
+is one guest's pipe pair (binary messages, :mod:`hvshare.hvcore.wire.pipe`). Both
 queue their answers and flush them when the descriptor is writable, so a
 slow peer never blocks the loop.
 

@@ -1,6 +1,6 @@
 """Guests: spawning, serving and reaping the guest processes.
 
-A guest is a real process (``python -m guests.runtime``) spawned at create
+A guest is a real process (``python -m hvshare.guests.runtime``) spawned at create
 with two pipe ends after its domain's memory is filled; create is answered
 once it has mapped its memory and said hello. Its writes and CoW faults
 arrive on its pipe; the :class:`GuestTable` decodes them and hands every
@@ -25,7 +25,7 @@ from typing import Callable
 from ..wire import pipe, schema
 from .. import constants, errors
 from ..errors import EBUSY, EINVAL, HVError
-from ..statedir import child_env, guest_socket_path
+from ..statedir import guest_socket_path
 from .endpoints import ControlConnection, GuestEndpoint
 from .parking import ParkingLot
 from .steps import StepMeter
@@ -95,9 +95,9 @@ class GuestTable:
         config.update(domid=d.domid, pool=self.hv.pool.name, p2m=d.p2m.name, rfd=h2g_r,
                       wfd=g2h_w, socket=sock_path, hv_pid=os.getpid())
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "guests.runtime", json.dumps(config)],
+            proc = subprocess.Popen([sys.executable, "-m", "hvshare.guests.runtime", json.dumps(config)],
                                     pass_fds=(h2g_r, g2h_w), stdin=subprocess.DEVNULL,
-                                    env=child_env(), cwd="/")
+                                    cwd="/")
         finally:
             # Only the guest keeps its ends: our copies would hide its death.
             os.close(g2h_w)

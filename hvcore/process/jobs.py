@@ -174,7 +174,7 @@ def _sentence(job: Job, e: HVError) -> str:
 
 
 class CreateJob(Job):
-    """A domain being created: the core's :class:`hvcore.domains.DomainBuild`
+    """A domain being created: the core's :class:`hvshare.hvcore.domains.DomainBuild`
     populated chunk by chunk, then its guest started. The create request is
     answered once the guest said hello (see :mod:`.guests`)."""
 
@@ -232,7 +232,7 @@ def start_guest(job: Job, host: JobHost, d, config: dict) -> None:
 
 
 class ForkJob(Job):
-    """A VM fork (:meth:`hvcore.fork.Forks.fork`): one step makes the
+    """A VM fork (:meth:`hvshare.hvcore.fork.Forks.fork`): one step makes the
     child (O(1) in the parent's size), the next starts its guest. The fork
     request is answered once the guest said hello, with ``seconds``: the
     fork's own step in the hypervisor."""
@@ -276,7 +276,7 @@ class ForkJob(Job):
 
 
 class ResetJob(Job):
-    """A fork reset (:meth:`hvcore.fork.Forks.fork_reset_chunk`) over the
+    """A fork reset (:meth:`hvshare.hvcore.fork.Forks.fork_reset_chunk`) over the
     fork's record of populated gfns, a bounded step at a time; then
     ``done()`` answers (or starts the fuzz run the reset asked for)."""
 
@@ -367,7 +367,7 @@ FIRST_BATCH_CHUNK = 256
 
 class ScanJob(Job):
     """A read-only pass of the core over its state, in chunks (the sharing
-    report, :class:`hvcore.sharing_stats.SharingScan`): ``scan.step`` each
+    report, :class:`hvshare.hvcore.sharing_stats.SharingScan`): ``scan.step`` each
     turn until it is done, then ``answer(scan)`` is the reply."""
 
     def __init__(self, client, kind: str, scan, answer):

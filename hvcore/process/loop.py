@@ -3,7 +3,7 @@
 It models one hypervisor CPU: a ``selectors`` loop over
 
 - the **control socket** (Unix, mode 0600), where toolstack clients send
-  framed JSON requests (:mod:`hvcore.wire.control`);
+  framed JSON requests (:mod:`hvshare.hvcore.wire.control`);
 - one **pipe pair per guest**: the guest's writes and CoW faults come in as
   binary messages and are answered on the second pipe. The pipe identifies
   the domain, so a guest can only ever touch its own gfns;
@@ -22,7 +22,7 @@ A start that takes the lock of a dead hypervisor removes its leftovers: the
 old socket, guest sockets, and every hvshare shared-memory segment whose
 owner pid is dead.
 
-Guests are real processes (``python -m guests.runtime``), spawned at create
+Guests are real processes (``python -m hvshare.guests.runtime``), spawned at create
 with their two pipe ends (``pass_fds``) after the domain's memory is filled.
 The create request is answered once the guest has mapped its memory and said
 hello. A guest that exits (EOF on its pipe, then its exit status is
@@ -46,7 +46,7 @@ loop between them (``docs/design.md``, "The hypervisor process")::
       +- ParkingLot (.parking)    parked and held writes, the event ring
       +- Budget, StepMeter (.steps)
 
-Its files are laid out by :mod:`hvcore.statedir`.
+Its files are laid out by :mod:`hvshare.hvcore.statedir`.
 """
 from __future__ import annotations
 
@@ -430,8 +430,8 @@ def _notify(fd: int | None, line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hvcore.process``: what ``hvctl start`` runs (in a new session)."""
-    p = argparse.ArgumentParser(prog="python -m hvcore.process", description=__doc__,
+    """``python -m hvshare.hvcore.process``: what ``hvctl start`` runs (in a new session)."""
+    p = argparse.ArgumentParser(prog="python -m hvshare.hvcore.process", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--socket", required=True)
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES)

@@ -4,9 +4,9 @@ A step is one control request or one guest message, run to completion
 while nothing else is served. :class:`StepMeter` times every step (the
 longest is ``max_pause_ms`` in ``info``, with a log2 histogram per kind).
 :class:`Budget` holds the one check a preemptible step makes between
-chunks (is the step budget, :data:`hvcore.constants.STEP_BUDGET_SECONDS`,
+chunks (is the step budget, :data:`hvshare.hvcore.constants.STEP_BUDGET_SECONDS`,
 spent, or does other work wait?) and runs budgeted batches in chunks sized
-by :class:`hvcore.budget.ChunkCost`; it needs only the loop's selector.
+by :class:`hvshare.hvcore.budget.ChunkCost`; it needs only the loop's selector.
 See ``docs/design.md``, "Steps".
 """
 from __future__ import annotations

@@ -22,14 +22,14 @@ identifies the domain, so no message names a domid. Guest -> hypervisor:
   one message, one batched core call.
 - ``G_POPULATE`` ``<I4x`` count, then ``int64[count]`` gfns: a fork's read
   fault, the holes it is about to read (the hypervisor fills them from the
-  fork's ancestors, :mod:`hvcore.fork`); answered with the gfns filled.
+  fork's ancestors, :mod:`hvshare.hvcore.fork`); answered with the gfns filled.
 - ``G_DONE`` ``<QII`` iteration, pages written, pages read: the fuzz
   workload finished one iteration (no answer).
 
 Hypervisor -> guest: ``H_REPLY`` (``<iq`` status, value; ``seq`` is the
 request's), and the bodiless ``H_PAUSE``, ``H_UNPAUSE``, ``H_SHUTDOWN`` and
 ``H_RUN`` (run one fuzz iteration).
-A status is 0 or the Xen code of the failure (:mod:`hvcore.errors`).
+A status is 0 or the Xen code of the failure (:mod:`hvshare.hvcore.errors`).
 
 **Control socket and guest control channels** (toolstack requests, rare and
 rich) carry frames: an 8-byte header ``<II`` (JSON length, binary length), a

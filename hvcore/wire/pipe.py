@@ -2,9 +2,9 @@
 
 A message is an 8-byte header ``<HHI`` (type, seq, body length) and a body
 of packed structs and raw numpy arrays; the types and their bodies are
-listed in :mod:`hvcore.wire`. The pipe identifies the domain, so no message
+listed in :mod:`hvshare.hvcore.wire`. The pipe identifies the domain, so no message
 names a domid. A status in a reply is 0 or the Xen code of the failure
-(:mod:`hvcore.errors`).
+(:mod:`hvshare.hvcore.errors`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.constants import PAGE_SIZE
 
 CONTENTS = ("zero", "identical", "clone")
 
@@ -108,9 +108,9 @@ def hv_clone_pages(n_pages: int, seed: int, instance: int, out: np.ndarray | Non
                    chunk: int = 65_536) -> np.ndarray:
     """The bytes hvshare's ``clone`` workload gives a domain: the
     ``instance``-th domain created on a hypervisor (1 for the first) with
-    ``seed`` (:func:`hvcore.images.clone_content`), ``(n_pages, 4096) uint8``,
+    ``seed`` (:func:`hvshare.hvcore.images.clone_content`), ``(n_pages, 4096) uint8``,
     generated ``chunk`` pages at a time into ``out`` (a new array if None)."""
-    from hvcore.images import clone_content
+    from hvshare.hvcore.images import clone_content
     if out is None:
         out = np.empty((n_pages, PAGE_SIZE), dtype=np.uint8)
     elif out.shape != (n_pages, PAGE_SIZE) or out.dtype != np.uint8:

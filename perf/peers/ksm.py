@@ -6,8 +6,8 @@ into write-protected KSM pages and breaks the sharing with a copy on the
 first write.  This module drives the real thing so that hvshare's
 benchmarks can put its numbers next to the kernel's, measured side by side
 on the same machine in the same run.  The knobs it changes are borrowed
-through :func:`perf.peers.ksm_session.ksm_session`; the page contents come
-from :mod:`perf.peers.contents`.
+through :func:`hvshare.perf.peers.ksm_session.ksm_session`; the page contents come
+from :mod:`hvshare.perf.peers.contents`.
 
 Design:
 
@@ -30,7 +30,7 @@ Design:
 * Everything that measures returns a dict; where KSM cannot be used the dict
   is ``{"skipped": "<one-line reason>"}`` instead of an exception.
 
-``python -m perf.peers.ksm`` prints the headline numbers; ``python -m perf
+``python -m hvshare.perf.peers.ksm`` prints the headline numbers; ``python -m hvshare.perf
 ksm`` runs the same through the benchmark runner (:func:`run`/:func:`report`).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.constants import PAGE_SIZE
 
 from ..common import latency_percentiles, log_histogram, standalone
 from ..figure import Figures
@@ -586,7 +586,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return standalone(argv, "python -m perf.peers.ksm", "Linux KSM measured as hvshare's peer.",
+    return standalone(argv, "python -m hvshare.perf.peers.ksm", "Linux KSM measured as hvshare's peer.",
                       "small sizes, single repeats", run, report,
                       options=[(("--munmap-pages",), dict(type=int, default=None, metavar="N",
                                help="pages merged into one KSM page for the munmap measure "

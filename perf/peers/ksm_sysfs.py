@@ -7,7 +7,7 @@ touches those files: it checks whether KSM can be driven at all
 (:func:`ksm_available`, :class:`KsmUnavailable`), reads and writes single
 knobs, reads the counters, and lists other processes whose mergeable
 memory makes the global counters noisy.  Ordering several knob writes and
-undoing them is :mod:`perf.peers.ksm_session`'s job.
+undoing them is :mod:`hvshare.perf.peers.ksm_session`'s job.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Linux fork() of a process holding N touched anonymous pages: the peer
-of hvshare's VM fork (``python -m perf fork``).
+of hvshare's VM fork (``python -m hvshare.perf fork``).
 
 What is measured is the kernel's work, not Python's set-up:
 
-* A small helper (a fresh interpreter, as :mod:`perf.peers.pipe` starts
+* A small helper (a fresh interpreter, as :mod:`hvshare.perf.peers.pipe` starts
   its echo child: nothing of the caller comes along, numpy single-threaded)
   maps ``pages`` anonymous pages with ``MADV_NOHUGEPAGE`` (one frame and
   one page-table entry per 4 KiB page, as hvshare's p2m has) and writes
@@ -20,7 +20,7 @@ What is measured is the kernel's work, not Python's set-up:
   ``waitpid`` in the parent, which holds the same ``pages`` touched pages.
 
 The helper prints one JSON document and exits; its repeats give medians
-as :class:`perf.figure.Figure` s (every repeat, median, spread).
+as :class:`hvshare.perf.figure.Figure` s (every repeat, median, spread).
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return standalone(argv, "python -m perf.peers.linux_fork",
+    return standalone(argv, "python -m hvshare.perf.peers.linux_fork",
                       "Linux fork() latency and fork loops of a process holding N touched pages.",
                       "4,096 and 16,384 pages, fewer repeats", run, report)
 

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
+from hvshare.hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
 
 from ..common import PLACEMENTS, close_and_reap, latency_percentiles, log_histogram, placement_cpus, standalone
 from ..figure import Figures
@@ -157,7 +157,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return standalone(argv, "python -m perf.peers.pipe", "Raw pipe round trip of two Python processes.",
+    return standalone(argv, "python -m hvshare.perf.peers.pipe", "Raw pipe round trip of two Python processes.",
                       "2,000 round trips instead of 20,000", run, report)
 
 

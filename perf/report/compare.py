@@ -1,10 +1,10 @@
-"""What changed between two benchmark runs: ``python -m perf compare A.json B.json``.
+"""What changed between two benchmark runs: ``python -m hvshare.perf compare A.json B.json``.
 
 A change to a hot path is judged by its numbers, and on these shared, noisy
 machines that means the same benchmark run before and after, figure by
-figure. Both files may be one bench's JSON (``python -m perf rmap --json``)
-or the suite's (``python -m perf all --json``), in any mix: figures are
-paired by bench, name and labels (:mod:`perf.figure`), and only figures are
+figure. Both files may be one bench's JSON (``python -m hvshare.perf rmap --json``)
+or the suite's (``python -m hvshare.perf all --json``), in any mix: figures are
+paired by bench, name and labels (:mod:`hvshare.perf.figure`), and only figures are
 compared. A figure whose median moved by more than the threshold (10 % by
 default) is flagged ``slower``/``faster`` by its unit (a time, a rate) or
 ``up``/``down``; ``overlap`` says the two runs' min–max ranges still
@@ -94,9 +94,9 @@ def report(cmp: dict, changed_only: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m perf compare",
+        prog="python -m hvshare.perf compare",
         description="Show what changed between two benchmark runs (one bench's JSON or "
-                    "'python -m perf all' JSON): every figure's median side by side with B/A.")
+                    "'python -m hvshare.perf all' JSON): every figure's median side by side with B/A.")
     p.add_argument("a", metavar="A.json", help="the earlier run (the baseline)")
     p.add_argument("b", metavar="B.json", help="the later run")
     p.add_argument("--threshold", type=float, default=0.10, metavar="F",
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(path) as f:
                 docs.append(json.load(f))
         except (OSError, ValueError) as e:
-            print(f"python -m perf compare: cannot read {path}: {e}", file=sys.stderr)
+            print(f"python -m hvshare.perf compare: cannot read {path}: {e}", file=sys.stderr)
             return 2
     cmp = compare(docs[0], docs[1], a.threshold)
     if not cmp["rows"]:
-        print("python -m perf compare: no figures in these files (written by an older perf? "
+        print("python -m hvshare.perf compare: no figures in these files (written by an older perf? "
               "convert them to the result contract first)", file=sys.stderr)
         return 2
     print(report(cmp, a.changed))

@@ -1,9 +1,9 @@
-"""The headline figures of a run: each goal of :data:`perf.goals.GOALS`
+"""The headline figures of a run: each goal of :data:`hvshare.perf.goals.GOALS`
 judged on the figures of its bench's result.
 
 A headline is ``{"bench", "title", "figure", "anchor", "ratio", "goal",
 "verdict", "labels"}``: the figure and its anchor as
-:meth:`perf.figure.Figure.to_dict`, the ratio of their medians, and the
+:meth:`hvshare.perf.figure.Figure.to_dict`, the ratio of their medians, and the
 verdict, one of :data:`VERDICTS`. They are read from the result contract
 (docs/schema/perf/result.schema.json) and nothing else.
 """

@@ -1,16 +1,16 @@
 """Plots of the benchmark results: one PNG per question.
 
-``python -m perf plots [RUN.json DIR]`` or ``python -m perf all --plots DIR``.
+``python -m hvshare.perf plots [RUN.json DIR]`` or ``python -m hvshare.perf all --plots DIR``.
 matplotlib is an optional dependency (the ``perf`` extra): it is imported
 only here, only when a plot is drawn, and its absence is one clear
 sentence. Figures are drawn through ``matplotlib.figure.Figure`` directly
 (no pyplot, no GUI backend, no global state).
 
-Every plot reads the result contract (:mod:`perf.figure`: a bench's
+Every plot reads the result contract (:mod:`hvshare.perf.figure`: a bench's
 ``figures``, ``histograms`` and ``traces``) and nothing else: a point or
 bar is a figure's median with an error bar from the min to the max of its
 repeats, n in the legend; a text that quotes a figure prints it as the
-table does (:meth:`perf.figure.Figure.text`).
+table does (:meth:`hvshare.perf.figure.Figure.text`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import importlib
 import os
 from typing import Callable
 
-from hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
+from hvshare.hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
 
 from ..common import histogram_cdf
 from ..figure import Figure, find, select, series
@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
     import sys
-    p = argparse.ArgumentParser(prog="python -m perf plots",
-                                description="Draw the plots of a JSON written by 'python -m perf all' or one bench.")
+    p = argparse.ArgumentParser(prog="python -m hvshare.perf plots",
+                                description="Draw the plots of a JSON written by 'python -m hvshare.perf all' or one bench.")
     p.add_argument("json", nargs="?", default=RUN_JSON, help=f"result JSON (default: {RUN_JSON})")
     p.add_argument("out_dir", nargs="?", default=PLOTS_DIR, help=f"directory for the PNG files (default: {PLOTS_DIR})")
     a = p.parse_args(argv)

@@ -1,6 +1,6 @@
-"""The whole benchmark suite in one run: ``python -m perf all``.
+"""The whole benchmark suite in one run: ``python -m hvshare.perf all``.
 
-Runs every benchmark of :data:`perf.registry.SUITE` in this process, one
+Runs every benchmark of :data:`hvshare.perf.registry.SUITE` in this process, one
 after the other, and gathers their results in one JSON document, the
 result contract (docs/schema/perf/result.schema.json)::
 
@@ -12,7 +12,7 @@ A benchmark that fails to import or raises is skipped with a one-line
 reason (kept in its result as ``skipped``, with the traceback under
 ``error``) so that one broken benchmark cannot cost the numbers of the
 others. This module also stamps one bench's result (:func:`stamp`, used
-by ``python -m perf <bench>``) and draws the live :class:`Progress` line.
+by ``python -m hvshare.perf <bench>``) and draws the live :class:`Progress` line.
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m perf all",
+        prog="python -m hvshare.perf all",
         description="Run the whole benchmark suite (" + ", ".join(SUITE) + ") with one JSON, "
                     "headline figures, optional plots and the README table.")
     p.add_argument("--quick", action="store_true",

@@ -10,9 +10,9 @@ import numpy as np
 import psutil
 import pytest
 
-from hvcore import images
-from hvcore.constants import PAGE_SIZE
-from tools import api
+from hvshare.hvcore import images
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.tools import api
 
 
 from waiting import wait_until as _wait  # noqa: E402

@@ -1,7 +1,7 @@
 import pytest
 
-from hvcore import Hypervisor
-from hvcore.constants import RMAP_POLICIES as POLICIES
+from hvshare.hvcore import Hypervisor
+from hvshare.hvcore.constants import RMAP_POLICIES as POLICIES
 
 
 @pytest.fixture(params=POLICIES)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvcore import Hypervisor
-from hvcore.constants import RMAP_POLICIES
+from hvshare.hvcore import Hypervisor
+from hvshare.hvcore.constants import RMAP_POLICIES
 
 
 def shared_host(policy: str) -> tuple[Hypervisor, int, int]:

@@ -1,7 +1,7 @@
 """The one chunk-cost model: the least-squares fit and the rate model."""
 from __future__ import annotations
 
-from hvcore.budget import MIN_CHUNK_ITEMS, ChunkCost
+from hvshare.hvcore.budget import MIN_CHUNK_ITEMS, ChunkCost
 
 
 def test_chunk_cost_model_fits_a_fixed_and_a_per_item_cost():

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvcore import HVError
-from hvcore.errors import (EINVAL, ENOMEM)
-from hvcore.p2m import RAM_RW, RAM_SHARED
+from hvshare.hvcore import HVError
+from hvshare.hvcore.errors import (EINVAL, ENOMEM)
+from hvshare.hvcore.p2m import RAM_RW, RAM_SHARED
 
 
 def pages(*values) -> np.ndarray:

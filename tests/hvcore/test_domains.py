@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvcore import HVError
-from hvcore.errors import (EINVAL, ENOMEM)
+from hvshare.hvcore import HVError
+from hvshare.hvcore.errors import (EINVAL, ENOMEM)
 
 
 def pages(*values) -> np.ndarray:
@@ -33,7 +33,7 @@ def test_chunked_create_gives_the_bytes_of_a_one_call_create(hv):
     """A create worked off in many small steps populates every gfn with the
     same content, holes included, as one call does; the audit holds at every
     step in between."""
-    from hvcore import images
+    from hvshare.hvcore import images
     n = 100
     holes = [3, 40, 41, 99]
     one = hv.create_domain(n, content=images.clone_content(7, 1, n), holes=holes)
@@ -52,7 +52,7 @@ def test_chunked_create_gives_the_bytes_of_a_one_call_create(hv):
 
 
 def test_a_domain_being_created_is_busy_and_holds_its_name_and_frames(hv):
-    from hvcore.errors import EBUSY, EEXIST
+    from hvshare.hvcore.errors import EBUSY, EEXIST
     free = hv.pool.nfree
     b = hv.begin_domain(128, name="web")
     assert hv.pool.nfree == free - 128      # reserved before any is taken

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from hvcore.constants import PAGE_SIZE
-from hvcore.elfcore import MAX_CORE_SEGMENTS, PN_XNUM
-from hvcore.errors import EINVAL, ENOMEM, HVError
-from hvcore.snapshot import open_source
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.elfcore import MAX_CORE_SEGMENTS, PN_XNUM
+from hvshare.hvcore.errors import EINVAL, ENOMEM, HVError
+from hvshare.hvcore.snapshot import open_source
 
 #: what opening and parsing any image may allocate at its peak
 ALLOCATION_BOUND = 16 << 20

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvcore import HVError
-from hvcore.errors import EBUSY, EINVAL, ENOMEM
-from hvcore.p2m import HOLE, RAM_RW, RAM_SHARED
+from hvshare.hvcore import HVError
+from hvshare.hvcore.errors import EBUSY, EINVAL, ENOMEM
+from hvshare.hvcore.p2m import HOLE, RAM_RW, RAM_SHARED
 
 PAGES = 16
 
@@ -301,7 +301,7 @@ def test_reset_drops_a_page_dedup_merged_with_another_domain(hv, parent):
 
 def test_descendants_of_a_chain_deeper_than_the_recursion_limit():
     import sys
-    from hvcore import Hypervisor
+    from hvshare.hvcore import Hypervisor
     depth = 1500
     assert depth > sys.getrecursionlimit() // 2
     with Hypervisor(16, rmap="index") as h:

@@ -12,7 +12,7 @@ import sys
 
 def _hvctl(sock: str, *args) -> subprocess.CompletedProcess:
     # the timeout only ends a hung run (a hypervisor blocked on the file)
-    return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
+    return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", sock],
                           capture_output=True, text=True, timeout=60)
 
 

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule)
 
-from hvcore import Hypervisor, HVError
-from hvcore.errors import (C_HANDLE_INVALID, EBUSY, EINVAL, ENOMEM,
+from hvshare.hvcore import Hypervisor, HVError
+from hvshare.hvcore.errors import (C_HANDLE_INVALID, EBUSY, EINVAL, ENOMEM,
                            S_HANDLE_INVALID)
-from hvcore.constants import RMAP_POLICIES as POLICIES
+from hvshare.hvcore.constants import RMAP_POLICIES as POLICIES
 
 PAGES = 6
 FRAMES = 48

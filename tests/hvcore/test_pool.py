@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from hvcore import Hypervisor, HVError, shm
-from hvcore.errors import ENOMEM
-from hvcore.p2m import P2MView
-from hvcore.constants import OWNER_FREE
-from hvcore.pool import FramePool
+from hvshare.hvcore import Hypervisor, HVError, shm
+from hvshare.hvcore.errors import ENOMEM
+from hvshare.hvcore.p2m import P2MView
+from hvshare.hvcore.constants import OWNER_FREE
+from hvshare.hvcore.pool import FramePool
 
 
 def test_segment_is_private_and_unlinked_on_close():
@@ -63,7 +63,7 @@ def _run(code: str, *args: str, timeout: float = 60) -> str:
 
 _TRY_WRITE = """
 import sys, numpy as np
-from hvcore import shm
+from hvshare.hvcore import shm
 mm, _ = shm.attach_readonly(sys.argv[1])
 view = np.frombuffer(mm, dtype=np.uint8)
 try:
@@ -82,8 +82,8 @@ def test_guest_mapping_is_read_only():
 
 _READER = """
 import sys, numpy as np
-from hvcore import shm
-from hvcore.p2m import P2MView
+from hvshare.hvcore import shm
+from hvshare.hvcore.p2m import P2MView
 mm, _ = shm.attach_readonly(sys.argv[1])
 data = np.frombuffer(mm, dtype=np.uint8).reshape(-1, 4096)
 view = P2MView(sys.argv[2])

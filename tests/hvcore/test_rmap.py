@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from hvcore.constants import RMAP_POLICIES as POLICIES
-from hvcore.rmap import make_rmap
-from hvcore.rmap.buckets import RMAP_HEAVY_SHARED_PAGE, RMAP_LIGHT_SHARED_PAGE
+from hvshare.hvcore.constants import RMAP_POLICIES as POLICIES
+from hvshare.hvcore.rmap import make_rmap
+from hvshare.hvcore.rmap.buckets import RMAP_HEAVY_SHARED_PAGE, RMAP_LIGHT_SHARED_PAGE
 
 NPAGES = 4096
 
@@ -351,7 +351,7 @@ TestIndexMachine = _machine_test("index")
 # -- list and buckets: the node arena ----------------------------------------------
 @pytest.mark.parametrize("policy", ["list", "buckets"])
 def test_arena_recycles_slots_and_shrinks_when_empty(policy):
-    from hvcore.rmap.arena import _KEEP
+    from hvshare.hvcore.rmap.arena import _KEEP
     r = make(policy, nframes=8, ndom=4, npages=20_000)
     pairs = [(i % 4, i) for i in range(20_000)]
     for i, (d, g) in enumerate(pairs):
@@ -1111,7 +1111,7 @@ def test_index_arena_grows_inside_its_reservation_without_losing_a_node(monkeypa
     longer view of it (no copy), outgrowing it copies into a larger one;
     every invariant holds across both, and the memory figure is the view's."""
     import random
-    import hvcore.rmap.index as ix
+    import hvshare.hvcore.rmap.index as ix
     monkeypatch.setattr(ix, "_RESERVE_FROM", 64)
     monkeypatch.setattr(ix, "_RESERVE_MIN_ROWS", 256)
     monkeypatch.setattr(ix, "_RESERVE_FACTOR", 2)
@@ -1140,7 +1140,7 @@ def test_index_arena_grows_inside_its_reservation_without_losing_a_node(monkeypa
 
 @pytest.mark.parametrize("policy", ["list", "buckets", "index"])
 def test_reserved_nodes_are_there_at_once_and_kept_when_the_rmap_empties(policy):
-    from hvcore.rmap import make_rmap
+    from hvshare.hvcore.rmap import make_rmap
     r = make_rmap(policy, 1024)
     r.domain_created(1, 20_000)
 

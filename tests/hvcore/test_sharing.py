@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvcore import HVError
-from hvcore.errors import (C_HANDLE_INVALID, E2BIG, EBUSY, EINVAL, ESRCH, S_HANDLE_INVALID)
-from hvcore.p2m import RAM_RW, RAM_SHARED
-from hvcore.constants import DOMID_COW
+from hvshare.hvcore import HVError
+from hvshare.hvcore.errors import (C_HANDLE_INVALID, E2BIG, EBUSY, EINVAL, ESRCH, S_HANDLE_INVALID)
+from hvshare.hvcore.p2m import RAM_RW, RAM_SHARED
+from hvshare.hvcore.constants import DOMID_COW
 
 
 def pages(*values) -> np.ndarray:

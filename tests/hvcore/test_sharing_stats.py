@@ -12,10 +12,10 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from hvcore import Hypervisor
-from hvcore.constants import DOMID_COW, PAGE_SIZE, RMAP_POLICIES, STEP_BUDGET_SECONDS
-from hvcore.p2m import RAM_SHARED
-from hvcore.sharing_stats import (PAGES_PER_MIB, SharingScan, bucket_range, degree_buckets,
+from hvshare.hvcore import Hypervisor
+from hvshare.hvcore.constants import DOMID_COW, PAGE_SIZE, RMAP_POLICIES, STEP_BUDGET_SECONDS
+from hvshare.hvcore.p2m import RAM_SHARED
+from hvshare.hvcore.sharing_stats import (PAGES_PER_MIB, SharingScan, bucket_range, degree_buckets,
                                   memory_counters, sharing_report)
 
 

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from hvcore.errors import EACCES, EINVAL, EIO, ENOENT, ESRCH, HVError
-from hvcore.snapshot import FileImage, ProcessSnapshot, open_source
+from hvshare.hvcore.errors import EACCES, EINVAL, EIO, ENOENT, ESRCH, HVError
+from hvshare.hvcore.snapshot import FileImage, ProcessSnapshot, open_source
 from memproc import PAGE, MemProcess, pattern
 
 

@@ -1,8 +1,8 @@
 """The first-touch probe runs, writes what it says, and leaves no segment."""
 from __future__ import annotations
 
-from hvcore import shm
-from perf import firsttouch
+from hvshare.hvcore import shm
+from hvshare.perf import firsttouch
 
 
 def test_probe_measures_every_kind_of_memory_and_cleans_up():

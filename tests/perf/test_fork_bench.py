@@ -1,4 +1,4 @@
-"""``python -m perf fork`` and its Linux peer (:mod:`perf.peers.linux_fork`).
+"""``python -m hvshare.perf fork`` and its Linux peer (:mod:`hvshare.perf.peers.linux_fork`).
 
 The peer must measure what it says: a helper holding N touched pages,
 whose fork latency and fork loops give sane, self-consistent figures.
@@ -13,10 +13,9 @@ import sys
 
 import pytest
 
-from hvcore.statedir import child_env
-from perf.figure import find, select
-from perf.peers import linux_fork
-from perf.report import headlines
+from hvshare.perf.figure import find, select
+from hvshare.perf.peers import linux_fork
+from hvshare.perf.report import headlines
 
 
 def _sane(f, n: int) -> None:
@@ -48,10 +47,10 @@ def test_linux_fork_peer_refuses_more_writes_than_pages():
 
 
 def test_fork_bench_quick_emits_every_figure_and_its_frames_check_holds(tmp_path, contract):
-    from perf import fork
+    from hvshare.perf import fork
     out = tmp_path / "fork.json"
-    p = subprocess.run([sys.executable, "-m", "perf", "fork", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, env=child_env())
+    p = subprocess.run([sys.executable, "-m", "hvshare.perf", "fork", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "fork: N=4,096" in p.stderr and "Goals" in p.stdout and "Checks:" in p.stdout
     doc = json.loads(out.read_text())

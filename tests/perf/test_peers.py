@@ -1,4 +1,4 @@
-"""Smoke tests of the measured peers (``perf.peers``: KSM and the pipe).
+"""Smoke tests of the measured peers (``hvshare.perf.peers``: KSM and the pipe).
 
 They check behaviour, not speed: knobs come back, KSM really merges and
 unmerges, the pipe echo returns sane numbers and leaves no process behind.
@@ -6,18 +6,10 @@ KSM tests skip with ``ksm_available()``'s reason where KSM cannot be driven.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-try:
-    import perf  # noqa: F401
-except ImportError:  # run as plain `pytest` without the project on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from perf.peers import contents, ksm, ksm_session, ksm_sysfs, pipe  # noqa: E402
+from hvshare.perf.peers import contents, ksm, ksm_session, ksm_sysfs, pipe
 
 KSM_REASON = ksm_sysfs.ksm_available()
 needs_ksm = pytest.mark.skipif(KSM_REASON is not None, reason=KSM_REASON or "")

@@ -1,20 +1,20 @@
-"""The pytest plugin (:mod:`perf.pytest_plugin`) as a user's project sees it.
+"""The pytest plugin (:mod:`hvshare.perf.pytest_plugin`) as a user's project sees it.
 
 Each test writes a small project of its own (a test file, no conftest) and
 runs pytest on it in a subprocess. The plugin reaches that run the way it
-reaches a user's: through its ``pytest11`` entry point, declared by a
-distribution on the subprocess's path whose entry points are the ones
-pyproject.toml declares.
+reaches a user's: through the installed distribution's ``pytest11`` entry
+point, which must be the one pyproject.toml declares.
 """
 from __future__ import annotations
 
 import os
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from perf.peers import ksm_sysfs
+from hvshare.perf.peers import ksm_sysfs
 
 try:                                   # Python 3.11+
     import tomllib
@@ -27,19 +27,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def user_project(pytester, tmp_path_factory, monkeypatch):
-    """``pytester`` whose subprocess runs find hvshare's pytest11 entry points."""
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pytest11"]
-    site = tmp_path_factory.mktemp("site")
-    dist = site / "hvshare_plugin_under_test-0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hvshare-plugin-under-test\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(
-        "[pytest11]\n" + "".join(f"{name} = {target}\n" for name, target in declared.items()))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), str(REPO),
-                                                                   os.environ.get("PYTHONPATH")])))
+def user_project(pytester, monkeypatch):
+    """``pytester`` whose subprocess runs load plugins as a user's do."""
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     return pytester
+
+
+def test_the_installed_entry_point_is_the_declared_one():
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pytest11"]
+    installed = {ep.name: ep.value for ep in metadata.entry_points(group="pytest11") if ep.name == "hvshare"}
+    assert installed == declared == {"hvshare": "hvshare.perf.pytest_plugin"}
 
 
 USES_A_HYPERVISOR = """
@@ -88,7 +85,7 @@ def test_p_no_hvshare_makes_the_fixture_unknown(user_project):
 def test_a_run_is_left_alone_until_a_test_uses_the_plugin(user_project, tmp_path, monkeypatch):
     user_project.makepyfile("""
         import ctypes, os
-        from tools import session
+        from hvshare.tools import session
 
         SOCKET_BEFORE = os.environ.get("HVSHARE_SOCKET")
 
@@ -163,7 +160,7 @@ def test_the_leak_check_is_off_unless_asked_for(user_project):
 KSM_TEST = """
     import os, pathlib
     import pytest
-    from perf.peers import ksm_session, ksm_sysfs
+    from hvshare.perf.peers import ksm_session, ksm_sysfs
 
     ksm_sysfs.KSM_DIR = pathlib.Path(os.environ["TEST_KSM_DIR"])
     ksm_session.LOCK_PATH = os.environ["TEST_KSM_LOCK"]
@@ -213,7 +210,7 @@ def test_a_ksm_test_on_the_real_knobs_leaves_them_as_they_were(user_project):
     changed = str(int(before["pages_to_scan"]) + 1)
     user_project.makepyfile(f"""
         import pytest
-        from perf.peers import ksm_sysfs
+        from hvshare.perf.peers import ksm_sysfs
 
         @pytest.mark.ksm(pages_to_scan={changed})
         def test_knobs():

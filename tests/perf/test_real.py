@@ -1,4 +1,4 @@
-"""``python -m perf real --quick`` as a user runs it: every key of its JSON,
+"""``python -m hvshare.perf real --quick`` as a user runs it: every key of its JSON,
 the KSM knobs as they were, every program it started gone (the autouse
 ``no_leftovers`` fixture). No timing is judged here."""
 from __future__ import annotations
@@ -9,9 +9,8 @@ import sys
 
 import numpy as np
 
-from hvcore.statedir import child_env
-from perf.peers import ksm_sysfs
-from perf.real import predicted
+from hvshare.perf.peers import ksm_sysfs
+from hvshare.perf.real import predicted
 
 KSM_REASON = ksm_sysfs.ksm_available()
 KEYS = {
@@ -34,8 +33,8 @@ def _knobs() -> dict:
 def test_quick_run_has_every_key_and_restores_the_knobs(tmp_path, contract):
     before = _knobs()
     out = tmp_path / "real.json"
-    p = subprocess.run([sys.executable, "-m", "perf", "real", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600, env=child_env())
+    p = subprocess.run([sys.executable, "-m", "hvshare.perf", "real", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert _knobs() == before
     doc = json.loads(out.read_text())

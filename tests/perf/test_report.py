@@ -1,4 +1,4 @@
-"""The result contract and what reads it: :mod:`perf.figure`, the bench
+"""The result contract and what reads it: :mod:`hvshare.perf.figure`, the bench
 registry, the goals and headlines, the suite, ``compare`` and the plots.
 Synthetic results (a few figures each) and the committed full run
 (docs/perf/run.json); one real quick bench at the end."""
@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hvcore.statedir import child_env
-from perf import common, goals, registry
-from perf.__main__ import main as perf_main
-from perf.figure import LARGEST, Figure, Figures, find, select
-from perf.report import compare, headlines, suite
+from hvshare.perf import common, goals, registry
+from hvshare.perf.__main__ import main as perf_main
+from hvshare.perf.figure import LARGEST, Figure, Figures, find, select
+from hvshare.perf.report import compare, headlines, suite
 
 RUN_JSON = Path(__file__).resolve().parents[2] / "docs" / "perf" / "run.json"
 
@@ -57,8 +56,8 @@ def test_select_and_find_match_labels_tuples_and_the_largest():
 # -- the registry
 
 def test_help_lists_every_benchmark_with_a_line():
-    p = subprocess.run([sys.executable, "-m", "perf", "--help"], capture_output=True, text=True,
-                       env=child_env(), timeout=60)
+    p = subprocess.run([sys.executable, "-m", "hvshare.perf", "--help"], capture_output=True, text=True,
+                       timeout=60)
     assert p.returncode == 0
     for name, b in registry.BENCHES.items():
         assert f"  {name}" in p.stdout and b.about in p.stdout.replace("\n", " ")
@@ -69,7 +68,7 @@ def test_every_registered_bench_loads_and_the_suite_is_registered():
     for b in registry.BENCHES.values():
         mod = b.load()
         assert not isinstance(mod, str), mod
-        assert mod.__name__ == b.module and b.file == b.module.replace(".", "/") + ".py"
+        assert mod.__name__ == b.qualname and b.file == b.module.replace(".", "/") + ".py"
     assert set(registry.SUITE) <= set(registry.BENCHES) and "ksm" not in registry.SUITE
     assert {g.bench for g in goals.GOALS} <= set(registry.SUITE)
 
@@ -136,7 +135,7 @@ def test_markdown_and_text_tables_have_one_row_per_goal():
 # -- the suite and one bench
 
 def _stub(name: str, run) -> tuple:
-    mod = types.ModuleType(f"perf.{name}")
+    mod = types.ModuleType(f"hvshare.perf.{name}")
     mod.run, mod.report = run, lambda r: f"{name} report"
     return mod, registry.Bench(name, f"perf.{name}", "a stub", False)
 
@@ -150,7 +149,7 @@ def test_all_runs_skips_and_writes_the_contract(monkeypatch, tmp_path, capsys, c
         raise ValueError("broken on purpose\nsecond line")
     for name, run in (("stub_ok", ok), ("stub_boom", boom)):
         mod, b = _stub(name, run)
-        monkeypatch.setitem(sys.modules, b.module, mod)
+        monkeypatch.setitem(sys.modules, b.qualname, mod)
         monkeypatch.setitem(registry.BENCHES, name, b)
     monkeypatch.setitem(registry.BENCHES, "stub_absent", registry.Bench("stub_absent", "perf.stub_absent", "", False))
     out = tmp_path / "all.json"
@@ -209,7 +208,7 @@ def test_the_committed_run_follows_the_contract_and_gives_every_headline(contrac
 
 def test_plots_of_the_committed_run(tmp_path):
     pytest.importorskip("matplotlib")
-    from perf.report import plots
+    from hvshare.perf.report import plots
     written = plots.write_all(json.loads(RUN_JSON.read_text()), str(tmp_path))
     assert [(name, note) for name, path, note in written if path is None] == []
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(name for _, name, _ in plots.PLOTS)
@@ -238,8 +237,8 @@ def test_log_histogram_keeps_the_whole_distribution():
 
 def test_a_real_quick_bench_result_follows_the_contract(tmp_path, contract):
     out = tmp_path / "density.json"
-    p = subprocess.run([sys.executable, "-m", "perf", "density", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, env=child_env())
+    p = subprocess.run([sys.executable, "-m", "hvshare.perf", "density", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(out.read_text())
     names = {(f["name"], f["labels"]["dedup"]) for f in contract(doc)}

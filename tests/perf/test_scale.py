@@ -1,4 +1,4 @@
-"""``python -m perf scale`` in a tiny configuration (``HVSHARE_SCALE_PAGES``):
+"""``python -m hvshare.perf scale`` in a tiny configuration (``HVSHARE_SCALE_PAGES``):
 it runs to the end, emits the figures the report, the plot and the
 headlines read, and leaves no hypervisor, segment or KSM knob behind. No
 timing is judged here (shared machines)."""
@@ -9,11 +9,10 @@ import os
 import subprocess
 import sys
 
-from hvcore.statedir import child_env
-from perf import scale
-from perf.figure import find
-from perf.peers.ksm_sysfs import KSM_DIR
-from perf.report import headlines
+from hvshare.perf import scale
+from hvshare.perf.figure import find
+from hvshare.perf.peers.ksm_sysfs import KSM_DIR
+from hvshare.perf.report import headlines
 
 
 def _knobs() -> dict:
@@ -30,7 +29,7 @@ def _left_behind(before: set) -> list:
     """New segments whose hypervisor is gone, or orphaned (other users of
     the machine may be running hypervisors of their own meanwhile)."""
     import psutil
-    from hvcore import shm
+    from hvshare.hvcore import shm
     out = []
     for name in _segments() - before:
         pid = shm.owner_pid(name)
@@ -46,8 +45,8 @@ def _left_behind(before: set) -> list:
 def test_scale_runs_tiny_and_emits_its_figures(tmp_path, contract):
     out = tmp_path / "scale.json"
     knobs, segs = _knobs(), _segments()
-    env = dict(child_env(), HVSHARE_SCALE_PAGES="1024")
-    p = subprocess.run([sys.executable, "-m", "perf", "scale", "--quick", "--json", str(out)],
+    env = dict(os.environ, HVSHARE_SCALE_PAGES="1024")
+    p = subprocess.run([sys.executable, "-m", "hvshare.perf", "scale", "--quick", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "scale: N=1,024" in p.stderr                     # progress goes to stderr

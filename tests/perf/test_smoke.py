@@ -1,4 +1,4 @@
-"""The whole benchmark suite, small: ``python -m perf all --quick`` as a
+"""The whole benchmark suite, small: ``python -m hvshare.perf all --quick`` as a
 user runs it. A smoke test: every bench of the registry's suite must run to
 the end and give its figures in the result contract, audits 0; no timing
 is judged here (shared machines)."""
@@ -11,20 +11,19 @@ import sys
 
 import pytest
 
-from hvcore.statedir import child_env
-from perf.goals import GOALS
-from perf.registry import SUITE
-from perf.report.plots import PLOTS
+from hvshare.perf.goals import GOALS
+from hvshare.perf.registry import SUITE
+from hvshare.perf.report.plots import PLOTS
 
 
 @pytest.mark.timeout(900)
 def test_perf_all_quick_runs_every_bench(tmp_path, contract):
     out, plots = tmp_path / "run.json", tmp_path / "plots"
-    args = [sys.executable, "-m", "perf", "all", "--quick", "--json", str(out)]
+    args = [sys.executable, "-m", "hvshare.perf", "all", "--quick", "--json", str(out)]
     with_plots = importlib.util.find_spec("matplotlib") is not None
     if with_plots:
         args += ["--plots", str(plots)]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=900, env=child_env())
+    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(out.read_text())
     contract(doc)

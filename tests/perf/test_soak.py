@@ -1,8 +1,8 @@
-"""``python -m perf soak``: the report reads a result right (a synthetic one:
+"""``python -m hvshare.perf soak``: the report reads a result right (a synthetic one:
 the soak itself runs for a minute and belongs to ``perf``, not the tests)."""
 from __future__ import annotations
 
-from perf import soak
+from hvshare.perf import soak
 
 
 def test_report_shows_the_figures_and_writer_errors():

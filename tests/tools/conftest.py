@@ -1,5 +1,5 @@
 """What the hvctl tests share: ``hvctl``, a function that runs ``python -m
-tools.hvctl ARGS --socket PATH`` on a private socket as a user would (the
+hvshare.tools.hvctl ARGS --socket PATH`` on a private socket as a user would (the
 hypervisor it started is stopped afterwards). A module with a richer
 ``hvctl`` of its own overrides it."""
 import os
@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from tools import session
+from hvshare.tools import session
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def hvctl():
     sock = os.path.join(d, "hv.sock")
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
+        return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", sock],
                               capture_output=True, text=True, timeout=60)
     yield run
     run("stop")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import api, session
+from hvshare.tools import api, session
 
 DOMAIN_KEYS = {"domid", "name", "state", "pages", "shr_pages", "pid"}
 INFO_KEYS = {"frames_total", "frames_free", "nr_shared_mfns", "nr_saved_mfns", "rmap", "teardown",
@@ -32,7 +32,7 @@ def hvctl():
     sock = os.path.join(d, "hv.sock")
 
     def run(*args, socket=sock, timeout=60):
-        return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", socket],
+        return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", socket],
                               capture_output=True, text=True, timeout=timeout)
     run.socket = sock
     yield run
@@ -141,18 +141,18 @@ def test_bad_command_lines(hvctl, args, words):
 
 
 def test_help_explains_every_command():
-    out = subprocess.run([sys.executable, "-m", "tools.hvctl", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for cmd in ("start", "stop", "create", "list", "info", "audit", "destroy", "demo"):
         assert cmd in out.stdout
-        sub = subprocess.run([sys.executable, "-m", "tools.hvctl", cmd, "--help"],
+        sub = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", cmd, "--help"],
                              capture_output=True, text=True)
         assert sub.returncode == 0 and "--json" in sub.stdout and "--socket" in sub.stdout
     assert "HVSHARE_SOCKET" in out.stdout
 
 
 def test_options_before_the_command(hvctl):
-    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "--socket", hvctl.socket, "--json", "start",
+    p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "--socket", hvctl.socket, "--json", "start",
                         "--frames", "256"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     started = json.loads(p.stdout)
@@ -162,7 +162,7 @@ def test_options_before_the_command(hvctl):
 
 
 def test_foreground_start(hvctl):
-    proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "start", "--foreground", "--frames", "256",
+    proc = subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", "start", "--foreground", "--frames", "256",
                              "--socket", hvctl.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -180,7 +180,7 @@ def test_foreground_start(hvctl):
 def test_foreground_start_ends_on_ctrl_c(hvctl):
     """Ctrl-C reaches the hypervisor hvctl runs in the foreground: it stops,
     cleans up, and hvctl ends with it, as an interrupted command (130)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "start", "--foreground", "--frames", "256",
+    proc = subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", "start", "--foreground", "--frames", "256",
                              "--socket", hvctl.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -199,7 +199,7 @@ def test_foreground_start_ends_on_ctrl_c(hvctl):
 
 def test_demo_json():
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "demo", "--json", "--guests", "2",
+    p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "demo", "--json", "--guests", "2",
                         "--pages", "512", "--seconds", "0.5"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
@@ -219,7 +219,7 @@ def test_demo_json():
 
 
 def test_demo_report_labels_each_figure():
-    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "demo", "--guests", "2", "--pages", "512",
+    p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "demo", "--guests", "2", "--pages", "512",
                         "--seconds", "0.3"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     report = p.stdout[p.stdout.index("hvshare demo:"):]
@@ -322,15 +322,15 @@ def test_writer_flags_and_the_mib_column(hvctl):
     p = hvctl("create", "--pages", "8", "--write-batch", "0")
     assert p.returncode == 2
     _one_sentence(p, "--write-batch")
-    helptext = subprocess.run([sys.executable, "-m", "tools.hvctl", "create", "--help"],
+    helptext = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "create", "--help"],
                               capture_output=True, text=True).stdout
     assert "--write-rate PAGES_PER_SECOND" in helptext and "--write-batch PAGES" in helptext
     assert "--rate" not in helptext.replace("--write-rate", "")
 
 
 def test_help_lists_every_exit_status_the_code_uses():
-    from tools import cli
-    text = subprocess.run([sys.executable, "-m", "tools.hvctl", "--help"], capture_output=True,
+    from hvshare.tools import cli
+    text = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "--help"], capture_output=True,
                           text=True).stdout
     listed = {int(m) for m in re.findall(r"^  (\d+) ", text.split("Exit status:")[1], re.M)}
     assert listed == {code for code, _ in cli.EXIT_STATUSES} >= {0, 1, 2, 130, 141}
@@ -353,7 +353,7 @@ def test_a_closed_output_pipe_ends_quietly(hvctl):
         r, w = os.pipe()
         os.close(r)
         try:
-            return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", hvctl.socket],
+            return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", hvctl.socket],
                                   stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
         finally:
             os.close(w)
@@ -378,7 +378,7 @@ def test_a_closed_output_pipe_ends_quietly(hvctl):
             t.join(10)
             assert not t.is_alive()
     # a pipeline as a user types it: head leaves after the first line
-    sh = subprocess.run(["bash", "-c", f"'{sys.executable}' -m tools.hvctl dedup --watch --verbose --json "
+    sh = subprocess.run(["bash", "-c", f"'{sys.executable}' -m hvshare.tools.hvctl dedup --watch --verbose --json "
                          f"--interval 0.05 --socket '{hvctl.socket}' | head -1; "
                          f"echo \"status ${{PIPESTATUS[0]}}\""],
                         capture_output=True, text=True, timeout=60)
@@ -391,7 +391,7 @@ def test_shell_completion(tmp_path):
         out = tmp_path / "out"
         env = dict(os.environ, _ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)),
                    _ARGCOMPLETE_STDOUT_FILENAME=str(out))
-        p = subprocess.run([sys.executable, "-m", "tools.hvctl"], env=env, capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl"], env=env, capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         return set(out.read_text().replace("\v", " ").split())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tools import api
+from hvshare.tools import api
 
 
 def _json(p):

@@ -22,8 +22,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tools import session
-from tools.cli.args import rounded
+from hvshare.tools import session
+from hvshare.tools.cli.args import rounded
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schema"
 FILES = sorted(SCHEMAS.glob("*.schema.json"))
@@ -47,7 +47,7 @@ class _Hvctl:
         self.socket = socket
 
     def argv(self, args):
-        return [sys.executable, "-m", "tools.hvctl", *args, "--json", "--socket", self.socket]
+        return [sys.executable, "-m", "hvshare.tools.hvctl", *args, "--json", "--socket", self.socket]
 
     def expand(self, args):
         """``{info.KEY}`` replaced by that key of ``hvctl info --json`` now."""

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tools import api, launch, session
+from hvshare.tools import api, launch, session
 
 
 def test_an_interrupted_start_leaves_no_hypervisor(tmp_path, monkeypatch):
@@ -63,9 +63,9 @@ def _ctrl_c_after(args: list[str], delay: float) -> tuple[int, str]:
     The interpreter's own start (the site module and the environment's
     ``.pth`` hooks: tens of ms with an editable install) runs before any of
     hvctl's code and is Python's, so the clock starts when hvctl's entry
-    has imported :mod:`tools.interrupts` (``-X importtime`` reports it), a
+    has imported :mod:`hvshare.tools.interrupts` (``-X importtime`` reports it), a
     few instructions before the handler is installed."""
-    p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "tools.hvctl", *args],
+    p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "hvshare.tools.hvctl", *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lines = []

@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from hvcore import images
-from hvcore.errors import EBUSY, ESRCH
-from perf.teardown import heavy_domain
-from tools import api, killctl
+from hvshare.hvcore import images
+from hvshare.hvcore.errors import EBUSY, ESRCH
+from hvshare.perf.teardown import heavy_domain
+from hvshare.tools import api, killctl
 
 DESTROY_KEYS = {"domid", "seconds", "entries", "continuations", "max_pause_ms"}
 
@@ -30,7 +30,7 @@ def _entry(hv, domid):
 
 
 def _hvctl(socket, *args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "tools.hvctl", *args, "--socket", socket],
+    return subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", socket],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -64,11 +64,11 @@ def test_killed_controller_leaves_the_domain_dying_and_a_second_one_finishes():
         with pytest.raises(api.HVCtlError) as e:
             hv.nominate(d, n - 1)
         assert e.value.code == EBUSY
-        text = subprocess.run([sys.executable, "-m", "tools.hvctl", "list", "--socket", hv.socket_path],
+        text = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "list", "--socket", hv.socket_path],
                               capture_output=True, text=True, timeout=60).stdout
         assert "dying" in text
 
-        p = subprocess.run([sys.executable, "-m", "tools.hvctl", "destroy", str(d), "--json",
+        p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "destroy", str(d), "--json",
                             "--socket", hv.socket_path], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         r = json.loads(p.stdout)
@@ -255,7 +255,7 @@ def test_hvctl_destroy_json_and_errors(hvs):
     assert hvs.range_share(a, b, 0, 63) == 64
 
     def hvctl(*args):
-        return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", hvs.socket_path],
+        return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", hvs.socket_path],
                               capture_output=True, text=True, timeout=60)
 
     p = hvctl("destroy", str(b), "--json")

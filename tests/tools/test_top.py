@@ -13,9 +13,9 @@ import termios
 import threading
 import time
 
-from tools import api
+from hvshare.tools import api
 
-HVCTL = [sys.executable, "-m", "tools.hvctl"]
+HVCTL = [sys.executable, "-m", "hvshare.tools.hvctl"]
 
 
 def hvctl(sock: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -1,11 +1,11 @@
 """``hvctl``: the command line of hvshare's toolstack.
 
-Each subcommand is a thin layer over :mod:`tools.api`: parse and check the
+Each subcommand is a thin layer over :mod:`hvshare.tools.api`: parse and check the
 arguments, make one or a few requests on the control socket, print a short
 human answer or, with ``--json``, one JSON document (an object, an array of
 domains for ``list``; streams print one object per line) whose keys are the
 contract of the README and docs/schema/, its floats rounded by one rule
-(:func:`tools.cli.args.rounded`). Every failure is one sentence on stderr
+(:func:`hvshare.tools.cli.args.rounded`). Every failure is one sentence on stderr
 and a non-zero exit status (:data:`EXIT_STATUSES`).
 
 One module per group of commands (:data:`MODULES`); each has

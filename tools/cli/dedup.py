@@ -173,7 +173,7 @@ def _watch(a, c, sc) -> object:
     """ksmd: passes until SIGTERM or 'dedup --stop' (status 0), Ctrl-C
     (status 130) or the hypervisor goes away (status 1); a line (or JSON object) per pass
     that changed something (every pass with -v), then a summary. Serves
-    the control socket (:mod:`tools.dedup.daemon`) meanwhile."""
+    the control socket (:mod:`hvshare.tools.dedup.daemon`) meanwhile."""
     path = os.path.abspath(a.socket or api.default_socket_path())
     stop = threading.Event()
     caught = []
@@ -264,7 +264,7 @@ def _detach(a) -> object:
                              f"for the hypervisor on {path}: 'hvctl dedup-show' shows it, "
                              f"'hvctl dedup --stop' stops it", 16, "EBUSY")
     knobs = _knobs(a).values()
-    cmd = [sys.executable, "-m", "tools.hvctl", "dedup", "--watch", "--socket", path,
+    cmd = [sys.executable, "-m", "hvshare.tools.hvctl", "dedup", "--watch", "--socket", path,
            "--share-batch", str(a.share_batch), *map(str, a.domids)]
     for opt, v in (("--interval", a.interval), ("--scan-rate", a.scan_rate)):
         if v is not None:

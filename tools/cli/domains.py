@@ -5,7 +5,7 @@ import argparse
 import importlib.util
 import sys
 
-from hvcore.constants import DEFAULT_WORKLOAD, PAGE_SIZE, WORKLOADS
+from hvshare.hvcore.constants import DEFAULT_WORKLOAD, PAGE_SIZE, WORKLOADS
 
 from .. import api
 from .args import client, count, domain, rate, table

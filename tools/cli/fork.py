@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from hvcore.constants import DEFAULT_FUZZ_READS, DEFAULT_FUZZ_WRITES, WORKLOADS
+from hvshare.hvcore.constants import DEFAULT_FUZZ_READS, DEFAULT_FUZZ_WRITES, WORKLOADS
 
 from .args import client, count, domain, positive
 

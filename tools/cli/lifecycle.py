@@ -5,9 +5,9 @@ import os
 import signal
 import sys
 
-from hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMAP_POLICIES,
+from hvshare.hvcore.constants import (DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, RMAP_POLICIES,
                               SCHED_MODES, TEARDOWN_MODES)
-from hvcore.statedir import LOG_NAME, crash_note, state_dir_for
+from hvshare.hvcore.statedir import LOG_NAME, crash_note, state_dir_for
 
 from .. import api
 from ..interrupts import INTERRUPTED
@@ -55,7 +55,7 @@ def start(a) -> object:
     crashed = crash_note(path)
     if crashed and api.running_pid(path) is None:
         print(f"hvctl start: note{crashed}", file=sys.stderr)
-    from hvcore import kernels
+    from hvshare.hvcore import kernels
     if not kernels.cache_is_warm():
         print(f"hvctl: compiling the hypervisor's kernels (first start on this machine, "
               f"~{kernels.COLD_COMPILE_SECONDS} s)", file=sys.stderr)

@@ -24,7 +24,7 @@ Tunables
 - ``request_budget_ms`` and ``depth`` (:class:`SocketBackend`, defaults
   :data:`REQUEST_BUDGET_MS` = 0.5 and :data:`PIPELINE_DEPTH` = 2): the work
   time the hypervisor may spend on one batch request (None: no budget;
-  the default is :data:`hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`, a
+  the default is :data:`hvshare.hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`, a
   share of the hypervisor's step budget), and requests in flight.
 - ``round_pages`` (:class:`Scanner`, default :data:`ROUND_PAGES` = 4096):
   members nominated, verified and shared together.

@@ -2,7 +2,7 @@
 
 A :class:`Backend` is everything the scanner asks of a hypervisor: the pool
 and p2m segments to map, and the two batch hypercalls, nominate_many and
-share_many. :class:`InProcessBackend` calls a :class:`hvcore.Hypervisor`
+share_many. :class:`InProcessBackend` calls a :class:`hvshare.hvcore.Hypervisor`
 directly (unit tests); :class:`SocketBackend` sends the same calls as
 budgeted, pipelined requests on a hypervisor process's control socket
 (``hvctl dedup``, the demo, runtime tests and benchmarks).
@@ -20,23 +20,23 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 
-from hvcore.budget import BATCH_OVERRUN, ChunkCost
-from hvcore.constants import DEDUP_REQUEST_BUDGET_SECONDS
-from hvcore.errors import ESRCH, HVError, ProtocolError
-from hvcore.wire import control
+from hvshare.hvcore.budget import BATCH_OVERRUN, ChunkCost
+from hvshare.hvcore.constants import DEDUP_REQUEST_BUDGET_SECONDS
+from hvshare.hvcore.errors import ESRCH, HVError, ProtocolError
+from hvshare.hvcore.wire import control
 
 from ..client import HypervisorClient
 from ..errors import HVCtlError, NoHypervisor, check_answer, timed_out
 
 if TYPE_CHECKING:
-    from hvcore import Hypervisor
+    from hvshare.hvcore import Hypervisor
 
 __all__ = ["Backend", "InProcessBackend", "SocketBackend", "SCANNER_OPS", "REQUEST_BUDGET_MS",
            "PIPELINE_DEPTH", "step_delta"]
 
 #: The work time the hypervisor may spend on one batch request (its
 #: ``budget_us``) before it answers with what it did, in ms: the dedup
-#: request budget, :data:`hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`
+#: request budget, :data:`hvshare.hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`
 #: (a share of the hypervisor's step budget).
 REQUEST_BUDGET_MS = DEDUP_REQUEST_BUDGET_SECONDS * 1e3
 #: Batch requests in flight on :class:`SocketBackend`'s connection: with
@@ -104,7 +104,7 @@ def _chunks(n: int, limit: int | None) -> Iterable[slice]:
 
 
 class InProcessBackend:
-    """A :class:`Backend` over an in-process :class:`hvcore.Hypervisor`:
+    """A :class:`Backend` over an in-process :class:`hvshare.hvcore.Hypervisor`:
     each request is one core call of ``limit`` items."""
 
     def __init__(self, hv: "Hypervisor"):
@@ -187,14 +187,14 @@ class SocketBackend:
     becomes that code for each of its pages; for ``share_many``, the pairs
     of live domains are sent again and the others get ESRCH.
 
-    A hypervisor that stops answering raises :class:`tools.errors.NoHypervisor`,
+    A hypervisor that stops answering raises :class:`hvshare.tools.errors.NoHypervisor`,
     which ends a pass (and watch mode): it is not a per-page failure. From
     then on every method raises it too: the scanner maps *this*
     hypervisor's pool, and a new hypervisor on the same socket has other
     frames behind the same numbers.
 
     ``socket`` is a path (None: the default socket) or an open
-    :class:`tools.client.HypervisorClient`, which stays the caller's to close.
+    :class:`hvshare.tools.client.HypervisorClient`, which stays the caller's to close.
     """
 
     def __init__(self, socket=None, request_budget_ms: float | None = REQUEST_BUDGET_MS,

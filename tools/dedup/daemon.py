@@ -9,7 +9,7 @@ reach them):
 - ``dedup.pid``: the watch's pid, locked (``flock``) for its whole life: a
   second watch that cannot take the lock knows one runs;
 - ``dedup.sock``: its control socket, framed as the hypervisor's
-  (:mod:`hvcore.wire.control`): ``show`` answers the knobs and counters,
+  (:mod:`hvshare.hvcore.wire.control`): ``show`` answers the knobs and counters,
   ``set`` changes knobs (all or nothing), ``stop`` ends the watch;
 - ``dedup.log``: a detached watch's output.
 
@@ -26,9 +26,9 @@ import threading
 import time
 from typing import Callable
 
-from hvcore.errors import ProtocolError
-from hvcore.statedir import state_dir_for
-from hvcore.wire import control
+from hvshare.hvcore.errors import ProtocolError
+from hvshare.hvcore.statedir import state_dir_for
+from hvshare.hvcore.wire import control
 
 from ..client import Channel, Requester
 from ..errors import HVCtlError

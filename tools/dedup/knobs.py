@@ -18,7 +18,7 @@ __all__ = ["Knobs", "KNOBS", "check", "BATCH_PAGES", "PAGES_TO_SCAN", "SLEEP_MIL
 #: Most pairs per share_many request (``share_batch``; and, times the
 #: scanner's NOMINATE_FACTOR, gfns per nominate_many). Through a hypervisor
 #: process this is only a cap: the hypervisor bounds each step by its
-#: budget (:data:`hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`) and
+#: budget (:data:`hvshare.hvcore.constants.DEDUP_REQUEST_BUDGET_SECONDS`) and
 #: requests are sized by what the last steps did.
 BATCH_PAGES = 1024
 #: gfns per pass by default (KSM's pages_to_scan is 100; our pass is cheaper)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-from hvcore.constants import PAGE_SIZE
-from hvcore.p2m import P2MView
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.p2m import P2MView
 
 __all__ = ["zero_pages", "page_hashes", "checksums", "rows_equal", "snapshot", "ZERO_SUM",
            "CHUNK_PAGES", "WORDS_PER_PAGE"]

@@ -25,10 +25,10 @@ from typing import Callable, Iterable
 import numpy as np
 import posix_ipc
 
-from hvcore import shm
-from hvcore.constants import PAGE_SIZE
-from hvcore.errors import C_HANDLE_INVALID, ESRCH, S_HANDLE_INVALID
-from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
+from hvshare.hvcore import shm
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.errors import C_HANDLE_INVALID, ESRCH, S_HANDLE_INVALID
+from hvshare.hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
 
 from .backend import Backend, step_delta
 from .knobs import BATCH_PAGES

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from hvcore.wire import control, schema
-from hvcore import errors
+from hvshare.hvcore.wire import control, schema
+from hvshare.hvcore import errors
 
 
 def _pipe():
@@ -45,7 +45,7 @@ def test_frames_and_schemas():
 def test_frame_reader_returns_a_frame_that_fills_one_read_exactly():
     # A blocking client must not wait for bytes nobody sends: a frame that
     # fills the reader's read buffer to the byte is complete as it stands.
-    from hvcore.wire.reader import READ_CHUNK
+    from hvshare.hvcore.wire.reader import READ_CHUNK
     a, b = socket.socketpair()
     with a, b:
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from hvcore.wire import pipe
-from hvcore import errors
+from hvshare.hvcore.wire import pipe
+from hvshare.hvcore import errors
 
 
 def _pipe():

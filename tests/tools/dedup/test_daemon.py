@@ -13,10 +13,10 @@ import time
 
 import psutil
 
-from tools import api
-from tools.dedup import daemon
+from hvshare.tools import api
+from hvshare.tools.dedup import daemon
 
-HVCTL = [sys.executable, "-m", "tools.hvctl"]
+HVCTL = [sys.executable, "-m", "hvshare.tools.hvctl"]
 
 
 def hvctl(sock: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:

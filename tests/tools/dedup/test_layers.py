@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import tools.dedup.knobs as knobs
+import hvshare.tools.dedup.knobs as knobs
 
 
 def _imported(path: Path) -> set[str]:
@@ -19,9 +19,9 @@ def _imported(path: Path) -> set[str]:
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:          # relative: from the dedup package (or above it)
-                found.add("tools.dedup" if node.level == 1 else "tools")
+                found.add("hvshare.tools.dedup" if node.level == 1 else "hvshare.tools")
                 if node.module:
-                    found.add(("tools.dedup." if node.level == 1 else "tools.") + node.module)
+                    found.add(("hvshare.tools.dedup." if node.level == 1 else "hvshare.tools.") + node.module)
             else:
                 found.add(node.module or "")
     return found
@@ -29,12 +29,12 @@ def _imported(path: Path) -> set[str]:
 
 def test_knobs_import_no_other_part_of_the_toolstack():
     imported = _imported(Path(knobs.__file__))
-    ours = sorted(m for m in imported if m == "tools" or m.startswith("tools."))
+    ours = sorted(m for m in imported if m == "hvshare.tools" or m.startswith("hvshare.tools."))
     assert not ours, f"tools/dedup/knobs.py imports {ours}"
 
 
 def test_the_check_sees_relative_and_absolute_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("import os\nfrom .scanner import X\nfrom tools.dedup import watch\n"
+    f.write_text("import os\nfrom .scanner import X\nfrom hvshare.tools.dedup import watch\n"
                  "def f():\n    from . import daemon\n")
-    assert _imported(f) == {"os", "tools.dedup.scanner", "tools.dedup"}
+    assert _imported(f) == {"os", "hvshare.tools.dedup.scanner", "hvshare.tools.dedup"}

@@ -1,4 +1,4 @@
-"""The dedup scanner (``tools.dedup``) on the in-process core.
+"""The dedup scanner (``hvshare.tools.dedup``) on the in-process core.
 
 Real behaviour only: domains with known contents, a real read-only mapping
 of the pool and p2ms, real nominate/share through :class:`InProcessBackend`.
@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvcore import Hypervisor
-from hvcore.p2m import RAM_RW, RAM_SHARED
-from hvcore.constants import PAGE_SIZE, RMAP_POLICIES as POLICIES
-from perf.peers.contents import ksm_clone_pages
-from tools import dedup
-from tools.dedup import InProcessBackend, Scanner
+from hvshare.hvcore import Hypervisor
+from hvshare.hvcore.p2m import RAM_RW, RAM_SHARED
+from hvshare.hvcore.constants import PAGE_SIZE, RMAP_POLICIES as POLICIES
+from hvshare.perf.peers.contents import ksm_clone_pages
+from hvshare.tools import dedup
+from hvshare.tools.dedup import InProcessBackend, Scanner
 
 
 def page(byte: int, tag: int | None = None) -> np.ndarray:

@@ -15,12 +15,12 @@ import threading
 
 import numpy as np
 
-from hvcore import images
-from hvcore.constants import PAGE_SIZE
-from hvcore.errors import ESRCH
-from hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
-from tools import api
-from tools.dedup import Scanner, SocketBackend
+from hvshare.hvcore import images
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.errors import ESRCH
+from hvshare.hvcore.p2m import RAM_RW, RAM_SHARED, P2MView
+from hvshare.tools import api
+from hvshare.tools.dedup import Scanner, SocketBackend
 
 PASS_KEYS = {"scanned", "merged", "seconds", "nr_saved_mfns", "pages_shared", "pages_sharing",
              "pages_unshared", "pages_volatile", "full_scans"}
@@ -50,7 +50,7 @@ def saved_from_content(*memories: np.ndarray) -> int:
 
 
 def hvctl(sock: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
+    return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", sock],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -273,7 +273,7 @@ def test_hvctl_dedup_one_pass(hvs):
 
 
 def _watch(sock: str, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tools.hvctl", "dedup", "--watch", "--json",
+    return subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", "dedup", "--watch", "--json",
                              "--interval", "0.05", "--socket", sock, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -326,7 +326,7 @@ def test_hvctl_dedup_watch_exits_when_the_hypervisor_goes_away():
 
 
 def test_hvctl_dedup_help_documents_the_daemon_knobs():
-    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "dedup", "--help"],
+    p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "dedup", "--help"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0
     for word in ("--watch", "--scan-rate", "PAGES_PER_SECOND", "--interval", "SECONDS", "--share-batch",

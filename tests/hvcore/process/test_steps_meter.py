@@ -5,8 +5,8 @@ import os
 import random
 import selectors
 
-from hvcore.process.loop import LoopSelector
-from hvcore.process.steps import StepMeter
+from hvshare.hvcore.process.loop import LoopSelector
+from hvshare.hvcore.process.steps import StepMeter
 
 
 def test_logged_steps_fold_into_the_same_figures_as_recorded_ones():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from tools import api
+from hvshare.tools import api
 
 
 def test_sharing_report_of_a_known_state(hvs):

@@ -17,9 +17,9 @@ import numpy as np
 import psutil
 import pytest
 
-from hvcore import shm
+from hvshare.hvcore import shm
 
-from tools import api, session
+from hvshare.tools import api, session
 
 PAGE = 4096
 
@@ -36,7 +36,7 @@ def _accounted(hv) -> None:
 
 
 def _hvctl(sock, *args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
+    return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", sock],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -163,7 +163,7 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
             with hv.guest(d) as g:
                 before.append(g.checksum(0, pages))
         # small requests: hundreds of steps, so the kill lands mid-pass
-        proc = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "dedup", "--json", "--share-batch", "8",
+        proc = subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", "dedup", "--json", "--share-batch", "8",
                                  "--socket", hv.socket_path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
@@ -186,7 +186,7 @@ def test_dedup_killed_mid_pass_then_run_again_finishes():
             pytest.skip("the killed pass had already merged everything")
         assert r["nr_saved_mfns"] > saved_at_kill and r["merged"] > 0
         _accounted(hv)
-        from tools.dedup import Scanner, SocketBackend
+        from hvshare.tools.dedup import Scanner, SocketBackend
         with Scanner(SocketBackend(hv)) as sc:
             again = sc.scan_pass()
         assert again.merged == 0 and again.nr_saved_mfns == r["nr_saved_mfns"]      # finished
@@ -205,7 +205,7 @@ import importlib.abc, importlib.util, sys
 class _Inject(importlib.abc.MetaPathFinder):
     """Make the hypervisor loop's housekeeping tick raise: a bug."""
     def find_spec(self, name, path, target=None):
-        if name != "hvcore.process.loop":
+        if name != "hvshare.hvcore.process.loop":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

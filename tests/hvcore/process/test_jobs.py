@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from tools import api
+from hvshare.tools import api
 
 from waiting import wait_until
 

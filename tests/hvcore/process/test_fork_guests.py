@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from tools.client import HypervisorClient
-from tools.errors import HVCtlError
+from hvshare.tools.client import HypervisorClient
+from hvshare.tools.errors import HVCtlError
 
 PAGES = 64
 

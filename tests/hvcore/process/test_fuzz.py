@@ -30,12 +30,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvcore.wire import control, pipe, schema
-from hvcore import constants
-from hvcore import errors
-from hvcore.core import Hypervisor
-from hvcore.errors import HVError
-from tools import api
+from hvshare.hvcore.wire import control, pipe, schema
+from hvshare.hvcore import constants
+from hvshare.hvcore import errors
+from hvshare.hvcore.core import Hypervisor
+from hvshare.hvcore.errors import HVError
+from hvshare.tools import api
 
 import transport
 
@@ -614,7 +614,7 @@ def test_guest_pipe_fuzz_live_slow():
 def _at_limit_frames():
     """(name, bytes, answered normally?) for frames just below, at and just
     above every size limit of a control frame and of its reader."""
-    from hvcore.wire.reader import BIG_BODY, READ_CHUNK
+    from hvshare.hvcore.wire.reader import BIG_BODY, READ_CHUNK
     ping = b'{"op": "ping"}'
 
     def frame(js: bytes, payload_len: int) -> bytes:

@@ -23,10 +23,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from hvcore.wire import pipe
-from hvcore import shm
-from hvcore.statedir import state_dir_for
-from tools import api
+from hvshare.hvcore.wire import pipe
+from hvshare.hvcore import shm
+from hvshare.hvcore.statedir import state_dir_for
+from hvshare.tools import api
 
 PAGE = 4096
 

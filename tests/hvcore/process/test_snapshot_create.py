@@ -11,9 +11,9 @@ import threading
 import numpy as np
 import pytest
 
-from hvcore.snapshot import ProcessSnapshot
+from hvshare.hvcore.snapshot import ProcessSnapshot
 from memproc import PAGE, MemProcess, pattern
-from tools import api
+from hvshare.tools import api
 from waiting import wait_until
 
 ANSWER_KEYS = {"domid", "pid", "name", "pages", "source", "source_pages", "regions", "skipped_regions",

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hvcore.wire import control
+from hvshare.hvcore.wire import control
 
 
 def _split_send(path: str, obj: dict, pause: float = 0.05) -> tuple[dict, bytes] | None:
@@ -45,7 +45,7 @@ def test_a_large_json_frame_in_pieces_gets_an_answer_and_the_hypervisor_lives(hv
 
 
 def _hvctl(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "tools.hvctl", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -92,12 +92,12 @@ def test_a_socket_directory_others_could_write_to_is_refused_unless_insisted(tmp
         assert _hvctl("stop", "--socket", sock).returncode == 0
     os.chmod(shared, 0o777)
     env = dict(os.environ, HVSHARE_INSECURE_SOCKET_DIR="1")
-    p = subprocess.run([sys.executable, "-m", "tools.hvctl", "start", "--frames", "64", "--socket", sock],
+    p = subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "start", "--frames", "64", "--socket", sock],
                        capture_output=True, text=True, timeout=60, env=env)
     try:
         assert p.returncode == 0, p.stderr
     finally:
-        subprocess.run([sys.executable, "-m", "tools.hvctl", "stop", "--socket", sock], env=env,
+        subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", "stop", "--socket", sock], env=env,
                        capture_output=True, timeout=60)
 
 

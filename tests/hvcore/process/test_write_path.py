@@ -1,4 +1,4 @@
-"""The one guest write path (:mod:`hvcore.process.writes`), on a real core.
+"""The one guest write path (:mod:`hvshare.hvcore.process.writes`), on a real core.
 
 Messages are encoded with the guest pipe's codec, sent through a real
 pipe and read by the hypervisor's pipe reader, then handed to the write
@@ -15,13 +15,13 @@ import os
 import numpy as np
 import pytest
 
-from hvcore import errors
-from hvcore.constants import PAGE_SIZE
-from hvcore.core import Hypervisor
-from hvcore.wire import pipe
-from hvcore.process.parking import EventRing, ParkingLot
-from hvcore.process.steps import StepMeter
-from hvcore.process.writes import GuestWrite, WritePath
+from hvshare.hvcore import errors
+from hvshare.hvcore.constants import PAGE_SIZE
+from hvshare.hvcore.core import Hypervisor
+from hvshare.hvcore.wire import pipe
+from hvshare.hvcore.process.parking import EventRing, ParkingLot
+from hvshare.hvcore.process.steps import StepMeter
+from hvshare.hvcore.process.writes import GuestWrite, WritePath
 
 PAGES = 16
 

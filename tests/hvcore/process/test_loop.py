@@ -11,9 +11,9 @@ import time
 import psutil
 import pytest
 
-from hvcore import shm
-from hvcore.statedir import state_dir_for
-from tools import api
+from hvshare.hvcore import shm
+from hvshare.hvcore.statedir import state_dir_for
+from hvshare.tools import api
 
 
 from waiting import wait_until as _wait  # noqa: E402
@@ -181,9 +181,9 @@ def test_sharing_hypercalls_over_the_socket(hvs):
 
 def test_a_repeated_request_frame_is_checked_once_and_the_memo_stays_bounded(tmp_path):
     # The kill controller sends one destroy frame thousands of times.
-    from hvcore import errors
-    from hvcore.process.clients import KNOWN_FRAMES as _KNOWN_FRAMES
-    from hvcore.process.loop import HypervisorProcess
+    from hvshare.hvcore import errors
+    from hvshare.hvcore.process.clients import KNOWN_FRAMES as _KNOWN_FRAMES
+    from hvshare.hvcore.process.loop import HypervisorProcess
     clients = HypervisorProcess(str(tmp_path / "hv.sock")).clients
     empty = memoryview(b"")
     body = b'{"op":"destroy","domid":3,"brief":true}'
@@ -204,7 +204,7 @@ def test_real_time_hypervisor_idles_between_steps_before_the_kernel_would_stop_i
     # second; the hypervisor holds control requests first, between steps,
     # not in one, and goes on serving guests; only guest work past the
     # slack idles the whole loop.
-    from hvcore.process.pacing import PACE_GUEST_SLACK, PACE_WINDOW, Pacer
+    from hvshare.hvcore.process.pacing import PACE_GUEST_SLACK, PACE_WINDOW, Pacer
     cpu = [0.0]
     slept = []
 

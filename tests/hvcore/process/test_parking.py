@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tools import api
+from hvshare.tools import api
 
 PAGE = 4096
 
@@ -107,7 +107,7 @@ def test_fault_without_memory_pauses_then_lands_when_memory_is_freed():
 def test_hvctl_events_streams_json_lines():
     with api.hvshare_session(frames=256) as hv:
         a, b, filler = _full_pool(hv)
-        p = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "events", "--count", "2",
+        p = subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", "events", "--count", "2",
                               "--socket", hv.socket_path], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         try:
@@ -128,7 +128,7 @@ def test_hvctl_events_streams_json_lines():
         assert [x["event"] for x in lines] == ["enomem", "resumed"]
         assert all(x["domid"] == b for x in lines) and lines[0]["seq"] < lines[1]["seq"]
         # the ring keeps them for a late subscriber; the hypervisor's end closes the stream
-        p = subprocess.Popen([sys.executable, "-m", "tools.hvctl", "events", "--socket", hv.socket_path],
+        p = subprocess.Popen([sys.executable, "-m", "hvshare.tools.hvctl", "events", "--socket", hv.socket_path],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert _wait(lambda: hv.info()["event_subscribers"] == 1, 20)
         hv.stop()
