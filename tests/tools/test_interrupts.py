@@ -71,10 +71,10 @@ def _ctrl_c_after(args: list[str], delay: float) -> tuple[int, str]:
         lines = []
         for line in p.stderr:
             lines.append(line)
-            if line.rstrip().endswith("| tools.interrupts"):
+            if line.rstrip().endswith(" hvshare.tools.interrupts"):
                 break
         else:
-            raise AssertionError(f"hvctl never loaded tools.interrupts: {''.join(lines)}")
+            raise AssertionError(f"hvctl never loaded hvshare.tools.interrupts: {''.join(lines)}")
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         rest = p.stderr.read()
