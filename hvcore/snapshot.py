@@ -2,15 +2,19 @@
 
 A domain made with ``create --from-pid`` or ``create --image`` is filled
 by the hypervisor the way a domain builder fills one, a bounded chunk at
-a time (:meth:`hvshare.hvcore.domains.DomainTable.build_step`). Its size must be
-known when the create begins (the frames are reserved then), so each
-source settles what it will read when it opens, and then reads it chunk
-by chunk through :meth:`into`:
+a time (:meth:`hvshare.hvcore.domains.DomainTable.build_step`). Its size
+must be known before the first page is populated (the frames are
+reserved then): a file's when it opens; a process's once its pages are
+listed, which is the create's first phase, also a chunk at a time
+(:meth:`ProcessSnapshot.list_step`). Then the source is read chunk by
+chunk through :meth:`into`:
 
 - :class:`ProcessSnapshot`: the process's anonymous private mappings
   (every readable mapping with ``all_mappings``) from ``/proc/PID/maps``;
-  of those, the pages ``/proc/PID/pagemap`` says are present, in address
-  order. Swapped-out pages are counted, not read. Regions that cannot be
+  of those, the pages the pagemap says are present
+  (:mod:`hvshare.hvcore.pagemap`, whose walk costs what is present, not
+  the span mapped), in address order, kept as runs of adjacent pages.
+  Swapped-out pages are counted, not read. Regions that cannot be
   read (no read permission, ``[vvar]``, ``[vsyscall]``) are skipped and
   counted. The bytes come from ``/proc/PID/mem``; a page that was unmapped
   between the listing and its read is zeroed and counted (``lost_pages``):
@@ -44,12 +48,12 @@ from .pagemap import PM_PRESENT, Pagemap
 #: a listing chunk takes about this long when nothing preempts it
 LIST_CHUNK_SECONDS = 0.0002
 #: the first listing chunk, in units (later ones follow its rate)
-FIRST_LIST_CHUNK = 1 << 14
+FIRST_LIST_CHUNK = 1 << 12
 #: the most units of one listing chunk (bounds a chunk after fast ones)
-MAX_LIST_CHUNK = 1 << 18
+MAX_LIST_CHUNK = 1 << 13
 #: units a maps line and a pagemap walk call count for (their fixed cost)
-LINE_UNITS = 64
-CALL_UNITS = 256
+LINE_UNITS = 512
+CALL_UNITS = 1024
 #: special mappings /proc/PID/mem cannot read
 _UNREADABLE = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
 #: offsets of /proc/PID/mem are signed: addresses past this cannot be read

@@ -78,6 +78,10 @@ class Job:
         """What the job is, for a sentence ("the create of domain 3 ...")."""
         return self.kind
 
+    def step_name(self) -> str:
+        """What its next step does, as ``info``'s ``max_pause_op`` names it."""
+        return self.kind
+
     def step(self, host: JobHost, should_yield) -> bool:
         """Do some work; True when done (then :meth:`finish` answers)."""
         raise NotImplementedError
@@ -120,6 +124,7 @@ class JobQueue:
         """One step of the oldest job (then it goes to the back of the queue)."""
         job = self.jobs.popleft()
         c = job.client if job.client is not None and not job.client.closed else None
+        what = job.step_name()
         t0, cpu0 = time.perf_counter(), time.thread_time()
         budget = self.budget
         budget.preempted = False
@@ -135,7 +140,7 @@ class JobQueue:
             self.failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
             done = None
         finally:
-            self.meter.record(time.perf_counter() - t0, job.kind, job.kind, time.thread_time() - cpu0)
+            self.meter.record(time.perf_counter() - t0, what, job.kind, time.thread_time() - cpu0)
             job.steps += 1
         budget.preempted = False
         if done is False:
@@ -190,6 +195,9 @@ class CreateJob(Job):
             return f"the create of domain {b.domid} (listing {self.source.source}: " \
                    f"{self.source.found} pages found)"
         return f"the create of domain {b.domid} ({b.cursor} of {b.npages} pages populated)"
+
+    def step_name(self) -> str:
+        return "create listing" if self.build.listing else "create"
 
     def failure(self, e: HVError) -> str:
         """A create that fails while it lists its content (or reserves its
