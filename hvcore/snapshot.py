@@ -134,6 +134,8 @@ class ProcessSnapshot:
         of them; otherwise chunk by chunk, each sized to take about
         ``chunk_seconds``, asking ``should_yield()`` after each (the first
         chunk always runs). A failure closes the snapshot and is raised."""
+        if self.listed:
+            return True
         clock, cost = time.perf_counter, self._cost
         chunk_seconds = chunk_seconds or LIST_CHUNK_SECONDS
         try:
