@@ -51,9 +51,15 @@ LIST_CHUNK_SECONDS = 0.0002
 FIRST_LIST_CHUNK = 1 << 12
 #: the most units of one listing chunk (bounds a chunk after fast ones)
 MAX_LIST_CHUNK = 1 << 13
-#: units a maps line and a pagemap walk call count for (their fixed cost)
+#: units a maps line, a pagemap walk call and a maps block count for
+#: (their fixed cost)
 LINE_UNITS = 512
 CALL_UNITS = 1024
+MAPS_BLOCK_UNITS = 4096
+#: runs of adjacent pages a listing has room for at first
+FIRST_RUNS = 1024
+#: bytes of /proc/PID/maps read at a time
+MAPS_BLOCK = 1 << 16
 #: special mappings /proc/PID/mem cannot read
 _UNREADABLE = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
 #: offsets of /proc/PID/mem are signed: addresses past this cannot be read
@@ -65,8 +71,8 @@ _MAX_IMAGE_PAGES = _MAX_OFFSET // PAGE_SIZE
 class ProcessSnapshot:
     """The present pages of process ``pid`` as a domain's content.
 
-    Opening reads ``/proc/PID/maps`` and keeps ``mem`` and ``pagemap``
-    open; the listing of the pages follows, all at once (``listed``) or
+    Opening reads the first block of ``/proc/PID/maps`` and keeps it,
+    ``mem`` and ``pagemap`` open; the listing of the pages follows, all at once (``listed``) or
     a bounded chunk at a time through :meth:`list_step` (a create's first
     phase: its size is known only when the listing ends); :meth:`into`
     reads them. ``max_pages`` cuts the snapshot to its first pages in
@@ -84,10 +90,14 @@ class ProcessSnapshot:
         #: the snapshot's pages, once listed (None: still listing)
         self.npages = None
         self.found = 0                  # present pages listed so far
-        self._mem = self._pagemap = None
+        self._mem = self._pagemap = self._maps = None
+        # /proc/PID/maps, a block at a time: its lines, the next to take,
+        # a line the block cut, and whether it is all read
+        self._lines, self._line, self._carry, self._maps_read = [], 0, "", False
         try:
-            maps = self._open_proc("maps", text=True)
-            if not maps:
+            self._maps = self._open_proc("maps")
+            self._read_maps()
+            if not self._lines:
                 self._no_memory()
             self._mem = self._open_proc("mem")
             self._pagemap = self._open_proc("pagemap")
@@ -95,10 +105,12 @@ class ProcessSnapshot:
             self.close()
             raise
         self._pm = Pagemap(self._pagemap, pid)
-        self._lines, self._line = maps.splitlines(), 0
         # the region being listed: (lo, hi), where the walk stands, its runs so far
-        self._region, self._at, self._pending = None, 0, []
-        self._starts, self._counts = [], []     # the runs of the regions listed
+        self._region, self._at = None, 0
+        # the runs found (address, pages): ``_runs[:_nruns]``, those of the
+        # region being listed from ``_mark`` on
+        self._runs = np.empty((FIRST_RUNS, 2), dtype=np.int64)
+        self._nruns = self._mark = 0
         self._cost = ChunkCost.rate(FIRST_LIST_CHUNK)
         if listed:
             self.list_step()
@@ -117,6 +129,20 @@ class ProcessSnapshot:
                                   f"(another user's process, or one that is not dumpable)") from None
         except ProcessLookupError:
             raise HVError(ESRCH, f"process {self.pid} exited before its snapshot") from None
+
+    def _read_maps(self) -> None:
+        """The next block of ``/proc/PID/maps`` as the lines to take (a
+        process may have tens of thousands of mappings)."""
+        try:
+            block = os.read(self._maps, MAPS_BLOCK)
+        except OSError as e:
+            code = ESRCH if e.errno == errno.ESRCH else EACCES
+            raise HVError(code, f"cannot read the mappings of process {self.pid}: {e.strerror}") from None
+        text = self._carry + block.decode(errors="surrogateescape")
+        lines = text.split("\n")
+        self._carry = lines.pop() if block else ""
+        self._lines, self._line = [x for x in lines if x], 0
+        self._maps_read = not block
 
     def _no_memory(self) -> None:
         stat_line = self._open_proc("stat", text=True)
@@ -154,7 +180,7 @@ class ProcessSnapshot:
 
     def _walked(self) -> bool:
         cut = self.max_pages is not None and self.found >= self.max_pages
-        return cut or (self._region is None and self._line >= len(self._lines))
+        return cut or (self._region is None and self._line >= len(self._lines) and self._maps_read)
 
     def _list_chunk(self, k: int) -> int:
         """List up to about ``k`` units of work (a page found or a pagemap
@@ -162,6 +188,10 @@ class ProcessSnapshot:
         units done."""
         done = 0
         while done < k and not self._walked():
+            if self._region is None and self._line >= len(self._lines):
+                done += MAPS_BLOCK_UNITS
+                self._read_maps()
+                continue
             if self._region is None:
                 done += LINE_UNITS
                 self._take_line(self._lines[self._line])
@@ -177,14 +207,22 @@ class ProcessSnapshot:
             done += spent
             self.swapped_pages += swapped
             if len(starts):
-                self._pending.append((starts, counts))
-                self.found += int(counts.sum())
+                self._add_runs(starts, counts)
             if self._at >= hi or self._walked():
-                self._starts += [s for s, _ in self._pending]
-                self._counts += [c for _, c in self._pending]
                 self.regions += 1
-                self._region, self._pending = None, []
+                self._region, self._mark = None, self._nruns
         return done
+
+    def _add_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
+        n, m = self._nruns, len(starts)
+        if n + m > len(self._runs):         # grown by doubling: amortised O(1) a run
+            grown = np.empty((max(2 * len(self._runs), n + m), 2), dtype=np.int64)
+            grown[:n] = self._runs[:n]
+            self._runs = grown
+        self._runs[n:n + m, 0] = starts
+        self._runs[n:n + m, 1] = counts
+        self._nruns = n + m
+        self.found += int(counts.sum())
 
     def _take_line(self, line: str) -> None:
         """Start listing the region of a maps line, or count it skipped."""
@@ -200,20 +238,21 @@ class ProcessSnapshot:
         if perms[0] != "r" or path in _UNREADABLE or hi > _MAX_OFFSET:
             self._skip(lo, hi)
             return
-        self._region, self._at, self._pending = (lo, hi), lo, []
+        self._region, self._at, self._mark = (lo, hi), lo, self._nruns
 
     def _skip(self, lo: int, hi: int) -> None:
         """A region that cannot be read: counted, and nothing of it taken."""
-        self.found -= sum(int(c.sum()) for _, c in self._pending)
+        self.found -= int(self._runs[self._mark:self._nruns, 1].sum())
+        self._nruns = self._mark
         self.skipped_regions += 1
         self.skipped_pages += (hi - lo) // PAGE_SIZE
-        self._region, self._pending = None, []
+        self._region = None
 
     def _end_listing(self) -> None:
         """The listing is done: the runs as arrays, cut to ``max_pages``."""
-        starts = np.concatenate(self._starts) if self._starts else np.empty(0, dtype=np.int64)
-        counts = np.concatenate(self._counts) if self._counts else np.empty(0, dtype=np.int64)
-        first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        runs = self._runs[:self._nruns]
+        starts = runs[:, 0]
+        first = np.concatenate([[0], np.cumsum(runs[:, 1])]).astype(np.int64)
         if self.max_pages is not None and first[-1] > self.max_pages:
             n = int(np.searchsorted(first, self.max_pages, "left"))
             starts, first = starts[:n], first[:n + 1].copy()
@@ -224,8 +263,10 @@ class ProcessSnapshot:
             what = "mapping" if self.all_mappings else "anonymous private mapping"
             raise HVError(EINVAL, f"process {self.pid} has no present page in any readable {what}")
         #: per run of adjacent pages: its address and its first page (and the end)
-        self._run_addr, self._run_first = starts.astype(np.int64), first
-        self._starts = self._counts = self._lines = None
+        self._run_addr, self._run_first = starts.copy(), first
+        self._runs = self._lines = None
+        os.close(self._maps)
+        self._maps = None
         self.npages = int(first[-1])
 
     @property
@@ -295,10 +336,10 @@ class ProcessSnapshot:
                 "swapped_pages": self.swapped_pages, "lost_pages": self.lost_pages}
 
     def close(self) -> None:
-        for fd in (self._mem, self._pagemap):
+        for fd in (self._mem, self._pagemap, self._maps):
             if fd is not None:
                 os.close(fd)
-        self._mem = self._pagemap = None
+        self._mem = self._pagemap = self._maps = None
 
 
 class FileImage:
