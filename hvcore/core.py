@@ -87,7 +87,8 @@ class Hypervisor(Forks, DomainTable, Sharing, CopyOnWrite, Teardown, Audit):
             d.p2m.close()
         self.domains.clear()
         for b in list(self.building.values()):
-            b.p2m.close()
+            if b.p2m is not None:       # (a create still listing has none)
+                b.p2m.close()
         self.building.clear()
         self.pool.close()
 

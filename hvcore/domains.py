@@ -82,7 +82,12 @@ class DomainBuild:
     """A domain being created, as Xen's ``XENMEM_populate_physmap`` fills
     one: gfns ``[0, cursor)`` are populated (frames taken, content written,
     p2m entries set) and the rest wait. The frames still to take are
-    reserved in the pool, so a create that began always completes.
+    reserved in the pool, so a create that began populating always
+    completes. A content that must list what it holds first (a process
+    snapshot, whose present pages are known only once its pagemap is
+    walked) does so in the create's first steps (``listing``); a domain
+    sized by it is sized, and its frames reserved, when the listing ends
+    (``ENOMEM`` then if too few are free).
 
     Until :meth:`DomainTable.build_step` finishes it, the domain is not in
     the domain table: every operation on its domid is ``EBUSY``.
@@ -91,7 +96,7 @@ class DomainBuild:
     domid: int
     name: str
     npages: int
-    p2m: P2M
+    p2m: P2M | None             # None while its size is unknown
     paused: bool
     content: object
     #: populated gfns as a mask over the domain (None: every gfn)
@@ -99,6 +104,9 @@ class DomainBuild:
     #: frames taken so far, in gfn order (``mfns[:populated]``)
     mfns: np.ndarray
     reserved: int               # frames still reserved for it in the pool
+    #: the content lists what it holds first (a process snapshot): the
+    #: create's first phase, after which its frames are reserved
+    listing: bool = False
     cursor: int = 0             # next gfn to populate
     populated: int = 0          # frames taken
     chunk_cost: object = None   # chunk sizing (a ChunkCost), once preemptible
@@ -143,21 +151,31 @@ class DomainTable:
         self.build_step(b)
         return self.domains[b.domid]
 
-    def begin_domain(self, pages: int, content=None, name: str | None = None,
+    def begin_domain(self, pages: int | None, content=None, name: str | None = None,
                      paused: bool = False, holes=None) -> DomainBuild:
         """Start creating a domain (arguments as :meth:`create_domain`):
         check everything, take a domid, reserve its frames and map its p2m.
-        O(1) in ``pages`` but for the holes; :meth:`build_step` does the rest."""
-        if pages <= 0:
+        O(1) in ``pages`` but for the holes; :meth:`build_step` does the rest.
+
+        A content with ``list_step`` (a :class:`hvshare.hvcore.snapshot.ProcessSnapshot`
+        not yet listed) is listed in the first steps; with ``pages`` None
+        it sizes the domain then, and the frames are reserved then."""
+        listing = content is not None and not getattr(content, "listed", True)
+        if (pages is None and not listing) or (pages is not None and pages <= 0):
             raise HVError(EINVAL, "a domain needs at least one page")
         if name is not None:
             self._check_name(name)
+        if pages is None:
+            domid = self._free_domid()
+            self._next_domid += 1
+            b = DomainBuild(domid, name or self._default_name(domid), 0, None, paused, content,
+                            None, np.empty(0, dtype=np.int64), 0, listing=True)
+            self.building[domid] = b
+            return b
         if holes is None and pages > self.pool.nfree:
             # before any array is sized by an untrusted page count
             raise HVError(ENOMEM, f"{pages} frames asked, {self.pool.nfree} free")
-        domid = self._next_domid
-        if domid >= DOMID_FIRST_RESERVED:
-            raise HVError(ENOMEM, "no domid left")
+        domid = self._free_domid()
         mask, want = None, pages
         if holes is not None:
             holes = np.asarray(holes, dtype=np.int64)
@@ -179,9 +197,29 @@ class DomainTable:
             raise
         self._next_domid += 1
         b = DomainBuild(domid, name or self._default_name(domid), pages, p2m, paused, content,
-                        mask, np.empty(want, dtype=np.int64), want)
+                        mask, np.empty(want, dtype=np.int64), want, listing=listing)
         self.building[domid] = b
         return b
+
+    def _free_domid(self) -> int:
+        """The next domid (domids are never reused), if any is left."""
+        if self._next_domid >= DOMID_FIRST_RESERVED:
+            raise HVError(ENOMEM, "no domid left")
+        return self._next_domid
+
+    def _end_listing(self, b: DomainBuild) -> None:
+        """The content is listed: size a domain it sizes, reserve its
+        frames (``ENOMEM`` if too few are free) and map its p2m."""
+        if b.p2m is None:
+            pages = b.content.npages
+            if pages > self.pool.nfree:
+                b.npages = pages
+                raise HVError(ENOMEM, f"{pages} frames asked, {self.pool.nfree} free")
+            self.pool.reserve(pages)
+            b.reserved = pages
+            b.p2m = P2M(self.token, b.domid, pages, filled=False)
+            b.npages, b.mfns = pages, np.empty(pages, dtype=np.int64)
+        b.listing = False
 
     def build_step(self, b: DomainBuild, should_yield=None, chunk_seconds: float | None = None) -> bool:
         """Populate more of ``b``; True once the domain exists (in ``domains``).
@@ -194,6 +232,12 @@ class DomainTable:
         raised.
         """
         try:
+            if b.listing:
+                if not b.content.list_step(should_yield, chunk_seconds):
+                    return False
+                self._end_listing(b)
+                if should_yield is not None and should_yield():
+                    return False
             if should_yield is None:
                 while not b.done:
                     self._populate(b, min(b.npages, b.cursor + BUILD_SLAB))
@@ -282,7 +326,8 @@ class DomainTable:
         self.pool.free_many(b.mfns[:b.populated])
         self.pool.unreserve(b.reserved)
         b.reserved = b.populated = 0
-        b.p2m.close()
+        if b.p2m is not None:
+            b.p2m.close()
 
     def _check_name(self, name) -> None:
         """A domain name, as ``xl`` wants it: text of 1 to MAX_NAME_LENGTH
@@ -312,8 +357,8 @@ class DomainTable:
         except (KeyError, TypeError):
             b = self.building.get(domid) if isinstance(domid, int) else None
             if b is not None:
-                raise HVError(EBUSY, f"domain {domid} is still being created "
-                                     f"({b.cursor} of {b.npages} pages)") from None
+                at = "listing its pages" if b.listing else f"{b.cursor} of {b.npages} pages"
+                raise HVError(EBUSY, f"domain {domid} is still being created ({at})") from None
             raise HVError(ESRCH, f"no domain {domid}") from None
 
     def _gfn(self, d: Domain, gfn: int) -> int:

@@ -2,15 +2,19 @@
 
 A domain made with ``create --from-pid`` or ``create --image`` is filled
 by the hypervisor the way a domain builder fills one, a bounded chunk at
-a time (:meth:`hvshare.hvcore.domains.DomainTable.build_step`). Its size must be
-known when the create begins (the frames are reserved then), so each
-source settles what it will read when it opens, and then reads it chunk
-by chunk through :meth:`into`:
+a time (:meth:`hvshare.hvcore.domains.DomainTable.build_step`). Its size
+must be known before the first page is populated (the frames are
+reserved then): a file's when it opens; a process's once its pages are
+listed, which is the create's first phase, also a chunk at a time
+(:meth:`ProcessSnapshot.list_step`). Then the source is read chunk by
+chunk through :meth:`into`:
 
 - :class:`ProcessSnapshot`: the process's anonymous private mappings
   (every readable mapping with ``all_mappings``) from ``/proc/PID/maps``;
-  of those, the pages ``/proc/PID/pagemap`` says are present, in address
-  order. Swapped-out pages are counted, not read. Regions that cannot be
+  of those, the pages the pagemap says are present
+  (:mod:`hvshare.hvcore.pagemap`, whose walk costs what is present, not
+  the span mapped), in address order, kept as runs of adjacent pages.
+  Swapped-out pages are counted, not read. Regions that cannot be
   read (no read permission, ``[vvar]``, ``[vsyscall]``) are skipped and
   counted. The bytes come from ``/proc/PID/mem``; a page that was unmapped
   between the listing and its read is zeroed and counted (``lost_pages``):
@@ -31,18 +35,31 @@ import errno
 import itertools
 import os
 import stat
+import time
 
 import numpy as np
 
+from .budget import MIN_CHUNK_ITEMS, ChunkCost
 from .constants import PAGE_SIZE
 from .elfcore import core_segments
 from .errors import EACCES, EINVAL, EIO, ENOENT, ESRCH, HVError
+from .pagemap import PM_PRESENT, Pagemap
 
-#: pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
-PM_PRESENT = np.uint64(1 << 63)
-PM_SWAPPED = np.uint64(1 << 62)
-#: pagemap entries read per call while listing a region
-PAGEMAP_CHUNK = 1 << 18
+#: a listing chunk takes about this long when nothing preempts it
+LIST_CHUNK_SECONDS = 0.0002
+#: the first listing chunk, in units (later ones follow its rate)
+FIRST_LIST_CHUNK = 1 << 12
+#: the most units of one listing chunk (bounds a chunk after fast ones)
+MAX_LIST_CHUNK = 1 << 13
+#: units a maps line, a pagemap walk call and a maps block count for
+#: (their fixed cost)
+LINE_UNITS = 512
+CALL_UNITS = 1024
+MAPS_BLOCK_UNITS = 4096
+#: runs of adjacent pages a listing has room for at first
+FIRST_RUNS = 1024
+#: bytes of /proc/PID/maps read at a time
+MAPS_BLOCK = 1 << 16
 #: special mappings /proc/PID/mem cannot read
 _UNREADABLE = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
 #: offsets of /proc/PID/mem are signed: addresses past this cannot be read
@@ -54,36 +71,49 @@ _MAX_IMAGE_PAGES = _MAX_OFFSET // PAGE_SIZE
 class ProcessSnapshot:
     """The present pages of process ``pid`` as a domain's content.
 
-    Opening lists the pages (maps and pagemap) and keeps ``/proc/PID/mem``
-    open; :meth:`into` reads them. ``max_pages`` cuts the snapshot to its
-    first pages in address order. Raises HVError: ESRCH (no such process,
-    or it exited), EACCES (not allowed to read its memory), EINVAL (it has
-    no present page to take).
+    Opening reads the first block of ``/proc/PID/maps`` and keeps it,
+    ``mem`` and ``pagemap`` open; the listing of the pages follows, all at once (``listed``) or
+    a bounded chunk at a time through :meth:`list_step` (a create's first
+    phase: its size is known only when the listing ends); :meth:`into`
+    reads them. ``max_pages`` cuts the snapshot to its first pages in
+    address order. Raises HVError: ESRCH (no such process, or it exited),
+    EACCES (not allowed to read its memory), EINVAL (it has no present
+    page to take).
     """
 
-    def __init__(self, pid: int, all_mappings: bool = False, max_pages: int | None = None):
-        self.pid, self.all_mappings = pid, all_mappings
+    def __init__(self, pid: int, all_mappings: bool = False, max_pages: int | None = None,
+                 listed: bool = True):
+        self.pid, self.all_mappings, self.max_pages = pid, all_mappings, max_pages
         self.source = f"pid {pid}"
         self.regions = self.skipped_regions = self.skipped_pages = self.swapped_pages = 0
         self.lost_pages = 0
-        self._mem = self._pagemap = None
+        #: the snapshot's pages, once listed (None: still listing)
+        self.npages = None
+        self.found = 0                  # present pages listed so far
+        self._mem = self._pagemap = self._maps = None
+        # /proc/PID/maps, a block at a time: its lines, the next to take,
+        # a line the block cut, and whether it is all read
+        self._lines, self._line, self._carry, self._maps_read = [], 0, "", False
         try:
-            maps = self._open_proc("maps", text=True)
-            if not maps:
+            self._maps = self._open_proc("maps")
+            self._read_maps()
+            if not self._lines:
                 self._no_memory()
             self._mem = self._open_proc("mem")
             self._pagemap = self._open_proc("pagemap")
-            self.addrs = self._list_pages(maps, max_pages)
         except BaseException:
             self.close()
             raise
-        if not len(self.addrs):
-            self.close()
-            what = "mapping" if all_mappings else "anonymous private mapping"
-            raise HVError(EINVAL, f"process {pid} has no present page in any readable {what}")
-        self.npages = len(self.addrs)
-        # where the address runs break: one read per run of adjacent pages
-        self._breaks = np.flatnonzero(np.diff(self.addrs) != PAGE_SIZE) + 1
+        self._pm = Pagemap(self._pagemap, pid)
+        # the region being listed: (lo, hi), where the walk stands, its runs so far
+        self._region, self._at = None, 0
+        # the runs found (address, pages): ``_runs[:_nruns]``, those of the
+        # region being listed from ``_mark`` on
+        self._runs = np.empty((FIRST_RUNS, 2), dtype=np.int64)
+        self._nruns = self._mark = 0
+        self._cost = ChunkCost.rate(FIRST_LIST_CHUNK)
+        if listed:
+            self.list_step()
 
     def _open_proc(self, what: str, text: bool = False):
         path = f"/proc/{self.pid}/{what}"
@@ -100,71 +130,151 @@ class ProcessSnapshot:
         except ProcessLookupError:
             raise HVError(ESRCH, f"process {self.pid} exited before its snapshot") from None
 
+    def _read_maps(self) -> None:
+        """The next block of ``/proc/PID/maps`` as the lines to take (a
+        process may have tens of thousands of mappings)."""
+        try:
+            block = os.read(self._maps, MAPS_BLOCK)
+        except OSError as e:
+            code = ESRCH if e.errno == errno.ESRCH else EACCES
+            raise HVError(code, f"cannot read the mappings of process {self.pid}: {e.strerror}") from None
+        text = self._carry + block.decode(errors="surrogateescape")
+        lines = text.split("\n")
+        self._carry = lines.pop() if block else ""
+        self._lines, self._line = [x for x in lines if x], 0
+        self._maps_read = not block
+
     def _no_memory(self) -> None:
         stat_line = self._open_proc("stat", text=True)
         if stat_line[stat_line.rfind(")") + 2:].startswith("Z"):
             raise HVError(ESRCH, f"process {self.pid} exited before its snapshot")
         raise HVError(EINVAL, f"process {self.pid} has no memory of its own (a kernel thread)")
 
-    def _list_pages(self, maps: str, max_pages: int | None) -> np.ndarray:
-        """Addresses of the pages to take, in address order."""
-        parts = []
-        taken = 0
-        for line in maps.splitlines():
-            if max_pages is not None and taken >= max_pages:
-                break
-            f = line.split(maxsplit=5)
-            if len(f) < 5:
-                continue
-            lo, hi = (int(x, 16) for x in f[0].split("-"))
-            perms, inode = f[1], int(f[4])
-            path = f[5].strip() if len(f) > 5 else ""
-            anonymous = inode == 0 and (path in ("", "[heap]") or path.startswith(("[stack", "[anon:")))
-            if not self.all_mappings and not (anonymous and perms[3] == "p"):
-                continue
-            if perms[0] != "r" or path in _UNREADABLE or hi > _MAX_OFFSET:
-                self.skipped_regions += 1
-                self.skipped_pages += (hi - lo) // PAGE_SIZE
-                continue
-            present = self._present(lo, hi)
-            if present is None:
-                self.skipped_regions += 1
-                self.skipped_pages += (hi - lo) // PAGE_SIZE
-                continue
-            self.regions += 1
-            parts.append(present)
-            taken += len(present)
-        addrs = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-        return addrs[:max_pages] if max_pages is not None else addrs
+    @property
+    def listed(self) -> bool:
+        return self.npages is not None
 
-    def _present(self, lo: int, hi: int) -> np.ndarray | None:
-        """Addresses of the present pages of ``[lo, hi)`` (swapped ones are
-        counted); None if its pagemap cannot be read."""
-        out = []
-        first, last = lo // PAGE_SIZE, hi // PAGE_SIZE
-        for p0 in range(first, last, PAGEMAP_CHUNK):
-            n = min(PAGEMAP_CHUNK, last - p0)
-            entries = self._pagemap_entries(p0, n)
-            if entries is None:
-                return None
-            present = (entries & PM_PRESENT) != 0
-            self.swapped_pages += int(np.count_nonzero(~present & ((entries & PM_SWAPPED) != 0)))
-            out.append((np.flatnonzero(present) + p0) * PAGE_SIZE)
-        return np.concatenate(out).astype(np.int64) if out else np.empty(0, dtype=np.int64)
-
-    def _pagemap_entries(self, page: int, n: int) -> np.ndarray | None:
+    def list_step(self, should_yield=None, chunk_seconds: float | None = None) -> bool:
+        """List more of the pages; True once the listing is done (then
+        ``npages`` is the snapshot's size). Without ``should_yield``, all
+        of them; otherwise chunk by chunk, each sized to take about
+        ``chunk_seconds``, asking ``should_yield()`` after each (the first
+        chunk always runs). A failure closes the snapshot and is raised."""
+        if self.listed:
+            return True
+        clock, cost = time.perf_counter, self._cost
+        chunk_seconds = chunk_seconds or LIST_CHUNK_SECONDS
         try:
-            raw = os.pread(self._pagemap, 8 * n, 8 * page)
-        except OSError as e:
-            if e.errno == errno.ESRCH:
-                raise HVError(ESRCH, f"process {self.pid} exited during its snapshot") from None
-            return None
-        if not raw:
-            raise HVError(ESRCH, f"process {self.pid} exited during its snapshot")
-        entries = np.frombuffer(raw, dtype=np.uint64)
-        if len(entries) < n:
-            entries = np.concatenate([entries, np.zeros(n - len(entries), dtype=np.uint64)])
-        return entries
+            while not self._walked():
+                t0 = clock()
+                k = MAX_LIST_CHUNK if should_yield is None else \
+                    min(MAX_LIST_CHUNK, max(MIN_CHUNK_ITEMS, cost.items(chunk_seconds, chunk_seconds)))
+                cost.learn(self._list_chunk(k), clock() - t0)
+                if should_yield is not None and not self._walked() and should_yield():
+                    return False
+            self._end_listing()
+        except BaseException:
+            self.close()
+            raise
+        return True
+
+    def _walked(self) -> bool:
+        cut = self.max_pages is not None and self.found >= self.max_pages
+        return cut or (self._region is None and self._line >= len(self._lines) and self._maps_read)
+
+    def _list_chunk(self, k: int) -> int:
+        """List up to about ``k`` units of work (a page found or a pagemap
+        entry read; a maps line or a walk call counts as several); the
+        units done."""
+        done = 0
+        while done < k and not self._walked():
+            if self._region is None and self._line >= len(self._lines):
+                done += MAPS_BLOCK_UNITS
+                self._read_maps()
+                continue
+            if self._region is None:
+                done += LINE_UNITS
+                self._take_line(self._lines[self._line])
+                self._line += 1
+                continue
+            lo, hi = self._region
+            got = self._pm.runs(self._at, hi, k - done)
+            done += CALL_UNITS
+            if got is None:
+                self._skip(lo, hi)
+                continue
+            starts, counts, swapped, self._at, spent = got
+            done += spent
+            self.swapped_pages += swapped
+            if len(starts):
+                self._add_runs(starts, counts)
+            if self._at >= hi or self._walked():
+                self.regions += 1
+                self._region, self._mark = None, self._nruns
+        return done
+
+    def _add_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
+        n, m = self._nruns, len(starts)
+        if n + m > len(self._runs):         # grown by doubling: amortised O(1) a run
+            grown = np.empty((max(2 * len(self._runs), n + m), 2), dtype=np.int64)
+            grown[:n] = self._runs[:n]
+            self._runs = grown
+        self._runs[n:n + m, 0] = starts
+        self._runs[n:n + m, 1] = counts
+        self._nruns = n + m
+        self.found += int(counts.sum())
+
+    def _take_line(self, line: str) -> None:
+        """Start listing the region of a maps line, or count it skipped."""
+        f = line.split(maxsplit=5)
+        if len(f) < 5:
+            return
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        perms, inode = f[1], int(f[4])
+        path = f[5].strip() if len(f) > 5 else ""
+        anonymous = inode == 0 and (path in ("", "[heap]") or path.startswith(("[stack", "[anon:")))
+        if not self.all_mappings and not (anonymous and perms[3] == "p"):
+            return
+        if perms[0] != "r" or path in _UNREADABLE or hi > _MAX_OFFSET:
+            self._skip(lo, hi)
+            return
+        self._region, self._at, self._mark = (lo, hi), lo, self._nruns
+
+    def _skip(self, lo: int, hi: int) -> None:
+        """A region that cannot be read: counted, and nothing of it taken."""
+        self.found -= int(self._runs[self._mark:self._nruns, 1].sum())
+        self._nruns = self._mark
+        self.skipped_regions += 1
+        self.skipped_pages += (hi - lo) // PAGE_SIZE
+        self._region = None
+
+    def _end_listing(self) -> None:
+        """The listing is done: the runs as arrays, cut to ``max_pages``."""
+        runs = self._runs[:self._nruns]
+        starts = runs[:, 0]
+        first = np.concatenate([[0], np.cumsum(runs[:, 1])]).astype(np.int64)
+        if self.max_pages is not None and first[-1] > self.max_pages:
+            n = int(np.searchsorted(first, self.max_pages, "left"))
+            starts, first = starts[:n], first[:n + 1].copy()
+            first[-1] = self.max_pages
+        if first[-1] == 0:
+            if self._pm.gone():
+                raise HVError(ESRCH, f"process {self.pid} exited during its snapshot")
+            what = "mapping" if self.all_mappings else "anonymous private mapping"
+            raise HVError(EINVAL, f"process {self.pid} has no present page in any readable {what}")
+        #: per run of adjacent pages: its address and its first page (and the end)
+        self._run_addr, self._run_first = starts.copy(), first
+        self._runs = self._lines = None
+        os.close(self._maps)
+        self._maps = None
+        self.npages = int(first[-1])
+
+    @property
+    def addrs(self) -> np.ndarray:
+        """The address of every page of the snapshot, in order."""
+        first = self._run_first
+        base = np.repeat(self._run_addr - first[:-1] * PAGE_SIZE, np.diff(first))
+        return base + np.arange(self.npages, dtype=np.int64) * PAGE_SIZE
 
     def __call__(self, start: int, count: int) -> np.ndarray:
         out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
@@ -173,18 +283,20 @@ class ProcessSnapshot:
 
     def into(self, dst: np.ndarray, start: int) -> None:
         """Read the snapshot's pages ``start..start+len(dst)-1`` into ``dst``
-        (past its end: zero pages), one read per run of adjacent pages."""
+        (past its end: zero pages), one read per run of adjacent pages
+        (a listed snapshot only)."""
         n = len(dst)
         have = max(0, min(n, self.npages - start))
         if have < n:
             dst[have:] = 0
         if not have:
             return
-        b = self._breaks
-        cuts = b[np.searchsorted(b, start, "right"):np.searchsorted(b, start + have, "left")] - start
-        bounds = [0, *cuts.tolist(), have]
-        for i, j in zip(bounds[:-1], bounds[1:]):
-            self._read_run(dst[i:j], int(self.addrs[start + i]))
+        first, end = self._run_first, start + have
+        for r in range(int(np.searchsorted(first, start, "right")) - 1,
+                       int(np.searchsorted(first, end, "left"))):
+            lo, hi = max(start, int(first[r])), min(end, int(first[r + 1]))
+            addr = int(self._run_addr[r]) + (lo - int(first[r])) * PAGE_SIZE
+            self._read_run(dst[lo - start:hi - start], addr)
 
     def _read_run(self, dst: np.ndarray, addr: int) -> None:
         """Read adjacent pages at ``addr`` into ``dst``; what cannot be read
@@ -193,7 +305,7 @@ class ProcessSnapshot:
         if got == len(dst):
             return
         rest, base = dst[got:], addr + got * PAGE_SIZE
-        entries = self._pagemap_entries(base // PAGE_SIZE, len(rest))
+        entries = self._pm.entries(base // PAGE_SIZE, len(rest))
         present = np.zeros(len(rest), dtype=bool) if entries is None else (entries & PM_PRESENT) != 0
         rest[~present] = 0
         self.lost_pages += int(np.count_nonzero(~present))
@@ -214,17 +326,9 @@ class ProcessSnapshot:
             if e.errno == errno.ESRCH:
                 raise HVError(ESRCH, f"process {self.pid} exited during its snapshot") from None
             return 0
-        if got == 0 and self._gone():
+        if got == 0 and self._pm.gone():
             raise HVError(ESRCH, f"process {self.pid} exited during its snapshot")
         return got // PAGE_SIZE
-
-    def _gone(self) -> bool:
-        """True if the process's memory is gone (it exited or ran exec):
-        its pagemap reads as nothing then."""
-        try:
-            return not os.pread(self._pagemap, 8, 0)
-        except OSError:
-            return True
 
     def report(self) -> dict:
         return {"source": self.source, "pages": self.npages, "regions": self.regions,
@@ -232,10 +336,10 @@ class ProcessSnapshot:
                 "swapped_pages": self.swapped_pages, "lost_pages": self.lost_pages}
 
     def close(self) -> None:
-        for fd in (self._mem, self._pagemap):
+        for fd in (self._mem, self._pagemap, self._maps):
             if fd is not None:
                 os.close(fd)
-        self._mem = self._pagemap = None
+        self._mem = self._pagemap = self._maps = None
 
 
 class FileImage:
@@ -382,7 +486,7 @@ def open_source(from_pid: int | None = None, image: str | None = None, all_mappi
     if from_pid is None and image is None:
         raise HVError(EINVAL, "all_mappings is for a process snapshot")
     if from_pid is not None:
-        return ProcessSnapshot(from_pid, all_mappings, max_pages)
+        return ProcessSnapshot(from_pid, all_mappings, max_pages, listed=False)
     if all_mappings:
         raise HVError(EINVAL, "all_mappings is for a process snapshot, not a file")
     if not os.path.isabs(image):

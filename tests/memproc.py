@@ -2,7 +2,9 @@
 
 The child maps ``pages`` anonymous private pages, writes page ``i`` with a
 pattern of its own (:func:`pattern`), optionally maps a PROT_NONE guard
-region and a file (shared), prints the addresses as one JSON line, then
+region, a file (shared) and a huge ``MAP_NORESERVE`` read-only region of
+which it reads ``touch`` pages (``huge``, the offsets ``touched``), prints
+the addresses as one JSON line, then
 obeys lines on its stdin: ``unmap`` (drop the known pages; it answers
 ``done``), ``exit``. Stop it with SIGSTOP for a fixed memory.
 """
@@ -22,6 +24,7 @@ _CHILD = r"""
 import ctypes, json, mmap, os, sys
 import numpy as np
 pages, guard, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+huge, touch = int(sys.argv[4]), int(sys.argv[5])
 m = mmap.mmap(-1, pages * 4096, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 a = np.frombuffer(m, dtype=np.uint8).reshape(pages, 4096)
 a[:] = (np.arange(pages, dtype=np.uint32)[:, None] * 7 + np.arange(4096, dtype=np.uint32) % 251 + 1) % 256
@@ -35,6 +38,13 @@ if path:
     fm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
     sum(fm[i * 4096] for i in range(len(fm) // 4096))     # fault every page in
     out["file"] = True
+if huge:
+    noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000)     # (Python 3.13 names it)
+    h = mmap.mmap(-1, huge, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | noreserve, mmap.PROT_READ)
+    hv = np.frombuffer(h, dtype=np.uint8)
+    out["huge"] = hv.ctypes.data
+    out["touched"] = [i * (huge // touch // 4096) * 4096 for i in range(touch)]
+    sum(int(hv[i]) for i in out["touched"])     # reading maps the zero page there
 print(json.dumps(out), flush=True)
 for line in sys.stdin:
     if line.strip() == "unmap":
@@ -57,9 +67,11 @@ def pattern(pages: int) -> np.ndarray:
 class MemProcess:
     """The child process (a context manager: killed and reaped on exit)."""
 
-    def __init__(self, pages: int = 64, guard: int = 0, file: str = "", stopped: bool = True):
+    def __init__(self, pages: int = 64, guard: int = 0, file: str = "", stopped: bool = True,
+                 huge: int = 0, touch: int = 0):
         self.pages = pages
-        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(pages), str(guard), file],
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(pages), str(guard), file,
+                                      str(huge), str(touch)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         self.info = json.loads(self.proc.stdout.readline())

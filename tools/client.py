@@ -183,7 +183,8 @@ class HypervisorClient(Requester):
         The hypervisor populates a domain a bounded step at a time and
         answers once its guest runs. ``progress(entry)``, if given, is
         called every PROGRESS_INTERVAL seconds meanwhile with the domain's
-        ``list`` entry (state ``creating``, ``populated`` of ``pages``),
+        ``list`` entry (state ``creating``, ``populated`` of ``pages``, or
+        ``listed``, the pages found while a process's pages are listed),
         read over a second connection.
 
         ``from_pid``: the memory is a snapshot of that process's present

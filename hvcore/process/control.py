@@ -198,7 +198,8 @@ class ControlOps:
         except HVError as e:
             if source is not None:
                 source.close()
-            raise HVError(e.code, f"cannot create a domain of {pages} pages: {sentence(e)}") from None
+            size = "" if pages is None else f" of {pages} pages"     # (a snapshot sizes it later)
+            raise HVError(e.code, f"cannot create a domain{size}: {sentence(e)}") from None
         self.instances = instance
         config = dict(workload=workload, seed=seed, instance=instance, paused=paused, rate=rate,
                       batch=batch, name=b.name)

@@ -78,6 +78,10 @@ class Job:
         """What the job is, for a sentence ("the create of domain 3 ...")."""
         return self.kind
 
+    def step_name(self) -> str:
+        """What its next step does, as ``info``'s ``max_pause_op`` names it."""
+        return self.kind
+
     def step(self, host: JobHost, should_yield) -> bool:
         """Do some work; True when done (then :meth:`finish` answers)."""
         raise NotImplementedError
@@ -90,6 +94,10 @@ class Job:
 
     def progress(self) -> dict:
         return {}
+
+    def failure(self, e: HVError) -> str:
+        """The sentence its client gets when ``e`` ends the job."""
+        return f"{self.describe()}: {sentence(e)}"
 
 
 class JobQueue:
@@ -116,6 +124,7 @@ class JobQueue:
         """One step of the oldest job (then it goes to the back of the queue)."""
         job = self.jobs.popleft()
         c = job.client if job.client is not None and not job.client.closed else None
+        what = job.step_name()
         t0, cpu0 = time.perf_counter(), time.thread_time()
         budget = self.budget
         budget.preempted = False
@@ -124,14 +133,14 @@ class JobQueue:
             if done:
                 job.finish(self.host)
         except HVError as e:
-            self.failed(job, schema.error(_sentence(job, e), e.code, e.name))
+            self.failed(job, schema.error(job.failure(e), e.code, e.name))
             done = None
         except Exception as e:           # a bug must not take every guest down
             traceback.print_exc()
             self.failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
             done = None
         finally:
-            self.meter.record(time.perf_counter() - t0, job.kind, job.kind, time.thread_time() - cpu0)
+            self.meter.record(time.perf_counter() - t0, what, job.kind, time.thread_time() - cpu0)
             job.steps += 1
         budget.preempted = False
         if done is False:
@@ -169,10 +178,6 @@ def tell_now(c: ControlConnection, answer: dict) -> None:
         pass
 
 
-def _sentence(job: Job, e: HVError) -> str:
-    return f"{job.describe()}: {sentence(e)}"
-
-
 class CreateJob(Job):
     """A domain being created: the core's :class:`hvshare.hvcore.domains.DomainBuild`
     populated chunk by chunk, then its guest started. The create request is
@@ -186,7 +191,22 @@ class CreateJob(Job):
 
     def describe(self) -> str:
         b = self.build
+        if b.listing:
+            return f"the create of domain {b.domid} (listing {self.source.source}: " \
+                   f"{self.source.found} pages found)"
         return f"the create of domain {b.domid} ({b.cursor} of {b.npages} pages populated)"
+
+    def step_name(self) -> str:
+        return "create listing" if self.build.listing else "create"
+
+    def failure(self, e: HVError) -> str:
+        """A create that fails while it lists its content (or reserves its
+        frames then) fails as a create refused at once would."""
+        b = self.build
+        if not b.listing:
+            return super().failure(e)
+        size = f" of {b.npages} pages" if b.npages else ""
+        return f"cannot create a domain{size}: {sentence(e)}"
 
     def step(self, host, should_yield) -> bool:
         # the last populating step, then the guest's start: a step of its own
@@ -209,9 +229,10 @@ class CreateJob(Job):
 
     def progress(self) -> dict:
         b = self.build
+        listed = {"listed": self.source.found} if b.listing else {}
         return {"domid": b.domid, "name": b.name, "state": "creating", "pages": b.npages,
-                "populated": b.cursor, "tot_pages": b.populated, "shr_pages": 0, "pid": None,
-                "p2m": b.p2m.name, "steps": self.steps,
+                **listed, "populated": b.cursor, "tot_pages": b.populated, "shr_pages": 0, "pid": None,
+                "p2m": b.p2m.name if b.p2m is not None else None, "steps": self.steps,
                 "seconds": round(time.monotonic() - self.started, 3)}
 
 

@@ -1,6 +1,7 @@
 """The content sources of hvcore.snapshot, on real processes and real files."""
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
@@ -10,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from hvshare.hvcore import pagemap
 from hvshare.hvcore.errors import EACCES, EINVAL, EIO, ENOENT, ESRCH, HVError
 from hvshare.hvcore.snapshot import FileImage, ProcessSnapshot, open_source
 from memproc import PAGE, MemProcess, pattern
@@ -291,3 +293,41 @@ def test_only_regular_files_and_block_devices_are_images(tmp_path):
         assert img.npages == 64 and img(0, 1)[0, 9] == 1 and not img(63, 1).any()
     finally:
         img.close()
+
+
+def _listed_in_steps(pid: int) -> tuple[ProcessSnapshot, int]:
+    """A snapshot listed a small chunk per step, and its steps."""
+    s = ProcessSnapshot(pid, all_mappings=True, listed=False)
+    steps = 1
+    while not s.list_step(lambda: True, 1e-4):
+        steps += 1
+    return s, steps
+
+
+def test_the_stride_reading_lists_what_pagemap_scan_lists(monkeypatch):
+    """A kernel without PAGEMAP_SCAN (ENOTTY) is read in pagemap strides:
+    the same pages, runs and counters as the scan, on the same process."""
+    calls = []
+
+    def counted(fd, arg, real=pagemap._scan_ioctl):
+        calls.append(1)
+        return real(fd, arg)
+
+    def refused(fd, arg):
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+
+    with MemProcess(pages=300, guard=8, huge=1 << 36, touch=3) as p:
+        monkeypatch.setattr(pagemap, "_scan_ioctl", counted)
+        scan, scan_steps = _listed_in_steps(p.pid)
+        monkeypatch.setattr(pagemap, "_scan_ioctl", refused)
+        stride, stride_steps = _listed_in_steps(p.pid)
+        try:
+            assert calls and scan_steps > 1 and stride_steps > 1
+            assert (stride.addrs == scan.addrs).all()
+            assert stride.report() == scan.report()
+            huge = p.info["huge"]
+            assert np.isin(huge + np.array(p.info["touched"]), scan.addrs).all()
+            assert (stride(0, stride.npages) == scan(0, scan.npages)).all()
+        finally:
+            scan.close()
+            stride.close()

@@ -116,10 +116,16 @@ class _CreateBar:
 
     def __call__(self, entry: dict) -> None:
         if self.bar is None:
-            self.pages = entry["pages"]
             from tqdm import tqdm
-            self.bar = tqdm(total=self.pages, desc=f"create dom{entry['domid']}", unit="page",
+            self.bar = tqdm(total=None, desc=f"create dom{entry['domid']}", unit="page",
                             unit_scale=True, file=sys.stderr, leave=False, dynamic_ncols=True)
+        if "listed" in entry:               # a process's pages, still being listed
+            self.bar.set_postfix_str(f"listing: {entry['listed']} pages found")
+            return
+        if self.pages != entry["pages"]:
+            self.pages = entry["pages"]
+            self.bar.reset(total=self.pages)
+            self.bar.set_postfix_str("")
         self.bar.update(entry["populated"] - self.bar.n)
         if entry["populated"] >= self.pages:
             self.bar.set_postfix_str("starting the guest")
@@ -140,7 +146,8 @@ def list_(a) -> object:
         if d["state"] == "dying":
             state += f" (gfn {d['cursor']}/{d['pages']}, {d['phase']})"
         if d["state"] == "creating":
-            state += f" ({d['populated']}/{d['pages']})"
+            listing = "listed" in d
+            state += f" (listing, {d['listed']} found)" if listing else f" ({d['populated']}/{d['pages']})"
         if d.get("waiting_for_memory"):
             state += f" (waiting for memory {d['waiting_ms'] / 1e3:.1f} s)"
         parent = "-" if d.get("parent") is None else d["parent"]

@@ -3,6 +3,7 @@ the bounded create job; the domain's pages are the source's bytes, and a
 failed create leaves nothing."""
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+from hvshare.hvcore.constants import STEP_BUDGET_SECONDS
 from hvshare.hvcore.snapshot import ProcessSnapshot
 from memproc import PAGE, MemProcess, pattern
 from hvshare.tools import api
@@ -154,3 +156,42 @@ def test_a_process_that_exits_during_its_snapshot_fails_the_create():
             pytest.skip("the create finished before the process was killed")
         assert out["error"].code_name == "ESRCH" and "exited during its snapshot" in str(out["error"])
         _nothing_left(hvs)
+
+
+#: a huge reservation a process never touches but for a few pages
+TIB = 1 << 40
+
+
+def test_a_huge_untouched_mapping_is_listed_in_bounded_steps():
+    """A 4 TiB MAP_NORESERVE mapping with 5 pages read: the domain holds
+    exactly the present pages, and no create step took more than 50 step
+    budgets (walking the span's pagemap took seconds in one step)."""
+    with MemProcess(pages=200, huge=4 * TIB, touch=5) as p, api.hvshare_session(frames=8192) as s:
+        r = s.create_domain(None, from_pid=p.pid)
+        addrs = ProcessSnapshot(p.pid).addrs
+        huge = p.info["huge"]
+        inside = addrs[(addrs >= huge) & (addrs < huge + 4 * TIB)]
+        assert (inside == huge + np.array(p.info["touched"])).all() and len(inside) == 5
+        assert r["pages"] == len(addrs) and r["lost_pages"] == 0
+        got = _pages(s, r["domid"], r["pages"])
+        assert (got == p.mem(addrs)).all()
+        assert not got[np.searchsorted(addrs, inside)].any()          # the zero page
+        i = int(np.searchsorted(addrs, p.addr))
+        assert (got[i:i + 200] == pattern(200)).all()
+        create = s.info()["pause_by_op"]["create"]
+        assert create["max_cpu_ms"] < 50 * STEP_BUDGET_SECONDS * 1e3, create
+        assert s.call("audit")["errors"] == 0
+
+
+def test_a_snapshot_larger_than_the_free_frames_fails_once_listed():
+    """The size is known only once the listing ends: ENOMEM then, and
+    nothing of the create is left."""
+    with MemProcess(pages=3000) as p, api.hvshare_session(frames=2048) as s:
+        with pytest.raises(api.HVCtlError) as e:
+            s.create_domain(None, from_pid=p.pid)
+        assert e.value.code_name == "ENOMEM", e.value
+        assert re.fullmatch(r"cannot create a domain of (\d+) pages: \1 frames asked, 2048 free",
+                            str(e.value)), str(e.value)
+        _nothing_left(s)
+        r = s.create_domain(1000, from_pid=p.pid)         # a cut fits
+        assert r["pages"] == 1000
