@@ -26,6 +26,10 @@ from .steps import Budget, StepMeter
 #: Clients.check), and the longest such frame
 KNOWN_FRAMES = 64
 KNOWN_BYTES = 256
+#: bytes of answers a client may leave unread before its requests stop
+#: being read (until it has read them all): a client that pipelines and
+#: never reads would otherwise pile its answers up in our memory
+CONTROL_MAX_QUEUE = 1 << 20
 
 
 class Clients:
@@ -57,8 +61,21 @@ class Clients:
 
     # -- the endpoints' host ---------------------------------------------
     def want_write(self, c: ControlConnection, on: bool) -> None:
-        ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        if not on and c.read_paused:
+            # its answers are all read: read and serve its requests again
+            c.read_paused = False
+            self.sel.modify(c.sock, selectors.EVENT_READ, self._event(c))
+            self.serve_backlog(c)
+            return
+        ev = (0 if c.read_paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if on else 0)
         self.sel.modify(c.sock, ev, self._event(c))
+
+    def _pause_reading(self, c: ControlConnection) -> None:
+        """Stop reading ``c`` while :data:`CONTROL_MAX_QUEUE` bytes of its
+        answers wait: its requests wait in its socket (and its backlog)
+        until it reads, and so does the client; others are served on."""
+        c.read_paused = True
+        self.sel.modify(c.sock, selectors.EVENT_WRITE, self._event(c))
 
     def lost(self, c: ControlConnection) -> None:
         self.drop(c)
@@ -113,6 +130,8 @@ class Clients:
             return
         c.backlog += msgs
         self.serve_backlog(c)
+        if len(c.out) > CONTROL_MAX_QUEUE and not c.closed and not c.read_paused:
+            self._pause_reading(c)
         if c.reader.failed is not None:
             # good requests before a bad frame were answered first
             c.reply(schema.error(f"bad control frame: {c.reader.failed}"))
@@ -137,6 +156,10 @@ class Clients:
             return
         budget = self.budget
         while c.backlog and not c.waiting and not c.closed and self.running:
+            if len(c.out) > CONTROL_MAX_QUEUE:
+                if not c.read_paused:
+                    self._pause_reading(c)
+                return
             (jlen, blen), body = c.backlog.pop(0)
             t0, cpu0 = time.perf_counter(), time.thread_time()
             op = "?"
