@@ -120,3 +120,77 @@ def test_pipelined_requests_read_late_are_all_answered_in_order(hvs):
     conn.close()
     hvs.destroy(d)
     assert hvs.audit() == 0
+
+
+def _hvctl(sock: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
+                          capture_output=True, text=True, timeout=60)
+
+
+class _Write(threading.Thread):
+    """A guest write (through its control channel) that waits while its
+    domain waits for memory."""
+
+    def __init__(self, hv, domid: int, gfn: int, data: bytes):
+        super().__init__(daemon=True)
+        self.hv, self.domid, self.gfn, self.data = hv, domid, gfn, data
+        self.result = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            with self.hv.guest(self.domid) as g:
+                self.result = g.write(self.gfn, self.data)
+        except Exception as e:          # reported by the test
+            self.error = e
+
+
+def test_unpause_of_a_user_paused_domain_waiting_for_memory_lifts_only_the_user_pause():
+    with api.hvshare_session(frames=256) as hv:
+        pages = 64
+        a, b = hv.create(pages, "zero"), hv.create(pages, "zero")
+        assert hv.range_share(a, b, 0, pages - 1) == pages
+        filler = hv.create(hv.info()["frames_free"], "zero")
+        with hv.events(since=None, timeout=10) as ev:
+            w = _Write(hv, b, 5, b"parked")
+            ev.wait_for(lambda e: e["event"] == "enomem" and e["domid"] == b)
+            assert hv.pause(b)["state"] == "paused"
+            # the user's pause is lifted; the vCPU still waits for a frame
+            ans = hv.unpause(b)
+            d = hv.domain(b)
+            assert ans["state"] == d["state"] == "paused"
+            assert ans["waiting_for_memory"] is True and d["waiting_for_memory"] is True
+            # no user pause left: a second unpause cannot help, and says so
+            with pytest.raises(api.HVCtlError, match="waits for free memory") as e:
+                hv.unpause(b)
+            assert e.value.code_name == "ENOMEM"
+            assert hv.domain(b)["state"] == "paused"
+            # memory frees: the write lands and the domain runs (nobody paused it)
+            hv.destroy(filler)
+            w.join(5)
+            assert w.error is None and w.result is True
+            res = ev.wait_for(lambda e: e["event"] == "resumed" and e["domid"] == b)
+            assert res["state"] == "running"
+            assert hv.domain(b)["state"] == "running"
+            with hv.guest(b) as g:
+                assert g.read(5).startswith(b"parked")
+            assert hv.audit() == 0
+
+
+def test_a_crashed_domain_lists_no_pid(hvs):
+    d = hvs.create(8, "zero")
+    pid = hvs.domain(d)["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: hvs.domain(d)["state"] == "crashed")
+    listed = json.loads(_hvctl(hvs.socket_path, "list", "--json").stdout)
+    doms = listed["domains"] if isinstance(listed, dict) else listed
+    (dom,) = [x for x in doms if x["domid"] == d]
+    assert dom["state"] == "crashed" and dom["pid"] is None
+    text = _hvctl(hvs.socket_path, "list").stdout
+    (row,) = [line.split() for line in text.splitlines()[1:] if line.split()[0] == str(d)]
+    header = text.splitlines()[0].split()
+    # the state's "(killed by SIGKILL)" takes three more words than its header
+    assert row[header.index("PID") + 3] == "-", text
+    hvs.destroy(d)
+    assert hvs.audit() == 0
