@@ -8,7 +8,9 @@ per step. It keeps a client's order: a client waiting for a deferred
 answer (a create, a job) is not served further until answered
 (:meth:`Clients.answer`), and a client whose step yielded to other work,
 or that arrives while control requests are paced, is *deferred*: the loop
-serves it after the work it found ready.
+serves it after the work it found ready. A client that leaves more than
+:data:`CONTROL_MAX_QUEUE` bytes of answers unread is not read (nor served)
+until it has read them all.
 """
 from __future__ import annotations
 
