@@ -10,7 +10,7 @@ answer (a create, a job) is not served further until answered
 or that arrives while control requests are paced, is *deferred*: the loop
 serves it after the work it found ready. A client that leaves more than
 :data:`CONTROL_MAX_QUEUE` bytes of answers unread is not read (nor served)
-until it has read them all.
+until it has read them down to that.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from .steps import Budget, StepMeter
 KNOWN_FRAMES = 64
 KNOWN_BYTES = 256
 #: bytes of answers a client may leave unread before its requests stop
-#: being read (until it has read them all): a client that pipelines and
-#: never reads would otherwise pile its answers up in our memory
+#: being read (until it reads them down to this): a client that pipelines
+#: and never reads would otherwise pile its answers up in our memory
 CONTROL_MAX_QUEUE = 1 << 20
 
 
@@ -64,20 +64,26 @@ class Clients:
     # -- the endpoints' host ---------------------------------------------
     def want_write(self, c: ControlConnection, on: bool) -> None:
         if not on and c.read_paused:
-            # its answers are all read: read and serve its requests again
-            c.read_paused = False
-            self.sel.modify(c.sock, selectors.EVENT_READ, self._event(c))
-            self.serve_backlog(c)
+            self._resume_reading(c)
             return
         ev = (0 if c.read_paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if on else 0)
         self.sel.modify(c.sock, ev, self._event(c))
 
     def _pause_reading(self, c: ControlConnection) -> None:
-        """Stop reading ``c`` while :data:`CONTROL_MAX_QUEUE` bytes of its
-        answers wait: its requests wait in its socket (and its backlog)
+        """Stop reading ``c`` while over :data:`CONTROL_MAX_QUEUE` bytes of
+        its answers wait: its requests wait in its socket (and its backlog)
         until it reads, and so does the client; others are served on."""
         c.read_paused = True
         self.sel.modify(c.sock, selectors.EVENT_WRITE, self._event(c))
+
+    def _resume_reading(self, c: ControlConnection) -> None:
+        """``c`` read its answers down to the limit: read and serve its
+        requests again, in order (the next answer is made while the last
+        ones still go out)."""
+        c.read_paused = False
+        ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        self.sel.modify(c.sock, ev, self._event(c))
+        self.serve_backlog(c)
 
     def lost(self, c: ControlConnection) -> None:
         self.drop(c)
@@ -87,6 +93,8 @@ class Clients:
         def on_event(mask, c=c):
             if mask & selectors.EVENT_WRITE:
                 c.flush()
+                if c.read_paused and not c.closed and len(c.out) <= CONTROL_MAX_QUEUE:
+                    self._resume_reading(c)
             if mask & selectors.EVENT_READ and not c.closed:
                 self._readable(c)
         return on_event
