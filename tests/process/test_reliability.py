@@ -2,7 +2,6 @@
 that waits for memory, and what a crashed domain shows."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
