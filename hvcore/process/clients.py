@@ -8,7 +8,9 @@ per step. It keeps a client's order: a client waiting for a deferred
 answer (a create, a job) is not served further until answered
 (:meth:`Clients.answer`), and a client whose step yielded to other work,
 or that arrives while control requests are paced, is *deferred*: the loop
-serves it after the work it found ready.
+serves it after the work it found ready. A client that leaves more than
+:data:`CONTROL_MAX_QUEUE` bytes of answers unread is not read (nor served)
+until it has read them down to that.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from .steps import Budget, StepMeter
 #: Clients.check), and the longest such frame
 KNOWN_FRAMES = 64
 KNOWN_BYTES = 256
+#: bytes of answers a client may leave unread before its requests stop
+#: being read (until it reads them down to this): a client that pipelines
+#: and never reads would otherwise pile its answers up in our memory
+CONTROL_MAX_QUEUE = 1 << 20
 
 
 class Clients:
@@ -57,8 +63,27 @@ class Clients:
 
     # -- the endpoints' host ---------------------------------------------
     def want_write(self, c: ControlConnection, on: bool) -> None:
-        ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        if not on and c.read_paused:
+            self._resume_reading(c)
+            return
+        ev = (0 if c.read_paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if on else 0)
         self.sel.modify(c.sock, ev, self._event(c))
+
+    def _pause_reading(self, c: ControlConnection) -> None:
+        """Stop reading ``c`` while over :data:`CONTROL_MAX_QUEUE` bytes of
+        its answers wait: its requests wait in its socket (and its backlog)
+        until it reads, and so does the client; others are served on."""
+        c.read_paused = True
+        self.sel.modify(c.sock, selectors.EVENT_WRITE, self._event(c))
+
+    def _resume_reading(self, c: ControlConnection) -> None:
+        """``c`` read its answers down to the limit: read and serve its
+        requests again, in order (the next answer is made while the last
+        ones still go out)."""
+        c.read_paused = False
+        ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        self.sel.modify(c.sock, ev, self._event(c))
+        self.serve_backlog(c)
 
     def lost(self, c: ControlConnection) -> None:
         self.drop(c)
@@ -68,6 +93,8 @@ class Clients:
         def on_event(mask, c=c):
             if mask & selectors.EVENT_WRITE:
                 c.flush()
+                if c.read_paused and not c.closed and len(c.out) <= CONTROL_MAX_QUEUE:
+                    self._resume_reading(c)
             if mask & selectors.EVENT_READ and not c.closed:
                 self._readable(c)
         return on_event
@@ -113,6 +140,8 @@ class Clients:
             return
         c.backlog += msgs
         self.serve_backlog(c)
+        if len(c.out) > CONTROL_MAX_QUEUE and not c.closed and not c.read_paused:
+            self._pause_reading(c)
         if c.reader.failed is not None:
             # good requests before a bad frame were answered first
             c.reply(schema.error(f"bad control frame: {c.reader.failed}"))
@@ -137,6 +166,10 @@ class Clients:
             return
         budget = self.budget
         while c.backlog and not c.waiting and not c.closed and self.running:
+            if len(c.out) > CONTROL_MAX_QUEUE:
+                if not c.read_paused:
+                    self._pause_reading(c)
+                return
             (jlen, blen), body = c.backlog.pop(0)
             t0, cpu0 = time.perf_counter(), time.thread_time()
             op = "?"

@@ -119,7 +119,7 @@ class ControlOps:
         out = {"domid": d.domid, "name": d.name, "state": d.state, "pages": d.npages,
                "tot_pages": d.tot_pages, "shr_pages": d.shr_pages,
                "parent": d.parent, "forks": len(d.forks),
-               "pid": g.proc.pid if g else None, "p2m": d.p2m.name}
+               "pid": g.proc.pid if g and not g.closed else None, "p2m": d.p2m.name}
         if d.dying:
             # where an interrupted teardown stands: 'hvctl destroy' resumes here
             out.update(phase=d.teardown_phase, cursor=d.relinquish_cursor,

@@ -98,6 +98,8 @@ class ControlConnection(Endpoint):
         self.reader = control.frame_reader(sock)
         self.waiting = False            # a deferred answer (create) is pending
         self.backlog: list = []
+        #: not read while too many of its answers wait (see .clients)
+        self.read_paused = False
         #: the answer of a step that yielded to other work, deferred until that
         #: work is served (see .loop): sent at once it would wake this
         #: client first, on a core the waiting guest may share

@@ -261,11 +261,15 @@ class WritePath:
             self.submit(g, held.popleft())
 
     def pause_parked(self, domid: int, paused: bool) -> dict:
-        """pause/unpause of a domain that waits for memory: pause makes it
-        stay paused once its write is done; unpause retries now and says
-        so if there is still no frame."""
-        self.lot.parked[domid].user_paused = paused
-        if not paused and not self.resume(domid):
+        """pause/unpause of a domain that waits for memory, two pauses as
+        Xen's controller pause and its ENOMEM vCPU pause: pause makes it
+        stay paused once its write is done; unpause lifts that pause (and
+        retries now); an unpause with no user pause to lift that finds no
+        frame either is refused (ENOMEM) and changes nothing."""
+        p = self.lot.parked[domid]
+        lifted, p.user_paused = p.user_paused and not paused, paused
+        if not paused and not self.resume(domid) and not lifted:
             raise HVError(ENOMEM, f"domain {domid} waits for free memory for a copy-on-write "
                                   f"fault; it resumes by itself once frames are freed")
-        return {"domid": domid, "state": self.hv.domains[domid].state}
+        return {"domid": domid, "state": self.hv.domains[domid].state,
+                "waiting_for_memory": domid in self.lot.parked}
