@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from hvcore.wire import control
-from tools import api
+from hvshare.hvcore.wire import control
+from hvshare.tools import api
 from waiting import wait_until
 
 MiB = 1 << 20
@@ -122,7 +122,7 @@ def test_pipelined_requests_read_late_are_all_answered_in_order(hvs):
 
 
 def _hvctl(sock: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.hvctl", *args, "--socket", sock],
+    return subprocess.run([sys.executable, "-m", "hvshare.tools.hvctl", *args, "--socket", sock],
                           capture_output=True, text=True, timeout=60)
 
 
