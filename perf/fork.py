@@ -36,12 +36,13 @@ The Linux peers run before each N's hypervisor starts, so neither shares
 the machine with the other.
 
 Placement (:class:`hvshare.perf.placement.Placement`): every thread of the
-hypervisor on one core, this process (the client) on the others. A guest
-the hypervisor starts inherits its mask, so the forks' guests run beside
-it, as a fork's child does beside its parent, and a fork's writes take
-same-core faults. At the end of each N one more fork is made and every
-thread of the hypervisor, the parent's guest and that fork's guest is
-checked (``placements``).
+hypervisor and of every process it started on one core, this process (the
+client) on the others. A guest started later inherits that mask, so the
+forks' guests run beside the hypervisor, as a fork's child does beside its
+parent, and a fork's writes take same-core faults. At the end of each N
+one more fork is made and every thread of the hypervisor, the processes
+below it, the parent's guest and that fork's guest is checked
+(``placements``).
 """
 from __future__ import annotations
 
@@ -242,7 +243,7 @@ def one_size(n: int, reps: dict, figs: Figures) -> dict:
     out: dict = {"pages": n, "frames": frames, "rmap": RMAP}
     hv_cpus, rest = alone_and_rest()
     with _hypervisor(frames) as hv, Placement() as pl:
-        pl.pin("hypervisor", hv.pid, hv_cpus)
+        pl.pin("hypervisor", hv.pid, hv_cpus, tree=True)     # and what it started: its guests' source
         pl.pin("driver", 0, rest)
         t0 = time.perf_counter()
         parent = hv.create(n, "zero")

@@ -14,6 +14,9 @@ last CPU only says something about the placement once the thread has run
 since it was pinned, so a thread whose context switches did not grow
 since then is recorded as not having run, and its last CPU is not held
 against the placement. :meth:`Placement.restore` puts the old masks back.
+A process pinned with ``tree=True`` takes the processes below it along (a
+hypervisor's guests, or whatever it starts guests from), and a check
+records those started since (they inherited the mask).
 
 A placement's record (the bench puts it into its result's ``placements``,
 docs/schema/perf/result.schema.json)::
@@ -81,6 +84,45 @@ def tids(pid: int) -> list[int]:
         return []
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still its children (every
+    thread's ``children`` in /proc; where the kernel has no such file, the
+    processes whose parent is ``pid``)."""
+    out: set[int] = set()
+    for tid in tids(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            return _children_by_parent(pid)
+        except ProcessLookupError:
+            continue
+    return sorted(out)
+
+
+def _children_by_parent(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return sorted(out)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree, now."""
+    out, todo = [], children(pid)
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(children(c))
+    return sorted(out)
+
+
 def thread_state(pid: int, tid: int) -> dict | None:
     """``{"tid", "name", "allowed", "last_cpu", "switches"}`` of one thread
     as the kernel has it now, or None when it is gone."""
@@ -110,6 +152,11 @@ class _Placed:
     first: set | None = None
     #: checked only, never pinned: it should be there already (see :meth:`Placement.watch`)
     watched: bool = False
+    #: its descendants go where it goes (see :meth:`Placement.pin`)
+    tree: bool = False
+    #: the ``tree`` process it was found below: left out of the record once
+    #: it is gone, and given the mask that one had when restored
+    root: "_Placed | None" = None
     #: tid -> its context switches when it was pinned
     switches: dict = field(default_factory=dict)
 
@@ -122,35 +169,56 @@ class Placement:
     def __init__(self):
         self._placed: list[_Placed] = []
 
-    def pin(self, role: str, pid: int, cpus) -> None:
+    def pin(self, role: str, pid: int, cpus, tree: bool = False) -> None:
         """Pin every thread of ``pid`` (0: this process) to ``cpus``, now
         and again at :meth:`repin`. ``role`` names the process in the record
-        (``hypervisor``, ``guest``, ``driver``...)."""
+        (``hypervisor``, ``guest``, ``driver``...). With ``tree``, so are the
+        processes below it not placed otherwise (a hypervisor's guest
+        zygote, its stock of guests): what they start later inherits the
+        mask, and :meth:`check` records the ones it finds then."""
         cpus = frozenset(cpus)
         if not cpus:
             raise ValueError(f"no CPU to pin the {role} to")
-        p = _Placed(role, pid or os.getpid(), cpus)
+        p = _Placed(role, pid or os.getpid(), cpus, tree=tree)
         if not tids(p.pid):
             raise ProcessLookupError(f"the {role} (pid {p.pid}) is not running")
         self._placed.append(p)
         self._pin(p)
+
+    def _below(self, p: _Placed, watched: bool) -> None:
+        """Place the processes below ``p`` that are not placed yet."""
+        known = {x.pid for x in self._placed}
+        for c in descendants(p.pid):
+            if c not in known:
+                q = _Placed(f"{p.role}'s child", c, p.cpus, watched=watched, root=p)
+                self._placed.append(q)
+                if watched:
+                    self._baseline(q)
+                else:
+                    self._pin(q)
 
     def watch(self, role: str, pid: int, cpus) -> None:
         """Check ``pid`` with the others without pinning it: a process that
         should already be on ``cpus`` (a guest a pinned hypervisor started
         inherits its mask). From now on :meth:`check` records it."""
         p = _Placed(role, pid, frozenset(cpus), watched=True)
-        for tid in tids(pid):
-            st = thread_state(pid, tid)
-            if st is not None:
-                p.switches[tid] = st["switches"]
+        self._baseline(p)
         self._placed.append(p)
+
+    @staticmethod
+    def _baseline(p: _Placed) -> None:
+        for tid in tids(p.pid):
+            st = thread_state(p.pid, tid)
+            if st is not None:
+                p.switches.setdefault(tid, st["switches"])
 
     def _pin(self, p: _Placed) -> None:
         """Walk the tasks until a walk finds no thread it had not pinned:
         a thread started meanwhile by an unpinned one is caught next walk."""
         if p.watched:
             return
+        if p.tree:
+            self._below(p, watched=False)
         for _ in range(MAX_WALKS):
             fresh = False
             for tid in tids(p.pid):
@@ -176,12 +244,15 @@ class Placement:
     def repin(self) -> None:
         """Pin again every thread of every placed process: threads started
         since :meth:`pin` by a thread we could not pin are caught here."""
-        for p in self._placed:
+        for p in list(self._placed):
             self._pin(p)
 
     def check(self, **labels) -> dict:
         """The record of where every thread of every placed process is
-        (see the module's docstring), labelled with the case ``labels``."""
+        (see the module's docstring), labelled with the case ``labels``;
+        a process found below a ``tree`` one since is checked, not pinned."""
+        for p in [x for x in self._placed if x.tree]:
+            self._below(p, watched=True)
         procs = []
         for p in self._placed:
             threads = []
@@ -193,6 +264,8 @@ class Placement:
                 held = set(st["allowed"]) <= p.cpus and (not ran or st["last_cpu"] in p.cpus)
                 threads.append({"tid": tid, "name": st["name"], "allowed": st["allowed"],
                                 "last_cpu": st["last_cpu"], "ran": ran, "held": held})
+            if not threads and p.root is not None:
+                continue
             proc = {"role": p.role, "pid": p.pid, "cpus": sorted(p.cpus), "threads": threads,
                     "held": bool(threads) and all(t["held"] for t in threads)}
             if not threads:
@@ -202,10 +275,13 @@ class Placement:
 
     def restore(self) -> None:
         """Every thread still there gets its old mask back; one started
-        after the pin gets the mask its process had. Forgets them all."""
+        after the pin gets the mask its process had, and a process found
+        below a ``tree`` one the mask that one had. Forgets them all."""
         for p in reversed(self._placed):
-            for tid in tids(p.pid) if not p.watched else ():
-                old = p.old.get(tid) or p.first
+            if p.watched and p.root is None:
+                continue
+            for tid in tids(p.pid):
+                old = p.old.get(tid) or p.first or (p.root.first if p.root else None)
                 if old:
                     try:
                         os.sched_setaffinity(tid, old)

@@ -12,9 +12,11 @@ import pytest
 from hvshare.perf import load, placement
 from hvshare.perf.placement import Placement
 
-#: a child with a second thread that wakes on each line of stdin; "spawn" starts a third
+#: a child with a second thread that wakes on each line of stdin; "spawn" starts a third,
+#: "proc" a process of its own (``cat``, which ends when the child does)
 _CHILD = r"""
-import sys, threading
+import subprocess, sys, threading
+kids = []
 ev = threading.Event()
 def spin():
     while True:
@@ -25,6 +27,8 @@ print("ready", flush=True)
 for line in sys.stdin:
     if line.strip() == "spawn":
         threading.Thread(target=spin, daemon=True).start()
+    if line.strip() == "proc":
+        kids.append(subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
     ev.set()
     sum(range(20000))
     print("ok", flush=True)
@@ -120,6 +124,23 @@ def test_a_process_that_is_gone_does_not_hold_and_bad_input_is_refused(child):
         assert not rec["held"] and rec["processes"][0].get("gone")
         with pytest.raises(ProcessLookupError, match="not running"):
             pl.pin("again", child.pid, os.sched_getaffinity(0))
+
+
+def test_a_tree_takes_the_processes_below_it_and_records_those_started_later(child):
+    cpu = max(os.sched_getaffinity(0))
+    poke(child, "proc")
+    (first,) = placement.children(child.pid)
+    orig = masks(first)[first]
+    with Placement() as pl:
+        pl.pin("parent", child.pid, {cpu}, tree=True)
+        assert masks(first) == {first: [cpu]}                      # pinned with it
+        poke(child, "proc")                                         # started after: inherits
+        (later,) = set(placement.descendants(child.pid)) - {first}
+        rec = pl.check()
+        roles = {p["pid"]: p["role"] for p in rec["processes"]}
+        assert rec["held"] and roles == {child.pid: "parent", first: "parent's child", later: "parent's child"}
+        assert masks(later) == {later: [cpu]}
+    assert masks(first)[first] == masks(later)[later] == orig       # both get the tree's old mask back
 
 
 def test_cpu_lists_and_the_stat_field_of_the_last_cpu():
