@@ -45,9 +45,12 @@ def _follow(result: dict, ref, labels: dict) -> Figure | None:
     return max(figs, key=lambda f: f.median) if figs else None
 
 
-def _same_case(a: dict, b: dict) -> bool:
-    """Labels that agree on every name both have."""
-    return all(a[k] == b[k] for k in a.keys() & b.keys())
+def _same_case(placed: dict, labels: dict) -> bool:
+    """A placement's labels and a figure's are the same case: the
+    placement's are for the whole bench (none), or the two share names and
+    agree on every one (a peer's figure without labels is not a case of it)."""
+    shared = placed.keys() & labels.keys()
+    return not placed or (bool(shared) and all(placed[k] == labels[k] for k in shared))
 
 
 def broken(result: dict | None, fig: Figure | None) -> str | None:
@@ -75,7 +78,7 @@ def _matches_ref(fig: Figure, ref) -> bool:
 def sanity(result: dict | None) -> list[str]:
     """Every figure of ``result`` that is a broken measurement, with why."""
     figs = [Figure.from_dict(d) for d in (result or {}).get("figures", ())]
-    return [why for why in map(lambda f: broken(result, f), figs) if why]
+    return [why for why in (broken(result, f) for f in figs) if why]
 
 
 def _holds(goal: Goal, q: float) -> bool:

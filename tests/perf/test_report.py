@@ -128,6 +128,11 @@ def test_a_placement_that_did_not_hold_breaks_the_figures_of_its_case_only(contr
     r["placements"].append(placed(False, placement="same", repeat=1))
     h = by_title(r, "cow")[title]
     assert h["verdict"] == headlines.BROKEN and h["why"] == "the placement of placement=same, repeat=1 did not hold"
+    ksm = by_title(r, "cow")["CoW fault p50, same core, over Linux KSM's CoW break"]
+    r["placements"] = [placed(False, placement="cross", repeat=0)]
+    assert by_title(r, "cow")["CoW fault p50, same core, over Linux KSM's CoW break"]["verdict"] == headlines.NOT_MET
+    assert ksm["verdict"] == headlines.BROKEN                  # by its figure's case, not its peer anchor's
+    r["placements"] += [placed(True, placement="same", repeat=0), placed(False, placement="same", repeat=1)]
     assert "3 placement(s)" in headlines.report_goals("cow", r) and "2 did NOT hold" in headlines.report_goals("cow", r)
 
 
