@@ -25,8 +25,9 @@ docs/schema/perf/result.schema.json)::
         {"role": "hypervisor", "pid": 123, "cpus": [0], "held": bool, "threads": [
             {"tid": 123, "name": "python", "allowed": [0], "last_cpu": 0, "ran": true, "held": true}]}]}
 
-A process or thread that is gone by the check is left out; a process with
-no thread left is recorded with ``"gone": true`` and does not hold.
+A thread that is gone by the check is left out, and so is a process found
+below a ``tree`` one; any other process with no thread left is recorded
+with ``"gone": true`` and does not hold.
 """
 from __future__ import annotations
 
