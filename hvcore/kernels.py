@@ -192,52 +192,41 @@ def chains_remove_py(head, count, walkers, pool, nxt, prv, dom, gfn, m, d, g, li
     nodes = lanes[1]
     while i < total:
         k = buckets_scan(head, count, pool, nxt, dom, gfn, m, d, g, i, light, lanes)
-        if k:
-            for j in range(k):
-                n = nodes[j]
-                p = prv[n]
-                x = nxt[n]
-                if x >= 0:
-                    prv[x] = p
-                if p >= 0:
-                    nxt[p] = x
-                else:
-                    pool[slots[j]] = x
-                freed[i + j] = n
-                count[m[i + j]] -= 1
-            i += k
-            continue
-        mfn = m[i]
-        domid = d[i]
-        gg = g[i]
-        hd = head[mfn]
-        hashed = hd < -1
-        if hashed:
-            slot = (-2 - hd) * HASH_BUCKETS + (gg + domid) % HASH_BUCKETS
-            h = pool[slot]
-        else:
-            slot = mfn
-            h = hd
-        n = chain_find(nxt, gfn, dom, h, domid, gg)
-        if n < 0:
-            return i, nt
-        p = prv[n]
-        x = nxt[n]
-        if x >= 0:
-            prv[x] = p
-        if p >= 0:
-            nxt[p] = x
-        elif hashed:
-            pool[slot] = x
-        else:
-            head[slot] = x
-        freed[i] = n
-        c = count[mfn] - 1
-        count[mfn] = c
-        if hashed and c <= light and walkers[mfn] == 0:
-            tables[nt] = to_list(head, pool, nxt, prv, mfn)
-            nt += 1
-        i += 1
+        chains = pool                   # where the run's chain heads are
+        if k == 0:                      # entry i on its own
+            mfn = m[i]
+            domid = d[i]
+            gg = g[i]
+            hd = head[mfn]
+            if hd < -1:
+                slot = (-2 - hd) * HASH_BUCKETS + (gg + domid) % HASH_BUCKETS
+            else:
+                slot = mfn
+                chains = head
+            n = chain_find(nxt, gfn, dom, chains[slot], domid, gg)
+            if n < 0:
+                return i, nt
+            slots[0] = slot
+            nodes[0] = n
+            k = 1
+        for j in range(k):
+            n = nodes[j]
+            p = prv[n]
+            x = nxt[n]
+            if x >= 0:
+                prv[x] = p
+            if p >= 0:
+                nxt[p] = x
+            else:
+                chains[slots[j]] = x
+            freed[i + j] = n
+            mfn = m[i + j]
+            c = count[mfn] - 1
+            count[mfn] = c
+            if c <= light and head[mfn] < -1 and walkers[mfn] == 0:
+                tables[nt] = to_list(head, pool, nxt, prv, mfn)
+                nt += 1
+        i += k
     return total, nt
 
 
