@@ -156,7 +156,7 @@ class HypervisorProcess:
         self.hv = None
         self.sel = LoopSelector()
         self.meter = StepMeter()
-        self.budget = Budget(self.sel)
+        self.budget = Budget(self.sel, self.meter)
         self.pacer = Pacer()
         self.clients = Clients(self.sel, self.meter, self.budget)
         self.ring = EventRing()
@@ -367,12 +367,12 @@ class HypervisorProcess:
 
     def _tick(self) -> None:
         """Housekeeping, every _TICK seconds: reap guests, time out starts."""
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        step = self.meter.begin()
         now = time.monotonic()
         self._next_tick = now + _TICK
         self.meter.fold()
         self.guests.housekeeping(now)
-        self.meter.record(time.perf_counter() - t0, "tick", "tick", time.thread_time() - cpu0)
+        self.meter.end(step, "tick", "tick")
         if self.lot.parked:
             self.writes.retry(changed_only=True)
 
