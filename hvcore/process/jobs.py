@@ -148,8 +148,9 @@ class JobQueue:
             done = None
         finally:
             after = job.items_done()
+            meter.note(detail=job.describe)
             if after is not None and before is not None and after >= before:
-                meter.note(items=after - before, detail=job.describe())
+                meter.note(items=after - before)
             meter.end(step, what, job.kind)
             job.steps += 1
         budget.preempted = False
@@ -419,6 +420,9 @@ class ScanJob(Job):
 
     def items_done(self) -> int:
         return self.scan.cursor
+
+    def cancel(self, host, reason: str) -> None:
+        self.scan.release()
 
     def finish(self, host) -> None:
         c = self.client

@@ -29,10 +29,13 @@ from .endpoints import ControlConnection
 TEARDOWN_CHUNK_SECONDS = 0.0002
 #: allocations between two collections of the youngest generation (CPython: 700)
 GC_YOUNG_THRESHOLD = 20_000
+#: young container objects that make the tick collect (:func:`collect_young`)
+GC_TICK_YOUNG = 1000
 #: steps :class:`StepTail` keeps the details of: the slowest this many
 SLOW_STEPS_KEPT = 32
 #: fields of a tail entry a step may not know (listed in its ``unknown``)
-TAIL_FIELDS = ("cpu_ms", "items", "chunks", "chunk", "chunk_ms", "minflt", "majflt", "gcs", "gc_full", "gc_ms")
+TAIL_FIELDS = ("cpu_ms", "items", "chunks", "chunk", "chunk_ms", "minflt", "majflt", "preempted",
+               "gcs", "gc_full", "gc_ms")
 
 
 class _GcClock:
@@ -86,7 +89,9 @@ class StepTail:
     by its wall time, an upper bound), each a dict: ``kind``, ``what``,
     ``detail``, ``cpu_ms``, ``wall_ms``, the work (``items`` done,
     ``chunks``, the largest ``chunk`` in items and the longest
-    ``chunk_ms``), the page faults (``minflt``, ``majflt``) and the cycle
+    ``chunk_ms``), the page faults (``minflt``, ``majflt``), the times
+    another process took the CPU (``preempted``: involuntary context
+    switches, where wall time exceeds CPU time) and the cycle
     collections (``gcs``, of which ``gc_full`` of the oldest generation,
     and their ``gc_ms``) during the step, ``seq`` (the step's number) and
     ``unknown``: the fields the step could not know (None).
@@ -200,14 +205,14 @@ class StepMeter:
         note, self._note = self._note, None
         ru = resource.getrusage(resource.RUSAGE_SELF)
         g = self._gc
-        return (time.perf_counter(), time.thread_time(), ru.ru_minflt, ru.ru_majflt, g.count, g.seconds,
-                g.full, note)
+        return (time.perf_counter(), time.thread_time(), ru.ru_minflt, ru.ru_majflt, ru.ru_nivcsw,
+                g.count, g.seconds, g.full, note)
 
     def end(self, token: tuple, what: str, kind: str | None = None) -> float:
         """The step begun with ``token`` is over: record it (as :meth:`record`)
         with what it noted; its wall seconds."""
         seconds, cpu = time.perf_counter() - token[0], time.thread_time() - token[1]
-        note, self._note = self._note, token[7]
+        note, self._note = self._note, token[8]
         if kind is None:
             kind = what.split(" ", 1)[0]
         self._add(kind, what, seconds, cpu)
@@ -216,20 +221,22 @@ class StepMeter:
             g = self._gc
             e = self._entry(kind, what, seconds, cpu, seq=self._steps,
                             minflt=ru.ru_minflt - token[2], majflt=ru.ru_majflt - token[3],
-                            gcs=g.count - token[4], gc_ms=round((g.seconds - token[5]) * 1e3, 3),
-                            gc_full=g.full - token[6])
+                            preempted=ru.ru_nivcsw - token[4], gcs=g.count - token[5],
+                            gc_ms=round((g.seconds - token[6]) * 1e3, 3), gc_full=g.full - token[7])
             if note is not None:
-                e.update(items=note.items, chunks=note.chunks, chunk=note.chunk, detail=note.detail,
+                detail = note.detail() if callable(note.detail) else note.detail
+                e.update(items=note.items, chunks=note.chunks, chunk=note.chunk, detail=detail,
                          chunk_ms=None if note.chunk_s is None else round(note.chunk_s * 1e3, 3))
             self.tail.add(cpu, e)
         return seconds
 
     def note(self, items: int | None = None, chunk: int | None = None, chunk_s: float | None = None,
-             chunks: int | None = None, detail: str | None = None) -> None:
+             chunks: int | None = None, detail=None) -> None:
         """What the running step did, for its tail entry: ``items`` done
         (summed over the calls), ``chunks`` (summed; 1 when ``chunk`` is
         given without it), the largest ``chunk`` (items) and the longest
-        chunk (``chunk_s``), and a ``detail`` (the last given)."""
+        chunk (``chunk_s``), and a ``detail`` (the last given; a callable
+        is called only if the step enters the tail)."""
         n = self._note
         if n is None:
             n = self._note = _Note()
@@ -449,15 +456,31 @@ def _ignore(**note) -> None:
 
 
 def quiet_collector() -> None:
-    """Keep the cycle collector's passes short: what exists once the
+    """Keep the cycle collector out of steps: what exists once the
     hypervisor serves (modules, the core, its arrays) lives as long as the
-    process, so it is frozen out of every pass, and the youngest generation
-    is collected less often. A full pass over a busy hypervisor's objects
-    (an rmap frame per shared page) would otherwise be a step of several ms."""
+    process, so it is frozen out of every pass, and automatic collection
+    is off, so that no pass starts in the middle of a step; the loop's
+    tick collects instead (:func:`collect_young`). A full pass over a busy
+    hypervisor's objects would otherwise be a step of several ms."""
     gc.collect()
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, GC_YOUNG_THRESHOLD), gen1, gen2)
+    gc.disable()
+
+
+def collect_young(meter: StepMeter) -> None:
+    """The pass automatic collection would make, between steps (the tick):
+    the young generations once GC_TICK_YOUNG container objects were made
+    since the last, then what survived joins the frozen state (it is
+    long-lived: a domain, a connection), so no pass ever walks the old
+    generation. A step of its own, ``gc``, in the meter."""
+    if gc.isenabled() or gc.get_count()[0] < GC_TICK_YOUNG:
+        return
+    step = meter.begin()
+    gc.collect(1)
+    gc.freeze()
+    meter.end(step, "gc", "gc")
 
 
 def settle_batch() -> None:
