@@ -155,7 +155,7 @@ class StepMeter:
     :class:`StepTail`). A step timed by :meth:`begin` and :meth:`end` (a
     control request, a job's step, the tick) has them all: its page faults
     (``getrusage``, read at its start and, if it enters the tail, at its
-    end) and collections, and what its work :meth:`note`\ d (items,
+    end) and collections, and what its work told :meth:`note` (items,
     chunks). A guest step enters at fold time with its wall time only: its
     path makes no system call for the tail.
     """
