@@ -431,7 +431,7 @@ class Budget:
         deadline = clock() + budget
         cost = self.chunk_cost.get(op)
         if cost is None:
-            cost = self.chunk_cost[op] = ChunkCost()
+            cost = self.chunk_cost[op] = ChunkCost(cautious=True)
         out, lo = [], 0
         while lo < n:
             now = clock()

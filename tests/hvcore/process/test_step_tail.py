@@ -110,3 +110,4 @@ def test_hvctl_info_prints_the_slowest_steps(hvs):
     lines = r.stdout.splitlines()
     i = next(k for k, line in enumerate(lines) if line.startswith("slowest steps"))
     assert "ms CPU" in lines[i + 1] and "ms wall" in lines[i + 1]
+
