@@ -31,6 +31,8 @@ TEARDOWN_CHUNK_SECONDS = 0.0002
 GC_YOUNG_THRESHOLD = 20_000
 #: young container objects that make the tick collect (:func:`collect_young`)
 GC_TICK_YOUNG = 1000
+#: the longest a step should take (the goal): steps over it are counted per kind
+SLOW_STEP_SECONDS = 0.001
 #: steps :class:`StepTail` keeps the details of: the slowest this many
 SLOW_STEPS_KEPT = 32
 #: fields of a tail entry a step may not know (listed in its ``unknown``)
@@ -277,11 +279,13 @@ class StepMeter:
         k[3][b] += 1
         if cpu > k[4]:
             k[4] = cpu
+        if cpu > SLOW_STEP_SECONDS:
+            k[5] += 1
 
     def _kind(self, kind: str) -> list:
         k = self.by_kind.get(kind)
         if k is None:
-            k = self.by_kind[kind] = [0, 0.0, 0.0, [0] * len(self.buckets), 0.0]
+            k = self.by_kind[kind] = [0, 0.0, 0.0, [0] * len(self.buckets), 0.0, 0]
         return k
 
     def log(self, kind: str, what: str) -> list:
@@ -325,6 +329,7 @@ class StepMeter:
             k[2] = top
         if top > k[4]:
             k[4] = top
+        k[5] += int((s > SLOW_STEP_SECONDS).sum())
         if top > self._max_s:
             self._max_s, self._max_what = top, what
         if top > self._max_cpu_s:
@@ -344,12 +349,14 @@ class StepMeter:
 
     def by_op(self) -> dict:
         """Per kind of step: ``count``, ``total_ms``, ``max_ms``,
-        ``max_cpu_ms`` and its own ``histogram`` (as :meth:`histogram`)."""
+        ``max_cpu_ms``, ``over_1ms_cpu`` (steps over SLOW_STEP_SECONDS in
+        CPU time; guest steps: in wall time) and its own ``histogram``
+        (as :meth:`histogram`)."""
         self.fold()
         return {k: {"count": c, "total_ms": round(t * 1e3, 3), "max_ms": round(m * 1e3, 3),
-                    "max_cpu_ms": round(mc * 1e3, 3),
+                    "max_cpu_ms": round(mc * 1e3, 3), "over_1ms_cpu": over,
                     "histogram": [{"lt_us": 1 << i, "count": n} for i, n in enumerate(b) if n]}
-                for k, (c, t, m, b, mc) in self.by_kind.items()}
+                for k, (c, t, m, b, mc, over) in self.by_kind.items()}
 
     def histogram(self) -> list[dict]:
         """Non-empty buckets as ``{"lt_us": upper bound, "count": n}``."""

@@ -82,6 +82,9 @@ def test_guest_steps_enter_at_fold_time_with_their_wall_time_only():
     # a recorded step with its CPU time, its faults unknown
     d = kept[2]
     assert d["cpu_ms"] == 2.0 and "minflt" in d["unknown"] and "cpu_ms" not in d["unknown"]
+    # steps over the goal's bound, per kind (guest steps by their wall time)
+    ops = m.by_op()
+    assert (ops["guest"]["over_1ms_cpu"], ops["destroy"]["over_1ms_cpu"]) == (2, 1)
 
 
 @pytest.mark.hvshare(frames=1 << 18)
