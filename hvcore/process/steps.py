@@ -338,7 +338,9 @@ class StepMeter:
         if top > tail.floor:
             # a guest step's wall time only: its path measured nothing else
             slow = np.flatnonzero(s > tail.floor)
-            for j in slow[np.argsort(s[slow])][-tail.n:]:
+            if len(slow) > tail.n:
+                slow = slow[np.argpartition(s[slow], -tail.n)[-tail.n:]]
+            for j in slow[np.argsort(s[slow])]:
                 tail.add(float(s[j]), self._entry(kind, what, float(s[j]), None, seq=None))
 
     max_s = _folded("_max_s", "The longest step (wall time).")
