@@ -4,6 +4,7 @@ collections), and ``info`` shows them."""
 from __future__ import annotations
 
 import gc
+import json
 import mmap
 import random
 import subprocess
@@ -114,3 +115,26 @@ def test_hvctl_info_prints_the_slowest_steps(hvs):
     i = next(k for k, line in enumerate(lines) if line.startswith("slowest steps"))
     assert "ms CPU" in lines[i + 1] and "ms wall" in lines[i + 1]
 
+
+
+def _rss_shmem_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_hvctl_start_backs_the_pool_unless_lazy(tmp_path, lazy):
+    sock = str(tmp_path / "hv.sock")
+    frames = 4096                                       # 16 MiB
+    args = ["--lazy-pool"] if lazy else []
+    hvctl = [sys.executable, "-m", "hvshare.tools.hvctl", "--socket", sock]
+    r = subprocess.run(hvctl + ["start", "--frames", str(frames), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    try:
+        pid = json.loads(subprocess.run(hvctl + ["--json", "info"], capture_output=True, text=True,
+                                        timeout=60).stdout)["pid"]
+        backed = _rss_shmem_kib(pid) >= frames * 4
+        assert backed != lazy
+    finally:
+        assert subprocess.run(hvctl + ["stop"], capture_output=True, timeout=60).returncode == 0
