@@ -256,7 +256,7 @@ class ControlOps:
             done = self.hv.relinquish(domid, self.budget.other_work(c, t0),
                                       chunk_seconds=TEARDOWN_CHUNK_SECONDS)
         step = time.perf_counter() - t0
-        self.meter.note(items=d.relinquished - before, detail=f"domain {domid}: {d.teardown_phase}")
+        self.meter.note(items=d.relinquished - before, detail=lambda: f"domain {domid}: {d.teardown_phase}")
         td["steps"] += 1
         td["continuations"] += not done
         td["busy_s"] += step
