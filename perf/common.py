@@ -42,23 +42,6 @@ def repeat_times(fn: Callable[[], object], repeats: int = 5) -> list[float]:
     return times
 
 
-#: where a round trip's two processes run: one core, or two
-PLACEMENTS = ("same", "cross")
-
-
-def placement_cpus(placement: str) -> tuple[int, int] | str:
-    """(this process's CPU, the other process's) for a placement, or a
-    one-line reason it is impossible here."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if placement == "same":
-        return allowed[0], allowed[0]
-    if placement != "cross":
-        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
-    if len(allowed) < 2:
-        return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
-    return allowed[0], allowed[1]
-
-
 def close_and_reap(fds, child, timeout: float) -> None:
     """Close the pipe ends ``fds`` still open (>= 0) so the child sees EOF,
     then wait for it, killing it if it lingers past ``timeout`` s."""

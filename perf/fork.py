@@ -34,6 +34,15 @@ exact, every reset dropped what was written, audit 0.
 
 The Linux peers run before each N's hypervisor starts, so neither shares
 the machine with the other.
+
+Placement (:class:`hvshare.perf.placement.Placement`): every thread of the
+hypervisor and of every process it started on one core, this process (the
+client) on the others. A guest started later inherits that mask, so the
+forks' guests run beside the hypervisor, as a fork's child does beside its
+parent, and a fork's writes take same-core faults. At the end of each N
+one more fork is made and every thread of the hypervisor, the processes
+below it, the parent's guest and that fork's guest is checked
+(``placements``).
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ from hvshare.hvcore.constants import PAGE_SIZE
 
 from .common import sigterm_exits, table
 from .figure import Figures, text_of
+from .placement import Placement, alone_and_rest
 from .report.headlines import report_goals
 from .scale import _signals_held, step_window
 
@@ -231,10 +241,14 @@ def one_size(n: int, reps: dict, figs: Figures) -> dict:
     """Every phase on a fresh hypervisor holding a parent of ``n`` pages."""
     frames = frames_for(n)
     out: dict = {"pages": n, "frames": frames, "rmap": RMAP}
-    with _hypervisor(frames) as hv:
+    hv_cpus, rest = alone_and_rest()
+    with _hypervisor(frames) as hv, Placement() as pl:
+        pl.pin("hypervisor", hv.pid, hv_cpus, tree=True)     # and what it started: its guests' source
+        pl.pin("driver", 0, rest)
         t0 = time.perf_counter()
         parent = hv.create(n, "zero")
         out["parent_create_seconds"] = time.perf_counter() - t0
+        pl.watch("parent's guest", hv.domain(parent)["pid"], hv_cpus)
         _say(f"N={n:,}: fork x {reps['fork']}")
         out["fork"] = measure_fork(hv, parent, reps["fork"], figs, n)
         _say(f"N={n:,}: fork_reset and destroy + fork at K={RESET_DIRTY} x {reps['reset']}")
@@ -244,6 +258,12 @@ def one_size(n: int, reps: dict, figs: Figures) -> dict:
             _say(f"N={n:,}: fuzzing loop K={k:,}: {reps['loop']} x {reps['loop_iterations']} iterations")
             out["loop"][str(k)] = measure_loop(hv, parent, k, reps["loop"], reps["loop_iterations"], figs, n)
         out["frames"] = {str(k): measure_frames(hv, parent, k, FRAMES_READS) for k in LOOP_KS}
+        child = hv.fork(parent)["domid"]
+        try:
+            pl.watch("a fork's guest", hv.domain(child)["pid"], hv_cpus)
+            out["placement"] = pl.check(pages=n)
+        finally:
+            hv.destroy(child)
         out["audit_errors"] = hv.audit()
     for k, f in out["frames"].items():
         figs.add("frames_used", [f["frames_used"]], "frames", pages=n, k=int(k))
@@ -285,6 +305,7 @@ def _run(quick: bool) -> dict:
         results.append(one_size(n, reps, figs))
         _say(f"N={n:,}: done in {time.perf_counter() - t0:.0f} s")
     out = {"figures": figs.dicts(), "results": results, "peers": peers, "checks": _checks(results),
+           "placements": [r.pop("placement") for r in results],
            "sizes": list(sizes), "repeats": reps, "reset_dirty": RESET_DIRTY, "loop_ks": list(LOOP_KS),
            "frames_reads": FRAMES_READS, "seconds": round(time.perf_counter() - t_all, 1)}
     if skipped:

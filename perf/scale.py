@@ -31,7 +31,10 @@ histogram's bound is known). Steps of the ``info`` requests themselves are
 left out. CPU time per step comes from ``max_cpu_ms`` per kind where the
 hypervisor reports it; where it does not, the wall time stands in and the
 result says so (``cpu_from``). The destroy's own answer carries its longest
-step in both.
+step in both. Every thread of the hypervisor has a core to itself, the
+guests and this process (scanner, kill controller) the others
+(:class:`hvshare.perf.placement.Placement`: checked after the CoW burst,
+one record per life in ``placements``).
 
 Peers, on the same bytes (:func:`hvshare.perf.peers.contents.hv_clone_pages`), run
 while no hypervisor is up:
@@ -72,6 +75,7 @@ from hvshare.tools.cli.counters import SLOWEST_SHOWN, step_line
 
 from .common import sigterm_exits, table
 from .figure import Figures, text_of
+from .placement import Placement, alone_and_rest
 from .report.headlines import report_goals
 
 POLICIES = ("buckets", "index")
@@ -192,9 +196,13 @@ def one_life(n: int, rmap: str) -> dict:
     from hvshare.tools.session import HVSession
     out: dict = {}
     hv = None
+    hv_cpus, rest = alone_and_rest()
+    pl = Placement()
     try:
         with _signals_held():
             hv = HVSession(frames=2 * n + MARGIN, rmap=rmap, timeout=None, prefault=True)
+        pl.pin("hypervisor", hv.pid, hv_cpus)
+        pl.pin("driver", 0, rest)
         i0 = hv.info()
         secs = []
         for _ in range(2):
@@ -202,6 +210,8 @@ def one_life(n: int, rmap: str) -> dict:
             hv.create(n, "clone", seed=SEED)
             secs.append(time.perf_counter() - t0)
         a, b = [d["domid"] for d in sorted(hv.list(), key=lambda d: d["domid"])][:2]
+        for d in (a, b):
+            pl.pin("guest", hv.domain(d)["pid"], rest)
         i1 = hv.info()
         out["create"] = dict(seconds=statistics.median(secs), pages=n,
                              pages_per_second=n / statistics.median(secs), window=step_window(i0, i1))
@@ -220,6 +230,7 @@ def one_life(n: int, rmap: str) -> dict:
         i3 = hv.info()
         out["cow"] = dict(seconds=dt, guest_seconds=w["seconds"], pages=w["cow_faults"], written=n,
                           pages_per_second=w["cow_faults"] / dt, window=step_window(i2, i3))
+        placed = pl.check(rmap=rmap, pages=n)
         with HypervisorClient(hv.socket_path, timeout=None) as c:
             d = killctl.destroy(c, a)
         i4 = hv.info()
@@ -231,6 +242,7 @@ def one_life(n: int, rmap: str) -> dict:
         out["audit_errors"] = hv.audit()
         out["slowest_steps"] = i4.get("slowest_steps", [])
     finally:
+        pl.restore()
         # A request cut short (Ctrl-C) leaves its answer unread on the
         # session's connection: stop the hypervisor over a fresh one.
         if hv is not None:
@@ -248,6 +260,7 @@ def one_life(n: int, rmap: str) -> dict:
             cpu = w["max_cpu_ms"]
         o["cpu_from"] = "cpu" if cpu is not None else "wall"
         o["max_step_cpu_ms"] = cpu if cpu is not None else o["max_step_ms"]
+    out["placement"] = placed
     return out
 
 
@@ -324,7 +337,7 @@ def run(quick: bool = False) -> dict:
 
 def _run(quick: bool) -> dict:
     t_all = time.perf_counter()
-    results, peers, figs = [], {}, Figures()
+    results, peers, figs, placements = [], {}, Figures(), []
     for n in sizes_for(quick):
         reps = repeats_for(n, quick)
         peer_reps = 3
@@ -348,6 +361,7 @@ def _run(quick: bool) -> dict:
                 t0 = time.perf_counter()
                 runs.append(one_life(n, rmap))
                 o = runs[-1]
+                placements.append(o.pop("placement"))
                 _say(f"N={n:,} {rmap} {i + 1}/{reps}: " + ", ".join(
                     f"{op} {o[op]['seconds']:.2f} s (step {o[op]['max_step_ms']:.3g} ms)" for op in OPS)
                     + f"  [{time.perf_counter() - t0:.0f} s]")
@@ -357,7 +371,8 @@ def _run(quick: bool) -> dict:
                             "slowest_steps": [r["slowest_steps"] for r in runs]})
     cpu_from = "cpu" if results and all(r["ops"][op]["cpu_from"] == "cpu" for r in results for op in OPS) \
         else "wall"
-    out = {"figures": figs.dicts(), "results": results, "peers": peers, "sizes": list(sizes_for(quick)),
+    out = {"figures": figs.dicts(), "results": results, "placements": placements, "peers": peers,
+           "sizes": list(sizes_for(quick)),
            "seed": SEED, "cow_batch": COW_BATCH, "cpu_from": cpu_from,
            "seconds": round(time.perf_counter() - t_all, 1)}
     if cpu_from == "wall":

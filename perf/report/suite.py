@@ -28,8 +28,10 @@ import traceback
 from typing import Callable, Iterable
 
 from ..common import machine_info, one_line, write_json
+from ..load import LoadMeter
 from ..registry import BENCHES, SUITE
-from .headlines import headline_table, headlines, markdown
+from .conditions import conditions_table
+from .headlines import benches_of, headline_table, headlines, markdown
 
 #: the version of the result contract a run is written in
 SCHEMA_VERSION = 1
@@ -41,9 +43,12 @@ BUDGET_SECONDS = {True: 180.0, False: 1800.0}
 # ---------------------------------------------------------------------------
 # running
 
-def stamp(result: dict, name: str, quick: bool, seconds: float) -> dict:
+def stamp(result: dict, name: str, quick: bool, seconds: float, meter: LoadMeter | None = None) -> dict:
     """What every result records besides its figures: which bench, the
-    setting, the machine it ran on and its wall time."""
+    setting, the machine it ran on, its wall time and, from the ``meter``
+    started before it ran, the machine's load (:mod:`hvshare.perf.load`)."""
+    if meter is not None:
+        result["load"] = meter.record()
     result["bench"] = name
     result["quick"] = quick
     result.setdefault("figures", [])
@@ -115,6 +120,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
                  "benches": {}, "skipped": {}}
     for i, name in enumerate(names, 1):
         progress.start(i, name)
+        meter = LoadMeter()
         t0 = time.perf_counter()
         mod = BENCHES[name].load() if name in BENCHES else f"no benchmark named {name!r}"
         text = ""
@@ -135,7 +141,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
                 result = {"skipped": f"raised {type(e).__name__}: {one_line(e)}",
                           "error": traceback.format_exc()}
             text = captured.getvalue()
-        stamp(result, name, quick, time.perf_counter() - t0)
+        stamp(result, name, quick, time.perf_counter() - t0, meter)
         if "skipped" in result and not result["figures"]:
             out["skipped"][name] = result["skipped"]
             status = f"SKIPPED: {result['skipped']}"
@@ -202,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\nHeadlines" + (" (quick run)" if doc.get("quick") else ""))
         print(headline_table(doc))
+        print("\nConditions (perf/load.py, perf/placement.py)")
+        print(conditions_table(benches_of(doc)))
     if a.plots:
         from . import plots
         try:

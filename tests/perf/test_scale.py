@@ -72,6 +72,13 @@ def test_scale_runs_tiny_and_emits_its_figures(tmp_path, contract):
         assert find(doc, name, pages=1024).n == 3
     if "ksm_skipped" not in doc:
         assert find(doc, "ksm_merge_rate", pages=1024).median > 0
+    # every thread of the hypervisor on its own core, the guests and the driver on the others
+    assert len(doc["placements"]) == sum(r["repeats"] for r in doc["results"])
+    for rec in doc["placements"]:
+        assert rec["held"] and sorted(p["role"] for p in rec["processes"]) == ["driver", "guest", "guest", "hypervisor"]
+        for proc in rec["processes"]:
+            assert proc["threads"] and all(set(t["allowed"]) <= set(proc["cpus"]) for t in proc["threads"])
+    assert "Placement:" in p.stdout and "all held" in p.stdout
     hs = [h for h in headlines.headlines(doc) if h["bench"] == "scale"]
     assert len(hs) == 3 and hs[0]["figure"] is not None and hs[0]["labels"]["pages"] == 1024
     # nothing left behind
