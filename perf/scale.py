@@ -20,7 +20,10 @@ through the life of a pair of guests:
   own).
 
 Per operation: seconds, pages per second, the longest hypervisor step in
-wall time and in CPU time, and the step histogram. Steps are read from the
+wall time and in CPU time, and the step histogram; per life, the
+hypervisor's slowest steps with what they did and met (``info``'s
+``slowest_steps``: items, chunks, page faults, collections), so that a
+long step has a stated cause. Steps are read from the
 hypervisor's ``info`` (``pause_by_op``) before and after the operation:
 histograms are cumulative, so the window's is the difference, and a kind's
 ``max_ms`` is the window's when it grew in the window (else only the
@@ -67,6 +70,8 @@ import time
 
 import numpy as np
 
+
+from hvshare.tools.cli.counters import SLOWEST_SHOWN, step_line
 
 from .common import sigterm_exits, table
 from .figure import Figures, text_of
@@ -235,6 +240,7 @@ def one_life(n: int, rmap: str) -> dict:
                               max_pause_ms=d["max_pause_ms"], max_pause_cpu_ms=d.get("max_pause_cpu_ms"),
                               window=step_window(i3, i4))
         out["audit_errors"] = hv.audit()
+        out["slowest_steps"] = i4.get("slowest_steps", [])
     finally:
         pl.restore()
         # A request cut short (Ctrl-C) leaves its answer unread on the
@@ -243,7 +249,7 @@ def one_life(n: int, rmap: str) -> dict:
             HypervisorClient.close(hv)
             hv.close()
     for op, o in out.items():
-        if op == "audit_errors":
+        if op in ("audit_errors", "slowest_steps"):
             continue
         w = o["window"]
         if op == "destroy":
@@ -361,7 +367,8 @@ def _run(quick: bool) -> dict:
                     + f"  [{time.perf_counter() - t0:.0f} s]")
             ops = _aggregate(runs, figs, {"rmap": rmap, "pages": n})
             results.append({"rmap": rmap, "pages": n, "repeats": reps, "ops": ops,
-                            "audit_errors": max(r["audit_errors"] for r in runs)})
+                            "audit_errors": max(r["audit_errors"] for r in runs),
+                            "slowest_steps": [r["slowest_steps"] for r in runs]})
     cpu_from = "cpu" if results and all(r["ops"][op]["cpu_from"] == "cpu" for r in results for op in OPS) \
         else "wall"
     out = {"figures": figs.dicts(), "results": results, "placements": placements, "peers": peers,
@@ -375,6 +382,11 @@ def _run(quick: bool) -> dict:
     if skipped:
         out["ksm_skipped"] = skipped
     return out
+
+
+def _key(e: dict) -> float:
+    """A kept step's place in the tail: its CPU time, else its wall time."""
+    return e["cpu_ms"] if e.get("cpu_ms") is not None else e["wall_ms"]
 
 
 def report(result: dict) -> str:
@@ -393,6 +405,13 @@ def report(result: dict) -> str:
         lines.append(f"note: {result['cpu_note']}")
     lines += ["(pages/s: create pages of one domain, dedup pages merged, cow faults, destroy pages "
               "of the destroyed domain)", ""]
+    for r in result["results"]:
+        worst = max(r.get("slowest_steps") or [[]], key=lambda s: _key(s[0]) if s else 0.0)
+        if worst:
+            lines.append(f"Slowest hypervisor steps, N={r['pages']:,} {r['rmap']} (the repeat with the "
+                         f"slowest; result: slowest_steps, every repeat)")
+            lines += ["  " + step_line(e) for e in worst[:SLOWEST_SHOWN]]
+    lines.append("")
     rows = []
     for n in result["sizes"]:
         for name, what in (("fill_generate_seconds", "numpy: generate clone bytes"),

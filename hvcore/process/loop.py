@@ -70,6 +70,7 @@ import numpy as np
 from .. import shm
 from ..constants import (DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, PAGE_SIZE,
                          RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES)
+from ..sharing_stats import reserve_scratch
 from ..statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .clients import Clients
 from .control import ControlOps
@@ -77,7 +78,7 @@ from .guests import GuestTable
 from .jobs import JobQueue, tell_now
 from .pacing import Pacer, apply_sched, pace_duty
 from .parking import EventRing, ParkingLot
-from .steps import Budget, StepMeter, quiet_collector
+from .steps import Budget, StepMeter, collect_young, quiet_collector
 from .writes import WritePath
 
 _TICK = 0.1
@@ -146,8 +147,9 @@ class HypervisorProcess:
     """
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = DEFAULT_RMAP,
-                 teardown: str = DEFAULT_TEARDOWN, sched: str = DEFAULT_SCHED, prefault: bool = False):
-        #: back the whole pool with memory before serving (FramePool.prefault)
+                 teardown: str = DEFAULT_TEARDOWN, sched: str = DEFAULT_SCHED, prefault: bool = True):
+        #: back the whole pool, the rmap's entries and the report's scratch
+        #: with memory before serving (:meth:`reserve`)
         self.prefault = prefault
         self.socket_path = os.path.abspath(socket_path)
         self.state_dir = state_dir_for(self.socket_path)
@@ -156,7 +158,7 @@ class HypervisorProcess:
         self.hv = None
         self.sel = LoopSelector()
         self.meter = StepMeter()
-        self.budget = Budget(self.sel)
+        self.budget = Budget(self.sel, self.meter)
         self.pacer = Pacer()
         self.clients = Clients(self.sel, self.meter, self.budget)
         self.ring = EventRing()
@@ -238,8 +240,7 @@ class HypervisorProcess:
             self._release_files()
             raise StartError(f"cannot create a pool of {self.frames} frames: {e}") from None
         if self.prefault:
-            hv.pool.prefault()
-            hv.rmap.reserve_nodes(self.frames)
+            self.reserve(hv)
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -261,6 +262,17 @@ class HypervisorProcess:
         self._assemble(hv, sched)
         self.running = self.clients.running = True
         return cleaned
+
+    def reserve(self, hv) -> None:
+        """Back, before serving, what the steps would otherwise have the
+        kernel provide a page at a time: every frame of the pool, room for
+        as many rmap entries as frames, and the sharing report's per-frame
+        scratch -- as Xen's RAM and p2m pool are, at boot. A page first
+        touched in a step costs that step up to a millisecond on a loaded
+        host (docs/design.md, "Steps")."""
+        hv.pool.prefault()
+        hv.rmap.reserve_nodes(self.frames)
+        reserve_scratch(hv)
 
     def run(self) -> None:
         """Serve until a stop request or a terminating signal."""
@@ -367,12 +379,13 @@ class HypervisorProcess:
 
     def _tick(self) -> None:
         """Housekeeping, every _TICK seconds: reap guests, time out starts."""
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        step = self.meter.begin()
         now = time.monotonic()
         self._next_tick = now + _TICK
         self.meter.fold()
         self.guests.housekeeping(now)
-        self.meter.record(time.perf_counter() - t0, "tick", "tick", time.thread_time() - cpu0)
+        self.meter.end(step, "tick", "tick")
+        collect_young(self.meter)
         if self.lot.parked:
             self.writes.retry(changed_only=True)
 
@@ -395,7 +408,7 @@ def _keep_scratch_mapped() -> None:
 
 def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = DEFAULT_RMAP,
           teardown: str = DEFAULT_TEARDOWN, ready_fd: int | None = None,
-          sched: str = DEFAULT_SCHED, prefault: bool = False) -> int:
+          sched: str = DEFAULT_SCHED, prefault: bool = True) -> int:
     """Run a hypervisor on ``socket_path`` until it is stopped.
 
     ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
@@ -438,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rmap", default=DEFAULT_RMAP)
     p.add_argument("--teardown", default=DEFAULT_TEARDOWN)
     p.add_argument("--sched", default=DEFAULT_SCHED)
-    p.add_argument("--prefault", action="store_true")
+    p.add_argument("--prefault", action="store_true", default=True,
+                   help="back the pool before serving (the default)")
+    p.add_argument("--lazy-pool", dest="prefault", action="store_false",
+                   help="leave the pool's pages to be provided when first written")
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
     return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched, prefault=a.prefault)
