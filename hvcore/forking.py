@@ -1,0 +1,157 @@
+"""Processes forked by a helper and adopted by the process that wants them.
+
+A process that is already started, its imports done, can fork a copy of
+itself in a few milliseconds where a new interpreter takes hundreds. The
+hypervisor gets its warm guests that way (:mod:`hvshare.guests.zygote`), and
+a test session its hypervisors (:mod:`hvshare.hvcore.process.forkserver`).
+Yet the process that wants the child must be its parent: only a parent
+collects an exit status, and PR_SET_PDEATHSIG ends a child with its parent.
+
+So the helper forks twice: its child forks the wanted process and exits at
+once, and the kernel re-parents the orphan to the nearest *child
+subreaper* among its ancestors: the requester, which marked itself one
+(:func:`become_subreaper`) and started the helper. The helper reaps the
+middle process, which happens only after the re-parenting, and then names
+the new pid; the requester holds it as an :class:`AdoptedProcess`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import time
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+#: how long an adopted child waits to be re-parented to its adopter
+ADOPTION_SECONDS = 5.0
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def become_subreaper(on: bool = True) -> None:
+    """Orphaned descendants re-parent to this process (PR_SET_CHILD_SUBREAPER)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, int(on))
+
+
+def die_with_parent(parent: int) -> bool:
+    """SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); False
+    if the parent is not ``parent`` (it died already)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    return os.getppid() == parent
+
+
+def fork_adoptable(child) -> int:
+    """Fork ``child()`` (which must not return) as an orphan for the nearest
+    subreaper above us; its pid, once it is re-parented. In the child,
+    :func:`wait_adopted` tells when that happened."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:                                     # the middle process
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                try:
+                    child()
+                finally:
+                    os._exit(1)
+            os.write(w, pid.to_bytes(8, "little"))
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = b""
+    while len(got) < 8:
+        chunk = os.read(r, 8 - len(got))
+        if not chunk:
+            break
+        got += chunk
+    os.close(r)
+    os.waitpid(middle, 0)                               # after this, it is adopted
+    if len(got) < 8:
+        raise OSError("the forked process could not be started")
+    return int.from_bytes(got, "little")
+
+
+def wait_adopted(adopter: int, timeout: float = ADOPTION_SECONDS) -> bool:
+    """In a child of :func:`fork_adoptable`: wait until ``adopter`` is our
+    parent, then die with it; False if it is not (it died, or is no subreaper)."""
+    # the middle process may not have exited yet: then our parent is still it
+    middle = os.getppid()
+    end = time.monotonic() + timeout
+    while os.getppid() == middle and middle != adopter and time.monotonic() < end:
+        time.sleep(0.0002)
+    return die_with_parent(adopter)
+
+
+class AdoptedProcess:
+    """A child this process did not fork itself but was given (re-parented
+    to it): the part of :class:`subprocess.Popen` the hypervisor and the
+    toolstack use (``pid``, ``returncode``, ``poll``, ``wait``, ``kill``,
+    ``terminate``, ``send_signal``)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self.args = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 0     # reaped by someone else: its status is lost
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.poll() is not None:
+            return self.returncode
+        if timeout is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = 0
+            return self.returncode
+        end = time.monotonic() + timeout
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (OSError, AttributeError):
+            fd = None
+        try:
+            while self.poll() is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired(str(self.pid), timeout)
+                if fd is not None:
+                    select.select([fd], [], [], left)
+                else:
+                    time.sleep(min(left, 0.001))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
