@@ -181,9 +181,12 @@ class GuestStock:
 
     def refill(self) -> bool:
         """Ask for one guest if the stock is short (a housekeeping tick's
-        share; whether it asked); reap the stock guests that died."""
+        share; whether it asked); drop and reap the stock guests that died."""
         if self.dead:
             self.dead = [p for p in self.dead if p.poll() is None]
+        for w in [w for w in self.guests if w.proc.poll() is not None]:
+            self.guests.remove(w)       # died waiting (killed): not one to hand out
+            self._drop(w)
         return len(self.guests) + len(self.asked) < self.size and self._spawn()
 
     def take(self) -> WarmGuest:
