@@ -6,18 +6,41 @@ and a pipe on which it writes one line, ``ready ...`` once it serves or
 ``error REASON`` if it cannot. :func:`launch` is that handshake, so both
 report a failed start with the child's own reason and neither leaves a
 child running unseen when the caller is interrupted.
+
+A session that starts many hypervisors (a test run) may start a
+:class:`ForkServer` (:func:`start_fork_server`): a process with the
+hypervisor's modules and compiled kernels loaded once
+(:mod:`hvshare.hvcore.process.forkserver`), which forks each detached
+hypervisor this process launches instead of a new interpreter loading them
+again. Only the process that started it uses it (its children start
+hypervisors the usual way), and a launch falls back to the usual way if
+the server cannot fork.
 """
 from __future__ import annotations
 
+import json
 import os
 import select
+import socket
 import subprocess
+import sys
+import threading
 import time
 
+from hvshare.hvcore.forking import AdoptedProcess, become_subreaper
 
 from .errors import HVCtlError
 
-__all__ = ["launch", "read_line", "log_tail"]
+__all__ = ["launch", "read_line", "log_tail", "ForkServer", "start_fork_server", "stop_fork_server",
+           "fork_server"]
+
+#: the module a hypervisor runs (what the fork server can fork)
+HYPERVISOR_MODULE = "hvshare.hvcore.process"
+#: how long a request waits for the fork server (its first one: its start)
+FORK_SERVER_TIMEOUT = 60.0
+#: environment variables read when an interpreter and its modules start: a
+#: launch whose values differ from the fork server's starts on its own
+STARTUP_ENV = ("PYTHON", "NUMBA_", "LD_", "OPENBLAS_", "OMP_", "MKL_")
 
 
 def launch(cmd: list[str], log_path: str, timeout: float, what: str, *,
@@ -37,10 +60,13 @@ def launch(cmd: list[str], log_path: str, timeout: float, what: str, *,
     ready_r, ready_w = os.pipe()
     try:
         with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
-            out = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True) \
-                if detach else {}
-            proc = subprocess.Popen([*cmd, "--ready-fd", str(ready_w)], pass_fds=(ready_w,),
-                                    cwd="/", **out)
+            server = _server if detach and cmd[:3] == [sys.executable, "-m", HYPERVISOR_MODULE] else None
+            proc = server.fork(cmd[3:], ready_w, log.fileno()) if server is not None else None
+            if proc is None:
+                out = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True) \
+                    if detach else {}
+                proc = subprocess.Popen([*cmd, "--ready-fd", str(ready_w)], pass_fds=(ready_w,),
+                                        cwd="/", **out)
     except BaseException:
         os.close(ready_r)
         raise
@@ -88,3 +114,91 @@ def log_tail(path: str) -> str:
     except OSError:
         return ""
     return lines[-1] if lines else ""
+
+
+class ForkServer:
+    """This process's hypervisor fork server (see the module's docstring).
+
+    It is a child of this process, which becomes a child subreaper so that
+    the hypervisors it forks are re-parented here; it ends with this
+    process (PR_SET_PDEATHSIG) and with :meth:`close`.
+    """
+
+    def __init__(self):
+        become_subreaper()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot = {"owner": os.getpid(), "sock": theirs.fileno()}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", HYPERVISOR_MODULE + ".forkserver", json.dumps(boot)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.settimeout(FORK_SERVER_TIMEOUT)
+        self.sock = mine
+        self._lock = threading.Lock()
+        #: the process it forks for (a forked copy of that process does not use it)
+        self.owner = os.getpid()
+        self.startup_env = _startup_env()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fork(self, argv: list[str], ready_fd: int, log_fd: int) -> AdoptedProcess | None:
+        """A hypervisor running ``python -m hvshare.hvcore.process ARGV``,
+        detached, its output to ``log_fd``, its ready line to ``ready_fd``;
+        None if the server cannot fork one (the caller starts it itself)."""
+        req = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": "/"}).encode()
+        with self._lock:
+            if os.getpid() != self.owner or self.proc.poll() is not None \
+                    or _startup_env() != self.startup_env:
+                return None
+            try:
+                socket.send_fds(self.sock, [req], [ready_fd, log_fd])
+                got = self.sock.recv(8)
+            except OSError:
+                return None
+        pid = int.from_bytes(got, "little") if len(got) == 8 else 0
+        return AdoptedProcess(pid) if pid else None
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)       # its socket closed: it ends
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _startup_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(STARTUP_ENV)}
+
+
+_server: ForkServer | None = None
+
+
+def start_fork_server() -> ForkServer:
+    """Start this process's fork server (if not started); launches of a
+    hypervisor use it from now on."""
+    global _server
+    if _server is None:
+        _server = ForkServer()
+    return _server
+
+
+def stop_fork_server() -> None:
+    """Stop this process's fork server (if any)."""
+    global _server
+    server, _server = _server, None
+    if server is not None:
+        server.close()
+
+
+def fork_server() -> ForkServer | None:
+    """This process's fork server, if it started one."""
+    return _server
