@@ -27,6 +27,15 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 #: how long an adopted child waits to be re-parented to its adopter
 ADOPTION_SECONDS = 5.0
+#: environment variables read when an interpreter and its modules start: a
+#: process forked from a helper started with other values would differ
+#: from one started anew
+STARTUP_ENV = ("PYTHON", "NUMBA_", "LD_", "OPENBLAS_", "OMP_", "MKL_")
+
+
+def startup_env_of(env) -> dict:
+    """The part of ``env`` that an interpreter's start reads (:data:`STARTUP_ENV`)."""
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_ENV)}
 
 
 def _prctl(option: int, value: int) -> None:

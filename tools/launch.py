@@ -11,36 +11,35 @@ A session that starts many hypervisors (a test run) may start a
 :class:`ForkServer` (:func:`start_fork_server`): a process with the
 hypervisor's modules and compiled kernels loaded once
 (:mod:`hvshare.hvcore.process.forkserver`), which forks each detached
-hypervisor this process launches instead of a new interpreter loading them
-again. Only the process that started it uses it (its children start
-hypervisors the usual way), and a launch falls back to the usual way if
-the server cannot fork.
+hypervisor the session launches instead of a new interpreter loading them
+again (any process of the session: it finds the server in
+``$HVSHARE_FORK_SOCKET``). A launch falls back to the usual way if the
+server is gone or refuses (another startup environment).
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 
-from hvshare.hvcore.forking import AdoptedProcess, become_subreaper
+from hvshare.hvcore.forking import AdoptedProcess, become_subreaper, startup_env_of
 
 from .errors import HVCtlError
 
-__all__ = ["launch", "read_line", "log_tail", "ForkServer", "start_fork_server", "stop_fork_server",
-           "fork_server"]
+__all__ = ["launch", "read_line", "log_tail", "ForkServer", "fork_hypervisor", "start_fork_server",
+           "stop_fork_server", "fork_server"]
 
 #: the module a hypervisor runs (what the fork server can fork)
 HYPERVISOR_MODULE = "hvshare.hvcore.process"
 #: how long a request waits for the fork server (its first one: its start)
 FORK_SERVER_TIMEOUT = 60.0
-#: environment variables read when an interpreter and its modules start: a
-#: launch whose values differ from the fork server's starts on its own
-STARTUP_ENV = ("PYTHON", "NUMBA_", "LD_", "OPENBLAS_", "OMP_", "MKL_")
+#: names the session's fork server (set by :class:`ForkServer`)
+FORK_SOCKET_ENV = "HVSHARE_FORK_SOCKET"
 
 
 def launch(cmd: list[str], log_path: str, timeout: float, what: str, *,
@@ -60,8 +59,9 @@ def launch(cmd: list[str], log_path: str, timeout: float, what: str, *,
     ready_r, ready_w = os.pipe()
     try:
         with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
-            server = _server if detach and cmd[:3] == [sys.executable, "-m", HYPERVISOR_MODULE] else None
-            proc = server.fork(cmd[3:], ready_w, log.fileno()) if server is not None else None
+            server = os.environ.get(FORK_SOCKET_ENV) \
+                if detach and cmd[:3] == [sys.executable, "-m", HYPERVISOR_MODULE] else None
+            proc = fork_hypervisor(server, cmd[3:], ready_w, log.fileno()) if server else None
             if proc is None:
                 out = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True) \
                     if detach else {}
@@ -117,66 +117,58 @@ def log_tail(path: str) -> str:
 
 
 class ForkServer:
-    """This process's hypervisor fork server (see the module's docstring).
+    """A session's hypervisor fork server (see the module's docstring).
 
-    It is a child of this process, which becomes a child subreaper so that
-    the hypervisors it forks are re-parented here; it ends with this
-    process (PR_SET_PDEATHSIG) and with :meth:`close`.
+    It is a child of the process that starts it, which becomes a child
+    subreaper so that the hypervisors it forks are re-parented there; its
+    socket is named in ``$HVSHARE_FORK_SOCKET``, so the processes the
+    session starts (``hvctl start`` run by a test) use it too. It ends with
+    that process (PR_SET_PDEATHSIG) and with :meth:`close`.
     """
 
     def __init__(self):
         become_subreaper()
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        boot = {"owner": os.getpid(), "sock": theirs.fileno()}
+        self.name = f"hvshare-fork-{os.getpid()}-{secrets.token_hex(8)}"
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            lsock.bind("\0" + self.name)           # abstract: no file to leave behind
+            lsock.listen(64)
+            boot = {"owner": os.getpid(), "sock": lsock.fileno(), "startup_env": startup_env_of(os.environ)}
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", HYPERVISOR_MODULE + ".forkserver", json.dumps(boot)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                pass_fds=(lsock.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
                 env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
-        except BaseException:
-            mine.close()
-            raise
         finally:
-            theirs.close()
-        mine.settimeout(FORK_SERVER_TIMEOUT)
-        self.sock = mine
-        self._lock = threading.Lock()
-        #: the process it forks for (a forked copy of that process does not use it)
-        self.owner = os.getpid()
-        self.startup_env = _startup_env()
+            lsock.close()
+        os.environ[FORK_SOCKET_ENV] = self.name
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def fork(self, argv: list[str], ready_fd: int, log_fd: int) -> AdoptedProcess | None:
-        """A hypervisor running ``python -m hvshare.hvcore.process ARGV``,
-        detached, its output to ``log_fd``, its ready line to ``ready_fd``;
-        None if the server cannot fork one (the caller starts it itself)."""
-        req = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": "/"}).encode()
-        with self._lock:
-            if os.getpid() != self.owner or self.proc.poll() is not None \
-                    or _startup_env() != self.startup_env:
-                return None
-            try:
-                socket.send_fds(self.sock, [req], [ready_fd, log_fd])
-                got = self.sock.recv(8)
-            except OSError:
-                return None
-        pid = int.from_bytes(got, "little") if len(got) == 8 else 0
-        return AdoptedProcess(pid) if pid else None
-
     def close(self) -> None:
-        self.sock.close()
-        try:
-            self.proc.wait(timeout=5)       # its socket closed: it ends
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if os.environ.get(FORK_SOCKET_ENV) == self.name:
+            del os.environ[FORK_SOCKET_ENV]
+        self.proc.kill()
+        self.proc.wait()
 
 
-def _startup_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k.startswith(STARTUP_ENV)}
+def fork_hypervisor(name: str, argv: list[str], ready_fd: int, log_fd: int) -> AdoptedProcess | None:
+    """A hypervisor running ``python -m hvshare.hvcore.process ARGV`` forked
+    by the fork server ``name``: detached, its output to ``log_fd``, its
+    ready line to ``ready_fd``; None if the server is not there or refuses
+    (the caller starts it itself)."""
+    req = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": "/"}).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(FORK_SERVER_TIMEOUT)
+            s.connect("\0" + name)
+            socket.send_fds(s, [req], [ready_fd, log_fd])
+            got = s.recv(8)
+    except OSError:
+        return None
+    pid = int.from_bytes(got, "little") if len(got) == 8 else 0
+    return AdoptedProcess(pid) if pid else None
 
 
 _server: ForkServer | None = None
@@ -184,7 +176,7 @@ _server: ForkServer | None = None
 
 def start_fork_server() -> ForkServer:
     """Start this process's fork server (if not started); launches of a
-    hypervisor use it from now on."""
+    hypervisor in this session use it from now on."""
     global _server
     if _server is None:
         _server = ForkServer()

@@ -8,19 +8,22 @@ pays that second, then forks each hypervisor the session asks for, which
 starts serving in milliseconds with everything loaded.
 
 ``python -m hvshare.hvcore.process.forkserver BOOT``: ``BOOT`` names its
-owner (the session's pid) and the descriptor of its end of a
-``SOCK_SEQPACKET`` pair. Each request is one message: JSON
-``{"argv", "env", "cwd"}`` (the arguments of ``python -m
-hvshare.hvcore.process`` without ``--ready-fd``) and two descriptors, the
-ready pipe and the log. The server forks the hypervisor twice over
-(:func:`hvshare.hvcore.forking.fork_adoptable`) so that the kernel
-re-parents it to the owner, a child subreaper, which reaps it like one it
-started itself; the hypervisor is then what ``hvctl start`` makes: a new
-session, stdin closed, stdout and stderr to the log, the owner's
-environment. The answer is its pid (8 bytes; 0 if it could not fork).
+owner (the session's pid), the descriptor of a listening
+``SOCK_SEQPACKET`` socket in the abstract namespace (no file: nothing to
+leave behind) and the owner's startup environment. Each connection of
+the same user carries one request: JSON ``{"argv", "env", "cwd"}`` (the
+arguments of ``python -m hvshare.hvcore.process`` without ``--ready-fd``)
+and two descriptors, the ready pipe and the log. The server forks the
+hypervisor twice over (:func:`hvshare.hvcore.forking.fork_adoptable`) so
+that the kernel re-parents it to the owner, a child subreaper, which reaps
+it like one it started itself (whichever process of the session asked:
+``hvctl start`` run by a test too); the hypervisor is then what ``hvctl
+start`` makes: a new session, stdin closed, stdout and stderr to the log,
+the asker's environment. The answer is its pid (8 bytes; 0: refused, the
+asker starts the hypervisor itself).
 
-The server holds no file, socket path or segment; it ends when its
-socket closes and when its owner dies (PR_SET_PDEATHSIG), so nothing of it
+The server holds no file, socket path or segment; it ends when its owner
+closes it and when its owner dies (PR_SET_PDEATHSIG), so nothing of it
 outlives its session, even one that crashed.
 """
 from __future__ import annotations
@@ -30,44 +33,66 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 
-from ..forking import die_with_parent, fork_adoptable
+from ..forking import die_with_parent, fork_adoptable, startup_env_of
 
 #: descriptors of a request: the ready pipe, the log
 _FDS = 2
 #: the longest request
 MAX_REQUEST = 1 << 20
+#: how long a connection may take to send its request
+REQUEST_SECONDS = 5.0
 
 
-def serve(sock: socket.socket) -> None:
+def serve(lsock: socket.socket, startup_env: dict) -> None:
+    """Answer one request per connection on the listening ``lsock``."""
     while True:
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, _FDS)
+            conn, _ = lsock.accept()
         except OSError:
             return
-        if not msg:
-            return
+        with conn:
+            _answer(lsock, conn, startup_env)
+
+
+def _answer(lsock: socket.socket, conn: socket.socket, startup_env: dict) -> None:
+    conn.settimeout(REQUEST_SECONDS)
+    try:
+        msg, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, _FDS)
+    except OSError:
+        return
+    pid = 0
+    try:
+        req = json.loads(msg)
+        # a request whose interpreter would start otherwise is refused: its
+        # launcher starts the hypervisor on its own
+        if len(fds) == _FDS and _same_user(conn) and startup_env_of(req["env"]) == startup_env:
+            pid = fork_adoptable(lambda: _hypervisor(lsock, conn, req, *fds))
+    except (ValueError, KeyError, TypeError, OSError):
         pid = 0
-        try:
-            req = json.loads(msg)
-            if len(fds) == _FDS:
-                pid = fork_adoptable(lambda: _hypervisor(sock, req, *fds))
-        except (ValueError, OSError):
-            pid = 0
-        finally:
-            for fd in fds:
-                os.close(fd)
-        try:
-            sock.send(pid.to_bytes(8, "little"))
-        except OSError:
-            return
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        conn.send(pid.to_bytes(8, "little"))
+    except OSError:
+        pass
 
 
-def _hypervisor(sock: socket.socket, req: dict, ready_fd: int, log_fd: int) -> None:
+def _same_user(conn: socket.socket) -> bool:
+    """Only our own user may ask (the socket is abstract: it has no mode)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _hypervisor(lsock: socket.socket, conn: socket.socket, req: dict, ready_fd: int, log_fd: int) -> None:
     """The forked hypervisor: what ``hvctl start`` would have run."""
     from .loop import main
-    sock.close()
+    lsock.close()
+    conn.close()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
@@ -103,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if not die_with_parent(boot["owner"]):
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # a Ctrl-C is for the session
-    sock = socket.socket(fileno=boot["sock"])
+    lsock = socket.socket(fileno=boot["sock"])
     from .. import kernels
     from . import loop  # noqa: F401  (imported once, for every hypervisor)
     kernels.warm()
     gc.collect()
     gc.freeze()                 # the forks share these objects' pages
-    serve(sock)
+    serve(lsock, boot["startup_env"])
     return 0
 
 

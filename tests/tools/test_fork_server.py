@@ -3,6 +3,7 @@ loaded, re-parented to the run, and nothing of the server left after its
 session, even one that crashed."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,14 @@ def test_the_runs_hypervisors_are_forked_by_its_server(hvs):
     assert hvs.guest(d["domid"]).stats()["pid"] == d["pid"]
 
 
+def test_hvctl_start_run_by_a_test_uses_the_server(hvctl):
+    p = hvctl("start", "--frames", "64")
+    assert p.returncode == 0, p.stderr
+    pid = json.loads(hvctl("info", "--json").stdout)["pid"]
+    assert SERVER_MODULE in psutil.Process(pid).cmdline()
+    assert hvctl("stop").returncode == 0
+
+
 def test_a_launch_with_another_startup_environment_starts_on_its_own(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", "ignore::DeprecationWarning:hvshare_test")
     with api.hvshare_session(frames=64) as hv:
@@ -47,7 +56,8 @@ def test_a_closed_server_leaves_nothing(tmp_path):
     ready_r, ready_w = os.pipe()
     log = os.open(os.devnull, os.O_WRONLY)
     try:
-        proc = server.fork(["--socket", str(tmp_path / "hv.sock"), "--frames", "0"], ready_w, log)
+        proc = launch.fork_hypervisor(server.name, ["--socket", str(tmp_path / "hv.sock"), "--frames", "0"],
+                                      ready_w, log)
         assert proc is not None and proc.wait(timeout=60) == 1        # it could not start: it said why
         assert launch.read_line(ready_r, 5) == "error the pool needs at least one frame"
     finally:
@@ -55,6 +65,7 @@ def test_a_closed_server_leaves_nothing(tmp_path):
             os.close(fd)
         server.close()
     assert server.proc.returncode is not None and _gone(server.pid)
+    assert launch.fork_hypervisor(server.name, ["--frames", "0"], 0, 0) is None     # nobody answers
 
 
 def test_a_crashed_session_leaves_no_server(tmp_path):
@@ -64,7 +75,7 @@ def test_a_crashed_session_leaves_no_server(tmp_path):
         s = launch.start_fork_server()
         r, w = os.pipe()
         null = os.open(os.devnull, os.O_WRONLY)
-        p = s.fork(["--socket", "{tmp_path / 'hv.sock'}", "--frames", "0"], w, null)   # it has loaded
+        p = launch.fork_hypervisor(s.name, ["--socket", "{tmp_path / 'hv.sock'}", "--frames", "0"], w, null)
         p.wait()
         print(s.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
