@@ -49,13 +49,15 @@ import time
 
 from hvshare.hvcore.constants import PAGE_SIZE
 
-from .common import sigterm_exits, table
+from .common import sigterm_exits, smoke, table
 from .figure import Figures, text_of
 from .report.headlines import report_goals
 from .scale import _signals_held, step_window
 
 FULL_SIZES = (16_384, 262_144, 1_048_576)
 QUICK_SIZES = (4096, 16_384)
+#: sizes of a ``--smoke`` run
+SMOKE_SIZES = (4096,)
 #: pages a fork dirties before each reset (and before each destroy it is compared with)
 RESET_DIRTY = 64
 LOOP_KS = (1, 64, 1024)
@@ -74,6 +76,9 @@ def _say(msg: str) -> None:
 
 def repeats_for(quick: bool) -> dict:
     """Repeats per measure, and the loop's iterations per repeat."""
+    if quick and smoke():
+        return {"fork": 2, "reset": 2, "loop": 1, "loop_iterations": 2, "peer_fork": 2,
+                "peer_loop_iterations": 2}
     if quick:
         return {"fork": 5, "reset": 5, "loop": 3, "loop_iterations": 10, "peer_fork": 5,
                 "peer_loop_iterations": 10}
@@ -289,7 +294,7 @@ def _run(quick: bool) -> dict:
     from .peers import linux_fork
     t_all = time.perf_counter()
     reps = repeats_for(quick)
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+    sizes = (SMOKE_SIZES if smoke() else QUICK_SIZES) if quick else FULL_SIZES
     results, peers, skipped, figs = [], {}, {}, Figures()
     for n in sizes:
         _say(f"N={n:,}: Linux fork and fork loops")
