@@ -102,54 +102,75 @@ def wait_adopted(adopter: int, timeout: float = ADOPTION_SECONDS) -> bool:
 
 
 class AdoptedProcess:
-    """A child this process did not fork itself but was given (re-parented
-    to it): the part of :class:`subprocess.Popen` the hypervisor and the
-    toolstack use (``pid``, ``returncode``, ``poll``, ``wait``, ``kill``,
-    ``terminate``, ``send_signal``)."""
+    """A process this one did not start itself: the part of
+    :class:`subprocess.Popen` the hypervisor and the toolstack use
+    (``pid``, ``returncode``, ``poll``, ``wait``, ``kill``, ``terminate``,
+    ``send_signal``).
+
+    Usually it was re-parented here and is reaped here, with its exit
+    status. When another process of the session is its parent (a fork
+    server's hypervisor asked for by ``hvctl start``, re-parented to the
+    test run), it is watched through a pidfd, which turns readable when it
+    exits; its status is then not known (``returncode`` 0)."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.returncode: int | None = None
         self.args = None
+        self._pidfd: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
-                self.returncode = 0     # reaped by someone else: its status is lost
+                if not self._exited_elsewhere(0):
+                    return None
+                self.returncode = 0
                 return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self, timeout: float | None = None) -> int:
-        if self.poll() is not None:
-            return self.returncode
-        if timeout is None:
+    def _exited_elsewhere(self, timeout: float) -> bool:
+        """Not our child: whether it has exited (waiting up to ``timeout``)."""
+        if self._pidfd is None:
             try:
-                _, status = os.waitpid(self.pid, 0)
-                self.returncode = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                self.returncode = 0
-            return self.returncode
-        end = time.monotonic() + timeout
-        try:
-            fd = os.pidfd_open(self.pid)
-        except (OSError, AttributeError):
-            fd = None
-        try:
-            while self.poll() is None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise subprocess.TimeoutExpired(str(self.pid), timeout)
-                if fd is not None:
-                    select.select([fd], [], [], left)
-                else:
-                    time.sleep(min(left, 0.001))
-        finally:
-            if fd is not None:
-                os.close(fd)
+                self._pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                return True
+            except (OSError, AttributeError):
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    return True
+                if timeout:
+                    time.sleep(min(timeout, 0.01))
+                return False
+        if select.select([self._pidfd], [], [], timeout)[0]:
+            os.close(self._pidfd)
+            self._pidfd = -1
+            return True
+        return False
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            try:
+                fd = os.pidfd_open(self.pid) if self._pidfd is None else self._pidfd
+            except ProcessLookupError:
+                continue                # gone: the next poll says how
+            except (OSError, AttributeError):
+                time.sleep(0.001 if left is None else min(left, 0.001))
+                continue
+            try:
+                select.select([fd], [], [], left)
+            finally:
+                if fd != self._pidfd:
+                    os.close(fd)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
