@@ -255,17 +255,23 @@ def attach_pool(boot: dict):
     return attach_readonly(boot["pool"])[0]
 
 
+def boot_of(argv: list[str], module: str) -> dict | int:
+    """The boot config of ``python -m hvshare.guests.MODULE BOOT-JSON``, the
+    process now set to die with its hypervisor; or the status to exit with
+    (a wrong command line, a hypervisor that died before we got here)."""
+    if len(argv) != 1:
+        print(f"usage: python -m hvshare.guests.{module} BOOT-JSON (the hypervisor starts it)",
+              file=sys.stderr)
+        return 2
+    boot = json.loads(argv[0])
+    return boot if die_with_parent(boot["hv_pid"]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """A guest started on its own (the hypervisor's fallback when its
     zygote cannot fork one): the same start as a forked one."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m hvshare.guests.runtime BOOT-JSON (the hypervisor starts guests)", file=sys.stderr)
-        return 2
-    boot = json.loads(argv[0])
-    if not die_with_parent(boot["hv_pid"]):
-        return 1                       # the hypervisor died before we got here
-    return run(boot, attach_pool(boot))
+    boot = boot_of(sys.argv[1:] if argv is None else argv, "runtime")
+    return boot if isinstance(boot, int) else run(boot, attach_pool(boot))
 
 
 def run(boot: dict, pool_mm) -> int:

@@ -18,13 +18,12 @@ and when its socket closes.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
 import traceback
 
-from hvshare.hvcore.forking import die_with_parent, fork_adoptable, wait_adopted
+from hvshare.hvcore.forking import fork_and_answer, wait_adopted
 
 from . import runtime
 
@@ -40,21 +39,11 @@ def serve(sock: socket.socket, boot: dict, pool_mm) -> None:
             return
         if not msg:
             return
-        if len(fds) != _FDS:
-            for fd in fds:
-                os.close(fd)
-            pid = 0
-        else:
+        child = None
+        if len(fds) == _FDS:
             cfg = dict(boot, rfd=fds[0], wfd=fds[1], ready_fd=fds[2])
-            try:
-                pid = fork_adoptable(lambda: _guest(sock, cfg, pool_mm))
-            except OSError:
-                pid = 0
-            for fd in fds:
-                os.close(fd)
-        try:
-            sock.send(pid.to_bytes(8, "little"))
-        except OSError:
+            child = lambda: _guest(sock, cfg, pool_mm)     # noqa: E731
+        if not fork_and_answer(sock, fds, child):
             return
 
 
@@ -72,13 +61,9 @@ def _guest(sock: socket.socket, boot: dict, pool_mm) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m hvshare.guests.zygote BOOT-JSON (the hypervisor starts it)", file=sys.stderr)
-        return 2
-    boot = json.loads(argv[0])
-    if not die_with_parent(boot["hv_pid"]):
-        return 1
+    boot = runtime.boot_of(sys.argv[1:] if argv is None else argv, "zygote")
+    if isinstance(boot, int):
+        return boot
     sock = socket.socket(fileno=boot.pop("sock"))
     serve(sock, boot, runtime.attach_pool(boot))
     return 0

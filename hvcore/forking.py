@@ -90,6 +90,26 @@ def fork_adoptable(child) -> int:
     return int.from_bytes(got, "little")
 
 
+def fork_and_answer(conn, fds: list[int], child) -> bool:
+    """A helper's answer to one request: fork ``child()`` adoptable (None:
+    the request is refused), close the request's descriptors, send the pid
+    on ``conn`` (8 bytes; 0: none). False if ``conn`` is gone."""
+    pid = 0
+    try:
+        if child is not None:
+            pid = fork_adoptable(child)
+    except OSError:
+        pid = 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        conn.send(pid.to_bytes(8, "little"))
+    except OSError:
+        return False
+    return True
+
+
 def wait_adopted(adopter: int, timeout: float = ADOPTION_SECONDS) -> bool:
     """In a child of :func:`fork_adoptable`: wait until ``adopter`` is our
     parent, then die with it; False if it is not (it died, or is no subreaper)."""

@@ -36,7 +36,7 @@ import socket
 import struct
 import sys
 
-from ..forking import die_with_parent, fork_adoptable, startup_env_of
+from ..forking import die_with_parent, fork_and_answer, startup_env_of
 
 #: descriptors of a request: the ready pipe, the log
 _FDS = 2
@@ -63,22 +63,16 @@ def _answer(lsock: socket.socket, conn: socket.socket, startup_env: dict) -> Non
         msg, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, _FDS)
     except OSError:
         return
-    pid = 0
+    child = None
     try:
         req = json.loads(msg)
         # a request whose interpreter would start otherwise is refused: its
         # launcher starts the hypervisor on its own
         if len(fds) == _FDS and _same_user(conn) and startup_env_of(req["env"]) == startup_env:
-            pid = fork_adoptable(lambda: _hypervisor(lsock, conn, req, *fds))
-    except (ValueError, KeyError, TypeError, OSError):
-        pid = 0
-    finally:
-        for fd in fds:
-            os.close(fd)
-    try:
-        conn.send(pid.to_bytes(8, "little"))
-    except OSError:
-        pass
+            child = lambda: _hypervisor(lsock, conn, req, *fds)     # noqa: E731
+    except (ValueError, KeyError, TypeError, AttributeError):
+        child = None
+    fork_and_answer(conn, fds, child)
 
 
 def _same_user(conn: socket.socket) -> bool:
