@@ -38,6 +38,10 @@ def startup_env_of(env) -> dict:
     return {k: v for k, v in env.items() if k.startswith(STARTUP_ENV)}
 
 
+#: in a child of :func:`fork_adoptable`: the middle process, its first parent
+_middle: int | None = None
+
+
 def _prctl(option: int, value: int) -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
@@ -66,6 +70,8 @@ def fork_adoptable(child) -> int:
     if middle == 0:                                     # the middle process
         try:
             os.close(r)
+            global _middle
+            _middle = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(w)
@@ -114,9 +120,8 @@ def wait_adopted(adopter: int, timeout: float = ADOPTION_SECONDS) -> bool:
     """In a child of :func:`fork_adoptable`: wait until ``adopter`` is our
     parent, then die with it; False if it is not (it died, or is no subreaper)."""
     # the middle process may not have exited yet: then our parent is still it
-    middle = os.getppid()
     end = time.monotonic() + timeout
-    while os.getppid() == middle and middle != adopter and time.monotonic() < end:
+    while os.getppid() == _middle and time.monotonic() < end:
         time.sleep(0.0002)
     return die_with_parent(adopter)
 

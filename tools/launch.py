@@ -121,9 +121,10 @@ class ForkServer:
 
     It is a child of the process that starts it, which becomes a child
     subreaper so that the hypervisors it forks are re-parented there; its
-    socket is named in ``$HVSHARE_FORK_SOCKET``, so the processes the
-    session starts (``hvctl start`` run by a test) use it too. It ends with
-    that process (PR_SET_PDEATHSIG) and with :meth:`close`.
+    socket (:attr:`name`) is what :func:`start_fork_server` puts in
+    ``$HVSHARE_FORK_SOCKET``, so the processes the session starts (``hvctl
+    start`` run by a test) use it too. It ends with that process
+    (PR_SET_PDEATHSIG) and with :meth:`close`.
     """
 
     def __init__(self):
@@ -140,15 +141,12 @@ class ForkServer:
                 env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
         finally:
             lsock.close()
-        os.environ[FORK_SOCKET_ENV] = self.name
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def close(self) -> None:
-        if os.environ.get(FORK_SOCKET_ENV) == self.name:
-            del os.environ[FORK_SOCKET_ENV]
         self.proc.kill()
         self.proc.wait()
 
@@ -180,6 +178,7 @@ def start_fork_server() -> ForkServer:
     global _server
     if _server is None:
         _server = ForkServer()
+        os.environ[FORK_SOCKET_ENV] = _server.name
     return _server
 
 
@@ -188,6 +187,8 @@ def stop_fork_server() -> None:
     global _server
     server, _server = _server, None
     if server is not None:
+        if os.environ.get(FORK_SOCKET_ENV) == server.name:
+            del os.environ[FORK_SOCKET_ENV]
         server.close()
 
 

@@ -13,7 +13,7 @@ import psutil
 
 from hvshare.tools import api, launch
 
-from tests.waiting import wait_until
+from waiting import wait_until
 
 SERVER_MODULE = launch.HYPERVISOR_MODULE + ".forkserver"
 
