@@ -15,6 +15,18 @@ import time
 from typing import Any, Callable, Sequence
 
 
+#: set to "1" by ``--smoke``: every bench runs at the smallest sizes that
+#: still run each of its parts end to end (the test suite's check; such a
+#: run's figures measure nothing). In the environment, so that the
+#: processes a bench starts see it too.
+SMOKE_ENV = "HVSHARE_PERF_SMOKE"
+
+
+def smoke() -> bool:
+    """Whether this is a ``--smoke`` run (:data:`SMOKE_ENV`)."""
+    return os.environ.get(SMOKE_ENV) == "1"
+
+
 def machine_info() -> dict:
     import numpy
     try:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import latency_percentiles, log_histogram, merge_histograms, table
+from .common import latency_percentiles, log_histogram, merge_histograms, smoke, table
 from .figure import Figures, text_of
 from .peers import ksm, pipe
 from .placement import PLACEMENTS, Placement, describe, placement_cpus
@@ -141,9 +141,13 @@ def measure(n: int, batch: int, repeats: int, figs: Figures, hists: list) -> dic
     return out
 
 
+#: pages of a ``--smoke`` run (one batched message of each kind)
+SMOKE_PAGES = 1024
+
+
 def run(quick: bool = False) -> dict:
-    n = 2000 if quick else 20000
-    repeats = 3 if quick else 5
+    n = (SMOKE_PAGES if smoke() else 2000) if quick else 20000
+    repeats = (1 if smoke() else 3) if quick else 5
     figs, hists = Figures(), []
     out = measure(n, batch=1024, repeats=repeats, figs=figs, hists=hists)
     k = ksm.measure_cow_break(n, repeats=repeats)

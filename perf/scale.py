@@ -73,7 +73,7 @@ import numpy as np
 
 from hvshare.tools.cli.counters import SLOWEST_SHOWN, step_line
 
-from .common import sigterm_exits, table
+from .common import sigterm_exits, smoke, table
 from .figure import Figures, text_of
 from .placement import Placement, alone_and_rest
 from .report.headlines import report_goals
@@ -83,6 +83,8 @@ OPS = ("create", "dedup", "cow", "destroy")
 SEED = 1
 FULL_SIZES = (250_000, 1_000_000)
 QUICK_SIZES = (65_536,)
+#: sizes of a ``--smoke`` run
+SMOKE_SIZES = (4096,)
 #: frames beyond the two domains' pages
 MARGIN = 8192
 #: writes per message of the CoW burst
@@ -99,6 +101,8 @@ def sizes_for(quick: bool) -> tuple[int, ...]:
     env = os.environ.get("HVSHARE_SCALE_PAGES", "").strip()
     if env:
         return tuple(int(x) for x in env.split(",") if x.strip())
+    if quick and smoke():
+        return SMOKE_SIZES
     return QUICK_SIZES if quick else FULL_SIZES
 
 

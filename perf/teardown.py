@@ -63,7 +63,7 @@ import numpy as np
 
 from hvshare.hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
 
-from .common import log_histogram, table
+from .common import log_histogram, smoke, table
 from .figure import Figures
 from .goals import SEED_N
 from .placement import Placement, alone_and_rest
@@ -82,12 +82,15 @@ IDLE_FAULTS = 1000
 #: (up to MAX_REPEATS) until the repeats' faults together reach it
 MIN_FAULTS = 1000
 MAX_REPEATS = 40
+#: entries and writer pages of a ``--smoke`` run (its one repeat is not
+#: prolonged to MIN_FAULTS)
+SMOKE_N, SMOKE_WRITER_PAGES = 2000, 1000
 
 
 def _cases(quick: bool) -> list[tuple[int, str, str]]:
     """(N, rmap, mode) in the order they run: side by side per N."""
     if quick:                       # list monolithic would double the run's time
-        return [(10_000, r, m) for r in POLICIES for m in MODES if (r, m) != ("list", "monolithic")]
+        return [(SMOKE_N if smoke() else 10_000, r, m) for r in POLICIES for m in MODES if (r, m) != ("list", "monolithic")]
     out = [(n, r, m) for n in (10_000, 100_000) for r in POLICIES for m in MODES
            if not (n == 100_000 and r == "list")]
     out += [(1_000_000, "index", m) for m in MODES]
@@ -208,7 +211,8 @@ def measure(n: int, rmap: str, mode: str, repeats: int = 1, writer_pages: int = 
         with GuestClient(entry["guest_socket"], writer, entry["pid"], timeout=None) as g, \
                 HypervisorClient(hv.socket_path, timeout=None) as ctl:
             k = 0
-            while k < repeats or (sum(map(len, pooled_during)) < MIN_FAULTS and k < MAX_REPEATS):
+            most = repeats if smoke() else MAX_REPEATS
+            while k < repeats or (sum(map(len, pooled_during)) < MIN_FAULTS and k < most):
                 if k:               # every writer page shared again
                     hv.range_share(twin, writer, 0, writer_pages - 1)
                 k += 1
@@ -289,7 +293,8 @@ def run(quick: bool = False) -> dict:
         t0 = time.perf_counter()
         repeats = 1 if quick or n >= 1_000_000 or (rmap == "list" and n >= 100_000) else 3
         results.append(measure(n, rmap, mode, repeats=repeats,
-                               writer_pages=4000 if quick else WRITER_PAGES * repeats,
+                               writer_pages=(SMOKE_WRITER_PAGES if smoke() else 4000) if quick
+                               else WRITER_PAGES * repeats,
                                idle_faults=IDLE_FAULTS))
         print(f"  {rmap:8} {mode:12} N={n:>9,}: {results[-1]['seconds']:.3f} s "
               f"({time.perf_counter() - t0:.1f} s with the set-up, {repeats} repeat(s))", flush=True)

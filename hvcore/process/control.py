@@ -91,7 +91,8 @@ class ControlOps:
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
                   slowest_steps=self.meter.slowest(),
                   cow_faults=self.writes.cow_faults,
-                  jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded())
+                  jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded(),
+                  warm_guests=self.guests.stock.info())
         paced = self.pacer.paced
         st.update(paced=paced[0], paced_ms=round(paced[1] * 1e3, 3))
         ring = self.lot.ring

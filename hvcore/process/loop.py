@@ -22,8 +22,9 @@ A start that takes the lock of a dead hypervisor removes its leftovers: the
 old socket, guest sockets, and every hvshare shared-memory segment whose
 owner pid is dead.
 
-Guests are real processes (``python -m hvshare.guests.runtime``), spawned at create
-with their two pipe ends (``pass_fds``) after the domain's memory is filled.
+Guests are real processes (``python -m hvshare.guests.runtime``) with two pipe
+ends (``pass_fds``), started ahead into a small stock of warm guests
+(:mod:`.stock`) and handed their domain once its memory is filled.
 The create request is answered once the guest has mapped its memory and said
 hello. A guest that exits (EOF on its pipe, then its exit status is
 collected) leaves its domain ``crashed`` with its memory kept until destroy.
@@ -68,7 +69,7 @@ import traceback
 import numpy as np
 
 from .. import shm
-from ..constants import (DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, PAGE_SIZE,
+from ..constants import (DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, DEFAULT_WARM_GUESTS, PAGE_SIZE,
                          RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES)
 from ..sharing_stats import reserve_scratch
 from ..statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
@@ -147,10 +148,13 @@ class HypervisorProcess:
     """
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = DEFAULT_RMAP,
-                 teardown: str = DEFAULT_TEARDOWN, sched: str = DEFAULT_SCHED, prefault: bool = True):
+                 teardown: str = DEFAULT_TEARDOWN, sched: str = DEFAULT_SCHED, prefault: bool = True,
+                 warm_guests: int = DEFAULT_WARM_GUESTS):
         #: back the whole pool, the rmap's entries and the report's scratch
         #: with memory before serving (:meth:`reserve`)
         self.prefault = prefault
+        #: guest processes kept started and waiting for a domain (.stock)
+        self.warm_guests = warm_guests
         self.socket_path = os.path.abspath(socket_path)
         self.state_dir = state_dir_for(self.socket_path)
         self.frames, self.rmap, self.teardown, self.sched = frames, rmap, teardown, sched
@@ -181,7 +185,7 @@ class HypervisorProcess:
         self.lot = ParkingLot(hv, self.ring)
         self.writes = WritePath(hv, self.lot, self.meter)
         self.guests = GuestTable(hv, self.sel, self.meter, self.writes, self.lot, self.clients.answer,
-                                 self.state_dir)
+                                 self.state_dir, self.warm_guests)
         self.jobs = JobQueue(JobContext(hv, self.clients, self.guests), self.budget, self.meter)
         self.ops = ControlOps(hv, guests=self.guests, writes=self.writes, lot=self.lot, jobs=self.jobs,
                               budget=self.budget, meter=self.meter, clients=self.clients,
@@ -202,6 +206,8 @@ class HypervisorProcess:
             raise StartError(f"unknown scheduling {self.sched!r} (choose from {', '.join(SCHED_MODES)})")
         if self.frames < 1:
             raise StartError("the pool needs at least one frame")
+        if self.warm_guests < 0:
+            raise StartError("the number of warm guests cannot be negative")
         try:
             free = shutil.disk_usage(shm.SHM_DIR).free
         except OSError:
@@ -260,6 +266,7 @@ class HypervisorProcess:
         if sched == "fifo":
             self.pacer.duty = pace_duty()
         self._assemble(hv, sched)
+        self.guests.fill_stock()            # they start while the kernels load
         self.running = self.clients.running = True
         return cleaned
 
@@ -386,6 +393,7 @@ class HypervisorProcess:
         self.guests.housekeeping(now)
         self.meter.end(step, "tick", "tick")
         collect_young(self.meter)
+        self.guests.refill_stock()
         if self.lot.parked:
             self.writes.retry(changed_only=True)
 
@@ -408,14 +416,14 @@ def _keep_scratch_mapped() -> None:
 
 def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = DEFAULT_RMAP,
           teardown: str = DEFAULT_TEARDOWN, ready_fd: int | None = None,
-          sched: str = DEFAULT_SCHED, prefault: bool = True) -> int:
+          sched: str = DEFAULT_SCHED, prefault: bool = True, warm_guests: int = DEFAULT_WARM_GUESTS) -> int:
     """Run a hypervisor on ``socket_path`` until it is stopped.
 
     ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
     or why it could not start -- ``error SENTENCE`` -- and is closed: the
     launcher waits on it.
     """
-    srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched, prefault)
+    srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched, prefault, warm_guests)
     try:
         cleaned = srv.open()
     except StartError as e:
@@ -455,9 +463,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="back the pool before serving (the default)")
     p.add_argument("--lazy-pool", dest="prefault", action="store_false",
                    help="leave the pool's pages to be provided when first written")
+    p.add_argument("--warm-guests", type=int, default=DEFAULT_WARM_GUESTS)
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
-    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched, prefault=a.prefault)
+    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched, prefault=a.prefault,
+                 warm_guests=a.warm_guests)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import sys
 import threading
 import time
 import traceback
 from typing import Callable, Iterable
 
-from ..common import machine_info, one_line, write_json
+from ..common import SMOKE_ENV, machine_info, one_line, write_json
 from ..load import LoadMeter
 from ..registry import BENCHES, SUITE
 from .conditions import conditions_table
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes and few repeats (budget {BUDGET_SECONDS[True]:.0f} s; "
                         f"full run {BUDGET_SECONDS[False]:.0f} s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --quick: every bench at the smallest sizes that still run each of its "
+                        "parts (a check that everything runs; its figures measure nothing)")
     p.add_argument("--json", metavar="PATH", help="write the combined result to PATH")
     p.add_argument("--plots", metavar="DIR", help="write one PNG per plot into DIR (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print the README Performance table")
@@ -196,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         names = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else list(SUITE)
         names = [n for n in names if n not in {s.strip() for s in a.skip.split(",")}]
+        if a.smoke:
+            if not a.quick:
+                p.error("--smoke goes with --quick")
+            os.environ[SMOKE_ENV] = "1"
         doc = run_suite(names, a.quick, echo=None if a.quiet else print)
+        doc["smoke"] = a.smoke
         print(f"suite: {len(doc['benches'])} bench(es) in {doc['wall_seconds']:.1f} s"
               + (f" (over the {doc['budget_seconds']:.0f} s budget)" if doc["over_budget"] else "")
               + ("".join(f"\n  skipped {k}: {v}" for k, v in doc["skipped"].items())))
