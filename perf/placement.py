@@ -237,6 +237,8 @@ class Placement:
                         os.sched_setaffinity(tid, p.cpus)
                     except ProcessLookupError:
                         continue
+                    # read once pinned: a switch before the pin is not a run since
+                    st = thread_state(p.pid, tid) or st
                     p.switches[tid] = st["switches"]
                 p.switches.setdefault(tid, st["switches"])
             if not fresh:
