@@ -78,7 +78,7 @@ from .jobs import JobQueue, tell_now
 from .pacing import Pacer, apply_sched, pace_duty
 from .parking import EventRing, ParkingLot
 from .steps import Budget, StepMeter, quiet_collector
-from .writes import WritePath
+from .writes import StepPlan, WritePath
 
 _TICK = 0.1
 #: C heap the hypervisor backs at start for its steps' temporaries
@@ -177,7 +177,7 @@ class HypervisorProcess:
         """Build the parts around the core ``hv``; ``sched``: the scheduling got."""
         self.hv = hv
         self.lot = ParkingLot(hv, self.ring)
-        self.writes = WritePath(hv, self.lot, self.meter)
+        self.writes = WritePath(hv, self.lot, self.meter, StepPlan(lambda: self.budget.others_ready(None)))
         self.guests = GuestTable(hv, self.sel, self.meter, self.writes, self.lot, self.clients.answer,
                                  self.state_dir)
         self.jobs = JobQueue(JobContext(hv, self.clients, self.guests), self.budget, self.meter)
@@ -272,6 +272,7 @@ class HypervisorProcess:
         ready, monotonic = self.sel.ready, time.monotonic
         clients, pacer, jobs, writes = self.clients, self.pacer, self.jobs, self.writes
         parked, pending = self.lot.parked, jobs.jobs        # tested every turn: plain containers
+        continued, guests = writes.continued, self.guests
         now = monotonic()
         try:
             while self.running:
@@ -283,12 +284,16 @@ class HypervisorProcess:
                 else:
                     deferred, clients.deferred = clients.deferred, []
                     timeout = 0 if deferred or pending else _TICK
-                for callback, mask in ready(timeout):
+                for callback, mask in ready(0 if continued else timeout):
                     callback(mask)
                     if parked:
                         writes.retry()
                     if not self.running:
                         break
+                # a guest write continued across steps: its next step, after
+                # what was ready
+                if continued and self.running:
+                    guests.continue_write()
                 # after the work a teardown step yielded to: its answer, then
                 # its next request
                 if deferred or clients.deferred:
