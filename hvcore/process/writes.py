@@ -148,6 +148,11 @@ class StepPlan:
     budget, until the write is done, less than half the budget is left,
     or ``others_ready()`` says other work waits (a guest's fault, a
     request). The first chunk always runs, so every step makes progress.
+
+    The model learns each chunk's CPU time: a chunk's wall time also holds
+    whatever other processes ran meanwhile, and one such outlier would
+    shrink the next chunks to a few items, each paying the fixed cost of
+    a call into the core.
     """
 
     def __init__(self, others_ready: Callable[[], bool], budget_s: float = STEP_BUDGET_SECONDS):
@@ -164,14 +169,13 @@ class StepPlan:
         deadline = clock() + budget
         first = True
         while w.done < w.items:
-            now = clock()
-            left = deadline - now
+            left = deadline - clock()
             if not first and (left < budget / 2 or self.others_ready()):
                 return
             first = False
-            lo = w.done
+            lo, cpu0 = w.done, _cpu()
             w.advance(hv, domid, cost.items(left, BATCH_OVERRUN * budget), _after_one)
-            cost.learn(w.done - lo, clock() - now)
+            cost.learn(w.done - lo, _cpu() - cpu0)
 
 
 class Continued:
