@@ -8,7 +8,8 @@ It models one hypervisor CPU: a ``selectors`` loop over
   binary messages and are answered on the second pipe. The pipe identifies
   the domain, so a guest can only ever touch its own gfns;
 
-and runs every request or guest message to completion before looking at the
+and runs every step (a request, a guest message, one step of a job or of a
+guest's batch continued across steps) to completion before looking at the
 next, so that while it runs one step nothing else is served. Each step is
 timed: the longest is ``max_pause_ms`` in ``hvctl info``, and a log2
 histogram of all of them shows the shape of the freeze-ups.
