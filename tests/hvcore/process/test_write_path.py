@@ -125,6 +125,7 @@ def world():
 def _through_pipe(mtype: int, seq: int, *parts) -> tuple[int, int, bytes]:
     """One message as the hypervisor's reader gets it from a guest's pipe."""
     r, w = os.pipe()
+    pipe.set_pipe_size(r)                   # a batch of pages fits in it
     try:
         os.writev(w, pipe.pipe_message(mtype, seq, *parts))
         reader = pipe.pipe_reader(r, to_hv=True)
