@@ -9,6 +9,7 @@ operations and their arguments are ``hvshare.hvcore.wire.schema.GUEST_OPS``.
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
@@ -29,11 +30,25 @@ __all__ = ["ControlChannel"]
 
 
 class ControlChannel:
-    """The guest's control socket: one thread per connection, framed JSON."""
+    """The guest's control socket: one thread per connection, framed JSON.
 
-    def __init__(self, guest: Guest, path: str):
-        self.guest = guest
-        self.path = path
+    Made in two halves: the accepting thread is started while the guest
+    is warm (a thread's start waits for the scheduler, which a loaded
+    machine makes slow), the socket bound once the guest has its domain
+    (:meth:`open`); connections wait in the backlog until the thread
+    takes the socket.
+    """
+
+    def __init__(self):
+        self.guest: Guest | None = None
+        self.path: str | None = None
+        self.sock: socket.socket | None = None
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._accept, name="channel", daemon=True).start()
+
+    def open(self, guest: Guest, path: str) -> None:
+        """Serve ``guest`` on a new socket at ``path`` (mode 0600)."""
+        self.guest, self.path = guest, path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -41,12 +56,13 @@ class ControlChannel:
         finally:
             os.umask(old)
         self.sock.listen(16)
-        threading.Thread(target=self._accept, name="channel", daemon=True).start()
+        self._handoff.put(self.sock)
 
     def _accept(self) -> None:
+        sock = self._handoff.get()
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()

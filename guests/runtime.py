@@ -1,7 +1,11 @@
-"""The guest process: one per running domain (``python -m hvshare.guests.runtime CONFIG``).
+"""The guest process: one per running domain (``python -m hvshare.guests.runtime BOOT``).
 
-The hypervisor spawns it with two pipe ends (``rfd`` from the hypervisor,
-``wfd`` to it) and a JSON config naming its frame pool and p2m segments. It
+The hypervisor starts it ahead of need, as a *warm guest*, with two pipe
+ends (``rfd`` from the hypervisor, ``wfd`` to it), a third (``ready_fd``)
+and a JSON boot config naming the frame pool. It does its imports, maps
+the pool, writes one byte on ``ready_fd`` and waits on ``rfd`` for an
+``H_CONFIG`` message: the domain it runs (domid, p2m segment, workload,
+control socket). Then it
 
 - maps the pool and its own p2m **read-only**: reads come straight from the
   mapping through :class:`hvshare.hvcore.p2m.P2MView`, whose sequence counter makes
@@ -29,7 +33,8 @@ The hypervisor spawns it with two pipe ends (``rfd`` from the hypervisor,
   stats, ...; see ``hvshare.hvcore.wire.schema.GUEST_OPS``; :mod:`hvshare.guests.channel`);
 - **dies with its hypervisor**: the kernel sends it SIGKILL when its parent
   dies (PR_SET_PDEATHSIG), and, should that be missed, EOF on its pipe or a
-  changed parent pid ends it within half a second.
+  changed parent pid ends it within half a second (a warm guest waiting
+  for its domain: EOF on its pipe).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import time
 import numpy as np
 
 from hvshare.hvcore import constants
+from hvshare.hvcore.forking import die_with_parent
 from hvshare.hvcore.errors import EBUSY, EINVAL, NAMES, HVError
 from hvshare.hvcore.p2m import HOLE, P2MView
 from hvshare.hvcore.shm import attach_readonly
@@ -54,18 +60,17 @@ from . import workloads
 from .channel import ControlChannel
 from .link import HypervisorGone, HypervisorLink, WriteError
 
-_PR_SET_PDEATHSIG = 1
 _clock = time.perf_counter
 
 
 class Guest:
     """A domain's guest: its mappings, its link to the hypervisor, counters."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, pool_mm):
         self.cfg = cfg
         self.domid = cfg["domid"]
         self.hv_pid = cfg["hv_pid"]
-        self.pool_mm, _ = attach_readonly(cfg["pool"])
+        self.pool_mm = pool_mm
         self.pool = np.frombuffer(self.pool_mm, dtype=np.uint8).reshape(-1, constants.PAGE_SIZE)
         self.p2m = P2MView(cfg["p2m"])
         self.npages = self.p2m.npages
@@ -245,25 +250,34 @@ def _exit(guest: Guest | None, status: int) -> None:
     os._exit(status)
 
 
-def _set_pdeathsig() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+def attach_pool(boot: dict):
+    """The frame pool, mapped read-only (the same for every guest)."""
+    return attach_readonly(boot["pool"])[0]
+
+
+def boot_of(argv: list[str], module: str) -> dict | int:
+    """The boot config of ``python -m hvshare.guests.MODULE BOOT-JSON``, the
+    process now set to die with its hypervisor; or the status to exit with
+    (a wrong command line, a hypervisor that died before we got here)."""
+    if len(argv) != 1:
+        print(f"usage: python -m hvshare.guests.{module} BOOT-JSON (the hypervisor starts it)",
+              file=sys.stderr)
+        return 2
+    boot = json.loads(argv[0])
+    return boot if die_with_parent(boot["hv_pid"]) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m hvshare.guests.runtime CONFIG-JSON (the hypervisor starts guests)", file=sys.stderr)
-        return 2
-    cfg = json.loads(argv[0])
-    _set_pdeathsig()
-    if os.getppid() != cfg["hv_pid"]:
-        return 1                       # the hypervisor died before we got here
-    guest = Guest(cfg)
-    ControlChannel(guest, cfg["socket"])
+    """A guest started on its own (the hypervisor's fallback when its
+    zygote cannot fork one): the same start as a forked one."""
+    boot = boot_of(sys.argv[1:] if argv is None else argv, "runtime")
+    return boot if isinstance(boot, int) else run(boot, attach_pool(boot))
+
+
+def run(boot: dict, pool_mm) -> int:
+    """Say we are warm (one byte on ``ready_fd``: the hypervisor may have
+    taken us already and closed its end), wait for our domain, run it."""
+    channel = ControlChannel()
     # The hypervisor's doorbell: numpy's threads exist already, so SIGUSR1
     # may hit any thread; the wake-up fd turns it into a readable pipe here.
     bell_r, bell_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -271,6 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda signum, frame: None)
     bell = select.poll()
     bell.register(bell_r, select.POLLIN)
+    try:
+        os.write(boot["ready_fd"], b"w")
+    except OSError:
+        pass
+    os.close(boot["ready_fd"])
+    cfg = pipe.read_config(boot["rfd"])
+    if cfg is None:
+        return 0                       # the hypervisor stopped without needing us
+    cfg.update(boot)
+    guest = Guest(cfg, pool_mm)
+    channel.open(guest, cfg["socket"])
     try:
         guest.link.send(pipe.G_HELLO, pipe.HELLO.pack(os.getpid()))
         if cfg["workload"] == "writer":

@@ -32,7 +32,13 @@ class ChunkCost:
     (a core batch call's numpy calls, which grow with the load) plus a part
     per item, fitted by least squares over the recent
     chunks (exponentially weighted), starting from a prior that keeps the
-    fit sane while the chunk sizes seen barely differ.
+    fit sane while the chunk sizes seen barely differ. A fit is a mean:
+    chunks sized by it alone overrun their time half of the time. So a
+    ``cautious`` model (the hypervisor's, whose chunks are steps) also
+    keeps a *margin*, the recent ratio of a chunk's time to its
+    fit's prediction where that was above 1 (decaying towards 1, at most
+    :attr:`MARGIN_MOST`), and sizes a chunk to take its time even at that
+    ratio.
 
     A chunk fills the time left, but is not so small that its fixed part
     is more than twice its items' work unless that would take longer than
@@ -43,6 +49,11 @@ class ChunkCost:
 
     DECAY = 0.9                       # weight of the older chunks per new one
     PRIOR = (2e-4, 3e-6, 64.0, 4.0)   # fixed s, per item s, at k, weight (chunks)
+    #: the margin never exceeds this: a chunk that took far longer than
+    #: its fit says met something no item costs (another process, the
+    #: kernel), and shrinking every later chunk for it would only cost
+    #: steps
+    MARGIN_MOST = 2.0
 
     @classmethod
     def rate(cls, first: int, growth: float = 4.0) -> "ChunkCost":
@@ -53,8 +64,10 @@ class ChunkCost:
         c._rate = (first, growth, None)       # (first, growth, last (k, seconds))
         return c
 
-    def __init__(self):
+    def __init__(self, cautious: bool = False):
         self._rate = None
+        self.cautious = cautious
+        self.margin = 1.0
         f, b, k, w = self.PRIOR
         # weighted sums: w, w*k, w*k*k, w*t, w*k*t over the prior's two
         # points (k/2, 3k/2) and the chunks seen
@@ -77,7 +90,7 @@ class ChunkCost:
                 return first
             k, took = last
             return int(k * min(growth, max(1 / growth, seconds / max(took, 1e-6))))
-        f, b = self.fixed_s, self.item_s
+        f, b = self.fixed_s * self.margin, self.item_s * self.margin
         fair = min(f / (2 * b), (most - f) / b)
         return int(max(MIN_CHUNK_ITEMS, (seconds - f) / b, fair))
 
@@ -86,6 +99,9 @@ class ChunkCost:
         if self._rate is not None:
             self._rate = (self._rate[0], self._rate[1], (k, seconds))
             return
+        if self.cautious:
+            ratio = seconds / max(self.fixed_s + self.item_s * k, 1e-9)
+            self.margin = max(min(ratio, self.MARGIN_MOST), 1.0 + (self.margin - 1.0) * self.DECAY)
         self._s = [v * self.DECAY for v in self._s]
         self._add(float(k), seconds, 1.0)
         f, b, kk, w = self.PRIOR

@@ -45,6 +45,11 @@ MAX_BATCH_PAGES = 4096
 
 #: frames in a hypervisor's pool unless told otherwise (256 MiB)
 DEFAULT_FRAMES = 65536
+#: guest processes the hypervisor keeps started and waiting (interpreter
+#: up, imports done, pool mapped), so that a create or a fork hands one a
+#: domain instead of starting an interpreter; 0 starts every guest cold
+DEFAULT_WARM_GUESTS = 2
+
 #: how a domain's shared entries are dropped: ``preemptible`` steps that
 #: answer "restart" whenever other work waits, or one ``monolithic`` step
 TEARDOWN_MODES = ("preemptible", "monolithic")

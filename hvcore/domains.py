@@ -120,7 +120,7 @@ class DomainBuild:
 #: gfns per chunk of a create that nothing preempts (bounds its scratch)
 BUILD_SLAB = 4096
 #: the first chunk of a preemptible create, in gfns (later ones follow the rate)
-BUILD_FIRST_CHUNK = 64
+BUILD_FIRST_CHUNK = 16
 
 
 def _release(content) -> None:

@@ -111,6 +111,16 @@ class CloneImage:
         self.seed, self.instance, self.npages = seed, instance, npages
         self._extents = None        # extent_kinds, made on the first use
         self._tags = ((KIND_IMAGE, [seed, _IMAGE]), (KIND_PRIVATE, [seed, _PRIVATE, instance]))
+        #: kind -> (block, its pages): the last block made of each kind. A
+        #: create's chunks may be smaller than a block; the chunks after
+        #: the first in it take their pages from here, not a new block.
+        self._last: dict = {}
+
+    def _block_of(self, kind: int, tag: list, b: int) -> np.ndarray:
+        last = self._last.get(kind)
+        if last is None or last[0] != b:
+            last = self._last[kind] = (b, _block(tag, b))
+        return last[1]
 
     def __call__(self, start: int, count: int) -> np.ndarray:
         out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
@@ -132,9 +142,9 @@ class CloneImage:
             for kind, tag in self._tags:
                 rows = np.flatnonzero(sel == kind)
                 if len(rows) == len(sel):
-                    part[:] = _block(tag, b)[src_rows]
+                    part[:] = self._block_of(kind, tag, b)[src_rows]
                 elif len(rows):
-                    part[rows] = _block(tag, b)[src_rows][rows]
+                    part[rows] = self._block_of(kind, tag, b)[src_rows][rows]
             live = sel != KIND_ZERO
             if live.all():
                 stamp(part)

@@ -30,6 +30,9 @@ The kernels:
 - ``chains_remove``: a batch of removals from the chains of the ``list`` and
   ``buckets`` policies, each found by its scan, with the conversion back to a
   list exactly where a removal would do it (a teardown's chunk);
+- ``buckets_scan``: ``chains_remove``'s scans of up to 16 consecutive
+  entries in distinct buckets, side by side (each still a linear scan of
+  its bucket from the head; a list's one chain cannot be split so);
 - ``walk_chains``: every node of many chains at once (the audit's bulk view);
 - ``copy_frames``: frame ``src[i]`` copied into frame ``dst[i]``, row by row
   in 8-byte words (a batched CoW fault's copies: one pass, where a numpy
@@ -56,11 +59,15 @@ import numpy as np
 
 #: buckets of a hashed frame (the ``buckets`` policy's RMAP_HASHTAB_SIZE)
 HASH_BUCKETS = 256
+#: entries of distinct buckets ``chains_remove`` scans side by side (16
+#: int32 links: one cache line)
+SCAN_LANES = 16
 #: seconds a cold compilation of every kernel takes on a typical machine
 COLD_COMPILE_SECONDS = 5
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_KERNELS = ("chain_find", "to_hash", "to_list", "chains_remove", "walk_chains", "copy_frames")
+_KERNELS = ("chain_find", "to_hash", "to_list", "buckets_scan", "chains_remove", "walk_chains",
+            "copy_frames")
 
 
 # ----------------------------------------------------------------------------
@@ -172,40 +179,112 @@ def chains_remove_py(head, count, walkers, pool, nxt, prv, dom, gfn, m, d, g, li
     converts it to a list there (``to_list``); its table goes to the next
     slot of ``tables``. Returns (entries removed, tables freed): fewer
     entries than given when entry ``i`` is in no chain (nothing of it done).
+
+    Up to ``SCAN_LANES`` consecutive entries of hashed frames whose buckets
+    are distinct, and whose removals convert nothing, are scanned side by
+    side (``buckets_scan``): each scan still visits its bucket from the
+    head, node by node, and finds the node removal one by one would find,
+    so the result is the same. A list frame's entries (one chain) are
+    scanned one at a time, as a single chain allows nothing else.
     """
     nt = 0
-    for i in range(len(m)):
-        mfn = m[i]
-        domid = d[i]
-        gg = g[i]
+    i = 0
+    total = len(m)
+    # the side-by-side scans' lanes: bucket slot, node, gfn, domid
+    lanes = np.empty((4, SCAN_LANES), np.int64)
+    slots = lanes[0]
+    nodes = lanes[1]
+    while i < total:
+        k = buckets_scan(head, count, pool, nxt, dom, gfn, m, d, g, i, light, lanes)
+        chains = pool                   # where the run's chain heads are
+        if k == 0:                      # entry i on its own
+            mfn = m[i]
+            domid = d[i]
+            gg = g[i]
+            hd = head[mfn]
+            if hd < -1:
+                slot = (-2 - hd) * HASH_BUCKETS + (gg + domid) % HASH_BUCKETS
+            else:
+                slot = mfn
+                chains = head
+            n = chain_find(nxt, gfn, dom, chains[slot], domid, gg)
+            if n < 0:
+                return i, nt
+            slots[0] = slot
+            nodes[0] = n
+            k = 1
+        for j in range(k):
+            n = nodes[j]
+            p = prv[n]
+            x = nxt[n]
+            if x >= 0:
+                prv[x] = p
+            if p >= 0:
+                nxt[p] = x
+            else:
+                chains[slots[j]] = x
+            freed[i + j] = n
+            mfn = m[i + j]
+            c = count[mfn] - 1
+            count[mfn] = c
+            if c <= light and head[mfn] < -1 and walkers[mfn] == 0:
+                tables[nt] = to_list(head, pool, nxt, prv, mfn)
+                nt += 1
+        i += k
+    return total, nt
+
+
+def buckets_scan_py(head, count, pool, nxt, dom, gfn, m, d, g, i, light, lanes):
+    """Find the nodes of entries ``i, i + 1, ...`` side by side: the longest
+    run (at least 2, at most ``SCAN_LANES``) of entries of hashed frames in
+    distinct buckets whose removals leave each frame above ``light``
+    entries. Each bucket is scanned from its head, one node per round, all
+    the run's scans in the same round: independent scans overlap their
+    memory loads, and the nodes of neighbouring buckets visited in one
+    round often share cache lines. Fills ``lanes``: per entry its bucket
+    (a slot of ``pool``), its node, its gfn and its domid; returns the
+    run's length, or 0 (no run, or an entry of it in no bucket: the caller
+    then goes one by one)."""
+    slots = lanes[0]
+    nodes = lanes[1]
+    kg = lanes[2]
+    kd = lanes[3]
+    total = len(m)
+    k = 0
+    while k < SCAN_LANES and i + k < total:
+        mfn = m[i + k]
         hd = head[mfn]
-        hashed = hd < -1
-        if hashed:
-            slot = (-2 - hd) * HASH_BUCKETS + (gg + domid) % HASH_BUCKETS
-            h = pool[slot]
-        else:
-            slot = mfn
-            h = hd
-        n = chain_find(nxt, gfn, dom, h, domid, gg)
-        if n < 0:
-            return i, nt
-        p = prv[n]
-        x = nxt[n]
-        if x >= 0:
-            prv[x] = p
-        if p >= 0:
-            nxt[p] = x
-        elif hashed:
-            pool[slot] = x
-        else:
-            head[slot] = x
-        freed[i] = n
-        c = count[mfn] - 1
-        count[mfn] = c
-        if hashed and c <= light and walkers[mfn] == 0:
-            tables[nt] = to_list(head, pool, nxt, prv, mfn)
-            nt += 1
-    return len(m), nt
+        # removals of the run before this one leave at most k fewer entries
+        if hd >= -1 or count[mfn] - k - 1 <= light:
+            break
+        s = (-2 - hd) * HASH_BUCKETS + (g[i + k] + d[i + k]) % HASH_BUCKETS
+        clash = False
+        for j in range(k):
+            if slots[j] == s:
+                clash = True
+                break
+        if clash:
+            break
+        slots[k] = s
+        nodes[k] = pool[s]
+        kg[k] = g[i + k]
+        kd[k] = d[i + k]
+        k += 1
+    if k < 2:
+        return 0
+    left = k
+    while left:
+        left = 0
+        for j in range(k):
+            n = nodes[j]
+            if n >= 0:
+                if gfn[n] != kg[j] or dom[n] != kd[j]:
+                    nodes[j] = nxt[n]
+                    left += 1
+    for j in range(k):
+        if nodes[j] < 0:
+            return 0
+    return k
 
 
 def walk_chains_py(nxt, heads, top):

@@ -103,6 +103,42 @@ def _scratch(n: int, dtype) -> np.ndarray:
     return np.frombuffer(mm, dtype=dtype, count=n)
 
 
+class _Scratch:
+    """The per-frame scratch of a sharing report: references, distinct
+    domains and the last domain seen on each frame. One set is kept with
+    the core between reports (:func:`reserve_scratch`); a report that
+    finds it in use makes its own."""
+
+    def __init__(self, n: int):
+        self.refs = _scratch(n, np.int32)
+        self.ndoms = _scratch(n, np.int16)
+        self.last = _scratch(n, np.int16)
+        self.busy = False
+
+
+def reserve_scratch(hv) -> None:
+    """Make and back (write) the scratch the core's sharing reports share,
+    now rather than in their steps: what a hypervisor backed at start does."""
+    s = _Scratch(hv.pool.nframes)
+    for a in (s.refs, s.ndoms, s.last):
+        a[:] = 0
+    hv.report_scratch = s
+
+
+def _parts_slice(parts: list, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Items ``[lo, hi)`` of the arrays ``parts`` laid end to end (``ends``:
+    their cumulative lengths), copying only those items."""
+    first = int(np.searchsorted(ends, lo, side="right"))
+    out, start = [], int(ends[first - 1]) if first else 0
+    for j in range(first, len(parts)):
+        if start >= hi:
+            break
+        a = parts[j]
+        out.append(a[max(lo - start, 0):hi - start])
+        start += len(a)
+    return out[0] if len(out) == 1 else np.concatenate(out + [np.zeros(0, np.int64)])
+
+
 class SharingScan:
     """One sharing report of hypervisor core ``hv``, computed in chunks by
     :meth:`step` (or at once by :meth:`run`); :meth:`report` is the answer.
@@ -128,14 +164,23 @@ class SharingScan:
         self.hv = hv
         self.first_chunk = first_chunk
         n = hv.pool.nframes
-        self.refs = _scratch(n, np.int32)      # references seen on each frame
-        self.ndoms = _scratch(n, np.int16)     # distinct domains seen on it
-        self.last = _scratch(n, np.int16)      # 1 + index of the last of them
+        kept = getattr(hv, "report_scratch", None)
+        if kept is None or kept.busy:
+            kept = _Scratch(n)
+        kept.busy = True
+        self._scratch = kept
+        self.refs = kept.refs       # references seen on each frame
+        self.ndoms = kept.ndoms     # distinct domains seen on it
+        self.last = kept.last       # 1 + index of the last of them
         self.words = hv.pool.data.view(np.uint64)
         self.domains = sorted(hv.domains)
         self.offsets = np.cumsum([0] + [hv.domains[x].npages for x in self.domains])
         self.walked: list[tuple[int, np.ndarray]] = []   # (domain index, mfns)
-        self.ref_m = self.ref_i = self.found = None
+        #: the phase's items as parts laid end to end (refs: (mfns, domain
+        #: indices); frames: the shared frames found) and their ends
+        self.parts: list = []
+        self.ends = np.zeros(0, np.int64)
+        self.found: list = []
         self.phase, self.cursor = 0, 0
         self.total = n
         self.cost = ChunkCost.rate(first_chunk)
@@ -151,6 +196,10 @@ class SharingScan:
     @property
     def done(self) -> bool:
         return self.phase == len(PHASES)
+
+    def release(self) -> None:
+        """The scan is over (done or dropped): its scratch may serve the next."""
+        self._scratch.busy = False
 
     def describe(self) -> str:
         """Where the scan stands, for a sentence."""
@@ -203,21 +252,26 @@ class SharingScan:
         self.cursor = 0
         self.cost = ChunkCost.rate(self.first_chunk)
         name = PHASES[self.phase] if not self.done else None
+        if name is None:
+            self.release()
         if name == "walk":
             self.total = int(self.offsets[-1])
         elif name == "refs":
-            self.ref_i = np.concatenate([np.full(len(m), i, np.int64) for i, m in self.walked]
-                                        + [np.zeros(0, np.int64)])
-            self.ref_m = np.concatenate([m for _, m in self.walked] + [np.zeros(0, np.int64)])
-            self.walked = []
-            self.total = len(self.ref_m)
+            # kept as the walk left them: one large concatenation would be a
+            # long step of its own (its fresh pages)
+            self._set_parts([m for _, m in self.walked])
         elif name == "find":
-            self.ref_m = self.ref_i = None
+            self.walked, self.parts = [], []
             self.found = []
             self.total = self.hv.pool.nframes
         elif name == "frames":
-            self.found = np.concatenate(self.found + [np.zeros(0, np.int64)])
-            self.total = len(self.found)
+            self._set_parts(self.found)
+            self.found = []
+
+    def _set_parts(self, parts: list) -> None:
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+        self.total = int(self.ends[-1]) if len(parts) else 0
 
     # -- phases ---------------------------------------------------------------
     def _clear(self, lo: int, hi: int) -> None:
@@ -245,7 +299,11 @@ class SharingScan:
         """References ``[lo, hi)``: domain index ``ref_i`` has a gfn on
         frame ``ref_m``, domains one after another in domid order (so one
         ``last`` per frame tells a new domain from one already counted)."""
-        m, i = self.ref_m[lo:hi], self.ref_i[lo:hi]
+        m = _parts_slice(self.parts, self.ends, lo, hi)
+        first = int(np.searchsorted(self.ends, lo, side="right"))
+        last = int(np.searchsorted(self.ends, hi - 1, side="right"))
+        i = np.repeat(np.array([w for w, _ in self.walked[first:last + 1]], np.int64),
+                      np.diff(np.clip(np.concatenate(([0], self.ends))[first:last + 2], lo, hi)))
         np.add.at(self.refs, m, 1)
         tag = i + 1
         new = self.last[m] != tag
@@ -269,7 +327,7 @@ class SharingScan:
         """Found frames from ``lo`` weighing at most ``k`` (at least one):
         (where the next chunk starts, the weight done)."""
         pool = self.hv.pool
-        sh = self.found[lo:lo + k]
+        sh = _parts_slice(self.parts, self.ends, lo, min(lo + k, self.total))
         weight = np.cumsum(np.where(maybe_zero(self.words, sh), ZERO_WEIGHT, 1))
         n = max(1, int(np.searchsorted(weight, k, side="right")))
         sh = sh[:n]

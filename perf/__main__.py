@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     a = p.parse_args(argv)
     from .common import write_json
+    from .load import LoadMeter
     from .report.suite import stamp
     bench = BENCHES.get(a.bench)
     mod = bench.load() if bench else f"no benchmark named {a.bench!r}"
@@ -39,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m hvshare.perf: {mod} (have: {', '.join(BENCHES)}; commands: {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
+    meter = LoadMeter()
     t0 = time.perf_counter()
     result = mod.run(quick=a.quick)
-    stamp(result, a.bench, a.quick, time.perf_counter() - t0)
+    stamp(result, a.bench, a.quick, time.perf_counter() - t0, meter)
     print(mod.report(result))
     if a.json:
         write_json(result, a.json)

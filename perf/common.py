@@ -15,6 +15,18 @@ import time
 from typing import Any, Callable, Sequence
 
 
+#: set to "1" by ``--smoke``: every bench runs at the smallest sizes that
+#: still run each of its parts end to end (the test suite's check; such a
+#: run's figures measure nothing). In the environment, so that the
+#: processes a bench starts see it too.
+SMOKE_ENV = "HVSHARE_PERF_SMOKE"
+
+
+def smoke() -> bool:
+    """Whether this is a ``--smoke`` run (:data:`SMOKE_ENV`)."""
+    return os.environ.get(SMOKE_ENV) == "1"
+
+
 def machine_info() -> dict:
     import numpy
     try:
@@ -40,23 +52,6 @@ def repeat_times(fn: Callable[[], object], repeats: int = 5) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
-
-
-#: where a round trip's two processes run: one core, or two
-PLACEMENTS = ("same", "cross")
-
-
-def placement_cpus(placement: str) -> tuple[int, int] | str:
-    """(this process's CPU, the other process's) for a placement, or a
-    one-line reason it is impossible here."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if placement == "same":
-        return allowed[0], allowed[0]
-    if placement != "cross":
-        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
-    if len(allowed) < 2:
-        return f"cross-core placement needs 2 CPUs, this process may use {len(allowed)}"
-    return allowed[0], allowed[1]
 
 
 def close_and_reap(fds, child, timeout: float) -> None:

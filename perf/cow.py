@@ -6,10 +6,14 @@ What is measured, all in one run on one machine:
   byte to a page it shares with another domain and waits for the answer;
   the guest times each round trip itself (``time_writes``), so the number is
   what a vCPU would stall for: pipe out, unshare (allocate, copy 4 KiB,
-  repoint, rmap delete), the write, pipe back. Two placements with
-  ``os.sched_setaffinity``: hypervisor and guest on the **same** core (two
-  context switches per fault) and on **different** cores (two cross-CPU
-  wake-ups).
+  repoint, rmap delete), the write, pipe back. Two placements, every
+  thread of the hypervisor, of the guest (its control channel's thread
+  runs ``time_writes``) and of this process pinned
+  (:class:`hvshare.perf.placement.Placement`): all on the **same** core
+  (two context switches per fault), or the guest on **another** core (two
+  cross-CPU wake-ups). Each repeat checks its placement and records it
+  (``placements``); one that did not hold makes its figures a broken
+  measurement.
 - **hvshare batched CoW**: the guest writes one byte to every shared page,
   ``batch`` writes per ``G_WRITE_MANY`` message (one vectorised unshare and
   one scatter per message): pages per second, KSM's batched case. Also
@@ -28,15 +32,13 @@ are judged by are :mod:`hvshare.perf.goals`' (ratios of medians, side by side).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .common import PLACEMENTS, latency_percentiles, log_histogram, merge_histograms, placement_cpus, table
+from .common import latency_percentiles, log_histogram, merge_histograms, smoke, table
 from .figure import Figures, text_of
 from .peers import ksm, pipe
+from .placement import PLACEMENTS, Placement, describe, placement_cpus
 from .report.headlines import report_goals
-
 
 
 def _stats(lat_ns: np.ndarray) -> dict:
@@ -58,30 +60,26 @@ class _Faults:
         k = self.hv.info()["pause_by_op"].get("guest", {})
         return k.get("count", 0), k.get("total_ms", 0.0)
 
-    def repeat(self, cpus) -> dict:
+    def repeat(self, cpus, records: list, **labels) -> dict:
         """Fault latency (all pages shared again, first 10 %: warm-up) and
-        the hypervisor's own step time per fault, with ``cpus`` (hypervisor
-        and this process, guest) pinned."""
+        the hypervisor's own step time per fault, with every thread of the
+        hypervisor and this process on ``cpus[0]``, the guest's on
+        ``cpus[1]``; the placement's record, ``labels`` its case, is
+        appended to ``records``. The old masks are back afterwards."""
         hv, n = self.hv, self.n
-        old = os.sched_getaffinity(0)
-        try:
-            os.sched_setaffinity(hv.pid, {cpus[0]})
-            os.sched_setaffinity(self.guest_pid, {cpus[1]})
-            os.sched_setaffinity(0, {cpus[0]})
+        with Placement() as pl:
+            pl.pin("hypervisor", hv.pid, {cpus[0]})
+            pl.pin("guest", self.guest_pid, {cpus[1]})
+            pl.pin("driver", 0, {cpus[0]})
             hv.range_share(self.src, self.dst, 0, n - 1)    # every page of dst shared again
+            pl.repin()                                      # a thread the share started
             c0, t0 = self.guest_steps()
             lat = self.g.time_writes(0, n)
             c1, t1 = self.guest_steps()
-        finally:
-            os.sched_setaffinity(0, old)
+            records.append(pl.check(**labels))
         out = _stats(lat[n // 10:])
         out["step_us"] = (t1 - t0) * 1e3 / (c1 - c0) if c1 > c0 else float("nan")
         return out
-
-    def unpin(self) -> None:
-        old = os.sched_getaffinity(0)
-        os.sched_setaffinity(self.hv.pid, old)
-        os.sched_setaffinity(self.guest_pid, old)
 
     def batched(self, batch: int, repeats: int, figs: Figures) -> None:
         """Pages per second of a write to every shared page, ``batch``
@@ -111,10 +109,12 @@ def _add(figs: Figures, hists: list, prefix: str, runs: list[dict], placement: s
 def measure(n: int, batch: int, repeats: int, figs: Figures, hists: list) -> dict:
     """Per placement, ``repeats`` rounds of, side by side: the hvshare
     fault, the raw pipe round trip and the floor probe; then batched CoW.
-    Returns what is not a figure: the CPUs, skipped placements, the audit."""
+    Returns what is not a figure: the CPUs, skipped placements, every
+    repeat's placement record (``placements``), the audit."""
     from hvshare.tools.api import hvshare_session
     from . import floor
-    out: dict = {"cpus": {}, "skipped_placements": {}}
+    out: dict = {"cpus": {}, "skipped_placements": {}, "placements": []}
+    records = out["placements"]
     with hvshare_session(frames=2 * n + 1024) as hv:
         f = _Faults(hv, n)
         try:
@@ -124,15 +124,16 @@ def measure(n: int, batch: int, repeats: int, figs: Figures, hists: list) -> dic
                     out["skipped_placements"][placement] = cpus
                     continue
                 fr, pr, lr = [], [], []
-                for _ in range(repeats):           # interleaved: the machine's drift hits all three
-                    fr.append(f.repeat(cpus))
-                    pr.append(_stats(pipe.round_trips(pipe.REQUEST_SIZE, placement, n)))
-                    lr.append(floor.measure(placement, n, rounds=1)["runs"][0])
+                for i in range(repeats):           # interleaved: the machine's drift hits all three
+                    fr.append(f.repeat(cpus, records, placement=placement, repeat=i))
+                    pr.append(_stats(pipe.round_trips(pipe.REQUEST_SIZE, placement, n, records=records)))
+                    fl = floor.measure(placement, n, rounds=1)
+                    records.append(fl["placement_record"])
+                    lr.append(fl["runs"][0])
                 for prefix, runs in (("fault", fr), ("pipe", pr), ("floor", lr)):
                     _add(figs, hists, prefix, runs, placement)
                 figs.add("fault_step", [r["step_us"] for r in fr], "us", placement=placement)
                 out["cpus"][placement] = list(cpus)
-            f.unpin()
             f.batched(batch, repeats, figs)
             out["audit_errors"] = hv.audit()
         finally:
@@ -140,9 +141,13 @@ def measure(n: int, batch: int, repeats: int, figs: Figures, hists: list) -> dic
     return out
 
 
+#: pages of a ``--smoke`` run (one batched message of each kind)
+SMOKE_PAGES = 1024
+
+
 def run(quick: bool = False) -> dict:
-    n = 2000 if quick else 20000
-    repeats = 3 if quick else 5
+    n = (SMOKE_PAGES if smoke() else 2000) if quick else 20000
+    repeats = (1 if smoke() else 3) if quick else 5
     figs, hists = Figures(), []
     out = measure(n, batch=1024, repeats=repeats, figs=figs, hists=hists)
     k = ksm.measure_cow_break(n, repeats=repeats)
@@ -174,7 +179,14 @@ def report(result: dict) -> str:
     rows = [[f"hvshare, {w} x {result['batch']} per message", text_of(result, "batched_rate", write=w)]
             for w in ("one byte", "whole page")]
     rows.append(["Linux KSM, one write over all merged pages", text_of(result, "ksm_batched_rate")])
-    lines += ["Batched CoW", table(["", "pages/s"], rows, "l"), "", report_goals("cow", result)]
+    lines += ["Batched CoW", table(["", "pages/s"], rows, "l"), "", "Where the fault's threads ran:"]
+    for p in PLACEMENTS:
+        recs = [r for r in result.get("placements", ()) if r["labels"].get("placement") == p
+                and "repeat" in r["labels"]]
+        if recs:
+            lines.append(f"  {p} core, held in {sum(r['held'] for r in recs)} of {len(recs)} repeats; "
+                         f"the first: {describe(recs[0])}")
+    lines += ["", report_goals("cow", result)]
     if result.get("ksm_skipped"):
         lines.append(f"KSM: {result['ksm_skipped']}")
     return "\n".join(lines)

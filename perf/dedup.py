@@ -60,7 +60,7 @@ import time
 
 import numpy as np
 
-from .common import sigterm_exits, table
+from .common import sigterm_exits, smoke, table
 from .figure import Figures, text_of
 from .peers import contents, ksm
 from .report.headlines import report_goals
@@ -148,6 +148,10 @@ def savings(groups: np.ndarray, hvs: dict, k: dict) -> dict:
     return out
 
 
+#: pages of a ``--smoke`` run
+SMOKE_PAGES = 2048
+
+
 def run(quick: bool = False) -> dict:
     with sigterm_exits():             # a killed run still stops its hypervisors
         return _run(quick)
@@ -170,8 +174,8 @@ def _ksm_runs(runs: list[dict], figs: Figures, labels: dict) -> dict:
 
 def _run(quick: bool) -> dict:
     from hvshare.tools.dedup import BATCH_PAGES, REQUEST_BUDGET_MS
-    n = 10_000 if quick else 50_000
-    repeats = 3 if quick else 5
+    n = (SMOKE_PAGES if smoke() else 10_000) if quick else 50_000
+    repeats = (1 if smoke() else 3) if quick else 5
     cases = {"identical": 1, "clone": 4}        # content -> hvshare domains
     results: dict = {}
     figs = Figures()

@@ -9,7 +9,10 @@ every figure it measures this way, in its result's ``figures`` list
 read nothing else of a bench's figures. A whole latency distribution is a
 histogram (:func:`hvshare.perf.common.log_histogram`) in ``histograms``, a
 sequence of events (a teardown's steps) a trace in ``traces``; both carry
-``name`` and ``labels`` the same way.
+``name`` and ``labels`` the same way. The conditions a figure was measured
+in are beside them: ``placements`` (:mod:`hvshare.perf.placement`: where
+every thread of the bench's processes ran, labelled by case) and ``load``
+(:mod:`hvshare.perf.load`, recorded by the runner).
 """
 from __future__ import annotations
 

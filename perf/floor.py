@@ -8,8 +8,10 @@ beyond this is the hypervisor process's own per-message overhead (its
 dispatch, metering, protocol checks and the guest's bookkeeping).
 
 The child is a fresh interpreter (``python -m hvshare.perf.floor --serve``), pinned
-with the parent as the placement asks (``same`` or ``cross`` core). Each
-round is a fresh share of every page, so every write is a CoW fault.
+with the parent as the placement asks (``same`` or ``cross`` core), every
+thread of both (:class:`hvshare.perf.placement.Placement`), checked and
+recorded. Each round is a fresh share of every page, so every write is a
+CoW fault.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import time
 
 import numpy as np
 
-from .common import PLACEMENTS, close_and_reap, latency_percentiles, placement_cpus, standalone
+from .common import close_and_reap, latency_percentiles, standalone
 from .figure import Figures
+from .placement import PLACEMENTS, Placement, placement_cpus
+from .placement import summary as placement_summary
 
 _MSG = struct.Struct("<qB")
 
@@ -51,13 +55,15 @@ def _serve(rfd: int, wfd: int, n: int, rounds: int, rmap: str) -> None:
             sys.exit(1)
 
 
-def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets") -> list:
+def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets",
+                records: list | None = None) -> list:
     """``rounds`` arrays of ``n`` round trips (int64 ns), the first 10 %
-    of each dropped as warm-up. Raises ValueError for an impossible placement."""
+    of each dropped as warm-up; the placement's record is appended to
+    ``records`` when given. Raises ValueError for an impossible placement."""
     cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         raise ValueError(cpus)
-    old = os.sched_getaffinity(0)
+    pl = Placement()
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     child = None
@@ -68,8 +74,8 @@ def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap:
         os.close(to_r)
         os.close(from_w)
         to_r = from_w = -1
-        os.sched_setaffinity(child.pid, {cpus[1]})
-        os.sched_setaffinity(0, {cpus[0]})
+        pl.pin("floor server", child.pid, {cpus[1]})
+        pl.pin("driver", 0, {cpus[0]})
         msg = bytearray(_MSG.size)
         pack, clock, write, read = _MSG.pack_into, time.perf_counter_ns, os.write, os.read
         out = []
@@ -84,19 +90,23 @@ def round_trips(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap:
                 read(from_r, 1)
                 lat[i] = clock() - t0
             out.append(np.array(lat[n // 10:], dtype=np.int64))
+        if records is not None:
+            records.append(pl.check(placement=placement, probe="floor"))
         return out
     finally:
-        os.sched_setaffinity(0, old)
+        pl.restore()
         close_and_reap((to_r, to_w, from_r, from_w), child, 30)
 
 
 def measure(placement: str = "same", n: int = 20_000, rounds: int = 1, rmap: str = "buckets") -> dict:
-    """Per round: p50/p99 (us); or ``{"skipped": reason}``."""
+    """Per round: p50/p99 (us), and the placement's record; or ``{"skipped": reason}``."""
     cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         return {"placement": placement, "skipped": cpus}
-    return {"placement": placement, "cpus": list(cpus), "rmap": rmap,
-            "runs": [{"n": len(r), **latency_percentiles(r / 1e3)} for r in round_trips(placement, n, rounds, rmap)]}
+    records: list = []
+    runs = round_trips(placement, n, rounds, rmap, records)
+    return {"placement": placement, "cpus": list(cpus), "rmap": rmap, "placement_record": records[0],
+            "runs": [{"n": len(r), **latency_percentiles(r / 1e3)} for r in runs]}
 
 
 def run(quick: bool = False) -> dict:
@@ -106,7 +116,8 @@ def run(quick: bool = False) -> dict:
     for r in results:
         for p in (50, 99):
             figs.add(f"p{p}", [x[f"p{p}_us"] for x in r.get("runs", ())], "us", placement=r["placement"])
-    return {"results": results, "figures": figs.dicts()}
+    placements = [r.pop("placement_record") for r in results if "placement_record" in r]
+    return {"results": results, "figures": figs.dicts(), "placements": placements}
 
 
 def report(result: dict) -> str:
@@ -119,7 +130,7 @@ def report(result: dict) -> str:
         for i, x in enumerate(r["runs"]):
             rows.append([f"{r['placement']} core, round {i}", x["p50_us"], x["p99_us"], f"n={x['n']:,}"])
     return "Floor of a CoW fault: bare selectors loop + core write (us)\n" + table(
-        ["", "p50", "p99", "detail"], rows)
+        ["", "p50", "p99", "detail"], rows) + f"\nPlacement: {placement_summary(result.get('placements'))}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,10 @@ their spread (min..max) and n:
 - **fork**: ``fork(parent)`` from the request until its answer (the
   child's guest runs), against Linux ``fork()`` of a process holding N
   touched anonymous pages until the child runs
-  (:mod:`hvshare.perf.peers.linux_fork`); each fork is destroyed untimed;
+  (:mod:`hvshare.perf.peers.linux_fork`); each fork is destroyed untimed,
+  and each waits, untimed, for the hypervisor's stock of warm guests to be
+  full (forks no faster than the stock refills; how each fork's guest was
+  started is in the result, ``guests``);
 - **reset**: ``fork_reset`` of a fork whose guest dirtied K = 64 pages
   first, against destroying such a fork and making a new one (the kill
   controller's destroy, then ``fork``);
@@ -34,6 +37,15 @@ exact, every reset dropped what was written, audit 0.
 
 The Linux peers run before each N's hypervisor starts, so neither shares
 the machine with the other.
+
+Placement (:class:`hvshare.perf.placement.Placement`): every thread of the
+hypervisor and of every process it started on one core, this process (the
+client) on the others. A guest started later inherits that mask, so the
+forks' guests run beside the hypervisor, as a fork's child does beside its
+parent, and a fork's writes take same-core faults. At the end of each N
+one more fork is made and every thread of the hypervisor, the processes
+below it, the parent's guest and that fork's guest is checked
+(``placements``).
 """
 from __future__ import annotations
 
@@ -46,13 +58,16 @@ import time
 
 from hvshare.hvcore.constants import PAGE_SIZE
 
-from .common import sigterm_exits, table
+from .common import sigterm_exits, smoke, table
 from .figure import Figures, text_of
+from .placement import Placement, alone_and_rest
 from .report.headlines import report_goals
 from .scale import _signals_held, step_window
 
 FULL_SIZES = (16_384, 262_144, 1_048_576)
 QUICK_SIZES = (4096, 16_384)
+#: sizes of a ``--smoke`` run
+SMOKE_SIZES = (4096,)
 #: pages a fork dirties before each reset (and before each destroy it is compared with)
 RESET_DIRTY = 64
 LOOP_KS = (1, 64, 1024)
@@ -61,6 +76,8 @@ FRAMES_READS = 256
 RMAP = "index"
 #: frames beyond twice the parent's pages (a parent plus forks)
 FRAME_MARGIN = 65_536
+#: how long a timed fork waits for the hypervisor's stock of warm guests
+WARM_WAIT_SECONDS = 30.0
 
 
 def _say(msg: str) -> None:
@@ -69,6 +86,9 @@ def _say(msg: str) -> None:
 
 def repeats_for(quick: bool) -> dict:
     """Repeats per measure, and the loop's iterations per repeat."""
+    if quick and smoke():
+        return {"fork": 2, "reset": 2, "loop": 1, "loop_iterations": 2, "peer_fork": 2,
+                "peer_loop_iterations": 2}
     if quick:
         return {"fork": 5, "reset": 5, "loop": 3, "loop_iterations": 10, "peer_fork": 5,
                 "peer_loop_iterations": 10}
@@ -134,10 +154,29 @@ def _fuzz_fork(hv, parent: int, writes: int, reads: int = 0) -> int:
     return hv.fork(parent, workload="fuzz", fuzz_writes=writes, fuzz_reads=reads)["domid"]
 
 
+def warm_stock(hv, timeout: float = WARM_WAIT_SECONDS) -> dict:
+    """Wait until the hypervisor's stock of warm guests is full and warm
+    (a fork then gets a started guest, as one does when forks come no
+    faster than the stock refills); the stock as ``info`` shows it."""
+    end = time.monotonic() + timeout
+    while True:
+        w = hv.info().get("warm_guests", {})
+        if w.get("warm", 0) >= w.get("size", 0) or time.monotonic() > end:
+            return w
+        time.sleep(0.02)
+
+
+def _taken(before: dict, after: dict) -> dict:
+    """How the guests of a phase were started: warm, still starting, cold."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in ("taken_warm", "taken_starting", "cold")}
+
+
 def measure_fork(hv, parent: int, repeats: int, figs: Figures, n: int) -> dict:
     ph = _Phase(hv)
     secs, answered, destroy_ms = [], [], []
+    w0 = warm_stock(hv)
     for _ in range(repeats):
+        warm_stock(hv)
         with ph.window():
             t0 = time.perf_counter()
             a = hv.fork(parent)
@@ -147,7 +186,7 @@ def measure_fork(hv, parent: int, repeats: int, figs: Figures, n: int) -> dict:
     figs.add("fork_seconds", secs, "s", pages=n)
     figs.add("max_step", ph.steps_ms, "ms", pages=n, phase="fork")
     figs.add("max_step", destroy_ms, "ms", pages=n, phase="destroy a fork")
-    return {"hv_seconds": statistics.median(answered)}
+    return {"hv_seconds": statistics.median(answered), "guests": _taken(w0, hv.info().get("warm_guests", {}))}
 
 
 def measure_reset(hv, parent: int, repeats: int, figs: Figures, n: int) -> dict:
@@ -231,10 +270,14 @@ def one_size(n: int, reps: dict, figs: Figures) -> dict:
     """Every phase on a fresh hypervisor holding a parent of ``n`` pages."""
     frames = frames_for(n)
     out: dict = {"pages": n, "frames": frames, "rmap": RMAP}
-    with _hypervisor(frames) as hv:
+    hv_cpus, rest = alone_and_rest()
+    with _hypervisor(frames) as hv, Placement() as pl:
+        pl.pin("hypervisor", hv.pid, hv_cpus, tree=True)     # and what it started: its guests' source
+        pl.pin("driver", 0, rest)
         t0 = time.perf_counter()
         parent = hv.create(n, "zero")
         out["parent_create_seconds"] = time.perf_counter() - t0
+        pl.watch("parent's guest", hv.domain(parent)["pid"], hv_cpus)
         _say(f"N={n:,}: fork x {reps['fork']}")
         out["fork"] = measure_fork(hv, parent, reps["fork"], figs, n)
         _say(f"N={n:,}: fork_reset and destroy + fork at K={RESET_DIRTY} x {reps['reset']}")
@@ -244,6 +287,12 @@ def one_size(n: int, reps: dict, figs: Figures) -> dict:
             _say(f"N={n:,}: fuzzing loop K={k:,}: {reps['loop']} x {reps['loop_iterations']} iterations")
             out["loop"][str(k)] = measure_loop(hv, parent, k, reps["loop"], reps["loop_iterations"], figs, n)
         out["frames"] = {str(k): measure_frames(hv, parent, k, FRAMES_READS) for k in LOOP_KS}
+        child = hv.fork(parent)["domid"]
+        try:
+            pl.watch("a fork's guest", hv.domain(child)["pid"], hv_cpus)
+            out["placement"] = pl.check(pages=n)
+        finally:
+            hv.destroy(child)
         out["audit_errors"] = hv.audit()
     for k, f in out["frames"].items():
         figs.add("frames_used", [f["frames_used"]], "frames", pages=n, k=int(k))
@@ -265,7 +314,7 @@ def _run(quick: bool) -> dict:
     from .peers import linux_fork
     t_all = time.perf_counter()
     reps = repeats_for(quick)
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+    sizes = (SMOKE_SIZES if smoke() else QUICK_SIZES) if quick else FULL_SIZES
     results, peers, skipped, figs = [], {}, {}, Figures()
     for n in sizes:
         _say(f"N={n:,}: Linux fork and fork loops")
@@ -285,6 +334,7 @@ def _run(quick: bool) -> dict:
         results.append(one_size(n, reps, figs))
         _say(f"N={n:,}: done in {time.perf_counter() - t0:.0f} s")
     out = {"figures": figs.dicts(), "results": results, "peers": peers, "checks": _checks(results),
+           "placements": [r.pop("placement") for r in results],
            "sizes": list(sizes), "repeats": reps, "reset_dirty": RESET_DIRTY, "loop_ks": list(LOOP_KS),
            "frames_reads": FRAMES_READS, "seconds": round(time.perf_counter() - t_all, 1)}
     if skipped:

@@ -10,6 +10,10 @@ pytest run once hvshare is installed (``-p no:hvshare`` turns it off,
   marker wins) and from an indirect parameter, a dict that overrides the
   marker: ``@pytest.mark.parametrize("hvshare", [{"rmap": "index"}],
   indirect=True)``.
+- the run's hypervisors are forked by one fork server that loaded the
+  hypervisor and its kernels once (:class:`hvshare.tools.launch.ForkServer`),
+  not started as new interpreters; the ini option ``hvshare_fork_server =
+  false`` or ``HVSHARE_FORK_SERVER=0`` turns it off. It ends with the run.
 - ``hvshare_leaks``: fails the test if it leaves a child process, an
   hvshare shared-memory segment it owns, or a Unix socket under the run's
   session root, and removes what it found. The ini option
@@ -54,8 +58,6 @@ HVSHARE_FRAMES = 8192
 #: killed hypervisor notice within a second)
 LEAK_GRACE_SECONDS = 3.0
 
-_PR_SET_CHILD_SUBREAPER = 36
-
 #: process-wide helpers multiprocessing starts once and keeps (not leaks)
 _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
@@ -63,6 +65,8 @@ _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 def pytest_addoption(parser):
     parser.addini("hvshare_leak_check", "fail every test that leaves an hvshare process, "
                   "shared-memory segment or socket behind", type="bool", default=False)
+    parser.addini("hvshare_fork_server", "start the run's hypervisors from one fork server that "
+                  "loaded the hypervisor and its kernels once", type="bool", default=True)
 
 
 def pytest_configure(config):
@@ -71,7 +75,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ksm(**knobs): needs Linux KSM (skipped where "
                             "/sys/kernel/mm/ksm cannot be driven); knobs set for the test, "
                             "all restored after it")
-    config.stash[_RUN] = run = _RunEnvironment()
+    config.stash[_RUN] = run = _RunEnvironment(config.getini("hvshare_fork_server")
+                                               and os.environ.get("HVSHARE_FORK_SERVER") != "0")
     if config.getini("hvshare_leak_check"):
         run.activate()
         config.pluginmanager.register(_LeakCheckEveryTest(), "hvshare-leak-check")
@@ -85,16 +90,21 @@ def pytest_unconfigure(config):
 
 class _RunEnvironment:
     """The process-wide state of a run that starts hypervisors: the child
-    subreaper and a private session root, set once and undone at the end."""
+    subreaper, a private session root and the hypervisors' fork server
+    (:class:`hvshare.tools.launch.ForkServer`, unless turned off), set once
+    and undone at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, fork_server: bool = False) -> None:
         self.root: str | None = None
         self._saved: tuple | None = None
+        self.fork_server = fork_server
 
     def activate(self) -> str:
         if self.root is None:
-            from hvshare.tools import session
+            from hvshare.tools import launch, session
             _set_child_subreaper(True)
+            if self.fork_server:
+                launch.start_fork_server()
             self.root = tempfile.mkdtemp(prefix="hvs-pytest-", dir="/tmp" if os.path.isdir("/tmp") else None)
             self._saved = (session.SESSION_ROOT, os.environ.get("HVSHARE_SOCKET"))
             session.SESSION_ROOT = self.root
@@ -104,7 +114,8 @@ class _RunEnvironment:
     def deactivate(self) -> None:
         if self.root is None:
             return
-        from hvshare.tools import session
+        from hvshare.tools import launch, session
+        launch.stop_fork_server()
         session.SESSION_ROOT, old_socket = self._saved
         if old_socket is None:
             os.environ.pop("HVSHARE_SOCKET", None)
@@ -120,10 +131,8 @@ _KSM = pytest.StashKey[contextlib.ExitStack]()
 
 
 def _set_child_subreaper(on: bool) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+    from hvshare.hvcore.forking import become_subreaper
+    become_subreaper(on)
 
 
 # --------------------------------------------------------------------------
@@ -227,11 +236,16 @@ def _sockets(root: str) -> set[str]:
 
 
 def _descendants() -> list:
-    """Live descendants of this process, minus multiprocessing's helpers;
-    reaps the zombies among the orphans re-parented to it."""
+    """Live descendants of this process, minus multiprocessing's helpers
+    and the run's fork server; reaps the zombies among the orphans
+    re-parented to it."""
     import psutil
+    from hvshare.tools import launch
+    server = launch.fork_server()
     out = []
     for p in psutil.Process().children(recursive=True):
+        if server is not None and p.pid == server.pid:
+            continue
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 if p.ppid() == os.getpid():

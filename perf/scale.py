@@ -20,7 +20,10 @@ through the life of a pair of guests:
   own).
 
 Per operation: seconds, pages per second, the longest hypervisor step in
-wall time and in CPU time, and the step histogram. Steps are read from the
+wall time and in CPU time, and the step histogram; per life, the
+hypervisor's slowest steps with what they did and met (``info``'s
+``slowest_steps``: items, chunks, page faults, collections), so that a
+long step has a stated cause. Steps are read from the
 hypervisor's ``info`` (``pause_by_op``) before and after the operation:
 histograms are cumulative, so the window's is the difference, and a kind's
 ``max_ms`` is the window's when it grew in the window (else only the
@@ -28,7 +31,10 @@ histogram's bound is known). Steps of the ``info`` requests themselves are
 left out. CPU time per step comes from ``max_cpu_ms`` per kind where the
 hypervisor reports it; where it does not, the wall time stands in and the
 result says so (``cpu_from``). The destroy's own answer carries its longest
-step in both.
+step in both. Every thread of the hypervisor has a core to itself, the
+guests and this process (scanner, kill controller) the others
+(:class:`hvshare.perf.placement.Placement`: checked after the CoW burst,
+one record per life in ``placements``).
 
 Peers, on the same bytes (:func:`hvshare.perf.peers.contents.hv_clone_pages`), run
 while no hypervisor is up:
@@ -65,8 +71,11 @@ import time
 import numpy as np
 
 
-from .common import sigterm_exits, table
+from hvshare.tools.cli.counters import SLOWEST_SHOWN, step_line
+
+from .common import sigterm_exits, smoke, table
 from .figure import Figures, text_of
+from .placement import Placement, alone_and_rest
 from .report.headlines import report_goals
 
 POLICIES = ("buckets", "index")
@@ -74,6 +83,8 @@ OPS = ("create", "dedup", "cow", "destroy")
 SEED = 1
 FULL_SIZES = (250_000, 1_000_000)
 QUICK_SIZES = (65_536,)
+#: sizes of a ``--smoke`` run
+SMOKE_SIZES = (4096,)
 #: frames beyond the two domains' pages
 MARGIN = 8192
 #: writes per message of the CoW burst
@@ -90,6 +101,8 @@ def sizes_for(quick: bool) -> tuple[int, ...]:
     env = os.environ.get("HVSHARE_SCALE_PAGES", "").strip()
     if env:
         return tuple(int(x) for x in env.split(",") if x.strip())
+    if quick and smoke():
+        return SMOKE_SIZES
     return QUICK_SIZES if quick else FULL_SIZES
 
 
@@ -187,9 +200,13 @@ def one_life(n: int, rmap: str) -> dict:
     from hvshare.tools.session import HVSession
     out: dict = {}
     hv = None
+    hv_cpus, rest = alone_and_rest()
+    pl = Placement()
     try:
         with _signals_held():
             hv = HVSession(frames=2 * n + MARGIN, rmap=rmap, timeout=None, prefault=True)
+        pl.pin("hypervisor", hv.pid, hv_cpus)
+        pl.pin("driver", 0, rest)
         i0 = hv.info()
         secs = []
         for _ in range(2):
@@ -197,6 +214,8 @@ def one_life(n: int, rmap: str) -> dict:
             hv.create(n, "clone", seed=SEED)
             secs.append(time.perf_counter() - t0)
         a, b = [d["domid"] for d in sorted(hv.list(), key=lambda d: d["domid"])][:2]
+        for d in (a, b):
+            pl.pin("guest", hv.domain(d)["pid"], rest)
         i1 = hv.info()
         out["create"] = dict(seconds=statistics.median(secs), pages=n,
                              pages_per_second=n / statistics.median(secs), window=step_window(i0, i1))
@@ -215,6 +234,7 @@ def one_life(n: int, rmap: str) -> dict:
         i3 = hv.info()
         out["cow"] = dict(seconds=dt, guest_seconds=w["seconds"], pages=w["cow_faults"], written=n,
                           pages_per_second=w["cow_faults"] / dt, window=step_window(i2, i3))
+        placed = pl.check(rmap=rmap, pages=n)
         with HypervisorClient(hv.socket_path, timeout=None) as c:
             d = killctl.destroy(c, a)
         i4 = hv.info()
@@ -224,14 +244,16 @@ def one_life(n: int, rmap: str) -> dict:
                               max_pause_ms=d["max_pause_ms"], max_pause_cpu_ms=d.get("max_pause_cpu_ms"),
                               window=step_window(i3, i4))
         out["audit_errors"] = hv.audit()
+        out["slowest_steps"] = i4.get("slowest_steps", [])
     finally:
+        pl.restore()
         # A request cut short (Ctrl-C) leaves its answer unread on the
         # session's connection: stop the hypervisor over a fresh one.
         if hv is not None:
             HypervisorClient.close(hv)
             hv.close()
     for op, o in out.items():
-        if op == "audit_errors":
+        if op in ("audit_errors", "slowest_steps"):
             continue
         w = o["window"]
         if op == "destroy":
@@ -242,6 +264,7 @@ def one_life(n: int, rmap: str) -> dict:
             cpu = w["max_cpu_ms"]
         o["cpu_from"] = "cpu" if cpu is not None else "wall"
         o["max_step_cpu_ms"] = cpu if cpu is not None else o["max_step_ms"]
+    out["placement"] = placed
     return out
 
 
@@ -318,7 +341,7 @@ def run(quick: bool = False) -> dict:
 
 def _run(quick: bool) -> dict:
     t_all = time.perf_counter()
-    results, peers, figs = [], {}, Figures()
+    results, peers, figs, placements = [], {}, Figures(), []
     for n in sizes_for(quick):
         reps = repeats_for(n, quick)
         peer_reps = 3
@@ -342,15 +365,18 @@ def _run(quick: bool) -> dict:
                 t0 = time.perf_counter()
                 runs.append(one_life(n, rmap))
                 o = runs[-1]
+                placements.append(o.pop("placement"))
                 _say(f"N={n:,} {rmap} {i + 1}/{reps}: " + ", ".join(
                     f"{op} {o[op]['seconds']:.2f} s (step {o[op]['max_step_ms']:.3g} ms)" for op in OPS)
                     + f"  [{time.perf_counter() - t0:.0f} s]")
             ops = _aggregate(runs, figs, {"rmap": rmap, "pages": n})
             results.append({"rmap": rmap, "pages": n, "repeats": reps, "ops": ops,
-                            "audit_errors": max(r["audit_errors"] for r in runs)})
+                            "audit_errors": max(r["audit_errors"] for r in runs),
+                            "slowest_steps": [r["slowest_steps"] for r in runs]})
     cpu_from = "cpu" if results and all(r["ops"][op]["cpu_from"] == "cpu" for r in results for op in OPS) \
         else "wall"
-    out = {"figures": figs.dicts(), "results": results, "peers": peers, "sizes": list(sizes_for(quick)),
+    out = {"figures": figs.dicts(), "results": results, "placements": placements, "peers": peers,
+           "sizes": list(sizes_for(quick)),
            "seed": SEED, "cow_batch": COW_BATCH, "cpu_from": cpu_from,
            "seconds": round(time.perf_counter() - t_all, 1)}
     if cpu_from == "wall":
@@ -360,6 +386,11 @@ def _run(quick: bool) -> dict:
     if skipped:
         out["ksm_skipped"] = skipped
     return out
+
+
+def _key(e: dict) -> float:
+    """A kept step's place in the tail: its CPU time, else its wall time."""
+    return e["cpu_ms"] if e.get("cpu_ms") is not None else e["wall_ms"]
 
 
 def report(result: dict) -> str:
@@ -378,6 +409,13 @@ def report(result: dict) -> str:
         lines.append(f"note: {result['cpu_note']}")
     lines += ["(pages/s: create pages of one domain, dedup pages merged, cow faults, destroy pages "
               "of the destroyed domain)", ""]
+    for r in result["results"]:
+        worst = max(r.get("slowest_steps") or [[]], key=lambda s: _key(s[0]) if s else 0.0)
+        if worst:
+            lines.append(f"Slowest hypervisor steps, N={r['pages']:,} {r['rmap']} (the repeat with the "
+                         f"slowest; result: slowest_steps, every repeat)")
+            lines += ["  " + step_line(e) for e in worst[:SLOWEST_SHOWN]]
+    lines.append("")
     rows = []
     for n in result["sizes"]:
         for name, what in (("fill_generate_seconds", "numpy: generate clone bytes"),

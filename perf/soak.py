@@ -19,10 +19,14 @@ answered but did not land is a **lost write** (there must be none). Also
 reported: faults per second, writes, dedup passes and merges, the teardown
 (seconds, entries, its longest step) and the hypervisor's longest step over
 the whole soak (``max_pause_ms``), and the audit.
+
+Every thread of the hypervisor has a core to itself; the writers' and the
+clone domains' guests and this process (writers, scanner, kill controller)
+share the others (:class:`hvshare.perf.placement.Placement`, checked when
+the writers stop and recorded in ``placements``).
 """
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import time
@@ -31,8 +35,10 @@ import numpy as np
 
 from hvshare.hvcore.constants import PAGE_SIZE
 
+from . import load, placement
 from .common import table
 from .figure import Figures
+from .placement import Placement, alone_and_rest
 
 VERSIONS = 4                 # few versions: writers often write pages alike
 BIG_PAGES = 250_000          # each of the two clone domains of the full soak
@@ -102,7 +108,8 @@ def run(quick: bool = False) -> dict:
     victim_pages = 8192 if quick else 32768
     big_pages = 0 if quick else BIG_PAGES
     frames = nguests * pages * 2 + victim_pages + 2 * big_pages + 4096
-    with hvshare_session(frames=frames, rmap="buckets") as hv:
+    hv_cpus, rest = alone_and_rest()
+    with hvshare_session(frames=frames, rmap="buckets") as hv, Placement() as pl:
         bigs = [hv.create(big_pages, "clone", seed=9) for _ in range(2 if big_pages else 0)]
         big_sums = []
         for b in bigs:
@@ -115,6 +122,10 @@ def run(quick: bool = False) -> dict:
         dd: dict = {}
         stop_dedup = threading.Event()
         _dedup_loop_once(hv.socket_path)                       # start from shared clones
+        pl.pin("hypervisor", hv.pid, hv_cpus)
+        for d in bigs + doms:
+            pl.pin("guest", hv.domain(d)["pid"], rest)
+        pl.pin("driver", 0, rest)
         start = hv.info()
         stop = threading.Event()
         writers = [_Writer(hv, d, pages, seed=i, stop=stop) for i, d in enumerate(doms)]
@@ -132,6 +143,7 @@ def run(quick: bool = False) -> dict:
         for w in writers:
             w.join(30)
         duration = time.monotonic() - t0
+        placed = pl.check()
         killer.join(600)
         teardown = td
         stop_dedup.set()
@@ -171,7 +183,7 @@ def run(quick: bool = False) -> dict:
         "window": window,
         "checked_pages": checked, "lost_writes": lost, "audit_errors": audit,
         "writer_errors": [f"{type(w.error).__name__}: {w.error}" for w in writers if w.error],
-        "load": os.getloadavg()[0],
+        "placements": [placed],
     }
 
 
@@ -234,7 +246,8 @@ def report(result: dict) -> str:
              f"{r.get('sched')}; during the soak: {w['steps']:,} steps, {w['over_1ms']:,} of 1 ms "
              f"or more, the longest under {w['max_lt_ms']:g} ms ({w['max_op']})",
              f"{r['checked_pages']:,} pages verified, {r['lost_writes']} lost writes",
-             f"load average at the end: {r['load']:.1f}"]
+             f"Placement: {placement.summary(r.get('placements'))}",
+             f"Load: {load.summary(r.get('load'))}"]
     if r["writer_errors"]:
         lines.append("writer errors: " + "; ".join(r["writer_errors"]))
     return "\n".join(lines)

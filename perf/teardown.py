@@ -12,9 +12,10 @@ rmap policy and each teardown mode:
 - **max_pause_ms**: the hypervisor's longest teardown step in wall time,
   with ``max_pause_cpu_ms`` (the same in CPU time: what is left once other
   processes' turns on the CPU are taken out) and ``p99_step_ms`` beside it;
-  the hypervisor has a core to itself (``sched_setaffinity``), the writer's
-  guest and this process (controller, writer driver) the other, so our own
-  processes never preempt a step -- other users of the machine still may,
+  every thread of the hypervisor has a core to itself
+  (:class:`hvshare.perf.placement.Placement`, checked and recorded in
+  ``placements``), the writer's guest and this process (controller, writer
+  driver) the others, so our own processes never preempt a step -- other users of the machine still may,
   and so may the host of this virtual machine: **steal_ms** is the CPU time
   the host took from the machine during the teardown (/proc/stat). With
   the hypervisor at real-time priority, a step whose wall time is far
@@ -62,9 +63,10 @@ import numpy as np
 
 from hvshare.hvcore.constants import RMAP_POLICIES, TEARDOWN_MODES
 
-from .common import log_histogram, table
+from .common import log_histogram, smoke, table
 from .figure import Figures
 from .goals import SEED_N
+from .placement import Placement, alone_and_rest
 from .report.headlines import report_goals
 
 POLICIES = RMAP_POLICIES
@@ -80,12 +82,15 @@ IDLE_FAULTS = 1000
 #: (up to MAX_REPEATS) until the repeats' faults together reach it
 MIN_FAULTS = 1000
 MAX_REPEATS = 40
+#: entries and writer pages of a ``--smoke`` run (its one repeat is not
+#: prolonged to MIN_FAULTS)
+SMOKE_N, SMOKE_WRITER_PAGES = 2000, 1000
 
 
 def _cases(quick: bool) -> list[tuple[int, str, str]]:
     """(N, rmap, mode) in the order they run: side by side per N."""
     if quick:                       # list monolithic would double the run's time
-        return [(10_000, r, m) for r in POLICIES for m in MODES if (r, m) != ("list", "monolithic")]
+        return [(SMOKE_N if smoke() else 10_000, r, m) for r in POLICIES for m in MODES if (r, m) != ("list", "monolithic")]
     out = [(n, r, m) for n in (10_000, 100_000) for r in POLICIES for m in MODES
            if not (n == 100_000 and r == "list")]
     out += [(1_000_000, "index", m) for m in MODES]
@@ -176,33 +181,15 @@ def _steal_ms() -> float | None:
         return None
 
 
-def _pin(hv_pid: int, guest_pid: int, allowed: set) -> list | None:
-    """The hypervisor on one core, the writer's guest and this process (the
-    kill controller and the writer's driver) on another: our own processes
-    then never preempt a teardown step. None with fewer than 2 cores."""
-    cpus = sorted(allowed)
-    if len(cpus) < 2:
-        return None
-    os.sched_setaffinity(hv_pid, {cpus[0]})
-    os.sched_setaffinity(guest_pid, {cpus[1]})
-    os.sched_setaffinity(0, {cpus[1]})
-    return cpus[:2]
-
-
 def measure(n: int, rmap: str, mode: str, repeats: int = 1, writer_pages: int = WRITER_PAGES,
             idle_faults: int = IDLE_FAULTS) -> dict:
     """Build the case on a fresh hypervisor and tear the heavy domain down
     under the writer's faults, ``repeats`` times (a fresh heavy domain and
     fresh writer pages each time; medians reported); check at the end that
-    every frame came back."""
-    mine = os.sched_getaffinity(0)
-    try:
-        return _measure(n, rmap, mode, repeats, writer_pages, idle_faults)
-    finally:
-        os.sched_setaffinity(0, mine)
-
-
-def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
+    every frame came back. Every thread of the hypervisor has a core to
+    itself, the writer's guest and this process (the kill controller and
+    the writer's driver) the others: the placement's record is the
+    result's ``placement``."""
     from hvshare.tools import killctl
     from hvshare.tools.api import GuestClient, HypervisorClient, hvshare_session
     frames = n + 3 * writer_pages + 4096
@@ -211,17 +198,21 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
     runs = []
     pooled_during: list[np.ndarray] = []
     pooled_idle: list[np.ndarray] = []
-    mine = os.sched_getaffinity(0)
-    with hvshare_session(frames=frames, rmap=rmap, teardown=mode) as hv:
+    hv_cpus, rest = alone_and_rest()
+    with hvshare_session(frames=frames, rmap=rmap, teardown=mode) as hv, Placement() as pl:
         writer = hv.create(writer_pages, "zero")
         twin = hv.create(writer_pages, "zero")
         assert hv.range_share(twin, writer, 0, writer_pages - 1) == writer_pages
         entry = next(x for x in hv.list() if x["domid"] == writer)
-        out["cpus"] = _pin(hv.pid, entry["pid"], mine)
+        pl.pin("hypervisor", hv.pid, hv_cpus)
+        pl.pin("guest", entry["pid"], rest)
+        pl.pin("driver", 0, rest)
+        out["cpus"] = {"hypervisor": sorted(hv_cpus), "guest and driver": sorted(rest)}
         with GuestClient(entry["guest_socket"], writer, entry["pid"], timeout=None) as g, \
                 HypervisorClient(hv.socket_path, timeout=None) as ctl:
             k = 0
-            while k < repeats or (sum(map(len, pooled_during)) < MIN_FAULTS and k < MAX_REPEATS):
+            most = repeats if smoke() else MAX_REPEATS
+            while k < repeats or (sum(map(len, pooled_during)) < MIN_FAULTS and k < most):
                 if k:               # every writer page shared again
                     hv.range_share(twin, writer, 0, writer_pages - 1)
                 k += 1
@@ -269,6 +260,7 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
                                  # hypervisor runs real-time, is mostly the host's
                                  steal_ms=None if steal0 is None or steal1 is None else steal1 - steal0))
                 ctl.destroy(other)
+        out["placement"] = pl.check(rmap=rmap, mode=mode, entries=n)
         audit = hv.audit()
         for d in (writer, twin):
             hv.destroy(d)
@@ -297,16 +289,15 @@ def _measure(n, rmap, mode, repeats, writer_pages, idle_faults) -> dict:
 def run(quick: bool = False) -> dict:
     from .peers import ksm
     results = []
-    load = [os.getloadavg()[0]]
     for n, rmap, mode in _cases(quick):
         t0 = time.perf_counter()
         repeats = 1 if quick or n >= 1_000_000 or (rmap == "list" and n >= 100_000) else 3
         results.append(measure(n, rmap, mode, repeats=repeats,
-                               writer_pages=4000 if quick else WRITER_PAGES * repeats,
+                               writer_pages=(SMOKE_WRITER_PAGES if smoke() else 4000) if quick
+                               else WRITER_PAGES * repeats,
                                idle_faults=IDLE_FAULTS))
         print(f"  {rmap:8} {mode:12} N={n:>9,}: {results[-1]['seconds']:.3f} s "
               f"({time.perf_counter() - t0:.1f} s with the set-up, {repeats} repeat(s))", flush=True)
-        load.append(os.getloadavg()[0])
     sizes = sorted({r["n"] for r in results})
     peers = {}
     for n in sizes:
@@ -327,9 +318,9 @@ def run(quick: bool = False) -> dict:
         if "skipped" not in m:
             figs.add("munmap_ksm", m.pop("seconds_all"), "s", entries=int(n))
             figs.add("munmap_private", m.pop("baseline_seconds_all"), "s", entries=int(n))
+    placements = [r.pop("placement") for r in results]
     return {"figures": figs.dicts(), "histograms": hists, "traces": traces, "results": results,
-            "munmap": peers, "checks": _checks(results), "quick": quick,
-            "loadavg_1min": {"min": min(load), "max": max(load)},
+            "placements": placements, "munmap": peers, "checks": _checks(results), "quick": quick,
             "writer": {"pages_per_repeat": (4000 if quick else WRITER_PAGES), "rate": WRITER_RATE,
                        "batch": WRITER_BATCH, "idle_faults": IDLE_FAULTS}}
 
@@ -382,10 +373,6 @@ def report(result: dict) -> str:
                      "-" if "skipped" in m else m["baseline_seconds"]])
     lines += ["Linux munmap of N pages merged into one KSM page (private pages beside it)",
               table(["N", "seconds", "private s"], rows), ""]
-    la = result.get("loadavg_1min")
-    if la:
-        lines.append(f"Machine load (1-min average) during the run: {la['min']:.1f} .. {la['max']:.1f} "
-                     f"on {os.cpu_count()} cores")
     lines.append(report_goals("teardown", result))
     lines.append("Checks:")
     for c in result["checks"]:

@@ -78,8 +78,8 @@ def start_hypervisor(socket_path: str | None = None, frames: int = DEFAULT_FRAME
     make_private_dirs(state)
     cmd = [sys.executable, "-m", "hvshare.hvcore.process", "--socket", socket_path, "--frames", str(frames),
            "--rmap", rmap, "--teardown", teardown, "--sched", sched]
+    cmd.append("--prefault" if prefault else "--lazy-pool")
     if prefault:
-        cmd.append("--prefault")
         timeout += frames * PREFAULT_SECONDS_PER_FRAME
     try:
         proc, ready = launch(cmd, os.path.join(state, LOG_NAME), timeout, "the hypervisor",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import selectors
 import socket
-import time
 from typing import Callable
 
 from ..wire import control, schema
@@ -127,13 +126,13 @@ class Clients:
             self.drop(c)
 
     def _readable(self, c: ControlConnection) -> None:
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        step = self.meter.begin()
         try:
             try:
                 msgs, eof = c.reader.pump(limit=16)
             finally:
                 # reading is work too: a step of its own
-                self.meter.record(time.perf_counter() - t0, "read", "read", time.thread_time() - cpu0)
+                self.meter.end(step, "read", "read")
         except errors.ProtocolError as e:
             c.reply(schema.error(f"bad control frame: {e}"))
             self.drop(c)
@@ -171,7 +170,7 @@ class Clients:
                     self._pause_reading(c)
                 return
             (jlen, blen), body = c.backlog.pop(0)
-            t0, cpu0 = time.perf_counter(), time.thread_time()
+            step = self.meter.begin()
             op = "?"
             budget.preempted = False
             try:
@@ -188,7 +187,7 @@ class Clients:
             except errors.ProtocolError as e:
                 c.reply(schema.error(str(e)))
             finally:
-                self.meter.record(time.perf_counter() - t0, op, cpu=time.thread_time() - cpu0)
+                self.meter.end(step, op)
             if budget.preempted:
                 # A teardown step yielded because others wait: they go first,
                 # then this client's requests (the kill controller keeps its

@@ -89,8 +89,10 @@ class ControlOps:
                   steps=self.meter.steps, requests=self.requests, pid=os.getpid(),
                   socket=self.socket_path, uptime_s=round(time.time() - self.started, 3),
                   pool=self.hv.pool.name, pause_by_op=self.meter.by_op(),
+                  slowest_steps=self.meter.slowest(),
                   cow_faults=self.writes.cow_faults,
-                  jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded())
+                  jobs=[j.describe() for j in self.jobs], unbounded=self._unbounded(),
+                  warm_guests=self.guests.stock.info())
         paced = self.pacer.paced
         st.update(paced=paced[0], paced_ms=round(paced[1] * 1e3, 3))
         ring = self.lot.ring
@@ -248,12 +250,14 @@ class ControlOps:
             raise HVError(EBUSY, f"domain {domid} is being destroyed by another controller "
                                  f"({td['steps']} steps so far); it finishes on its own")
         td["owner"] = c
+        before = d.relinquished
         if self.teardown == "monolithic":
             done = self.hv.relinquish(domid)
         else:
             done = self.hv.relinquish(domid, self.budget.other_work(c, t0),
                                       chunk_seconds=TEARDOWN_CHUNK_SECONDS)
         step = time.perf_counter() - t0
+        self.meter.note(items=d.relinquished - before, detail=lambda: f"domain {domid}: {d.teardown_phase}")
         td["steps"] += 1
         td["continuations"] += not done
         td["busy_s"] += step

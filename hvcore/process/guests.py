@@ -1,8 +1,9 @@
 """Guests: spawning, serving and reaping the guest processes.
 
-A guest is a real process (``python -m hvshare.guests.runtime``) spawned at create
-with two pipe ends after its domain's memory is filled; create is answered
-once it has mapped its memory and said hello. Its writes and CoW faults
+A guest is a real process (``python -m hvshare.guests.runtime``) with two pipe
+ends, taken from the stock of warm guests (:mod:`.stock`) once its domain's
+memory is filled and sent its domain; create is answered once it has
+mapped its memory and said hello. Its writes and CoW faults
 arrive on its pipe; the :class:`GuestTable` decodes them and hands every
 write to the one write path (:mod:`.writes`), which applies it, parks it
 when no frame is free and answers. A guest that exits leaves its domain
@@ -11,7 +12,6 @@ when no frame is free and answers. A guest that exits leaves its domain
 from __future__ import annotations
 
 import functools
-import json
 import os
 import selectors
 import signal
@@ -29,6 +29,7 @@ from ..statedir import guest_socket_path
 from .endpoints import ControlConnection, GuestEndpoint
 from .parking import ParkingLot
 from .steps import StepMeter
+from .stock import REAP_SECONDS, GuestStock
 from .writes import WRITE_MESSAGES, WritePath
 
 #: how long a new guest may take to map its memory and say hello
@@ -58,9 +59,11 @@ class GuestTable:
     """
 
     def __init__(self, hv, sel, meter: StepMeter, writes: WritePath, lot: ParkingLot,
-                 answer: Callable, state_dir: str):
+                 answer: Callable, state_dir: str, warm_guests: int = constants.DEFAULT_WARM_GUESTS):
         self.hv, self.sel, self.meter, self.writes, self.lot = hv, sel, meter, writes, lot
         self.answer, self.state_dir = answer, state_dir
+        #: guests started before they are needed (filled by :meth:`fill_stock`)
+        self.stock = GuestStock(sel, hv.pool.name, warm_guests)
         self._single = writes.single
         #: domid -> the guest of a live domain
         self.by_domid: dict[int, GuestEndpoint] = {}
@@ -86,31 +89,16 @@ class GuestTable:
 
     # -- spawn -------------------------------------------------------------
     def spawn(self, d, config: dict) -> GuestEndpoint:
-        """Start the guest process of domain ``d`` (OSError if it cannot)."""
-        g2h_r, g2h_w = os.pipe()
-        h2g_r, h2g_w = os.pipe()
-        for fd in (g2h_r, h2g_r):
-            pipe.set_pipe_size(fd)
+        """Give domain ``d`` a guest process: a warm one from the stock
+        (:mod:`.stock`), else one started now (OSError if it cannot)."""
+        w = self.stock.take()
         sock_path = guest_socket_path(self.state_dir, d.domid)
-        config.update(domid=d.domid, pool=self.hv.pool.name, p2m=d.p2m.name, rfd=h2g_r,
-                      wfd=g2h_w, socket=sock_path, hv_pid=os.getpid())
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "hvshare.guests.runtime", json.dumps(config)],
-                                    pass_fds=(h2g_r, g2h_w), stdin=subprocess.DEVNULL,
-                                    cwd="/")
-        finally:
-            # Only the guest keeps its ends: our copies would hide its death.
-            os.close(g2h_w)
-            os.close(h2g_r)
-            if "proc" not in locals():
-                os.close(g2h_r)
-                os.close(h2g_w)
-        os.set_blocking(g2h_r, False)
-        os.set_blocking(h2g_w, False)
-        g = GuestEndpoint(self, d.domid, proc, g2h_r, h2g_w, sock_path, config,
+        config.update(domid=d.domid, p2m=d.p2m.name, socket=sock_path)
+        g = GuestEndpoint(self, d.domid, w.proc, w.rfd, w.wfd, sock_path, config,
                           self.meter.log("guest", f"guest {d.domid}"))
         self.by_domid[d.domid] = g
-        self.sel.register(g2h_r, selectors.EVENT_READ, functools.partial(self.readable, g))
+        self.sel.register(w.rfd, selectors.EVENT_READ, functools.partial(self.readable, g))
+        g.queue(pipe.encode_config(config))
         return g
 
     # -- messages ----------------------------------------------------------
@@ -385,6 +373,18 @@ class GuestTable:
             self._answer_creator(g, f"domain {domid} was destroyed while its guest started")
         self._reap(g)
 
+    def fill_stock(self) -> None:
+        """Start the stock of warm guests (before the hypervisor serves)."""
+        self.stock.fill()
+
+    def refill_stock(self) -> None:
+        """Top up the stock by one guest (after a tick): a step of its own,
+        ``warm guest`` in the meters (a request to the zygote, or a cold spawn
+        when the zygote is gone)."""
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        if self.stock.refill():
+            self.meter.record(time.perf_counter() - t0, "warm guest", "warm", time.thread_time() - cpu0)
+
     def housekeeping(self, now: float) -> None:
         """The tick's share: kill the guests destroy stopped, reap the dead,
         crash the ones that did not start in time."""
@@ -413,17 +413,18 @@ class GuestTable:
                                      f"{g.domid} started", errors.ECANCELED, "ECANCELED"))
 
     def close(self) -> int:
-        """Kill every guest and wait for them (the hypervisor stops); the
-        number of guest processes."""
+        """Kill every guest, the stock's too, and wait for them (the
+        hypervisor stops); the number of domains' guest processes."""
         procs = []
         for g in list(self.by_domid.values()) + self.zombies:
             self.detach(g)
             if g.proc.poll() is None:
                 g.proc.kill()
             procs.append(g.proc)
-        for p in procs:
+        stocked = self.stock.close()
+        for p in procs + stocked:
             try:
-                p.wait(timeout=5)
+                p.wait(timeout=REAP_SECONDS)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not wait
                 pass
         return len(procs)

@@ -95,6 +95,11 @@ class Job:
     def progress(self) -> dict:
         return {}
 
+    def items_done(self) -> int | None:
+        """Items done so far, if it counts them (a step's tail entry says
+        how many it did)."""
+        return None
+
     def failure(self, e: HVError) -> str:
         """The sentence its client gets when ``e`` ends the job."""
         return f"{self.describe()}: {sentence(e)}"
@@ -125,11 +130,13 @@ class JobQueue:
         job = self.jobs.popleft()
         c = job.client if job.client is not None and not job.client.closed else None
         what = job.step_name()
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        meter = self.meter
+        step = meter.begin()
+        before = job.items_done()
         budget = self.budget
         budget.preempted = False
         try:
-            done = job.step(self.host, budget.other_work(c, t0))
+            done = job.step(self.host, budget.other_work(c, step[0]))
             if done:
                 job.finish(self.host)
         except HVError as e:
@@ -140,7 +147,11 @@ class JobQueue:
             self.failed(job, schema.error(f"internal error in {job.kind}: {e!r}", EIO, "EIO"))
             done = None
         finally:
-            self.meter.record(time.perf_counter() - t0, what, job.kind, time.thread_time() - cpu0)
+            after = job.items_done()
+            meter.note(detail=job.describe)
+            if after is not None and before is not None and after >= before:
+                meter.note(items=after - before)
+            meter.end(step, what, job.kind)
             job.steps += 1
         budget.preempted = False
         if done is False:
@@ -226,6 +237,9 @@ class CreateJob(Job):
 
     def cancel(self, host, reason: str) -> None:
         host.hv.cancel_build(self.build)
+
+    def items_done(self) -> int:
+        return self.source.found if self.build.listing else self.build.cursor
 
     def progress(self) -> dict:
         b = self.build
@@ -360,6 +374,9 @@ class BatchJob(Job):
     def describe(self) -> str:
         return f"the {self.kind} of {self.what} ({self.lo} of {self.n} done)"
 
+    def items_done(self) -> int:
+        return self.lo
+
     def step(self, host, should_yield) -> bool:
         clock, cost = time.perf_counter, self.cost
         while self.lo < self.n:
@@ -400,6 +417,12 @@ class ScanJob(Job):
 
     def step(self, host, should_yield) -> bool:
         return self.scan.step(should_yield, JOB_CHUNK_SECONDS)
+
+    def items_done(self) -> int:
+        return self.scan.cursor
+
+    def cancel(self, host, reason: str) -> None:
+        self.scan.release()
 
     def finish(self, host) -> None:
         c = self.client

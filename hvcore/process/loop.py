@@ -23,8 +23,9 @@ A start that takes the lock of a dead hypervisor removes its leftovers: the
 old socket, guest sockets, and every hvshare shared-memory segment whose
 owner pid is dead.
 
-Guests are real processes (``python -m hvshare.guests.runtime``), spawned at create
-with their two pipe ends (``pass_fds``) after the domain's memory is filled.
+Guests are real processes (``python -m hvshare.guests.runtime``) with two pipe
+ends (``pass_fds``), started ahead into a small stock of warm guests
+(:mod:`.stock`) and handed their domain once its memory is filled.
 The create request is answered once the guest has mapped its memory and said
 hello. A guest that exits (EOF on its pipe, then its exit status is
 collected) leaves its domain ``crashed`` with its memory kept until destroy.
@@ -69,8 +70,9 @@ import traceback
 import numpy as np
 
 from .. import shm
-from ..constants import (DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, PAGE_SIZE,
+from ..constants import (DEFAULT_FRAMES, DEFAULT_RMAP, DEFAULT_SCHED, DEFAULT_TEARDOWN, DEFAULT_WARM_GUESTS, PAGE_SIZE,
                          RMAP_POLICIES, SCHED_MODES, TEARDOWN_MODES)
+from ..sharing_stats import reserve_scratch
 from ..statedir import CRASH_NAME, LOG_NAME, cleanup_leftovers, make_private_dirs, socket_path_problem, state_dir_for
 from .clients import Clients
 from .control import ControlOps
@@ -78,7 +80,7 @@ from .guests import GuestTable
 from .jobs import JobQueue, tell_now
 from .pacing import Pacer, apply_sched, pace_duty
 from .parking import EventRing, ParkingLot
-from .steps import Budget, StepMeter, quiet_collector
+from .steps import Budget, StepMeter, collect_young, quiet_collector
 from .writes import StepPlan, WritePath
 
 _TICK = 0.1
@@ -147,9 +149,13 @@ class HypervisorProcess:
     """
 
     def __init__(self, socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = DEFAULT_RMAP,
-                 teardown: str = DEFAULT_TEARDOWN, sched: str = DEFAULT_SCHED, prefault: bool = False):
-        #: back the whole pool with memory before serving (FramePool.prefault)
+                 teardown: str = DEFAULT_TEARDOWN, sched: str = DEFAULT_SCHED, prefault: bool = True,
+                 warm_guests: int = DEFAULT_WARM_GUESTS):
+        #: back the whole pool, the rmap's entries and the report's scratch
+        #: with memory before serving (:meth:`reserve`)
         self.prefault = prefault
+        #: guest processes kept started and waiting for a domain (.stock)
+        self.warm_guests = warm_guests
         self.socket_path = os.path.abspath(socket_path)
         self.state_dir = state_dir_for(self.socket_path)
         self.frames, self.rmap, self.teardown, self.sched = frames, rmap, teardown, sched
@@ -157,7 +163,7 @@ class HypervisorProcess:
         self.hv = None
         self.sel = LoopSelector()
         self.meter = StepMeter()
-        self.budget = Budget(self.sel)
+        self.budget = Budget(self.sel, self.meter)
         self.pacer = Pacer()
         self.clients = Clients(self.sel, self.meter, self.budget)
         self.ring = EventRing()
@@ -180,7 +186,7 @@ class HypervisorProcess:
         self.lot = ParkingLot(hv, self.ring)
         self.writes = WritePath(hv, self.lot, self.meter, StepPlan(lambda: self.budget.others_ready(None)))
         self.guests = GuestTable(hv, self.sel, self.meter, self.writes, self.lot, self.clients.answer,
-                                 self.state_dir)
+                                 self.state_dir, self.warm_guests)
         self.jobs = JobQueue(JobContext(hv, self.clients, self.guests), self.budget, self.meter)
         self.ops = ControlOps(hv, guests=self.guests, writes=self.writes, lot=self.lot, jobs=self.jobs,
                               budget=self.budget, meter=self.meter, clients=self.clients,
@@ -201,6 +207,8 @@ class HypervisorProcess:
             raise StartError(f"unknown scheduling {self.sched!r} (choose from {', '.join(SCHED_MODES)})")
         if self.frames < 1:
             raise StartError("the pool needs at least one frame")
+        if self.warm_guests < 0:
+            raise StartError("the number of warm guests cannot be negative")
         try:
             free = shutil.disk_usage(shm.SHM_DIR).free
         except OSError:
@@ -239,8 +247,7 @@ class HypervisorProcess:
             self._release_files()
             raise StartError(f"cannot create a pool of {self.frames} frames: {e}") from None
         if self.prefault:
-            hv.pool.prefault()
-            hv.rmap.reserve_nodes(self.frames)
+            self.reserve(hv)
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -260,8 +267,20 @@ class HypervisorProcess:
         if sched == "fifo":
             self.pacer.duty = pace_duty()
         self._assemble(hv, sched)
+        self.guests.fill_stock()            # they start while the kernels load
         self.running = self.clients.running = True
         return cleaned
+
+    def reserve(self, hv) -> None:
+        """Back, before serving, what the steps would otherwise have the
+        kernel provide a page at a time: every frame of the pool, room for
+        as many rmap entries as frames, and the sharing report's per-frame
+        scratch -- as Xen's RAM and p2m pool are, at boot. A page first
+        touched in a step costs that step up to a millisecond on a loaded
+        host (docs/design.md, "Steps")."""
+        hv.pool.prefault()
+        hv.rmap.reserve_nodes(self.frames)
+        reserve_scratch(hv)
 
     def run(self) -> None:
         """Serve until a stop request or a terminating signal."""
@@ -373,12 +392,14 @@ class HypervisorProcess:
 
     def _tick(self) -> None:
         """Housekeeping, every _TICK seconds: reap guests, time out starts."""
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        step = self.meter.begin()
         now = time.monotonic()
         self._next_tick = now + _TICK
         self.meter.fold()
         self.guests.housekeeping(now)
-        self.meter.record(time.perf_counter() - t0, "tick", "tick", time.thread_time() - cpu0)
+        self.meter.end(step, "tick", "tick")
+        collect_young(self.meter)
+        self.guests.refill_stock()
         if self.lot.parked:
             self.writes.retry(changed_only=True)
 
@@ -401,14 +422,14 @@ def _keep_scratch_mapped() -> None:
 
 def serve(socket_path: str, frames: int = DEFAULT_FRAMES, rmap: str = DEFAULT_RMAP,
           teardown: str = DEFAULT_TEARDOWN, ready_fd: int | None = None,
-          sched: str = DEFAULT_SCHED, prefault: bool = False) -> int:
+          sched: str = DEFAULT_SCHED, prefault: bool = True, warm_guests: int = DEFAULT_WARM_GUESTS) -> int:
     """Run a hypervisor on ``socket_path`` until it is stopped.
 
     ``ready_fd`` (a pipe) receives one line once it serves -- ``ready PID`` --
     or why it could not start -- ``error SENTENCE`` -- and is closed: the
     launcher waits on it.
     """
-    srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched, prefault)
+    srv = HypervisorProcess(socket_path, frames, rmap, teardown, sched, prefault, warm_guests)
     try:
         cleaned = srv.open()
     except StartError as e:
@@ -444,10 +465,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rmap", default=DEFAULT_RMAP)
     p.add_argument("--teardown", default=DEFAULT_TEARDOWN)
     p.add_argument("--sched", default=DEFAULT_SCHED)
-    p.add_argument("--prefault", action="store_true")
+    p.add_argument("--prefault", action="store_true", default=True,
+                   help="back the pool before serving (the default)")
+    p.add_argument("--lazy-pool", dest="prefault", action="store_false",
+                   help="leave the pool's pages to be provided when first written")
+    p.add_argument("--warm-guests", type=int, default=DEFAULT_WARM_GUESTS)
     p.add_argument("--ready-fd", type=int)
     a = p.parse_args(argv)
-    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched, prefault=a.prefault)
+    return serve(a.socket, a.frames, a.rmap, a.teardown, a.ready_fd, sched=a.sched, prefault=a.prefault,
+                 warm_guests=a.warm_guests)
 
 
 if __name__ == "__main__":

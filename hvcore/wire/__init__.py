@@ -28,7 +28,9 @@ identifies the domain, so no message names a domid. Guest -> hypervisor:
 
 Hypervisor -> guest: ``H_REPLY`` (``<iq`` status, value; ``seq`` is the
 request's), and the bodiless ``H_PAUSE``, ``H_UNPAUSE``, ``H_SHUTDOWN`` and
-``H_RUN`` (run one fuzz iteration).
+``H_RUN`` (run one fuzz iteration); and ``H_CONFIG`` (JSON), the first
+message of a warm guest, started before its domain existed: the domain it
+is to run (:mod:`hvshare.hvcore.process.stock`).
 A status is 0 or the Xen code of the failure (:mod:`hvshare.hvcore.errors`).
 
 **Control socket and guest control channels** (toolstack requests, rare and

@@ -24,6 +24,10 @@ G_POPULATE, G_DONE = 6, 7
 H_REPLY, H_PAUSE, H_UNPAUSE, H_SHUTDOWN = 0x81, 0x82, 0x83, 0x84
 #: run one iteration of the fuzz workload
 H_RUN = 0x85
+#: a warm guest's domain: its configuration (JSON), the first message it reads
+H_CONFIG = 0x86
+#: the longest configuration a guest accepts
+MAX_CONFIG_BODY = 1 << 16
 
 HELLO = struct.Struct("<I")
 WRITE = struct.Struct("<QI")
@@ -227,6 +231,42 @@ def write_all(fd: int, parts: list) -> None:
             else:
                 views[0] = views[0][n:]
                 n = 0
+
+
+def encode_config(config: dict) -> list:
+    """An ``H_CONFIG`` message: the domain a warm guest is to run."""
+    import json
+    body = json.dumps(config).encode()
+    if len(body) > MAX_CONFIG_BODY:
+        raise ValueError(f"a guest configuration of {len(body)} bytes exceeds {MAX_CONFIG_BODY}")
+    return pipe_message(H_CONFIG, 0, body)
+
+
+def read_config(fd: int) -> dict | None:
+    """Wait on the blocking ``fd`` for the ``H_CONFIG`` a warm guest starts
+    with; its configuration, or None if the pipe ends first."""
+    import json
+    head = _read_exact(fd, PIPE_HDR.size)
+    if head is None:
+        return None
+    mtype, _, length = PIPE_HDR.unpack(head)
+    if mtype != H_CONFIG or length > MAX_CONFIG_BODY:
+        raise ProtocolError(f"a warm guest expected its configuration, got message {mtype:#x} "
+                            f"of {length} bytes")
+    body = _read_exact(fd, length)
+    if body is None:
+        return None
+    return json.loads(body)
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
 
 
 def pipe_reader(fd: int, to_hv: bool) -> MessageReader:

@@ -36,7 +36,9 @@ import numpy as np
 
 from hvshare.hvcore.constants import PAGE_SIZE   # also the size of a request carrying one page
 
-from ..common import PLACEMENTS, close_and_reap, latency_percentiles, log_histogram, placement_cpus, standalone
+from ..common import close_and_reap, latency_percentiles, log_histogram, standalone
+from ..placement import PLACEMENTS, Placement, placement_cpus
+from ..placement import summary as placement_summary
 from ..figure import Figures
 
 REQUEST_SIZE = 32        # a small hvshare request (op, domain, gfn, handle...)
@@ -69,8 +71,9 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000,
-                warmup: int | None = None) -> np.ndarray:
-    """Time ``n`` round trips of ``size``-byte messages: int64 ns each.
+                warmup: int | None = None, records: list | None = None) -> np.ndarray:
+    """Time ``n`` round trips of ``size``-byte messages: int64 ns each;
+    the placement's record is appended to ``records`` when given.
 
     Raises ``ValueError`` for an impossible placement (see :func:`measure`
     for the non-raising form).
@@ -82,7 +85,7 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
         raise ValueError("size must be 1..65536 bytes (one pipe buffer)")
     warmup = max(100, n // 10) if warmup is None else warmup
     parent_cpu, child_cpu = cpus
-    old_affinity = os.sched_getaffinity(0)
+    pl = Placement()
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     child = None
@@ -93,8 +96,8 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
         os.close(to_child_r)
         os.close(from_child_w)
         to_child_r = from_child_w = -1
-        os.sched_setaffinity(child.pid, {child_cpu})
-        os.sched_setaffinity(0, {parent_cpu})
+        pl.pin("echo", child.pid, {child_cpu})
+        pl.pin("driver", 0, {parent_cpu})
         if _read_exact(from_child_r, 1) != b"r":
             raise RuntimeError("echo child did not start")
         msg = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
@@ -111,22 +114,25 @@ def round_trips(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_0
                 lat[i - warmup] = t1 - t0
         if got != msg:
             raise RuntimeError("echo child returned different bytes")
+        if records is not None:
+            records.append(pl.check(placement=placement, probe="pipe", size=size))
         return np.array(lat, dtype=np.int64)
     finally:
-        os.sched_setaffinity(0, old_affinity)
+        pl.restore()
         close_and_reap((to_child_r, to_child_w, from_child_r, from_child_w), child, 5)
 
 
 def measure(size: int = REQUEST_SIZE, placement: str = "same", n: int = 20_000) -> dict:
     """Round-trip statistics: ``{"size", "placement", "n", "cpus",
-    "p50_us", "p99_us", "mean_us", the other ``CDF_PERCENTILES``, "histogram"}``, or ``{"size", "placement",
-    "skipped": reason}`` where the placement is impossible."""
+    "p50_us", "p99_us", "mean_us", the other ``CDF_PERCENTILES``, "histogram", "placement_record"}``,
+    or ``{"size", "placement", "skipped": reason}`` where the placement is impossible."""
     cpus = placement_cpus(placement)
     if isinstance(cpus, str):
         return {"size": size, "placement": placement, "skipped": cpus}
-    lat = round_trips(size, placement, n) / 1e3
+    records: list = []
+    lat = round_trips(size, placement, n, records=records) / 1e3
     return {"size": size, "placement": placement, "n": n, "cpus": list(cpus), **latency_percentiles(lat),
-            "histogram": log_histogram(lat)}
+            "histogram": log_histogram(lat), "placement_record": records[0]}
 
 
 def run(quick: bool = False) -> dict:
@@ -140,7 +146,8 @@ def run(quick: bool = False) -> dict:
                 figs.add(f"round_trip_p{p}", [r[f"p{p}_us"]], "us", size=r["size"], placement=r["placement"])
     hists = [{"name": "round_trip", "labels": {"size": r["size"], "placement": r["placement"]},
               **r.pop("histogram")} for r in results if "histogram" in r]
-    return {"results": results, "figures": figs.dicts(), "histograms": hists}
+    placements = [r.pop("placement_record") for r in results if "placement_record" in r]
+    return {"results": results, "figures": figs.dicts(), "histograms": hists, "placements": placements}
 
 
 def report(result: dict) -> str:
@@ -153,7 +160,8 @@ def report(result: dict) -> str:
             rows.append([r["size"], r["placement"], f"{r['p50_us']:.2f}", f"{r['p99_us']:.2f}",
                          f"{r['mean_us']:.2f}", f"cpus {r['cpus'][0]}/{r['cpus'][1]}, n={r['n']:,}"])
     return "Pipe round trip, two Python processes (us)\n" + table(
-        ["bytes", "placement", "p50", "p99", "mean", "detail"], rows)
+        ["bytes", "placement", "p50", "p99", "mean", "detail"], rows) \
+        + f"\nPlacement: {placement_summary(result.get('placements'))}"
 
 
 def main(argv: list[str] | None = None) -> int:

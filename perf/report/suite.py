@@ -21,15 +21,18 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import sys
 import threading
 import time
 import traceback
 from typing import Callable, Iterable
 
-from ..common import machine_info, one_line, write_json
+from ..common import SMOKE_ENV, machine_info, one_line, write_json
+from ..load import LoadMeter
 from ..registry import BENCHES, SUITE
-from .headlines import headline_table, headlines, markdown
+from .conditions import conditions_table
+from .headlines import benches_of, headline_table, headlines, markdown
 
 #: the version of the result contract a run is written in
 SCHEMA_VERSION = 1
@@ -41,9 +44,12 @@ BUDGET_SECONDS = {True: 180.0, False: 1800.0}
 # ---------------------------------------------------------------------------
 # running
 
-def stamp(result: dict, name: str, quick: bool, seconds: float) -> dict:
+def stamp(result: dict, name: str, quick: bool, seconds: float, meter: LoadMeter | None = None) -> dict:
     """What every result records besides its figures: which bench, the
-    setting, the machine it ran on and its wall time."""
+    setting, the machine it ran on, its wall time and, from the ``meter``
+    started before it ran, the machine's load (:mod:`hvshare.perf.load`)."""
+    if meter is not None:
+        result["load"] = meter.record()
     result["bench"] = name
     result["quick"] = quick
     result.setdefault("figures", [])
@@ -115,6 +121,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
                  "benches": {}, "skipped": {}}
     for i, name in enumerate(names, 1):
         progress.start(i, name)
+        meter = LoadMeter()
         t0 = time.perf_counter()
         mod = BENCHES[name].load() if name in BENCHES else f"no benchmark named {name!r}"
         text = ""
@@ -135,7 +142,7 @@ def run_suite(names: Iterable[str] = SUITE, quick: bool = False, *,
                 result = {"skipped": f"raised {type(e).__name__}: {one_line(e)}",
                           "error": traceback.format_exc()}
             text = captured.getvalue()
-        stamp(result, name, quick, time.perf_counter() - t0)
+        stamp(result, name, quick, time.perf_counter() - t0, meter)
         if "skipped" in result and not result["figures"]:
             out["skipped"][name] = result["skipped"]
             status = f"SKIPPED: {result['skipped']}"
@@ -173,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes and few repeats (budget {BUDGET_SECONDS[True]:.0f} s; "
                         f"full run {BUDGET_SECONDS[False]:.0f} s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --quick: every bench at the smallest sizes that still run each of its "
+                        "parts (a check that everything runs; its figures measure nothing)")
     p.add_argument("--json", metavar="PATH", help="write the combined result to PATH")
     p.add_argument("--plots", metavar="DIR", help="write one PNG per plot into DIR (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print the README Performance table")
@@ -190,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         names = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else list(SUITE)
         names = [n for n in names if n not in {s.strip() for s in a.skip.split(",")}]
+        if a.smoke:
+            if not a.quick:
+                p.error("--smoke goes with --quick")
+            os.environ[SMOKE_ENV] = "1"
         doc = run_suite(names, a.quick, echo=None if a.quiet else print)
+        doc["smoke"] = a.smoke
         print(f"suite: {len(doc['benches'])} bench(es) in {doc['wall_seconds']:.1f} s"
               + (f" (over the {doc['budget_seconds']:.0f} s budget)" if doc["over_budget"] else "")
               + ("".join(f"\n  skipped {k}: {v}" for k, v in doc["skipped"].items())))
@@ -202,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\nHeadlines" + (" (quick run)" if doc.get("quick") else ""))
         print(headline_table(doc))
+        print("\nConditions (perf/load.py, perf/placement.py)")
+        print(conditions_table(benches_of(doc)))
     if a.plots:
         from . import plots
         try:

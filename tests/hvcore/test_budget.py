@@ -35,3 +35,12 @@ def test_the_rate_model_starts_small_and_grows_or_shrinks_at_most_fourfold():
     assert cost.items(2e-4, 2e-4) == 128
     cost.learn(128, 1.0)                # far slower: a quarter, not 1/5000
     assert cost.items(2e-4, 2e-4) == 32
+
+
+def test_a_cautious_cost_model_sizes_chunks_for_the_slow_chunks_it_saw():
+    plain, cautious = ChunkCost(), ChunkCost(cautious=True)
+    for k in (64, 128, 256, 512) * 4:
+        for m in (plain, cautious):
+            m.learn(k, 1e-4 + 2e-6 * k * (1.8 if k == 512 else 1.0))
+    assert cautious.margin > 1.0 == plain.margin
+    assert cautious.items(5e-4, 7.5e-4) < plain.items(5e-4, 7.5e-4)

@@ -165,3 +165,72 @@ def test_batch_removal_of_every_node_of_a_big_arena():
                       np.delete(np.arange(n), 5))
         assert r._arena.live == 0 and r.count(0) == 0
         r.check()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(600, 3000), st.integers(0, 40), st.booleans())
+def test_side_by_side_bucket_scans_match_one_by_one(seed, n, skip, missing):
+    """The seed's teardown shape: runs of consecutive gfns of heavily shared
+    (hashed) frames, scanned side by side in distinct buckets, with runs
+    cut by a bucket met twice, by the frame nearing its conversion back to
+    a list, by a list frame and by a pair in no rmap: the same state and
+    the same error as removal one by one."""
+    rng = np.random.default_rng(seed)
+    frames = 3                       # 0 and 1 hashed, 2 a short list
+    m = np.concatenate([np.zeros(n, np.int64), np.ones(n // 2, np.int64), np.full(5, 2)])
+    g = np.concatenate([np.arange(n), np.arange(n // 2), np.arange(5)])
+    d = np.concatenate([rng.integers(1, 3, n), np.ones(n // 2 + 5, np.int64)])
+    rs = [make_rmap("buckets", frames) for _ in range(2)]
+    for r in rs:
+        r.add_many(m, d, g)
+        assert r.representation(0) == r.representation(1) == "hash"
+    # mostly in order (consecutive gfns: distinct buckets), a few out of it
+    order = np.arange(len(m))
+    swaps = rng.integers(0, len(m), (skip, 2))
+    for a, b in swaps:
+        order[[a, b]] = order[[b, a]]
+    rm, rd, rg = m[order], d[order], g[order].copy()
+    if missing:
+        rg[int(rng.integers(0, len(rg)))] = 10 * n + 7
+    errors = []
+    for way in ("batch", "one by one"):
+        r = rs[0] if way == "batch" else rs[1]
+        try:
+            if way == "batch":
+                r.remove_many(rm, rd, rg)
+            else:
+                for x, y, z in zip(rm.tolist(), rd.tolist(), rg.tolist()):
+                    r.remove(x, y, z)
+        except KeyError as e:
+            errors.append(e.args)
+    assert len(errors) == (2 if missing else 0) and (not errors or errors[0] == errors[1])
+    for r in rs:
+        r.check()
+    for mfn in range(frames):
+        assert list(rs[0].entries(mfn)) == list(rs[1].entries(mfn))
+        assert rs[0].representation(mfn) == rs[1].representation(mfn)
+    a, b = rs[0]._arena, rs[1]._arena
+    assert (a.top, a.live, a.free.tolist()) == (b.top, b.live, b.free.tolist())
+
+
+def test_side_by_side_scans_compiled_and_reference_agree():
+    """``chains_remove`` compiled and as Python, on a hashed frame's runs
+    (the reference runs the same side-by-side scans)."""
+    n = 1500
+    out = []
+    for fn in (JIT, REF):
+        r = make_rmap("buckets", 1)
+        r.add_many(np.zeros(n, np.int64), np.ones(n, np.int64), np.arange(n))
+        nxt, prv, dom, gfn = r._arena.views()
+        head, count, pool = r._headv.copy(), r._countv.copy(), r._pool().copy()
+        nxt, prv = nxt.copy(), prv.copy()
+        k = n - 10
+        freed, tables = np.empty(k, np.int64), np.empty(k, np.int64)
+        done = fn["chains_remove"](head, count, r._walkersv, pool, nxt, prv, dom, gfn,
+                                   np.zeros(k, np.int64), np.ones(k, np.int64), np.arange(k), 64,
+                                   freed, tables)
+        out.append((tuple(done), head, count, pool, nxt, prv, freed[:k]))
+    (d1, *a1), (d2, *a2) = out
+    assert d1 == d2 == (n - 10, 1)
+    for x, y in zip(a1, a2):
+        assert (x == y).all()

@@ -75,6 +75,13 @@ def test_fork_bench_quick_emits_every_figure_and_its_frames_check_holds(tmp_path
             assert (f["frames_used"], f["frames_at_fork"], f["ok"], f["frames_back"]) == (int(k), 0, True, True)
         assert doc["peers"][str(n)]["resident_pages"] >= n
     assert all(c["met"] is True for c in doc["checks"])
+    # a fork's guest, started by the pinned hypervisor, inherited its mask
+    assert [r["labels"]["pages"] for r in doc["placements"]] == list(fork.QUICK_SIZES)
+    for rec in doc["placements"]:
+        roles = {p["role"]: p for p in rec["processes"]}
+        assert rec["held"] and {"hypervisor", "driver", "parent's guest", "a fork's guest"} <= set(roles)
+        assert set(roles) <= {"hypervisor", "driver", "parent's guest", "a fork's guest", "hypervisor's child"}
+        assert {c for t in roles["a fork's guest"]["threads"] for c in t["allowed"]} == set(roles["hypervisor"]["cpus"])
     hs = {h["title"]: h for h in headlines.headlines(doc) if h["bench"] == "fork"}
     assert len(hs) == 5 and all(h["figure"] is not None for h in hs.values())
     assert hs["fork until the child runs over Linux fork()"]["verdict"] == headlines.NOT_JUDGED   # --quick

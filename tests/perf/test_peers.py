@@ -6,6 +6,8 @@ KSM tests skip with ``ksm_available()``'s reason where KSM cannot be driven.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -130,9 +132,19 @@ def test_cow_break_changes_content_and_counters_drop():
 
 def test_pipe_round_trip_is_sane():
     import psutil
+    mine = os.sched_getaffinity(0)
     res = pipe.measure(pipe.REQUEST_SIZE, "same", n=500)
     assert 0 < res["p50_us"] <= res["p99_us"] < 100_000
+    # both processes, every thread of each, on the one CPU; ours given back its mask
+    rec = res["placement_record"]
+    assert rec["held"] and [p["role"] for p in rec["processes"]] == ["echo", "driver"]
+    assert all(t["allowed"] == [res["cpus"][0]] for p in rec["processes"] for t in p["threads"])
+    assert os.sched_getaffinity(0) == mine
     big = pipe.measure(pipe.PAGE_SIZE, "cross", n=300)
     if "skipped" not in big:
         assert 0 < big["p50_us"] <= big["p99_us"] < 100_000
-    assert not psutil.Process().children(recursive=True)
+        echo, driver = big["placement_record"]["processes"]
+        assert echo["cpus"] == [big["cpus"][1]] and driver["cpus"] == [big["cpus"][0]]
+    from hvshare.tools import launch
+    server = launch.fork_server()                   # the run's own helper, not the bench's
+    assert not [p for p in psutil.Process().children(recursive=True) if server is None or p.pid != server.pid]

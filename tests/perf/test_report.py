@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hvshare.perf import common, goals, registry
+from hvshare.perf import common, goals, load, registry
 from hvshare.perf.__main__ import main as perf_main
 from hvshare.perf.figure import LARGEST, Figure, Figures, find, select
-from hvshare.perf.report import compare, headlines, suite
+from hvshare.perf.report import compare, conditions, headlines, suite
 
 RUN_JSON = Path(__file__).resolve().parents[2] / "docs" / "perf" / "run.json"
 
@@ -98,6 +98,64 @@ def test_a_fault_cheaper_than_its_floor_is_a_broken_measurement_never_a_goal_met
     assert h["ratio"] == pytest.approx(310 / 150) and h["verdict"] == headlines.MET and h["goal"] == ">= 2x"
 
 
+def test_a_floor_under_the_pipe_breaks_the_ratio_it_anchors_and_every_impossible_figure_is_listed():
+    title = "CoW fault p50, same core, over the floor probe"
+    h = by_title(cow(11.0, 4.0, 5.0), "cow")[title]       # the fault is fine, its anchor is impossible
+    assert h["verdict"] == headlines.BROKEN and "floor_p50 4 us is under pipe_p50 5 us" in h["why"]
+    assert headlines.sanity(cow(11.0, 4.0, 5.0)) == [h["why"]]
+    assert headlines.sanity(cow(11.0, 10.0, 5.0)) == []
+    quick = cow(0.265 * 5.0, 10.0, 5.0)                    # the --quick table once called this goal met
+    assert {v["verdict"] for v in by_title(quick, "cow").values() if "CoW fault p50" in v["title"]} \
+        == {headlines.BROKEN}
+    report = headlines.report_goals("cow", quick)
+    assert "[broken measurement]" in report and "[met] CoW fault p50" not in report
+    assert "broken measurement: fault_p50 1.33 us is under floor_p50 10 us" in report
+
+
+def placed(held: bool, **labels) -> dict:
+    thread = {"tid": 7, "name": "python", "allowed": [0] if held else [0, 1], "last_cpu": 0, "ran": True,
+              "held": held}
+    return {"labels": labels, "held": held,
+            "processes": [{"role": "guest", "pid": 7, "cpus": [0], "held": held, "threads": [thread]}]}
+
+
+def test_a_placement_that_did_not_hold_breaks_the_figures_of_its_case_only(contract):
+    title = "CoW fault p50, same core, over the floor probe"
+    r = cow(11.0, 10.0, 5.0)
+    r["placements"] = [placed(True, placement="same", repeat=0), placed(False, placement="cross", repeat=0)]
+    contract(r)
+    assert by_title(r, "cow")[title]["verdict"] == headlines.MET       # the cross case does not touch it
+    r["placements"].append(placed(False, placement="same", repeat=1))
+    h = by_title(r, "cow")[title]
+    assert h["verdict"] == headlines.BROKEN and h["why"] == "the placement of placement=same, repeat=1 did not hold"
+    ksm = by_title(r, "cow")["CoW fault p50, same core, over Linux KSM's CoW break"]
+    r["placements"] = [placed(False, placement="cross", repeat=0)]
+    assert by_title(r, "cow")["CoW fault p50, same core, over Linux KSM's CoW break"]["verdict"] == headlines.NOT_MET
+    assert ksm["verdict"] == headlines.BROKEN                  # by its figure's case, not its peer anchor's
+    r["placements"] += [placed(True, placement="same", repeat=0), placed(False, placement="same", repeat=1)]
+    assert "3 placement(s)" in headlines.report_goals("cow", r) and "2 did NOT hold" in headlines.report_goals("cow", r)
+
+
+def test_conditions_show_load_and_placement_per_bench():
+    meter = load.LoadMeter()
+    quiet = {**cow(11.0, 10.0, 5.0), "placements": [placed(True, placement="same")], "load": meter.record()}
+    quiet["load"].update(others_cores=0.1, loaded=False)
+    busy = {**bench("teardown", fig("seconds", [1.0], "s")), "load": {**quiet["load"], "others_cores": 1.5,
+                                                                       "loaded": True}}
+    old = bench("rmap", fig("delete", [1.0], "ns"))
+    benches = {"cow": quiet, "teardown": busy, "rmap": old}
+    text = conditions.conditions_table(benches)
+    rows = {line.split()[0]: line for line in text.splitlines()[2:]}
+    assert "LOADED" in rows["teardown"] and "1.50 (of" in rows["teardown"] and "not placed" in rows["teardown"]
+    assert " no " in rows["cow"] and "guest on 0" in rows["cow"] and "all held" in rows["cow"]
+    assert "not recorded" in rows["rmap"]
+    said = conditions.statement(benches)
+    assert "loaded" in said and "teardown." in said and "pinned and checked" in said and "Not recorded: rmap." in said
+    assert conditions.statement({"rmap": old}).startswith("This run recorded neither")
+    md = headlines.markdown({"machine": {"cores": 2, "memory_bytes": 2**34}, "benches": benches})
+    assert md.splitlines()[0].startswith("Measured on 2 cores") and said in md.splitlines()[0]
+
+
 def test_goals_are_the_projects_and_judged_at_their_case_only():
     g = {x.title: x for x in goals.GOALS}
     assert g["batched CoW pages/s over Linux KSM's batched CoW break"].target == 2
@@ -160,6 +218,7 @@ def test_all_runs_skips_and_writes_the_contract(monkeypatch, tmp_path, capsys, c
     contract(doc)
     good = doc["benches"]["stub_ok"]
     assert good["figures"][0]["values"] == [1, 2, 3] and good["detail"] == 2 and good["quick"] is True
+    assert good["load"]["cores"] == load.LoadMeter().cores and len(good["load"]["loadavg_after"]) == 3
     assert doc["benches"]["stub_boom"]["skipped"] == "raised ValueError: broken on purpose"
     assert "Traceback" in doc["benches"]["stub_boom"]["error"]
     assert doc["benches"]["stub_absent"]["skipped"].startswith("perf/stub_absent.py does not import")
@@ -171,6 +230,7 @@ def test_all_runs_skips_and_writes_the_contract(monkeypatch, tmp_path, capsys, c
     one = tmp_path / "one.json"
     assert perf_main(["stub_ok", "--quick", "--json", str(one)]) == 0
     assert contract(json.loads(one.read_text()))[0]["name"] == "x"
+    assert "loaded" in json.loads(one.read_text())["load"]
     assert perf_main(["no_such_bench"]) == 2
 
 

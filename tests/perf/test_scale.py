@@ -51,6 +51,7 @@ def test_scale_runs_tiny_and_emits_its_figures(tmp_path, contract):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "scale: N=1,024" in p.stderr                     # progress goes to stderr
     assert "Peers on the same bytes" in p.stdout and "Goals" in p.stdout
+    assert "Slowest hypervisor steps, N=1,024" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["bench"] == "scale" and doc["sizes"] == [1024]
     contract(doc)
@@ -58,6 +59,11 @@ def test_scale_runs_tiny_and_emits_its_figures(tmp_path, contract):
     for r in doc["results"]:
         assert r["pages"] == 1024 and r["audit_errors"] == 0
         assert r["ops"]["destroy"]["entries"] > 0
+        # each life's slowest hypervisor steps, slowest first, with what they did
+        for kept in r["slowest_steps"]:
+            keys = [e["cpu_ms"] if e["cpu_ms"] is not None else e["wall_ms"] for e in kept]
+            assert kept and keys == sorted(keys, reverse=True)
+            assert all({"kind", "what", "minflt", "gcs", "items", "unknown"} <= set(e) for e in kept)
         for op in scale.OPS:
             for name in ("seconds", "rate", "max_step", "max_step_cpu"):
                 f = find(doc, name, rmap=r["rmap"], pages=1024, op=op)
@@ -66,6 +72,13 @@ def test_scale_runs_tiny_and_emits_its_figures(tmp_path, contract):
         assert find(doc, name, pages=1024).n == 3
     if "ksm_skipped" not in doc:
         assert find(doc, "ksm_merge_rate", pages=1024).median > 0
+    # every thread of the hypervisor on its own core, the guests and the driver on the others
+    assert len(doc["placements"]) == sum(r["repeats"] for r in doc["results"])
+    for rec in doc["placements"]:
+        assert rec["held"] and sorted(p["role"] for p in rec["processes"]) == ["driver", "guest", "guest", "hypervisor"]
+        for proc in rec["processes"]:
+            assert proc["threads"] and all(set(t["allowed"]) <= set(proc["cpus"]) for t in proc["threads"])
+    assert "Placement:" in p.stdout and "all held" in p.stdout
     hs = [h for h in headlines.headlines(doc) if h["bench"] == "scale"]
     assert len(hs) == 3 and hs[0]["figure"] is not None and hs[0]["labels"]["pages"] == 1024
     # nothing left behind

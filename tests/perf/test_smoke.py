@@ -1,7 +1,8 @@
-"""The whole benchmark suite, small: ``python -m hvshare.perf all --quick`` as a
-user runs it. A smoke test: every bench of the registry's suite must run to
-the end and give its figures in the result contract, audits 0; no timing
-is judged here (shared machines)."""
+"""The whole benchmark suite, smallest: ``python -m hvshare.perf all --quick
+--smoke`` as a user runs it (every bench at the smallest sizes that still
+run each of its parts). A smoke test: every bench of the registry's suite
+must run to the end and give its figures in the result contract, audits 0;
+no timing is judged here (shared machines)."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +18,9 @@ from hvshare.perf.report.plots import PLOTS
 
 
 @pytest.mark.timeout(900)
-def test_perf_all_quick_runs_every_bench(tmp_path, contract):
+def test_perf_all_smoke_runs_every_bench(tmp_path, contract):
     out, plots = tmp_path / "run.json", tmp_path / "plots"
-    args = [sys.executable, "-m", "hvshare.perf", "all", "--quick", "--json", str(out)]
+    args = [sys.executable, "-m", "hvshare.perf", "all", "--quick", "--smoke", "--json", str(out)]
     with_plots = importlib.util.find_spec("matplotlib") is not None
     if with_plots:
         args += ["--plots", str(plots)]
@@ -27,7 +28,7 @@ def test_perf_all_quick_runs_every_bench(tmp_path, contract):
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(out.read_text())
     contract(doc)
-    assert doc["quick"] is True and doc["machine"]["cores"] >= 1
+    assert doc["quick"] is True and doc["smoke"] is True and doc["machine"]["cores"] >= 1
     assert not doc["skipped"], doc["skipped"]
     assert list(doc["benches"]) == list(SUITE)
     for name in SUITE:

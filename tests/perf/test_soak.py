@@ -11,13 +11,20 @@ def test_report_shows_the_figures_and_writer_errors():
          "dedup_skipped": None, "teardown": {"seconds": 3.5, "entries": 8192, "continuations": 270,
                                              "max_pause_ms": 25.0},
          "max_pause_ms": 40.8, "max_pause_op": "nominate_many", "checked_pages": 2048,
-         "lost_writes": 0, "audit_errors": 0, "writer_errors": [], "load": 6.8, "sched": "fifo",
+         "lost_writes": 0, "audit_errors": 0, "writer_errors": [], "sched": "fifo",
+         "load": {"loadavg_before": [6.8, 5, 4], "loadavg_after": [7.1, 5, 4], "own_cores": 1.6, "others_cores": 0.3,
+                  "cores": 2, "threshold_cores": 0.5, "loaded": False},
+         "placements": [{"labels": {}, "held": True, "processes": [
+             {"role": "hypervisor", "pid": 5, "cpus": [0], "held": True,
+              "threads": [{"tid": 5, "allowed": [0], "last_cpu": 0, "ran": True, "held": True}]}]}],
          "window": {"steps": 9000, "over_1ms": 12, "over_1ms_by_op": {"share_many": 12},
                     "max_lt_ms": 2.048, "max_op": "share_many"}}
     text = soak.report(r)
     assert "8 writer guests" in text and "8,192 shared entries" in text
     assert "scheduled fifo" in text and "9,000 steps, 12 of 1 ms or more, the longest under 2.048 ms" in text
     assert "2,048 pages verified, 0 lost writes" in text and "writer errors" not in text
+    assert "Placement: 1 placement(s), every thread (up to 1 a process): hypervisor on 0; all held" in text
+    assert "load average 6.80 -> 7.10 on 2 cores; others used 0.30 cores" in text and ": quiet" in text
     r["writer_errors"] = ["GuestGone: gone"]
     assert "writer errors: GuestGone: gone" in soak.report(r)
     assert "clone domains" not in text

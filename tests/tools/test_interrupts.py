@@ -14,19 +14,31 @@ import pytest
 from hvshare.tools import api, launch, session
 
 
-def test_an_interrupted_start_leaves_no_hypervisor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("forked", [False, True], ids=["spawned", "fork-server"])
+def test_an_interrupted_start_leaves_no_hypervisor(tmp_path, monkeypatch, forked):
     sock = os.path.join(session.SESSION_ROOT, f"int-{os.getpid()}.sock")
     started = []
-    real_popen = launch.subprocess.Popen
+    if forked:
+        assert os.environ.get(launch.FORK_SOCKET_ENV)          # the run's fork server
+        real = launch.fork_hypervisor
 
-    def popen(*a, **kw):
-        p = real_popen(*a, **kw)
-        started.append(p)
-        return p
+        def fork(*a, **kw):
+            p = real(*a, **kw)
+            started.append(p)
+            return p
+        monkeypatch.setattr(launch, "fork_hypervisor", fork)
+    else:
+        monkeypatch.delenv(launch.FORK_SOCKET_ENV, raising=False)
+        real_popen = launch.subprocess.Popen
+
+        def popen(*a, **kw):
+            p = real_popen(*a, **kw)
+            started.append(p)
+            return p
+        monkeypatch.setattr(launch.subprocess, "Popen", popen)
 
     def interrupted(fd, timeout):
         raise KeyboardInterrupt
-    monkeypatch.setattr(launch.subprocess, "Popen", popen)
     monkeypatch.setattr(launch, "read_line", interrupted)
     with pytest.raises(KeyboardInterrupt):
         api.start_hypervisor(sock, frames=64)

@@ -9,7 +9,9 @@ def register(add) -> None:
         "Frames, sharing counters (nr_shared_mfns, nr_saved_mfns, and as 'xl info' prints\n"
         "them in MiB: sharing_freed_memory, sharing_used_memory), rmap policy, teardown\n"
         "mode, and the longest step the hypervisor ran without serving anything else\n"
-        "(max_pause_ms) with a log2 histogram of step lengths.\n\n"
+        "(max_pause_ms) with a log2 histogram of step lengths, and its slowest steps\n"
+        "with what they did and what happened meanwhile (slowest_steps: all of them\n"
+        "with --json).\n\n"
         "Then the sharing report (under \"sharing\" with --json): the frames saved by\n"
         "zero pages and by other pages, how many shared frames have 1, 2, 3-4, 5-8, ...\n"
         "references, and how much of the saving lies within one domain and how much\n"
@@ -34,6 +36,10 @@ def info(a) -> object:
         lines.append(_row("unbounded", f"{op}: {why}"))
     lines.append(_row("hypervisor", f"pid {i['pid']}, {i['steps']} steps, {i['requests']} requests, "
                                     f"up {i['uptime_s']:.0f} s"))
+    slow = i.get("slowest_steps") or []
+    if slow:
+        lines.append(f"slowest steps ({len(slow)} kept; the first {min(len(slow), SLOWEST_SHOWN)}):")
+        lines += ["  " + step_line(e) for e in slow[:SLOWEST_SHOWN]]
     lines += _sharing_lines(i["sharing"])
     hist = i.get("pause_histogram") or []
     if hist:
@@ -50,6 +56,32 @@ def audit(a) -> object:
     took = f" in {r['seconds']:.3f} s" if "seconds" in r else ""
     text = f"audit: {r['errors']} errors{took}" + "".join(f"\n  {x}" for x in r.get("report", []))
     return r, text, (1 if r["errors"] else 0)
+
+
+#: slowest steps ``hvctl info`` prints (``--json`` has every one kept)
+SLOWEST_SHOWN = 5
+
+
+def step_line(e: dict) -> str:
+    """One kept step (an entry of ``info``'s ``slowest_steps``) in a line:
+    its time, what it was, and what it did and met, as far as known."""
+    cpu = f"{e['cpu_ms']:.3f} ms CPU" if e.get("cpu_ms") is not None else "CPU ?"
+    what = e["what"] + (f" ({e['detail']})" if e.get("detail") else "")
+    facts = []
+    if e.get("items") is not None:
+        facts.append(f"{e['items']:,} items")
+    if e.get("chunks") is not None:
+        longest = f", longest {e['chunk_ms']:.3f} ms" if e.get("chunk_ms") is not None else ""
+        facts.append(f"{e['chunks']} chunks{longest}")
+    if e.get("minflt") is not None:
+        facts.append(f"{e['minflt']:,} page faults" + (f" ({e['majflt']} major)" if e.get("majflt") else ""))
+    if e.get("preempted"):
+        facts.append(f"preempted {e['preempted']}x")
+    if e.get("gcs") is not None:
+        facts.append(f"{e['gcs']} collections" + (f" ({e['gc_ms']:.3f} ms)" if e["gcs"] else ""))
+    if not facts:
+        facts.append("nothing else known (" + ", ".join(e.get("unknown", [])) + ")")
+    return f"{cpu}, {e['wall_ms']:.3f} ms wall  {what}: {'; '.join(facts)}"
 
 
 #: the width of the name column of ``hvctl info``: the longest name's

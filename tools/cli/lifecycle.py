@@ -35,11 +35,15 @@ def register(add) -> None:
                    help="fifo (default): real-time priority, so guests never preempt a hypervisor "
                         "step, as in Xen (falls back to normal where not permitted); normal: an "
                         "ordinary process")
-    s.add_argument("--prefault", action="store_true",
+    s.add_argument("--prefault", action="store_true", default=True,
                    help="back every frame of the pool with memory before serving, as a real "
-                        "host's RAM is, and size the reverse map for as many entries as frames "
-                        "(takes a few seconds per million frames): creates, dedup and CoW faults "
-                        "then rarely wait for the kernel to provide a page")
+                        "host's RAM is, and size the reverse map and the sharing report's "
+                        "scratch for as many entries as frames (the default; takes a few seconds "
+                        "per million frames): creates, dedup and CoW faults then never wait for "
+                        "the kernel to provide a page")
+    s.add_argument("--lazy-pool", dest="prefault", action="store_false",
+                   help="start at once and leave the pool's pages to be provided when first "
+                        "written (a small test hypervisor; steps then wait for the kernel)")
     s.add_argument("--foreground", action="store_true",
                    help="stay attached: serve until Ctrl-C, log to this terminal")
 

@@ -81,9 +81,12 @@ class Backend(Protocol):
 
     def share_many(self, sds: np.ndarray, sgfns: np.ndarray, shs: np.ndarray,
                    cds: np.ndarray, cgfns: np.ndarray, chs: np.ndarray,
-                   limit: int | None = None) -> np.ndarray:
+                   limit: int | None = None, idle: Callable[[], bool] | None = None) -> np.ndarray:
         """Share pairs ``(sds[i], sgfns[i]) <- (cds[i], cgfns[i])`` (domains
-        given per pair); a code per pair."""
+        given per pair); a code per pair. ``idle()``, if given, is other
+        work the caller has: a backend that waits for the hypervisor may
+        call it while requests are in flight, a slice of that work per call,
+        until it returns False (none left)."""
 
     def nr_saved_mfns(self) -> int:
         """The hypervisor's ``nr_saved_mfns``."""
@@ -138,8 +141,8 @@ class InProcessBackend:
                 codes[sel] = e.code
         return handles, codes
 
-    def share_many(self, sds, sgfns, shs, cds, cgfns, chs, limit=None):
-        sds = np.asarray(sds, dtype=np.int64)
+    def share_many(self, sds, sgfns, shs, cds, cgfns, chs, limit=None, idle=None):
+        sds = np.asarray(sds, dtype=np.int64)      # (nothing to wait for: idle not called)
         cds = np.asarray(cds, dtype=np.int64)
         sgfns, shs, cgfns, chs = (np.asarray(a) for a in (sgfns, shs, cgfns, chs))
         codes = np.full(len(sds), ESRCH, dtype=np.int64)
@@ -243,7 +246,7 @@ class SocketBackend:
                      limit, answer, refused)
         return handles, codes
 
-    def share_many(self, sds, sgfns, shs, cds, cgfns, chs, limit=None):
+    def share_many(self, sds, sgfns, shs, cds, cgfns, chs, limit=None, idle=None):
         sds = np.asarray(sds, dtype=np.int64)
         cds = np.asarray(cds, dtype=np.int64)
         codes = np.full(len(sds), ESRCH, dtype=np.int64)
@@ -261,7 +264,7 @@ class SocketBackend:
             alive = np.array([d["domid"] for d in self._request(self.client.list)], dtype=np.int64)
             ok = np.isin(sds[idx], alive) & np.isin(cds[idx], alive)
             return idx[ok] if not ok.all() else None
-        self._stream("share_many", {}, (sds, cds), cols, len(sds), limit, answer, refused)
+        self._stream("share_many", {}, (sds, cds), cols, len(sds), limit, answer, refused, idle)
         return codes
 
     def _connection(self):
@@ -279,7 +282,7 @@ class SocketBackend:
             self._conn = self._frames = None
 
     def _stream(self, op: str, args: dict, domains, cols: list, n: int, limit: int | None,
-                answer: Callable, refused: Callable) -> None:
+                answer: Callable, refused: Callable, idle: Callable[[], bool] | None = None) -> None:
         """Items ``[0, n)`` through budgeted ``op`` requests, ``depth`` in flight.
 
         ``cols`` are the payload's columns (array, wire dtype) indexed by
@@ -289,6 +292,9 @@ class SocketBackend:
         None). ``domains`` (share_many: source and client domids) lets a
         request whose pairs share one source and one client domain name
         them once. Remainders the hypervisor did not get to are sent first.
+        ``idle()`` (the caller's other work, a slice per call, False once
+        none is left) runs once before each answer is awaited, while the
+        hypervisor works on the requests in flight.
         """
         if n == 0:
             return
@@ -322,6 +328,8 @@ class SocketBackend:
                                        for i, (a, t) in enumerate(cols) if i not in skip)
                     control.send_frame(sock, obj, payload)
                     inflight.append((idx, time.perf_counter()))
+                if idle is not None and not idle():
+                    idle = None
                 idx, t0 = inflight.popleft()
                 got = frames.next()
                 self.requests += 1

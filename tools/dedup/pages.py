@@ -83,18 +83,26 @@ def checksums(words: np.ndarray, frames: memoryview, mfns: np.ndarray) -> tuple[
 def rows_equal(frames: memoryview, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Byte equality of frames ``a[i]`` and ``b[i]``; ``frames`` is the pool.
 
-    One C-level copy and compare per page (``bytes ==`` is a memcmp), pairs
-    visited by source so that a source shared by many members (every zero
-    page of a pass) is copied once. Gathering both sides into numpy rows
-    costs more than the compare (docs/design.md, "Dedup").
+    Pairs are visited by source, so that a source shared by many members
+    (every zero page of a pass, every page of an identical run) is copied
+    once; each member is then compared in place, with no copy: ``find`` of
+    the source's bytes in exactly the member's frame (a memcmp; the mapping,
+    ``frames.obj``, has it). Copying each member out first costs about four
+    times more, and gathering both sides into numpy rows more still
+    (docs/perf/README.md, "Dedup").
     """
     order = np.argsort(b, kind="stable")
+    whole = frames.obj
+    find = getattr(whole, "find", None)
+    if find is None or len(whole) != frames.nbytes:
+        find = bytes(frames).find                   # (not a whole mapping: one copy)
     res = []
     last, src = -1, b""
     for x, y in zip(a[order].tolist(), b[order].tolist()):
         if y != last:
             last, src = y, frames[y << 12:(y + 1) << 12].tobytes()
-        res.append(frames[x << 12:(x + 1) << 12].tobytes() == src)
+        lo = x << 12
+        res.append(find(src, lo, lo + PAGE_SIZE) == lo)
     out = np.empty(len(a), dtype=bool)
     out[order] = res
     return out

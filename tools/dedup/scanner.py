@@ -44,6 +44,9 @@ NOMINATE_FACTOR = 3
 #: together, so the scanner's own work is done once per round and every
 #: request is filled to its limit whatever domains the round spans.
 ROUND_PAGES = 4096
+#: Members compared per slice of a round's compare run while the hypervisor
+#: shares the previous round (about 0.2 ms: the requests in flight take longer)
+COMPARE_SLICE = 512
 # entry kinds, in source-preference order
 _SHARED_FRAME, _CANDIDATE = 0, 1
 # a private page's status as of its last scan (for the gauges)
@@ -126,6 +129,56 @@ class PassResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(eq=False)
+class _Round:
+    """A merge round between its nominate and its share: its pages (domid,
+    gfn, handle, code, type), each pair's pages and frames, the pairs
+    skipped and compared; once verified, the pairs to share in order."""
+    b: Batch
+    p_d: np.ndarray
+    p_g: np.ndarray
+    handle: np.ndarray
+    code: np.ndarray
+    typ: np.ndarray
+    s_i: np.ndarray
+    c_i: np.ndarray
+    s_m: np.ndarray
+    c_m: np.ndarray
+    skipped: np.ndarray
+    cmp: np.ndarray
+    compare: "_Compare"
+    ps: np.ndarray | None = None
+    pc: np.ndarray | None = None
+    mismatched: int = 0
+    lonely: int = 0
+
+
+class _Compare:
+    """The byte compare of a round's members with their sources
+    (:func:`rows_equal`), a slice at a time, members by source (a source
+    is read once per slice): :meth:`step` is idle work while the
+    hypervisor shares the previous round."""
+
+    def __init__(self, frames: memoryview, c_m: np.ndarray, s_m: np.ndarray, idx: np.ndarray):
+        self.frames, self.c_m, self.s_m = frames, c_m, s_m
+        self.idx = idx[np.argsort(s_m[idx], kind="stable")]
+        self.eq = np.zeros(len(c_m), dtype=bool)
+        self.done = 0
+
+    def step(self, pages: int = COMPARE_SLICE) -> bool:
+        """Compare the next ``pages`` members; whether any are left."""
+        sel = self.idx[self.done:self.done + pages]
+        if len(sel):
+            self.eq[sel] = rows_equal(self.frames, self.c_m[sel], self.s_m[sel])
+            self.done += len(sel)
+        return self.done < len(self.idx)
+
+    def result(self) -> np.ndarray:
+        """Which pairs compared equal, once every member is compared."""
+        self.step(len(self.idx))
+        return self.eq
 
 
 # the scanner
@@ -348,16 +401,23 @@ class Scanner:
         t0 = time.perf_counter()
         be = self.backend
         requests0, be.max_request_s = be.requests, 0.0
-        merged = skipped = mismatched = unmatched = rounds = 0
+        totals = np.zeros(4, dtype=np.int64)    # merged, skipped, mismatched, unmatched
+        rounds = 0
+        # Round r's pairs are shared once round r + 1 is nominated: the
+        # hypervisor shares them while the scanner compares round r + 1's
+        # bytes (its compare is the share's idle work).
+        verified = None
         for batch in plan.batches:
             if stop is not None and stop.is_set():
                 break
             rounds += 1
-            m, s, x, u = self._merge_batch(batch)
-            merged += m
-            skipped += s
-            mismatched += x
-            unmatched += u
+            rnd = self._nominate(batch)
+            if verified is not None:
+                totals += self._share(verified, idle=rnd.compare.step)
+            verified = self._verify(rnd)
+        if verified is not None:
+            totals += self._share(verified)
+        merged, skipped, mismatched, unmatched = totals.tolist()
         t1 = time.perf_counter()
         saved = int(self.backend.nr_saved_mfns())
         c = self.counters
@@ -389,13 +449,13 @@ class Scanner:
         """One full pass over ``domids`` (default: every running domain)."""
         return self.execute(self.plan(domids))
 
-    def _merge_batch(self, b: Batch) -> tuple[int, int, int, int]:
-        """(merged, skipped, mismatched, unmatched) of one batch."""
+    def _nominate(self, b: Batch) -> "_Round":
+        """Nominate every distinct page of round ``b`` and re-read where
+        each page is; the round's byte compare is set up, not run."""
         k = len(b)
-        step = self.batch_pages
         # a. nominate every distinct page of the round: per domain, at most
         #    NOMINATE_FACTOR * batch_pages gfns per request
-        nstep = NOMINATE_FACTOR * step
+        nstep = NOMINATE_FACTOR * self.batch_pages
         all_d = np.concatenate([b.sd, b.cd])
         all_g = np.concatenate([b.sg, b.cg])
         pages, inv = np.unique(all_d << 40 | all_g, return_inverse=True)
@@ -420,44 +480,54 @@ class Scanner:
         good = (code == 0) & (typ == RAM_SHARED)
         s_i, c_i = inv[:k], inv[k:]
         valid = good[s_i] & good[c_i]
-        skipped = ~valid
         s_m, c_m = mfn[s_i], mfn[c_i]
-        # c. verify, on the frames, after nominate
+        # c. verify, on the frames, after nominate (see _Compare)
         cmp = valid & (s_m != c_m)
-        eq = np.zeros(k, dtype=bool)
-        idx = np.nonzero(cmp)[0]
-        eq[idx] = rows_equal(self._frames, c_m[idx], s_m[idx])
-        bad = cmp & ~eq
+        return _Round(b, p_d, p_g, handle, code, typ, s_i, c_i, s_m, c_m, ~valid, cmp,
+                      _Compare(self._frames, c_m, s_m, np.nonzero(cmp)[0]))
+
+    def _verify(self, r: "_Round") -> "_Round":
+        """Finish the round's compare, regroup the members that differ, and
+        order the verified pairs for sharing."""
+        eq = r.compare.result()
+        bad = r.cmp & ~eq
         # a shared source that failed its compare: forget its cached hash
-        self._fknown[s_m[bad]] = False
-        extra_s, extra_c, lonely = self._regroup(np.nonzero(bad)[0], c_i, c_m, b.group)
-        ps = np.concatenate([s_i[eq], extra_s])
-        pc = np.concatenate([c_i[eq], extra_c])
+        self._fknown[r.s_m[bad]] = False
+        extra_s, extra_c, r.lonely = self._regroup(np.nonzero(bad)[0], r.c_i, r.c_m, r.b.group)
+        ps = np.concatenate([r.s_i[eq], extra_s])
+        pc = np.concatenate([r.c_i[eq], extra_c])
         # d. share the verified pairs, at most batch_pages per request, the
         #    members of one source together: the hypervisor's cost of a
         #    share is mostly per frame touched, so a request naming each
         #    source frame once is cheaper than one grouped by domains
-        order = np.lexsort((ps, p_d[pc]))
-        ps, pc = ps[order], pc[order]
+        order = np.lexsort((ps, r.p_d[pc]))
+        r.ps, r.pc, r.mismatched = ps[order], pc[order], int(bad.sum())
+        return r
+
+    def _share(self, r: "_Round", idle: Callable[[], bool] | None = None) -> list[int]:
+        """Share a verified round's pairs: (merged, skipped, mismatched,
+        unmatched). ``idle``: the next round's compare, run while the
+        hypervisor works (:meth:`Backend.share_many`)."""
+        ps, pc, p_d, p_g, handle = r.ps, r.pc, r.p_d, r.p_g, r.handle
         merged = failed = 0
-        written = (code == 0) & (typ != RAM_SHARED)     # CoW-faulted since nominate
+        written = (r.code == 0) & (r.typ != RAM_SHARED)     # CoW-faulted since nominate
         if len(ps):
             if self.before_share:
-                self.before_share(b)
+                self.before_share(r.b)
             # one call per client domain: its requests name few domains
             codes = np.empty(len(ps), dtype=np.int64)
             cut = np.flatnonzero(np.diff(p_d[pc])) + 1
             for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(ps)]):
                 s_, c_ = ps[lo:hi], pc[lo:hi]
                 codes[lo:hi] = self.backend.share_many(p_d[s_], p_g[s_], handle[s_], p_d[c_],
-                                                       p_g[c_], handle[c_], step)
+                                                       p_g[c_], handle[c_], self.batch_pages, idle=idle)
             merged = int((codes == 0).sum())
             failed = len(codes) - merged
             # the side whose handle went stale was written
             written[ps[codes == S_HANDLE_INVALID]] = True
             written[pc[codes == C_HANDLE_INVALID]] = True
         self._set_status(p_d[written], p_g[written], VOLATILE)
-        return merged, int(skipped.sum()) + failed, int(bad.sum()), lonely
+        return [merged, int(r.skipped.sum()) + failed, r.mismatched, r.lonely]
 
     def _regroup(self, bad: np.ndarray, c_i: np.ndarray, c_m: np.ndarray,
                  group: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -333,3 +333,43 @@ def test_hvctl_dedup_help_documents_the_daemon_knobs():
                  "200,000", "0.1", "SIGTERM", "--json", "--socket", "--detach", "--stop", "-v",
                  "dedup-show", "dedup-set"):
         assert word in p.stdout, word
+
+
+def test_share_runs_the_callers_idle_work_until_it_is_done(hvs):
+    """``share_many``'s ``idle`` is called while requests are in flight,
+    and no more once it says nothing is left; the shares are unaffected."""
+    pages = 600
+    d = hvs.create(pages, "zero")
+    g = np.arange(pages, dtype=np.int64)
+    be = SocketBackend(hvs)
+    try:
+        h, codes = be.nominate_many(d, g)
+        assert (codes == 0).all()
+        calls = []
+
+        def idle():
+            calls.append(len(calls))
+            return len(calls) < 2
+        codes = be.share_many(np.full(pages - 1, d), np.zeros(pages - 1, np.int64),
+                              np.full(pages - 1, h[0], np.uint64), np.full(pages - 1, d), g[1:], h[1:],
+                              limit=64, idle=idle)
+        assert (codes == 0).all()
+        assert calls == [0, 1]          # 9+ requests, idle stopped after its False
+        assert hvs.info()["nr_saved_mfns"] == pages - 1
+    finally:
+        be.close()
+
+
+def test_pipelined_rounds_merge_what_the_content_predicts(hvs):
+    """Rounds whose shares overlap the next round's compare (many small
+    rounds, sources spanning rounds): every identical page merged, guests
+    read what they wrote."""
+    pages, seed = 700, 3
+    doms = [hvs.create(pages, "clone", seed=seed) for _ in range(2)]
+    before = [memory(hvs, d) for d in doms]
+    with Scanner(SocketBackend(hvs), batch_pages=16, round_pages=48) as sc:
+        r = sc.scan_pass()
+    assert r.batches > 5 and r.mismatched == 0
+    assert hvs.info()["nr_saved_mfns"] == saved_from_content(*before)
+    for d, mem in zip(doms, before):
+        assert np.array_equal(memory(hvs, d), mem)
