@@ -22,6 +22,7 @@ import numpy as np
 # milliseconds inside the first batched unshare. Pay it at import instead.
 import numpy.ma  # noqa: F401  (imported for its side effect)
 
+from . import kernels
 from .constants import PAGE_SIZE
 from .domains import Domain
 from .errors import EBUSY, EINVAL, ESRCH, HVError
@@ -108,29 +109,12 @@ class CopyOnWrite:
         return mv
 
     def _copy_frames(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Copy frames ``src`` into frames ``dst`` through a small reused
-        buffer: a gather of the whole batch would be one temporary of up to
-        16 MiB (freshly mapped, so page-faulted) per call."""
-        data = self.pool.data
-        k = len(dst)
-        if k > 1 and abs(int(dst[-1]) - int(dst[0])) == k - 1:
-            step = np.diff(dst)
-            if (step == step[0]).all():
-                # a run of consecutive frames (the free list hands those out):
-                # gather straight into it, one pass
-                if step[0] < 0:
-                    dst, src = dst[::-1], src[::-1]
-                lo = int(dst[0])
-                np.take(data, src, axis=0, out=data[lo:lo + k], mode="clip")
-                return
-        buf = self.__dict__.get("_copy_buf")
-        if buf is None:
-            buf = self._copy_buf = np.empty((64, PAGE_SIZE), dtype=np.uint8)
-        step = len(buf)
-        for i in range(0, len(src), step):
-            k = min(step, len(src) - i)
-            np.take(data, src[i:i + k], axis=0, out=buf[:k], mode="clip")
-            data[dst[i:i + k]] = buf[:k]
+        """Copy frames ``src`` into frames ``dst`` in one compiled pass
+        (``kernels.copy_frames``): no temporary, where a numpy gather of the
+        batch would be one of up to 16 MiB (freshly mapped, so page-faulted)
+        and a gather through a bounce buffer copies every byte twice."""
+        kernels.copy_frames(self.pool.data.view(np.uint64), np.asarray(dst, dtype=np.int64),
+                            np.asarray(src, dtype=np.int64))
 
     def unshare_many(self, domid: int, gfns, copy: bool = True) -> int:
         """Unshare distinct shared gfns of one domain; returns copies made.

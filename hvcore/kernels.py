@@ -33,7 +33,10 @@ The kernels:
 - ``buckets_scan``: ``chains_remove``'s scans of up to 16 consecutive
   entries in distinct buckets, side by side (each still a linear scan of
   its bucket from the head; a list's one chain cannot be split so);
-- ``walk_chains``: every node of many chains at once (the audit's bulk view).
+- ``walk_chains``: every node of many chains at once (the audit's bulk view);
+- ``copy_frames``: frame ``src[i]`` copied into frame ``dst[i]``, row by row
+  in 8-byte words (a batched CoW fault's copies: one pass, where a numpy
+  gather and scatter make two through a bounce buffer).
 
 Compilation is cached on disk (``cache=True``): in the package's
 ``__pycache__`` when that is writable, else in a per-user directory
@@ -63,7 +66,8 @@ SCAN_LANES = 16
 COLD_COMPILE_SECONDS = 5
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_KERNELS = ("chain_find", "to_hash", "to_list", "buckets_scan", "chains_remove", "walk_chains")
+_KERNELS = ("chain_find", "to_hash", "to_list", "buckets_scan", "chains_remove", "walk_chains",
+            "copy_frames")
 
 
 # ----------------------------------------------------------------------------
@@ -313,6 +317,17 @@ def walk_chains_py(nxt, heads, top):
     return chains, nodes
 
 
+def copy_frames_py(words, dst, src):
+    """Row ``src[i]`` of ``words`` (frames as rows of uint64) copied into row
+    ``dst[i]``, in order; ``dst`` and ``src`` are distinct rows of the array."""
+    width = words.shape[1]
+    for i in range(len(dst)):
+        a = dst[i]
+        b = src[i]
+        for j in range(width):
+            words[a, j] = words[b, j]
+
+
 # The references call each other by the kernels' names: bound here to the
 # references, and in ``compiled()`` to the compiled kernels.
 _REF: dict = dict(globals())
@@ -386,6 +401,7 @@ def warm() -> float:
     k["chains_remove"](head, count, walkers, pool, nxt, prv, dom, gfn, one, one,
                        np.ones(1, np.int64), 64, freed, tables)
     k["walk_chains"](nxt, np.zeros(1, np.int64), 4)
+    k["copy_frames"](np.zeros((2, 4), np.uint64), np.ones(1, np.int64), np.zeros(1, np.int64))
     try:
         path = _stamp_path()
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -175,6 +175,14 @@ class GuestTable:
         else:
             g.steplog.append(_clock() - t0)
 
+    def continue_write(self) -> None:
+        """The loop's turn for the writes that continue across steps: one
+        step of the oldest domain's write (:meth:`.writes.WritePath.next_continued`),
+        timed and guarded as a step of its guest's message."""
+        g = self.writes.next_continued()
+        if g is not None:
+            self._step(g, self.writes.continue_step)
+
     def _failed(self, g: GuestEndpoint, e: Exception, t0: float) -> None:
         """A guest step that raised: a message the protocol does not allow,
         or a bug. Either crashes the domain (the step is metered with the

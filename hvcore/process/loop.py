@@ -8,7 +8,8 @@ It models one hypervisor CPU: a ``selectors`` loop over
   binary messages and are answered on the second pipe. The pipe identifies
   the domain, so a guest can only ever touch its own gfns;
 
-and runs every request or guest message to completion before looking at the
+and runs every step (a request, a guest message, one step of a job or of a
+guest's batch continued across steps) to completion before looking at the
 next, so that while it runs one step nothing else is served. Each step is
 timed: the longest is ``max_pause_ms`` in ``hvctl info``, and a log2
 histogram of all of them shows the shape of the freeze-ups.
@@ -80,7 +81,7 @@ from .jobs import JobQueue, tell_now
 from .pacing import Pacer, apply_sched, pace_duty
 from .parking import EventRing, ParkingLot
 from .steps import Budget, StepMeter, collect_young, quiet_collector
-from .writes import WritePath
+from .writes import StepPlan, WritePath
 
 _TICK = 0.1
 #: C heap the hypervisor backs at start for its steps' temporaries
@@ -183,7 +184,7 @@ class HypervisorProcess:
         """Build the parts around the core ``hv``; ``sched``: the scheduling got."""
         self.hv = hv
         self.lot = ParkingLot(hv, self.ring)
-        self.writes = WritePath(hv, self.lot, self.meter)
+        self.writes = WritePath(hv, self.lot, self.meter, StepPlan(lambda: self.budget.others_ready(None)))
         self.guests = GuestTable(hv, self.sel, self.meter, self.writes, self.lot, self.clients.answer,
                                  self.state_dir, self.warm_guests)
         self.jobs = JobQueue(JobContext(hv, self.clients, self.guests), self.budget, self.meter)
@@ -291,6 +292,7 @@ class HypervisorProcess:
         ready, monotonic = self.sel.ready, time.monotonic
         clients, pacer, jobs, writes = self.clients, self.pacer, self.jobs, self.writes
         parked, pending = self.lot.parked, jobs.jobs        # tested every turn: plain containers
+        continued, guests = writes.continued, self.guests
         now = monotonic()
         try:
             while self.running:
@@ -302,12 +304,16 @@ class HypervisorProcess:
                 else:
                     deferred, clients.deferred = clients.deferred, []
                     timeout = 0 if deferred or pending else _TICK
-                for callback, mask in ready(timeout):
+                for callback, mask in ready(0 if continued else timeout):
                     callback(mask)
                     if parked:
                         writes.retry()
                     if not self.running:
                         break
+                # a guest write continued across steps: its next step, after
+                # what was ready
+                if continued and self.running:
+                    guests.continue_write()
                 # after the work a teardown step yielded to: its answer, then
                 # its next request
                 if deferred or clients.deferred:

@@ -123,6 +123,22 @@ def test_batch_removal_matches_one_by_one(seed, policy, n, nframes):
         assert sorted(x.tolist()) == sorted(y.tolist())
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 64))
+def test_copy_frames_matches_the_reference_and_a_numpy_copy(seed, frames):
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 256, (frames, 4096), dtype=np.uint8)
+    k = int(rng.integers(1, frames // 2 + 1))
+    rows = rng.permutation(frames)
+    src, dst = rows[:k].astype(np.int64), rows[k:2 * k].astype(np.int64)
+    want = pool.copy()
+    want[dst] = pool[src]
+    for kernel in (JIT["copy_frames"], REF["copy_frames"]):
+        got = pool.copy()
+        kernel(got.view(np.uint64), dst, src)
+        assert np.array_equal(got, want)
+
+
 def test_warm_stamps_the_cache():
     K.warm()
     assert K.cache_is_warm()
