@@ -76,12 +76,17 @@ def _close(fds) -> None:
 
 
 def spawn_guest(pool: str) -> WarmGuest:
-    """Start a guest process on its own: a cold start (OSError if it cannot)."""
+    """Start a guest process on its own: a cold start (OSError if it cannot).
+
+    Guests and the zygote get a session of their own: a terminal's Ctrl-C
+    is for hvctl and a foreground hypervisor, and a guest ends with its
+    hypervisor (PR_SET_PDEATHSIG), not with the terminal's process group."""
     theirs, ours = _pipes()
     boot = {"pool": pool, "rfd": theirs[0], "wfd": theirs[1], "ready_fd": theirs[2], "hv_pid": os.getpid()}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "hvshare.guests.runtime", json.dumps(boot)],
-                                pass_fds=theirs, stdin=subprocess.DEVNULL, cwd="/")
+                                pass_fds=theirs, stdin=subprocess.DEVNULL, cwd="/",
+                                start_new_session=True)
     except BaseException:
         _close(ours)
         raise
@@ -100,6 +105,7 @@ class Zygote:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "hvshare.guests.zygote", json.dumps(boot)],
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                                         start_new_session=True,
                                          env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
         except BaseException:
             mine.close()

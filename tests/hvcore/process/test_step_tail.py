@@ -100,8 +100,14 @@ def test_info_shows_the_slowest_steps_of_a_real_hypervisor(hvs):
     assert all(set(e) == ENTRY_KEYS for e in kept)
     keys = [_key(e) for e in kept]
     assert keys == sorted(keys, reverse=True)
-    audit = next(e for e in kept if e["kind"] == "audit")
-    assert audit["minflt"] is not None and audit["gcs"] is not None and audit["cpu_ms"] > 0
+    audit = next((e for e in kept if e["kind"] == "audit"), None)
+    if audit is None:
+        # a loaded machine made SLOW_STEPS_KEPT other steps slower: each is
+        # then at least as slow as the audit was
+        slowest_audit = hvs.info()["pause_by_op"]["audit"]["max_cpu_ms"]
+        assert len(kept) == SLOW_STEPS_KEPT and min(keys) >= slowest_audit, kept
+    else:
+        assert audit["minflt"] is not None and audit["gcs"] is not None and audit["cpu_ms"] > 0
     creates = [e for e in kept if e["kind"] == "create"]
     assert all(e["items"] is not None and e["detail"].startswith("the create of domain") for e in creates)
 
